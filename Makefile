@@ -1,0 +1,34 @@
+# Two entry points, both self-contained on a fresh machine:
+#   make demo   -- set up, then run the main job on the bundled demo dataset
+#   make test   -- set up, then run the test suite (what .ci/run runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/feda2v-tk: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# Pin torch first: here it resolves to a local CPU wheel (an open range pulls GBs of CUDA packages).
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e ".[test,plot]" ruff
+	touch $(BIN)/feda2v-tk
+
+setup: $(BIN)/feda2v-tk
+
+demo: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info demo-out

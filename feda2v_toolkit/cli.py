@@ -1,0 +1,168 @@
+"""The ``feda2v-tk`` command line: a thin click layer over the Python API.
+
+Sub-commands live in :mod:`feda2v_toolkit.commands` and are imported only when used, so ``--help``,
+``--version`` and the config commands never import torch. Errors the user can fix
+(:class:`~feda2v_toolkit.errors.ToolkitError`) are printed on one line; ``--traceback`` shows more.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from feda2v_toolkit import __version__
+from feda2v_toolkit.errors import ToolkitError
+
+#: command name -> "module:attribute" (imported on demand).
+COMMANDS: dict[str, str] = {
+    "validate": "feda2v_toolkit.commands.config:validate_cmd",
+    "migrate": "feda2v_toolkit.commands.config:migrate_cmd",
+    "schema": "feda2v_toolkit.commands.config:schema_cmd",
+    "train": "feda2v_toolkit.commands.train:train_cmd",
+    "generate": "feda2v_toolkit.commands.model:generate_cmd",
+    "inspect": "feda2v_toolkit.commands.model:inspect_cmd",
+    "convert": "feda2v_toolkit.commands.model:convert_cmd",
+    "demo-data": "feda2v_toolkit.commands.data:demo_data_cmd",
+    "plan": "feda2v_toolkit.commands.analysis:plan_cmd",
+    "analyze": "feda2v_toolkit.commands.analysis:analyze_cmd",
+    "evaluate": "feda2v_toolkit.commands.analysis:evaluate_cmd",
+    "plugins": "feda2v_toolkit.commands.plugins:plugins_cmd",
+    "list": "feda2v_toolkit.commands.plugins:list_cmd",
+}
+
+#: one-line help for each built-in command, so ``--help`` does not import the command modules.
+SHORT_HELP: dict[str, str] = {
+    "validate": "Validate experiment configs against the schema.",
+    "migrate": "Migrate deprecated config keys to the current schema.",
+    "schema": "Print the combined JSON Schema (core plus plugins).",
+    "train": "Reduce sequences, train a generator, export it as safetensors.",
+    "generate": "Sample a trained model and write full-length safetensors shards.",
+    "inspect": "Show a model file's metadata, parameter counts and metrics.",
+    "convert": "Import a checkpoint of the original FedA2V code.",
+    "demo-data": "Write the bundled AST-shaped demo dataset.",
+    "plan": "Exact parameter counts and memory for training lengths.",
+    "analyze": "Measure information kept by reducer/upsampler pairs per length.",
+    "evaluate": "Measure synthetic samples against held-out real data.",
+    "plugins": "List plugins, what they register and load failures.",
+    "list": "List registered generators, reducers or upsamplers.",
+}
+
+_STATE: dict[str, Any] = {"traceback": bool(os.environ.get("FEDA2V_TRACEBACK"))}
+
+
+class LazyGroup(click.Group):
+    """A click group whose built-in commands are imported on first use, plus plugin commands."""
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from feda2v_toolkit.plugins import get_registry
+
+        registry = get_registry()
+        for impl in registry.pm.hook.feda2v_register_commands.get_hookimpls():
+            before = set(self.commands)
+            try:
+                impl.function(cli=self)
+            except Exception as exc:  # a broken plugin command never takes the CLI down
+                for name in set(self.commands) - before:
+                    self.commands.pop(name, None)
+                click.echo(f"feda2v-tk: warning: plugin {impl.plugin_name!r} failed to add commands: {exc}",
+                           err=True)
+                continue
+            for name in set(self.commands) - before:
+                if name in COMMANDS:
+                    click.echo(f"feda2v-tk: warning: plugin {impl.plugin_name!r} may not replace built-in "
+                               f"command {name!r}", err=True)
+                    self.commands.pop(name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return sorted(set(COMMANDS) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is not None:
+            module_name, attr = target.split(":")
+            return getattr(importlib.import_module(module_name), attr)
+        self._load_plugin_commands()
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in SHORT_HELP:
+                rows.append((name, SHORT_HELP[name]))
+            else:
+                cmd = self.commands.get(name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(limit=60)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="feda2v-tk")
+@click.option("-v", "--verbose", "--traceback", "traceback_", is_flag=True,
+              help="Show full tracebacks for errors.")
+@click.option("--strict-plugins", is_flag=True, default=None,
+              help="Fail on any plugin load error (also FEDA2V_STRICT_PLUGINS=1).")
+@click.option("--no-plugins", is_flag=True, default=None,
+              help="Do not autoload entry-point plugins (also FEDA2V_DISABLE_PLUGIN_AUTOLOAD=1).")
+@click.option("--block-plugin", "block_plugins", multiple=True, metavar="NAME",
+              help="Do not load this plugin (repeatable; also FEDA2V_BLOCK_PLUGINS=a,b).")
+def cli(traceback_: bool, strict_plugins: bool | None, no_plugins: bool | None,
+        block_plugins: tuple[str, ...]) -> None:
+    """feda2v-tk: trusted configs, working generators and plugins for FedA2V audio-embedding sequences."""
+    if traceback_:
+        _STATE["traceback"] = True
+    if strict_plugins or no_plugins or block_plugins:
+        from feda2v_toolkit import plugins
+
+        env_block = plugins._env_list(plugins.ENV_BLOCK) or []
+        plugins.configure(
+            strict=True if strict_plugins else None,
+            autoload=False if no_plugins else None,
+            block=[*env_block, *block_plugins] if block_plugins else None,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the CLI, turning user errors into one line and an exit code."""
+    try:
+        rc = cli.main(args=argv, prog_name="feda2v-tk", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("feda2v-tk: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("feda2v-tk: interrupted", err=True)
+        sys.exit(130)
+    except ToolkitError as exc:
+        if _STATE["traceback"]:
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"feda2v-tk: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(1)
+    except Exception as exc:
+        if _STATE["traceback"]:
+            raise
+        click.echo(f"feda2v-tk: internal error: {type(exc).__name__}: {exc} (run with --traceback for details)",
+                   err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,1 @@
+"""CLI sub-commands, one module per area; each is imported only when its command runs."""

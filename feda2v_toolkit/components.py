@@ -1,0 +1,157 @@
+"""Base classes every component implements (imports torch).
+
+Three kinds, all ``torch.nn.Module`` so that weights and fitted state travel through ``state_dict``
+into safetensors, and ``.to(device)`` works uniformly:
+
+* :class:`Generator` -- a generative model over *reduced* sequences ``[B, l, D]``.
+* :class:`Reducer` -- ``[B, L, D] -> [B, l, D]`` (optionally fitted on training data).
+* :class:`Upsampler` -- ``[B, l, D] -> [B, L, D]`` (optionally trained on (reduced, full) pairs).
+
+Every component can be rebuilt from ``type(obj)(**obj.init_args())`` plus ``load_state_dict``; that is
+how model files are loaded without pickle.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TrainContext:
+    """Where training stands, passed to :meth:`Generator.training_step`.
+
+    ``progress`` runs from 0 at the first step to 1 at the end of the last epoch; generators derive
+    schedules (e.g. the VAE's beta warm-up) from it so that resuming does not restart them.
+    """
+
+    epoch: int
+    total_epochs: int
+    step: int
+    progress: float
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Component(nn.Module):
+    """Shared behaviour: a JSON-serialisable constructor signature."""
+
+    def init_args(self) -> dict[str, Any]:
+        """Keyword arguments (JSON-serialisable) that rebuild this object with ``type(self)(**args)``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        try:
+            return ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
+        except NotImplementedError:
+            return ""
+
+
+class Generator(Component, abc.ABC):
+    """A generative model over reduced sequences of shape ``[seq_len, dim]``.
+
+    Subclasses implement :meth:`from_config`, :meth:`init_args`, :meth:`configure_optimizers`,
+    :meth:`training_step`, :meth:`loss_terms` and :meth:`sample`.
+    """
+
+    #: True when the type can condition on class labels or condition embeddings.
+    supports_conditioning: ClassVar[bool] = False
+
+    def __init__(self, *, seq_len: int, dim: int, num_classes: int = 0, condition_dim: int = 0) -> None:
+        super().__init__()
+        if seq_len < 1 or dim < 1:
+            raise ValueError(f"seq_len and dim must be >= 1 (got {seq_len}, {dim})")
+        self.seq_len = int(seq_len)
+        self.dim = int(dim)
+        self.num_classes = int(num_classes)
+        self.condition_dim = int(condition_dim)
+
+    @property
+    def needs_condition(self) -> bool:
+        """True if :meth:`sample` requires ``labels`` or ``conditions``."""
+        return False
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: Mapping[str, Any], *, seq_len: int, dim: int, num_classes: int = 0,
+                    condition_dim: int = 0) -> Generator:
+        """Build from a generator config section whose defaults are already filled in."""
+
+    @abc.abstractmethod
+    def configure_optimizers(self, config: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
+        """Create the optimisers (named, so their state can be checkpointed)."""
+
+    @abc.abstractmethod
+    def training_step(self, x: Tensor, *, labels: Tensor | None, conditions: Tensor | None,
+                      optimizers: Mapping[str, torch.optim.Optimizer], ctx: TrainContext) -> dict[str, float]:
+        """One optimisation step on a batch ``x`` ``[B, seq_len, dim]`` (backward and step included).
+
+        Returns the loss terms as floats (``{"loss": ..., "recon": ..., "kl": ...}``).
+        """
+
+    @abc.abstractmethod
+    def loss_terms(self, x: Tensor, *, labels: Tensor | None, conditions: Tensor | None,
+                   ctx: TrainContext) -> dict[str, float]:
+        """Loss terms on a held-out batch, without updating anything (called under ``no_grad``)."""
+
+    @abc.abstractmethod
+    def sample(self, n: int, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` samples ``[n, seq_len, dim]`` at the training length."""
+
+
+class Reducer(Component, abc.ABC):
+    """Shortens sequences: ``[B, L, D] -> [B, length, D]``."""
+
+    #: True if :meth:`fit` must run on training data before :meth:`forward`.
+    fitted: ClassVar[bool] = False
+
+    def __init__(self, *, length: int) -> None:
+        super().__init__()
+        if length < 1:
+            raise ValueError(f"reduced length must be >= 1 (got {length})")
+        self.length = int(length)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, length: int, input_length: int, dim: int) -> Reducer:
+        """Build from the config; the default ignores everything but ``length``."""
+        return cls(length=length)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"length": self.length}
+
+    def fit(self, batches: Callable[[], Iterable[Tensor]]) -> None:
+        """Fit on full-length training batches (``batches()`` yields ``[B, L, D]`` tensors, may be called again)."""
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, L, D] -> [B, length, D]``."""
+
+
+class Upsampler(Component, abc.ABC):
+    """Lengthens sequences: ``[B, l, D] -> [B, length, D]``."""
+
+    #: True if :meth:`fit` learns something from (reduced, full) pairs.
+    trainable: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, input_length: int, output_length: int,
+                    dim: int) -> Upsampler:
+        """Build from the config; the default takes no settings."""
+        return cls()
+
+    def init_args(self) -> dict[str, Any]:
+        return {}
+
+    def fit(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]], *,
+            config: Mapping[str, Any]) -> dict[str, float]:
+        """Train on (reduced ``[B, l, D]``, full ``[B, L, D]``) batches; returns metrics. Default: nothing."""
+        return {}
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, length: int) -> Tensor:
+        """``[B, l, D] -> [B, length, D]``."""

@@ -1,0 +1,1 @@
+"""Built-in config plugin module (filled in by its issue)."""

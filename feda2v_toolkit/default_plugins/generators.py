@@ -1,0 +1,1 @@
+"""Built-in generators plugin module (filled in by its issue)."""

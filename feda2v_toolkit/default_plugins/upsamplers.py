@@ -1,0 +1,26 @@
+"""Built-in upsamplers, registered through the public hook."""
+
+from feda2v_toolkit.hookspecs import hookimpl
+from feda2v_toolkit.specs import UpsamplerSpec
+
+
+@hookimpl
+def feda2v_register_upsamplers(register):
+    register(UpsamplerSpec(
+        name="linear",
+        description="Linear interpolation along the sequence (the original FedA2V upsampling).",
+        factory="feda2v_toolkit.upsamplers.interpolate:LinearUpsampler",
+        settings=("generator_output_sequence_length",),
+    ))
+    register(UpsamplerSpec(
+        name="nearest",
+        description="Nearest-neighbour repetition of each reduced token over its span.",
+        factory="feda2v_toolkit.upsamplers.interpolate:NearestUpsampler",
+        settings=("generator_output_sequence_length",),
+    ))
+    register(UpsamplerSpec(
+        name="cubic",
+        description="Bicubic interpolation along the sequence (smoother than linear, may overshoot).",
+        factory="feda2v_toolkit.upsamplers.interpolate:CubicUpsampler",
+        settings=("generator_output_sequence_length",),
+    ))

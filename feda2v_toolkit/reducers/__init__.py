@@ -1,0 +1,1 @@
+"""Built-in sequence reducers, one module each."""

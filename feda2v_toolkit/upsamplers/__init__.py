@@ -1,0 +1,1 @@
+"""Built-in sequence upsamplers, one module each."""
