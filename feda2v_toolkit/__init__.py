@@ -22,7 +22,7 @@ _LAZY: dict[str, str] = {
     "train": "feda2v_toolkit.training:train",
     "load_model": "feda2v_toolkit.modelfile:load_model",
     "save_model": "feda2v_toolkit.modelfile:save_model",
-    "read_dataset": "feda2v_toolkit.data:read_dataset",
+    "open_dataset": "feda2v_toolkit.data:open_dataset",
     "write_dataset": "feda2v_toolkit.data:write_dataset",
     "make_demo_dataset": "feda2v_toolkit.demo:make_demo_dataset",
     "get_registry": "feda2v_toolkit.plugins:get_registry",
