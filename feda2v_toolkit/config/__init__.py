@@ -7,14 +7,14 @@ Minimal bootstrap: ``schema_defaults()``. The config issue builds validation, mi
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
 CORE_SCHEMA_FILE = "feda2v-generator.schema.json"
 
 
-@lru_cache(maxsize=None)
+@cache
 def core_schema() -> dict[str, Any]:
     """The core generator-section schema shipped in the package."""
     text = resources.files("feda2v_toolkit").joinpath("schemas", CORE_SCHEMA_FILE).read_text("utf-8")
