@@ -7,13 +7,15 @@ into safetensors, and ``.to(device)`` works uniformly:
 * :class:`Reducer` -- ``[B, L, D] -> [B, l, D]`` (optionally fitted on training data).
 * :class:`Upsampler` -- ``[B, l, D] -> [B, L, D]`` (optionally trained on (reduced, full) pairs).
 
-Every component can be rebuilt from ``type(obj)(**obj.init_args())`` plus ``load_state_dict``; that is
-how model files are loaded without pickle.
+Every component is rebuilt from ``type(obj)(**obj.init_args())`` plus ``load_state_dict``: that is how
+model files are loaded without pickle. So ``init_args`` must return JSON-serialisable values, and all
+learned or fitted state must live in parameters or (persistent) buffers.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -26,8 +28,13 @@ from torch import Tensor, nn
 class TrainContext:
     """Where training stands, passed to :meth:`Generator.training_step`.
 
-    ``progress`` runs from 0 at the first step to 1 at the end of the last epoch; generators derive
-    schedules (e.g. the VAE's beta warm-up) from it so that resuming does not restart them.
+    Attributes:
+        epoch / total_epochs / step: 0-based epoch, epoch count, global optimisation step.
+        progress: runs from 0 at the first step to 1 at the end of the last epoch; generators derive
+            schedules (e.g. the VAE's beta warm-up) from it, so resuming never restarts them.
+        config: the resolved generator config section (every schema default filled in).
+        autocast_dtype: ``torch.bfloat16`` when the config asks for bf16 autocast, else ``None``.
+        device: where the batch lives.
     """
 
     epoch: int
@@ -35,6 +42,14 @@ class TrainContext:
     step: int
     progress: float
     config: Mapping[str, Any] = field(default_factory=dict)
+    autocast_dtype: torch.dtype | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Context for the forward pass: bf16 autocast when configured, else a no-op."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
 class Component(nn.Module):
@@ -52,10 +67,15 @@ class Component(nn.Module):
 
 
 class Generator(Component, abc.ABC):
-    """A generative model over reduced sequences of shape ``[seq_len, dim]``.
+    """A generative model over reduced, normalised sequences of shape ``[seq_len, dim]``.
+
+    The trainer hands generators standardised data (zero mean, unit variance per position and
+    feature) and de-normalises their samples; a generator never sees raw embeddings.
 
     Subclasses implement :meth:`from_config`, :meth:`init_args`, :meth:`configure_optimizers`,
-    :meth:`training_step`, :meth:`loss_terms` and :meth:`sample`.
+    :meth:`training_step`, :meth:`loss_terms` and :meth:`sample`. Randomness in training uses the
+    global torch RNG (the trainer seeds it and checkpoints its state); :meth:`sample` draws only from
+    the ``generator`` it is given, so seeded sampling is reproducible.
     """
 
     #: True when the type can condition on class labels or condition embeddings.
@@ -71,15 +91,24 @@ class Generator(Component, abc.ABC):
         self.condition_dim = int(condition_dim)
 
     @property
+    def conditioning(self) -> str | None:
+        """``"label"``, ``"embedding"`` or ``None``: what :meth:`sample` must be given."""
+        return None
+
+    @property
     def needs_condition(self) -> bool:
-        """True if :meth:`sample` requires ``labels`` or ``conditions``."""
-        return False
+        """True if :meth:`sample` requires per-sample condition embeddings."""
+        return self.conditioning == "embedding"
 
     @classmethod
     @abc.abstractmethod
     def from_config(cls, config: Mapping[str, Any], *, seq_len: int, dim: int, num_classes: int = 0,
                     condition_dim: int = 0) -> Generator:
-        """Build from a generator config section whose defaults are already filled in."""
+        """Build from a generator config section whose defaults are already filled in.
+
+        ``num_classes`` > 0 and/or ``condition_dim`` > 0 tell a conditioning-capable type what the
+        data offers; the config decides whether to use it (e.g. ``use_conditioned_vae``).
+        """
 
     @abc.abstractmethod
     def configure_optimizers(self, config: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
@@ -90,18 +119,23 @@ class Generator(Component, abc.ABC):
                       optimizers: Mapping[str, torch.optim.Optimizer], ctx: TrainContext) -> dict[str, float]:
         """One optimisation step on a batch ``x`` ``[B, seq_len, dim]`` (backward and step included).
 
-        Returns the loss terms as floats (``{"loss": ..., "recon": ..., "kl": ...}``).
+        Wrap forward passes in ``ctx.autocast()``. Returns the loss terms as floats, ``"loss"`` first
+        (e.g. ``{"loss": ..., "recon": ..., "kl": ...}``).
         """
 
     @abc.abstractmethod
     def loss_terms(self, x: Tensor, *, labels: Tensor | None, conditions: Tensor | None,
                    ctx: TrainContext) -> dict[str, float]:
-        """Loss terms on a held-out batch, without updating anything (called under ``no_grad``)."""
+        """The same loss terms on a held-out batch, without updating anything (called under ``no_grad``)."""
 
     @abc.abstractmethod
     def sample(self, n: int, *, labels: Tensor | None = None, conditions: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``n`` samples ``[n, seq_len, dim]`` at the training length."""
+        """Draw ``n`` samples ``[n, seq_len, dim]`` (normalised space) at the training length.
+
+        ``labels`` ``[n]`` (long) and ``conditions`` ``[n, condition_dim]`` are given when the model
+        is conditioned; all randomness comes from ``generator``.
+        """
 
 
 class Reducer(Component, abc.ABC):
@@ -117,15 +151,16 @@ class Reducer(Component, abc.ABC):
         self.length = int(length)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, length: int, input_length: int, dim: int) -> Reducer:
+    def from_config(cls, config: Mapping[str, Any], *, length: int, full_length: int, dim: int) -> Reducer:
         """Build from the config; the default ignores everything but ``length``."""
         return cls(length=length)
 
     def init_args(self) -> dict[str, Any]:
         return {"length": self.length}
 
-    def fit(self, batches: Callable[[], Iterable[Tensor]]) -> None:
-        """Fit on full-length training batches (``batches()`` yields ``[B, L, D]`` tensors, may be called again)."""
+    def fit(self, batches: Callable[[], Iterable[Tensor]]) -> None:  # noqa: B027 - optional hook
+        """Fit on full-length training data: ``batches()`` yields float32 ``[B, L, D]`` tensors and may
+        be called more than once (one streaming pass per call). Default: nothing to fit."""
 
     @abc.abstractmethod
     def forward(self, x: Tensor) -> Tensor:
@@ -139,7 +174,7 @@ class Upsampler(Component, abc.ABC):
     trainable: ClassVar[bool] = False
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, input_length: int, output_length: int,
+    def from_config(cls, config: Mapping[str, Any], *, reduced_length: int, full_length: int,
                     dim: int) -> Upsampler:
         """Build from the config; the default takes no settings."""
         return cls()
@@ -149,9 +184,14 @@ class Upsampler(Component, abc.ABC):
 
     def fit(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]], *,
             config: Mapping[str, Any]) -> dict[str, float]:
-        """Train on (reduced ``[B, l, D]``, full ``[B, L, D]``) batches; returns metrics. Default: nothing."""
+        """Train on streamed (reduced ``[B, l, D]``, full ``[B, L, D]``) float32 batches.
+
+        ``pairs()`` may be called once per epoch. Returns metrics (JSON-serialisable floats).
+        Default: nothing to learn.
+        """
         return {}
 
     @abc.abstractmethod
     def forward(self, x: Tensor, length: int) -> Tensor:
         """``[B, l, D] -> [B, length, D]``."""
+
