@@ -1,0 +1,1 @@
+"""Built-in generator types, one module each: ``vae`` (the original FedA2V VAE) and ``gan``."""

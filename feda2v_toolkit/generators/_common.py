@@ -1,0 +1,91 @@
+"""Helpers shared by the built-in generators: config access, conditioning, optimisers, clipping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def cfg(config: Mapping[str, Any], key: str) -> Any:
+    """``config[key]`` with a clear error when the caller passed an unresolved config section."""
+    try:
+        return config[key]
+    except KeyError:
+        raise KeyError(f"config key {key!r} is missing: pass the resolved generator config "
+                       "(every schema default filled in, e.g. load_config(...))") from None
+
+
+def conditioning_kind(enabled: bool, num_classes: int, condition_dim: int) -> str | None:
+    """What a conditioning-capable generator conditions on: embeddings beat labels; None if disabled
+    or the data offers neither."""
+    if not enabled:
+        return None
+    if condition_dim > 0:
+        return "embedding"
+    if num_classes > 0:
+        return "label"
+    return None
+
+
+class Condition(nn.Module):
+    """Turns a class label (``nn.Embedding``) or a condition embedding (``nn.Linear``) into a vector."""
+
+    def __init__(self, kind: str, *, num_classes: int, condition_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.condition_dim = condition_dim
+        if kind == "label":
+            if num_classes < 1:
+                raise ValueError("label conditioning needs num_classes >= 1")
+            self.proj: nn.Module = nn.Embedding(num_classes, out_dim)
+        elif kind == "embedding":
+            if condition_dim < 1:
+                raise ValueError("embedding conditioning needs condition_dim >= 1")
+            self.proj = nn.Linear(condition_dim, out_dim)
+        else:
+            raise ValueError(f"unknown conditioning {kind!r}")
+
+    def forward(self, labels: Tensor | None, conditions: Tensor | None, n: int, owner: str) -> Tensor:
+        if self.kind == "label":
+            if labels is None:
+                raise ValueError(f"this {owner} is conditioned on class labels: pass labels of shape [{n}]")
+            if labels.shape != (n,):
+                raise ValueError(f"labels must have shape [{n}], got {list(labels.shape)}")
+            return self.proj(labels.long())
+        if conditions is None:
+            raise ValueError(f"this {owner} is conditioned on per-sample condition embeddings: "
+                             f"pass conditions of shape [{n}, {self.condition_dim}]")
+        if conditions.shape != (n, self.condition_dim):
+            raise ValueError(f"conditions must have shape [{n}, {self.condition_dim}], "
+                             f"got {list(conditions.shape)}")
+        return self.proj(conditions.to(self.proj.weight.dtype))
+
+
+def adamw(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float,
+          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW with the fastest implementation available: fused (CPU/CUDA, torch >= 2.4), else foreach."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, foreach=True)
+
+
+def clip(params: Iterable[nn.Parameter], max_norm: float | None) -> None:
+    """Clip the total gradient norm at ``max_norm`` (``None`` = no clipping)."""
+    if max_norm is not None:
+        grads = [p for p in params if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(grads, float(max_norm), foreach=True)
+
+
+def noise_like(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """``N(0, I)`` drawn from ``generator`` only (on the generator's device), moved next to ``like``."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+
+
+def first_param(module: nn.Module) -> Tensor:
+    return next(module.parameters())
