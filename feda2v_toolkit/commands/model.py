@@ -1,0 +1,149 @@
+"""``feda2v-tk generate`` and ``feda2v-tk inspect``: use and look into model files."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _samples_option(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter("a positive integer or 'auto'") from None
+    if n < 1:
+        raise click.BadParameter("must be >= 1")
+    return n
+
+
+@click.command("generate")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory for the safetensors shards (must be absent or empty).")
+@click.option("-k", "--samples-per-class", "samples", callback=lambda _c, _p, v: _samples_option(v),
+              help="Samples per class, or 'auto' (as many as in training) [default: the config's "
+                   "synthetic_samples_per_class].")
+@click.option("--classes", help="Comma-separated class names [default: all].")
+@click.option("--output-length", type=click.IntRange(min=1),
+              help="Tokens per sample [default: generator_output_sequence_length, else the training length].")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--conditions", "conditions_path", type=click.Path(path_type=Path),
+              help="Dataset file with 'conditions' (and 'labels') for embedding-conditioned models.")
+@click.option("--shard-size", "shard_mb", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Approximate shard size in MiB.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: when on a terminal].")
+def generate_cmd(model_path: Path, out_dir: Path, samples: int | str | None, classes: str | None,
+                 output_length: int | None, dtype: str, seed: int, batch_size: int, conditions_path: Path | None,
+                 shard_mb: int, device: str, progress: bool | None) -> None:
+    """Sample a trained MODEL and write full-length safetensors shards to OUT.
+
+    The shards use the dataset format, so they feed straight back into train, analyze or evaluate.
+    """
+    from feda2v_toolkit.generation import generate
+    from feda2v_toolkit.modelfile import load_model
+    from feda2v_toolkit.training import resolve_device
+
+    model = load_model(model_path, device=resolve_device(device))
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(model, out_dir, samples=samples, classes=names, length=output_length, dtype=dtype, seed=seed,
+                 batch_size=batch_size, conditions=conditions_path, shard_bytes=shard_mb * 2**20,
+                 progress=progress, log=lambda m: click.echo(f"feda2v-tk: {m}", err=True))
+    for w in caught:
+        click.echo(f"feda2v-tk: warning: {w.message}", err=True)
+
+
+def describe(meta: dict[str, Any]) -> dict[str, Any]:
+    """The facts ``inspect`` shows, from a model file's metadata (no weights loaded)."""
+    doc = meta["model"]
+    shapes = meta["tensor_shapes"]
+
+    def elements(prefix: str) -> int:
+        total = 0
+        for name, shape in shapes.items():
+            if name.startswith(prefix):
+                n = 1
+                for s in shape:
+                    n *= s
+                total += n
+        return total
+
+    params = {f"generator[{g['key']}]": g.get("parameters", elements(f"generators.{i}."))
+              for i, g in enumerate(doc["generators"])}
+    params["reducer"] = elements("reducer.")
+    params["upsampler"] = elements("upsampler.")
+    return {
+        "toolkit_version": meta.get("toolkit_version"),
+        "format_version": int(meta.get("format_version", 0)),
+        "generator_type": doc["generator_type"],
+        "granularity": doc["granularity"],
+        "classes": {c: {"train_samples": doc.get("class_counts", {}).get(c),
+                        "generator": doc["class_to_generator"].get(c)} for c in doc["class_names"]},
+        "full_length": doc["full_length"],
+        "training_length": doc["training_length"],
+        "output_length": doc["output_length"],
+        "dim": doc["dim"],
+        "condition_dim": doc.get("condition_dim", 0),
+        "reducer": doc["reducer"],
+        "upsampler": doc["upsampler"],
+        "generator_init_args": {g["key"]: g["init_args"] for g in doc["generators"]},
+        "parameters": params,
+        "parameters_total": sum(params.values()),
+        "normalized": doc.get("normalized", False),
+        "seed": doc.get("seed"),
+        "metrics": doc.get("metrics", {}),
+        "tensors": shapes,
+        "config": doc.get("config", {}),
+    }
+
+
+@click.command("inspect")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(model_path: Path, as_json: bool) -> None:
+    """Show a model file's metadata, parameter counts per component, shapes and training metrics."""
+    from feda2v_toolkit.modelfile import read_model_metadata
+
+    info = describe(read_model_metadata(model_path))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    gen = info["generator_type"]
+    provider = f" ({gen['qualified_name']}, {gen.get('distribution')} {gen.get('version')})" \
+        if gen.get("qualified_name") else ""
+    click.echo(f"{model_path}: feda2v-tk model, format {info['format_version']}, "
+               f"written by feda2v-tk {info['toolkit_version']}")
+    click.echo(f"generator:   {gen['name']}{provider}, {info['granularity']}")
+    click.echo(f"lengths:     {info['full_length']} -> {info['training_length']} (training) -> "
+               f"{info['output_length'] or info['training_length']} (output), D = {info['dim']}"
+               + (f", conditions [{info['condition_dim']}]" if info["condition_dim"] else ""))
+    click.echo(f"reducer:     {info['reducer']['name']} {json.dumps(info['reducer']['init_args'])}")
+    click.echo(f"upsampler:   {info['upsampler']['name']} {json.dumps(info['upsampler']['init_args'])}")
+    click.echo("classes:     " + ", ".join(
+        f"{c} ({v['train_samples']} -> {v['generator'] or 'no generator'})" for c, v in info["classes"].items()))
+    click.echo("parameters:  " + ", ".join(f"{k} {v:,}" for k, v in info["parameters"].items())
+               + f"; total {info['parameters_total']:,}")
+    metrics = info["metrics"]
+    if metrics:
+        train = metrics.get("train") or {}
+        val = metrics.get("val") or {}
+        click.echo(f"training:    {metrics.get('epochs')} epochs, seed {info['seed']}, "
+                   f"{metrics.get('train_seconds', 0):.1f}s, "
+                   + ", ".join(f"{k} {v:.4g}" for k, v in train.items()))
+        if val:
+            click.echo("held out:    " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+        ups = metrics.get("upsampler") or {}
+        if "heldout_mse" in ups:
+            click.echo(f"upsampling:  held-out MSE {ups['heldout_mse']:.5g} ({ups['name']}) vs "
+                       f"{ups['heldout_mse_linear']:.5g} (linear); R^2 {ups['heldout_r2']:.4f} vs "
+                       f"{ups['heldout_r2_linear']:.4f}")

@@ -1,0 +1,97 @@
+"""``feda2v-tk train``: a thin layer over :func:`feda2v_toolkit.training.train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+#: CLI option -> generator-section key it overrides
+OVERRIDE_OPTIONS: dict[str, str] = {
+    "generator_type": "generator_type",
+    "epochs": "generator_training_epochs",
+    "batch_size": "generator_batch_size",
+    "learning_rate": "generator_learning_rate",
+    "training_length": "generator_training_sequence_length",
+    "output_length": "generator_output_sequence_length",
+    "granularity": "generator_granularity",
+    "reducer": "generator_reducer",
+    "upsampler": "generator_upsampler",
+    "hidden_dim": "generator_hidden_dim",
+    "latent_dim": "generator_latent_dim",
+    "autocast": "generator_autocast",
+}
+
+
+def collect_overrides(options: dict[str, Any], *, learned_upsampling: bool | None) -> dict[str, Any]:
+    """Config keys set on the command line (options left unset override nothing)."""
+    out = {key: options[opt] for opt, key in OVERRIDE_OPTIONS.items() if options.get(opt) is not None}
+    if learned_upsampling is not None:
+        out["use_learned_upsampling"] = learned_upsampling
+    return out
+
+
+@click.command("train")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Experiment config (JSON); without it, the schema defaults are used.")
+@click.option("-d", "--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="Dataset: a .safetensors file, a directory of shards, or a legacy .pt cache.")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Model file to write (.safetensors).")
+@click.option("--generator-type", help="Overrides generator_type.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Overrides generator_training_epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Overrides generator_batch_size.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
+              help="Overrides generator_learning_rate.")
+@click.option("--training-length", type=click.IntRange(min=1),
+              help="Overrides generator_training_sequence_length.")
+@click.option("--output-length", type=click.IntRange(min=1), help="Overrides generator_output_sequence_length.")
+@click.option("--granularity", type=click.Choice(["unified", "per_class", "per_group"]),
+              help="Overrides generator_granularity.")
+@click.option("--reducer", help="Overrides generator_reducer.")
+@click.option("--upsampler", help="Overrides generator_upsampler.")
+@click.option("--learned-upsampling/--no-learned-upsampling", default=None,
+              help="Overrides use_learned_upsampling.")
+@click.option("--hidden-dim", type=click.IntRange(min=1), help="Overrides generator_hidden_dim.")
+@click.option("--latent-dim", type=click.IntRange(min=1), help="Overrides generator_latent_dim.")
+@click.option("--autocast", type=click.Choice(["float32", "bfloat16"]), help="Overrides generator_autocast.")
+@click.option("--seed", type=int, help="Random seed (overrides generator_seed).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint if there is one.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Overrides generator_checkpoint_dir.")
+@click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append one JSON line of metrics per epoch here [default: OUT with .metrics.jsonl].")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: when on a terminal].")
+@click.option("-q", "--quiet", is_flag=True, help="No status messages.")
+def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: int | None, device: str,
+              resume: bool, checkpoint_dir: Path | None, metrics_path: Path | None, progress: bool | None,
+              quiet: bool, learned_upsampling: bool | None, **options: Any) -> None:
+    """Reduce sequences, train a generator, and export it as one safetensors file.
+
+    The config is migrated in memory and validated first; command-line options override its keys.
+    """
+    from feda2v_toolkit.training import train
+
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"feda2v-tk: {msg}", err=True)
+
+    config: Any = config_path if config_path is not None else {}
+    overrides = collect_overrides(options, learned_upsampling=learned_upsampling)
+    if metrics_path is None:
+        metrics_path = out_path.with_name(out_path.stem + ".metrics.jsonl")
+    try:
+        model = train(config, data_path, out=out_path, overrides=overrides, seed=seed, device=device,
+                      resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
+                      progress=progress, log=say)
+    except KeyboardInterrupt:
+        say("interrupted; the last checkpoint is intact: run again with --resume to continue")
+        raise
+    final = model.metrics
+    val = final.get("val") or {}
+    summary = f"trained {len(model.generators)} {model.generator_type} generator(s), {final['epochs']} epochs"
+    if val:
+        summary += f", held-out loss {val.get('loss', float('nan')):.5g}"
+    say(summary)

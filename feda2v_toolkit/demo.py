@@ -1,0 +1,163 @@
+"""An AST-shaped demo dataset with real class structure, made on the fly (nothing is downloaded).
+
+An Audio Spectrogram Transformer turns a clip into ``[1214, 768]`` tokens: 2 summary tokens, then
+12 frequency x 101 time patches, frequency-major (token ``2 + f * 101 + t``). The demo mimics that
+layout with four sound classes whose differences live at different scales:
+
+* every token carries a smooth, strong **positional component** shared by all clips (as AST tokens do);
+* ``engine`` and ``drum`` sit in the **low** frequency bands, ``whistle`` and ``bird`` in the **high**
+  ones -- visible after coarse pooling;
+* ``engine`` and ``whistle`` are **steady**, ``drum`` and ``bird`` **decay** after their onset, with the
+  same mean energy -- visible only when the reduced sequence resolves time within a frequency row;
+* all classes share one timbre (a few feature directions) up to a 5% class-specific part;
+* clips vary in loudness, onset, decay time and timbre mixture, and carry isotropic noise.
+
+So reducing sequences to a few tokens keeps some class information and loses some, which is what
+``feda2v-tk analyze`` measures (a ridge classifier on 80 clips: about 35% accuracy after pooling to 1
+token, 65% at 2-4, 98% at 8, 100% from 32 on). Shapes other than AST's work too (tests use tiny ones).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from feda2v_toolkit.data import DatasetWriter, write_dataset
+
+CLASS_NAMES = ("engine", "drum", "whistle", "bird")
+AST_SEQ_LEN = 1214
+AST_DIM = 768
+AST_SUMMARY_TOKENS = 2
+AST_FREQ_BINS = 12
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each token sits on the (frequency, time) grid; summary tokens have f = t = -1."""
+
+    freq: Tensor  # [L] long
+    time: Tensor  # [L] float in [0, 1)
+    n_freq: int
+    n_time: int
+
+    @classmethod
+    def of(cls, seq_len: int) -> _Layout:
+        summary = min(AST_SUMMARY_TOKENS, max(seq_len - 1, 0))
+        patches = seq_len - summary
+        n_freq = max(1, min(AST_FREQ_BINS, patches // 4))
+        n_time = max(1, math.ceil(patches / n_freq))
+        p = torch.arange(patches)
+        freq = torch.cat([torch.full((summary,), -1), p // n_time])
+        time = torch.cat([torch.full((summary,), -1.0), (p % n_time).float() / n_time])
+        return cls(freq, time, n_freq, n_time)
+
+
+class _World:
+    """The dataset-level structure (positional component, class timbres), fixed by the seed."""
+
+    def __init__(self, seq_len: int, dim: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.layout = lay = _Layout.of(seq_len)
+        self.seq_len, self.dim = seq_len, dim
+        rank = min(8, dim)
+        basis = torch.linalg.qr(torch.randn(dim, rank, generator=g))[0].T  # [rank, D] orthonormal
+        f = lay.freq.clamp(min=0).float() / max(lay.n_freq - 1, 1)
+        t = lay.time.clamp(min=0)
+        coeffs = torch.stack([
+            torch.cos(math.pi * (k % 3 + 1) * f + 2 * math.pi * (k // 3) * t + k) for k in range(rank)
+        ], dim=1)  # [L, rank] smooth in f and t
+        summary = lay.freq < 0
+        coeffs[summary] = torch.randn(int(summary.sum()), rank, generator=g)
+        self.positional = 1.5 * coeffs @ basis  # [L, D]
+        shared = torch.randn(3, dim, generator=g)
+        own = torch.randn(len(CLASS_NAMES), 3, dim, generator=g)
+        # each class: 3 timbre directions, 95% shared by all classes and 5% its own
+        timbre = 0.05 * own + 0.95 * shared.unsqueeze(0)
+        self.timbre = timbre / timbre.norm(dim=2, keepdim=True)  # [C, 3, D]
+        low = torch.exp(-0.5 * ((torch.arange(lay.n_freq) - 0.2 * lay.n_freq) / (0.15 * lay.n_freq + 0.5)) ** 2)
+        high = torch.exp(-0.5 * ((torch.arange(lay.n_freq) - 0.75 * lay.n_freq) / (0.15 * lay.n_freq + 0.5)) ** 2)
+        self.band = {"engine": low, "drum": low, "whistle": high, "bird": high}
+        self.decays = {"engine": False, "drum": True, "whistle": False, "bird": True}
+
+    def sample(self, label: int, g: torch.Generator, noise: float) -> Tensor:
+        """One clip ``[L, D]`` of class ``label``."""
+        lay = self.layout
+        name = CLASS_NAMES[label]
+        loud = 0.7 + 0.6 * torch.rand((), generator=g)
+        onset = 0.3 * torch.rand((), generator=g)
+        mix = 1.0 + 0.35 * torch.randn(3, generator=g)
+        direction = (mix.unsqueeze(1) * self.timbre[label]).sum(0)  # [D]
+        t = lay.time.clamp(min=0)
+        envelope = torch.sigmoid((t - onset) * 40.0)  # the sound starts at the onset
+        if self.decays[name]:
+            tau = 0.12 + 0.05 * torch.rand((), generator=g)
+            decay = torch.exp(-(t - onset).clamp(min=0) / tau)
+            envelope = envelope * decay * (envelope.mean() / (envelope * decay).mean())  # same mean energy
+        band = self.band[name][lay.freq.clamp(min=0)]
+        amplitude = loud * band * envelope  # [L]
+        summary = lay.freq < 0
+        amplitude[summary] = loud * 0.8  # summary tokens see the whole clip
+        x = self.positional + amplitude.unsqueeze(1) * 2.0 * direction.unsqueeze(0)
+        return x + noise * torch.randn(self.seq_len, self.dim, generator=g)
+
+
+def _labels_for(num_per_class: int, num_classes: int) -> Tensor:
+    return torch.arange(num_classes).repeat_interleave(num_per_class)
+
+
+def _clips(world: _World, labels: Tensor, seed: int, noise: float, chunk: int = 16) -> Iterator[Tensor]:
+    """Clips in chunks of ``chunk``; clip ``i`` has its own RNG stream, so it never depends on N."""
+    for start in range(0, labels.numel(), chunk):
+        rows = []
+        for offset, label in enumerate(labels[start:start + chunk].tolist()):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + start + offset + 1)
+            rows.append(world.sample(label, g, noise))
+        yield torch.stack(rows)
+
+
+def make_demo_dataset(num_per_class: int = 24, *, seq_len: int = AST_SEQ_LEN, dim: int = AST_DIM,
+                      num_classes: int = len(CLASS_NAMES), seed: int = 0, noise: float = 1.0,
+                      dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, list[str]]:
+    """Return ``(embeddings [N, L, D], labels [N], class_names)`` with ``N = num_per_class * classes``.
+
+    Deterministic in ``seed``; sample ``i`` does not depend on how many samples are drawn.
+    """
+    if not 1 <= num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES)}")
+    world = _World(seq_len, dim, seed)
+    labels = _labels_for(num_per_class, num_classes)
+    out = torch.empty(labels.numel(), seq_len, dim, dtype=dtype)
+    start = 0
+    for rows in _clips(world, labels, seed, noise):
+        out[start:start + rows.shape[0]] = rows.to(dtype)
+        start += rows.shape[0]
+    return out, labels, list(CLASS_NAMES[:num_classes])
+
+
+def write_demo_dataset(path: str | os.PathLike[str], num_per_class: int = 24, *, seq_len: int = AST_SEQ_LEN,
+                       dim: int = AST_DIM, num_classes: int = len(CLASS_NAMES), seed: int = 0,
+                       noise: float = 1.0, dtype: torch.dtype = torch.float16,
+                       shard_bytes: int | None = None) -> Path:
+    """Write the demo dataset: one ``.safetensors`` file, or a shard directory (streamed, bounded memory)."""
+    out = Path(path)
+    meta = {"source": "feda2v-tk demo"}
+    if out.suffix == ".safetensors":
+        emb, labels, names = make_demo_dataset(num_per_class, seq_len=seq_len, dim=dim, num_classes=num_classes,
+                                               seed=seed, noise=noise, dtype=dtype)
+        return write_dataset(out, emb, labels, class_names=names, extra_metadata=meta)
+    world = _World(seq_len, dim, seed)
+    labels = _labels_for(num_per_class, num_classes)
+    kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}
+    with DatasetWriter(out, class_names=CLASS_NAMES[:num_classes], dtype=dtype, extra_metadata=meta,
+                       **kwargs) as writer:
+        start = 0
+        for rows in _clips(world, labels, seed, noise):
+            writer.add(rows, labels[start:start + rows.shape[0]])
+            start += rows.shape[0]
+    return out

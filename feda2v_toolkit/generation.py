@@ -1,0 +1,142 @@
+"""Generating synthetic datasets from a trained model, streamed to safetensors shards.
+
+:func:`generate` is what ``feda2v-tk generate`` runs: for each class it draws samples in batches,
+upsamples them to the output length and hands them to a :class:`~feda2v_toolkit.data.DatasetWriter`,
+so memory stays bounded however many samples are asked for. Class ``c``'s samples depend only on the
+seed and ``c`` (not on which other classes are generated), and the output is all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from feda2v_toolkit.data import DEFAULT_SHARD_BYTES, DatasetWriter, _resolve_dtype, open_dataset
+from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.model import GenerativeModel
+
+
+class ClassAgnosticWarning(UserWarning):
+    """The model's samples do not depend on the class (unified granularity, unconditioned)."""
+
+
+@dataclass
+class GenerationReport:
+    directory: Path
+    samples: dict[str, int]
+    length: int
+    shards: int
+    bytes_written: int
+    seconds: float
+
+
+def samples_per_class(model: GenerativeModel, requested: int | str | None, classes: Sequence[str]) -> dict[str, int]:
+    """How many samples each class gets: a number, ``"auto"`` (the class's training count) or the config's."""
+    value: Any = requested if requested is not None else model.config.get("synthetic_samples_per_class", 10)
+    if isinstance(value, str) and value != "auto":
+        try:
+            value = int(value)
+        except ValueError:
+            raise UsageError(f"samples per class must be a positive integer or 'auto', got {value!r}") from None
+    if value == "auto":
+        return {c: int(model.class_counts.get(c, 0)) for c in classes}
+    if int(value) < 1:
+        raise UsageError(f"samples per class must be >= 1, got {value}")
+    return {c: int(value) for c in classes}
+
+
+def is_class_agnostic(model: GenerativeModel) -> bool:
+    return model.granularity == "unified" and all(g.conditioning is None for g in model.generators.values())
+
+
+def _conditions_by_class(path: str | os.PathLike[str], model: GenerativeModel) -> dict[str, Tensor]:
+    ds = open_dataset(path)
+    if ds.condition_dim == 0:
+        raise InputError(f"{path}: holds no 'conditions' tensor")
+    if ds.condition_dim != model.condition_dim:
+        raise InputError(f"{path}: conditions are {ds.condition_dim} wide; the model expects {model.condition_dim}")
+    out: dict[str, list[Tensor]] = {}
+    for batch in ds.batches(4096, check_finite=False):
+        assert batch.conditions is not None
+        for c in torch.unique(batch.labels).tolist():
+            out.setdefault(ds.class_names[c], []).append(batch.conditions[batch.labels == c])
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: int | str | None = None,
+             classes: Sequence[str] | None = None, length: int | None = None, dtype: str | torch.dtype = "float32",
+             seed: int = 0, batch_size: int = 64, conditions: str | os.PathLike[str] | None = None,
+             shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None,
+             log: Callable[[str], None] | None = None) -> GenerationReport:
+    """Write synthetic samples of ``classes`` (default: all the model can sample) to shard directory ``out``.
+
+    ``conditions`` is a dataset file whose ``conditions`` rows (per label) condition an
+    embedding-conditioned model; they are used in order and cycled if more samples are asked for.
+    """
+    import time
+
+    say = log or (lambda _msg: None)
+    names = list(classes) if classes else model.sampleable_classes
+    for c in names:
+        model.class_index(c)  # one clear error for an unknown class
+    counts = samples_per_class(model, samples, names)
+    out_len = model.default_length if length is None else int(length)
+    if out_len < 1:
+        raise UsageError(f"output length must be >= 1, got {out_len}")
+    out_dtype = _resolve_dtype(dtype) or torch.float32
+    cond_by_class = _conditions_by_class(conditions, model) if conditions is not None else None
+    needs = [c for c in names if model.needs_condition(c)]
+    if needs and cond_by_class is None:
+        raise UsageError(f"the model is conditioned on per-sample condition embeddings [{model.condition_dim}]; "
+                         f"pass --conditions FILE (a dataset file with 'conditions' and 'labels')")
+    if cond_by_class is not None:
+        missing = [c for c in needs if c not in cond_by_class]
+        if missing:
+            raise InputError(f"{conditions}: no conditions for class(es) {', '.join(missing)}")
+    if is_class_agnostic(model) and len(names) > 1:
+        warnings.warn("this model is unified and unconditioned: its samples do not depend on the class, so the "
+                      "per-class labels of the output carry no class information (train with "
+                      "use_conditioned_vae or per_class granularity)", ClassAgnosticWarning, stacklevel=2)
+    device = model.device
+    total = sum(counts.values())
+    bar = None
+    if progress or (progress is None and sys.stderr.isatty()):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="sample", desc="generate", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    meta = {"source_model_seed": str(seed), "output_length": str(out_len)}
+    try:
+        with DatasetWriter(out, class_names=model.class_names, dtype=out_dtype, shard_bytes=shard_bytes,
+                           extra_metadata=meta) as writer:
+            for name in names:
+                label = model.class_names.index(name)
+                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + label)
+                done = 0
+                while done < counts[name]:
+                    n = min(batch_size, counts[name] - done)
+                    cond = None
+                    if cond_by_class is not None and name in cond_by_class and model.needs_condition(name):
+                        pool = cond_by_class[name]
+                        cond = pool[torch.arange(done, done + n) % pool.shape[0]]
+                    x = model.sample(n, class_name=name, length=out_len, conditions=cond, generator=g,
+                                     dtype=out_dtype)
+                    writer.add(x, torch.full((n,), label), cond)
+                    done += n
+                    if bar is not None:
+                        bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    say(f"wrote {total} samples [{out_len}, {model.dim}] to {writer.directory} "
+        f"({len(writer.shards)} shard(s), {writer.bytes_written / 2**20:.1f} MiB, {seconds:.1f}s)")
+    return GenerationReport(Path(writer.directory), counts, out_len, len(writer.shards), writer.bytes_written, seconds)

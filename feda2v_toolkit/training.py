@@ -1,0 +1,529 @@
+"""Training: reduce once, normalise, train generators per granularity, fit the upsampler, export.
+
+:func:`train` is what ``feda2v-tk train`` runs. The steps:
+
+1. read the config through the config layer (migrated in memory, validated, defaults from the schema);
+2. open the dataset lazily and split off a stratified held-out set (``generator_validation_split``);
+3. fit the reducer if it is a fitted one, then reduce every sequence **once**, streaming, into an
+   ``[N, l, D]`` cache (the full sequences are never all in memory);
+4. standardise the reduced sequences per position and feature (statistics go into the model file);
+5. fit the upsampler on (reduced, full) training pairs if it is trainable, and measure it next to
+   linear interpolation on the held-out set;
+6. train one generator per granularity key, epoch by epoch, with validation, progress, JSON-lines
+   metrics, and atomic checkpoints every ``generator_checkpoint_frequency`` epochs;
+7. write the model file atomically.
+
+Same seed, same data, same config -> the same weights on the same machine, and ``resume=True``
+continues from the last checkpoint to exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from feda2v_toolkit.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from feda2v_toolkit.components import Generator, Reducer, TrainContext, Upsampler
+from feda2v_toolkit.data import Dataset, open_dataset
+from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
+
+#: rows of full-length sequences read per chunk while reducing (bounded memory)
+READ_CHUNK_BYTES = 128 * 2**20
+OTHER_GROUP = "other"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return torch.device(device)
+
+
+def read_chunk_rows(ds: Dataset) -> int:
+    return max(1, READ_CHUNK_BYTES // (ds.seq_len * ds.dim * 4))
+
+
+def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Held-out indices: ``round(fraction * n_c)`` per class (none for classes with < 2 samples)."""
+    g = torch.Generator().manual_seed(seed + 17)
+    train_parts, val_parts = [], []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_val = min(int(round(fraction * idx.numel())), idx.numel() - 1) if idx.numel() > 1 else 0
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+def generator_groups(cfg: Mapping[str, Any], class_names: list[str], present: list[str]) -> dict[str, list[str]]:
+    """Generator key -> the classes it serves, for the configured granularity."""
+    granularity = cfg["generator_granularity"]
+    if granularity == "unified":
+        return {UNIFIED_KEY: list(present)}
+    if granularity == "per_class":
+        return {c: [c] for c in present}
+    groups = cfg.get("generator_class_groups") or {}
+    if not groups:
+        raise InputError("generator_granularity is 'per_group' but generator_class_groups is empty")
+    out: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
+    for group, members in groups.items():
+        for c in members:
+            if c not in class_names:
+                raise InputError(f"generator_class_groups[{group!r}] names class {c!r}, which is not in the data "
+                                 f"(classes: {', '.join(class_names)})")
+            if c in seen:
+                raise InputError(f"class {c!r} is in groups {seen[c]!r} and {group!r}")
+            seen[c] = group
+        out[group] = [c for c in members if c in present]
+    rest = [c for c in present if c not in seen]
+    if rest:  # as the original code did: ungrouped classes share one more generator
+        if OTHER_GROUP in out:
+            raise InputError(f"classes {rest} are in no group and the group name {OTHER_GROUP!r} is taken")
+        out[OTHER_GROUP] = rest
+    return {g: members for g, members in out.items() if members}
+
+
+def _fingerprint(cfg: Mapping[str, Any], ds: Dataset, seed: int) -> dict[str, Any]:
+    ignored = {"generator_training_epochs", "generator_checkpoint_dir", "generator_checkpoint_base_name",
+               "generator_save_checkpoint", "generator_load_checkpoint", "generator_checkpoint_frequency",
+               "synthetic_samples_per_class", "generator_output_sequence_length", "pretrained_generator_path"}
+    relevant = {k: v for k, v in sorted(cfg.items()) if k not in ignored}
+    labels_hash = hashlib.sha256(ds.labels.numpy().tobytes()).hexdigest()[:16]
+    return {"config": hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16],
+            "data": f"{len(ds)}x{ds.seq_len}x{ds.dim}:{labels_hash}", "seed": seed}
+
+
+@dataclass
+class _Run:
+    """Everything a training run holds while it goes."""
+
+    cfg: dict[str, Any]
+    ds: Dataset
+    device: torch.device
+    seed: int
+    train_idx: Tensor
+    val_idx: Tensor
+    reduced: Tensor  # [N, l, D] normalised, on CPU
+    model: GenerativeModel
+    optimizers: dict[str, dict[str, torch.optim.Optimizer]]
+    members: dict[str, Tensor]  # generator key -> label values it serves
+
+
+class _Progress:
+    """A tqdm bar over optimisation steps, shown only on a terminal."""
+
+    def __init__(self, total: int, initial: int, enabled: bool | None) -> None:
+        show = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True,
+                            desc="train")
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def postfix(self, **values: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()},
+                                 refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def reduce_dataset(ds: Dataset, reducer: Reducer, indices: Tensor | None = None, *,
+                   device: torch.device | str = "cpu") -> Tensor:
+    """Reduce every (or the given) sequence once, streaming: ``[n, l, D]`` float32 on CPU."""
+    idx = torch.arange(len(ds)) if indices is None else indices
+    out = torch.empty(idx.numel(), reducer.length, ds.dim)
+    pos = 0
+    with torch.no_grad():
+        for batch in ds.batches(read_chunk_rows(ds), idx):
+            r = reducer(batch.embeddings.to(device))
+            out[pos:pos + r.shape[0]] = r.to("cpu", torch.float32)
+            pos += r.shape[0]
+    return out
+
+
+def full_batches(ds: Dataset, indices: Tensor, rows: int | None = None) -> Callable[[], Iterator[Tensor]]:
+    """A re-iterable stream of full-length float32 batches ``[B, L, D]`` over ``indices``."""
+    rows = rows or read_chunk_rows(ds)
+
+    def batches() -> Iterator[Tensor]:
+        for batch in ds.batches(rows, indices):
+            yield batch.embeddings
+
+    return batches
+
+
+def upsampler_pairs(ds: Dataset, indices: Tensor, reduced_raw: Tensor, rows: int,
+                    seed: int) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
+    """(reduced, full) float32 pairs over ``indices`` in chunks, chunk order reshuffled per call.
+
+    ``reduced_raw`` holds the (un-normalised) reduced sequences for ``indices`` in the same order.
+    """
+    calls = [0]
+
+    def pairs() -> Iterator[tuple[Tensor, Tensor]]:
+        g = torch.Generator().manual_seed(seed * 7919 + calls[0])
+        calls[0] += 1
+        starts = torch.arange(0, indices.numel(), rows)
+        for s in starts[torch.randperm(starts.numel(), generator=g)].tolist():
+            full = ds.read(indices[s:s + rows]).embeddings
+            yield reduced_raw[s:s + rows], full
+
+    return pairs
+
+
+def heldout_upsampling_error(ds: Dataset, indices: Tensor, reduced_raw: Tensor, upsampler: Upsampler,
+                             device: torch.device) -> dict[str, float]:
+    """MSE and R^2 of reconstructing held-out full sequences: the upsampler vs linear interpolation.
+
+    R^2 is relative to each sequence's own mean over positions (what the positional structure adds).
+    """
+    sse_up = sse_lin = sst = 0.0
+    count = 0
+    rows = read_chunk_rows(ds)
+    upsampler.eval()
+    with torch.no_grad():
+        for s in range(0, indices.numel(), rows):
+            full = ds.read(indices[s:s + rows]).embeddings.to(device)
+            red = reduced_raw[s:s + rows].to(device)
+            up = upsampler(red, ds.seq_len)
+            lin = F.interpolate(red.transpose(1, 2), size=ds.seq_len, mode="linear",
+                                align_corners=False).transpose(1, 2)
+            sse_up += float(((up - full) ** 2).sum())
+            sse_lin += float(((lin - full) ** 2).sum())
+            sst += float(((full - full.mean(dim=1, keepdim=True)) ** 2).sum())
+            count += full.numel()
+    if count == 0:
+        return {}
+    return {"heldout_mse": sse_up / count, "heldout_mse_linear": sse_lin / count,
+            "heldout_r2": 1 - sse_up / sst if sst > 0 else float("nan"),
+            "heldout_r2_linear": 1 - sse_lin / sst if sst > 0 else float("nan")}
+
+
+def _mean_terms(rows: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
+    total = sum(weights)
+    keys = list(rows[0]) if rows else []
+    return {k: sum(r[k] * w for r, w in zip(rows, weights, strict=True)) / total for k in keys}
+
+
+def _member_mask(labels: Tensor, members: Tensor) -> Tensor:
+    return torch.isin(labels, members)
+
+
+def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.PathLike[str] | None = None,
+          overrides: Mapping[str, Any] | None = None, seed: int | None = None, device: str | torch.device = "cpu",
+          resume: bool = False, checkpoint_dir: str | os.PathLike[str] | None = None,
+          metrics_path: str | os.PathLike[str] | None = None, progress: bool | None = None,
+          log: Callable[[str], None] | None = None) -> GenerativeModel:
+    """Train a generator model on ``data`` as ``config`` says; write it to ``out`` if given.
+
+    Args:
+        config: a config file path, a full experiment config or a generator section (mapping); read
+            through :func:`feda2v_toolkit.config.load_config` (migrated, validated, defaults filled).
+        data: a dataset path (file, shard directory, legacy ``.pt``) or an open :class:`Dataset`.
+        overrides: generator-section keys that take precedence over the config (CLI options).
+        seed: overrides ``generator_seed``; if both are unset a random seed is drawn and recorded.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        resume: continue from the checkpoint in the checkpoint directory, if there is one (also
+            when the config sets ``generator_load_checkpoint``).
+        checkpoint_dir: overrides ``generator_checkpoint_dir``.
+        metrics_path: append one JSON line per epoch here.
+        progress: show a progress bar (default: only when stderr is a terminal).
+        log: called with one-line status messages (default: silent).
+    """
+    from feda2v_toolkit.config import load_config
+    from feda2v_toolkit.plugins import get_registry
+
+    say = log or (lambda _msg: None)
+    cfg = dict(load_config(config, overrides=overrides))
+    dev = resolve_device(device)
+    if seed is None:
+        seed = cfg.get("generator_seed")
+    if seed is None:
+        seed = secrets.randbits(31)
+        say(f"seed: {seed} (drawn at random; pass --seed to reproduce)")
+    cfg["generator_seed"] = seed
+    ds = data if isinstance(data, Dataset) else open_dataset(data)
+    length = int(cfg["generator_training_sequence_length"])
+    if ds.seq_len < length:
+        raise InputError(f"{ds.path}: sequences have {ds.seq_len} tokens, fewer than "
+                         f"generator_training_sequence_length = {length}")
+    counts = ds.class_counts()
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise InputError(f"{ds.path}: class(es) {', '.join(map(repr, empty))} have no samples; "
+                         f"remove them from the class names or add samples")
+    registry = get_registry()
+    torch.manual_seed(seed)
+
+    train_idx, val_idx = stratified_split(ds.labels, float(cfg["generator_validation_split"]), seed)
+    say(f"data: {len(ds)} sequences [{ds.seq_len}, {ds.dim}] {str(ds.storage_dtype).replace('torch.', '')}, "
+        f"{ds.num_classes} classes; {train_idx.numel()} train / {val_idx.numel()} held out")
+
+    ckpt_dir = Path(checkpoint_dir or cfg["generator_checkpoint_dir"])
+    ckpt_path = ckpt_dir / f"{cfg['generator_checkpoint_base_name']}.checkpoint.safetensors"
+    fingerprint = _fingerprint(cfg, ds, seed)
+    loaded = None
+    if resume or cfg.get("generator_load_checkpoint"):
+        if ckpt_path.exists():
+            loaded = load_checkpoint(ckpt_path)
+            if loaded.state.fingerprint != fingerprint:
+                raise UsageError(f"{ckpt_path}: checkpoint was made with another config, data or seed "
+                                 f"({loaded.state.fingerprint} vs {fingerprint}); remove it or change "
+                                 f"generator_checkpoint_dir")
+            say(f"resuming from {ckpt_path} after epoch {loaded.state.epoch}")
+        else:
+            say(f"no checkpoint at {ckpt_path}; starting from scratch")
+
+    # -- reducer: fit (if needed) and reduce every sequence once ---------------------------------
+    reducer_name = cfg["generator_reducer"]
+    reducer = registry.load("reducer", reducer_name).from_config(cfg, length=length, full_length=ds.seq_len,
+                                                                 dim=ds.dim).to(dev)
+    if loaded is not None:
+        reducer.load_state_dict({k[len("reducer."):]: v for k, v in loaded.tensors.items()
+                                 if k.startswith("reducer.")})
+    elif type(reducer).fitted:
+        say(f"fitting reducer {reducer_name} on {train_idx.numel()} sequences")
+        reducer.fit(full_batches(ds, train_idx))
+    reducer.eval()
+    t0 = time.perf_counter()
+    reduced_raw = reduce_dataset(ds, reducer, device=dev)
+    say(f"reduced {len(ds)} sequences to {length} tokens in {time.perf_counter() - t0:.1f}s")
+
+    normalization: dict[str, Tensor] = {}
+    reduced = reduced_raw
+    if cfg["generator_normalize"]:
+        base = reduced_raw[train_idx]
+        mean = base.mean(dim=0)
+        std = base.std(dim=0, unbiased=False)
+        std = std.clamp_min(max(float(std.mean()) * 1e-3, 1e-8))
+        normalization = {"mean": mean, "std": std}
+        reduced = (reduced_raw - mean) / std
+
+    # -- generators --------------------------------------------------------------------------
+    present = [c for c in ds.class_names if counts[c] > 0]
+    groups = generator_groups(cfg, ds.class_names, present)
+    gen_cls = registry.load("generator", cfg["generator_type"])
+    generators: dict[str, Generator] = {}
+    for key in groups:
+        generators[key] = gen_cls.from_config(cfg, seq_len=length, dim=ds.dim, num_classes=ds.num_classes,
+                                              condition_dim=ds.condition_dim).to(dev)
+    class_to_generator = {c: key for key, members in groups.items() for c in members}
+
+    # -- upsampler ---------------------------------------------------------------------------
+    upsampler_name = "learned" if cfg["use_learned_upsampling"] else cfg["generator_upsampler"]
+    upsampler = registry.load("upsampler", upsampler_name).from_config(
+        cfg, reduced_length=length, full_length=ds.seq_len, dim=ds.dim).to(dev)
+
+    model = GenerativeModel(
+        generator_type=cfg["generator_type"], generators=generators, granularity=cfg["generator_granularity"],
+        class_names=list(ds.class_names), class_to_generator=class_to_generator, reducer=reducer,
+        reducer_name=reducer_name, upsampler=upsampler, upsampler_name=upsampler_name, full_length=ds.seq_len,
+        training_length=length, output_length=cfg["generator_output_sequence_length"], dim=ds.dim,
+        normalization=normalization, condition_dim=ds.condition_dim, class_counts=counts, config=cfg, seed=seed)
+    optimizers = {key: gen.configure_optimizers(cfg) for key, gen in generators.items()}
+    state = TrainingState(epoch=0, step=0, fingerprint=fingerprint)
+    if loaded is not None:
+        for i, gen in enumerate(generators.values()):
+            prefix = f"generators.{i}."
+            gen.load_state_dict({k[len(prefix):]: v for k, v in loaded.tensors.items() if k.startswith(prefix)})
+        upsampler.load_state_dict({k[len("upsampler."):]: v for k, v in loaded.tensors.items()
+                                   if k.startswith("upsampler.")})
+        loaded.restore_optimizers(model, optimizers)
+        state = loaded.state
+
+    run = _Run(cfg, ds, dev, seed, train_idx, val_idx, reduced, model, optimizers,
+               {key: torch.tensor([ds.class_names.index(c) for c in members]) for key, members in groups.items()})
+
+    if state.upsampler_metrics is None:
+        state.upsampler_metrics = _fit_upsampler(run, reduced_raw, say)
+        if loaded is None:
+            torch.manual_seed(seed)  # generator training starts from the same RNG state either way
+    if loaded is not None:
+        loaded.restore_rng()
+
+    _train_generators(run, state, ckpt_path, metrics_path, progress, say)
+
+    model.metrics = _final_metrics(state)
+    if out is not None:
+        from feda2v_toolkit.modelfile import save_model
+
+        save_model(model.to("cpu"), out)
+        say(f"wrote {out}")
+    return model
+
+
+def _fit_upsampler(run: _Run, reduced_raw: Tensor, say: Callable[[str], None]) -> dict[str, Any]:
+    ups = run.model.upsampler
+    metrics: dict[str, Any] = {"name": run.model.upsampler_name}
+    if type(ups).trainable:
+        t0 = time.perf_counter()
+        say(f"training upsampler {run.model.upsampler_name} on {run.train_idx.numel()} (reduced, full) pairs")
+        rows = max(1, min(run.cfg["generator_batch_size"], read_chunk_rows(run.ds)))
+        pairs = upsampler_pairs(run.ds, run.train_idx, reduced_raw[run.train_idx], rows, run.seed)
+        ups.train()
+        fit_metrics = ups.fit(pairs, config=run.cfg)
+        ups.eval()
+        metrics["fit"] = fit_metrics
+        metrics["fit_seconds"] = time.perf_counter() - t0
+    if run.val_idx.numel() and run.ds.seq_len != run.model.training_length:
+        metrics.update(heldout_upsampling_error(run.ds, run.val_idx, reduced_raw[run.val_idx], ups, run.device))
+        if "heldout_mse" in metrics:
+            say(f"upsampler {run.model.upsampler_name}: held-out MSE {metrics['heldout_mse']:.5g} "
+                f"(linear interpolation {metrics['heldout_mse_linear']:.5g})")
+    return metrics
+
+
+def _batches_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_path: Any,
+                      progress: bool | None, say: Callable[[str], None]) -> None:
+    cfg, model, ds = run.cfg, run.model, run.ds
+    epochs = int(cfg["generator_training_epochs"])
+    batch_size = int(cfg["generator_batch_size"])
+    autocast_dtype = torch.bfloat16 if cfg.get("generator_autocast") == "bfloat16" else None
+    labels_all = ds.labels
+    conditions_all = _all_conditions(ds) if ds.condition_dim else None
+    train_sets = {key: run.train_idx[_member_mask(labels_all[run.train_idx], m)] for key, m in run.members.items()}
+    val_sets = {key: run.val_idx[_member_mask(labels_all[run.val_idx], m)] for key, m in run.members.items()}
+    steps_per_epoch = sum(_batches_per_epoch(idx.numel(), batch_size) for idx in train_sets.values() if idx.numel())
+    bar = _Progress(epochs * steps_per_epoch, state.epoch * steps_per_epoch, progress)
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if metrics_path else nullcontext()  # noqa: SIM115
+    val_every = int(cfg["generator_validation_frequency"])
+    save_every = int(cfg["generator_checkpoint_frequency"]) if cfg["generator_save_checkpoint"] else 0
+    try:
+        with metrics_file as mf:
+            for epoch in range(state.epoch, epochs):
+                t0 = time.perf_counter()
+                epoch_terms, weights, seen = [], [], 0
+                for gi, (key, gen) in enumerate(model.generators.items()):
+                    idx = train_sets[key]
+                    if idx.numel() == 0:
+                        continue
+                    g = torch.Generator().manual_seed(run.seed * 1_000_003 + epoch * 1009 + gi)
+                    perm = idx[torch.randperm(idx.numel(), generator=g)]
+                    nb = _batches_per_epoch(perm.numel(), batch_size)
+                    gen.train()
+                    for b in range(nb):
+                        rows = perm[b * batch_size:(b + 1) * batch_size]
+                        x = run.reduced[rows].to(run.device, non_blocking=True)
+                        labels = labels_all[rows].to(run.device)
+                        cond = conditions_all[rows].to(run.device) if conditions_all is not None else None
+                        ctx = TrainContext(epoch=epoch, total_epochs=epochs, step=state.step,
+                                           progress=(epoch + b / nb) / epochs, config=cfg,
+                                           autocast_dtype=autocast_dtype, device=run.device)
+                        terms = gen.training_step(x, labels=labels, conditions=cond,
+                                                  optimizers=run.optimizers[key], ctx=ctx)
+                        _check_finite_terms(terms, epoch, key)
+                        epoch_terms.append(terms)
+                        weights.append(int(rows.numel()))
+                        seen += int(rows.numel())
+                        state.step += 1
+                        bar.update()
+                elapsed = time.perf_counter() - t0
+                record: dict[str, Any] = {"epoch": epoch + 1, "epochs": epochs, "step": state.step,
+                                          "train": _mean_terms(epoch_terms, weights),
+                                          "samples_per_s": seen / elapsed if elapsed > 0 else None,
+                                          "seconds": elapsed}
+                if run.val_idx.numel() and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
+                    record["val"] = _validate(run, val_sets, epoch, epochs, autocast_dtype, conditions_all)
+                state.history.append(record)
+                state.epoch = epoch + 1
+                bar.postfix(epoch=f"{epoch + 1}/{epochs}", **record["train"],
+                            **({"val_loss": record["val"]["loss"]} if "val" in record else {}),
+                            samples_s=record["samples_per_s"] or 0.0)
+                if mf is not None:
+                    mf.write(json.dumps(record) + "\n")
+                    mf.flush()
+                if save_every and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs):
+                    save_checkpoint(ckpt_path, model, run.optimizers, state)
+    finally:
+        bar.close()
+
+
+def _check_finite_terms(terms: Mapping[str, float], epoch: int, key: str) -> None:
+    bad = [k for k, v in terms.items() if not math.isfinite(v)]
+    if bad:
+        raise InputError(f"training diverged at epoch {epoch + 1} (generator {key!r}): "
+                         f"{', '.join(bad)} became NaN/inf; lower generator_learning_rate")
+
+
+def _all_conditions(ds: Dataset) -> Tensor:
+    out = torch.empty(len(ds), ds.condition_dim)
+    pos = 0
+    for batch in ds.batches(read_chunk_rows(ds), check_finite=False):
+        assert batch.conditions is not None
+        out[pos:pos + batch.conditions.shape[0]] = batch.conditions
+        pos += batch.conditions.shape[0]
+    if not torch.isfinite(out).all():
+        raise InputError(f"{ds.path}: 'conditions' contain NaN or inf values")
+    return out
+
+
+def _validate(run: _Run, val_sets: Mapping[str, Tensor], epoch: int, epochs: int,
+              autocast_dtype: torch.dtype | None, conditions_all: Tensor | None) -> dict[str, float]:
+    rows_out, weights = [], []
+    batch_size = int(run.cfg["generator_batch_size"])
+    for key, gen in run.model.generators.items():
+        idx = val_sets[key]
+        if idx.numel() == 0:
+            continue
+        gen.eval()
+        with torch.no_grad():
+            for s in range(0, idx.numel(), batch_size):
+                rows = idx[s:s + batch_size]
+                ctx = TrainContext(epoch=epoch, total_epochs=epochs, step=0, progress=(epoch + 1) / epochs,
+                                   config=run.cfg, autocast_dtype=autocast_dtype, device=run.device)
+                terms = gen.loss_terms(run.reduced[rows].to(run.device), labels=run.ds.labels[rows].to(run.device),
+                                       conditions=conditions_all[rows].to(run.device)
+                                       if conditions_all is not None else None, ctx=ctx)
+                rows_out.append(terms)
+                weights.append(int(rows.numel()))
+        gen.train()
+    return _mean_terms(rows_out, weights) if rows_out else {}
+
+
+def _final_metrics(state: TrainingState) -> dict[str, Any]:
+    last = state.history[-1] if state.history else {}
+    last_val = next((r["val"] for r in reversed(state.history) if "val" in r), None)
+    total_seconds = sum(r.get("seconds", 0.0) for r in state.history)
+    samples = [r["samples_per_s"] for r in state.history if r.get("samples_per_s")]
+    return {"epochs": state.epoch, "steps": state.step, "train": last.get("train", {}), "val": last_val,
+            "train_seconds": total_seconds, "samples_per_s": sum(samples) / len(samples) if samples else None,
+            "upsampler": state.upsampler_metrics}
