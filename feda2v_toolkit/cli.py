@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "train": "feda2v_toolkit.commands.train:train_cmd",
     "generate": "feda2v_toolkit.commands.model:generate_cmd",
     "inspect": "feda2v_toolkit.commands.model:inspect_cmd",
-    "convert": "feda2v_toolkit.commands.model:convert_cmd",
+    "convert": "feda2v_toolkit.commands.convert:convert_cmd",
     "demo-data": "feda2v_toolkit.commands.data:demo_data_cmd",
     "plan": "feda2v_toolkit.commands.analysis:plan_cmd",
     "analyze": "feda2v_toolkit.commands.analysis:analyze_cmd",
