@@ -409,39 +409,58 @@ class DatasetWriter:
         self._staging = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", suffix=".partial",
                                               dir=self.directory.parent))
         self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        self._pending_bytes = 0
+        self._pending_rows = 0
         self.shards: list[Path] = []
         self.rows = 0
         self.bytes_written = 0
 
     def add(self, embeddings: Tensor, labels: Tensor, conditions: Tensor | None = None) -> None:
-        """Queue rows; a shard is written whenever the queued embeddings reach ``shard_bytes``."""
+        """Queue rows; every time ``shard_bytes`` worth of rows is queued, they are written as a shard."""
         emb = embeddings.detach().to("cpu", self.dtype)
         lab = torch.as_tensor(labels).to("cpu", torch.long).reshape(-1)
         if emb.dim() != 3 or lab.shape[0] != emb.shape[0]:
             raise ValueError("embeddings must be [B, S, D] and labels [B]")
         cond = conditions.detach().to("cpu", torch.float32) if conditions is not None else None
         self._pending.append((emb, lab, cond))
-        self._pending_bytes += emb.numel() * emb.element_size()
-        if self._pending_bytes >= self.shard_bytes:
-            self.flush()
+        self._pending_rows += int(lab.shape[0])
+        rows_per_shard = max(1, self.shard_bytes // max(1, emb[0].numel() * emb.element_size()))
+        while self._pending_rows >= rows_per_shard:
+            self._write_rows(rows_per_shard)
 
-    def flush(self) -> None:
-        """Write the queued rows as one shard."""
-        if not self._pending:
-            return
-        emb = torch.cat([p[0] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][0]
-        lab = torch.cat([p[1] for p in self._pending])
+    def _take(self, rows: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Remove the first ``rows`` queued rows from the queue and return them concatenated."""
+        taken: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        need = rows
+        while need:
+            emb, lab, cond = self._pending[0]
+            if emb.shape[0] <= need:
+                taken.append(self._pending.pop(0))
+                need -= emb.shape[0]
+            else:
+                taken.append((emb[:need], lab[:need], cond[:need] if cond is not None else None))
+                self._pending[0] = (emb[need:], lab[need:], cond[need:] if cond is not None else None)
+                need = 0
+        self._pending_rows -= rows
+        emb = torch.cat([t[0] for t in taken]) if len(taken) > 1 else taken[0][0]
+        lab = torch.cat([t[1] for t in taken])
+        cond = torch.cat([t[2] for t in taken]) if taken[0][2] is not None else None  # type: ignore[misc]
+        return emb, lab, cond
+
+    def _write_rows(self, rows: int) -> None:
+        emb, lab, cond = self._take(rows)
         tensors = {"embeddings": emb.contiguous(), "labels": lab}
-        if self._pending[0][2] is not None:
-            tensors["conditions"] = torch.cat([p[2] for p in self._pending if p[2] is not None])
+        if cond is not None:
+            tensors["conditions"] = cond.contiguous()
         shard = self._staging / f"part-{len(self.shards):05d}.safetensors"
         save_file(tensors, str(shard), metadata=dataset_metadata(self.class_names, self.extra_metadata))
         self.shards.append(shard)
         self.rows += int(lab.shape[0])
         self.bytes_written += shard.stat().st_size
-        self._pending.clear()
-        self._pending_bytes = 0
+
+    def flush(self) -> None:
+        """Write whatever is queued as one (possibly smaller) shard."""
+        if self._pending_rows:
+            self._write_rows(self._pending_rows)
 
     def close(self) -> Path:
         """Flush, fsync and move the shards into ``directory``."""
@@ -458,6 +477,7 @@ class DatasetWriter:
     def abort(self) -> None:
         """Drop everything written so far."""
         self._pending.clear()
+        self._pending_rows = 0
         shutil.rmtree(self._staging, ignore_errors=True)
 
     def __enter__(self) -> DatasetWriter:

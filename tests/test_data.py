@@ -1,0 +1,167 @@
+"""The dataset format: what is read, what is refused, and that reading streams."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from feda2v_toolkit.data import DatasetWriter, open_dataset, write_dataset
+from feda2v_toolkit.errors import InputError, NewerVersionError, UsageError
+
+
+def _rows(n=6, s=5, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, s, d, generator=g), torch.arange(n) % 3
+
+
+def test_write_then_open_round_trips_shapes_labels_names_and_values(tmp_path):
+    emb, labels = _rows()
+    path = write_dataset(tmp_path / "d.safetensors", emb, labels, class_names=["a", "b", "c"])
+    ds = open_dataset(path)
+    assert (len(ds), ds.seq_len, ds.dim) == (6, 5, 3)
+    assert ds.class_names == ["a", "b", "c"]
+    assert ds.storage_dtype == torch.float32
+    assert torch.equal(ds.labels, labels)
+    assert ds.class_counts() == {"a": 2, "b": 2, "c": 2}
+    assert torch.equal(ds.read(range(6)).embeddings, emb)
+
+
+def test_numpy_arrays_and_dtype_conversion_are_accepted(tmp_path):
+    emb, labels = _rows()
+    write_dataset(tmp_path / "d.safetensors", emb.numpy(), labels.numpy(), dtype="float16")
+    ds = open_dataset(tmp_path / "d.safetensors")
+    assert ds.storage_dtype == torch.float16
+    assert ds.class_names == ["class_0", "class_1", "class_2"]
+    assert torch.allclose(ds.read([0]).embeddings, emb[:1].half().float())
+
+
+def test_read_returns_rows_in_the_order_asked_including_duplicates(tmp_path):
+    emb, labels = _rows()
+    ds = open_dataset(write_dataset(tmp_path / "d.safetensors", emb, labels))
+    batch = ds.read([4, 1, 1, 5])
+    assert torch.equal(batch.embeddings, emb[[4, 1, 1, 5]])
+    assert torch.equal(batch.labels, labels[[4, 1, 1, 5]])
+
+
+def test_shard_directory_reads_as_one_dataset_across_shard_boundaries(tmp_path):
+    emb, labels = _rows(n=10)
+    shard_bytes = 3 * 5 * 3 * 4  # three rows per shard
+    with DatasetWriter(tmp_path / "shards", class_names=["a", "b", "c"], shard_bytes=shard_bytes) as w:
+        for i in range(10):
+            w.add(emb[i:i + 1], labels[i:i + 1])
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) == 4
+    ds = open_dataset(tmp_path / "shards")
+    assert len(ds) == 10
+    assert torch.equal(ds.read([2, 3, 7, 9]).embeddings, emb[[2, 3, 7, 9]])
+    streamed = torch.cat([b.embeddings for b in ds.batches(4)])
+    assert torch.equal(streamed, emb)
+
+
+def test_writer_leaves_nothing_behind_when_interrupted(tmp_path):
+    emb, labels = _rows()
+    with pytest.raises(KeyboardInterrupt), DatasetWriter(tmp_path / "out", class_names=["a", "b", "c"],
+                                                         shard_bytes=1) as w:
+        w.add(emb, labels)
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_a_non_empty_output_directory(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(UsageError, match="not empty"):
+        DatasetWriter(tmp_path / "out", class_names=["a"])
+
+
+def test_conditions_are_carried_through(tmp_path):
+    emb, labels = _rows()
+    cond = torch.randn(6, 7)
+    ds = open_dataset(write_dataset(tmp_path / "d.safetensors", emb, labels, conditions=cond))
+    assert ds.condition_dim == 7
+    assert torch.equal(ds.read([3, 0]).conditions, cond[[3, 0]])
+
+
+def test_legacy_pt_cache_is_read_without_unpickling_objects(tmp_path):
+    emb, labels = _rows()
+    torch.save({"audio_embeddings": emb, "labels": labels, "class_names": ["x", "y", "z"]}, tmp_path / "c.pt")
+    ds = open_dataset(tmp_path / "c.pt")
+    assert ds.class_names == ["x", "y", "z"]
+    assert torch.equal(ds.read([1]).embeddings, emb[1:2])
+
+
+class _Evil:
+    def __reduce__(self):  # would run code when unpickled
+        return (print, ("pwned",))
+
+
+def test_legacy_pt_with_pickled_objects_is_refused(tmp_path):
+    torch.save({"embeddings": torch.zeros(1, 2, 2), "labels": torch.zeros(1), "extra": _Evil()}, tmp_path / "c.pt")
+    with pytest.raises(InputError, match="weights_only"):
+        open_dataset(tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize(("tensors", "message"), [
+    ({"labels": torch.zeros(2, dtype=torch.long)}, "missing tensor"),
+    ({"embeddings": torch.zeros(2, 3), "labels": torch.zeros(2, dtype=torch.long)}, r"must be \[N, S, D\]"),
+    ({"embeddings": torch.zeros(2, 3, 4), "labels": torch.zeros(3, dtype=torch.long)}, "'labels' must be"),
+    ({"embeddings": torch.zeros(2, 3, 4), "labels": torch.zeros(2)}, "must be integers"),
+    ({"embeddings": torch.zeros(2, 3, 4, dtype=torch.int32), "labels": torch.zeros(2, dtype=torch.long)},
+     "float32, float16 or bfloat16"),
+    ({"embeddings": torch.zeros(2, 3, 4), "labels": torch.tensor([0, -1])}, "negative label"),
+])
+def test_malformed_files_are_refused_with_one_line_naming_the_file(tmp_path, tensors, message):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(InputError, match=message) as info:
+        open_dataset(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_labels_beyond_the_class_names_are_refused(tmp_path):
+    path = tmp_path / "d.safetensors"
+    save_file({"embeddings": torch.zeros(2, 3, 4), "labels": torch.tensor([0, 2])}, str(path),
+              metadata={"class_names": json.dumps(["a", "b"])})
+    with pytest.raises(InputError, match="out of range"):
+        open_dataset(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    emb, labels = _rows()
+    path = write_dataset(tmp_path / "d.safetensors", emb, labels)
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(InputError, match="not a valid safetensors file"):
+        open_dataset(path)
+
+
+def test_nan_values_are_reported_with_the_sample_index(tmp_path):
+    emb, labels = _rows()
+    emb[4, 2, 1] = float("nan")
+    ds = open_dataset(write_dataset(tmp_path / "d.safetensors", emb, labels))
+    with pytest.raises(InputError, match="sample 4 contains NaN"):
+        list(ds.batches(2))
+
+
+def test_missing_path_and_empty_directory_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        open_dataset(tmp_path / "nope.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no .safetensors shards"):
+        open_dataset(tmp_path / "empty")
+
+
+def test_a_dataset_from_a_newer_format_version_is_refused(tmp_path):
+    emb, labels = _rows()
+    path = write_dataset(tmp_path / "d.safetensors", emb, labels, extra_metadata={"format_version": "99"})
+    with pytest.raises(NewerVersionError, match="newer"):
+        open_dataset(path)
+
+
+def test_shards_with_different_shapes_are_refused(tmp_path):
+    (tmp_path / "s").mkdir()
+    write_dataset(tmp_path / "s" / "a.safetensors", torch.zeros(2, 5, 3), torch.zeros(2))
+    write_dataset(tmp_path / "s" / "b.safetensors", torch.zeros(2, 6, 3), torch.zeros(2))
+    with pytest.raises(InputError, match="sequences are"):
+        open_dataset(tmp_path / "s")

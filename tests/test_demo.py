@@ -1,0 +1,54 @@
+"""The demo dataset: AST layout, determinism, and class structure that reduction partly loses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from feda2v_toolkit.data import open_dataset
+from feda2v_toolkit.demo import CLASS_NAMES, _Layout, make_demo_dataset, write_demo_dataset
+
+
+def test_ast_layout_has_two_summary_tokens_then_12_by_101_frequency_major_patches():
+    lay = _Layout.of(1214)
+    assert (lay.n_freq, lay.n_time) == (12, 101)
+    assert lay.freq[:2].tolist() == [-1, -1]
+    assert lay.freq[2:103].unique().tolist() == [0]
+    assert lay.freq[-1].item() == 11
+
+
+def test_same_seed_same_data_and_sample_i_does_not_depend_on_n():
+    a, la, names = make_demo_dataset(2, seq_len=30, dim=8, seed=3)
+    b, lb, _ = make_demo_dataset(2, seq_len=30, dim=8, seed=3)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert names == list(CLASS_NAMES)
+    c, _, _ = make_demo_dataset(3, seq_len=30, dim=8, seed=3)
+    assert torch.equal(a[0], c[0])  # first clip of the first class is the same clip
+    d, _, _ = make_demo_dataset(2, seq_len=30, dim=8, seed=4)
+    assert not torch.equal(a, d)
+
+
+def test_file_and_shard_directory_hold_the_same_clips(tmp_path):
+    f = open_dataset(write_demo_dataset(tmp_path / "d.safetensors", 3, seq_len=30, dim=8))
+    d = open_dataset(write_demo_dataset(tmp_path / "dir", 3, seq_len=30, dim=8, shard_bytes=30 * 8 * 2 * 5))
+    assert len(list((tmp_path / "dir").iterdir())) > 1
+    assert torch.equal(f.read(range(12)).embeddings, d.read(range(12)).embeddings)
+    assert f.class_names == d.class_names == list(CLASS_NAMES)
+
+
+def _nearest_centroid_accuracy(x: torch.Tensor, y: torch.Tensor, length: int) -> float:
+    r = F.adaptive_avg_pool1d(x.transpose(1, 2), length).flatten(1)
+    train = torch.arange(len(x)) % 2 == 0
+    centroids = torch.stack([r[train & (y == c)].mean(0) for c in range(4)])
+    pred = torch.cdist(r[~train], centroids).argmin(1)
+    return float((pred == y[~train]).float().mean())
+
+
+def test_classes_differ_in_band_and_envelope_so_coarse_pooling_loses_part_of_them():
+    x, y, _ = make_demo_dataset(30, seq_len=1214, dim=32, seed=0)
+    one_token = _nearest_centroid_accuracy(x, y, 1)
+    two_tokens = _nearest_centroid_accuracy(x, y, 2)
+    fine = _nearest_centroid_accuracy(x, y, 96)
+    assert one_token < 0.6  # one pooled token hides the frequency band and the envelope
+    assert two_tokens > one_token + 0.1  # halves of a frequency-major sequence reveal the band
+    assert fine > 0.9  # time resolution within frequency rows reveals the envelope
