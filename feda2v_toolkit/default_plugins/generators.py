@@ -1,1 +1,42 @@
-"""Built-in generators plugin module (filled in by its issue)."""
+"""Built-in generator types and the GAN's schema fragment, registered through the public hooks."""
+
+import json
+from importlib import resources
+
+from feda2v_toolkit.hookspecs import hookimpl
+from feda2v_toolkit.specs import GeneratorSpec, SchemaFragment
+
+_SHARED = ("generator_hidden_dim", "generator_latent_dim", "generator_learning_rate",
+           "generator_weight_decay", "generator_grad_clip", "generator_augmentation",
+           "generator_augmentation_noise")
+VAE_SETTINGS = _SHARED + ("generator_dropout", "use_conditioned_vae", "generator_beta",
+                          "generator_beta_warmup_fraction", "generator_cosine_weight")
+GAN_SETTINGS = _SHARED + ("gan_loss", "gan_r1_weight", "gan_discriminator_learning_rate", "gan_critic_steps",
+                          "gan_adam_betas", "gan_conditioned")
+
+
+def _gan_schema() -> dict:
+    text = resources.files("feda2v_toolkit").joinpath("schemas", "gan.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+@hookimpl
+def feda2v_register_generators(register):
+    register(GeneratorSpec(
+        name="vae",
+        description="The original FedA2V VAE (MLP encoder/decoder, KL warm-up), optionally conditioned.",
+        factory="feda2v_toolkit.generators.vae:VAEGenerator",
+        settings=VAE_SETTINGS,
+    ))
+    register(GeneratorSpec(
+        name="gan",
+        description="MLP GAN (non-saturating loss with R1 penalty, projection discriminator), optionally conditioned.",
+        factory="feda2v_toolkit.generators.gan:GANGenerator",
+        settings=GAN_SETTINGS,
+    ))
+
+
+@hookimpl
+def feda2v_register_schema_fragments(register):
+    register(SchemaFragment(name="gan", schema=_gan_schema(), generator_type="gan",
+                            description="Keys of the built-in `gan` generator type."))
