@@ -271,12 +271,6 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     say = log or (lambda _msg: None)
     cfg = dict(load_config(config, overrides=overrides))
     dev = resolve_device(device)
-    if seed is None:
-        seed = cfg.get("generator_seed")
-    if seed is None:
-        seed = secrets.randbits(31)
-        say(f"seed: {seed} (drawn at random; pass --seed to reproduce)")
-    cfg["generator_seed"] = seed
     ds = data if isinstance(data, Dataset) else open_dataset(data)
     length = int(cfg["generator_training_sequence_length"])
     if ds.seq_len < length:
@@ -288,6 +282,12 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
         raise InputError(f"{ds.path}: class(es) {', '.join(map(repr, empty))} have no samples; "
                          f"remove them from the class names or add samples")
     registry = get_registry()
+    if seed is None:
+        seed = cfg.get("generator_seed")
+    if seed is None:
+        seed = secrets.randbits(31)
+        say(f"seed: {seed} (drawn at random; pass --seed to reproduce)")
+    cfg["generator_seed"] = seed
     torch.manual_seed(seed)
 
     train_idx, val_idx = stratified_split(ds.labels, float(cfg["generator_validation_split"]), seed)

@@ -1,0 +1,100 @@
+"""Generation: shards in the dataset format, per-class reproducibility, bounded and all-or-nothing output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from feda2v_toolkit.data import open_dataset, write_dataset
+from feda2v_toolkit.errors import UsageError
+from feda2v_toolkit.generation import ClassAgnosticWarning, generate
+from feda2v_toolkit.model import GenerativeModel
+from feda2v_toolkit.training import train
+
+
+@pytest.fixture(scope="module")
+def model(tiny_data, tmp_path_factory) -> GenerativeModel:
+    cfg = {"generator_hidden_dim": 32, "generator_latent_dim": 8, "generator_training_epochs": 2,
+           "generator_batch_size": 8, "use_conditioned_vae": True, "generator_output_sequence_length": 50,
+           "generator_checkpoint_dir": str(tmp_path_factory.mktemp("ck")), "synthetic_samples_per_class": 3}
+    return train(cfg, tiny_data, seed=0)
+
+
+def test_writes_k_samples_per_class_at_the_output_length_in_the_dataset_format(model, tmp_path):
+    report = generate(model, tmp_path / "out", samples=4, seed=1)
+    ds = open_dataset(tmp_path / "out")
+    assert (len(ds), ds.seq_len, ds.dim) == (16, 50, 16)
+    assert ds.class_names == model.class_names
+    assert ds.class_counts() == {c: 4 for c in model.class_names}
+    assert report.samples == {c: 4 for c in model.class_names}
+
+
+def test_defaults_come_from_the_config_and_auto_from_the_training_counts(model, tmp_path):
+    generate(model, tmp_path / "a")
+    assert open_dataset(tmp_path / "a").class_counts() == {c: 3 for c in model.class_names}
+    generate(model, tmp_path / "b", samples="auto", classes=["drum"])
+    assert open_dataset(tmp_path / "b").class_counts()["drum"] == model.class_counts["drum"]
+
+
+def test_a_class_gets_the_same_samples_whatever_else_is_generated(model, tmp_path):
+    generate(model, tmp_path / "all", samples=3, seed=9)
+    generate(model, tmp_path / "one", samples=3, seed=9, classes=["whistle"])
+    every = open_dataset(tmp_path / "all")
+    only = open_dataset(tmp_path / "one")
+    rows = (every.labels == model.class_names.index("whistle")).nonzero().flatten()
+    assert torch.equal(every.read(rows).embeddings, only.read(range(3)).embeddings)
+
+
+def test_output_length_dtype_and_shards(model, tmp_path):
+    generate(model, tmp_path / "o", samples=5, length=120, dtype="float16", shard_bytes=120 * 16 * 2 * 4)
+    ds = open_dataset(tmp_path / "o")
+    assert ds.seq_len == 120 and ds.storage_dtype == torch.float16
+    assert len(ds.sources) == 5  # 20 samples, 4 per shard
+
+
+def test_an_error_midway_leaves_no_output(model, tmp_path, monkeypatch):
+    calls = []
+    real = GenerativeModel.sample
+
+    def fails_on_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerativeModel, "sample", fails_on_third_batch)
+    with pytest.raises(RuntimeError):
+        generate(model, tmp_path / "out", samples=2, batch_size=1, shard_bytes=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_class_and_bad_counts_are_usage_errors(model, tmp_path):
+    with pytest.raises(UsageError, match="unknown class"):
+        generate(model, tmp_path / "x", classes=["cat"])
+    with pytest.raises(UsageError, match="positive integer"):
+        generate(model, tmp_path / "x", samples="many")
+
+
+def test_a_unified_unconditioned_model_warns_that_labels_mean_nothing(tiny_data, tmp_path):
+    cfg = {"generator_hidden_dim": 16, "generator_latent_dim": 4, "generator_training_epochs": 1,
+           "use_conditioned_vae": False, "generator_checkpoint_dir": str(tmp_path / "ck")}
+    plain = train(cfg, tiny_data, seed=0)
+    with pytest.warns(ClassAgnosticWarning):
+        generate(plain, tmp_path / "out", samples=1)
+
+
+def test_an_embedding_conditioned_model_needs_conditions(tmp_path):
+    emb = torch.randn(12, 10, 4)
+    cond = torch.randn(12, 6)
+    data = write_dataset(tmp_path / "d.safetensors", emb, torch.arange(12) % 2, conditions=cond)
+    cfg = {"generator_hidden_dim": 16, "generator_latent_dim": 4, "generator_training_epochs": 1,
+           "use_conditioned_vae": True, "generator_checkpoint_dir": str(tmp_path / "ck")}
+    model = train(cfg, data, seed=0)
+    with pytest.raises(UsageError, match="--conditions"):
+        generate(model, tmp_path / "out", samples=2)
+    generate(model, tmp_path / "out", samples=8, conditions=data)
+    out = open_dataset(tmp_path / "out")
+    assert out.condition_dim == 6
+    first = out.read(range(8)).conditions
+    assert torch.equal(first[:6], cond[[0, 2, 4, 6, 8, 10]])  # class 0's conditions, in order, then cycled
+    assert torch.equal(first[6:], cond[[0, 2]])

@@ -1,0 +1,203 @@
+"""Training: reduce once, granularities, determinism, exact resume, bounded reads, clear failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file as real_save_file
+
+import feda2v_toolkit.training as training
+from feda2v_toolkit.checkpoint import load_checkpoint
+from feda2v_toolkit.data import Dataset, open_dataset, write_dataset
+from feda2v_toolkit.errors import InputError, ToolkitError
+from feda2v_toolkit.modelfile import load_model
+from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
+from feda2v_toolkit.training import generator_groups, stratified_split, train
+
+
+def _weights(model):
+    return {f"{k}.{n}": t for k, g in model.generators.items() for n, t in g.state_dict().items()}
+
+
+def test_trains_writes_a_model_and_logs_metrics_per_epoch(tiny_data, tiny_config, tmp_path):
+    out = tmp_path / "m.safetensors"
+    metrics = tmp_path / "m.jsonl"
+    model = train(tiny_config, tiny_data, out=out, metrics_path=metrics)
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+    assert {"loss", "recon", "kl"} <= set(lines[-1]["train"])
+    assert "val" in lines[-1]  # the last epoch is always validated
+    assert model.metrics["epochs"] == 4 and model.metrics["val"]["loss"] > 0
+    assert load_model(out).class_names == ["engine", "drum", "whistle", "bird"]
+
+
+def test_training_reduces_the_loss(tiny_data, tiny_config, tmp_path):
+    tiny_config.update(generator_training_epochs=30, generator_validation_frequency=30)
+    metrics = tmp_path / "m.jsonl"
+    train(tiny_config, tiny_data, metrics_path=metrics)
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert lines[-1]["train"]["recon"] < 0.8 * lines[0]["train"]["recon"]
+
+
+def test_every_sequence_is_reduced_exactly_once_however_many_epochs(tiny_data, tiny_config, monkeypatch):
+    rows = []
+    original = AdaptiveAvgReducer.forward
+
+    def counting(self, x):
+        rows.append(x.shape[0])
+        return original(self, x)
+
+    monkeypatch.setattr(AdaptiveAvgReducer, "forward", counting)
+    tiny_config["generator_training_epochs"] = 6
+    train(tiny_config, tiny_data)
+    assert sum(rows) == 40
+
+
+def test_full_sequences_are_read_in_bounded_chunks(tiny_data, tiny_config, monkeypatch):
+    monkeypatch.setattr(training, "READ_CHUNK_BYTES", 50 * 16 * 4 * 3)  # three sequences at a time
+    sizes = []
+    original = Dataset.read
+
+    def recording(self, indices, **kwargs):
+        sizes.append(len(indices))
+        return original(self, indices, **kwargs)
+
+    monkeypatch.setattr(Dataset, "read", recording)
+    train(tiny_config, tiny_data)
+    assert sizes and max(sizes) <= 3
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_data, tiny_config):
+    a = _weights(train(tiny_config, tiny_data, seed=5))
+    b = _weights(train(tiny_config, tiny_data, seed=5))
+    c = _weights(train(tiny_config, tiny_data, seed=6))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny_data, tiny_config, tmp_path, monkeypatch):
+    tiny_config.update(generator_training_epochs=6, generator_augmentation=True, generator_granularity="per_class")
+    reference = _weights(train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "a"))
+
+    save = training.save_checkpoint
+
+    def interrupt_after_epoch_4(path, model, optimizers, state):
+        save(path, model, optimizers, state)
+        if state.epoch == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", interrupt_after_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "b")
+    monkeypatch.setattr(training, "save_checkpoint", save)
+    checkpoint = tmp_path / "b" / "generator.checkpoint.safetensors"
+    assert load_checkpoint(checkpoint).state.epoch == 4
+    resumed = _weights(train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "b", resume=True))
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_valid(tiny_data, tiny_config, tmp_path,
+                                                                          monkeypatch):
+    tiny_config["generator_training_epochs"] = 4
+    calls = []
+
+    def dies_on_second_checkpoint(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            with open(filename, "wb") as fh:  # half a file, then the process is "killed"
+                fh.write(b"\x00" * 10)
+            raise KeyboardInterrupt
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr("feda2v_toolkit.modelfile.save_file", dies_on_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck")
+    files = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert files == ["generator.checkpoint.safetensors"]
+    assert load_checkpoint(tmp_path / "ck" / files[0]).state.epoch == 2
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(tiny_data, tiny_config, tmp_path):
+    train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck")
+    tiny_config["generator_hidden_dim"] = 64
+    with pytest.raises(ToolkitError, match="another config"):
+        train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck", resume=True)
+
+
+@pytest.mark.parametrize(("granularity", "groups", "expected"), [
+    ("unified", None, {"all": ["engine", "drum", "whistle", "bird"]}),
+    ("per_class", None, {"engine": ["engine"], "drum": ["drum"], "whistle": ["whistle"], "bird": ["bird"]}),
+    ("per_group", {"low": ["engine", "drum"]}, {"low": ["engine", "drum"], "other": ["whistle", "bird"]}),
+])
+def test_granularity_decides_which_generator_serves_which_class(tiny_data, tiny_config, granularity, groups, expected):
+    tiny_config.update(generator_granularity=granularity, generator_class_groups=groups, generator_training_epochs=1)
+    model = train(tiny_config, tiny_data)
+    assert {k: sorted(v) for k, v in _served(model).items()} == {k: sorted(v) for k, v in expected.items()}
+
+
+def _served(model):
+    out = {}
+    for c, key in model.class_to_generator.items():
+        out.setdefault(key, []).append(c)
+    return out
+
+
+def test_groups_naming_unknown_or_duplicate_classes_are_refused():
+    names = ["a", "b", "c"]
+    with pytest.raises(InputError, match="not in the data"):
+        generator_groups({"generator_granularity": "per_group", "generator_class_groups": {"g": ["zz"]}}, names, names)
+    with pytest.raises(InputError, match="groups"):
+        generator_groups({"generator_granularity": "per_group",
+                          "generator_class_groups": {"g": ["a"], "h": ["a"]}}, names, names)
+
+
+def test_held_out_split_is_stratified_and_deterministic():
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2])
+    train_idx, val_idx = stratified_split(labels, 0.2, seed=1)
+    assert torch.bincount(labels[val_idx], minlength=3).tolist() == [2, 2, 0]
+    assert sorted(torch.cat([train_idx, val_idx]).tolist()) == list(range(21))
+    assert torch.equal(val_idx, stratified_split(labels, 0.2, seed=1)[1])
+
+
+def test_sequences_shorter_than_the_training_length_are_refused(tiny_data, tiny_config):
+    tiny_config["generator_training_sequence_length"] = 64
+    with pytest.raises(InputError, match="fewer than generator_training_sequence_length"):
+        train(tiny_config, tiny_data)
+
+
+def test_a_class_without_samples_is_refused(tmp_path, tiny_config):
+    path = write_dataset(tmp_path / "d.safetensors", torch.randn(4, 10, 4), torch.tensor([0, 0, 2, 2]),
+                         class_names=["a", "b", "c"])
+    with pytest.raises(InputError, match="'b'"):
+        train(tiny_config, path)
+
+
+def test_nan_in_the_data_is_refused_before_training(tmp_path, tiny_config):
+    emb = torch.randn(8, 10, 4)
+    emb[5, 0, 0] = float("inf")
+    path = write_dataset(tmp_path / "d.safetensors", emb, torch.arange(8) % 2)
+    with pytest.raises(InputError, match="sample 5"):
+        train(tiny_config, path)
+
+
+def test_learned_upsampling_is_trained_and_measured_against_linear(tiny_data, tiny_config, tmp_path):
+    tiny_config.update(use_learned_upsampling=True, generator_output_sequence_length=50,
+                       generator_training_epochs=1, generator_upsampler_epochs=30)
+    model = train(tiny_config, tiny_data, out=tmp_path / "m.safetensors")
+    ups = load_model(tmp_path / "m.safetensors").metrics["upsampler"]
+    assert model.upsampler_name == "learned"
+    assert ups["heldout_mse"] < ups["heldout_mse_linear"]
+    assert {"heldout_r2", "heldout_r2_linear"} <= set(ups)
+
+
+def test_conditions_in_the_data_condition_the_vae(tmp_path, tiny_config):
+    emb = torch.randn(12, 10, 4)
+    cond = torch.randn(12, 6)
+    path = write_dataset(tmp_path / "d.safetensors", emb, torch.arange(12) % 2, conditions=cond)
+    tiny_config["generator_training_epochs"] = 1
+    model = train(tiny_config, path)
+    assert model.condition_dim == 6
+    assert model.needs_condition("class_0")
+    assert open_dataset(path).condition_dim == 6
