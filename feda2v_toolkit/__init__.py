@@ -22,6 +22,7 @@ _LAZY: dict[str, str] = {
     "train": "feda2v_toolkit.training:train",
     "load_model": "feda2v_toolkit.modelfile:load_model",
     "save_model": "feda2v_toolkit.modelfile:save_model",
+    "generate": "feda2v_toolkit.generation:generate",
     "open_dataset": "feda2v_toolkit.data:open_dataset",
     "write_dataset": "feda2v_toolkit.data:write_dataset",
     "make_demo_dataset": "feda2v_toolkit.demo:make_demo_dataset",
