@@ -298,13 +298,13 @@ def _validate_fragment(frag: SchemaFragment) -> None:
     schema = frag.schema
     if not isinstance(schema, Mapping) or not isinstance(schema.get("properties"), Mapping):
         raise PluginValidationError(f"schema fragment {frag.name!r} must be an object schema with 'properties'")
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
+    # plain schemas are checked without importing jsonschema (it would double `validate`'s start-up time)
+    from feda2v_toolkit.config.schema import check_fragment_schema
 
     try:
-        Draft202012Validator.check_schema(dict(schema))
-    except SchemaError as exc:
-        raise PluginValidationError(f"schema fragment {frag.name!r} is not a valid JSON Schema: {exc.message}") from None
+        check_fragment_schema(schema)
+    except ValueError as exc:
+        raise PluginValidationError(f"schema fragment {frag.name!r} is not a valid JSON Schema: {exc}") from None
     for key, prop in schema["properties"].items():
         if not isinstance(prop, Mapping) or not isinstance(prop.get("description"), str):
             raise PluginValidationError(f"schema fragment {frag.name!r}: key {key!r} needs a 'description'")

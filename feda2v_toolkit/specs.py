@@ -128,14 +128,27 @@ class SchemaFragment:
 class Migration:
     """One step of a versioned migration chain for the generator section of a config.
 
+    ``apply(section, ctx)`` is a pure function: it receives a copy of one generator section (or one
+    per-node override object in ``nodes``) as an ordered ``dict`` and returns the migrated section as a
+    new ordered ``dict``; key order is kept in the file, so put a renamed key where the old one was
+    (:func:`feda2v_toolkit.config.migrate.rename_key` does). ``ctx``
+    (:class:`feda2v_toolkit.config.migrate.MigrationContext`) gives the user's options and a
+    ``ctx.note(...)`` for choices worth telling; raise
+    :class:`feda2v_toolkit.config.migrate.MigrationConflict` when the section cannot be migrated
+    without guessing. The host records the chain's version in the section and works out the textual
+    edits and the list of changes itself.
+
     Attributes:
         id: unique id, e.g. ``"core-0001-split-target-sequence-length"``.
         chain: the chain it belongs to (``"core"`` for the toolkit; a plugin uses its own name).
         from_version / to_version: consecutive integers (``to_version == from_version + 1``).
         description: one line, shown by ``feda2v-tk migrate``.
-        apply: the step itself; see :mod:`feda2v_toolkit.config.migrate` for its signature.
-        detect: optional predicate on an unversioned section: does it still need this step?
-            Used to infer the version of files that do not record one.
+        apply: the step, ``(section: dict, ctx) -> dict``.
+        detect: optional predicate on a section: does it still need this step? Used to infer the
+            version of sections that do not record one, and to decide which per-node overrides to
+            migrate. Defaults to "one of ``deprecated_keys`` is present".
+        deprecated_keys: keys this step retires -> a short text naming the replacement. ``validate``
+            reports them, and loading a config warns once per key.
     """
 
     id: str
@@ -145,4 +158,11 @@ class Migration:
     description: str
     apply: Callable[..., Any]
     detect: Callable[[Mapping[str, Any]], bool] | None = None
+    deprecated_keys: Mapping[str, str] = field(default_factory=dict, compare=False)
     provenance: Provenance = field(default_factory=Provenance, compare=False)
+
+    def needed_by(self, section: Mapping[str, Any]) -> bool:
+        """Whether ``section`` still needs this step (``detect``, else a deprecated key is present)."""
+        if self.detect is not None:
+            return bool(self.detect(section))
+        return any(key in section for key in self.deprecated_keys)

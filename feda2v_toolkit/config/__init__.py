@@ -1,17 +1,30 @@
-"""Config layer: schema loading, validation, migration and the loader (no torch).
+"""Config layer: schema, validation with line:column, versioned migration and the loader (no torch).
 
-Minimal bootstrap: ``schema_defaults()``. The config issue builds validation, migration and
-``load_config`` on top.
+Modules: :mod:`~.document` (reading files, positions, where the sections are), :mod:`~.schema` (the
+combined schema of the registered fragments and value checks), :mod:`~.validate`, :mod:`~.migrate`
+(chains, text-preserving rewrites), :mod:`~.migrations` (the core chain), :mod:`~.loader`
+(``load_config``) and :mod:`~.docs` (``docs/configuration.md``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from functools import cache
 from importlib import resources
 from typing import Any
 
 CORE_SCHEMA_FILE = "feda2v-generator.schema.json"
+
+_LAZY = {
+    "load_config": "feda2v_toolkit.config.loader",
+    "load_experiment": "feda2v_toolkit.config.loader",
+    "LoadedConfig": "feda2v_toolkit.config.loader",
+    "ConfigWarning": "feda2v_toolkit.config.loader",
+    "get_catalog": "feda2v_toolkit.config.schema",
+}
+
+__all__ = ["CORE_SCHEMA_FILE", "core_schema", "schema_defaults", *_LAZY]
 
 
 @cache
@@ -21,13 +34,15 @@ def core_schema() -> dict[str, Any]:
     return json.loads(text)
 
 
-def schema_defaults() -> dict[str, Any]:
-    """Every key's default, from the registered schema fragments (core plus plugins)."""
-    from feda2v_toolkit.plugins import get_registry
+def schema_defaults(registry: Any = None) -> dict[str, Any]:
+    """Every key's default, from the registered schema fragments (core plus plugins); a fresh copy."""
+    from feda2v_toolkit.config.schema import get_catalog
 
-    out: dict[str, Any] = {}
-    for frag in get_registry().schema_fragments:
-        for key, prop in frag.properties.items():
-            if "default" in prop:
-                out[key] = prop["default"]
-    return out
+    return get_catalog(registry).defaults()
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'feda2v_toolkit.config' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

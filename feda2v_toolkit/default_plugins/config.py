@@ -1,4 +1,4 @@
-"""Built-in schema fragments and migrations, registered through the public hooks."""
+"""Built-in schema fragment and migration chain, registered through the public hooks like a plugin's."""
 
 from feda2v_toolkit.config import core_schema
 from feda2v_toolkit.hookspecs import hookimpl
@@ -9,3 +9,11 @@ from feda2v_toolkit.specs import SchemaFragment
 def feda2v_register_schema_fragments(register):
     register(SchemaFragment(name="core", schema=core_schema(),
                             description="Core generator-section keys of FedA2V configs."))
+
+
+@hookimpl
+def feda2v_register_migrations(register):
+    from feda2v_toolkit.config.migrations import CORE_MIGRATIONS
+
+    for migration in CORE_MIGRATIONS:
+        register(migration)

@@ -1,0 +1,129 @@
+"""The core migration chain (``schema_version``), registered by the built-in plugin like any plugin's chain.
+
+Version 1 is the original FedA2V generator section, with one ``generator_target_sequence_length``;
+version 2 (current) splits it into ``generator_training_sequence_length`` and
+``generator_output_sequence_length``, as the reference document's "Migration from Old Configuration"
+describes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from feda2v_toolkit.config.migrate import MigrationConflict, MigrationContext
+from feda2v_toolkit.config.schema import json_equal
+from feda2v_toolkit.specs import Migration
+
+OLD_KEY = "generator_target_sequence_length"
+TRAINING_KEY = "generator_training_sequence_length"
+OUTPUT_KEY = "generator_output_sequence_length"
+#: Old values above this are full-length *output* targets (1214 = AST length), not training lengths:
+#: 64 is the longest training length the reference document recommends ("high quality, high-end GPUs").
+FULL_LENGTH_THRESHOLD = 64
+HINT = "delete the one that is wrong"
+#: Embedding width of AST sequences, for the parameter estimate.
+AST_DIM = 768
+
+
+def vae_parameters(length: int, hidden: int = 1024, latent: int = 256, dim: int = AST_DIM) -> int:
+    """About how many parameters the FedA2V VAE has when trained at ``length`` tokens.
+
+    Its first encoder and last decoder layers see the flattened sequence (``length * dim`` wide), so
+    each token of training length costs ``2 * dim * hidden`` parameters (~1.57 M at 768 x 1024); the
+    rest (two hidden layers, the latent heads) is ``2 * hidden^2 + 3 * hidden * latent``.
+    """
+    return 2 * dim * hidden * length + 2 * hidden * hidden + 3 * hidden * latent
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value) if value >= 1 else None
+
+
+def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext) -> dict[str, Any]:
+    """``generator_target_sequence_length: n`` -> ``generator_training_sequence_length`` + ``..._output_...``.
+
+    * ``n <= 64``: train at ``n``, output ``null`` (= the training length), as documented.
+    * ``n > 64`` (a full-length target such as 1214): the documented full-length form, train at a small
+      length (``--training-length``, default the schema default 4) and output ``n``.
+    * New keys already present: kept when they agree with the old key (which is dropped); a
+      disagreement raises :class:`MigrationConflict` showing both values.
+    """
+    if OLD_KEY not in section:
+        return section
+    raw = section[OLD_KEY]
+    old = _positive_int(raw)
+    if old is None:
+        raise MigrationConflict(f"{OLD_KEY} is {json.dumps(raw)}; expected a positive integer",
+                                "fix the value by hand")
+    has_train, has_out = TRAINING_KEY in section, OUTPUT_KEY in section
+    full = old > FULL_LENGTH_THRESHOLD
+    if full:
+        out: int | None = old
+        if has_train:
+            train = section[TRAINING_KEY]
+            chosen = ctx.option("training_length")
+            if chosen is not None and not json_equal(chosen, train):
+                ctx.note(f"kept the file's {TRAINING_KEY} {json.dumps(train)}; --training-length {chosen} "
+                         "applies only where the file sets none")
+        else:
+            train = ctx.option("training_length", ctx.defaults.get(TRAINING_KEY, 4))
+            if train >= old:
+                raise MigrationConflict(f"training length {train} is not shorter than the output length {old}",
+                                        "choose a smaller --training-length")
+        if has_out and not json_equal(section[OUTPUT_KEY], old):
+            raise MigrationConflict(
+                f"{OLD_KEY} ({old}, a full-length output target) and {OUTPUT_KEY} "
+                f"({json.dumps(section[OUTPUT_KEY])}) disagree", HINT)
+    else:
+        train, out = old, None
+        if has_train and not json_equal(section[TRAINING_KEY], old):
+            raise MigrationConflict(
+                f"{OLD_KEY} ({old}) and {TRAINING_KEY} ({json.dumps(section[TRAINING_KEY])}) disagree", HINT)
+        if has_out and section[OUTPUT_KEY] is not None and not json_equal(section[OUTPUT_KEY], old):
+            raise MigrationConflict(
+                f"{OLD_KEY} ({old}, meaning output length {old}) and {OUTPUT_KEY} "
+                f"({json.dumps(section[OUTPUT_KEY])}) disagree", HINT)
+    new: dict[str, Any] = {}
+    for key, value in section.items():
+        if key != OLD_KEY:
+            new[key] = value
+            continue
+        if not has_train:
+            new[TRAINING_KEY] = train
+        if not has_out and (full or not has_train):
+            new[OUTPUT_KEY] = out
+    if full and not has_train:
+        hidden = section.get("generator_hidden_dim", ctx.defaults.get("generator_hidden_dim", 1024))
+        latent = section.get("generator_latent_dim", ctx.defaults.get("generator_latent_dim", 256))
+        hidden = hidden if isinstance(hidden, int) else 1024
+        latent = latent if isinstance(latent, int) else 256
+        ctx.note(
+            f"{OLD_KEY} {old} is a full-length target (above {FULL_LENGTH_THRESHOLD}). Training at {old} "
+            f"tokens would need about {_millions(vae_parameters(old, hidden, latent))} parameters "
+            f"(~{2 * AST_DIM * hidden / 1e6:.2f} M per token at dimension {AST_DIM}, hidden {hidden}), so "
+            f"the documented full-length form was chosen: {TRAINING_KEY} {train} (about "
+            f"{_millions(vae_parameters(train, hidden, latent))} parameters) with {OUTPUT_KEY} {old} "
+            "(upsampled). Choose another training length with --training-length N.")
+    return new
+
+
+CORE_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        id="core-0001-split-target-sequence-length",
+        chain="core",
+        from_version=1,
+        to_version=2,
+        description=f"Split {OLD_KEY} into {TRAINING_KEY} and {OUTPUT_KEY}.",
+        apply=split_target_sequence_length,
+        deprecated_keys={OLD_KEY: f"{TRAINING_KEY} and {OUTPUT_KEY}"},
+    ),
+)
