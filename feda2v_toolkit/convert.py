@@ -24,7 +24,6 @@ with one-line errors: they have no sequence-level equivalent here.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import pickle
@@ -749,6 +748,3 @@ def convert(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
         raise UsageError(f"{target}: cannot write: {exc.strerror or exc}") from None
     return result
 
-
-def report_json(result: ConversionResult) -> str:
-    return json.dumps(result.to_json(), indent=2)
