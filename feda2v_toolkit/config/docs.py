@@ -78,6 +78,15 @@ def render_configuration_md(registry: Any = None) -> str:
                 out.append(f"| `{key}` | {_cell(replacement)} | `{mig.id}` ({mig.chain} {mig.from_version} → "
                            f"{mig.to_version}) |")
         out.append("")
+    from feda2v_toolkit.config.validate import CODES
+
+    out += ["## Findings of `feda2v-tk validate`", "",
+            "Each finding has a file, line:column, JSON path, code, severity, message, what was expected and "
+            "found, and a suggestion (`--format json` gives them as one JSON record per line). Exit status: 0 "
+            "valid (warnings allowed unless `--strict`), 1 invalid, 2 usage or I/O error.", "",
+            "| code | meaning |", "|---|---|"]
+    out += [f"| `{code}` | {_cell(meaning)} |" for code, meaning in CODES.items()]
+    out.append("")
     return "\n".join(out)
 
 

@@ -49,6 +49,41 @@ PRETRAINED_PATH = "pretrained_generator_path"
 ERROR = "error"
 WARNING = "warning"
 
+#: Every finding code ``validate`` reports, with its meaning (rendered in docs/configuration.md).
+CODES: dict[str, str] = {
+    "io-error": "the file or directory cannot be read (exit code 2)",
+    "file-too-large": "the file is larger than the config size limit",
+    "not-utf8": "the file is not UTF-8 text",
+    "empty-file": "the file is empty",
+    "json-syntax": "the file is not valid JSON (position given; trailing commas and NaN named as such)",
+    "json-comments": "the file has `//` or `/* */` comments, which JSON does not allow",
+    "not-object": "the top level is not a JSON object",
+    "duplicate-key": "a key appears twice in one object (JSON parsers keep the last)",
+    "invalid-section": "`feda2v` / `feda2v_config` is not an object",
+    "invalid-node": "`nodes` or one of its entries is not an object",
+    "ambiguous-section": "both `feda2v` and `feda2v_config` are present",
+    "misplaced-key": "a generator key outside the generator section of a full config (ignored by FedA2V)",
+    "unknown-key": "an unknown key that looks like a generator key (prefix, or close to a known key)",
+    "node-only-key": "a per-node key (`generator_train_classes`, `generator_class_group`) in the section",
+    "other-generator-key": "a key of another generator type than the section's `generator_type` (warning)",
+    "invalid-value": "a value of the wrong type or out of range",
+    "unknown-component": "`generator_type`, `generator_reducer` or `generator_upsampler` names nothing registered",
+    "deprecated-key": "a deprecated key (FedA2V ignores it); `feda2v-tk migrate` replaces it",
+    "deprecated-conflict": "a deprecated key and its replacement disagree",
+    "newer-schema-version": "the section was written for a newer schema than this installation knows",
+    "outdated-schema-version": "the recorded schema version is older than current (warning)",
+    "unknown-chain": "`schema_versions` names a migration chain no installed plugin provides (warning)",
+    "output-shorter-than-training": "`generator_output_sequence_length` is below the training length",
+    "large-training-length": "a training length above 64 (parameters grow ~1.57 M per token; warning)",
+    "per-group-without-groups": "`per_group` granularity without `generator_class_groups`",
+    "unused-class-groups": "`generator_class_groups` set but granularity is not `per_group` (warning)",
+    "overlapping-class-groups": "a class is in two class groups",
+    "unknown-class-group": "a node's `generator_class_group` is not one of `generator_class_groups`",
+    "class-group-without-per-group": "a node's class group while granularity is not `per_group` (warning)",
+    "generator-only-without-source": "`generator_only_mode` with neither training nor a pretrained generator",
+    "pretrained-without-path": "`use_pretrained_generators` without `pretrained_generator_path`",
+}
+
 
 @dataclass
 class Finding:

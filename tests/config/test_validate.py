@@ -222,3 +222,11 @@ def test_bare_fragment_feda2v_config_and_feda2v_sections_are_all_found(catalog):
     assert codes(json.dumps({"feda2v": bad, "training": {}}), catalog) == ["invalid-value"]
     assert codes(json.dumps({"feda2v": {}, "feda2v_config": {}}), catalog) == ["ambiguous-section"]
     assert codes(json.dumps({"feda2v": []}), catalog) == ["invalid-section"]
+
+
+def test_every_reported_code_is_documented(feda2v):
+    from feda2v_toolkit.config.validate import CODES
+
+    run = feda2v("validate", "--format", "json", INVALID, FIXTURES / "bad", EXAMPLES)
+    reported = {json.loads(line)["code"] for line in run.lines}
+    assert len(reported) >= 15 and reported <= set(CODES)
