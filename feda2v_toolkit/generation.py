@@ -47,7 +47,11 @@ def samples_per_class(model: GenerativeModel, requested: int | str | None, class
         except ValueError:
             raise UsageError(f"samples per class must be a positive integer or 'auto', got {value!r}") from None
     if value == "auto":
-        return {c: int(model.class_counts.get(c, 0)) for c in classes}
+        unknown = [c for c in classes if not model.class_counts.get(c)]
+        if unknown:
+            raise UsageError(f"'auto' samples per class needs the training count of each class; the model has none "
+                             f"for {', '.join(unknown)} (e.g. a converted model): pass a number")
+        return {c: int(model.class_counts[c]) for c in classes}
     if int(value) < 1:
         raise UsageError(f"samples per class must be >= 1, got {value}")
     return {c: int(value) for c in classes}

@@ -73,6 +73,12 @@ def test_unknown_class_and_bad_counts_are_usage_errors(model, tmp_path):
         generate(model, tmp_path / "x", classes=["cat"])
     with pytest.raises(UsageError, match="positive integer"):
         generate(model, tmp_path / "x", samples="many")
+    counts, model.class_counts = model.class_counts, {}
+    try:
+        with pytest.raises(UsageError, match="training count"):
+            generate(model, tmp_path / "x", samples="auto")
+    finally:
+        model.class_counts = counts
 
 
 def test_a_unified_unconditioned_model_warns_that_labels_mean_nothing(tiny_data, tmp_path):

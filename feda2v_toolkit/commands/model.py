@@ -130,7 +130,8 @@ def inspect_cmd(model_path: Path, as_json: bool) -> None:
     click.echo(f"reducer:     {info['reducer']['name']} {json.dumps(info['reducer']['init_args'])}")
     click.echo(f"upsampler:   {info['upsampler']['name']} {json.dumps(info['upsampler']['init_args'])}")
     click.echo("classes:     " + ", ".join(
-        f"{c} ({v['train_samples']} -> {v['generator'] or 'no generator'})" for c, v in info["classes"].items()))
+        f"{c} ({v['train_samples'] if v['train_samples'] is not None else 'n/a'} -> "
+        f"{v['generator'] or 'no generator'})" for c, v in info["classes"].items()))
     click.echo("parameters:  " + ", ".join(f"{k} {v:,}" for k, v in info["parameters"].items())
                + f"; total {info['parameters_total']:,}")
     metrics = info["metrics"]
