@@ -210,6 +210,7 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
     if in_place and any(item.path is None for item in items):
         raise UsageError("--in-place cannot rewrite standard input")
     options = {"training_length": training_length}
+    targets: dict[Path, str] = {}
     catalog = None
     stdout = _BinaryOut()
     io_failed = failed = False
@@ -249,9 +250,10 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
                 assert item.path is not None
                 from feda2v_toolkit.atomic import atomic_open
 
+                real = item.path.resolve()  # write through a symlink, not over it
                 original = (("\ufeff" if source.bom else "") + source.text).encode("utf-8")
-                backup = _write_backup(item.path, original)
-                with atomic_open(item.path, "wb") as fh:
+                backup = _write_backup(real, original)
+                with atomic_open(real, "wb") as fh:
                     fh.write(result.encoded())
                 if not quiet:
                     click.echo(f"migrated {item.name} (backup: {backup.name})", err=True)
@@ -262,6 +264,9 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
                 target = _target(item, output, single)
                 if target.exists() and target.resolve() == item.path.resolve():
                     raise UsageError(f"{item.name}: -o would overwrite the input; use --in-place")
+                if target in targets:
+                    raise UsageError(f"{item.name} and {targets[target]} would both be written to {target}")
+                targets[target] = item.name
             from feda2v_toolkit.atomic import atomic_open
 
             with atomic_open(target, "wb") as fh:

@@ -57,9 +57,13 @@ def render_configuration_md(registry: Any = None) -> str:
         "",
     ]
     for frag in frags:
-        title = ("Generator section" if frag.generator_type is None
-                 else f"Keys of generator type `{frag.generator_type}`")
-        out += [f"## {title} (fragment `{frag.name}`)", "", frag.description, "", _HEADER]
+        if frag.name == "core":
+            title = "Generator section (fragment `core`)"
+        elif frag.generator_type is not None:
+            title = f"Keys of generator type `{frag.generator_type}` (fragment `{frag.name}`)"
+        else:
+            title = f"Keys of fragment `{frag.name}`"
+        out += [f"## {title}", "", frag.description, "", _HEADER]
         out += [_row(key, dict(prop)) for key, prop in frag.properties.items()]
         out.append("")
         node_props = (frag.schema.get("$defs", {}).get(NODE_DEFS, {}) or {}).get("properties", {})

@@ -51,30 +51,42 @@ class ConfigReadError(Exception):
 
 # -- positions --------------------------------------------------------------------------------------
 
-@dataclass
 class Node:
-    """A JSON value's span ``[start, end)`` in the text."""
+    """A JSON value's span ``[start, end)`` in the text (plain slotted classes: parsing is hot)."""
 
-    start: int
-    end: int
+    __slots__ = ("start", "end")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
 
 
-@dataclass
 class Scalar(Node):
-    value: Any = None
+    __slots__ = ("value",)
+
+    def __init__(self, start: int, end: int, value: Any = None) -> None:
+        super().__init__(start, end)
+        self.value = value
 
 
-@dataclass
 class Member:
-    key: str
-    key_start: int
-    key_end: int
-    value: Node
+    """``"key": value`` in an object: the key's span and the value's node."""
+
+    __slots__ = ("key", "key_start", "key_end", "value")
+
+    def __init__(self, key: str, key_start: int, key_end: int, value: Node) -> None:
+        self.key = key
+        self.key_start = key_start
+        self.key_end = key_end
+        self.value = value
 
 
-@dataclass
 class Obj(Node):
-    members: list[Member] = field(default_factory=list)
+    __slots__ = ("members",)
+
+    def __init__(self, start: int, end: int) -> None:
+        super().__init__(start, end)
+        self.members: list[Member] = []
 
     def get(self, key: str) -> Member | None:
         """The last member named ``key`` (the one JSON parsers keep)."""
@@ -84,9 +96,12 @@ class Obj(Node):
         return None
 
 
-@dataclass
 class Arr(Node):
-    items: list[Node] = field(default_factory=list)
+    __slots__ = ("items",)
+
+    def __init__(self, start: int, end: int) -> None:
+        super().__init__(start, end)
+        self.items: list[Node] = []
 
 
 _WS = re.compile(r"[ \t\n\r]*")

@@ -273,3 +273,21 @@ def test_usage_errors(feda2v, tmp_path):
     assert feda2v("migrate", "--in-place", "-o", tmp_path / "x.json", a).code == 2
     assert feda2v("migrate", "--check", "--in-place", a).code == 2
     assert feda2v("migrate", "--training-length", "0", a).code == 2
+
+
+def test_in_place_writes_through_a_symlink(feda2v, tmp_path):
+    real = copy_fixture(REFERENCE / "old.json", tmp_path, "real.json")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    assert feda2v("migrate", "--in-place", link).code == 0
+    assert link.is_symlink() and real.read_text() == (REFERENCE / "old.migrated.json").read_text()
+    assert (tmp_path / "real.json.bak").read_bytes() == (REFERENCE / "old.json").read_bytes()
+
+
+def test_output_directory_refuses_two_inputs_with_one_name(feda2v, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = copy_fixture(REFERENCE / "old.json", tmp_path / "a")
+    b = copy_fixture(REFERENCE / "new.json", tmp_path / "b", "old.json")
+    run = feda2v("migrate", "-o", tmp_path / "out", a, b)
+    assert run.code == 2 and "would both be written to" in run.stderr
