@@ -58,7 +58,7 @@ def main() -> None:
 
     weights = [m.weight for m in vae.modules() if isinstance(m, torch.nn.Linear)]
     fwd = 2.0 * args.batch * sum(w.numel() for w in weights)
-    first = 2.0 * args.batch * vae.encoder.net[0].weight.numel()
+    first = 2.0 * args.batch * vae.encoder[0].weight.numel()
     exact, nominal = 3 * fwd - first, 3 * fwd
     b, f, h, z = args.batch, args.seq_len * args.dim, vae.hidden_dim, vae.latent_dim
     mm = mm_rate([(b, f, h), (b, h, h), (b, h, 2 * z), (b, z, h), (b, h, f)], args.steps)

@@ -24,3 +24,10 @@ def feda2v_register_upsamplers(register):
         factory="feda2v_toolkit.upsamplers.interpolate:CubicUpsampler",
         settings=("generator_output_sequence_length",),
     ))
+    register(UpsamplerSpec(
+        name="learned",
+        description="Linear interpolation plus a trained per-position correction (zero-initialised: starts as linear).",
+        factory="feda2v_toolkit.upsamplers.learned:LearnedUpsampler",
+        settings=("generator_output_sequence_length", "use_learned_upsampling", "generator_upsampler_epochs",
+                  "generator_upsampler_learning_rate", "generator_validation_split"),
+    ))

@@ -5,7 +5,8 @@ Architecture (``F = seq_len * dim``, ``H = generator_hidden_dim``, ``Z = generat
     encoder  F -> H -> H -> 2Z (mu, logvar)      ReLU + dropout after each hidden layer
     decoder  Z -> H -> H -> F
 
-That is ``9,182,720`` parameters at ``l=4, D=768`` (H=1024, Z=256). A conditioned VAE concatenates a
+That is ``9,182,720`` parameters at ``l=4, D=768`` (H=1024, Z=256), and the unconditioned state dict has
+the original's names (``encoder.{0,3,6}``, ``decoder.{0,3,6}``). A conditioned VAE concatenates a
 condition vector ``c`` (``E = Z`` wide: a label embedding, or a linear projection of a per-sample
 condition embedding) to the encoder and decoder inputs; the concatenation is computed as a sum of two
 projections (``W [x; c] = W_x x + W_c c``), the same function without copying the wide input.
@@ -55,22 +56,14 @@ def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class _CondMLP(nn.Module):
-    """``mlp([x; c])`` as ``rest(first(x) + cond(c))``: concatenation without the copy."""
-
-    def __init__(self, sizes: list[int], dropout: float, cond_dim: int) -> None:
-        super().__init__()
-        self.net = _mlp(sizes, dropout)
-        self.cond = nn.Linear(cond_dim, sizes[1], bias=False) if cond_dim > 0 else None
-
-    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        first, *rest = self.net
-        h = first(x)
-        if self.cond is not None:
-            h = h + self.cond(c)
-        for layer in rest:
-            h = layer(h)
-        return h
+def _run(net: nn.Sequential, cond: nn.Linear | None, x: Tensor, c: Tensor | None) -> Tensor:
+    """``net([x; c])`` computed as ``rest(first(x) + cond(c))``: the concatenation without the copy."""
+    h = net[0](x)
+    if cond is not None:
+        h = h + cond(c)
+    for layer in net[1:]:
+        h = layer(h)
+    return h
 
 
 class VAEGenerator(Generator):
@@ -93,8 +86,11 @@ class VAEGenerator(Generator):
         flat, h, z = self.seq_len * self.dim, self.hidden_dim, self.latent_dim
         self.condition = (Condition(conditioning, num_classes=self.num_classes, condition_dim=self.condition_dim,
                                     out_dim=e) if conditioning else None)
-        self.encoder = _CondMLP([flat, h, h, 2 * z], self.dropout, e)
-        self.decoder = _CondMLP([z, h, h, flat], self.dropout, e)
+        # encoder.{0,3,6} / decoder.{0,3,6}: the original FedA2V state-dict names
+        self.encoder = _mlp([flat, h, h, 2 * z], self.dropout)
+        self.decoder = _mlp([z, h, h, flat], self.dropout)
+        self.encoder_cond = nn.Linear(e, h, bias=False) if e else None
+        self.decoder_cond = nn.Linear(e, h, bias=False) if e else None
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -127,12 +123,12 @@ class VAEGenerator(Generator):
 
     def encode(self, x: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``[B, seq_len, dim] -> (mu, logvar)``, each ``[B, Z]``."""
-        mu, logvar = self.encoder(x.reshape(x.shape[0], -1), c).chunk(2, dim=-1)
+        mu, logvar = _run(self.encoder, self.encoder_cond, x.reshape(x.shape[0], -1), c).chunk(2, dim=-1)
         return mu, logvar
 
     def decode(self, z: Tensor, c: Tensor | None = None) -> Tensor:
         """``[B, Z] -> [B, seq_len, dim]``."""
-        return self.decoder(z, c).view(z.shape[0], self.seq_len, self.dim)
+        return _run(self.decoder, self.decoder_cond, z, c).view(z.shape[0], self.seq_len, self.dim)
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Reconstruction and posterior parameters (reparameterised with the global RNG)."""
@@ -184,7 +180,7 @@ class VAEGenerator(Generator):
                generator: torch.Generator | None = None) -> Tensor:
         """Decode ``z ~ N(0, I)`` (drawn from ``generator`` only) in eval mode: ``[n, seq_len, dim]``."""
         c = self._cond(labels, conditions, n)
-        ref = self.decoder.net[-1].weight
+        ref = self.decoder[-1].weight
         z = noise_like((n, self.latent_dim), generator, ref).to(ref.dtype)
         was_training = self.training
         self.eval()

@@ -127,7 +127,7 @@ def test_augmentation_feeds_noisy_input_but_reconstructs_the_clean_target(monkey
     config = tiny_config(generator_augmentation=True, generator_augmentation_noise=0.5)
     vae = make(config)
     seen = {}
-    vae.encoder.register_forward_pre_hook(lambda m, args: seen.setdefault("input", args[0].detach().clone()))
+    vae.encoder[0].register_forward_pre_hook(lambda m, args: seen.setdefault("input", args[0].detach().clone()))
     real_mse = F.mse_loss
 
     def spy(input, target, *a, **k):

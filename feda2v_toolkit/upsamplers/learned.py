@@ -1,0 +1,226 @@
+"""``learned``: a trained residual correction over linear interpolation.
+
+``out = linear(x, L) + W @ x + B``, with ``W`` ``[L, l]`` mixing the reduced positions into every full
+position and ``B`` ``[L, D]`` a per-position bias. AST embeddings carry strong per-position structure
+(summary tokens, frequency rows) that pooling averages away; ``B`` restores its mean and ``W`` how much
+of each reduced token shows at each full position. Both start at zero, so an untrained upsampler *is*
+linear interpolation (bit for bit).
+
+:meth:`LearnedUpsampler.fit` streams (reduced, full) pairs and holds out every sample whose running
+index ``i`` satisfies ``floor((i + 1) f) > floor(i f)`` (``f = generator_validation_split``; spread
+evenly, deterministic, independent of batching). Pass 0 measures linear interpolation on the held-out
+samples and gathers per-position statistics of the training samples for a closed-form warm start (per
+position ``p``: ``residual ~ a_p * (linear - mean) + mean residual``, one scalar ``a_p`` shared by all
+features); then ``generator_upsampler_epochs`` passes of Adam (``generator_upsampler_learning_rate``)
+over the training samples, each pass also scoring the state reached by the previous one on the held-out
+samples (so one streaming pass per epoch, plus one to score the last). The best state on held-out data
+is kept, linear interpolation (zero) included, so ``fit`` never returns anything worse than linear
+there. With ``f = 0`` nothing is held out and the same selection runs on the training samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from feda2v_toolkit.components import Upsampler
+
+
+def linear_interpolate(x: Tensor, length: int) -> Tensor:
+    """``[B, l, D] -> [B, length, D]`` exactly as the ``linear`` upsampler computes it."""
+    if x.shape[1] == length:
+        return x
+    return F.interpolate(x.transpose(1, 2), size=length, mode="linear", align_corners=False).transpose(1, 2)
+
+
+def heldout_mask(start: int, count: int, fraction: float) -> Tensor:
+    """Which of samples ``start .. start + count - 1`` are held out (evenly spread, deterministic)."""
+    i = torch.arange(start, start + count, dtype=torch.float64)
+    return torch.floor((i + 1) * fraction) > torch.floor(i * fraction)
+
+
+class _Moments:
+    """Running per-(position, feature) sums of the targets, in float64, for R^2 and the warm start."""
+
+    def __init__(self, length: int, dim: int) -> None:
+        shape = (length, dim)
+        self.n = 0
+        self.r = torch.zeros(shape, dtype=torch.float64)   # residual = full - linear
+        self.q = torch.zeros(shape, dtype=torch.float64)   # linear
+        self.rq = torch.zeros(shape, dtype=torch.float64)
+        self.qq = torch.zeros(shape, dtype=torch.float64)
+
+    def add(self, residual: Tensor, lin: Tensor) -> None:
+        self.n += residual.shape[0]
+        self.r += residual.sum(0).double().cpu()
+        self.q += lin.sum(0).double().cpu()
+        self.rq += (residual * lin).sum(0).double().cpu()
+        self.qq += lin.square().sum(0).double().cpu()
+
+    def warm_start(self) -> tuple[Tensor, Tensor]:
+        """Per-position slope ``a [L]`` and bias ``[L, D]`` of ``residual ~ a (lin - mean) + mean``."""
+        n = max(self.n, 1)
+        mr, mq = self.r / n, self.q / n
+        cov = (self.rq - n * mr * mq).sum(1)
+        var = (self.qq - n * mq * mq).sum(1)
+        a = torch.where(var > 1e-12, cov / var.clamp(min=1e-12), torch.zeros_like(var))
+        return a, mr - a.unsqueeze(1) * mq
+
+
+class LearnedUpsampler(Upsampler):
+    """Residual correction over linear interpolation (see the module docstring)."""
+
+    trainable: ClassVar[bool] = True
+    #: Start Adam from the closed-form per-position warm start (False: from zero, i.e. linear).
+    warm_start: ClassVar[bool] = True
+
+    def __init__(self, *, reduced_length: int, full_length: int, dim: int) -> None:
+        super().__init__()
+        if min(reduced_length, full_length, dim) < 1:
+            raise ValueError("reduced_length, full_length and dim must be >= 1")
+        self.reduced_length, self.full_length, self.dim = int(reduced_length), int(full_length), int(dim)
+        self.mix = nn.Parameter(torch.zeros(self.full_length, self.reduced_length))  # W
+        self.bias = nn.Parameter(torch.zeros(self.full_length, self.dim))  # B
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, reduced_length: int, full_length: int,
+                    dim: int) -> LearnedUpsampler:
+        return cls(reduced_length=reduced_length, full_length=full_length, dim=dim)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"reduced_length": self.reduced_length, "full_length": self.full_length, "dim": self.dim}
+
+    # -- inference ----------------------------------------------------------------------------------
+    def full(self, x: Tensor) -> Tensor:
+        """``[B, l, D] -> [B, full_length, D]`` with the correction."""
+        if x.dim() != 3 or x.shape[1] != self.reduced_length or x.shape[2] != self.dim:
+            raise ValueError(f"expected [B, {self.reduced_length}, {self.dim}], got {tuple(x.shape)}")
+        return self._apply({"mix": self.mix, "bias": self.bias}, x)
+
+    def forward(self, x: Tensor, length: int) -> Tensor:
+        """Corrected at ``full_length``. Another ``length`` is resampled linearly from the corrected
+        full-length sequence; ``length == l`` returns ``x`` unchanged (no upsampling)."""
+        if x.dim() == 3 and x.shape[1] == length:
+            return x
+        out = self.full(x)
+        return out if length == self.full_length else linear_interpolate(out, length)
+
+    # -- training -----------------------------------------------------------------------------------
+    def fit(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]], *,
+            config: Mapping[str, Any]) -> dict[str, float]:
+        epochs = int(config["generator_upsampler_epochs"])
+        lr = float(config["generator_upsampler_learning_rate"])
+        fraction = float(config["generator_validation_split"])
+
+        # pass 0: linear interpolation scored on both groups, warm-start statistics of the training group
+        moments = _Moments(self.full_length, self.dim)
+        groups = {"train": _Totals(), "heldout": _Totals()}
+        for reduced, full, held in self._stream(pairs, fraction):
+            with torch.no_grad():
+                lin = linear_interpolate(reduced, self.full_length)
+                residual = full - lin
+            for name, rows in (("heldout", held), ("train", ~held)):
+                if rows.any():
+                    groups[name].add(residual[rows], full[rows])
+            if (~held).any():
+                moments.add(residual[~held], lin[~held])
+        if groups["train"].n == 0:
+            raise ValueError("no training pairs to fit the learned upsampler on")
+        prefix = "heldout" if groups["heldout"].n > 0 else "train"  # nothing held out: select on train
+        scored = groups[prefix]
+
+        slope, bias = moments.warm_start()
+        candidates: dict[str, dict[str, Tensor]] = {"linear": {k: torch.zeros_like(v)
+                                                               for k, v in self.state_dict().items()}}
+        scores = {"linear": scored.sse / scored.elements}
+        if self.warm_start:
+            with torch.no_grad():
+                self.mix.copy_(slope.unsqueeze(1).to(self.mix) * self._interp_matrix())
+                self.bias.copy_(bias.float())
+
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        for epoch in range(epochs + 1):  # pass e scores the state after e epochs and trains epoch e + 1
+            name = "warm_start" if epoch == 0 else f"epoch_{epoch}"
+            snapshot = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            sse = 0.0
+            for reduced, full, held in self._stream(pairs, fraction):
+                score_rows = held if prefix == "heldout" else ~held
+                if score_rows.any():
+                    with torch.no_grad():
+                        pred = self._apply(snapshot, reduced[score_rows])
+                        sse += F.mse_loss(pred, full[score_rows], reduction="sum").item()
+                if epoch < epochs and (~held).any():
+                    opt.zero_grad(set_to_none=True)
+                    F.mse_loss(self.full(reduced[~held]), full[~held]).backward()
+                    opt.step()
+            scores[name] = sse / scored.elements
+            candidates[name] = snapshot
+
+        best = min(scores, key=lambda k: (scores[k], k != "linear"))  # ties go to linear
+        self.load_state_dict(candidates[best])
+        metrics = {
+            f"{prefix}_mse_linear": scores["linear"],
+            f"{prefix}_mse_learned": scores[best],
+            "heldout_samples": float(groups["heldout"].n),
+            "train_samples": float(groups["train"].n),
+            "best_epoch": -1.0 if best == "linear" else float(best.removeprefix("epoch_").replace("warm_start", "0")),
+        }
+        sst = scored.sst()
+        if sst > 0:
+            metrics[f"{prefix}_r2_linear"] = 1.0 - scores["linear"] * scored.elements / sst
+            metrics[f"{prefix}_r2_learned"] = 1.0 - scores[best] * scored.elements / sst
+        return metrics
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _apply(self, state: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """``linear(x) + W @ x + B`` (summed in place into the mixing product: one full-size buffer)."""
+        out = torch.einsum("pl,bld->bpd", state["mix"].to(x.dtype), x)
+        return out.add_(linear_interpolate(x, self.full_length)).add_(state["bias"].to(x.dtype))
+
+    def _interp_matrix(self) -> Tensor:
+        """``P [L, l]`` with ``linear(x) = P @ x`` (so ``W = diag(a) P`` adds ``a_p * linear_p``)."""
+        eye = torch.eye(self.reduced_length, device=self.bias.device).unsqueeze(0)  # l one-hot features
+        return linear_interpolate(eye, self.full_length)[0]
+
+    def _stream(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]],
+                fraction: float) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        device, start = self.bias.device, 0
+        for reduced, full in pairs():
+            if (reduced.shape[0] != full.shape[0] or tuple(reduced.shape[1:]) != (self.reduced_length, self.dim)
+                    or tuple(full.shape[1:]) != (self.full_length, self.dim)):
+                raise ValueError(f"pairs must be ([B, {self.reduced_length}, {self.dim}], "
+                                 f"[B, {self.full_length}, {self.dim}]); got {tuple(reduced.shape)}, "
+                                 f"{tuple(full.shape)}")
+            held = heldout_mask(start, reduced.shape[0], fraction).to(device)
+            start += reduced.shape[0]
+            yield reduced.to(device, torch.float32), full.to(device, torch.float32), held
+
+
+class _Totals:
+    """Linear interpolation's squared error and the targets' sums over one group of samples."""
+
+    def __init__(self) -> None:
+        self.n, self.sse, self.sumsq = 0, 0.0, 0.0
+        self.sum: Tensor | None = None
+
+    def add(self, residual: Tensor, full: Tensor) -> None:
+        self.n += full.shape[0]
+        self.sse += residual.square().sum().item()
+        self.sumsq += full.square().sum().item()
+        s = full.sum(0).double().cpu()
+        self.sum = s if self.sum is None else self.sum + s
+
+    @property
+    def elements(self) -> float:
+        """Number of scored values (samples x positions x features); 1 when empty."""
+        return float(self.sum.numel() * self.n) if self.sum is not None else 1.0
+
+    def sst(self) -> float:
+        """Sum of squares around the per-(position, feature) mean of the group."""
+        if self.n < 2 or self.sum is None:
+            return 0.0
+        return self.sumsq - float((self.sum.square() / self.n).sum())
