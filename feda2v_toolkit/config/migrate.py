@@ -122,10 +122,6 @@ class Chain:
     steps: tuple[Migration, ...]
 
     @property
-    def first(self) -> int:
-        return self.steps[0].from_version if self.steps else 1
-
-    @property
     def current(self) -> int:
         return self.steps[-1].to_version if self.steps else 1
 

@@ -36,7 +36,7 @@ def vae_parameters(length: int, hidden: int = 1024, latent: int = 256, dim: int 
     return 2 * dim * hidden * length + 2 * hidden * hidden + 3 * hidden * latent
 
 
-def _millions(n: int) -> str:
+def format_count(n: int) -> str:
     return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
@@ -108,10 +108,10 @@ def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext)
         latent = latent if isinstance(latent, int) else 256
         ctx.note(
             f"{OLD_KEY} {old} is a full-length target (above {FULL_LENGTH_THRESHOLD}). Training at {old} "
-            f"tokens would need about {_millions(vae_parameters(old, hidden, latent))} parameters "
+            f"tokens would need about {format_count(vae_parameters(old, hidden, latent))} parameters "
             f"(~{2 * AST_DIM * hidden / 1e6:.2f} M per token at dimension {AST_DIM}, hidden {hidden}), so "
             f"the documented full-length form was chosen: {TRAINING_KEY} {train} (about "
-            f"{_millions(vae_parameters(train, hidden, latent))} parameters) with {OUTPUT_KEY} {old} "
+            f"{format_count(vae_parameters(train, hidden, latent))} parameters) with {OUTPUT_KEY} {old} "
             "(upsampled). Choose another training length with --training-length N.")
     return new
 

@@ -464,15 +464,17 @@ class Catalog:
         return self.check_component(info.component, value)
 
     def check_component(self, kind: str, name: str) -> list[Problem]:
-        names = self.registry.all_names(kind)
-        found = describe_found(name)
+        """Resolve ``name`` exactly as the registry will (bare, ``plugin:name``, clashes)."""
+        from feda2v_toolkit.errors import ComponentNotFoundError
+
         expected = f"a registered {kind}: {', '.join(self.registry.names(kind)) or 'none registered'}"
-        if name not in names:
-            return [Problem((), f"unknown {kind} {name!r}", expected, found)]
-        if ":" not in name and sum(1 for spec in self.registry.specs(kind) if spec.name == name) > 1:
-            owners = ", ".join(s.qualified_name for s in self.registry.specs(kind) if s.name == name)
-            return [Problem((), f"{kind} name {name!r} is registered by several plugins ({owners}); "
-                                "use the qualified name", expected, found)]
+        try:
+            self.registry.get(kind, name)
+        except ComponentNotFoundError as exc:
+            known = name in self.registry.all_names(kind)
+            message = str(exc).split("; registered:")[0] if not known else str(exc)
+            return [Problem((), f"unknown {kind} {name!r}" if not known else message, expected,
+                            describe_found(name))]
         return []
 
     def component_suggestion(self, kind: str, name: str) -> str | None:

@@ -32,7 +32,7 @@ from feda2v_toolkit.config.migrate import (
     fix_command,
     migrate_location,
 )
-from feda2v_toolkit.config.migrations import FULL_LENGTH_THRESHOLD, _millions, vae_parameters
+from feda2v_toolkit.config.migrations import FULL_LENGTH_THRESHOLD, format_count, vae_parameters
 from feda2v_toolkit.config.schema import PLUGIN_VERSIONS_KEY, VERSION_KEY, Catalog, KeyInfo, Problem
 from feda2v_toolkit.errors import InputError
 
@@ -320,7 +320,7 @@ class _Checker:
                      suggestion=f"use null (= the training length) or at least {train}, e.g. 1214 for full AST length")
         if _is_int(train) and train > FULL_LENGTH_THRESHOLD and concerns(TRAIN):
             self.add(at(TRAIN), "large-training-length", severity=WARNING,
-                     message=f"training at {train} tokens needs about {_millions(vae_parameters(train))} "
+                     message=f"training at {train} tokens needs about {format_count(vae_parameters(train))} "
                              f"parameters (VAE at dimension 768, hidden 1024)",
                      suggestion=f"train at a small length (4-64) and set {OUTPUT}: {train}")
         groups = eff.get(GROUPS)

@@ -230,3 +230,28 @@ def test_every_reported_code_is_documented(feda2v):
     run = feda2v("validate", "--format", "json", INVALID, FIXTURES / "bad", EXAMPLES)
     reported = {json.loads(line)["code"] for line in run.lines}
     assert len(reported) >= 15 and reported <= set(CODES)
+
+
+def test_component_names_resolve_exactly_as_the_registry_does():
+    import types
+
+    from feda2v_toolkit import hookimpl
+    from feda2v_toolkit.config.schema import Catalog
+    from feda2v_toolkit.plugins import load_registry
+    from feda2v_toolkit.specs import GeneratorSpec
+
+    def plugin(*names):
+        @hookimpl
+        def feda2v_register_generators(register):
+            for name in names:
+                register(GeneratorSpec(name=name, description="d", factory="x:Y"))
+        return types.SimpleNamespace(feda2v_register_generators=feda2v_register_generators)
+
+    with pytest.warns(UserWarning):  # the clash itself is reported when the plugins load
+        registry = load_registry(autoload=False, extra_plugins=[("one", plugin("flow", "vae")),
+                                                                ("two", plugin("flow"))])
+    catalog = Catalog.build(registry)
+    [f] = findings('{"generator_type": "flow"}', catalog)
+    assert f.code == "unknown-component" and "use the qualified name (one:flow, two:flow)" in f.message
+    assert codes('{"generator_type": "two:flow"}', catalog) == []
+    assert codes('{"generator_type": "vae"}', catalog) == []  # a built-in name keeps meaning the built-in
