@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -55,35 +56,20 @@ _STATE: dict[str, Any] = {"traceback": bool(os.environ.get("FEDA2V_TRACEBACK"))}
 
 
 class LazyGroup(click.Group):
-    """A click group whose built-in commands are imported on first use, plus plugin commands."""
+    """A click group whose built-in commands are imported on first use, plus plugin commands.
 
-    _plugins_loaded = False
+    Plugin commands (hook ``feda2v_register_commands``) are added when the command list is needed
+    (``--help``, an unknown name, ``feda2v-tk plugins``); a failing hook is recorded against its plugin
+    and never takes the CLI down, and built-in command names cannot be taken over.
+    """
 
-    def _load_plugin_commands(self) -> None:
-        if self._plugins_loaded:
-            return
-        self._plugins_loaded = True
+    def load_plugin_commands(self) -> None:
         from feda2v_toolkit.plugins import get_registry
 
-        registry = get_registry()
-        for impl in registry.pm.hook.feda2v_register_commands.get_hookimpls():
-            before = set(self.commands)
-            try:
-                impl.function(cli=self)
-            except Exception as exc:  # a broken plugin command never takes the CLI down
-                for name in set(self.commands) - before:
-                    self.commands.pop(name, None)
-                click.echo(f"feda2v-tk: warning: plugin {impl.plugin_name!r} failed to add commands: {exc}",
-                           err=True)
-                continue
-            for name in set(self.commands) - before:
-                if name in COMMANDS:
-                    click.echo(f"feda2v-tk: warning: plugin {impl.plugin_name!r} may not replace built-in "
-                               f"command {name!r}", err=True)
-                    self.commands.pop(name)
+        get_registry().add_commands(self, reserved=COMMANDS)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._load_plugin_commands()
+        self.load_plugin_commands()
         return sorted(set(COMMANDS) | set(self.commands))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
@@ -91,7 +77,7 @@ class LazyGroup(click.Group):
         if target is not None:
             module_name, attr = target.split(":")
             return getattr(importlib.import_module(module_name), attr)
-        self._load_plugin_commands()
+        self.load_plugin_commands()
         return self.commands.get(cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -108,34 +94,60 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
+def _plugin_option(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Apply a plugin switch as soon as it is parsed (eager), so that ``--help`` honours it too."""
+    if not value:
+        return
+    from feda2v_toolkit import plugins
+
+    if param.name == "strict_plugins":
+        plugins.configure(strict=True)
+    elif param.name == "no_plugins":
+        plugins.configure(autoload=False)
+    elif param.name == "allow_plugins":
+        plugins.configure(allow=list(value))
+    elif param.name == "block_plugins":
+        plugins.configure(block=[*(plugins._env_list(plugins.ENV_BLOCK) or []), *value])
+
+
+def _plugin_switch(*decls: str, **kwargs: Any) -> Any:
+    return click.option(*decls, is_eager=True, expose_value=False, callback=_plugin_option, **kwargs)
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="feda2v-tk")
 @click.option("-v", "--verbose", "--traceback", "traceback_", is_flag=True,
               help="Show full tracebacks for errors.")
-@click.option("--strict-plugins", is_flag=True, default=None,
-              help="Fail on any plugin load error (also FEDA2V_STRICT_PLUGINS=1).")
-@click.option("--no-plugins", is_flag=True, default=None,
-              help="Do not autoload entry-point plugins (also FEDA2V_DISABLE_PLUGIN_AUTOLOAD=1).")
-@click.option("--block-plugin", "block_plugins", multiple=True, metavar="NAME",
-              help="Do not load this plugin (repeatable; also FEDA2V_BLOCK_PLUGINS=a,b).")
-def cli(traceback_: bool, strict_plugins: bool | None, no_plugins: bool | None,
-        block_plugins: tuple[str, ...]) -> None:
+@_plugin_switch("--strict-plugins", is_flag=True,
+                help="Make any plugin load problem fatal (also FEDA2V_STRICT_PLUGINS=1).")
+@_plugin_switch("--no-plugins", is_flag=True,
+                help="Do not autoload installed plugins (also FEDA2V_DISABLE_PLUGIN_AUTOLOAD=1).")
+@_plugin_switch("--allow-plugin", "allow_plugins", multiple=True, metavar="NAME",
+                help="Load only these installed plugins, by plugin or distribution name (repeatable; "
+                     "replaces FEDA2V_PLUGINS=a,b).")
+@_plugin_switch("--block-plugin", "block_plugins", multiple=True, metavar="NAME",
+                help="Do not load this plugin (repeatable; adds to FEDA2V_BLOCK_PLUGINS=a,b).")
+def cli(traceback_: bool) -> None:
     """feda2v-tk: trusted configs, working generators and plugins for FedA2V audio-embedding sequences."""
     if traceback_:
         _STATE["traceback"] = True
-    if strict_plugins or no_plugins or block_plugins:
-        from feda2v_toolkit import plugins
 
-        env_block = plugins._env_list(plugins.ENV_BLOCK) or []
-        plugins.configure(
-            strict=True if strict_plugins else None,
-            autoload=False if no_plugins else None,
-            block=[*env_block, *block_plugins] if block_plugins else None,
-        )
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Plugin warnings as one ``feda2v-tk: warning:`` line; others as Python shows them."""
+    if category.__name__ == "PluginWarning":
+        click.echo(f"feda2v-tk: warning: {message}", err=True)
+        return
+    _DEFAULT_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_DEFAULT_SHOWWARNING = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI, turning user errors into one line and an exit code."""
+    warnings.showwarning = _show_warning
     try:
         rc = cli.main(args=argv, prog_name="feda2v-tk", standalone_mode=False)
     except click.exceptions.Exit as exc:

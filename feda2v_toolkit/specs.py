@@ -34,7 +34,10 @@ class ComponentSpec:
         name: short name users put in configs (``[a-z][a-z0-9_-]*``), e.g. ``"vae"``.
         description: one line shown by ``feda2v-tk list``.
         factory: the implementing class, or ``"module:attr"`` to import it lazily.
-        settings: config keys the component reads (documented in some schema fragment).
+        settings: config keys the component reads (documented in some schema fragment); ``feda2v-tk
+            list`` shows them with their type, default and description.
+        test_config: config overrides that make a small, fast instance: the conformance kit
+            (:mod:`feda2v_toolkit.testing`) applies them on top of its tiny defaults.
     """
 
     kind: ClassVar[str] = "component"
@@ -44,6 +47,7 @@ class ComponentSpec:
     description: str
     factory: str | Callable[..., Any]
     settings: tuple[str, ...] = ()
+    test_config: Mapping[str, Any] = field(default_factory=dict, compare=False)
     provenance: Provenance = field(default_factory=Provenance, compare=False)
 
     @property
