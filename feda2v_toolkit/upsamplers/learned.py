@@ -6,16 +6,19 @@ position and ``B`` ``[L, D]`` a per-position bias. AST embeddings carry strong p
 of each reduced token shows at each full position. Both start at zero, so an untrained upsampler *is*
 linear interpolation (bit for bit).
 
-:meth:`LearnedUpsampler.fit` streams (reduced, full) pairs and holds out every sample whose running
-index ``i`` satisfies ``floor((i + 1) f) > floor(i f)`` (``f = generator_validation_split``; spread
-evenly, deterministic, independent of batching). Pass 0 measures linear interpolation on the held-out
+:meth:`LearnedUpsampler.fit` streams (reduced, full) pairs and holds out about a fraction
+``f = generator_validation_split`` of the samples, chosen by a hash of each reduced sample's bits: the
+same samples on every pass, whatever order or batching ``pairs()`` uses (the trainer reshuffles). Pass 0 measures linear interpolation on the held-out
 samples and gathers per-position statistics of the training samples for a closed-form warm start (per
 position ``p``: ``residual ~ a_p * (linear - mean) + mean residual``, one scalar ``a_p`` shared by all
 features); then ``generator_upsampler_epochs`` passes of Adam (``generator_upsampler_learning_rate``)
 over the training samples, each pass also scoring the state reached by the previous one on the held-out
 samples (so one streaming pass per epoch, plus one to score the last). The best state on held-out data
 is kept, linear interpolation (zero) included, so ``fit`` never returns anything worse than linear
-there. With ``f = 0`` nothing is held out and the same selection runs on the training samples.
+there. With ``f = 0`` (or when every sample of a tiny set hashes out) nothing is held out and the same
+selection runs on the training samples. Metrics: ``heldout_mse_linear`` / ``heldout_mse_learned`` and
+``heldout_r2_*`` (about the per-position-and-feature mean; ``train_*`` when nothing is held out),
+sample counts, and ``best_epoch`` (-1: linear kept, 0: the warm start, e: after e epochs).
 """
 
 from __future__ import annotations
@@ -37,10 +40,30 @@ def linear_interpolate(x: Tensor, length: int) -> Tensor:
     return F.interpolate(x.transpose(1, 2), size=length, mode="linear", align_corners=False).transpose(1, 2)
 
 
-def heldout_mask(start: int, count: int, fraction: float) -> Tensor:
-    """Which of samples ``start .. start + count - 1`` are held out (evenly spread, deterministic)."""
-    i = torch.arange(start, start + count, dtype=torch.float64)
-    return torch.floor((i + 1) * fraction) > torch.floor(i * fraction)
+def _mix64(h: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 (wrapping arithmetic)."""
+    h = h ^ ((h >> 30) & 0x3FFFFFFFF)
+    h = h * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    h = h ^ ((h >> 27) & 0x1FFFFFFFFF)
+    h = h * -7723592293110705685  # 0x94D049BB133111EB
+    return h ^ ((h >> 31) & 0x1FFFFFFFF)
+
+
+def heldout_rows(reduced: Tensor, fraction: float) -> Tensor:
+    """``[B]`` bool: which samples are held out, decided by a hash of each reduced sample's bits.
+
+    The same sample is always held out or always trained on, however ``pairs()`` orders or batches
+    the data (the trainer reshuffles it on every call); about ``fraction`` of the samples are held out.
+    """
+    n = reduced.shape[0]
+    if fraction <= 0 or n == 0:
+        return torch.zeros(n, dtype=torch.bool, device=reduced.device)
+    bits = reduced.detach().to(torch.float32).reshape(n, -1).contiguous().view(torch.int32).to(torch.int64)
+    g = torch.Generator().manual_seed(0x5EED)
+    weights = torch.randint(-(2**62), 2**62, (bits.shape[1],), generator=g, dtype=torch.int64) | 1
+    h = _mix64((_mix64(bits) * weights.to(bits.device)).sum(1))  # integer sums: exact in any order
+    u = ((h >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+    return u < fraction
 
 
 class _Moments:
@@ -116,7 +139,58 @@ class LearnedUpsampler(Upsampler):
         lr = float(config["generator_upsampler_learning_rate"])
         fraction = float(config["generator_validation_split"])
 
-        # pass 0: linear interpolation scored on both groups, warm-start statistics of the training group
+        moments, groups = self._pass0(pairs, fraction)
+        if groups["train"].n == 0 and groups["heldout"].n > 0:  # tiny data, every sample hashed out
+            fraction = 0.0
+            moments, groups = self._pass0(pairs, fraction)
+        if groups["train"].n == 0:
+            raise ValueError("no training pairs to fit the learned upsampler on")
+        prefix = "heldout" if groups["heldout"].n > 0 else "train"  # nothing held out: select on train
+        scored = groups[prefix]
+
+        slope, bias = moments.warm_start()
+        best_name, best_score = "linear", scored.sse / scored.elements
+        best_state = {k: torch.zeros_like(v) for k, v in self.state_dict().items()}
+        linear_score = best_score
+        if self.warm_start:
+            with torch.no_grad():
+                self.mix.copy_(slope.unsqueeze(1).to(self.mix) * self._interp_matrix())
+                self.bias.copy_(bias.float())
+
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        for epoch in range(epochs + 1):  # pass e scores the state after e epochs and trains epoch e + 1
+            snapshot = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            sse = 0.0
+            for reduced, full, held in self._stream(pairs, fraction):
+                score_rows = held if prefix == "heldout" else ~held
+                if score_rows.any():
+                    with torch.no_grad():
+                        pred = self._apply(snapshot, _rows(reduced, score_rows))
+                        sse += F.mse_loss(pred, _rows(full, score_rows), reduction="sum").item()
+                if epoch < epochs and (~held).any():
+                    opt.zero_grad(set_to_none=True)
+                    F.mse_loss(self.full(_rows(reduced, ~held)), _rows(full, ~held)).backward()
+                    opt.step()
+            if sse / scored.elements < best_score:  # strictly better: ties keep the simpler state
+                best_name, best_score, best_state = f"epoch_{epoch}", sse / scored.elements, snapshot
+        self.load_state_dict(best_state)
+        metrics = {
+            f"{prefix}_mse_linear": linear_score,
+            f"{prefix}_mse_learned": best_score,
+            "heldout_samples": float(groups["heldout"].n),
+            "train_samples": float(groups["train"].n),
+            "best_epoch": -1.0 if best_name == "linear" else float(best_name.removeprefix("epoch_")),
+        }
+        sst = scored.sst()
+        if sst > 0:
+            metrics[f"{prefix}_r2_linear"] = 1.0 - linear_score * scored.elements / sst
+            metrics[f"{prefix}_r2_learned"] = 1.0 - best_score * scored.elements / sst
+        return metrics
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _pass0(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]],
+               fraction: float) -> tuple[_Moments, dict[str, _Totals]]:
+        """Linear interpolation scored on both groups; warm-start statistics of the training group."""
         moments = _Moments(self.full_length, self.dim)
         groups = {"train": _Totals(), "heldout": _Totals()}
         for reduced, full, held in self._stream(pairs, fraction):
@@ -128,54 +202,8 @@ class LearnedUpsampler(Upsampler):
                     groups[name].add(residual[rows], full[rows])
             if (~held).any():
                 moments.add(residual[~held], lin[~held])
-        if groups["train"].n == 0:
-            raise ValueError("no training pairs to fit the learned upsampler on")
-        prefix = "heldout" if groups["heldout"].n > 0 else "train"  # nothing held out: select on train
-        scored = groups[prefix]
+        return moments, groups
 
-        slope, bias = moments.warm_start()
-        candidates: dict[str, dict[str, Tensor]] = {"linear": {k: torch.zeros_like(v)
-                                                               for k, v in self.state_dict().items()}}
-        scores = {"linear": scored.sse / scored.elements}
-        if self.warm_start:
-            with torch.no_grad():
-                self.mix.copy_(slope.unsqueeze(1).to(self.mix) * self._interp_matrix())
-                self.bias.copy_(bias.float())
-
-        opt = torch.optim.Adam(self.parameters(), lr=lr)
-        for epoch in range(epochs + 1):  # pass e scores the state after e epochs and trains epoch e + 1
-            name = "warm_start" if epoch == 0 else f"epoch_{epoch}"
-            snapshot = {k: v.detach().clone() for k, v in self.state_dict().items()}
-            sse = 0.0
-            for reduced, full, held in self._stream(pairs, fraction):
-                score_rows = held if prefix == "heldout" else ~held
-                if score_rows.any():
-                    with torch.no_grad():
-                        pred = self._apply(snapshot, reduced[score_rows])
-                        sse += F.mse_loss(pred, full[score_rows], reduction="sum").item()
-                if epoch < epochs and (~held).any():
-                    opt.zero_grad(set_to_none=True)
-                    F.mse_loss(self.full(reduced[~held]), full[~held]).backward()
-                    opt.step()
-            scores[name] = sse / scored.elements
-            candidates[name] = snapshot
-
-        best = min(scores, key=lambda k: (scores[k], k != "linear"))  # ties go to linear
-        self.load_state_dict(candidates[best])
-        metrics = {
-            f"{prefix}_mse_linear": scores["linear"],
-            f"{prefix}_mse_learned": scores[best],
-            "heldout_samples": float(groups["heldout"].n),
-            "train_samples": float(groups["train"].n),
-            "best_epoch": -1.0 if best == "linear" else float(best.removeprefix("epoch_").replace("warm_start", "0")),
-        }
-        sst = scored.sst()
-        if sst > 0:
-            metrics[f"{prefix}_r2_linear"] = 1.0 - scores["linear"] * scored.elements / sst
-            metrics[f"{prefix}_r2_learned"] = 1.0 - scores[best] * scored.elements / sst
-        return metrics
-
-    # -- helpers ------------------------------------------------------------------------------------
     def _apply(self, state: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """``linear(x) + W @ x + B`` (summed in place into the mixing product: one full-size buffer)."""
         out = torch.einsum("pl,bld->bpd", state["mix"].to(x.dtype), x)
@@ -188,16 +216,20 @@ class LearnedUpsampler(Upsampler):
 
     def _stream(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]],
                 fraction: float) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        device, start = self.bias.device, 0
+        device = self.bias.device
         for reduced, full in pairs():
             if (reduced.shape[0] != full.shape[0] or tuple(reduced.shape[1:]) != (self.reduced_length, self.dim)
                     or tuple(full.shape[1:]) != (self.full_length, self.dim)):
                 raise ValueError(f"pairs must be ([B, {self.reduced_length}, {self.dim}], "
                                  f"[B, {self.full_length}, {self.dim}]); got {tuple(reduced.shape)}, "
                                  f"{tuple(full.shape)}")
-            held = heldout_mask(start, reduced.shape[0], fraction).to(device)
-            start += reduced.shape[0]
-            yield reduced.to(device, torch.float32), full.to(device, torch.float32), held
+            reduced = reduced.to(device, torch.float32)
+            yield reduced, full.to(device, torch.float32), heldout_rows(reduced, fraction)
+
+
+def _rows(t: Tensor, mask: Tensor) -> Tensor:
+    """``t[mask]`` without the copy when every row is selected."""
+    return t if bool(mask.all()) else t[mask]
 
 
 class _Totals:

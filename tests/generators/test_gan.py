@@ -178,3 +178,13 @@ def test_init_args_and_state_dict_rebuild_bit_identical_samples(kwargs):
     a = gan.sample(2, labels=labels, conditions=conditions, generator=torch.Generator().manual_seed(9))
     b = clone.sample(2, labels=labels, conditions=conditions, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a, b)
+
+
+def test_bfloat16_autocast_trains_with_finite_terms():
+    config = tiny_config(generator_autocast="bfloat16")
+    gan = make(config)
+    c = ctx(config)
+    c.autocast_dtype = torch.bfloat16
+    terms = gan.training_step(torch.randn(8, L, D), labels=None, conditions=None,
+                              optimizers=gan.configure_optimizers(config), ctx=c)
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())

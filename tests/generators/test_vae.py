@@ -251,3 +251,14 @@ def test_init_args_and_state_dict_rebuild_bit_identical_samples(kwargs):
     a = vae.sample(3, labels=labels, conditions=conditions, generator=torch.Generator().manual_seed(3))
     b = clone.sample(3, labels=labels, conditions=conditions, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_bfloat16_autocast_trains_with_float32_weights_and_finite_terms():
+    config = tiny_config(generator_autocast="bfloat16")
+    vae = make(config)
+    opts = vae.configure_optimizers(config)
+    c = ctx(config)
+    c.autocast_dtype = torch.bfloat16
+    terms = vae.training_step(torch.randn(8, L, D), labels=None, conditions=None, optimizers=opts, ctx=c)
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+    assert all(p.dtype == torch.float32 for p in vae.parameters())

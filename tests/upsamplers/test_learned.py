@@ -11,7 +11,7 @@ from feda2v_toolkit.components import Upsampler
 from feda2v_toolkit.config import schema_defaults
 from feda2v_toolkit.plugins import get_registry
 from feda2v_toolkit.upsamplers.interpolate import LinearUpsampler
-from feda2v_toolkit.upsamplers.learned import LearnedUpsampler, heldout_mask
+from feda2v_toolkit.upsamplers.learned import LearnedUpsampler, heldout_rows
 
 FULL, RED, DIM = 60, 4, 8
 
@@ -93,16 +93,36 @@ def test_other_lengths_resample_the_corrected_full_sequence():
         up(torch.randn(2, 5, DIM), FULL)
 
 
-def test_heldout_split_is_deterministic_and_independent_of_batching():
-    whole = heldout_mask(0, 40, 0.25)
-    pieces = torch.cat([heldout_mask(s, 7 if s + 7 <= 40 else 40 - s, 0.25) for s in range(0, 40, 7)])
-    assert torch.equal(whole, pieces) and int(whole.sum()) == 10
-    assert not heldout_mask(0, 40, 0.0).any()
+def test_heldout_samples_are_chosen_by_content_not_by_order_or_batching():
+    x = torch.randn(4000, RED, DIM)
+    held = heldout_rows(x, 0.25)
+    assert 0.22 < held.float().mean() < 0.28
+    assert torch.equal(heldout_rows(x[1000:1100], 0.25), held[1000:1100])
+    assert torch.equal(heldout_rows(x.flip(0), 0.25), held.flip(0))
+    assert not heldout_rows(x, 0.0).any()
     full = positional_data(40)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(1))
     m3 = make().fit(pairs_of(full, 3), config=config())
-    m7 = make().fit(pairs_of(full, 7), config=config())
-    assert m3["heldout_samples"] == m7["heldout_samples"] == 10
-    assert m3["heldout_mse_linear"] == pytest.approx(m7["heldout_mse_linear"], rel=1e-6)
+    m7 = make().fit(pairs_of(full[order], 7), config=config())  # reshuffled, other batches
+    assert m3["heldout_samples"] == m7["heldout_samples"] == int(heldout_rows(reduce(full), 0.25).sum()) > 0
+    assert m3["heldout_mse_linear"] == pytest.approx(m7["heldout_mse_linear"], rel=1e-5)
+
+
+def test_reshuffled_passes_keep_the_same_heldout_samples():
+    full = positional_data(40)
+    calls = []
+
+    def pairs():  # a new order on every call, as the trainer does
+        calls.append(1)
+        order = torch.randperm(40, generator=torch.Generator().manual_seed(len(calls)))
+        for i in range(0, 40, 8):
+            rows = order[i:i + 8]
+            yield reduce(full[rows]), full[rows]
+
+    up = make()
+    metrics = up.fit(pairs, config=config())
+    held = heldout_rows(reduce(full), 0.25)
+    assert mse_on(up, full, held) == pytest.approx(metrics["heldout_mse_learned"], rel=1e-4)
 
 
 def test_fit_improves_heldout_mse_over_linear_on_data_with_per_position_structure():
@@ -114,21 +134,19 @@ def test_fit_improves_heldout_mse_over_linear_on_data_with_per_position_structur
     assert metrics["heldout_mse_learned"] < 0.1 * metrics["heldout_mse_linear"]
     assert metrics["heldout_r2_learned"] > 0.9 > metrics["heldout_r2_linear"]
     assert metrics["train_samples"] + metrics["heldout_samples"] == len(full)
-    held = heldout_mask(0, len(full), 0.25)
+    held = heldout_rows(reduce(full), 0.25)
     assert mse_on(up, full, held) == pytest.approx(metrics["heldout_mse_learned"], rel=1e-4)
     assert len(pairs.calls) == config()["generator_upsampler_epochs"] + 2  # stats pass, epochs, final score
 
 
 def test_fit_never_ends_worse_than_linear_on_heldout_data():
-    # training samples are shifted by +c, held-out ones by -c: anything learned hurts on held-out data
-    full = positional_data(32)
-    red = reduce(full)
-    lin = LinearUpsampler()(red, FULL)
-    held = heldout_mask(0, 32, 0.5)
-    shift = torch.where(held, -1.0, 1.0).view(-1, 1, 1)
-    adversarial = lin + shift
+    # training samples are shifted by +1, held-out ones by -1: anything learned hurts on held-out data
+    red = reduce(positional_data(32))
+    held = heldout_rows(red, 0.5)
+    assert 0 < held.sum() < 32
+    adversarial = LinearUpsampler()(red, FULL) + torch.where(held, -1.0, 1.0).view(-1, 1, 1)
     up = make()
-    metrics = up.fit(pairs_of(adversarial), config=config(generator_validation_split=0.5))
+    metrics = up.fit(lambda: [(red, adversarial)], config=config(generator_validation_split=0.5))
     assert metrics["best_epoch"] == -1
     assert metrics["heldout_mse_learned"] == metrics["heldout_mse_linear"]
     x = torch.randn(2, RED, DIM)
@@ -140,6 +158,13 @@ def test_without_a_heldout_split_it_selects_on_training_data():
     metrics = make().fit(pairs_of(full), config=config(generator_validation_split=0.0))
     assert metrics["heldout_samples"] == 0 and metrics["train_samples"] == 16
     assert metrics["train_mse_learned"] < metrics["train_mse_linear"]
+
+
+def test_a_set_too_small_to_hold_out_from_trains_on_everything():
+    full = positional_data(1)
+    assert heldout_rows(reduce(full), 0.9999).all()
+    metrics = make().fit(pairs_of(full), config=config(generator_validation_split=0.9999))
+    assert metrics["heldout_samples"] == 0 and metrics["train_samples"] == 1
 
 
 def test_init_args_and_state_dict_rebuild_it_exactly():
