@@ -162,12 +162,26 @@ def _write_backup(path: Path, data: bytes) -> Path:
     raise UsageError(f"{path}: cannot create a backup file")
 
 
-def _target(item: _Input, output: Path, single: bool) -> Path:
-    if single and not output.is_dir() and not str(output).endswith(os.sep):
-        return output
-    assert item.path is not None
-    rel = item.path.relative_to(item.root) if item.root is not None else Path(item.path.name)
-    return output / rel
+def _plan_outputs(items: list[_Input], output: Path, single: bool) -> dict[str, Path]:
+    """Where ``-o OUT`` writes each input: OUT itself for one file, else OUT/<path under its directory>.
+
+    Checked before anything is written: no input is overwritten and no two inputs share a target.
+    """
+    plan: dict[str, Path] = {}
+    owners: dict[Path, str] = {}
+    for item in items:
+        if item.path is None or (single and not output.is_dir() and not str(output).endswith(os.sep)):
+            target = output
+        else:
+            rel = item.path.relative_to(item.root) if item.root is not None else Path(item.path.name)
+            target = output / rel
+        if item.path is not None and target.exists() and target.resolve() == item.path.resolve():
+            raise UsageError(f"{item.name}: -o would overwrite the input; use --in-place")
+        if target in owners:
+            raise UsageError(f"{item.name} and {owners[target]} would both be written to {target}")
+        owners[target] = item.name
+        plan[item.name] = target
+    return plan
 
 
 def _diff(name: str, old: str, new: str) -> str:
@@ -210,7 +224,7 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
     if in_place and any(item.path is None for item in items):
         raise UsageError("--in-place cannot rewrite standard input")
     options = {"training_length": training_length}
-    targets: dict[Path, str] = {}
+    targets = _plan_outputs(items, output, single) if output is not None else {}
     catalog = None
     stdout = _BinaryOut()
     io_failed = failed = False
@@ -258,18 +272,9 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
                 if not quiet:
                     click.echo(f"migrated {item.name} (backup: {backup.name})", err=True)
         elif output is not None:
-            if item.path is None:
-                target = output
-            else:
-                target = _target(item, output, single)
-                if target.exists() and target.resolve() == item.path.resolve():
-                    raise UsageError(f"{item.name}: -o would overwrite the input; use --in-place")
-                if target in targets:
-                    raise UsageError(f"{item.name} and {targets[target]} would both be written to {target}")
-                targets[target] = item.name
             from feda2v_toolkit.atomic import atomic_open
 
-            with atomic_open(target, "wb") as fh:
+            with atomic_open(targets[item.name], "wb") as fh:
                 fh.write(result.encoded())
         elif not show_diff:
             stdout.write(result.encoded())

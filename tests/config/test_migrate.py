@@ -291,3 +291,12 @@ def test_output_directory_refuses_two_inputs_with_one_name(feda2v, tmp_path):
     b = copy_fixture(REFERENCE / "new.json", tmp_path / "b", "old.json")
     run = feda2v("migrate", "-o", tmp_path / "out", a, b)
     assert run.code == 2 and "would both be written to" in run.stderr
+
+
+def test_output_problems_are_found_before_anything_is_written(feda2v, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = copy_fixture(REFERENCE / "old.json", tmp_path / "a")
+    b = copy_fixture(REFERENCE / "old.json", tmp_path / "b")
+    assert feda2v("migrate", "-o", tmp_path / "out", a, b).code == 2
+    assert not (tmp_path / "out").exists()
