@@ -202,7 +202,8 @@ def _diff(name: str, old: str, new: str) -> str:
 @click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
               help="Write the migrated file to OUT (a directory for several files).")
 @click.option("--training-length", type=click.IntRange(min=1), metavar="N",
-              help="Training length for a deprecated full-length target (default: the schema default, 4).")
+              help="Training length to choose for a deprecated full-length target "
+                   "(generator_target_sequence_length above 64); default: the schema default, 4.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the changes.")
 def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: bool, output: Path | None,
                 training_length: int | None, quiet: bool) -> None:

@@ -40,9 +40,8 @@ def flowgen_registry():
 
     from . import flowgen_plugin
 
-    registry = plugins.load_registry(autoload=False, strict=True, extra_plugins=[("flowgen", flowgen_plugin)])
-    plugins._REGISTRY = registry  # what the CLI commands will use
-    return registry
+    plugins.configure(autoload=False, strict=True, extra_plugins=[("flowgen", flowgen_plugin)])
+    return plugins.get_registry()  # the process-wide registry: what the CLI commands use
 
 
 @dataclass
