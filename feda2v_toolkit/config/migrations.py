@@ -53,7 +53,8 @@ def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext)
 
     * ``n <= 64``: train at ``n``, output ``null`` (= the training length), as documented.
     * ``n > 64`` (a full-length target such as 1214): the documented full-length form, train at a small
-      length (``--training-length``, default the schema default 4) and output ``n``.
+      length (``--training-length``, default the schema default 4) and output ``n``. A per-node override
+      without its own training length keeps the section's (unless ``--training-length`` is given).
     * New keys already present: kept when they agree with the old key (which is dropped); a
       disagreement raises :class:`MigrationConflict` showing both values.
     """
@@ -66,6 +67,8 @@ def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext)
                                 "fix the value by hand")
     has_train, has_out = TRAINING_KEY in section, OUTPUT_KEY in section
     full = old > FULL_LENGTH_THRESHOLD
+    # a node override without its own training length keeps the section's, unless the user chose one
+    inherit = full and not has_train and ctx.is_node and ctx.option("training_length") is None
     if full:
         out: int | None = old
         if has_train:
@@ -76,7 +79,7 @@ def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext)
                          "applies only where the file sets none")
         else:
             train = ctx.option("training_length", ctx.defaults.get(TRAINING_KEY, 4))
-            if train >= old:
+            if train >= old and not inherit:
                 raise MigrationConflict(f"training length {train} is not shorter than the output length {old}",
                                         "choose a smaller --training-length")
         if has_out and not json_equal(section[OUTPUT_KEY], old):
@@ -97,11 +100,15 @@ def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext)
         if key != OLD_KEY:
             new[key] = value
             continue
-        if not has_train:
+        if not has_train and not inherit:
             new[TRAINING_KEY] = train
         if not has_out and (full or not has_train):
             new[OUTPUT_KEY] = out
-    if full and not has_train:
+    if inherit:
+        ctx.note(f"{OLD_KEY} {old} is a full-length target (above {FULL_LENGTH_THRESHOLD}): it became "
+                 f"{OUTPUT_KEY} {old}; the node keeps the section's training length (--training-length N "
+                 "sets one)")
+    elif full and not has_train:
         hidden = section.get("generator_hidden_dim", ctx.defaults.get("generator_hidden_dim", 1024))
         latent = section.get("generator_latent_dim", ctx.defaults.get("generator_latent_dim", 256))
         hidden = hidden if isinstance(hidden, int) else 1024

@@ -293,8 +293,8 @@ class _Checker:
             note = ""
             value = loc.data[key]
             if key == "generator_target_sequence_length" and _is_int(value) and value > FULL_LENGTH_THRESHOLD:
-                note = (f" (a full-length target: migrate trains at {self.defaults.get(TRAIN, 4)} and upsamples "
-                        f"to {value}; --training-length N chooses another training length)")
+                note = (f" (a full-length target: it becomes {OUTPUT} {value}, trained at a small length; "
+                        "--training-length N chooses it)")
             self.add((*loc.path, key), "deprecated-key", at_key=True, found=found, expected=replacement,
                      message=f"{key!r} is deprecated and ignored by FedA2V; use {replacement}",
                      suggestion=f"run `{self.fix}`{note}")

@@ -300,3 +300,12 @@ def test_output_problems_are_found_before_anything_is_written(feda2v, tmp_path):
     b = copy_fixture(REFERENCE / "old.json", tmp_path / "b")
     assert feda2v("migrate", "-o", tmp_path / "out", a, b).code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_full_length_target_in_a_node_keeps_the_sections_training_length(catalog):
+    text = json.dumps({"feda2v": {"generator_training_sequence_length": 16},
+                       "nodes": {"0": {"generator_target_sequence_length": 1214}}})
+    doc = json.loads(migrate_text(text, catalog))
+    assert doc["nodes"]["0"] == {"generator_output_sequence_length": 1214}
+    doc = json.loads(migrate_text(text, catalog, training_length=8))
+    assert doc["nodes"]["0"] == {"generator_training_sequence_length": 8, "generator_output_sequence_length": 1214}
