@@ -29,6 +29,7 @@ Loss (every term is a per-element mean, so it does not scale with ``seq_len * di
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import islice
 from typing import Any, ClassVar
 
 import torch
@@ -61,7 +62,7 @@ def _run(net: nn.Sequential, cond: nn.Linear | None, x: Tensor, c: Tensor | None
     h = net[0](x)
     if cond is not None:
         h = h + cond(c)
-    for layer in net[1:]:
+    for layer in islice(net, 1, None):
         h = layer(h)
     return h
 

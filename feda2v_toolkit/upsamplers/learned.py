@@ -122,7 +122,7 @@ class LearnedUpsampler(Upsampler):
         """``[B, l, D] -> [B, full_length, D]`` with the correction."""
         if x.dim() != 3 or x.shape[1] != self.reduced_length or x.shape[2] != self.dim:
             raise ValueError(f"expected [B, {self.reduced_length}, {self.dim}], got {tuple(x.shape)}")
-        return self._apply({"mix": self.mix, "bias": self.bias}, x)
+        return self._correct({"mix": self.mix, "bias": self.bias}, x)
 
     def forward(self, x: Tensor, length: int) -> Tensor:
         """Corrected at ``full_length``. Another ``length`` is resampled linearly from the corrected
@@ -165,7 +165,7 @@ class LearnedUpsampler(Upsampler):
                 score_rows = held if prefix == "heldout" else ~held
                 if score_rows.any():
                     with torch.no_grad():
-                        pred = self._apply(snapshot, _rows(reduced, score_rows))
+                        pred = self._correct(snapshot, _rows(reduced, score_rows))
                         sse += F.mse_loss(pred, _rows(full, score_rows), reduction="sum").item()
                 if epoch < epochs and (~held).any():
                     opt.zero_grad(set_to_none=True)
@@ -204,7 +204,7 @@ class LearnedUpsampler(Upsampler):
                 moments.add(residual[~held], lin[~held])
         return moments, groups
 
-    def _apply(self, state: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def _correct(self, state: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """``linear(x) + W @ x + B`` (summed in place into the mixing product: one full-size buffer)."""
         out = torch.einsum("pl,bld->bpd", state["mix"].to(x.dtype), x)
         return out.add_(linear_interpolate(x, self.full_length)).add_(state["bias"].to(x.dtype))

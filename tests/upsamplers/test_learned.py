@@ -180,3 +180,14 @@ def test_init_args_and_state_dict_rebuild_it_exactly():
 def test_mismatched_pairs_are_rejected():
     with pytest.raises(ValueError, match="pairs must be"):
         make().fit(lambda: [(torch.randn(2, RED, DIM), torch.randn(2, FULL + 1, DIM))], config=config())
+
+
+def test_moves_between_dtypes_like_any_module():
+    up = make()
+    with torch.no_grad():
+        up.bias.normal_()
+    x = torch.randn(2, RED, DIM)
+    expected = up(x, FULL)
+    up.to(torch.float64)
+    assert up.bias.dtype == up.mix.dtype == torch.float64
+    assert torch.allclose(up(x.double(), FULL).float(), expected, atol=1e-5)
