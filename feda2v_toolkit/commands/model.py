@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import click
+
+from feda2v_toolkit.commands._warnings import warnings_as_messages
 
 
 def _samples_option(value: str | None) -> int | str | None:
@@ -54,13 +55,10 @@ def generate_cmd(model_path: Path, out_dir: Path, samples: int | str | None, cla
 
     model = load_model(model_path, device=resolve_device(device))
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_as_messages():
         generate(model, out_dir, samples=samples, classes=names, length=output_length, dtype=dtype, seed=seed,
                  batch_size=batch_size, conditions=conditions_path, shard_bytes=shard_mb * 2**20,
                  progress=progress, log=lambda m: click.echo(f"feda2v-tk: {m}", err=True))
-    for w in caught:
-        click.echo(f"feda2v-tk: warning: {w.message}", err=True)
 
 
 def describe(meta: dict[str, Any]) -> dict[str, Any]:

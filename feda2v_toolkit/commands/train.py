@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from feda2v_toolkit.commands._warnings import warnings_as_messages
+
 #: CLI option -> generator-section key it overrides
 OVERRIDE_OPTIONS: dict[str, str] = {
     "generator_type": "generator_type",
@@ -83,9 +85,10 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
     if metrics_path is None:
         metrics_path = out_path.with_name(out_path.stem + ".metrics.jsonl")
     try:
-        model = train(config, data_path, out=out_path, overrides=overrides, seed=seed, device=device,
-                      resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
-                      progress=progress, log=say)
+        with warnings_as_messages():
+            model = train(config, data_path, out=out_path, overrides=overrides, seed=seed, device=device,
+                          resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
+                          progress=progress, log=say)
     except KeyboardInterrupt:
         say("interrupted; the last checkpoint is intact: run again with --resume to continue")
         raise

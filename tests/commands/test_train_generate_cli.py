@@ -103,3 +103,17 @@ def test_real_ast_shape_end_to_end(tmp_path):
 
     ds = open_dataset(tmp_path / "synthetic")
     assert (len(ds), ds.seq_len, ds.dim) == (8, 1214, 768)
+
+
+def test_a_legacy_config_is_migrated_in_memory_and_the_deprecation_is_shown(tmp_path):
+    run("demo-data", "data.safetensors", "--per-class", "4", "--seq-len", "40", "--dim", "8", cwd=tmp_path)
+    legacy = {"feda2v": {"generator_target_sequence_length": 8, "generator_training_epochs": 1,
+                         "generator_hidden_dim": 16, "generator_latent_dim": 4}}
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    proc = run("train", "-c", "old.json", "-d", "data.safetensors", "-o", "m.safetensors", "--checkpoint-dir",
+               "ck", "--seed", "0", cwd=tmp_path)
+    warning = [line for line in proc.stderr.splitlines() if "warning" in line and "generator_target" in line]
+    assert warning and "feda2v-tk migrate" in warning[0]
+    info = json.loads(run("inspect", "m.safetensors", "--json", cwd=tmp_path).stdout)
+    assert info["training_length"] == 8 and info["output_length"] is None
+    assert "generator_target_sequence_length" not in info["config"]
