@@ -228,7 +228,9 @@ def test_train_generate_and_inspect_with_the_plugin_generator_reducer_and_upsamp
 
 def test_the_plugin_own_tests_pass_in_the_venv(venv):
     copy = venv.root / "src" / "feda2v-tk-flow"
-    proc = venv.python_run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(copy / "tests"), cwd=copy, timeout=600)
+    # `-o pythonpath=` drops the plugin's `src` from sys.path: the tests import the installed package
+    proc = venv.python_run("-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "pythonpath=", str(copy / "tests"),
+                           cwd=copy, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
@@ -265,6 +267,8 @@ def test_the_cli_keeps_working_next_to_broken_plugins(venv, demo_data):
     assert "feda2v-tk: warning: skipped plugin 'broken-import' (feda2v-tk-broken 0.0.1)" in help_.stderr
     assert "Traceback" not in help_.stderr
     venv.run("validate", str(write_config(venv, "ok.json", FLOW_CONFIG)), broken=True)
+    old = write_config(venv, "old-flow.json", {"feda2v": {"generator_type": "realnvp", "flow_num_layers": 3}})
+    assert json.loads(venv.run("migrate", str(old), broken=True).stdout)["feda2v"]["flow_coupling_layers"] == 3
     config = write_config(venv, "vae.json", {"feda2v": {
         "generator_type": "vae", "generator_training_sequence_length": 4, "generator_training_epochs": 1,
         "generator_hidden_dim": 16, "generator_latent_dim": 4, "generator_batch_size": 8}})

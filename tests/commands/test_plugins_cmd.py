@@ -82,6 +82,11 @@ def test_a_broken_plugin_leaves_help_and_other_commands_working(site, tmp_path):
     bad.write_text(json.dumps({"feda2v": {"hello_greeting": 3}}))
     invalid = run_cli("validate", str(bad), site=site)
     assert invalid.returncode == 1 and "hello_greeting" in invalid.stdout + invalid.stderr
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"feda2v": {"generator_target_sequence_length": 4}}))
+    migrated = run_cli("migrate", str(old), site=site)
+    assert migrated.returncode == 0, migrated.stderr
+    assert json.loads(migrated.stdout)["feda2v"]["generator_training_sequence_length"] == 4
 
 
 @pytest.mark.parametrize("switch", [("--strict-plugins",), ()])
