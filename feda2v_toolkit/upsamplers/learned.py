@@ -8,15 +8,16 @@ linear interpolation (bit for bit).
 
 :meth:`LearnedUpsampler.fit` streams (reduced, full) pairs and holds out about a fraction
 ``f = generator_validation_split`` of the samples, chosen by a hash of each reduced sample's bits: the
-same samples on every pass, whatever order or batching ``pairs()`` uses (the trainer reshuffles). Pass 0 measures linear interpolation on the held-out
-samples and gathers per-position statistics of the training samples for a closed-form warm start (per
-position ``p``: ``residual ~ a_p * (linear - mean) + mean residual``, one scalar ``a_p`` shared by all
-features); then ``generator_upsampler_epochs`` passes of Adam (``generator_upsampler_learning_rate``)
-over the training samples, each pass also scoring the state reached by the previous one on the held-out
-samples (so one streaming pass per epoch, plus one to score the last). The best state on held-out data
-is kept, linear interpolation (zero) included, so ``fit`` never returns anything worse than linear
-there. With ``f = 0`` (or when every sample of a tiny set hashes out) nothing is held out and the same
-selection runs on the training samples. Metrics: ``heldout_mse_linear`` / ``heldout_mse_learned`` and
+same samples on every pass, whatever order or batching ``pairs()`` uses (the trainer reshuffles).
+Pass 0 scores linear interpolation and gathers per-position statistics of the training samples for a
+closed-form warm start: per position ``p``, ``residual ~ a_p * (linear - mean) + mean residual`` (one
+slope ``a_p`` shared by all features), each part shrunk towards zero by a James-Stein factor so that
+estimates from few, noisy samples do not add noise. Then ``generator_upsampler_epochs`` passes of
+Adam (``generator_upsampler_learning_rate``) over the training samples refine ``W`` and ``B``; each
+pass also scores the state the previous one reached (one streaming pass per epoch, plus one to score
+the last). The best state on held-out data is kept, linear interpolation (zero) included, so ``fit``
+never returns anything worse than linear there. With ``f = 0`` (or when every sample of a tiny set
+hashes out) nothing is held out and the same selection runs on the training samples. Metrics: ``heldout_mse_linear`` / ``heldout_mse_learned`` and
 ``heldout_r2_*`` (about the per-position-and-feature mean; ``train_*`` when nothing is held out),
 sample counts, and ``best_epoch`` (-1: linear kept, 0: the warm start, e: after e epochs).
 """
@@ -67,31 +68,42 @@ def heldout_rows(reduced: Tensor, fraction: float) -> Tensor:
 
 
 class _Moments:
-    """Running per-(position, feature) sums of the targets, in float64, for R^2 and the warm start."""
+    """Running per-(position, feature) sums of residual ``r`` and interpolation ``q``, in float64."""
 
     def __init__(self, length: int, dim: int) -> None:
-        shape = (length, dim)
         self.n = 0
-        self.r = torch.zeros(shape, dtype=torch.float64)   # residual = full - linear
-        self.q = torch.zeros(shape, dtype=torch.float64)   # linear
-        self.rq = torch.zeros(shape, dtype=torch.float64)
-        self.qq = torch.zeros(shape, dtype=torch.float64)
+        self.r, self.q, self.rq, self.qq, self.rr = (torch.zeros(length, dim, dtype=torch.float64)
+                                                     for _ in range(5))
 
     def add(self, residual: Tensor, lin: Tensor) -> None:
         self.n += residual.shape[0]
-        self.r += residual.sum(0).double().cpu()
-        self.q += lin.sum(0).double().cpu()
-        self.rq += (residual * lin).sum(0).double().cpu()
-        self.qq += lin.square().sum(0).double().cpu()
+        for acc, t in ((self.r, residual), (self.q, lin), (self.rq, residual * lin),
+                       (self.qq, lin.square()), (self.rr, residual.square())):
+            acc += t.sum(0).double().cpu()
 
-    def warm_start(self) -> tuple[Tensor, Tensor]:
-        """Per-position slope ``a [L]`` and bias ``[L, D]`` of ``residual ~ a (lin - mean) + mean``."""
+    def warm_start(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-position correction ``k_a a_p (q - mean_q) + k_b mean_r`` of the residual.
+
+        ``a_p`` is the least-squares slope of the residual on the interpolation at position ``p`` (one
+        scalar shared by all features); ``k_a``, ``k_b`` in [0, 1] are James-Stein shrinkage factors
+        ``max(0, 1 - estimation variance / squared estimate)``, so that a noisy estimate from few
+        samples is pulled towards zero (linear) rather than added as noise. Returns ``(slope [L],
+        bias [L, D], mean_q [L, D])`` with the correction ``slope_p * q + bias``.
+        """
         n = max(self.n, 1)
         mr, mq = self.r / n, self.q / n
-        cov = (self.rq - n * mr * mq).sum(1)
-        var = (self.qq - n * mq * mq).sum(1)
-        a = torch.where(var > 1e-12, cov / var.clamp(min=1e-12), torch.zeros_like(var))
-        return a, mr - a.unsqueeze(1) * mq
+        s_rq = (self.rq - n * mr * mq).sum(1)
+        s_qq = (self.qq - n * mq * mq).sum(1)
+        s_rr = (self.rr - n * mr * mr).sum(1)
+        a = torch.where(s_qq > 1e-12, s_rq / s_qq.clamp(min=1e-12), torch.zeros_like(s_qq))
+        elements = n * mr.shape[1]
+        resid_var = (s_rr - a * s_rq).clamp(min=0) / max(elements - 1, 1)
+        var_a = resid_var / s_qq.clamp(min=1e-12)
+        k_a = (1 - var_a / a.square().clamp(min=1e-30)).clamp(min=0)
+        var_mean = (s_rr / max(elements - mr.shape[1], 1)) / n  # variance of each per-element mean
+        k_b = (1 - var_mean / mr.square().mean(1).clamp(min=1e-30)).clamp(min=0)
+        slope = k_a * a
+        return slope, k_b.unsqueeze(1) * mr - slope.unsqueeze(1) * mq, mq
 
 
 class LearnedUpsampler(Upsampler):
@@ -148,7 +160,7 @@ class LearnedUpsampler(Upsampler):
         prefix = "heldout" if groups["heldout"].n > 0 else "train"  # nothing held out: select on train
         scored = groups[prefix]
 
-        slope, bias = moments.warm_start()
+        slope, bias, _ = moments.warm_start()
         best_name, best_score = "linear", scored.sse / scored.elements
         best_state = {k: torch.zeros_like(v) for k, v in self.state_dict().items()}
         linear_score = best_score
