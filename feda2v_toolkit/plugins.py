@@ -515,7 +515,7 @@ def _distribution_of(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str
     return dist.metadata["Name"], dist.version
 
 
-def _check_hook_names(registry: Registry, obj: Any, pm_name: str) -> None:
+def _check_hook_names(registry: Registry, obj: Any) -> None:
     """A ``feda2v_*`` function that matches no hook is a typo that would silently do nothing."""
     known = set(REGISTER_HOOKS.values()) | {COMMANDS_HOOK}
     for caller in registry.pm.get_hookcallers(obj) or []:
@@ -545,7 +545,7 @@ def _register_plugin(registry: Registry, obj: Any, info: PluginInfo) -> None:
             raise PluginValidationError(f"a plugin named {pm_name!r} (or this very module) is already registered")
         registry.pm.register(obj, name=pm_name)  # validates hook signatures against the specs
         registry.pm_names[pm_name] = info
-        _check_hook_names(registry, obj, pm_name)
+        _check_hook_names(registry, obj)
         staging = _Staging(registry, info)
         for kind, hook_name in REGISTER_HOOKS.items():
             for impl in getattr(registry.pm.hook, hook_name).get_hookimpls():
