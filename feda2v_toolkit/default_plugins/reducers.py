@@ -1,7 +1,15 @@
-"""Built-in reducers, registered through the public hook."""
+"""Built-in reducers and the schema fragment of the fitted pair (``pca`` + ``lstsq``), through the public hooks."""
+
+import json
+from importlib import resources
 
 from feda2v_toolkit.hookspecs import hookimpl
-from feda2v_toolkit.specs import ReducerSpec
+from feda2v_toolkit.specs import ReducerSpec, SchemaFragment
+
+
+def _fitted_schema() -> dict:
+    text = resources.files("feda2v_toolkit").joinpath("schemas", "fitted-components.schema.json").read_text("utf-8")
+    return json.loads(text)
 
 
 @hookimpl
@@ -12,3 +20,15 @@ def feda2v_register_reducers(register):
         factory="feda2v_toolkit.reducers.adaptive_avg:AdaptiveAvgReducer",
         settings=("generator_training_sequence_length",),
     ))
+    register(ReducerSpec(
+        name="pca",
+        description="Position PCA fitted on training data: the optimal linear reduction (pair with lstsq).",
+        factory="feda2v_toolkit.reducers.pca:PCAReducer",
+        settings=("generator_training_sequence_length",),
+    ))
+
+
+@hookimpl
+def feda2v_register_schema_fragments(register):
+    register(SchemaFragment(name="fitted-components", schema=_fitted_schema(),
+                            description="Keys of the built-in fitted reducer/upsampler pair (pca, lstsq)."))

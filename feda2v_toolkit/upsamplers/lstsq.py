@@ -1,0 +1,114 @@
+"""``lstsq``: the least-squares linear decoder from reduced positions to full positions (closed form).
+
+``forward`` returns ``U r + b``: every full-length position is a fixed linear combination of the reduced
+positions (``U [L, l]``, the same for every feature) plus a per-position, per-feature bias ``b [L, D]``
+(the shared positional structure of the data). ``fit`` streams (reduced, full) training pairs once,
+accumulating the normal equations in float64, and solves
+
+    U = C_xr (C_rr + lambda I)^-1,    b = mean(x) - U mean(r)    (means per feature, over sequences)
+
+with ``C_xr = sum (x - mean x)(r - mean r)^T`` over all sequences and features, and ``lambda =
+lstsq_ridge * tr(C_rr) / l`` (a tiny relative ridge for numerical safety). It is the best affine decoder
+for whatever reducer produced ``r``: after ``adaptive_avg`` it beats interpolation, and after ``pca`` it
+is the linear optimum (``U = V``, ``b = M - V V^T M``). No epochs, no learning rate, no randomness.
+
+For an output length other than the full length it was fitted at, the full-length reconstruction is
+linearly interpolated to that length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from feda2v_toolkit.components import Upsampler
+
+DEFAULT_RIDGE = 1e-6
+
+
+class LeastSquaresUpsampler(Upsampler):
+    """Affine least-squares decoder ``U r + b``, fitted in closed form on (reduced, full) pairs."""
+
+    trainable: ClassVar[bool] = True
+
+    def __init__(self, *, reduced_length: int, full_length: int, dim: int, ridge: float = DEFAULT_RIDGE) -> None:
+        super().__init__()
+        if reduced_length < 1 or full_length < 1 or dim < 1:
+            raise ValueError("reduced_length, full_length and dim must be >= 1")
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        self.reduced_length = int(reduced_length)
+        self.full_length = int(full_length)
+        self.dim = int(dim)
+        self.ridge = float(ridge)
+        self.register_buffer("weight", torch.zeros(self.full_length, self.reduced_length))
+        self.register_buffer("bias", torch.zeros(self.full_length, self.dim))
+        self.register_buffer("fitted_sequences", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, reduced_length: int, full_length: int,
+                    dim: int) -> LeastSquaresUpsampler:
+        ridge = config.get("lstsq_ridge")
+        return cls(reduced_length=reduced_length, full_length=full_length, dim=dim,
+                   ridge=DEFAULT_RIDGE if ridge is None else float(ridge))
+
+    def init_args(self) -> dict[str, Any]:
+        return {"reduced_length": self.reduced_length, "full_length": self.full_length, "dim": self.dim,
+                "ridge": self.ridge}
+
+    def fit(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]], *,
+            config: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """One pass over ``pairs()``; returns the training R^2 (about per-sequence means) and the ridge."""
+        short, L, D = self.reduced_length, self.full_length, self.dim
+        sxr = torch.zeros(L, short, dtype=torch.float64)
+        srr = torch.zeros(short, short, dtype=torch.float64)
+        sum_x = torch.zeros(L, D, dtype=torch.float64)
+        sum_r = torch.zeros(short, D, dtype=torch.float64)
+        sxx = sst = 0.0
+        n = 0
+        for reduced, full in pairs():
+            r = reduced.to(self.weight.device, torch.float32)
+            x = full.to(self.weight.device, torch.float32)
+            if r.shape[1:] != (short, D) or x.shape[1:] != (L, D) or r.shape[0] != x.shape[0]:
+                raise ValueError(f"expected pairs [B, {short}, {D}] and [B, {L}, {D}], got {tuple(r.shape)} "
+                                 f"and {tuple(x.shape)}")
+            xc = x.permute(1, 0, 2).reshape(L, -1)  # [L, B*D]
+            rc = r.permute(1, 0, 2).reshape(short, -1)  # [short, B*D]
+            sxr += (xc @ rc.T).double().cpu()
+            srr += (rc @ rc.T).double().cpu()
+            sum_x += x.sum(0).double().cpu()
+            sum_r += r.sum(0).double().cpu()
+            sxx += float(torch.linalg.vector_norm(x)) ** 2
+            sst += float(torch.dist(x, x.mean(1, keepdim=True).expand_as(x))) ** 2
+            n += x.shape[0]
+        if n == 0:
+            raise ValueError("lstsq: no training pairs")
+        cxr = sxr - sum_x @ sum_r.T / n
+        crr = srr - sum_r @ sum_r.T / n
+        lam = self.ridge * float(crr.trace()) / short
+        eye = torch.eye(short, dtype=torch.float64)
+        u = torch.linalg.solve(crr + lam * eye, cxr.T).T  # [L, short]
+        b = (sum_x - u @ sum_r) / n  # [L, D]
+        # training SSE from the accumulated sums: sum ||x - U r - b||^2
+        sse = (sxx - 2 * float((u * sxr).sum()) - 2 * float((b * sum_x).sum()) + float((u @ srr * u).sum())
+               + 2 * float((b * (u @ sum_r)).sum()) + n * float(b.square().sum()))
+        with torch.no_grad():
+            self.weight.copy_(u.to(self.weight))
+            self.bias.copy_(b.to(self.bias))
+            self.fitted_sequences.fill_(n)
+        return {"train_r2": 1.0 - sse / sst if sst > 0 else float("nan"), "ridge": lam, "pairs": float(n)}
+
+    def forward(self, x: Tensor, length: int) -> Tensor:
+        if int(self.fitted_sequences) == 0:
+            raise RuntimeError("the lstsq upsampler is not fitted: call fit() on (reduced, full) pairs first")
+        if x.dim() != 3 or x.shape[1] != self.reduced_length or x.shape[2] != self.dim:
+            raise ValueError(f"expected [B, {self.reduced_length}, {self.dim}], got shape {tuple(x.shape)}")
+        out = torch.matmul(self.weight.to(x.dtype), x) + self.bias.to(x.dtype)
+        if length != self.full_length:
+            out = F.interpolate(out.transpose(1, 2), size=length, mode="linear",
+                                align_corners=False).transpose(1, 2)
+        return out
