@@ -9,9 +9,10 @@ one discriminator step per generator step, AdamW with ``gan_adam_betas`` (defaul
 Measured on tiny toy sets (128 standardised samples, 400 steps, H=64): with R1 (gamma 1-10) the sample
 mean/std gaps fall to ~0.01-0.05 and generated samples cover both modes of a two-class set (gamma 0.1
 collapsed); a spectrally normalised discriminator without R1 (hinge or non-saturating, with or without
-a minibatch-stddev feature) collapsed onto one mode in 4 of 5 such runs, keeping mean gaps of ~1. WGAN-GP also covered both modes but needs
-5 critic steps with a double backward each; R1 needs one double backward on the real batch (about +40%
-per step at l=32, H=1024, batch 256 on CPU; ``gan_r1_weight: 0`` turns it off).
+a minibatch-stddev feature) collapsed onto one mode in 4 of 5 such runs, keeping mean gaps of ~1.
+WGAN-GP also covered both modes but needs 5 critic steps with a double backward each; R1 needs one
+double backward on the real batch (about +40% per step at l=32, H=1024, batch 256 on CPU;
+``gan_r1_weight: 0`` turns it off).
 
 Conditioning (``gan_conditioned``): on the class label, or on per-sample condition embeddings when the
 data has them; ``G`` sees ``[z; c]`` and ``D`` is a projection discriminator
