@@ -111,22 +111,25 @@ def _labels_for(num_per_class: int, num_classes: int) -> Tensor:
     return torch.arange(num_classes).repeat_interleave(num_per_class)
 
 
-def _clips(world: _World, labels: Tensor, seed: int, noise: float, chunk: int = 16) -> Iterator[Tensor]:
+def _clips(world: _World, labels: Tensor, seed: int, noise: float, first_clip: int = 0,
+           chunk: int = 16) -> Iterator[Tensor]:
     """Clips in chunks of ``chunk``; clip ``i`` has its own RNG stream, so it never depends on N."""
     for start in range(0, labels.numel(), chunk):
         rows = []
         for offset, label in enumerate(labels[start:start + chunk].tolist()):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + start + offset + 1)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + first_clip + start + offset + 1)
             rows.append(world.sample(label, g, noise))
         yield torch.stack(rows)
 
 
 def make_demo_dataset(num_per_class: int = 24, *, seq_len: int = AST_SEQ_LEN, dim: int = AST_DIM,
                       num_classes: int = len(CLASS_NAMES), seed: int = 0, noise: float = 1.0,
-                      dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, list[str]]:
+                      dtype: torch.dtype = torch.float32, first_clip: int = 0) -> tuple[Tensor, Tensor, list[str]]:
     """Return ``(embeddings [N, L, D], labels [N], class_names)`` with ``N = num_per_class * classes``.
 
-    Deterministic in ``seed``; sample ``i`` does not depend on how many samples are drawn.
+    Deterministic in ``seed``; sample ``i`` does not depend on how many samples are drawn. ``seed`` also
+    fixes the dataset-level structure; ``first_clip`` draws other clips of the same structure (e.g. a
+    held-out set: ``first_clip`` at least the number of clips already drawn).
     """
     if not 1 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES)}")
@@ -134,7 +137,7 @@ def make_demo_dataset(num_per_class: int = 24, *, seq_len: int = AST_SEQ_LEN, di
     labels = _labels_for(num_per_class, num_classes)
     out = torch.empty(labels.numel(), seq_len, dim, dtype=dtype)
     start = 0
-    for rows in _clips(world, labels, seed, noise):
+    for rows in _clips(world, labels, seed, noise, first_clip):
         out[start:start + rows.shape[0]] = rows.to(dtype)
         start += rows.shape[0]
     return out, labels, list(CLASS_NAMES[:num_classes])
@@ -143,13 +146,13 @@ def make_demo_dataset(num_per_class: int = 24, *, seq_len: int = AST_SEQ_LEN, di
 def write_demo_dataset(path: str | os.PathLike[str], num_per_class: int = 24, *, seq_len: int = AST_SEQ_LEN,
                        dim: int = AST_DIM, num_classes: int = len(CLASS_NAMES), seed: int = 0,
                        noise: float = 1.0, dtype: torch.dtype = torch.float16,
-                       shard_bytes: int | None = None) -> Path:
+                       shard_bytes: int | None = None, first_clip: int = 0) -> Path:
     """Write the demo dataset: one ``.safetensors`` file, or a shard directory (streamed, bounded memory)."""
     out = Path(path)
     meta = {"source": "feda2v-tk demo"}
     if out.suffix == ".safetensors":
         emb, labels, names = make_demo_dataset(num_per_class, seq_len=seq_len, dim=dim, num_classes=num_classes,
-                                               seed=seed, noise=noise, dtype=dtype)
+                                               seed=seed, noise=noise, dtype=dtype, first_clip=first_clip)
         return write_dataset(out, emb, labels, class_names=names, extra_metadata=meta)
     world = _World(seq_len, dim, seed)
     labels = _labels_for(num_per_class, num_classes)
@@ -157,7 +160,7 @@ def write_demo_dataset(path: str | os.PathLike[str], num_per_class: int = 24, *,
     with DatasetWriter(out, class_names=CLASS_NAMES[:num_classes], dtype=dtype, extra_metadata=meta,
                        **kwargs) as writer:
         start = 0
-        for rows in _clips(world, labels, seed, noise):
+        for rows in _clips(world, labels, seed, noise, first_clip):
             writer.add(rows, labels[start:start + rows.shape[0]])
             start += rows.shape[0]
     return out

@@ -14,9 +14,13 @@ import click
 @click.option("--classes", "num_classes", default=4, show_default=True, type=click.IntRange(1, 4))
 @click.option("--seq-len", default=1214, show_default=True, type=click.IntRange(min=1))
 @click.option("--dim", default=768, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Fixes the dataset's structure and its clips.")
+@click.option("--first-clip", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Index of the first clip: more clips of the same structure, e.g. a held-out set.")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
-def demo_data_cmd(out: Path, per_class: int, num_classes: int, seq_len: int, dim: int, seed: int, dtype: str) -> None:
+def demo_data_cmd(out: Path, per_class: int, num_classes: int, seq_len: int, dim: int, seed: int, first_clip: int,
+                  dtype: str) -> None:
     """Write the demo dataset to OUT (a .safetensors file, or a directory of shards).
 
     Four sound classes with AST's token layout (2 summary tokens, 12 x 101 frequency-major patches);
@@ -28,5 +32,5 @@ def demo_data_cmd(out: Path, per_class: int, num_classes: int, seq_len: int, dim
     if out.exists() and out.is_file():
         raise click.UsageError(f"{out} exists; choose another path or remove it")
     path = write_demo_dataset(out, per_class, seq_len=seq_len, dim=dim, num_classes=num_classes, seed=seed,
-                              dtype=DTYPES[dtype])
+                              dtype=DTYPES[dtype], first_clip=first_clip)
     click.echo(f"feda2v-tk: wrote {per_class * num_classes} clips [{seq_len}, {dim}] {dtype} to {path}", err=True)
