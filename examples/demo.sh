@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The main job on the bundled demo (run by `make demo`): make AST-shaped data, validate and migrate a
+# legacy config, train a small generator, generate full-length samples, inspect and evaluate them.
+# Everything lands in $DEMO_OUT (default: demo-out/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${DEMO_OUT:-demo-out}
+rm -rf "$OUT"
+mkdir -p "$OUT"
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+step "Demo data: 4 sound classes x 24 clips of AST-shaped [1214, 768] embeddings (+ 12 held-out clips per class)"
+feda2v-tk demo-data "$OUT/train.safetensors" --per-class 24
+feda2v-tk demo-data "$OUT/heldout.safetensors" --per-class 12 --first-clip 96
+
+step "A legacy config: validate finds the deprecated key (exit 1 is expected)"
+cp examples/demo/legacy-config.json "$OUT/legacy.json"
+feda2v-tk validate "$OUT/legacy.json" || echo "(validate exited $?)"
+
+step "Migrate it: train at 16 tokens, generate at the full 1214"
+feda2v-tk migrate "$OUT/legacy.json" --diff --training-length 16 || true
+feda2v-tk migrate "$OUT/legacy.json" --training-length 16 -o "$OUT/config.json"
+feda2v-tk validate "$OUT/config.json"
+
+step "Train a label-conditioned VAE at length 16 with a learned upsampler"
+feda2v-tk train -c "$OUT/config.json" -d "$OUT/train.safetensors" -o "$OUT/model.safetensors" \
+  --seed 0 --checkpoint-dir "$OUT/checkpoints"
+
+step "Inspect the model file"
+feda2v-tk inspect "$OUT/model.safetensors"
+
+step "Generate 8 full-length samples per class"
+feda2v-tk generate "$OUT/model.safetensors" -o "$OUT/synthetic" --seed 0
+
+step "Evaluate the synthetic samples against the held-out real clips"
+feda2v-tk evaluate "$OUT/model.safetensors" --data "$OUT/heldout.safetensors" --seed 0
+
+printf '\nDone: see %s/ (model.safetensors, synthetic/, model.metrics.jsonl).\n' "$OUT"
