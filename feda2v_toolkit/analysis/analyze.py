@@ -1,0 +1,394 @@
+"""``feda2v-tk analyze``: what each reducer/upsampler pair keeps of the data, per training length.
+
+For every length ``l`` and every registered (or chosen) reducer/upsampler pair, on a stratified held-out
+split of the data (``holdout``, default 25%; fitting uses only the rest):
+
+* ``compression``: ``L / l``;
+* ``r2`` and ``cosine``: how well ``upsampler(reducer(x))`` reconstructs the held-out full sequences
+  (:class:`~feda2v_toolkit.analysis.metrics.ReconstructionStats`);
+* ``accuracy``: the downstream classifier (:mod:`.classifier`) trained on reconstructed training
+  sequences and tested on reconstructed held-out ones -- the class information that survives;
+  ``accuracy_on_real``: the same classifier tested on the original held-out sequences -- what a
+  perfect generator at this length would give a model evaluated on real data. ``baseline_accuracy``
+  is the classifier trained and tested on the originals;
+* ``optimum``: the same numbers for the linear optimum (position PCA fitted on the training split,
+  decoded exactly; :mod:`.linear_optimum`), the reference line no linear reduction can beat in R^2.
+
+Fitted reducers are fitted and trainable upsamplers trained on the training split, with
+``generator_upsampler_epochs`` capped at ``upsampler_epochs`` (iterative upsamplers such as ``learned``
+are slow at full AST shape; ``train`` uses the configured count).
+
+Streaming: the full sequences are read batch by batch (a few passes in all); what stays in memory is the
+reduced tensors ``[N, l, D]`` per reducer and length, pooled features ``[N, P * D]``, running sums and
+the fitted components. Deterministic for a given ``seed``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from feda2v_toolkit.analysis.classifier import DEFAULT_POOL_POSITIONS, RidgeClassifier, pooled_features
+from feda2v_toolkit.analysis.linear_optimum import PositionMoments, PositionPCA
+from feda2v_toolkit.analysis.metrics import ReconstructionStats, sum_squares_about_sequence_mean
+from feda2v_toolkit.analysis.plan import resolve_config
+from feda2v_toolkit.components import Reducer, Upsampler
+from feda2v_toolkit.data import Dataset, open_dataset
+from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.reducers.pca import PCAReducer
+from feda2v_toolkit.training import read_chunk_rows, stratified_split, upsampler_pairs
+
+OPTIMUM = "linear optimum"
+DEFAULT_UPSAMPLER_EPOCHS = 1
+
+
+@dataclass
+class PairResult:
+    """One reducer/upsampler pair at one length (``reducer == "linear optimum"`` for the reference)."""
+
+    reducer: str
+    upsampler: str
+    length: int
+    compression: float
+    r2: float
+    cosine: float
+    accuracy: float
+    accuracy_on_real: float
+    r2_vs_optimum: float | None = None  # r2 / the optimum's r2 at this length
+    fit: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class AnalysisResult:
+    data: str
+    sequences: int
+    seq_len: int
+    dim: int
+    class_names: list[str]
+    train: int
+    heldout: int
+    seed: int
+    lengths: list[int]
+    reducers: list[str]
+    upsamplers: list[str]
+    pool_positions: int
+    upsampler_epochs: int | None
+    baseline_accuracy: float
+    optimum: list[PairResult]
+    pairs: list[PairResult]
+    explained_variance: dict[int, float]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def pair(self, reducer: str, upsampler: str, length: int) -> PairResult:
+        for p in self.pairs:
+            if (p.reducer, p.upsampler, p.length) == (reducer, upsampler, length):
+                return p
+        raise KeyError((reducer, upsampler, length))
+
+
+def _names(kind: str, wanted: Sequence[str] | None) -> list[str]:
+    from feda2v_toolkit.plugins import get_registry
+
+    registry = get_registry()
+    names = list(wanted) if wanted else registry.names(kind)
+    for name in names:
+        registry.get(kind, name)  # one-line error for an unknown name
+    return names
+
+
+def _check_lengths(ds: Dataset, lengths: Sequence[int]) -> list[int]:
+    if not lengths:
+        raise UsageError("--lengths: give at least one length")
+    for length in lengths:
+        if not 1 <= int(length) <= ds.seq_len:
+            raise UsageError(f"{ds.path}: length {length} is outside 1..{ds.seq_len} "
+                             f"(the sequences have {ds.seq_len} tokens)")
+    return sorted({int(v) for v in lengths})
+
+
+def _split(ds: Dataset, holdout: float, seed: int) -> tuple[Tensor, Tensor]:
+    if not 0 < holdout < 1:
+        raise UsageError(f"--holdout must be between 0 and 1, got {holdout}")
+    train_idx, test_idx = stratified_split(ds.labels, holdout, seed)
+    classes = torch.unique(ds.labels[train_idx]).numel()
+    if test_idx.numel() == 0 or classes < 2:
+        raise InputError(f"{ds.path}: too little data to analyse: need at least 2 classes with 2+ samples each "
+                         f"(found {len(ds)} samples, {torch.unique(ds.labels).numel()} classes)")
+    return train_idx, test_idx
+
+
+class _Run:
+    """The state of one analysis: data, split, fitted components, reduced tensors and results."""
+
+    def __init__(self, ds: Dataset, lengths: list[int], reducers: list[str], upsamplers: list[str],
+                 cfg: dict[str, Any], train_idx: Tensor, test_idx: Tensor, seed: int, pool: int, rows: int,
+                 with_optimum: bool, say: Callable[[str], None]) -> None:
+        self.ds, self.lengths, self.cfg, self.seed, self.pool, self.rows = ds, lengths, cfg, seed, pool, rows
+        self.reducer_names, self.upsampler_names = reducers, upsamplers
+        self.train_idx, self.test_idx = train_idx, test_idx
+        self.with_optimum = with_optimum
+        self.say = say
+        self.pca: PositionPCA | None = None
+        self.pca_count = 0
+        self.reducers: dict[tuple[str, int], Reducer] = {}
+        self.reduced: dict[tuple[str, int], Tensor] = {}
+        self.upsamplers: dict[tuple[str, int, str], Upsampler] = {}
+        self.fit_info: dict[tuple[str, int, str], dict[str, Any]] = {}
+        self.stats: dict[tuple[str, int, str], ReconstructionStats] = {}
+        self.seconds: dict[tuple[str, int, str], float] = {}
+        self.original_features = torch.empty(0)
+        self.all_pairs = False
+        self.skipped: set[tuple[str, str]] = set()
+
+    # -- fitting ------------------------------------------------------------------------------------
+    def train_batches(self) -> Callable[[], Any]:
+        def batches() -> Any:
+            for batch in self.ds.batches(self.rows, self.train_idx):
+                yield batch.embeddings
+
+        return batches
+
+    def fit_reducers(self) -> None:
+        from feda2v_toolkit.plugins import get_registry
+
+        registry = get_registry()
+        ds = self.ds
+        classes = {name: registry.load("reducer", name) for name in self.reducer_names}
+        if self.with_optimum or any(hasattr(cls, "set_pca") and cls.fitted for cls in classes.values()):
+            t0 = time.perf_counter()
+            moments = PositionMoments(ds.seq_len, ds.dim).update(self.train_batches()())
+            self.pca, self.pca_count = PositionPCA(moments), moments.count
+            self.say(f"position PCA on {moments.count} training sequences: {time.perf_counter() - t0:.1f}s")
+        for name, cls in classes.items():
+            for length in self.lengths:
+                t0 = time.perf_counter()
+                red = cls.from_config(self.cfg, length=length, full_length=ds.seq_len, dim=ds.dim)
+                if cls.fitted:
+                    if hasattr(red, "set_pca") and self.pca is not None:
+                        red.set_pca(self.pca, sequences=self.pca_count)
+                    else:
+                        torch.manual_seed(self.seed)
+                        red.fit(self.train_batches())
+                self.reducers[(name, length)] = red.eval()
+                self.seconds[(name, length, "")] = time.perf_counter() - t0
+        if self.with_optimum:
+            assert self.pca is not None
+            for length in self.lengths:
+                red = PCAReducer(length=length, full_length=ds.seq_len, dim=ds.dim)
+                red.set_pca(self.pca, sequences=self.pca_count)
+                self.reducers[(OPTIMUM, length)] = red.eval()
+
+    @torch.no_grad()
+    def reduce_all(self) -> None:
+        """One pass over every sequence: reduced tensors per (reducer, length) and pooled originals.
+
+        Reducers fitted from the shared position PCA are nested (the top-``l`` components are a prefix
+        of the top-``l'`` ones), so the longest is computed once and the others are slices of it.
+        """
+        ds = self.ds
+        n = len(ds)
+        shared = [k for k, red in self.reducers.items() if isinstance(red, PCAReducer) and self._from_pca(red)]
+        longest = max(shared, key=lambda k: self.reducers[k].length) if shared else None
+        own = [k for k in self.reducers if k not in shared]
+        for key in own + ([longest] if longest else []):
+            self.reduced[key] = torch.empty(n, self.reducers[key].length, ds.dim)
+        p = min(self.pool, ds.seq_len)
+        self.original_features = torch.empty(n, p * ds.dim)
+        for batch in ds.batches(self.rows):
+            x = batch.embeddings
+            lo, hi = int(batch.indices[0]), int(batch.indices[-1]) + 1
+            for key in own + ([longest] if longest else []):
+                self.reduced[key][lo:hi] = self.reducers[key](x)
+            self.original_features[lo:hi] = pooled_features(x, self.pool)
+        if longest is not None:
+            for key in shared:
+                self.reduced[key] = self.reduced[longest][:, :self.reducers[key].length]
+
+    def _from_pca(self, red: PCAReducer) -> bool:
+        return self.pca is not None and int(red.fitted_sequences) == self.pca_count and torch.equal(
+            red.basis, self.pca.basis(red.length).to(red.basis))
+
+    def fit_upsamplers(self) -> None:
+        from feda2v_toolkit.plugins import get_registry
+
+        registry = get_registry()
+        ds = self.ds
+        classes = {name: registry.load("upsampler", name) for name in self.upsampler_names}
+        for (rname, length) in [k for k in self.reducers if k[0] != OPTIMUM]:
+            reduced_train = self.reduced[(rname, length)][self.train_idx]
+            positional = getattr(type(self.reducers[(rname, length)]), "positional", True)
+            for uname, cls in classes.items():
+                if not (positional or cls.trainable or self.all_pairs):
+                    self.skipped.add((rname, uname))
+                    continue
+                t0 = time.perf_counter()
+                ups = cls.from_config(self.cfg, reduced_length=length, full_length=ds.seq_len, dim=ds.dim)
+                info: dict[str, Any] = {}
+                if cls.trainable:
+                    torch.manual_seed(self.seed)
+                    pairs = upsampler_pairs(ds, self.train_idx, reduced_train, self.rows, self.seed)
+                    ups.train()
+                    info = dict(ups.fit(pairs, config=self.cfg) or {})
+                    self.say(f"fitted {uname} after {rname} at length {length}: {time.perf_counter() - t0:.1f}s")
+                key = (rname, length, uname)
+                self.upsamplers[key] = ups.eval()
+                self.fit_info[key] = info
+                self.seconds[key] = time.perf_counter() - t0 + self.seconds.get((rname, length, ""), 0.0)
+
+    def _reconstruct(self, key: tuple[str, int, str], rows: Tensor) -> Tensor:
+        rname, length, _ = key
+        reduced = self.reduced[(rname, length)][rows]
+        if rname == OPTIMUM:
+            red = self.reducers[(rname, length)]
+            assert isinstance(red, PCAReducer)
+            return red.inverse(reduced)
+        return self.upsamplers[key](reduced, self.ds.seq_len)
+
+    def groups(self) -> dict[tuple[str, int], list[tuple[str, int, str]]]:
+        """Pairs grouped by (reducer, length): each group shares one read of the held-out data."""
+        out: dict[tuple[str, int], list[tuple[str, int, str]]] = {}
+        for key in self.upsamplers:
+            out.setdefault(key[:2], []).append(key)
+        if self.with_optimum:
+            for length in self.lengths:
+                out[(OPTIMUM, length)] = [(OPTIMUM, length, "inverse")]
+        return out
+
+    # -- measuring ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure_group(self, combos: list[tuple[str, int, str]]) -> dict[tuple[str, int, str], PairResult]:
+        """Reconstruct every sequence once per pair: R^2 and cosine on the held-out ones, pooled
+        features of all for the classifier."""
+        ds = self.ds
+        stats = {key: ReconstructionStats() for key in combos}
+        feats = {key: torch.empty_like(self.original_features) for key in combos}
+        seconds = dict.fromkeys(combos, 0.0)
+        for batch in ds.batches(self.rows, self.test_idx):
+            x = batch.embeddings
+            sst = sum_squares_about_sequence_mean(x)
+            for key in combos:
+                t0 = time.perf_counter()
+                y = self._reconstruct(key, batch.indices)
+                stats[key].add(x, y, sst)
+                feats[key][batch.indices] = pooled_features(y, self.pool)
+                seconds[key] += time.perf_counter() - t0
+        for start in range(0, self.train_idx.numel(), self.rows):
+            rows = self.train_idx[start:start + self.rows]
+            for key in combos:
+                t0 = time.perf_counter()
+                feats[key][rows] = pooled_features(self._reconstruct(key, rows), self.pool)
+                seconds[key] += time.perf_counter() - t0
+        out = {}
+        for key in combos:
+            t0 = time.perf_counter()
+            acc, acc_real = self.classify(feats.pop(key))
+            rname, length, uname = key
+            out[key] = PairResult(rname, uname, length, ds.seq_len / length, stats[key].r2, stats[key].cosine, acc,
+                                  acc_real, fit=self.fit_info.get(key, {}),
+                                  seconds=self.seconds.get(key, 0.0) + seconds[key] + time.perf_counter() - t0)
+        return out
+
+    def classify(self, features: Tensor) -> tuple[float, float]:
+        labels = self.ds.labels
+        clf = RidgeClassifier(self.ds.num_classes).fit(features[self.train_idx], labels[self.train_idx])
+        return (clf.accuracy(features[self.test_idx], labels[self.test_idx]),
+                clf.accuracy(self.original_features[self.test_idx], labels[self.test_idx]))
+
+
+def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
+            reducers: Sequence[str] | None = None, upsamplers: Sequence[str] | None = None,
+            holdout: float = 0.25, seed: int = 0, pool_positions: int = DEFAULT_POOL_POSITIONS,
+            config: Any = None, upsampler_epochs: int | None = DEFAULT_UPSAMPLER_EPOCHS,
+            optimum: bool = True, all_pairs: bool = False, batch_rows: int | None = None,
+            log: Callable[[str], None] | None = None) -> AnalysisResult:
+    """Measure every reducer/upsampler pair at every length on a held-out split (module docstring).
+
+    Args:
+        data: a dataset path or an open :class:`Dataset`.
+        lengths: training lengths to analyse (each in ``1..L``).
+        reducers / upsamplers: names to restrict to (default: every registered one).
+        holdout: fraction of each class held out for measuring (stratified, by ``seed``).
+        pool_positions: ``P`` of the classifier's pooled features.
+        config: a config (path, text or mapping) for component settings; default: schema defaults.
+        upsampler_epochs: cap on ``generator_upsampler_epochs`` for trainable upsamplers (None = no cap).
+        optimum: also compute the linear optimum (position PCA) reference.
+        all_pairs: also pair non-positional reducers (``pca``) with interpolating upsamplers.
+        batch_rows: sequences per streamed batch (default: about 128 MiB of float32).
+        log: called with progress messages.
+    """
+    t_start = time.perf_counter()
+    say = log or (lambda _m: None)
+    ds = data if isinstance(data, Dataset) else open_dataset(data)
+    wanted = _check_lengths(ds, lengths)
+    if pool_positions < 1:
+        raise UsageError(f"--pool-positions must be >= 1, got {pool_positions}")
+    reducer_names = _names("reducer", reducers)
+    upsampler_names = _names("upsampler", upsamplers)
+    cfg = resolve_config(config)
+    cfg["generator_seed"] = seed
+    notes: list[str] = []
+    configured_epochs = int(cfg.get("generator_upsampler_epochs", 0) or 0)
+    if upsampler_epochs is not None and configured_epochs > upsampler_epochs:
+        cfg["generator_upsampler_epochs"] = int(upsampler_epochs)
+    train_idx, test_idx = _split(ds, holdout, seed)
+    say(f"{len(ds)} sequences [{ds.seq_len}, {ds.dim}]: {train_idx.numel()} to fit, {test_idx.numel()} held out; "
+        f"lengths {', '.join(map(str, wanted))}")
+    run = _Run(ds, wanted, reducer_names, upsampler_names, cfg, train_idx, test_idx, seed, pool_positions,
+               batch_rows or read_chunk_rows(ds), optimum, say)
+    run.all_pairs = all_pairs
+    run.fit_reducers()
+    t0 = time.perf_counter()
+    run.reduce_all()
+    say(f"reduced every sequence with {len(run.reducers)} reducer/length combinations: "
+        f"{time.perf_counter() - t0:.1f}s")
+    run.fit_upsamplers()
+    from feda2v_toolkit.plugins import get_registry
+
+    trainable = [u for u in upsampler_names if get_registry().load("upsampler", u).trainable]
+    if trainable:
+        epochs = cfg.get("generator_upsampler_epochs")
+        notes.append(f"trainable upsamplers ({', '.join(trainable)}) were fitted on the {train_idx.numel()} "
+                     f"training sequences with generator_upsampler_epochs = {epochs}"
+                     + (f" (capped from {configured_epochs} for analyze; train uses the configured count)"
+                        if epochs != configured_epochs else ""))
+    t0 = time.perf_counter()
+    labels = ds.labels
+    baseline = RidgeClassifier(ds.num_classes).fit(run.original_features[train_idx], labels[train_idx]) \
+        .accuracy(run.original_features[test_idx], labels[test_idx])
+    results: dict[tuple[str, int, str], PairResult] = {}
+    for (rname, length), combos in run.groups().items():
+        results.update(run.measure_group(combos))
+        say(f"measured {len(combos)} pair(s) after {rname} at length {length}: {time.perf_counter() - t0:.1f}s")
+    if run.skipped:
+        notes.append("skipped (the reducer's output is not positional, so only trainable upsamplers can decode "
+                     "it; --all-pairs includes them): "
+                     + ", ".join(f"{r} + {u}" for r, u in sorted(run.skipped)))
+    optimum_rows = [results[(OPTIMUM, length, "inverse")] for length in wanted] if optimum else []
+    best_r2 = {row.length: row.r2 for row in optimum_rows}
+    pairs = []
+    for key, row in results.items():
+        if key[0] == OPTIMUM:
+            continue
+        if row.length in best_r2 and best_r2[row.length] > 0:
+            row.r2_vs_optimum = row.r2 / best_r2[row.length]
+        pairs.append(row)
+    pairs.sort(key=lambda r: (reducer_names.index(r.reducer), upsampler_names.index(r.upsampler), r.length))
+    explained = {length: run.pca.explained(length) for length in wanted} if run.pca is not None else {}
+    return AnalysisResult(
+        data=str(ds.path), sequences=len(ds), seq_len=ds.seq_len, dim=ds.dim, class_names=list(ds.class_names),
+        train=int(train_idx.numel()), heldout=int(test_idx.numel()), seed=seed, lengths=wanted,
+        reducers=reducer_names, upsamplers=upsampler_names, pool_positions=min(pool_positions, ds.seq_len),
+        upsampler_epochs=cfg.get("generator_upsampler_epochs") if trainable else None,
+        baseline_accuracy=baseline, optimum=optimum_rows, pairs=pairs, explained_variance=explained,
+        seconds=time.perf_counter() - t_start, notes=notes)

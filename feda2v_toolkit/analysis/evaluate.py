@@ -1,0 +1,304 @@
+"""``feda2v-tk evaluate``: synthetic samples of a trained model measured against held-out real data.
+
+Which real data (``split``):
+
+* ``all`` (default): every sequence of REAL is held-out real data (pass data the model never saw);
+* ``heldout``: REAL is the model's training data; only the sequences its trainer held out are used (the
+  same stratified split, recomputed from the model's seed and ``generator_validation_split``).
+
+Per class present in both the model and the real data, ``n_c`` synthetic samples are drawn (default: as
+many as the class has real sequences; ``samples_per_class`` overrides), class ``c`` from
+``torch.Generator().manual_seed(seed * 1_000_003 + label)`` in batches of 64 -- the same draws as
+``feda2v-tk generate --seed SEED``. Nothing is written to disk.
+
+Distribution metrics compare synthetic and real sequences in the model's **reduced space** (real data
+reduced by the model's reducer; synthetic samples de-normalised at the training length, before
+upsampling), flattened to ``l * D`` numbers, per class and over all classes pooled
+(:mod:`.metrics`): Frechet distance (and the same distance between two random halves of the real data,
+the sampling-noise reference), mean and covariance gaps, diversity, precision/recall, density/coverage.
+
+Downstream, with the classifier of ``analyze`` on pooled full-length features (synthetic samples
+upsampled by the model's upsampler to the real length): the real data are split per class into a train
+part and a test part (``test_fraction``, default 0.5, stratified by ``seed``), and the classifier is
+trained on (a) the real train part -- ``real_only`` --, (b) all synthetic samples -- ``tstr``
+(train on synthetic, test on real) --, (c) both -- ``augmented`` --, each tested on the real test part.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from feda2v_toolkit.analysis.classifier import DEFAULT_POOL_POSITIONS, RidgeClassifier, pooled_features
+from feda2v_toolkit.analysis.metrics import (
+    covariance_gap,
+    frechet_distance,
+    manifold_metrics,
+    mean_gap,
+    mean_pairwise_distance,
+)
+from feda2v_toolkit.data import Dataset, open_dataset
+from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.generation import is_class_agnostic
+from feda2v_toolkit.model import GenerativeModel
+from feda2v_toolkit.training import read_chunk_rows, stratified_split
+
+SAMPLE_BATCH = 64
+MAX_SAMPLES_PER_CLASS = 10_000
+SPLITS = ("all", "heldout")
+
+
+@dataclass
+class DistributionMetrics:
+    """Synthetic vs real in the reduced space (see ``docs/evaluation.md`` for how to read each)."""
+
+    real: int
+    synthetic: int
+    frechet: float
+    frechet_real_halves: float | None
+    mean_gap: float
+    covariance_gap: float
+    diversity_synthetic: float
+    diversity_real: float
+    diversity_ratio: float
+    precision: float
+    recall: float
+    density: float
+    coverage: float
+    k: int
+
+
+@dataclass
+class DownstreamResult:
+    """Classifier accuracy on the real test part, per training set; ``per_class``: recall per class."""
+
+    real_only: float
+    tstr: float
+    augmented: float
+    per_class: dict[str, dict[str, float]]
+    real_train: int
+    real_test: int
+    synthetic: int
+
+
+@dataclass
+class EvaluationResult:
+    model: str
+    data: str
+    split: str
+    seed: int
+    training_length: int
+    full_length: int
+    dim: int
+    classes: list[str]
+    per_class: dict[str, DistributionMetrics]
+    overall: DistributionMetrics
+    downstream: DownstreamResult
+    pool_positions: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def distribution_metrics(synthetic: Tensor, real: Tensor, *, k: int = 5, seed: int = 0) -> DistributionMetrics:
+    """All distribution metrics of ``synthetic`` vs ``real`` (``[n, ...]`` each, flattened)."""
+    s = synthetic.reshape(synthetic.shape[0], -1)
+    r = real.reshape(real.shape[0], -1)
+    halves = None
+    if r.shape[0] >= 4:
+        perm = torch.randperm(r.shape[0], generator=torch.Generator().manual_seed(seed))
+        half = r.shape[0] // 2
+        halves = frechet_distance(r[perm[:half]], r[perm[half:2 * half]])
+    manifold = manifold_metrics(s, r, k=k)
+    div_s, div_r = mean_pairwise_distance(s), mean_pairwise_distance(r)
+    return DistributionMetrics(
+        real=r.shape[0], synthetic=s.shape[0], frechet=frechet_distance(s, r), frechet_real_halves=halves,
+        mean_gap=mean_gap(s, r), covariance_gap=covariance_gap(s, r), diversity_synthetic=div_s,
+        diversity_real=div_r, diversity_ratio=div_s / div_r if div_r > 0 else float("nan"),
+        precision=manifold.precision, recall=manifold.recall, density=manifold.density,
+        coverage=manifold.coverage, k=manifold.k)
+
+
+def _real_indices(model: GenerativeModel, ds: Dataset, split: str) -> Tensor:
+    if split == "all":
+        return torch.arange(len(ds))
+    if split != "heldout":
+        raise UsageError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    counts = ds.class_counts()
+    trained = {c: n for c, n in model.class_counts.items() if n}
+    if trained and {c: n for c, n in counts.items() if n} != trained:
+        raise UsageError(f"{ds.path}: --split heldout needs the dataset the model was trained on "
+                         f"(class counts {counts} differ from the model's {trained})")
+    if model.seed is None:
+        raise UsageError("--split heldout: the model file records no training seed")
+    fraction = float(model.config.get("generator_validation_split", 0.1))
+    _, val_idx = stratified_split(ds.labels, fraction, int(model.seed))
+    if val_idx.numel() == 0:
+        raise UsageError("--split heldout: the model was trained without a held-out split "
+                         "(generator_validation_split = 0); evaluate against other real data")
+    return val_idx
+
+
+def _conditions_for(ds: Dataset, idx: Tensor) -> Tensor | None:
+    if not ds.condition_dim:
+        return None
+    return ds.read(idx).conditions
+
+
+def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.PathLike[str] | Dataset, *,
+             split: str = "all", test_fraction: float = 0.5, samples_per_class: int | None = None, seed: int = 0,
+             neighbours: int = 5, pool_positions: int = DEFAULT_POOL_POSITIONS,
+             log: Callable[[str], None] | None = None) -> EvaluationResult:
+    """Measure ``model``'s synthetic samples against real data (module docstring).
+
+    Args:
+        model: a :class:`GenerativeModel` or a model file path.
+        data: real data with the model's sequence shape and (some of) its classes.
+        split: ``all`` or ``heldout`` (see the module docstring).
+        test_fraction: share of each class's real sequences the downstream classifiers are tested on.
+        samples_per_class: synthetic samples per class (default: the class's real count).
+        seed: seeds the synthetic draws and the real train/test split.
+        neighbours: ``k`` of precision/recall/density/coverage.
+        pool_positions: ``P`` of the classifier's pooled features.
+    """
+    t_start = time.perf_counter()
+    say = log or (lambda _m: None)
+    model_path = "(in memory)"
+    if not isinstance(model, GenerativeModel):
+        from feda2v_toolkit.modelfile import load_model
+
+        model_path = str(model)
+        model = load_model(model)
+    ds = data if isinstance(data, Dataset) else open_dataset(data)
+    if (ds.seq_len, ds.dim) != (model.full_length, model.dim):
+        raise InputError(f"{ds.path}: sequences are [{ds.seq_len}, {ds.dim}], the model's are "
+                         f"[{model.full_length}, {model.dim}]")
+    if not 0 < test_fraction < 1:
+        raise UsageError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+    if samples_per_class is not None and not 1 <= samples_per_class <= MAX_SAMPLES_PER_CLASS:
+        raise UsageError(f"--samples-per-class must be in 1..{MAX_SAMPLES_PER_CLASS}, got {samples_per_class}")
+    notes: list[str] = []
+    idx = _real_indices(model, ds, split)
+    labels_all = ds.labels[idx]
+    present = [ds.class_names[c] for c in torch.unique(labels_all).tolist()]
+    classes = [c for c in model.class_names if c in present and c in model.class_to_generator]
+    missing = [c for c in present if c not in classes]
+    if missing:
+        notes.append(f"real classes the model cannot sample were left out: {', '.join(missing)}")
+    if not classes:
+        raise InputError(f"{ds.path}: none of its classes ({', '.join(present)}) can be sampled by the model "
+                         f"({', '.join(model.sampleable_classes)})")
+    keep = torch.isin(labels_all, torch.tensor([ds.class_names.index(c) for c in classes]))
+    idx, labels_all = idx[keep], labels_all[keep]
+    counts = {c: int((labels_all == ds.class_names.index(c)).sum()) for c in classes}
+    small = [c for c, n in counts.items() if n < 2]
+    if small:
+        raise InputError(f"{ds.path}: class(es) {', '.join(small)} have fewer than 2 real sequences in the "
+                         f"{split!r} split; need at least 2 per class")
+    if is_class_agnostic(model) and len(classes) > 1:
+        notes.append("the model is unified and unconditioned: its samples do not depend on the class, so "
+                     "per-class metrics compare one distribution with each class, and TSTR labels are arbitrary")
+    model.to("cpu")
+    model.reducer.eval()
+    model.upsampler.eval()
+
+    # -- real: reduce and pool, streaming ------------------------------------------------------------
+    t0 = time.perf_counter()
+    rows = read_chunk_rows(ds)
+    real_reduced = torch.empty(idx.numel(), model.training_length, model.dim)
+    real_feats = torch.empty(idx.numel(), min(pool_positions, ds.seq_len) * ds.dim)
+    with torch.no_grad():
+        for start in range(0, idx.numel(), rows):
+            batch = ds.read(idx[start:start + rows])
+            real_reduced[start:start + rows] = model.reducer(batch.embeddings)
+            real_feats[start:start + rows] = pooled_features(batch.embeddings, pool_positions)
+    say(f"reduced {idx.numel()} real sequences: {time.perf_counter() - t0:.1f}s")
+
+    # -- synthetic: per class, in memory, bounded ------------------------------------------------------
+    t0 = time.perf_counter()
+    synth_reduced: dict[str, Tensor] = {}
+    synth_feats: dict[str, Tensor] = {}
+    for c in classes:
+        label = model.class_names.index(c)
+        n = samples_per_class or counts[c]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + label)
+        cond_pool = None
+        if model.needs_condition(c):
+            cond_pool = _conditions_for(ds, idx[labels_all == ds.class_names.index(c)])
+            if cond_pool is None:
+                raise UsageError(f"the model needs per-sample condition embeddings; {ds.path} has no 'conditions'")
+        red_parts, feat_parts = [], []
+        done = 0
+        while done < n:
+            m = min(SAMPLE_BATCH, n - done)
+            cond = cond_pool[torch.arange(done, done + m) % cond_pool.shape[0]] if cond_pool is not None else None
+            with torch.no_grad():
+                reduced = model.sample_reduced(m, class_name=c, conditions=cond, generator=g)
+                full = model.upsampler(reduced, ds.seq_len)
+            red_parts.append(reduced.float())
+            feat_parts.append(pooled_features(full, pool_positions))
+            done += m
+        synth_reduced[c] = torch.cat(red_parts)
+        synth_feats[c] = torch.cat(feat_parts)
+    say(f"sampled {sum(v.shape[0] for v in synth_reduced.values())} synthetic sequences: "
+        f"{time.perf_counter() - t0:.1f}s")
+
+    # -- distribution metrics ------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    per_class = {}
+    for c in classes:
+        mask = labels_all == ds.class_names.index(c)
+        per_class[c] = distribution_metrics(synth_reduced[c], real_reduced[mask], k=neighbours, seed=seed)
+    overall = distribution_metrics(torch.cat(list(synth_reduced.values())), real_reduced, k=neighbours, seed=seed)
+    say(f"distribution metrics: {time.perf_counter() - t0:.1f}s")
+
+    # -- downstream ------------------------------------------------------------------------------------
+    downstream = _downstream(ds, classes, labels_all, real_feats, synth_feats, test_fraction, seed)
+    return EvaluationResult(
+        model=model_path, data=str(ds.path), split=split, seed=seed, training_length=model.training_length,
+        full_length=model.full_length, dim=model.dim, classes=classes, per_class=per_class, overall=overall,
+        downstream=downstream, pool_positions=min(pool_positions, ds.seq_len),
+        seconds=time.perf_counter() - t_start, notes=notes)
+
+
+def _downstream(ds: Dataset, classes: list[str], labels: Tensor, real_feats: Tensor,
+                synth_feats: dict[str, Tensor], test_fraction: float, seed: int) -> DownstreamResult:
+    """Real-only, TSTR and augmented accuracy on the real test part (labels re-indexed over ``classes``)."""
+    index = {ds.class_names.index(c): i for i, c in enumerate(classes)}
+    y_real = torch.tensor([index[int(v)] for v in labels.tolist()], dtype=torch.long)
+    train_idx, test_idx = stratified_split(y_real, test_fraction, seed)
+    if test_idx.numel() == 0:
+        raise InputError(f"{ds.path}: too few real sequences for a train/test split")
+    x_syn = torch.cat([synth_feats[c] for c in classes])
+    y_syn = torch.cat([torch.full((synth_feats[c].shape[0],), i, dtype=torch.long) for i, c in enumerate(classes)])
+    x_test, y_test = real_feats[test_idx], y_real[test_idx]
+    sets = {
+        "real_only": (real_feats[train_idx], y_real[train_idx]),
+        "tstr": (x_syn, y_syn),
+        "augmented": (torch.cat([real_feats[train_idx], x_syn]), torch.cat([y_real[train_idx], y_syn])),
+    }
+    acc: dict[str, float] = {}
+    per_class: dict[str, dict[str, float]] = {c: {} for c in classes}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, (x, y) in sets.items():
+            if torch.unique(y).numel() < 2 and len(classes) > 1 or y.numel() < 2:
+                acc[name] = float("nan")
+                continue
+            clf = RidgeClassifier(len(classes)).fit(x, y)
+            pred = clf.predict(x_test)
+            acc[name] = float((pred == y_test).double().mean())
+            for i, c in enumerate(classes):
+                mask = y_test == i
+                per_class[c][name] = float((pred[mask] == i).double().mean()) if mask.any() else float("nan")
+    return DownstreamResult(acc["real_only"], acc["tstr"], acc["augmented"], per_class,
+                            int(train_idx.numel()), int(test_idx.numel()), int(x_syn.shape[0]))

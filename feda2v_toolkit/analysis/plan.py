@@ -1,0 +1,347 @@
+"""``feda2v-tk plan``: exact parameter counts and memory for training and generation, per training length.
+
+Nothing real is allocated:
+
+* **parameters** are counted on a model built on the ``meta`` device through the registry, exactly as the
+  trainer builds it (``from_config(config, seq_len=l, dim=D, num_classes=..., condition_dim=...)``);
+* **training memory** is the simulated peak of two real ``training_step`` calls of that generator on fake
+  tensors (:mod:`.memory`): weights, gradients, the optimiser state its own ``configure_optimizers``
+  creates, the batch at ``generator_batch_size``, autocast copies and activations at the configured
+  dtype, and the temporaries live at the worst moment. With several generators (``per_class`` /
+  ``per_group``) all of them keep weights, gradients and optimiser state while one trains. With
+  ``--num-samples`` the trainer's reduced-data cache (raw and normalised, ``2 * N * l * D`` float32) and
+  one read chunk of full sequences are added;
+* **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length,
+  plus every generator's weights and the shard writer's buffer;
+* **runtime** is this process's own resident memory (Python, torch, the registry): the part of a real run
+  the tensors do not account for.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from feda2v_toolkit.analysis.memory import SavedTensors, fake_tensors, optimizer_state_bytes, tensor_bytes
+from feda2v_toolkit.components import TrainContext
+from feda2v_toolkit.errors import UsageError
+
+GENERATE_BATCH = 64  # feda2v-tk generate's default --batch-size
+WRITER_BUFFER = 256 * 2**20  # data.DEFAULT_SHARD_BYTES: the writer queues up to one shard
+READ_CHUNK = 128 * 2**20  # training.READ_CHUNK_BYTES
+
+
+@dataclass
+class TrainMemory:
+    """Bytes of one training run at one length (see the module docstring)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    batch: int
+    activations: int | None  # saved for backward in one training step (autocast copies included)
+    step_peak: int  # simulated peak of one generator's training step
+    generators: int
+    other_generators: int  # weights + gradients + optimiser state of the generators not training
+    components: int  # reducer and upsampler state
+    data: int  # reduced-data cache and read chunk (0 without --num-samples)
+    runtime: int
+    total: int
+    method: str = "simulated"
+
+
+@dataclass
+class GenerateMemory:
+    samples: int  # per batch
+    length: int
+    weights: int  # all generators
+    batch_peak: int  # simulated peak of sampling + upsampling one batch, beyond the weights
+    writer_buffer: int
+    runtime: int
+    total: int
+
+
+@dataclass
+class LengthPlan:
+    length: int
+    parameters: dict[str, int]  # per component of one generator
+    parameters_per_generator: int
+    parameters_total: int  # all generators
+    component_state: dict[str, int]  # elements of reducer / upsampler state (parameters + buffers)
+    train: TrainMemory
+    generate: GenerateMemory
+    fits: bool | None = None
+
+
+@dataclass
+class PlanResult:
+    generator_type: str
+    granularity: str
+    generators: int
+    reducer: str
+    upsampler: str
+    dim: int
+    full_length: int
+    num_classes: int
+    condition_dim: int
+    num_samples: int
+    batch_size: int
+    dtype: str
+    optimizers: dict[str, str]
+    configured_length: int
+    output_length: int
+    output_length_set: bool
+    runtime: int
+    rows: list[LengthPlan]
+    budget: int | None = None
+    largest_length: int | None = None
+    largest_length_plan: LengthPlan | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_config(config: Any = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved generator section (schema defaults filled in) of a path, JSON text or mapping."""
+    from feda2v_toolkit.config import load_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return dict(load_config(config if config is not None else {}, overrides=overrides))
+
+
+def runtime_bytes() -> int:
+    """Resident memory of this process now (Linux ``/proc``), else its peak (``getrusage``)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _generator_count(cfg: Mapping[str, Any], num_classes: int) -> int:
+    granularity = cfg["generator_granularity"]
+    if granularity == "unified":
+        return 1
+    if granularity == "per_class":
+        return max(1, num_classes)
+    groups = cfg.get("generator_class_groups") or {}
+    grouped = sum(len(v) for v in groups.values())
+    return max(1, len(groups) + (1 if num_classes > grouped else 0))
+
+
+def _numel(tensors: Any) -> int:
+    return sum(t.numel() for t in tensors)
+
+
+class Planner:
+    """Builds components for a config and measures them at any length (``plan`` uses one per call)."""
+
+    def __init__(self, cfg: Mapping[str, Any], *, dim: int, full_length: int, num_classes: int,
+                 condition_dim: int, num_samples: int, sample_batch: int | None, output_length: int | None) -> None:
+        from feda2v_toolkit.plugins import get_registry
+
+        registry = get_registry()
+        self.cfg = dict(cfg)
+        self.dim, self.full_length = int(dim), int(full_length)
+        self.num_classes, self.condition_dim, self.num_samples = int(num_classes), int(condition_dim), int(num_samples)
+        self.gen_cls = registry.load("generator", self.cfg["generator_type"])
+        self.reducer_name = self.cfg["generator_reducer"]
+        self.upsampler_name = "learned" if self.cfg.get("use_learned_upsampling") else self.cfg["generator_upsampler"]
+        self.red_cls = registry.load("reducer", self.reducer_name)
+        self.up_cls = registry.load("upsampler", self.upsampler_name)
+        self.batch_size = int(self.cfg["generator_batch_size"])
+        self.autocast = torch.bfloat16 if self.cfg.get("generator_autocast") == "bfloat16" else None
+        self.generators = _generator_count(self.cfg, self.num_classes)
+        per_class = self.cfg.get("synthetic_samples_per_class", 10)
+        per_class = per_class if isinstance(per_class, int) else GENERATE_BATCH
+        self.samples_per_class = per_class
+        self.sample_batch = int(sample_batch or min(per_class, GENERATE_BATCH))
+        self.output_length = int(output_length or self.cfg.get("generator_output_sequence_length") or 0)
+        self.runtime = runtime_bytes()
+        self.optimizers: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def _build(self, length: int) -> Any:
+        return self.gen_cls.from_config(self.cfg, seq_len=length, dim=self.dim, num_classes=self.num_classes,
+                                        condition_dim=self.condition_dim)
+
+    def parameters(self, length: int) -> tuple[dict[str, int], int, dict[str, int]]:
+        """Per-component parameter counts of one generator, its total, and reducer/upsampler state sizes."""
+        with torch.device("meta"):
+            gen = self._build(length)
+            reducer = self.red_cls.from_config(self.cfg, length=length, full_length=self.full_length, dim=self.dim)
+            ups = self.up_cls.from_config(self.cfg, reduced_length=length, full_length=self.full_length,
+                                          dim=self.dim)
+        counts = {name: _numel(child.parameters()) for name, child in gen.named_children()}
+        direct = _numel(gen.parameters(recurse=False))
+        if direct:
+            counts["(own)"] = direct
+        counts = {k: v for k, v in counts.items() if v}
+        state = {"reducer": _numel(reducer.parameters()) + _numel(reducer.buffers()),
+                 "upsampler": _numel(ups.parameters()) + _numel(ups.buffers())}
+        return counts, _numel(gen.parameters()), state
+
+    def _inputs(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        x = torch.zeros(n, length, self.dim)
+        labels = torch.zeros(n, dtype=torch.long)
+        conditions = torch.zeros(n, self.condition_dim) if self.condition_dim else None
+        return x, labels, conditions
+
+    def train_memory(self, length: int, component_elements: int) -> TrainMemory:
+        b = self.batch_size
+        try:
+            with fake_tensors() as tracker:
+                gen = self._build(length)
+                opts = gen.configure_optimizers(self.cfg)
+                x, labels, cond = self._inputs(b, length)
+                ctx = TrainContext(epoch=0, total_epochs=1, step=0, progress=0.5, config=self.cfg,
+                                   autocast_dtype=self.autocast, device=torch.device("cpu"))
+                with SavedTensors(gen.parameters()) as saved:
+                    for step in range(2):
+                        ctx.step = step
+                        gen.training_step(x, labels=labels, conditions=cond, optimizers=opts, ctx=ctx)
+                        saved.step()
+                weights = tensor_bytes([*gen.parameters(), *gen.buffers()])
+                grads = tensor_bytes(p.grad for p in gen.parameters())
+                optimizer = optimizer_state_bytes(opts.values())
+                batch = tensor_bytes([x, labels, cond])
+                peak = tracker.peak
+                if not self.optimizers:
+                    self.optimizers = _describe_optimizers(opts)
+            activations: int | None = saved.peak_step
+            method = "simulated"
+        except Exception as exc:  # a plugin generator doing something fake tensors cannot follow
+            with torch.device("meta"):
+                params = _numel(self._build(length).parameters())
+            weights = grads = params * 4
+            optimizer, batch = 2 * params * 4, b * length * self.dim * 4
+            activations, peak = None, weights + grads + optimizer + batch
+            method = f"analytic (AdamW assumed, activations not counted): simulation failed: {exc}"
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            note = f"memory simulation failed ({type(exc).__name__}: {first}); estimates are analytic"
+            if note not in self.notes:
+                self.notes.append(note)
+        others = (self.generators - 1) * (weights + grads + optimizer)
+        data = 0
+        if self.num_samples:
+            rows = min(self.num_samples, max(1, READ_CHUNK // (self.full_length * self.dim * 4)))
+            data = 2 * self.num_samples * length * self.dim * 4 + rows * self.full_length * self.dim * 4
+        components = component_elements * 4
+        total = peak + others + components + data + self.runtime
+        return TrainMemory(weights, grads, optimizer, batch, activations, peak, self.generators, others, components,
+                           data, self.runtime, total, method)
+
+    def generate_memory(self, length: int, component_elements: int) -> GenerateMemory:
+        n = self.sample_batch
+        out_len = self.output_length or length
+        try:
+            with fake_tensors() as tracker:
+                gen = self._build(length).eval()
+                ups = self.up_cls.from_config(self.cfg, reduced_length=length, full_length=self.full_length,
+                                              dim=self.dim).eval()
+                weights = tensor_bytes([*gen.parameters(), *gen.buffers()])
+                base = tracker.current
+                tracker.reset_peak()
+                _, labels, cond = self._inputs(n, length)
+                mean, std = torch.zeros(length, self.dim), torch.ones(length, self.dim)
+                with torch.no_grad():
+                    x = gen.sample(n, labels=labels if gen.conditioning == "label" else None,
+                                   conditions=cond if gen.conditioning == "embedding" else None)
+                    ups(x * std + mean, out_len)
+                batch_peak = tracker.peak - base
+        except Exception:
+            with torch.device("meta"):
+                weights = _numel(self._build(length).parameters()) * 4
+            batch_peak = n * (length + 2 * out_len) * self.dim * 4 + component_elements * 4
+        total_out = self.samples_per_class * max(1, self.num_classes) * out_len * self.dim * 4
+        writer = min(total_out, WRITER_BUFFER)
+        total = self.generators * weights + batch_peak + writer + self.runtime
+        return GenerateMemory(n, out_len, self.generators * weights, batch_peak, writer, self.runtime, total)
+
+    def length_plan(self, length: int, budget: int | None) -> LengthPlan:
+        counts, per_gen, state = self.parameters(length)
+        elements = sum(state.values())
+        train = self.train_memory(length, elements)
+        gen = self.generate_memory(length, elements)
+        return LengthPlan(length, counts, per_gen, per_gen * self.generators, state, train, gen,
+                          None if budget is None else train.total <= budget)
+
+
+def _describe_optimizers(opts: Mapping[str, torch.optim.Optimizer]) -> dict[str, str]:
+    out = {}
+    for name, opt in opts.items():
+        params = [p for group in opt.param_groups for p in group["params"]]
+        pbytes = tensor_bytes(params)
+        sbytes = optimizer_state_bytes([opt])
+        ratio = sbytes / pbytes if pbytes else 0.0
+        out[name] = f"{type(opt).__name__} ({ratio:.3g} state tensors per parameter)"
+    return out
+
+
+def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_budget: int | None = None,
+         dim: int = 768, full_length: int = 1214, num_classes: int = 10, condition_dim: int = 0,
+         num_samples: int = 0, sample_batch: int | None = None, overrides: Mapping[str, Any] | None = None,
+         ) -> PlanResult:
+    """Parameters and memory of the configured generator at its training length and at ``lengths``.
+
+    ``memory_budget`` (bytes) adds the largest training length whose training run fits. ``config`` is a
+    path, JSON text or mapping (``None`` = schema defaults); ``overrides`` set generator keys on top.
+    """
+    cfg = resolve_config(config, overrides)
+    configured = int(cfg["generator_training_sequence_length"])
+    wanted = sorted(set(lengths or []) | {configured})
+    for length in wanted:
+        if not 1 <= length <= full_length:
+            raise UsageError(f"--lengths: {length} is outside 1..{full_length} (the full sequence length)")
+    planner = Planner(cfg, dim=dim, full_length=full_length, num_classes=num_classes, condition_dim=condition_dim,
+                      num_samples=num_samples, sample_batch=sample_batch,
+                      output_length=cfg.get("generator_output_sequence_length"))
+    rows = [planner.length_plan(length, memory_budget) for length in wanted]
+    result = PlanResult(
+        generator_type=cfg["generator_type"], granularity=cfg["generator_granularity"],
+        generators=planner.generators, reducer=planner.reducer_name, upsampler=planner.upsampler_name,
+        dim=dim, full_length=full_length, num_classes=num_classes, condition_dim=condition_dim,
+        num_samples=num_samples, batch_size=planner.batch_size,
+        dtype="bfloat16 autocast" if planner.autocast is not None else "float32",
+        optimizers=planner.optimizers, configured_length=configured,
+        output_length=planner.output_length or configured, output_length_set=bool(planner.output_length),
+        runtime=planner.runtime, rows=rows,
+        budget=memory_budget, notes=planner.notes)
+    if memory_budget is not None:
+        best = _largest_fitting(planner, memory_budget, full_length, {r.length: r for r in rows})
+        result.largest_length = best.length if best else None
+        result.largest_length_plan = best
+    return result
+
+
+def _largest_fitting(planner: Planner, budget: int, full_length: int,
+                     known: dict[int, LengthPlan]) -> LengthPlan | None:
+    """Binary search for the largest length whose training total fits (memory grows with length)."""
+
+    def at(length: int) -> LengthPlan:
+        if length not in known:
+            known[length] = planner.length_plan(length, budget)
+        return known[length]
+
+    if not at(1).fits:
+        return None
+    if at(full_length).fits:
+        return at(full_length)
+    lo, hi = 1, full_length  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if at(mid).fits:
+            lo = mid
+        else:
+            hi = mid
+    return at(lo)

@@ -1,0 +1,111 @@
+"""PNG plots of analyze and evaluate results. Needs matplotlib (``pip install 'feda2v-tk[plot]'``),
+imported only when a plot is asked for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from feda2v_toolkit.atomic import atomic_path
+from feda2v_toolkit.errors import UsageError
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("plots need matplotlib: pip install 'feda2v-tk[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"{out}: the plot is written as PNG; name it *.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return out
+
+
+def plot_analysis(result: Any, path: str | os.PathLike[str]) -> Path:
+    """Information kept (R^2, cosine) and accuracy vs length, one line per pair, the optimum dashed."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 6))
+    panels = [("r2", "R² (held out)"), ("cosine", "token cosine (held out)"),
+              ("accuracy", "accuracy (trained & tested on reconstructions)")]
+    pairs: dict[str, list[Any]] = {}
+    for p in result.pairs:
+        pairs.setdefault(f"{p.reducer} + {p.upsampler}", []).append(p)
+    for ax, (attr, title) in zip(axes, panels, strict=True):
+        for name, rows in pairs.items():
+            rows = sorted(rows, key=lambda r: r.length)
+            ax.plot([r.length for r in rows], [getattr(r, attr) for r in rows], marker="o", label=name)
+        if result.optimum:
+            rows = sorted(result.optimum, key=lambda r: r.length)
+            ax.plot([r.length for r in rows], [getattr(r, attr) for r in rows], "k--", marker="s",
+                    label="linear optimum")
+        if attr == "accuracy":
+            ax.axhline(result.baseline_accuracy, color="grey", linestyle=":", label="original sequences")
+        if attr != "accuracy":
+            # interpolating a non-positional reduction can be far below 0: keep the useful range visible
+            tops = [getattr(r, attr) for r in [*result.pairs, *result.optimum]]
+            top = max(tops) if tops else 1.0
+            ax.set_ylim(bottom=min(0.0, -0.1 * abs(top)), top=top * 1.1 if top > 0 else 1.0)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(result.lengths, [str(v) for v in result.lengths])
+        ax.set_xlabel("training length l")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    fig.suptitle(f"{Path(result.data).name}: {result.sequences} x [{result.seq_len}, {result.dim}], "
+                 f"{result.heldout} held out")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_evaluation(result: Any, path: str | os.PathLike[str]) -> Path:
+    """Per class: Frechet distance next to the real-halves reference, manifold metrics, downstream accuracy."""
+    plt = _pyplot()
+    import numpy as np
+
+    names = [*result.per_class, "(all)"]
+    metrics = [*result.per_class.values(), result.overall]
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    ax = axes[0]
+    ax.bar(x - 0.2, [m.frechet for m in metrics], 0.4, label="synthetic vs real")
+    ax.bar(x + 0.2, [m.frechet_real_halves or 0 for m in metrics], 0.4, label="real half vs half")
+    ax.set_title("Fréchet distance (reduced space)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    keys = ["precision", "recall", "density", "coverage"]
+    for i, key in enumerate(keys):
+        ax.bar(x + (i - 1.5) * 0.2, [getattr(m, key) for m in metrics], 0.2, label=key)
+    ax.set_title(f"manifold metrics (k = {result.overall.k})")
+    ax.legend(fontsize=8)
+    for a in axes[:2]:
+        a.set_xticks(x, names, rotation=30)
+    ax = axes[2]
+    d = result.downstream
+    classes = list(d.per_class)
+    xc = np.arange(len(classes) + 1)
+    for i, key in enumerate(["real_only", "tstr", "augmented"]):
+        vals = [d.per_class[c].get(key, float("nan")) for c in classes] + [getattr(d, key)]
+        ax.bar(xc + (i - 1) * 0.27, vals, 0.27, label=key.replace("_", "-"))
+    ax.set_xticks(xc, [*classes, "(all)"], rotation=30)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("downstream accuracy on real test data")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{Path(result.model).name} vs {Path(result.data).name} (split {result.split})")
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

@@ -1,0 +1,147 @@
+"""Plain-text tables of plan, analyze and evaluate results (what the CLI prints without ``--json``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from feda2v_toolkit.analysis.sizes import format_bytes, format_count
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, align: str | None = None) -> str:
+    """A fixed-width table; ``align`` is one ``l``/``r`` per column (default: first left, rest right)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" + "r" * (len(headers) - 1)
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align, strict=True)]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.1f}%"
+
+
+# -- plan ---------------------------------------------------------------------------------------------
+
+def plan_text(result: Any) -> str:
+    r = result
+    gens = f"{r.generators} generator{'s' if r.generators != 1 else ''}"
+    opts = "; ".join(f"{k}: {v}" for k, v in r.optimizers.items()) or "-"
+    lines = [
+        f"generator {r.generator_type} ({r.granularity}, {gens}); reducer {r.reducer}, upsampler {r.upsampler}",
+        f"D = {r.dim}, full length {r.full_length}, {r.num_classes} classes"
+        + (f", conditions [{r.condition_dim}]" if r.condition_dim else "")
+        + f"; batch {r.batch_size}, {r.dtype}; optimiser {opts}",
+        f"runtime (Python + torch, measured in this process): {format_bytes(r.runtime)}"
+        + (f"; data cache for {r.num_samples} sequences included" if r.num_samples else ""),
+        "",
+    ]
+    configured = next(row for row in r.rows if row.length == r.configured_length)
+    parts = ", ".join(f"{k} {v:,}" for k, v in configured.parameters.items())
+    lines.append(f"parameters at the configured length {r.configured_length}: {parts}; "
+                 f"{configured.parameters_per_generator:,} per generator")
+    state = ", ".join(f"{k} {v:,}" for k, v in configured.component_state.items())
+    lines.append(f"reducer/upsampler state (elements): {state}")
+    lines.append("")
+    headers = ["length", "params", "weights", "grads", "optimizer", "activations", "step peak", "train total",
+               f"generate (n={configured.generate.samples})"]
+    if r.budget is not None:
+        headers.append("fits")
+    rows = []
+    for row in r.rows:
+        t = row.train
+        cells = [f"{row.length}{'*' if row.length == r.configured_length else ''}",
+                 format_count(row.parameters_total), format_bytes(t.weights * t.generators),
+                 format_bytes(t.gradients * t.generators), format_bytes(t.optimizer * t.generators),
+                 format_bytes(t.activations), format_bytes(t.step_peak), format_bytes(t.total),
+                 format_bytes(row.generate.total)]
+        if r.budget is not None:
+            cells.append("yes" if row.fits else "no")
+        rows.append(cells)
+    lines.append(table(headers, rows))
+    lines.append("* configured length. train total = step peak + other generators' weights/grads/optimizer + "
+                 "reducer/upsampler state + data cache + runtime; generate = all generators' weights + one batch "
+                 f"upsampled to the output length ({'the training length' if not r.output_length_set else r.output_length}) "
+                 "+ the shard writer's buffer + runtime.")
+    if r.budget is not None:
+        if r.largest_length is None:
+            lines.append(f"memory budget {format_bytes(r.budget)} ({r.budget:,} bytes): no training length fits")
+        else:
+            best = r.largest_length_plan
+            lines.append(f"memory budget {format_bytes(r.budget)} ({r.budget:,} bytes): largest training length "
+                         f"that fits: {r.largest_length} (train total {format_bytes(best.train.total)}, "
+                         f"{format_count(best.parameters_total)} parameters)")
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+# -- analyze ------------------------------------------------------------------------------------------
+
+def analyze_text(result: Any) -> str:
+    r = result
+    lines = [
+        f"{r.data}: {r.sequences} sequences [{r.seq_len}, {r.dim}], {len(r.class_names)} classes; "
+        f"fitted on {r.train}, measured on {r.heldout} held out (seed {r.seed})",
+        f"classifier: ridge on {r.pool_positions} pooled positions; on the original sequences: "
+        f"{_pct(r.baseline_accuracy)}",
+        "",
+    ]
+    headers = ["reducer", "upsampler", "length", "ratio", "R^2", "of optimum", "cosine", "accuracy", "acc. on real"]
+    rows = []
+    for o in r.optimum:
+        rows.append(["linear optimum", "(position PCA)", o.length, f"{o.compression:.1f}x", _num(o.r2, 4), "100%",
+                     _num(o.cosine), _pct(o.accuracy), _pct(o.accuracy_on_real)])
+    for p in r.pairs:
+        rows.append([p.reducer, p.upsampler, p.length, f"{p.compression:.1f}x", _num(p.r2, 4), _pct(p.r2_vs_optimum),
+                     _num(p.cosine), _pct(p.accuracy), _pct(p.accuracy_on_real)])
+    lines.append(table(headers, rows, align="llrrrrrrr"))
+    lines.append("R^2 relative to each sequence's own mean over positions, on held-out sequences; accuracy: "
+                 "trained and tested on reconstructions; acc. on real: trained on reconstructions, tested on "
+                 "the original held-out sequences.")
+    lines += [f"note: {n}" for n in r.notes]
+    lines.append(f"{r.seconds:.1f}s")
+    return "\n".join(lines)
+
+
+# -- evaluate -----------------------------------------------------------------------------------------
+
+def evaluate_text(result: Any) -> str:
+    r = result
+    lines = [
+        f"{r.model} against {r.data} (split {r.split}, seed {r.seed}); reduced space [{r.training_length}, {r.dim}]",
+        "",
+    ]
+    headers = ["class", "real", "synth", "Frechet", "FD real halves", "mean gap", "cov gap", "diversity",
+               "precision", "recall", "density", "coverage"]
+    rows = []
+    for name, m in [*r.per_class.items(), ("(all)", r.overall)]:
+        rows.append([name, m.real, m.synthetic, f"{m.frechet:.4g}",
+                     f"{m.frechet_real_halves:.4g}" if m.frechet_real_halves is not None else "-",
+                     _num(m.mean_gap), _num(m.covariance_gap), _num(m.diversity_ratio), _num(m.precision),
+                     _num(m.recall), _num(m.density), _num(m.coverage)])
+    lines.append(table(headers, rows))
+    lines.append("diversity: mean pairwise distance of synthetic / real samples; precision, recall, density, "
+                 f"coverage with k = {r.overall.k} neighbours.")
+    d = r.downstream
+    lines += ["", f"downstream (ridge on {r.pool_positions} pooled positions, tested on {d.real_test} real "
+                  f"sequences): real-only {_pct(d.real_only)} ({d.real_train} real), train-on-synthetic "
+                  f"{_pct(d.tstr)} ({d.synthetic} synthetic), real+synthetic {_pct(d.augmented)}"]
+    rows = [[c, _pct(v.get("real_only")), _pct(v.get("tstr")), _pct(v.get("augmented"))]
+            for c, v in d.per_class.items()]
+    lines.append(table(["class", "real-only", "TSTR", "augmented"], rows))
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)

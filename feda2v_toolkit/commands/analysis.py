@@ -1,0 +1,217 @@
+"""``feda2v-tk plan``, ``analyze`` and ``evaluate``: measured answers (a thin layer over
+:mod:`feda2v_toolkit.analysis`). torch is imported only when a command runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from feda2v_toolkit.errors import UsageError
+
+
+def _ints(option: str, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"{option}: expected comma-separated integers, got {value!r}") from None
+    if not out:
+        raise UsageError(f"{option}: give at least one value")
+    bad = [v for v in out if v < 1]
+    if bad:
+        raise UsageError(f"{option}: lengths must be >= 1, got {bad[0]}")
+    return out
+
+
+def _names(value: str | None) -> list[str] | None:
+    names = [v.strip() for v in (value or "").split(",") if v.strip()]
+    return names or None
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become null; tuple -> list; keys -> str."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _emit_json(doc: dict[str, Any]) -> None:
+    click.echo(json.dumps(_clean(doc), indent=2, allow_nan=False))
+
+
+def _say(quiet: bool):  # noqa: ANN202 - a logger callback
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"feda2v-tk: {msg}", err=True)
+
+    return say
+
+
+@click.command("plan")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Experiment config (JSON); without it, the schema defaults are used.")
+@click.option("--lengths", help="Comma-separated training lengths to tabulate, e.g. 4,8,16,32,64,1214 "
+                                "[default: the configured one].")
+@click.option("--memory-budget", help="Memory available for training, e.g. 8GB, 512MiB (GB = 10^9 bytes, "
+                                      "GiB = 2^30): name the largest training length that fits.")
+@click.option("-d", "--data", "data_path", type=click.Path(path_type=Path),
+              help="Take D, the full length, the classes, conditions and sample count from this dataset.")
+@click.option("--dim", type=click.IntRange(min=1), help="Embedding width D [default: 768].")
+@click.option("--full-length", type=click.IntRange(min=1), help="Full sequence length L [default: 1214].")
+@click.option("--num-classes", type=click.IntRange(min=0),
+              help="Classes (per_class generators, label conditioning) [default: 10].")
+@click.option("--condition-dim", type=click.IntRange(min=0), help="Width of per-sample condition embeddings [0].")
+@click.option("--num-samples", type=click.IntRange(min=0),
+              help="Training sequences: adds the trainer's reduced-data cache [default: 0, not counted].")
+@click.option("--sample-batch", type=click.IntRange(min=1),
+              help="Samples generated at once [default: min(synthetic_samples_per_class, 64)].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str | None, data_path: Path | None,
+             dim: int | None, full_length: int | None, num_classes: int | None, condition_dim: int | None,
+             num_samples: int | None, sample_batch: int | None, as_json: bool) -> None:
+    """Exact parameter counts and training/generation memory of the configured generator per length.
+
+    Parameters are counted on a meta-device model; memory is the simulated peak of real training steps
+    on fake tensors (nothing is allocated). See docs/choosing-sequence-length.md.
+    """
+    from feda2v_toolkit.analysis.sizes import parse_size
+
+    wanted = _ints("--lengths", lengths)
+    budget = parse_size(memory_budget, option="--memory-budget") if memory_budget is not None else None
+    shape = {"dim": 768, "full_length": 1214, "num_classes": 10, "condition_dim": 0, "num_samples": 0}
+    if data_path is not None:
+        from feda2v_toolkit.data import open_dataset
+
+        ds = open_dataset(data_path)
+        shape.update(dim=ds.dim, full_length=ds.seq_len, num_classes=ds.num_classes,
+                     condition_dim=ds.condition_dim, num_samples=len(ds))
+    given = {"dim": dim, "full_length": full_length, "num_classes": num_classes, "condition_dim": condition_dim,
+             "num_samples": num_samples}
+    shape.update({k: v for k, v in given.items() if v is not None})
+
+    from feda2v_toolkit.analysis.plan import plan
+    from feda2v_toolkit.analysis.tables import plan_text
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = plan(str(config_path) if config_path else None, lengths=wanted, memory_budget=budget,
+                      sample_batch=sample_batch, **shape)
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        click.echo(plan_text(result))
+
+
+@click.command("analyze")
+@click.option("-d", "--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="Dataset: a .safetensors file, a directory of shards, or a legacy .pt cache.")
+@click.option("--lengths", default="4,8,16,32,64", show_default=True, help="Comma-separated training lengths.")
+@click.option("--reducers", help="Comma-separated reducer names [default: every registered one].")
+@click.option("--upsamplers", help="Comma-separated upsampler names [default: every registered one].")
+@click.option("--all-pairs", is_flag=True,
+              help="Also pair non-positional reducers (pca) with interpolating upsamplers.")
+@click.option("--holdout", default=0.25, show_default=True, type=float,
+              help="Share of each class held out for measuring (the rest fits reducers and upsamplers).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--pool-positions", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Positions the classifier's features are pooled to.")
+@click.option("--upsampler-epochs", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Cap on generator_upsampler_epochs for iterative trainable upsamplers (learned).")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Config whose component settings to use [default: schema defaults].")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a PNG plot here (needs matplotlib: pip install 'feda2v-tk[plot]').")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers: str | None, all_pairs: bool,
+                holdout: float, seed: int, pool_positions: int, upsampler_epochs: int, config_path: Path | None,
+                plot_path: Path | None, as_json: bool, quiet: bool) -> None:
+    """Measure what each reducer/upsampler pair keeps, per training length, on held-out data.
+
+    R^2 and cosine of the reconstruction, downstream accuracy, and the linear optimum (position PCA)
+    as the reference. See docs/choosing-sequence-length.md.
+    """
+    wanted = _ints("--lengths", lengths)
+    assert wanted is not None
+    if plot_path is not None:
+        from feda2v_toolkit.analysis.plot import _pyplot
+
+        _pyplot()  # fail before the work if matplotlib is missing
+    from feda2v_toolkit.analysis.analyze import analyze
+    from feda2v_toolkit.analysis.tables import analyze_text
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = analyze(data_path, wanted, reducers=_names(reducers), upsamplers=_names(upsamplers),
+                         holdout=holdout, seed=seed, pool_positions=pool_positions,
+                         config=str(config_path) if config_path else None, upsampler_epochs=upsampler_epochs,
+                         all_pairs=all_pairs, log=_say(quiet))
+    if plot_path is not None:
+        from feda2v_toolkit.analysis.plot import plot_analysis
+
+        _say(quiet)(f"wrote {plot_analysis(result, plot_path)}")
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        click.echo(analyze_text(result))
+
+
+@click.command("evaluate")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-d", "--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="Real data of the model's classes (held out from training, or see --split).")
+@click.option("--split", type=click.Choice(["all", "heldout"]), default="all", show_default=True,
+              help="all: every sequence of DATA is held-out real data; heldout: DATA is the training data "
+                   "and only the sequences the trainer held out are used.")
+@click.option("--test-fraction", default=0.5, show_default=True, type=float,
+              help="Share of each class's real sequences the downstream classifiers are tested on.")
+@click.option("-k", "--samples-per-class", type=click.IntRange(min=1),
+              help="Synthetic samples per class [default: as many as the class has real sequences].")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds the synthetic draws (as `generate --seed`) and the real train/test split.")
+@click.option("--neighbours", default=5, show_default=True, type=click.IntRange(min=1),
+              help="k of precision/recall/density/coverage.")
+@click.option("--pool-positions", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Positions the classifier's features are pooled to.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a PNG plot here (needs matplotlib: pip install 'feda2v-tk[plot]').")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def evaluate_cmd(model_path: Path, data_path: Path, split: str, test_fraction: float, samples_per_class: int | None,
+                 seed: int, neighbours: int, pool_positions: int, plot_path: Path | None, as_json: bool,
+                 quiet: bool) -> None:
+    """Measure a MODEL's synthetic samples against held-out real data of the same classes.
+
+    Per class: Frechet distance, mean/covariance gaps, diversity, precision/recall, density/coverage;
+    downstream: train-on-synthetic and real+synthetic accuracy next to real-only. See docs/evaluation.md.
+    """
+    if plot_path is not None:
+        from feda2v_toolkit.analysis.plot import _pyplot
+
+        _pyplot()
+    from feda2v_toolkit.analysis.evaluate import evaluate
+    from feda2v_toolkit.analysis.tables import evaluate_text
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = evaluate(model_path, data_path, split=split, test_fraction=test_fraction,
+                          samples_per_class=samples_per_class, seed=seed, neighbours=neighbours,
+                          pool_positions=pool_positions, log=_say(quiet))
+    if plot_path is not None:
+        from feda2v_toolkit.analysis.plot import plot_evaluation
+
+        _say(quiet)(f"wrote {plot_evaluation(result, plot_path)}")
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        click.echo(evaluate_text(result))
