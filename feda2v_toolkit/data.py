@@ -15,11 +15,13 @@ See ``docs/data.md``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,8 @@ class Dataset:
             i = j + 1
 
     def _check_finite(self, emb: Tensor, idx: Tensor) -> None:
+        if bool(torch.isfinite(emb.sum())):  # NaN or inf anywhere makes the sum non-finite
+            return
         bad = ~torch.isfinite(emb).all(dim=2).all(dim=1)
         if bool(bad.any()):
             first = int(idx[bad.nonzero()[0, 0]])
@@ -390,7 +394,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 class DatasetWriter:
     """Stream rows into a shard directory with bounded memory; all-or-nothing.
 
-    Shards (``part-00000.safetensors``, ...) are written into a hidden staging directory next to
+    Shards (``part-00000.safetensors``, ...) are written, by one background thread so that writing
+    overlaps producing the next shard, into a hidden staging directory next to
     ``directory``; :meth:`close` moves them into place (``directory`` must be absent or empty). If the
     ``with`` block raises (including KeyboardInterrupt) nothing is left behind.
     """
@@ -410,6 +415,8 @@ class DatasetWriter:
                                               dir=self.directory.parent))
         self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._pending_rows = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feda2v-writer")
+        self._inflight: Future[None] | None = None
         self.shards: list[Path] = []
         self.rows = 0
         self.bytes_written = 0
@@ -447,15 +454,28 @@ class DatasetWriter:
         return emb, lab, cond
 
     def _write_rows(self, rows: int) -> None:
+        """Hand the first ``rows`` queued rows to the writer thread as one shard."""
         emb, lab, cond = self._take(rows)
         tensors = {"embeddings": emb.contiguous(), "labels": lab}
         if cond is not None:
             tensors["conditions"] = cond.contiguous()
         shard = self._staging / f"part-{len(self.shards):05d}.safetensors"
-        save_file(tensors, str(shard), metadata=dataset_metadata(self.class_names, self.extra_metadata))
         self.shards.append(shard)
         self.rows += int(lab.shape[0])
+        self._wait()  # at most one shard in flight: memory stays bounded
+        self._inflight = self._pool.submit(self._write_shard, shard, tensors)
+
+    def _write_shard(self, shard: Path, tensors: dict[str, Tensor]) -> None:
+        """Write and fsync one shard (runs on the writer thread, overlapping the next shard's production)."""
+        save_file(tensors, str(shard), metadata=dataset_metadata(self.class_names, self.extra_metadata))
+        with open(shard, "rb") as fh:
+            os.fsync(fh.fileno())
         self.bytes_written += shard.stat().st_size
+
+    def _wait(self) -> None:
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            inflight.result()
 
     def flush(self) -> None:
         """Write whatever is queued as one (possibly smaller) shard."""
@@ -463,11 +483,12 @@ class DatasetWriter:
             self._write_rows(self._pending_rows)
 
     def close(self) -> Path:
-        """Flush, fsync and move the shards into ``directory``."""
-        self.flush()
-        for shard in self.shards:
-            with open(shard, "rb") as fh:
-                os.fsync(fh.fileno())
+        """Flush, wait for the writer thread and move the shards into ``directory``."""
+        try:
+            self.flush()
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
         if self.directory.exists():
             self.directory.rmdir()  # empty (checked at construction)
         os.replace(self._staging, self.directory)
@@ -478,6 +499,9 @@ class DatasetWriter:
         """Drop everything written so far."""
         self._pending.clear()
         self._pending_rows = 0
+        with contextlib.suppress(Exception):
+            self._wait()
+        self._pool.shutdown(wait=True)
         shutil.rmtree(self._staging, ignore_errors=True)
 
     def __enter__(self) -> DatasetWriter:

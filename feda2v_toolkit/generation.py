@@ -118,6 +118,12 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
         bar = tqdm(total=total, unit="sample", desc="generate", dynamic_ncols=True)
     t0 = time.perf_counter()
     meta = {"source_model_seed": str(seed), "output_length": str(out_len)}
+    # whole batches per shard (a batch never exceeds a shard): the writer then hands batches over
+    # without concatenating copies
+    row_bytes = out_len * model.dim * out_dtype.itemsize
+    rows_per_shard = max(1, shard_bytes // row_bytes)
+    batch_size = min(batch_size, rows_per_shard)
+    shard_bytes = (rows_per_shard // batch_size) * batch_size * row_bytes
     try:
         with DatasetWriter(out, class_names=model.class_names, dtype=out_dtype, shard_bytes=shard_bytes,
                            extra_metadata=meta) as writer:

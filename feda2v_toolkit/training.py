@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from feda2v_toolkit.checkpoint import TrainingState, load_checkpoint, save_checkpoint
@@ -41,9 +40,10 @@ from feda2v_toolkit.components import Generator, Reducer, TrainContext, Upsample
 from feda2v_toolkit.data import Dataset, open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
+from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
 
 #: rows of full-length sequences read per chunk while reducing (bounded memory)
-READ_CHUNK_BYTES = 128 * 2**20
+READ_CHUNK_BYTES = 32 * 2**20
 OTHER_GROUP = "other"
 
 
@@ -126,7 +126,7 @@ class _Run:
     seed: int
     train_idx: Tensor
     val_idx: Tensor
-    reduced: Tensor  # [N, l, D] normalised, on CPU
+    reduced: Tensor  # [N, l, D] on CPU: raw until the upsampler is fitted, then standardised in place
     model: GenerativeModel
     optimizers: dict[str, dict[str, torch.optim.Optimizer]]
     members: dict[str, Tensor]  # generator key -> label values it serves
@@ -176,6 +176,21 @@ def reduce_dataset(ds: Dataset, reducer: Reducer, indices: Tensor | None = None,
     return out
 
 
+def standardization(reduced: Tensor, indices: Tensor, rows: int = 4096) -> dict[str, Tensor]:
+    """Per position and feature mean and std ``[l, D]`` over ``reduced[indices]``, in chunks (float64 sums)."""
+    total = torch.zeros(reduced.shape[1:], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for s in range(0, indices.numel(), rows):
+        chunk = reduced[indices[s:s + rows]].double()
+        total += chunk.sum(dim=0)
+        total_sq += chunk.pow(2).sum(dim=0)
+    n = max(indices.numel(), 1)
+    mean = total / n
+    std = (total_sq / n - mean.pow(2)).clamp_min(0).sqrt()
+    std = std.clamp_min(max(float(std.mean()) * 1e-3, 1e-8))
+    return {"mean": mean.float(), "std": std.float()}
+
+
 def full_batches(ds: Dataset, indices: Tensor, rows: int | None = None) -> Callable[[], Iterator[Tensor]]:
     """A re-iterable stream of full-length float32 batches ``[B, L, D]`` over ``indices``."""
     rows = rows or read_chunk_rows(ds)
@@ -187,11 +202,11 @@ def full_batches(ds: Dataset, indices: Tensor, rows: int | None = None) -> Calla
     return batches
 
 
-def upsampler_pairs(ds: Dataset, indices: Tensor, reduced_raw: Tensor, rows: int,
+def upsampler_pairs(ds: Dataset, indices: Tensor, reduced: Tensor, rows: int,
                     seed: int) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
     """(reduced, full) float32 pairs over ``indices`` in chunks, chunk order reshuffled per call.
 
-    ``reduced_raw`` holds the (un-normalised) reduced sequences for ``indices`` in the same order.
+    ``reduced`` holds the (un-normalised) reduced sequences of the whole dataset, by global index.
     """
     calls = [0]
 
@@ -200,17 +215,18 @@ def upsampler_pairs(ds: Dataset, indices: Tensor, reduced_raw: Tensor, rows: int
         calls[0] += 1
         starts = torch.arange(0, indices.numel(), rows)
         for s in starts[torch.randperm(starts.numel(), generator=g)].tolist():
-            full = ds.read(indices[s:s + rows]).embeddings
-            yield reduced_raw[s:s + rows], full
+            chunk = indices[s:s + rows]
+            yield reduced[chunk], ds.read(chunk).embeddings
 
     return pairs
 
 
-def heldout_upsampling_error(ds: Dataset, indices: Tensor, reduced_raw: Tensor, upsampler: Upsampler,
+def heldout_upsampling_error(ds: Dataset, indices: Tensor, reduced: Tensor, upsampler: Upsampler,
                              device: torch.device) -> dict[str, float]:
     """MSE and R^2 of reconstructing held-out full sequences: the upsampler vs linear interpolation.
 
-    R^2 is relative to each sequence's own mean over positions (what the positional structure adds).
+    ``reduced`` holds the un-normalised reduced sequences by global index. R^2 is relative to each
+    sequence's own mean over positions (what the positional structure adds).
     """
     sse_up = sse_lin = sst = 0.0
     count = 0
@@ -218,11 +234,11 @@ def heldout_upsampling_error(ds: Dataset, indices: Tensor, reduced_raw: Tensor, 
     upsampler.eval()
     with torch.no_grad():
         for s in range(0, indices.numel(), rows):
-            full = ds.read(indices[s:s + rows]).embeddings.to(device)
-            red = reduced_raw[s:s + rows].to(device)
+            chunk = indices[s:s + rows]
+            full = ds.read(chunk).embeddings.to(device)
+            red = reduced[chunk].to(device)
             up = upsampler(red, ds.seq_len)
-            lin = F.interpolate(red.transpose(1, 2), size=ds.seq_len, mode="linear",
-                                align_corners=False).transpose(1, 2)
+            lin = interpolate_sequence(red, ds.seq_len, "linear")
             sse_up += float(((up - full) ** 2).sum())
             sse_lin += float(((lin - full) ** 2).sum())
             sst += float(((full - full.mean(dim=1, keepdim=True)) ** 2).sum())
@@ -324,15 +340,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     reduced_raw = reduce_dataset(ds, reducer, device=dev)
     say(f"reduced {len(ds)} sequences to {length} tokens in {time.perf_counter() - t0:.1f}s")
 
-    normalization: dict[str, Tensor] = {}
-    reduced = reduced_raw
-    if cfg["generator_normalize"]:
-        base = reduced_raw[train_idx]
-        mean = base.mean(dim=0)
-        std = base.std(dim=0, unbiased=False)
-        std = std.clamp_min(max(float(std.mean()) * 1e-3, 1e-8))
-        normalization = {"mean": mean, "std": std}
-        reduced = (reduced_raw - mean) / std
+    normalization = standardization(reduced_raw, train_idx) if cfg["generator_normalize"] else {}
 
     # -- generators --------------------------------------------------------------------------
     present = [c for c in ds.class_names if counts[c] > 0]
@@ -366,13 +374,15 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
         loaded.restore_optimizers(model, optimizers)
         state = loaded.state
 
-    run = _Run(cfg, ds, dev, seed, train_idx, val_idx, reduced, model, optimizers,
+    run = _Run(cfg, ds, dev, seed, train_idx, val_idx, reduced_raw, model, optimizers,
                {key: torch.tensor([ds.class_names.index(c) for c in members]) for key, members in groups.items()})
 
     if state.upsampler_metrics is None:
-        state.upsampler_metrics = _fit_upsampler(run, reduced_raw, say)
+        state.upsampler_metrics = _fit_upsampler(run, say)
         if loaded is None:
             torch.manual_seed(seed)  # generator training starts from the same RNG state either way
+    if normalization:  # from here on the cache holds standardised sequences (no second copy)
+        reduced_raw.sub_(normalization["mean"]).div_(normalization["std"])
     if loaded is not None:
         loaded.restore_rng()
 
@@ -387,21 +397,25 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     return model
 
 
-def _fit_upsampler(run: _Run, reduced_raw: Tensor, say: Callable[[str], None]) -> dict[str, Any]:
+def _fit_upsampler(run: _Run, say: Callable[[str], None]) -> dict[str, Any]:
+    """Fit a trainable upsampler on (reduced, full) training pairs; score it on the held-out split.
+
+    Runs while ``run.reduced`` still holds the raw (un-standardised) reduced sequences.
+    """
     ups = run.model.upsampler
     metrics: dict[str, Any] = {"name": run.model.upsampler_name}
     if type(ups).trainable:
         t0 = time.perf_counter()
         say(f"training upsampler {run.model.upsampler_name} on {run.train_idx.numel()} (reduced, full) pairs")
         rows = max(1, min(run.cfg["generator_batch_size"], read_chunk_rows(run.ds)))
-        pairs = upsampler_pairs(run.ds, run.train_idx, reduced_raw[run.train_idx], rows, run.seed)
+        pairs = upsampler_pairs(run.ds, run.train_idx, run.reduced, rows, run.seed)
         ups.train()
         fit_metrics = ups.fit(pairs, config=run.cfg)
         ups.eval()
         metrics["fit"] = fit_metrics
         metrics["fit_seconds"] = time.perf_counter() - t0
     if run.val_idx.numel() and run.ds.seq_len != run.model.training_length:
-        metrics.update(heldout_upsampling_error(run.ds, run.val_idx, reduced_raw[run.val_idx], ups, run.device))
+        metrics.update(heldout_upsampling_error(run.ds, run.val_idx, run.reduced, ups, run.device))
         if "heldout_mse" in metrics:
             say(f"upsampler {run.model.upsampler_name}: held-out MSE {metrics['heldout_mse']:.5g} "
                 f"(linear interpolation {metrics['heldout_mse_linear']:.5g})")

@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from feda2v_toolkit.components import Upsampler
+from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
 
 
 def linear_interpolate(x: Tensor, length: int) -> Tensor:
     """``[B, l, D] -> [B, length, D]`` exactly as the ``linear`` upsampler computes it."""
-    if x.shape[1] == length:
-        return x
-    return F.interpolate(x.transpose(1, 2), size=length, mode="linear", align_corners=False).transpose(1, 2)
+    return interpolate_sequence(x, length, "linear")
 
 
 def _mix64(h: Tensor) -> Tensor:
