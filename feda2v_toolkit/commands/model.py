@@ -49,10 +49,12 @@ def generate_cmd(model_path: Path, out_dir: Path, samples: int | str | None, cla
 
     The shards use the dataset format, so they feed straight back into train, analyze or evaluate.
     """
+    from feda2v_toolkit._malloc import reuse_freed_memory
     from feda2v_toolkit.generation import generate
     from feda2v_toolkit.modelfile import load_model
     from feda2v_toolkit.training import resolve_device
 
+    reuse_freed_memory()
     model = load_model(model_path, device=resolve_device(device))
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     with warnings_as_messages():
