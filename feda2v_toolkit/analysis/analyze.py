@@ -42,7 +42,7 @@ from feda2v_toolkit.components import Reducer, Upsampler
 from feda2v_toolkit.data import Dataset, open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.reducers.pca import PCAReducer
-from feda2v_toolkit.training import read_chunk_rows, stratified_split, upsampler_pairs
+from feda2v_toolkit.training import read_chunk_rows, stratified_split
 
 OPTIMUM = "linear optimum"
 DEFAULT_UPSAMPLER_EPOCHS = 1
@@ -226,7 +226,7 @@ class _Run:
         ds = self.ds
         classes = {name: registry.load("upsampler", name) for name in self.upsampler_names}
         for (rname, length) in [k for k in self.reducers if k[0] != OPTIMUM]:
-            reduced_train = self.reduced[(rname, length)][self.train_idx]
+            reduced_all = self.reduced[(rname, length)]
             positional = getattr(type(self.reducers[(rname, length)]), "positional", True)
             for uname, cls in classes.items():
                 if not (positional or cls.trainable or self.all_pairs):
@@ -237,7 +237,7 @@ class _Run:
                 info: dict[str, Any] = {}
                 if cls.trainable:
                     torch.manual_seed(self.seed)
-                    pairs = upsampler_pairs(ds, self.train_idx, reduced_train, self.rows, self.seed)
+                    pairs = self.pairs(reduced_all)
                     ups.train()
                     info = dict(ups.fit(pairs, config=self.cfg) or {})
                     self.say(f"fitted {uname} after {rname} at length {length}: {time.perf_counter() - t0:.1f}s")
@@ -245,6 +245,20 @@ class _Run:
                 self.upsamplers[key] = ups.eval()
                 self.fit_info[key] = info
                 self.seconds[key] = time.perf_counter() - t0 + self.seconds.get((rname, length, ""), 0.0)
+
+    def pairs(self, reduced: Tensor) -> Callable[[], Any]:
+        """(reduced, full) training pairs in chunks, the chunk order reshuffled on every call (seeded)."""
+        calls = [0]
+
+        def pairs() -> Any:
+            g = torch.Generator().manual_seed(self.seed * 7919 + calls[0])
+            calls[0] += 1
+            starts = torch.arange(0, self.train_idx.numel(), self.rows)
+            for s in starts[torch.randperm(starts.numel(), generator=g)].tolist():
+                chunk = self.train_idx[s:s + self.rows]
+                yield reduced[chunk], self.ds.read(chunk).embeddings
+
+        return pairs
 
     def _reconstruct(self, key: tuple[str, int, str], rows: Tensor) -> Tensor:
         rname, length, _ = key

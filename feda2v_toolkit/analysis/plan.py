@@ -14,7 +14,11 @@ Nothing real is allocated:
 * **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length,
   plus every generator's weights and the shard writer's buffer;
 * **runtime** is this process's own resident memory (Python, torch, the registry): the part of a real run
-  the tensors do not account for.
+  the tensors do not account for;
+* **allocator allowance**: a real process holds more than its live tensors -- the allocator keeps freed
+  blocks, math libraries pack weights into scratch buffers. Measured on CPU (``tests/analysis/
+  test_plan.py``), the peak resident memory of training steps exceeded the simulated tensor peak by 5-26%;
+  totals add ``ALLOCATOR_ALLOWANCE`` (15%) of the simulated peaks.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from feda2v_toolkit.errors import UsageError
 GENERATE_BATCH = 64  # feda2v-tk generate's default --batch-size
 WRITER_BUFFER = 256 * 2**20  # data.DEFAULT_SHARD_BYTES: the writer queues up to one shard
 READ_CHUNK = 128 * 2**20  # training.READ_CHUNK_BYTES
+ALLOCATOR_ALLOWANCE = 0.15  # share of the simulated tensor peak added for allocator caching and library buffers
 
 
 @dataclass
@@ -52,6 +57,7 @@ class TrainMemory:
     other_generators: int  # weights + gradients + optimiser state of the generators not training
     components: int  # reducer and upsampler state
     data: int  # reduced-data cache and read chunk (0 without --num-samples)
+    allowance: int  # ALLOCATOR_ALLOWANCE of the tensors
     runtime: int
     total: int
     method: str = "simulated"
@@ -64,6 +70,7 @@ class GenerateMemory:
     weights: int  # all generators
     batch_peak: int  # simulated peak of sampling + upsampling one batch, beyond the weights
     writer_buffer: int
+    allowance: int
     runtime: int
     total: int
 
@@ -147,7 +154,8 @@ class Planner:
     """Builds components for a config and measures them at any length (``plan`` uses one per call)."""
 
     def __init__(self, cfg: Mapping[str, Any], *, dim: int, full_length: int, num_classes: int,
-                 condition_dim: int, num_samples: int, sample_batch: int | None, output_length: int | None) -> None:
+                 condition_dim: int, num_samples: int, sample_batch: int | None, output_length: int | None,
+                 runtime: int | None = None) -> None:
         from feda2v_toolkit.plugins import get_registry
 
         registry = get_registry()
@@ -167,7 +175,7 @@ class Planner:
         self.samples_per_class = per_class
         self.sample_batch = int(sample_batch or min(per_class, GENERATE_BATCH))
         self.output_length = int(output_length or self.cfg.get("generator_output_sequence_length") or 0)
-        self.runtime = runtime_bytes()
+        self.runtime = runtime_bytes() if runtime is None else int(runtime)
         self.optimizers: dict[str, str] = {}
         self.notes: list[str] = []
 
@@ -237,9 +245,11 @@ class Planner:
             rows = min(self.num_samples, max(1, READ_CHUNK // (self.full_length * self.dim * 4)))
             data = 2 * self.num_samples * length * self.dim * 4 + rows * self.full_length * self.dim * 4
         components = component_elements * 4
-        total = peak + others + components + data + self.runtime
+        tensors = peak + others + components + data
+        allowance = int(ALLOCATOR_ALLOWANCE * tensors)
+        total = tensors + allowance + self.runtime
         return TrainMemory(weights, grads, optimizer, batch, activations, peak, self.generators, others, components,
-                           data, self.runtime, total, method)
+                           data, allowance, self.runtime, total, method)
 
     def generate_memory(self, length: int, component_elements: int) -> GenerateMemory:
         n = self.sample_batch
@@ -265,8 +275,10 @@ class Planner:
             batch_peak = n * (length + 2 * out_len) * self.dim * 4 + component_elements * 4
         total_out = self.samples_per_class * max(1, self.num_classes) * out_len * self.dim * 4
         writer = min(total_out, WRITER_BUFFER)
-        total = self.generators * weights + batch_peak + writer + self.runtime
-        return GenerateMemory(n, out_len, self.generators * weights, batch_peak, writer, self.runtime, total)
+        tensors = self.generators * weights + batch_peak + writer
+        allowance = int(ALLOCATOR_ALLOWANCE * tensors)
+        return GenerateMemory(n, out_len, self.generators * weights, batch_peak, writer, allowance, self.runtime,
+                              tensors + allowance + self.runtime)
 
     def length_plan(self, length: int, budget: int | None) -> LengthPlan:
         counts, per_gen, state = self.parameters(length)
@@ -291,11 +303,12 @@ def _describe_optimizers(opts: Mapping[str, torch.optim.Optimizer]) -> dict[str,
 def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_budget: int | None = None,
          dim: int = 768, full_length: int = 1214, num_classes: int = 10, condition_dim: int = 0,
          num_samples: int = 0, sample_batch: int | None = None, overrides: Mapping[str, Any] | None = None,
-         ) -> PlanResult:
+         runtime: int | None = None) -> PlanResult:
     """Parameters and memory of the configured generator at its training length and at ``lengths``.
 
     ``memory_budget`` (bytes) adds the largest training length whose training run fits. ``config`` is a
     path, JSON text or mapping (``None`` = schema defaults); ``overrides`` set generator keys on top.
+    ``runtime``: bytes of the Python/torch runtime to add (default: this process's resident memory now).
     """
     cfg = resolve_config(config, overrides)
     configured = int(cfg["generator_training_sequence_length"])
@@ -305,7 +318,7 @@ def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_bud
             raise UsageError(f"--lengths: {length} is outside 1..{full_length} (the full sequence length)")
     planner = Planner(cfg, dim=dim, full_length=full_length, num_classes=num_classes, condition_dim=condition_dim,
                       num_samples=num_samples, sample_batch=sample_batch,
-                      output_length=cfg.get("generator_output_sequence_length"))
+                      output_length=cfg.get("generator_output_sequence_length"), runtime=runtime)
     rows = [planner.length_plan(length, memory_budget) for length in wanted]
     result = PlanResult(
         generator_type=cfg["generator_type"], granularity=cfg["generator_granularity"],

@@ -73,10 +73,11 @@ def plan_text(result: Any) -> str:
             cells.append("yes" if row.fits else "no")
         rows.append(cells)
     lines.append(table(headers, rows))
-    lines.append("* configured length. train total = step peak + other generators' weights/grads/optimizer + "
-                 "reducer/upsampler state + data cache + runtime; generate = all generators' weights + one batch "
-                 f"upsampled to the output length ({'the training length' if not r.output_length_set else r.output_length}) "
-                 "+ the shard writer's buffer + runtime.")
+    out_len = r.output_length if r.output_length_set else "the training length"
+    lines.append("* configured length. step peak: simulated tensors of one generator's training step. train total = "
+                 "step peak + other generators' weights/grads/optimizer + reducer/upsampler state + data cache, "
+                 f"+15% allocator allowance, + runtime. generate = all generators' weights + one batch upsampled to "
+                 f"the output length ({out_len}) + the shard writer's buffer, +15%, + runtime.")
     if r.budget is not None:
         if r.largest_length is None:
             lines.append(f"memory budget {format_bytes(r.budget)} ({r.budget:,} bytes): no training length fits")

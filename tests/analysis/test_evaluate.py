@@ -1,0 +1,112 @@
+"""``feda2v-tk evaluate``: synthetic samples of a trained model against held-out real data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from feda2v_toolkit.analysis.evaluate import distribution_metrics, evaluate
+from feda2v_toolkit.demo import write_demo_dataset
+from feda2v_toolkit.generation import generate
+from feda2v_toolkit.modelfile import load_model
+from feda2v_toolkit.training import train
+
+from .helpers import one_line_error, run_json, run_main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    """A per-class VAE (pca + lstsq) trained briefly on the tiny demo data, plus unseen real data."""
+    root = tmp_path_factory.mktemp("eval")
+    cfg = {"generator_training_sequence_length": 4, "generator_hidden_dim": 32, "generator_latent_dim": 8,
+           "generator_training_epochs": 6, "generator_batch_size": 8, "generator_granularity": "per_class",
+           "generator_reducer": "pca", "generator_upsampler": "lstsq", "generator_save_checkpoint": False,
+           "generator_checkpoint_dir": str(root / "ck"), "generator_output_sequence_length": 50,
+           "generator_validation_split": 0.2}
+    model_path = root / "m.safetensors"
+    train(cfg, tiny_data, out=model_path, seed=0)
+    real = write_demo_dataset(root / "real.safetensors", 8, seq_len=50, dim=16, seed=1)
+    return model_path, real
+
+
+def test_cli_json_has_per_class_metrics_and_downstream_accuracies(capsys, trained):
+    model, real = trained
+    doc = run_json(capsys, "evaluate", str(model), "--data", str(real), "-q")
+    assert doc["classes"] == ["engine", "drum", "whistle", "bird"]
+    for name in doc["classes"]:
+        m = doc["per_class"][name]
+        assert (m["real"], m["synthetic"]) == (8, 8)
+        assert m["frechet"] > 0 and m["frechet_real_halves"] > 0
+        assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and 0 <= m["coverage"] <= 1
+    assert doc["overall"]["real"] == 32
+    d = doc["downstream"]
+    assert (d["real_train"], d["real_test"], d["synthetic"]) == (16, 16, 32)
+    for key in ("real_only", "tstr", "augmented"):
+        assert 0 <= d[key] <= 1
+    assert set(d["per_class"]["drum"]) == {"real_only", "tstr", "augmented"}
+
+
+def test_deterministic_under_seed(capsys, trained):
+    model, real = trained
+    args = ("evaluate", str(model), "--data", str(real), "-q", "-k", "5")
+
+    def strip(doc):
+        doc.pop("seconds")
+        return doc
+
+    a, b = strip(run_json(capsys, *args, "--seed", "2")), strip(run_json(capsys, *args, "--seed", "2"))
+    assert a == b
+    assert strip(run_json(capsys, *args, "--seed", "3")) != a
+
+
+def test_synthetic_draws_are_those_of_generate(trained, tmp_path):
+    """evaluate --seed S measures the very samples `feda2v-tk generate --seed S` writes."""
+    model_path, real = trained
+    model = load_model(model_path)
+    generate(model, tmp_path / "syn", samples=3, classes=["drum"], seed=5, length=50)
+    from feda2v_toolkit.data import open_dataset
+
+    written = open_dataset(tmp_path / "syn").read([0, 1, 2]).embeddings
+    g = torch.Generator().manual_seed(5 * 1_000_003 + model.class_names.index("drum"))
+    again = model.sample(3, class_name="drum", length=50, generator=g)
+    assert torch.allclose(written, again)
+
+
+def test_heldout_split_uses_only_what_the_trainer_held_out(trained, tiny_data):
+    model, _ = trained
+    result = evaluate(model, tiny_data, split="heldout", samples_per_class=4)
+    assert result.overall.real == 8  # round(0.2 * 10) = 2 per class, as the trainer held out
+    with pytest.raises(Exception, match="needs the dataset the model was trained on"):
+        evaluate(model, trained[1], split="heldout")
+
+
+def test_table_and_plot(capsys, trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    model, real = trained
+    png = tmp_path / "eval.png"
+    code, out, err = run_main(capsys, "evaluate", str(model), "--data", str(real), "--plot", str(png))
+    assert code == 0, err
+    assert "Frechet" in out and "train-on-synthetic" in out and "(all)" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_distribution_metrics_of_real_against_itself():
+    x = torch.randn(30, 6, generator=torch.Generator().manual_seed(0))
+    m = distribution_metrics(x, x)
+    assert m.frechet == pytest.approx(0, abs=1e-8) and m.mean_gap == pytest.approx(0, abs=1e-12)
+    assert (m.precision, m.recall, m.coverage, m.diversity_ratio) == (1.0, 1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("missing.safetensors", "--data", "{real}"), "missing.safetensors: no such file"),
+    (("{model}", "--data", "missing.safetensors"), "missing.safetensors: no such file"),
+    (("{model}", "--data", "{other}"), "sequences are [40, 16], the model's are [50, 16]"),
+    (("{model}", "--data", "{real}", "--test-fraction", "0"), "--test-fraction must be between 0 and 1"),
+    (("{real}", "--data", "{real}"), "not a model file"),
+])
+def test_bad_input_gives_one_line_errors(capsys, trained, tmp_path, args, message):
+    model, real = trained
+    other = write_demo_dataset(tmp_path / "other.safetensors", 2, seq_len=40, dim=16)
+    filled = [a.format(model=model, real=real, other=other) for a in args]
+    _, line = one_line_error(capsys, "evaluate", *filled)
+    assert message in line

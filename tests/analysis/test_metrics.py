@@ -1,0 +1,154 @@
+"""Metrics read like their definitions: R^2, cosine, Frechet distance (with the cross term), gaps,
+diversity and the k-NN manifold metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from feda2v_toolkit.analysis.metrics import (
+    ReconstructionStats,
+    covariance_gap,
+    frechet_distance,
+    frechet_distance_gaussians,
+    manifold_metrics,
+    mean_gap,
+    mean_pairwise_distance,
+    r2_score,
+    trace_sqrt_product,
+)
+
+from .helpers import structured
+
+
+def gaussian(n: int, mean: torch.Tensor, cov: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    chol = torch.linalg.cholesky(cov.double())
+    return (mean.double() + torch.randn(n, mean.numel(), generator=g, dtype=torch.float64) @ chol.T)
+
+
+def sample_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.mean(0), torch.cov(x.T)
+
+
+# -- reconstruction -----------------------------------------------------------------------------------
+
+def test_r2_of_the_identity_is_one_and_of_the_per_sequence_mean_is_zero():
+    x = structured(6)
+    assert r2_score(x, x) == pytest.approx(1.0)
+    flat = x.mean(dim=1, keepdim=True).expand_as(x)
+    assert r2_score(x, flat) == pytest.approx(0.0, abs=1e-6)
+    assert r2_score(x, flat - 1.0) < 0  # worse than the flat mean
+
+
+def test_r2_pools_batches_as_sums():
+    x, y = structured(8, seed=1), structured(8, seed=2)
+    stats = ReconstructionStats()
+    stats.add(x[:3], y[:3])
+    stats.add(x[3:], y[3:])
+    assert stats.r2 == pytest.approx(r2_score(x, y), rel=1e-5)  # float32 sums
+
+
+def test_cosine_is_the_mean_over_tokens():
+    x = torch.randn(2, 5, 4)
+    stats = ReconstructionStats()
+    stats.add(x, x)
+    assert stats.cosine == pytest.approx(1.0, abs=1e-6)
+    stats = ReconstructionStats()
+    stats.add(x, -x)
+    assert stats.cosine == pytest.approx(-1.0, abs=1e-6)
+    y = x.clone()
+    y[:, ::2] *= -1  # tokens 0, 2, 4 flipped: mean cosine (3 * -1 + 2 * 1) / 5
+    stats = ReconstructionStats()
+    stats.add(x, y)
+    assert stats.cosine == pytest.approx(-0.2, abs=1e-6)
+
+
+# -- Frechet distance ---------------------------------------------------------------------------------
+
+def test_frechet_of_identical_sets_is_zero():
+    x = torch.randn(40, 12)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(x, x.clone()) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_closed_form_for_diagonal_gaussians():
+    # ||mu1 - mu2||^2 + sum (sqrt(a_i) - sqrt(b_i))^2
+    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
+    a, b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 1.0])
+    expected = 1 + 0 + 4 + (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 1) ** 2
+    assert frechet_distance_gaussians(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(expected)
+
+
+def test_frechet_cross_term_for_non_commuting_covariances():
+    # S1 = I, S2 = S: the cross term is tr sqrt(S), i.e. the sum of sqrt(eigenvalues of S)
+    s = torch.tensor([[2.0, 1.0], [1.0, 2.0]])  # eigenvalues 1 and 3
+    expected = 2 + 4 - 2 * (1 + math.sqrt(3))
+    assert frechet_distance_gaussians(torch.zeros(2), torch.eye(2), torch.zeros(2), s) == pytest.approx(expected)
+    # a rotated anisotropic pair: the cross term is not tr(S1^1/2 S2^1/2)
+    r = torch.tensor([[math.cos(0.7), -math.sin(0.7)], [math.sin(0.7), math.cos(0.7)]])
+    s1, s2 = torch.diag(torch.tensor([4.0, 0.25])), r @ torch.diag(torch.tensor([1.0, 9.0])) @ r.T
+    eig = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0)
+    expected = float(s1.trace() + s2.trace() - 2 * eig.sqrt().sum())
+    assert frechet_distance_gaussians(torch.zeros(2), s1, torch.zeros(2), s2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_from_samples_equals_the_formula_on_their_sample_statistics():
+    cov1 = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 0.5]])
+    cov2 = torch.tensor([[1.0, -0.4, 0.2], [-0.4, 3.0, 0.0], [0.2, 0.0, 1.5]])
+    x = gaussian(200, torch.tensor([0.0, 1.0, -1.0]), cov1, 0)
+    y = gaussian(150, torch.tensor([0.5, 0.0, -1.0]), cov2, 1)
+    mx, cx = sample_stats(x)
+    my, cy = sample_stats(y)
+    assert frechet_distance(x, y) == pytest.approx(frechet_distance_gaussians(mx, cx, my, cy), rel=1e-8)
+
+
+def test_frechet_works_with_more_features_than_samples():
+    # F = 5000 > n: computed from Gram matrices; equals the feature-space formula on a projection that
+    # keeps all the variation (both sets live in one 40-dimensional subspace)
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(5000, 40, generator=g, dtype=torch.float64))[0]  # [F, 40]
+    low_x = torch.randn(30, 40, generator=g, dtype=torch.float64)
+    low_y = torch.randn(25, 40, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    x, y = low_x @ basis.T, low_y @ basis.T
+    assert frechet_distance(x, y) == pytest.approx(frechet_distance(low_x, low_y), rel=1e-8)
+    mx, cx = sample_stats(low_x)
+    my, cy = sample_stats(low_y)
+    assert frechet_distance(x, y) == pytest.approx(frechet_distance_gaussians(mx, cx, my, cy), rel=1e-6)
+
+
+def test_trace_sqrt_product_is_the_nuclear_norm_of_the_cross_gram():
+    a, b = torch.randn(7, 9, dtype=torch.float64), torch.randn(5, 9, dtype=torch.float64)
+    s1, s2 = a.T @ a, b.T @ b
+    w, v = torch.linalg.eigh(s1)
+    root = (v * w.clamp(min=0).sqrt()) @ v.T
+    expected = torch.linalg.eigvalsh(root @ s2 @ root).clamp(min=0).sqrt().sum()
+    assert trace_sqrt_product(a, b) == pytest.approx(float(expected), rel=1e-8)
+
+
+# -- gaps, diversity, manifold --------------------------------------------------------------------------
+
+def test_gaps_are_zero_for_identical_sets_and_grow_with_differences():
+    x = torch.randn(50, 8)
+    assert mean_gap(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert covariance_gap(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert mean_gap(x + 1.0, x) > 0.5
+    assert covariance_gap(2 * x, x) == pytest.approx(3.0, rel=1e-6)  # ||4S - S|| / ||S||
+
+
+def test_diversity_is_the_mean_pairwise_distance():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
+    assert mean_pairwise_distance(x) == pytest.approx((5 + 5 + 0) * 2 / 6)
+
+
+def test_manifold_metrics_of_a_set_against_itself_and_a_far_away_set():
+    x = torch.randn(60, 4, generator=torch.Generator().manual_seed(0))
+    same = manifold_metrics(x, x, k=3)
+    assert (same.precision, same.recall, same.coverage) == (1.0, 1.0, 1.0)
+    assert same.density >= 1.0
+    far = manifold_metrics(x + 100.0, x, k=3)
+    assert (far.precision, far.recall, far.density, far.coverage) == (0.0, 0.0, 0.0, 0.0)
+    collapsed = manifold_metrics(x.mean(0, keepdim=True).repeat(60, 1) + 1e-3 * x, x, k=3)
+    assert collapsed.precision == 1.0 and collapsed.recall < 0.3  # faithful but not diverse

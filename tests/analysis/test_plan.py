@@ -1,0 +1,156 @@
+"""``feda2v-tk plan``: exact parameter counts, simulated memory checked against a real process, budgets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from feda2v_toolkit.analysis.plan import plan, resolve_config
+from feda2v_toolkit.analysis.sizes import format_bytes, parse_size
+from feda2v_toolkit.errors import UsageError
+from feda2v_toolkit.plugins import get_registry
+
+from .helpers import one_line_error, run_json, run_main
+
+MEASURE = Path(__file__).with_name("_measure_step.py")
+TINY = {"generator_hidden_dim": 32, "generator_latent_dim": 8, "generator_batch_size": 4}
+
+
+# -- parameters ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [
+    {"generator_type": "vae"},
+    {"generator_type": "vae", "use_conditioned_vae": True},
+    {"generator_type": "gan"},
+    {"generator_type": "gan", "gan_conditioned": True, "generator_granularity": "per_class"},
+])
+def test_parameter_counts_equal_an_instantiated_model(overrides):
+    cfg = {**TINY, **overrides}
+    result = plan(cfg, lengths=[3, 7], dim=16, full_length=50, num_classes=4)
+    resolved = resolve_config(cfg)
+    cls = get_registry().load("generator", resolved["generator_type"])
+    for row in result.rows:
+        model = cls.from_config(resolved, seq_len=row.length, dim=16, num_classes=4)
+        assert row.parameters_per_generator == sum(p.numel() for p in model.parameters())
+        assert row.parameters == {name: sum(p.numel() for p in child.parameters())
+                                  for name, child in model.named_children()
+                                  if sum(p.numel() for p in child.parameters())}
+        assert row.parameters_total == row.parameters_per_generator * result.generators
+    assert result.generators == (4 if overrides.get("generator_granularity") == "per_class" else 1)
+
+
+def test_the_documented_vae_sizes_at_ast_shape():
+    counts = {row.length: row.parameters_per_generator for row in plan(lengths=[4, 32, 1214]).rows}
+    assert counts == {4: 9_182_720, 32: 53_244_416, 1214: 1_913_277_440}
+
+
+def test_reducer_and_upsampler_state_is_counted():
+    row = plan({"generator_reducer": "pca", "generator_upsampler": "lstsq", **TINY}, dim=16, full_length=50).rows[0]
+    assert row.component_state == {"reducer": 50 * 4 + 50 * 16 + 4 + 1, "upsampler": 50 * 4 + 50 * 16 + 1}
+
+
+# -- memory -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [
+    {"generator_type": "vae"},
+    {"generator_type": "vae", "generator_autocast": "bfloat16"},
+    {"generator_type": "gan"},
+])
+def test_memory_estimate_is_within_15_percent_of_the_measured_peak(overrides):
+    """The simulated tensor peak plus the 15% allocator allowance against the peak resident memory a real
+    process adds while building the generator and running three training steps (l = 8, D = 768, batch
+    32: about 250-350 MiB). Tolerance: 15% of the measured value."""
+    length, dim = 8, 768
+    result = plan(overrides, lengths=[length], dim=dim, full_length=1214, num_classes=4)
+    row = next(r for r in result.rows if r.length == length)
+    simulated = row.train.step_peak - row.train.batch  # the measurement creates the batch beforehand
+    estimate = simulated * 1.15
+    proc = subprocess.run([sys.executable, str(MEASURE), json.dumps(overrides), str(length), str(dim)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["delta"]
+    assert simulated <= measured * 1.02, (format_bytes(simulated), format_bytes(measured))
+    assert abs(estimate - measured) <= 0.15 * measured, (format_bytes(estimate), format_bytes(measured))
+
+
+def test_memory_parts_add_up_and_grow_with_length():
+    result = plan(TINY, lengths=[2, 8, 32], dim=16, full_length=50, num_samples=100)
+    rows = result.rows
+    for row in rows:
+        t = row.train
+        assert t.weights == 4 * row.parameters_per_generator
+        assert t.gradients == t.weights
+        assert 2 * t.weights <= t.optimizer <= 2 * t.weights + 100  # AdamW: two moments (+ step counters)
+        assert t.step_peak >= t.weights + t.gradients + t.optimizer
+        assert t.data == 2 * 100 * row.length * 16 * 4 + 100 * 50 * 16 * 4
+        assert t.total == t.step_peak + t.other_generators + t.components + t.data + t.allowance + t.runtime
+    assert [r.train.total for r in rows] == sorted(r.train.total for r in rows)
+    assert "AdamW (2 state tensors per parameter)" in result.optimizers["vae"]
+
+
+def test_memory_budget_names_the_largest_length_that_fits():
+    base = plan(TINY, lengths=[10, 11], dim=16, full_length=50, runtime=0)
+    totals = {row.length: row.train.total for row in base.rows}
+    budget = totals[10] + (totals[11] - totals[10]) // 2
+    result = plan(TINY, memory_budget=budget, dim=16, full_length=50, runtime=0)
+    assert result.largest_length == 10
+    assert result.largest_length_plan.train.total <= budget
+    assert plan(TINY, memory_budget=1, dim=16, full_length=50, runtime=0).largest_length is None
+    assert plan(TINY, memory_budget=10**15, dim=16, full_length=50, runtime=0).largest_length == 50
+
+
+def test_fake_tensors_leave_real_memory_alone():
+    before = torch.get_default_device() if hasattr(torch, "get_default_device") else None
+    plan(lengths=[1214])  # a 1.9 B-parameter VAE: simulated, never allocated
+    if before is not None:
+        assert torch.get_default_device() == before
+
+
+# -- sizes and the CLI --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("8GB", 8 * 10**9), ("8 gb", 8 * 10**9), ("512MiB", 512 * 2**20), ("1.5GiB", int(1.5 * 2**30)),
+    ("1048576", 2**20), ("2k", 2000), ("3TiB", 3 * 2**40),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "8 gigs", "GB", "-1GB", "0", "1e9"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UsageError, match="--memory-budget"):
+        parse_size(text, option="--memory-budget")
+
+
+def test_cli_json_and_table(capsys, tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"feda2v": {**TINY, "generator_training_sequence_length": 4}}))
+    doc = run_json(capsys, "plan", "-c", str(cfg), "--lengths", "2,8", "--dim", "16", "--full-length", "50",
+                   "--memory-budget", "2GiB")
+    assert [r["length"] for r in doc["rows"]] == [2, 4, 8]
+    assert doc["configured_length"] == 4 and doc["budget"] == 2 * 2**30
+    assert doc["largest_length"] == 50
+    code, out, _ = run_main(capsys, "plan", "-c", str(cfg), "--dim", "16", "--full-length", "50")
+    assert code == 0 and "4*" in out and "parameters at the configured length 4" in out
+
+
+def test_cli_reads_shapes_from_a_dataset(capsys, tiny_data):
+    doc = run_json(capsys, "plan", "--data", str(tiny_data), "--lengths", "4")
+    assert (doc["dim"], doc["full_length"], doc["num_classes"], doc["num_samples"]) == (16, 50, 4, 40)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--memory-budget", "lots"), "--memory-budget: cannot read 'lots'"),
+    (("--lengths", "4,9999"), "--lengths: 9999 is outside 1..1214"),
+    (("--lengths", "4,a"), "--lengths: expected comma-separated integers"),
+    (("-c", "missing.json"), "missing.json"),
+    (("--data", "missing.safetensors"), "missing.safetensors: no such file"),
+])
+def test_cli_errors_are_one_line(capsys, args, message):
+    code, line = one_line_error(capsys, "plan", *args)
+    assert code != 0 and message in line

@@ -1,0 +1,88 @@
+"""The built-in ``lstsq`` upsampler: the closed-form least-squares affine decoder ``U r + b``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from analysis.helpers import D, L, structured
+
+from feda2v_toolkit.analysis.metrics import r2_score
+from feda2v_toolkit.plugins import get_registry
+from feda2v_toolkit.reducers.pca import PCAReducer
+from feda2v_toolkit.testing import check_upsampler
+from feda2v_toolkit.upsamplers.lstsq import LeastSquaresUpsampler
+
+
+def pool(x: torch.Tensor, length: int) -> torch.Tensor:
+    return F.adaptive_avg_pool1d(x.transpose(1, 2), length).transpose(1, 2)
+
+
+def fit(reduced: torch.Tensor, full: torch.Tensor, ridge: float = 0.0) -> LeastSquaresUpsampler:
+    up = LeastSquaresUpsampler(reduced_length=reduced.shape[1], full_length=full.shape[1], dim=full.shape[2],
+                               ridge=ridge)
+    up.fit(lambda: zip(reduced.split(6), full.split(6), strict=True), config={})
+    return up.eval()
+
+
+def test_registered_trainable_and_passes_the_conformance_kit():
+    assert get_registry().load("upsampler", "lstsq") is LeastSquaresUpsampler
+    assert LeastSquaresUpsampler.trainable
+    check_upsampler("lstsq")
+
+
+def test_fit_equals_an_explicit_least_squares_solve():
+    full = structured(24, noise=0.3)
+    reduced = pool(full, 5)
+    up = fit(reduced, full)
+    # per feature d: x[:, :, d] ~ b[:, d] + U r[:, :, d]; solve jointly with one-hot intercepts per (d)
+    n = full.shape[0]
+    rows, targets = [], []
+    for d in range(D):
+        design = torch.zeros(n, L, 5 + D, dtype=torch.float64)
+        design[..., :5] = reduced[:, :, d].double().unsqueeze(1).expand(n, L, 5)
+        design[..., 5 + d] = 1.0
+        rows.append(design)
+        targets.append(full[:, :, d].double())
+    # solve for each full position p separately: [U_p, b_p] minimises over (n, d)
+    for p in (0, 17, L - 1):
+        a = torch.cat([r[:, p] for r in rows])
+        t = torch.cat([tt[:, p] for tt in targets])
+        sol = torch.linalg.lstsq(a, t.unsqueeze(1)).solution.squeeze(1)
+        assert torch.allclose(up.weight[p].double(), sol[:5], atol=1e-4)
+        assert torch.allclose(up.bias[p].double(), sol[5:], atol=1e-4)
+
+
+def test_after_adaptive_avg_it_beats_linear_interpolation_on_held_out_data():
+    train, test = structured(40, seed=0, noise=0.2), structured(20, seed=1, noise=0.2)
+    up = fit(pool(train, 4), train)
+    lin = F.interpolate(pool(test, 4).transpose(1, 2), size=L, mode="linear").transpose(1, 2)
+    assert r2_score(test, up(pool(test, 4), L)) > r2_score(test, lin) + 0.2
+
+
+def test_with_pca_it_reaches_the_linear_optimum_on_held_out_data():
+    train, test = structured(40, seed=0, rank=4, noise=0.3), structured(30, seed=1, rank=4, noise=0.3)
+    for length in (2, 4, 8):
+        red = PCAReducer(length=length, full_length=L, dim=D)
+        red.fit(lambda: iter([train]))
+        up = fit(red(train), train, ridge=1e-6)
+        optimum = r2_score(test, red.inverse(red(test)))
+        assert r2_score(test, up(red(test), L)) >= 0.98 * optimum
+        assert torch.allclose(up.weight, red.basis, atol=1e-3)  # U = V
+
+
+def test_other_output_lengths_interpolate_the_full_reconstruction():
+    full = structured(12)
+    up = fit(pool(full, 4), full)
+    r = pool(full[:2], 4)
+    expected = F.interpolate(up(r, L).transpose(1, 2), size=20, mode="linear").transpose(1, 2)
+    assert torch.allclose(up(r, 20), expected)
+
+
+def test_state_round_trips_and_fit_reports_training_r2():
+    full = structured(12, noise=0.2)
+    up = LeastSquaresUpsampler(reduced_length=4, full_length=L, dim=D)
+    metrics = up.fit(lambda: iter([(pool(full, 4), full)]), config={})
+    assert abs(metrics["train_r2"] - r2_score(full, up(pool(full, 4), L))) < 1e-4
+    twin = LeastSquaresUpsampler(**up.init_args())
+    twin.load_state_dict(up.state_dict(), strict=True)
+    assert torch.equal(twin(pool(full, 4), L), up(pool(full, 4), L))
