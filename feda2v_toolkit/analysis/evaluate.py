@@ -16,6 +16,9 @@ reduced by the model's reducer; synthetic samples de-normalised at the training 
 upsampling), flattened to ``l * D`` numbers, per class and over all classes pooled
 (:mod:`.metrics`): Frechet distance (and the same distance between two random halves of the real data,
 the sampling-noise reference), mean and covariance gaps, diversity, precision/recall, density/coverage.
+The Frechet distance is also computed on the pooled full-length features of the downstream classifier
+(``frechet_pooled``): that space is the same for every model, so it compares models with different
+reducers or training lengths.
 
 Downstream, with the classifier of ``analyze`` on pooled full-length features (synthetic samples
 upsampled by the model's upsampler to the real length): the real data are split per class into a train
@@ -63,6 +66,8 @@ class DistributionMetrics:
     synthetic: int
     frechet: float
     frechet_real_halves: float | None
+    frechet_pooled: float | None  # on pooled full-length features: comparable across reducers and lengths
+    frechet_pooled_real_halves: float | None
     mean_gap: float
     covariance_gap: float
     diversity_synthetic: float
@@ -109,19 +114,30 @@ class EvaluationResult:
         return asdict(self)
 
 
-def distribution_metrics(synthetic: Tensor, real: Tensor, *, k: int = 5, seed: int = 0) -> DistributionMetrics:
-    """All distribution metrics of ``synthetic`` vs ``real`` (``[n, ...]`` each, flattened)."""
+def _halves(r: Tensor, seed: int) -> float | None:
+    """Frechet distance between two random halves of ``r``: the sampling-noise reference."""
+    if r.shape[0] < 4:
+        return None
+    perm = torch.randperm(r.shape[0], generator=torch.Generator().manual_seed(seed))
+    half = r.shape[0] // 2
+    return frechet_distance(r[perm[:half]], r[perm[half:2 * half]])
+
+
+def distribution_metrics(synthetic: Tensor, real: Tensor, *, k: int = 5, seed: int = 0,
+                         pooled: tuple[Tensor, Tensor] | None = None) -> DistributionMetrics:
+    """All distribution metrics of ``synthetic`` vs ``real`` (``[n, ...]`` each, flattened); ``pooled``:
+    the same samples as pooled full-length features ``(synthetic, real)`` for the reducer-independent
+    Frechet distance."""
     s = synthetic.reshape(synthetic.shape[0], -1)
     r = real.reshape(real.shape[0], -1)
-    halves = None
-    if r.shape[0] >= 4:
-        perm = torch.randperm(r.shape[0], generator=torch.Generator().manual_seed(seed))
-        half = r.shape[0] // 2
-        halves = frechet_distance(r[perm[:half]], r[perm[half:2 * half]])
     manifold = manifold_metrics(s, r, k=k)
     div_s, div_r = mean_pairwise_distance(s), mean_pairwise_distance(r)
+    fd_pooled = fd_pooled_halves = None
+    if pooled is not None:
+        fd_pooled, fd_pooled_halves = frechet_distance(*pooled), _halves(pooled[1], seed)
     return DistributionMetrics(
-        real=r.shape[0], synthetic=s.shape[0], frechet=frechet_distance(s, r), frechet_real_halves=halves,
+        real=r.shape[0], synthetic=s.shape[0], frechet=frechet_distance(s, r), frechet_real_halves=_halves(r, seed),
+        frechet_pooled=fd_pooled, frechet_pooled_real_halves=fd_pooled_halves,
         mean_gap=mean_gap(s, r), covariance_gap=covariance_gap(s, r), diversity_synthetic=div_s,
         diversity_real=div_r, diversity_ratio=div_s / div_r if div_r > 0 else float("nan"),
         precision=manifold.precision, recall=manifold.recall, density=manifold.density,
@@ -257,8 +273,10 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
     per_class = {}
     for c in classes:
         mask = labels_all == ds.class_names.index(c)
-        per_class[c] = distribution_metrics(synth_reduced[c], real_reduced[mask], k=neighbours, seed=seed)
-    overall = distribution_metrics(torch.cat(list(synth_reduced.values())), real_reduced, k=neighbours, seed=seed)
+        per_class[c] = distribution_metrics(synth_reduced[c], real_reduced[mask], k=neighbours, seed=seed,
+                                            pooled=(synth_feats[c], real_feats[mask]))
+    overall = distribution_metrics(torch.cat(list(synth_reduced.values())), real_reduced, k=neighbours, seed=seed,
+                                   pooled=(torch.cat(list(synth_feats.values())), real_feats))
     say(f"distribution metrics: {time.perf_counter() - t0:.1f}s")
 
     # -- downstream ------------------------------------------------------------------------------------

@@ -81,9 +81,9 @@ def plot_evaluation(result: Any, path: str | os.PathLike[str]) -> Path:
     x = np.arange(len(names))
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     ax = axes[0]
-    ax.bar(x - 0.2, [m.frechet for m in metrics], 0.4, label="synthetic vs real")
-    ax.bar(x + 0.2, [m.frechet_real_halves or 0 for m in metrics], 0.4, label="real half vs half")
-    ax.set_title("Fréchet distance (reduced space)")
+    ax.bar(x - 0.2, [m.frechet_pooled or 0 for m in metrics], 0.4, label="synthetic vs real")
+    ax.bar(x + 0.2, [m.frechet_pooled_real_halves or 0 for m in metrics], 0.4, label="real half vs half")
+    ax.set_title(f"Fréchet distance (pooled to {result.pool_positions} positions)")
     ax.legend(fontsize=8)
     ax = axes[1]
     keys = ["precision", "recall", "density", "coverage"]

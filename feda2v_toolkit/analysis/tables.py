@@ -126,17 +126,23 @@ def evaluate_text(result: Any) -> str:
         f"{r.model} against {r.data} (split {r.split}, seed {r.seed}); reduced space [{r.training_length}, {r.dim}]",
         "",
     ]
-    headers = ["class", "real", "synth", "Frechet", "FD real halves", "mean gap", "cov gap", "diversity",
-               "precision", "recall", "density", "coverage"]
+    headers = ["class", "real", "synth", "Frechet", "(real halves)", "FD pooled", "(real halves)", "mean gap",
+               "cov gap", "diversity", "precision", "recall", "density", "coverage"]
+
+    def g(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
     rows = []
     for name, m in [*r.per_class.items(), ("(all)", r.overall)]:
-        rows.append([name, m.real, m.synthetic, f"{m.frechet:.4g}",
-                     f"{m.frechet_real_halves:.4g}" if m.frechet_real_halves is not None else "-",
+        rows.append([name, m.real, m.synthetic, g(m.frechet), g(m.frechet_real_halves), g(m.frechet_pooled),
+                     g(m.frechet_pooled_real_halves),
                      _num(m.mean_gap), _num(m.covariance_gap), _num(m.diversity_ratio), _num(m.precision),
                      _num(m.recall), _num(m.density), _num(m.coverage)])
     lines.append(table(headers, rows))
-    lines.append("diversity: mean pairwise distance of synthetic / real samples; precision, recall, density, "
-                 f"coverage with k = {r.overall.k} neighbours.")
+    lines.append("Frechet, gaps, diversity and the k-NN metrics in the model's reduced space; FD pooled on the "
+                 f"classifier's {r.pool_positions} pooled positions (comparable across models); diversity: mean "
+                 "pairwise distance of synthetic / real samples; precision, recall, density, coverage with "
+                 f"k = {r.overall.k} neighbours.")
     d = r.downstream
     lines += ["", f"downstream (ridge on {r.pool_positions} pooled positions, tested on {d.real_test} real "
                   f"sequences): real-only {_pct(d.real_only)} ({d.real_train} real), train-on-synthetic "
