@@ -282,12 +282,15 @@ class _Run:
     # -- measuring ----------------------------------------------------------------------------------
     @torch.no_grad()
     def measure_group(self, combos: list[tuple[str, int, str]]) -> dict[tuple[str, int, str], PairResult]:
-        """Reconstruct every sequence once per pair: R^2 and cosine on the held-out ones, pooled
-        features of all for the classifier."""
+        """Reconstruct every sequence once per pair: R^2, cosine and pooled features on one pass over the
+        held-out sequences (shared by the group), then each pair's training features and classifier in
+        turn (so only one pair's features for the whole dataset are in memory at a time)."""
         ds = self.ds
         stats = {key: ReconstructionStats() for key in combos}
-        feats = {key: torch.empty_like(self.original_features) for key in combos}
+        n_test, width = self.test_idx.numel(), self.original_features.shape[1]
+        test_feats = {key: torch.empty(n_test, width) for key in combos}
         seconds = dict.fromkeys(combos, 0.0)
+        pos = 0
         for batch in ds.batches(self.rows, self.test_idx):
             x = batch.embeddings
             sst = sum_squares_about_sequence_mean(x)
@@ -295,28 +298,30 @@ class _Run:
                 t0 = time.perf_counter()
                 y = self._reconstruct(key, batch.indices)
                 stats[key].add(x, y, sst)
-                feats[key][batch.indices] = pooled_features(y, self.pool)
+                test_feats[key][pos:pos + x.shape[0]] = pooled_features(y, self.pool)
                 seconds[key] += time.perf_counter() - t0
-        for start in range(0, self.train_idx.numel(), self.rows):
-            rows = self.train_idx[start:start + self.rows]
-            for key in combos:
-                t0 = time.perf_counter()
-                feats[key][rows] = pooled_features(self._reconstruct(key, rows), self.pool)
-                seconds[key] += time.perf_counter() - t0
+            pos += x.shape[0]
         out = {}
         for key in combos:
             t0 = time.perf_counter()
-            acc, acc_real = self.classify(feats.pop(key))
+            train_feats = torch.empty(self.train_idx.numel(), width)
+            for start in range(0, self.train_idx.numel(), self.rows):
+                rows = self.train_idx[start:start + self.rows]
+                train_feats[start:start + rows.numel()] = pooled_features(self._reconstruct(key, rows), self.pool)
+            acc, acc_real = self.classify(train_feats, test_feats.pop(key))
+            del train_feats
             rname, length, uname = key
             out[key] = PairResult(rname, uname, length, ds.seq_len / length, stats[key].r2, stats[key].cosine, acc,
                                   acc_real, fit=self.fit_info.get(key, {}),
                                   seconds=self.seconds.get(key, 0.0) + seconds[key] + time.perf_counter() - t0)
         return out
 
-    def classify(self, features: Tensor) -> tuple[float, float]:
+    def classify(self, train_features: Tensor, test_features: Tensor) -> tuple[float, float]:
+        """Accuracy on reconstructed and on original held-out sequences of the classifier trained on
+        reconstructed training sequences."""
         labels = self.ds.labels
-        clf = RidgeClassifier(self.ds.num_classes).fit(features[self.train_idx], labels[self.train_idx])
-        return (clf.accuracy(features[self.test_idx], labels[self.test_idx]),
+        clf = RidgeClassifier(self.ds.num_classes).fit(train_features, labels[self.train_idx])
+        return (clf.accuracy(test_features, labels[self.test_idx]),
                 clf.accuracy(self.original_features[self.test_idx], labels[self.test_idx]))
 
 
