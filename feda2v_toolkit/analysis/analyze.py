@@ -16,7 +16,9 @@ split of the data (``holdout``, default 25%; fitting uses only the rest):
 
 Fitted reducers are fitted and trainable upsamplers trained on the training split, with
 ``generator_upsampler_epochs`` capped at ``upsampler_epochs`` (iterative upsamplers such as ``learned``
-are slow at full AST shape; ``train`` uses the configured count).
+cost a pass over the data per epoch; ``train`` uses the configured count). A reducer whose class sets
+``positional = False`` (``pca``: its reduced axis holds components) is paired only with trainable
+upsamplers unless ``all_pairs`` is set: interpolating components means nothing.
 
 Streaming: the full sequences are read batch by batch (a few passes in all); what stays in memory is the
 reduced tensors ``[N, l, D]`` per reducer and length, pooled features ``[N, P * D]``, running sums and

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def _emit_json(doc: dict[str, Any]) -> None:
     click.echo(json.dumps(_clean(doc), indent=2, allow_nan=False))
 
 
-def _say(quiet: bool):  # noqa: ANN202 - a logger callback
+def _say(quiet: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:
         if not quiet:
             click.echo(f"feda2v-tk: {msg}", err=True)
