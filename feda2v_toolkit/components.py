@@ -143,6 +143,10 @@ class Reducer(Component, abc.ABC):
 
     #: True if :meth:`fit` must run on training data before :meth:`forward`.
     fitted: ClassVar[bool] = False
+    #: True if output position ``i`` summarises a stretch of the sequence (so interpolating it makes
+    #: sense); False for transforms whose reduced axis holds components (e.g. ``pca``): ``analyze`` then
+    #: pairs them only with trainable upsamplers.
+    positional: ClassVar[bool] = True
 
     def __init__(self, *, length: int) -> None:
         super().__init__()

@@ -229,7 +229,7 @@ class _Run:
         classes = {name: registry.load("upsampler", name) for name in self.upsampler_names}
         for (rname, length) in [k for k in self.reducers if k[0] != OPTIMUM]:
             reduced_all = self.reduced[(rname, length)]
-            positional = getattr(type(self.reducers[(rname, length)]), "positional", True)
+            positional = type(self.reducers[(rname, length)]).positional
             for uname, cls in classes.items():
                 if not (positional or cls.trainable or self.all_pairs):
                     self.skipped.add((rname, uname))
