@@ -46,26 +46,29 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor
     return out
 
 
-def read_safetensors(path: str | os.PathLike[str], *, expect: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a feda2v-tk safetensors file of kind ``expect``; returns ``(tensors, decoded metadata)``.
+def read_safetensors(path: str | os.PathLike[str], *, expect: str,
+                     shapes_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a feda2v-tk safetensors file of kind ``expect``: ``(tensors, decoded metadata)``.
 
-    One-line errors for a missing, truncated or corrupt file, a file of another kind, or a file
-    written by a newer format version.
+    With ``shapes_only`` the first element maps names to shapes and no tensor is read. One-line errors
+    for a missing, truncated or corrupt file, a file of another kind, or a newer format version.
     """
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{p}: no such file")
     try:
         with safe_open(str(p), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            header = _decode_header(p, meta, expect)
+            header = _decode_header(p, fh.metadata() or {}, expect)
             names = fh.keys()
-            tensors = {name: fh.get_tensor(name) for name in names}
+            if shapes_only:
+                contents = {name: list(fh.get_slice(name).get_shape()) for name in names}
+            else:
+                contents = {name: fh.get_tensor(name) for name in names}
     except SafetensorError as exc:
         raise InputError(f"{p}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
     except OSError as exc:
         raise UsageError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    return tensors, header
+    return contents, header
 
 
 def _decode_header(path: Path, meta: Mapping[str, str], expect: str) -> dict[str, Any]:
@@ -231,17 +234,7 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
 
 
 def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The decoded metadata of a model file, without reading its tensors."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{p}: no such file")
-    try:
-        with safe_open(str(p), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            names = fh.keys()
-            shapes = {name: list(fh.get_slice(name).get_shape()) for name in names}
-    except SafetensorError as exc:
-        raise InputError(f"{p}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
-    header = _decode_header(p, meta, MODEL_FORMAT)
+    """The decoded metadata of a model file plus ``tensor_shapes``, without reading its tensors."""
+    shapes, header = read_safetensors(path, expect=MODEL_FORMAT, shapes_only=True)
     header["tensor_shapes"] = shapes
     return header
