@@ -8,9 +8,18 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from feda2v_toolkit.errors import UsageError
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions a newly created file (or directory) gets under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 @contextlib.contextmanager
@@ -33,9 +42,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 os.chmod(tmp, target.stat().st_mode & 0o777)
         else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, default_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -57,3 +64,27 @@ def atomic_write_text(target: str | os.PathLike[str], text: str, encoding: str =
     """Write ``text`` to ``target`` atomically (newlines are written as given)."""
     with atomic_open(target, "w", encoding=encoding, newline="") as fh:
         fh.write(text)
+
+
+def check_output_path(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]], *,
+                      role: str = "input") -> Path:
+    """Refuse an output path that is a directory, one of ``inputs`` or inside an input directory.
+
+    Overwriting anything else is safe (writes are atomic); destroying what a command reads is not.
+    """
+    o = Path(out)
+    if o.is_dir():
+        raise UsageError(f"{o}: is a directory; give the path of the file to write")
+    for p in inputs:
+        pp = Path(p)
+        same = o.resolve() == pp.resolve()
+        if not same and o.exists() and pp.exists():
+            try:
+                same = os.path.samefile(o, pp)
+            except OSError:
+                same = False
+        if same:
+            raise UsageError(f"{o}: is also an {role}; write to another path")
+        if pp.is_dir() and o.resolve().parent == pp.resolve():
+            raise UsageError(f"{o}: is inside the {role} directory {pp}; write to another path")
+    return o

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from feda2v_toolkit.atomic import check_output_path
 from feda2v_toolkit.errors import InputError, ToolkitError, UsageError
 from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
 
@@ -717,20 +718,7 @@ def convert_checkpoints(paths: Sequence[str | os.PathLike[str]], *, dim: int | N
 def check_output(out: str | os.PathLike[str], paths: Sequence[str | os.PathLike[str]]) -> Path:
     """Refuse an output path that is a directory or one of the inputs (overwriting anything else is
     safe: the write is atomic)."""
-    o = Path(out)
-    if o.is_dir():
-        raise UsageError(f"{o}: is a directory; give the model file to write")
-    for p in paths:
-        pp = Path(p)
-        same = o.resolve() == pp.resolve()
-        if not same and o.exists() and pp.exists():
-            try:
-                same = os.path.samefile(o, pp)
-            except OSError:
-                same = False
-        if same:
-            raise UsageError(f"{o}: is also an input checkpoint; write the model elsewhere")
-    return o
+    return check_output_path(out, paths, role="input checkpoint")
 
 
 def convert(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],

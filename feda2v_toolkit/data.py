@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from feda2v_toolkit import __version__
-from feda2v_toolkit.atomic import atomic_path
+from feda2v_toolkit.atomic import atomic_path, default_mode
 from feda2v_toolkit.errors import InputError, NewerVersionError, UsageError
 
 FORMAT = "dataset"
@@ -74,18 +74,22 @@ class _Source:
             raise InputError(f"{self.path}: cannot read {name!r}: {exc}") from None
 
 
-def _class_names_from_metadata(path: Path, meta: dict[str, str] | None, num_labels: int) -> list[str] | None:
+def _class_names_from_metadata(path: Path, meta: dict[str, str] | None) -> list[str] | None:
     if not meta or "class_names" not in meta:
         return None
     try:
         names = json.loads(meta["class_names"])
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: metadata 'class_names' is not JSON: {exc}") from None
-    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+    return _checked_class_names(path, names)
+
+
+def _checked_class_names(path: Path, names: Any) -> list[str]:
+    if not (isinstance(names, list | tuple) and all(isinstance(n, str) for n in names)):
         raise InputError(f"{path}: metadata 'class_names' must be a JSON list of strings")
     if len(set(names)) != len(names):
         raise InputError(f"{path}: metadata 'class_names' has duplicates")
-    return names
+    return list(names)
 
 
 class Dataset:
@@ -157,6 +161,20 @@ class Dataset:
             self._check_finite(emb, idx)
         return Batch(emb, self.labels[idx], cond, idx)
 
+    def read_conditions(self, indices: Tensor | Sequence[int]) -> Tensor:
+        """The ``conditions`` rows ``[n, C]`` (float32) of the given samples, without reading embeddings."""
+        if not self.condition_dim:
+            raise InputError(f"{self.path}: holds no 'conditions' tensor")
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0:
+            return torch.empty(0, self.condition_dim)
+        unique, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        parts = [src.read("conditions", lo, hi).to(torch.float32) for src, lo, hi in self._runs(unique.tolist())]
+        out = torch.cat(parts)[inverse]
+        if not bool(torch.isfinite(out).all()):
+            raise InputError(f"{self.path}: 'conditions' contain NaN or inf values")
+        return out
+
     def batches(self, batch_size: int, indices: Tensor | Sequence[int] | None = None, *,
                 dtype: torch.dtype = torch.float32, check_finite: bool = True) -> Iterator[Batch]:
         """Stream batches of at most ``batch_size`` rows, in the given order (default: all, in order)."""
@@ -208,7 +226,12 @@ def _files_of(path: Path) -> list[Path]:
 
 def _legacy_tensors(path: Path) -> dict[str, Any]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # files from torch's legacy (non-zip) format cannot be memory-mapped
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or pickled-object files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot read as a PyTorch tensor cache (weights_only): {first}") from None
@@ -221,13 +244,16 @@ def _legacy_tensors(path: Path) -> dict[str, Any]:
             break
     for key in _LEGACY_LABEL_KEYS:
         if key in obj:
-            out["labels"] = torch.as_tensor(obj[key])
+            try:
+                out["labels"] = torch.as_tensor(obj[key])
+            except (TypeError, ValueError, RuntimeError):
+                raise InputError(f"{path}: {key!r} must be integer labels, found {type(obj[key]).__name__} "
+                                 f"that is not a tensor of numbers") from None
             break
     if isinstance(obj.get("conditions"), Tensor):
         out["conditions"] = obj["conditions"]
-    names = obj.get("class_names")
-    if names is not None:
-        out["class_names"] = list(names)
+    if obj.get("class_names") is not None:
+        out["class_names"] = _checked_class_names(path, obj["class_names"])
     missing = [k for k in ("embeddings", "labels") if k not in out]
     if missing:
         raise InputError(f"{path}: missing tensor(s) {', '.join(missing)}; found keys: {', '.join(map(str, obj))}")
@@ -279,7 +305,7 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
             except OSError as exc:
                 raise UsageError(f"{file}: cannot read: {exc.strerror or exc}") from None
             _check_format(file, meta)
-            names = _class_names_from_metadata(file, meta, int(labels.numel()))
+            names = _class_names_from_metadata(file, meta)
         if len(emb_shape) != 3:
             raise InputError(f"{file}: 'embeddings' must be [N, S, D], found shape {list(emb_shape)}")
         if emb_dtype not in FLOAT_DTYPES:
@@ -421,13 +447,18 @@ class DatasetWriter:
         self.rows = 0
         self.bytes_written = 0
 
-    def add(self, embeddings: Tensor, labels: Tensor, conditions: Tensor | None = None) -> None:
-        """Queue rows; every time ``shard_bytes`` worth of rows is queued, they are written as a shard."""
-        emb = embeddings.detach().to("cpu", self.dtype)
+    def add(self, embeddings: Tensor, labels: Tensor, conditions: Tensor | None = None, *,
+            copy: bool = True) -> None:
+        """Queue rows; every time ``shard_bytes`` worth of rows is queued, they are written as a shard.
+
+        Rows are copied (shards are written later, on another thread), so the caller may reuse its
+        buffers; ``copy=False`` skips that for tensors the caller hands over and never touches again.
+        """
+        emb = embeddings.detach().to("cpu", self.dtype, copy=copy)
         lab = torch.as_tensor(labels).to("cpu", torch.long).reshape(-1)
         if emb.dim() != 3 or lab.shape[0] != emb.shape[0]:
             raise ValueError("embeddings must be [B, S, D] and labels [B]")
-        cond = conditions.detach().to("cpu", torch.float32) if conditions is not None else None
+        cond = conditions.detach().to("cpu", torch.float32, copy=copy) if conditions is not None else None
         self._pending.append((emb, lab, cond))
         self._pending_rows += int(lab.shape[0])
         rows_per_shard = max(1, self.shard_bytes // max(1, emb[0].numel() * emb.element_size()))
@@ -483,15 +514,21 @@ class DatasetWriter:
             self._write_rows(self._pending_rows)
 
     def close(self) -> Path:
-        """Flush, wait for the writer thread and move the shards into ``directory``."""
+        """Flush, wait for the writer thread and move the shards into ``directory``; all or nothing."""
         try:
             self.flush()
             self._wait()
-        finally:
             self._pool.shutdown(wait=True)
-        if self.directory.exists():
-            self.directory.rmdir()  # empty (checked at construction)
-        os.replace(self._staging, self.directory)
+            file_mode = default_mode()
+            for shard in self.shards:
+                os.chmod(shard, file_mode)
+            os.chmod(self._staging, default_mode(directory=True))
+            if self.directory.exists():
+                self.directory.rmdir()  # empty (checked at construction)
+            os.replace(self._staging, self.directory)
+        except BaseException:
+            self.abort()
+            raise
         self.shards = [self.directory / s.name for s in self.shards]
         return self.directory
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,9 @@ from torch import Tensor
 from feda2v_toolkit.data import DEFAULT_SHARD_BYTES, DatasetWriter, _resolve_dtype, open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.model import GenerativeModel
+
+#: samples drawn per model call; part of what determines the samples (see :func:`sample_class`)
+DEFAULT_BATCH = 64
 
 
 class ClassAgnosticWarning(UserWarning):
@@ -40,7 +43,13 @@ class GenerationReport:
 
 def samples_per_class(model: GenerativeModel, requested: int | str | None, classes: Sequence[str]) -> dict[str, int]:
     """How many samples each class gets: a number, ``"auto"`` (the class's training count) or the config's."""
-    value: Any = requested if requested is not None else model.config.get("synthetic_samples_per_class", 10)
+    value: Any = requested
+    if value is None:
+        value = model.config.get("synthetic_samples_per_class")
+    if value is None:  # e.g. a converted model whose config does not carry the key
+        from feda2v_toolkit.config import schema_defaults
+
+        value = schema_defaults()["synthetic_samples_per_class"]
     if isinstance(value, str) and value != "auto":
         try:
             value = int(value)
@@ -67,30 +76,57 @@ def _conditions_by_class(path: str | os.PathLike[str], model: GenerativeModel) -
         raise InputError(f"{path}: holds no 'conditions' tensor")
     if ds.condition_dim != model.condition_dim:
         raise InputError(f"{path}: conditions are {ds.condition_dim} wide; the model expects {model.condition_dim}")
-    out: dict[str, list[Tensor]] = {}
-    for batch in ds.batches(4096, check_finite=False):
-        assert batch.conditions is not None
-        for c in torch.unique(batch.labels).tolist():
-            out.setdefault(ds.class_names[c], []).append(batch.conditions[batch.labels == c])
-    return {name: torch.cat(parts) for name, parts in out.items()}
+    conditions = ds.read_conditions(range(len(ds)))
+    return {ds.class_names[c]: conditions[ds.labels == c] for c in torch.unique(ds.labels).tolist()}
+
+
+def class_seed(seed: int, label: int) -> int:
+    """The RNG seed of one class's sample stream (independent of the other classes)."""
+    return seed * 1_000_003 + label
+
+
+def sample_class(model: GenerativeModel, class_name: str, n: int, *, seed: int, length: int | None = None,
+                 batch_size: int = DEFAULT_BATCH, conditions: Tensor | None = None,
+                 dtype: torch.dtype | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield ``(samples [b, length, D], conditions or None)`` batches, ``n`` samples of ``class_name`` in all.
+
+    What is drawn depends only on the model, ``seed``, the class and ``batch_size`` -- this is the
+    stream ``generate`` writes and ``evaluate`` scores. ``conditions`` (the class's condition rows)
+    are used in order and cycled.
+    """
+    label = model.class_index(class_name)
+    g = torch.Generator(device=model.device).manual_seed(class_seed(seed, label))
+    done = 0
+    while done < n:
+        b = min(batch_size, n - done)
+        cond = None
+        if conditions is not None and model.needs_condition(class_name):
+            cond = conditions[torch.arange(done, done + b) % conditions.shape[0]]
+        yield model.sample(b, class_name=class_name, length=length, conditions=cond, generator=g, dtype=dtype), cond
+        done += b
 
 
 def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: int | str | None = None,
              classes: Sequence[str] | None = None, length: int | None = None, dtype: str | torch.dtype = "float32",
-             seed: int = 0, batch_size: int = 64, conditions: str | os.PathLike[str] | None = None,
+             seed: int = 0, batch_size: int = DEFAULT_BATCH, conditions: str | os.PathLike[str] | None = None,
              shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None,
              log: Callable[[str], None] | None = None) -> GenerationReport:
     """Write synthetic samples of ``classes`` (default: all the model can sample) to shard directory ``out``.
 
+    The output's class names are the generated classes (in the model's order), so it trains as it is.
     ``conditions`` is a dataset file whose ``conditions`` rows (per label) condition an
     embedding-conditioned model; they are used in order and cycled if more samples are asked for.
+    Samples depend on the model, ``seed``, the class and ``batch_size`` (see :func:`sample_class`).
     """
     import time
 
     say = log or (lambda _msg: None)
     names = list(classes) if classes else model.sampleable_classes
+    if len(set(names)) != len(names):
+        raise UsageError(f"classes named more than once: {', '.join(sorted({c for c in names if names.count(c) > 1}))}")
     for c in names:
         model.class_index(c)  # one clear error for an unknown class
+    names = [c for c in model.class_names if c in names]  # model order; the output's labels index these
     counts = samples_per_class(model, samples, names)
     out_len = model.default_length if length is None else int(length)
     if out_len < 1:
@@ -109,7 +145,6 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
         warnings.warn("this model is unified and unconditioned: its samples do not depend on the class, so the "
                       "per-class labels of the output carry no class information (train with "
                       "use_conditioned_vae or per_class granularity)", ClassAgnosticWarning, stacklevel=2)
-    device = model.device
     total = sum(counts.values())
     bar = None
     if progress or (progress is None and sys.stderr.isatty()):
@@ -117,32 +152,23 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
 
         bar = tqdm(total=total, unit="sample", desc="generate", dynamic_ncols=True)
     t0 = time.perf_counter()
-    meta = {"source_model_seed": str(seed), "output_length": str(out_len)}
-    # whole batches per shard (a batch never exceeds a shard): the writer then hands batches over
-    # without concatenating copies
+    meta = {"source_model_seed": str(seed), "output_length": str(out_len), "batch_size": str(batch_size)}
+    # shards of whole batches where a batch fits in a shard: the writer then hands batches over without
+    # concatenating copies (the batch size itself is part of what is drawn, so it is never changed here)
     row_bytes = out_len * model.dim * out_dtype.itemsize
     rows_per_shard = max(1, shard_bytes // row_bytes)
-    batch_size = min(batch_size, rows_per_shard)
-    shard_bytes = (rows_per_shard // batch_size) * batch_size * row_bytes
+    if rows_per_shard >= batch_size:
+        shard_bytes = (rows_per_shard // batch_size) * batch_size * row_bytes
     try:
-        with DatasetWriter(out, class_names=model.class_names, dtype=out_dtype, shard_bytes=shard_bytes,
+        with DatasetWriter(out, class_names=names, dtype=out_dtype, shard_bytes=shard_bytes,
                            extra_metadata=meta) as writer:
-            for name in names:
-                label = model.class_names.index(name)
-                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + label)
-                done = 0
-                while done < counts[name]:
-                    n = min(batch_size, counts[name] - done)
-                    cond = None
-                    if cond_by_class is not None and name in cond_by_class and model.needs_condition(name):
-                        pool = cond_by_class[name]
-                        cond = pool[torch.arange(done, done + n) % pool.shape[0]]
-                    x = model.sample(n, class_name=name, length=out_len, conditions=cond, generator=g,
-                                     dtype=out_dtype)
-                    writer.add(x, torch.full((n,), label), cond)
-                    done += n
+            for label, name in enumerate(names):
+                pool = cond_by_class.get(name) if cond_by_class is not None else None
+                for x, cond in sample_class(model, name, counts[name], seed=seed, length=out_len,
+                                            batch_size=batch_size, conditions=pool, dtype=out_dtype):
+                    writer.add(x, torch.full((x.shape[0],), label), cond, copy=False)  # fresh tensors
                     if bar is not None:
-                        bar.update(n)
+                        bar.update(x.shape[0])
     finally:
         if bar is not None:
             bar.close()

@@ -35,11 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from feda2v_toolkit.atomic import check_output_path
 from feda2v_toolkit.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from feda2v_toolkit.components import Generator, Reducer, TrainContext, Upsampler
 from feda2v_toolkit.data import Dataset, open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
+from feda2v_toolkit.modelfile import _unprefixed
 from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
 
 #: rows of full-length sequences read per chunk while reducing (bounded memory)
@@ -106,14 +108,25 @@ def generator_groups(cfg: Mapping[str, Any], class_names: list[str], present: li
     return {g: members for g, members in out.items() if members}
 
 
-def _fingerprint(cfg: Mapping[str, Any], ds: Dataset, seed: int) -> dict[str, Any]:
-    ignored = {"generator_training_epochs", "generator_checkpoint_dir", "generator_checkpoint_base_name",
-               "generator_save_checkpoint", "generator_load_checkpoint", "generator_checkpoint_frequency",
-               "synthetic_samples_per_class", "generator_output_sequence_length", "pretrained_generator_path"}
+def _fingerprint(cfg: Mapping[str, Any], ds: Dataset, seed: int, reduced: Tensor) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the training-relevant config (epochs included), the
+    data (its reduced cache, bit for bit, and its labels) and the seed."""
+    ignored = {"generator_checkpoint_dir", "generator_checkpoint_base_name", "generator_save_checkpoint",
+               "generator_load_checkpoint", "generator_checkpoint_frequency", "synthetic_samples_per_class",
+               "generator_output_sequence_length", "pretrained_generator_path", "generator_seed",
+               "generator_training_epochs"}
     relevant = {k: v for k, v in sorted(cfg.items()) if k not in ignored}
-    labels_hash = hashlib.sha256(ds.labels.numpy().tobytes()).hexdigest()[:16]
+    data = hashlib.sha256(ds.labels.numpy().tobytes())
+    data.update(memoryview(reduced.contiguous().numpy()).cast("B"))
     return {"config": hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "data": f"{len(ds)}x{ds.seq_len}x{ds.dim}:{labels_hash}", "seed": seed}
+            "data": f"{len(ds)}x{ds.seq_len}x{ds.dim}:{data.hexdigest()[:16]}", "seed": seed,
+            "epochs": int(cfg["generator_training_epochs"])}
+
+
+def checkpoint_path(cfg: Mapping[str, Any], checkpoint_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where training checkpoints of this config go."""
+    return Path(checkpoint_dir or cfg["generator_checkpoint_dir"]) / \
+        f"{cfg['generator_checkpoint_base_name']}.checkpoint.safetensors"
 
 
 @dataclass
@@ -287,6 +300,12 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     say = log or (lambda _msg: None)
     cfg = dict(load_config(config, overrides=overrides))
     dev = resolve_device(device)
+    data_paths = [] if isinstance(data, Dataset) else [data]
+    ckpt_path = checkpoint_path(cfg, checkpoint_dir)
+    for target in (out, metrics_path, ckpt_path if cfg["generator_save_checkpoint"] else None):
+        if target is not None:
+            check_output_path(target, data_paths, role="input dataset")
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
     ds = data if isinstance(data, Dataset) else open_dataset(data)
     length = int(cfg["generator_training_sequence_length"])
     if ds.seq_len < length:
@@ -298,8 +317,16 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
         raise InputError(f"{ds.path}: class(es) {', '.join(map(repr, empty))} have no samples; "
                          f"remove them from the class names or add samples")
     registry = get_registry()
+    loaded = None
+    if resume or cfg.get("generator_load_checkpoint"):
+        if ckpt_path.exists():
+            loaded = load_checkpoint(ckpt_path)
+        else:
+            say(f"no checkpoint at {ckpt_path}; starting from scratch")
     if seed is None:
         seed = cfg.get("generator_seed")
+    if seed is None and loaded is not None:
+        seed = loaded.state.fingerprint.get("seed")  # a run that drew its seed resumes with it
     if seed is None:
         seed = secrets.randbits(31)
         say(f"seed: {seed} (drawn at random; pass --seed to reproduce)")
@@ -310,28 +337,12 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     say(f"data: {len(ds)} sequences [{ds.seq_len}, {ds.dim}] {str(ds.storage_dtype).replace('torch.', '')}, "
         f"{ds.num_classes} classes; {train_idx.numel()} train / {val_idx.numel()} held out")
 
-    ckpt_dir = Path(checkpoint_dir or cfg["generator_checkpoint_dir"])
-    ckpt_path = ckpt_dir / f"{cfg['generator_checkpoint_base_name']}.checkpoint.safetensors"
-    fingerprint = _fingerprint(cfg, ds, seed)
-    loaded = None
-    if resume or cfg.get("generator_load_checkpoint"):
-        if ckpt_path.exists():
-            loaded = load_checkpoint(ckpt_path)
-            if loaded.state.fingerprint != fingerprint:
-                raise UsageError(f"{ckpt_path}: checkpoint was made with another config, data or seed "
-                                 f"({loaded.state.fingerprint} vs {fingerprint}); remove it or change "
-                                 f"generator_checkpoint_dir")
-            say(f"resuming from {ckpt_path} after epoch {loaded.state.epoch}")
-        else:
-            say(f"no checkpoint at {ckpt_path}; starting from scratch")
-
     # -- reducer: fit (if needed) and reduce every sequence once ---------------------------------
     reducer_name = cfg["generator_reducer"]
     reducer = registry.load("reducer", reducer_name).from_config(cfg, length=length, full_length=ds.seq_len,
                                                                  dim=ds.dim).to(dev)
     if loaded is not None:
-        reducer.load_state_dict({k[len("reducer."):]: v for k, v in loaded.tensors.items()
-                                 if k.startswith("reducer.")})
+        reducer.load_state_dict(_unprefixed(loaded.tensors, "reducer"))
     elif type(reducer).fitted:
         say(f"fitting reducer {reducer_name} on {train_idx.numel()} sequences")
         reducer.fit(full_batches(ds, train_idx))
@@ -339,6 +350,14 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     t0 = time.perf_counter()
     reduced_raw = reduce_dataset(ds, reducer, device=dev)
     say(f"reduced {len(ds)} sequences to {length} tokens in {time.perf_counter() - t0:.1f}s")
+    fingerprint = _fingerprint(cfg, ds, seed, reduced_raw)
+    if loaded is not None:
+        words = {"config": "config", "data": "dataset", "seed": "seed", "epochs": "epoch count"}
+        differ = [words[k] for k in fingerprint if loaded.state.fingerprint.get(k) != fingerprint[k]]
+        if differ:
+            raise UsageError(f"{ckpt_path}: checkpoint was made with another {' and '.join(differ)} "
+                             f"(cannot resume it exactly); remove it, or set another generator_checkpoint_dir")
+        say(f"resuming from {ckpt_path} after epoch {loaded.state.epoch}")
 
     normalization = standardization(reduced_raw, train_idx) if cfg["generator_normalize"] else {}
 
@@ -367,10 +386,8 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     state = TrainingState(epoch=0, step=0, fingerprint=fingerprint)
     if loaded is not None:
         for i, gen in enumerate(generators.values()):
-            prefix = f"generators.{i}."
-            gen.load_state_dict({k[len(prefix):]: v for k, v in loaded.tensors.items() if k.startswith(prefix)})
-        upsampler.load_state_dict({k[len("upsampler."):]: v for k, v in loaded.tensors.items()
-                                   if k.startswith("upsampler.")})
+            gen.load_state_dict(_unprefixed(loaded.tensors, f"generators.{i}"))
+        upsampler.load_state_dict(_unprefixed(loaded.tensors, "upsampler"))
         loaded.restore_optimizers(model, optimizers)
         state = loaded.state
 
@@ -386,7 +403,15 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     if loaded is not None:
         loaded.restore_rng()
 
-    _train_generators(run, state, ckpt_path, metrics_path, progress, say)
+    try:
+        _train_generators(run, state, ckpt_path, metrics_path, progress, say)
+    except KeyboardInterrupt:
+        if cfg["generator_save_checkpoint"] and ckpt_path.exists():
+            say(f"interrupted; the last checkpoint ({ckpt_path}, epoch {load_checkpoint(ckpt_path).state.epoch}) "
+                f"is intact: run the same command with --resume to continue")
+        else:
+            say("interrupted before the first checkpoint; nothing to resume")
+        raise
 
     model.metrics = _final_metrics(state)
     if out is not None:
@@ -433,7 +458,7 @@ def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_
     batch_size = int(cfg["generator_batch_size"])
     autocast_dtype = torch.bfloat16 if cfg.get("generator_autocast") == "bfloat16" else None
     labels_all = ds.labels
-    conditions_all = _all_conditions(ds) if ds.condition_dim else None
+    conditions_all = ds.read_conditions(range(len(ds))) if ds.condition_dim else None
     train_sets = {key: run.train_idx[_member_mask(labels_all[run.train_idx], m)] for key, m in run.members.items()}
     val_sets = {key: run.val_idx[_member_mask(labels_all[run.val_idx], m)] for key, m in run.members.items()}
     steps_per_epoch = sum(_batches_per_epoch(idx.numel(), batch_size) for idx in train_sets.values() if idx.numel())
@@ -496,18 +521,6 @@ def _check_finite_terms(terms: Mapping[str, float], epoch: int, key: str) -> Non
     if bad:
         raise InputError(f"training diverged at epoch {epoch + 1} (generator {key!r}): "
                          f"{', '.join(bad)} became NaN/inf; lower generator_learning_rate")
-
-
-def _all_conditions(ds: Dataset) -> Tensor:
-    out = torch.empty(len(ds), ds.condition_dim)
-    pos = 0
-    for batch in ds.batches(read_chunk_rows(ds), check_finite=False):
-        assert batch.conditions is not None
-        out[pos:pos + batch.conditions.shape[0]] = batch.conditions
-        pos += batch.conditions.shape[0]
-    if not torch.isfinite(out).all():
-        raise InputError(f"{ds.path}: 'conditions' contain NaN or inf values")
-    return out
 
 
 def _validate(run: _Run, val_sets: Mapping[str, Tensor], epoch: int, epochs: int,

@@ -93,14 +93,20 @@ def test_legacy_pt_cache_is_read_without_unpickling_objects(tmp_path):
 
 
 class _Evil:
-    def __reduce__(self):  # would run code when unpickled
-        return (print, ("pwned",))
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling would create the marker file
+        return (open, (self.marker, "w"))
 
 
-def test_legacy_pt_with_pickled_objects_is_refused(tmp_path):
-    torch.save({"embeddings": torch.zeros(1, 2, 2), "labels": torch.zeros(1), "extra": _Evil()}, tmp_path / "c.pt")
+def test_legacy_pt_with_pickled_objects_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"embeddings": torch.zeros(1, 2, 2), "labels": torch.zeros(1), "extra": _Evil(marker)},
+               tmp_path / "c.pt")
     with pytest.raises(InputError, match="weights_only"):
         open_dataset(tmp_path / "c.pt")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(("tensors", "message"), [
@@ -165,3 +171,66 @@ def test_shards_with_different_shapes_are_refused(tmp_path):
     write_dataset(tmp_path / "s" / "b.safetensors", torch.zeros(2, 6, 3), torch.zeros(2))
     with pytest.raises(InputError, match="sequences are"):
         open_dataset(tmp_path / "s")
+
+
+def test_writer_copies_rows_so_callers_may_reuse_their_buffer(tmp_path):
+    buf = torch.zeros(1, 5, 3)
+    with DatasetWriter(tmp_path / "out", class_names=["a"], shard_bytes=1) as w:
+        for value in range(5):
+            buf.fill_(value)
+            w.add(buf, torch.zeros(1))
+        buf.fill_(99)
+    got = open_dataset(tmp_path / "out").read(range(5)).embeddings[:, 0, 0]
+    assert got.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_failing_close_leaves_nothing_behind(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("feda2v_toolkit.data.save_file", disk_full)
+    with pytest.raises(OSError), DatasetWriter(tmp_path / "out", class_names=["a"]) as w:
+        w.add(torch.zeros(2, 5, 3), torch.zeros(2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_directory_and_shards_get_the_usual_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with DatasetWriter(tmp_path / "out", class_names=["a"]) as w:
+            w.add(torch.zeros(2, 5, 3), torch.zeros(2))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "out").iterdir())
+
+
+def test_conditions_are_read_without_the_embeddings(tmp_path, monkeypatch):
+    cond = torch.randn(6, 4)
+    ds = open_dataset(write_dataset(tmp_path / "d.safetensors", torch.zeros(6, 5, 3), torch.arange(6) % 2,
+                                    conditions=cond))
+    read = []
+    original = type(ds.sources[0]).read
+    monkeypatch.setattr(type(ds.sources[0]), "read", lambda self, name, lo, hi: read.append(name) or
+                        original(self, name, lo, hi))
+    assert torch.equal(ds.read_conditions([4, 1, 4]), cond[[4, 1, 4]])
+    assert set(read) == {"conditions"}
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    ({"embeddings": torch.zeros(2, 3, 4), "labels": ["a", "b"]}, "integer labels"),
+    ({"embeddings": torch.zeros(2, 3, 4), "labels": torch.zeros(2), "class_names": "ab"}, "class_names"),
+    ({"embeddings": torch.zeros(2, 3, 4), "labels": torch.zeros(2), "class_names": ["a", "a"]}, "duplicates"),
+])
+def test_legacy_caches_are_checked_like_safetensors_files(tmp_path, payload, message):
+    torch.save(payload, tmp_path / "c.pt")
+    with pytest.raises(InputError, match=message):
+        open_dataset(tmp_path / "c.pt")
+
+
+def test_legacy_caches_in_the_old_non_zip_format_are_read(tmp_path):
+    emb, labels = _rows()
+    torch.save({"embeddings": emb, "labels": labels}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(open_dataset(tmp_path / "old.pt").read([2]).embeddings, emb[2:3])

@@ -104,3 +104,26 @@ def test_an_embedding_conditioned_model_needs_conditions(tmp_path):
     first = out.read(range(8)).conditions
     assert torch.equal(first[:6], cond[[0, 2, 4, 6, 8, 10]])  # class 0's conditions, in order, then cycled
     assert torch.equal(first[6:], cond[[0, 2]])
+
+
+def test_samples_do_not_depend_on_the_shard_size(model, tmp_path):
+    generate(model, tmp_path / "big", samples=6, seed=2, batch_size=4)
+    generate(model, tmp_path / "tiny", samples=6, seed=2, batch_size=4, shard_bytes=1)
+    big, tiny = open_dataset(tmp_path / "big"), open_dataset(tmp_path / "tiny")
+    assert len(tiny.sources) == 24
+    assert torch.equal(big.read(range(24)).embeddings, tiny.read(range(24)).embeddings)
+
+
+def test_a_subset_of_classes_is_a_dataset_of_those_classes_that_trains(model, tmp_path):
+    generate(model, tmp_path / "two", samples=4, classes=["bird", "drum"], seed=0)
+    ds = open_dataset(tmp_path / "two")
+    assert ds.class_names == ["drum", "bird"]  # the model's order
+    assert ds.class_counts() == {"drum": 4, "bird": 4}
+    cfg = {"generator_hidden_dim": 8, "generator_latent_dim": 2, "generator_training_epochs": 1,
+           "generator_checkpoint_dir": str(tmp_path / "ck")}
+    assert train(cfg, tmp_path / "two", seed=0).class_names == ["drum", "bird"]
+
+
+def test_duplicate_classes_are_refused(model, tmp_path):
+    with pytest.raises(UsageError, match="more than once"):
+        generate(model, tmp_path / "x", classes=["drum", "drum"])

@@ -201,3 +201,55 @@ def test_conditions_in_the_data_condition_the_vae(tmp_path, tiny_config):
     assert model.condition_dim == 6
     assert model.needs_condition("class_0")
     assert open_dataset(path).condition_dim == 6
+
+
+def test_a_run_that_drew_its_seed_resumes_with_it(tiny_data, tiny_config, tmp_path, monkeypatch):
+    tiny_config.pop("generator_seed")
+    save = training.save_checkpoint
+
+    def interrupt_after_epoch_2(path, model, optimizers, state):
+        save(path, model, optimizers, state)
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", interrupt_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck")
+    monkeypatch.setattr(training, "save_checkpoint", save)
+    seed = load_checkpoint(tmp_path / "ck" / "generator.checkpoint.safetensors").state.fingerprint["seed"]
+    resumed = train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert resumed.seed == seed and resumed.metrics["epochs"] == 4
+
+
+def test_resume_refuses_other_data_with_the_same_labels_and_another_epoch_count(tiny_config, tmp_path):
+    from feda2v_toolkit.demo import write_demo_dataset
+
+    a = write_demo_dataset(tmp_path / "a.safetensors", 4, seq_len=30, dim=8, seed=0)
+    b = write_demo_dataset(tmp_path / "b.safetensors", 4, seq_len=30, dim=8, seed=0, first_clip=100)
+    train(tiny_config, a, checkpoint_dir=tmp_path / "ck")
+    with pytest.raises(ToolkitError, match="another dataset"):
+        train(tiny_config, b, checkpoint_dir=tmp_path / "ck", resume=True)
+    tiny_config["generator_training_epochs"] = 8
+    with pytest.raises(ToolkitError, match="another epoch count"):
+        train(tiny_config, a, checkpoint_dir=tmp_path / "ck", resume=True)
+
+
+def test_outputs_may_not_overwrite_the_training_data(tiny_config, tmp_path):
+    from feda2v_toolkit.demo import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "d.safetensors", 2, seq_len=30, dim=8)
+    before = data.read_bytes()
+    with pytest.raises(ToolkitError, match="also an input dataset"):
+        train(tiny_config, data, out=data)
+    with pytest.raises(ToolkitError, match="also an input dataset"):
+        train(tiny_config, data, out=tmp_path / "m.safetensors", metrics_path=data)
+    shards = write_demo_dataset(tmp_path / "shards", 2, seq_len=30, dim=8)
+    with pytest.raises(ToolkitError, match="inside the input dataset directory"):
+        train(tiny_config, shards, out=shards / "m.safetensors")
+    assert data.read_bytes() == before
+
+
+def test_outputs_in_new_directories_are_created(tiny_data, tiny_config, tmp_path):
+    train(tiny_config, tiny_data, out=tmp_path / "new" / "m.safetensors",
+          metrics_path=tmp_path / "other" / "m.jsonl")
+    assert (tmp_path / "new" / "m.safetensors").exists() and (tmp_path / "other" / "m.jsonl").exists()

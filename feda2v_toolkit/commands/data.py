@@ -14,7 +14,7 @@ import click
 @click.option("--classes", "num_classes", default=4, show_default=True, type=click.IntRange(1, 4))
 @click.option("--seq-len", default=1214, show_default=True, type=click.IntRange(min=1))
 @click.option("--dim", default=768, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1),
               help="Fixes the dataset's structure and its clips.")
 @click.option("--first-clip", default=0, show_default=True, type=click.IntRange(min=0),
               help="Index of the first clip: more clips of the same structure, e.g. a held-out set.")

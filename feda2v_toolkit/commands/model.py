@@ -34,8 +34,9 @@ def _samples_option(value: str | None) -> int | str | None:
 @click.option("--output-length", type=click.IntRange(min=1),
               help="Tokens per sample [default: generator_output_sequence_length, else the training length].")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Samples drawn per model call; with the seed, it determines the samples.")
 @click.option("--conditions", "conditions_path", type=click.Path(path_type=Path),
               help="Dataset file with 'conditions' (and 'labels') for embedding-conditioned models.")
 @click.option("--shard-size", "shard_mb", default=256, show_default=True, type=click.IntRange(min=1),

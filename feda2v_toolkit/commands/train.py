@@ -58,7 +58,7 @@ def collect_overrides(options: dict[str, Any], *, learned_upsampling: bool | Non
 @click.option("--hidden-dim", type=click.IntRange(min=1), help="Overrides generator_hidden_dim.")
 @click.option("--latent-dim", type=click.IntRange(min=1), help="Overrides generator_latent_dim.")
 @click.option("--autocast", type=click.Choice(["float32", "bfloat16"]), help="Overrides generator_autocast.")
-@click.option("--seed", type=int, help="Random seed (overrides generator_seed).")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), help="Random seed (overrides generator_seed).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint if there is one.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -84,14 +84,10 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
     overrides = collect_overrides(options, learned_upsampling=learned_upsampling)
     if metrics_path is None:
         metrics_path = out_path.with_name(out_path.stem + ".metrics.jsonl")
-    try:
-        with warnings_as_messages():
-            model = train(config, data_path, out=out_path, overrides=overrides, seed=seed, device=device,
-                          resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
-                          progress=progress, log=say)
-    except KeyboardInterrupt:
-        say("interrupted; the last checkpoint is intact: run again with --resume to continue")
-        raise
+    with warnings_as_messages():
+        model = train(config, data_path, out=out_path, overrides=overrides, seed=seed, device=device,
+                      resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
+                      progress=progress, log=say)
     final = model.metrics
     val = final.get("val") or {}
     summary = f"trained {len(model.generators)} {model.generator_type} generator(s), {final['epochs']} epochs"

@@ -212,7 +212,7 @@ def test_standard_input(feda2v, monkeypatch):
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"generator_seed": "x"}')))
     run = feda2v("validate", "-")
-    assert run.code == 1 and run.lines[0].startswith("<stdin>:1:20: error: $.generator_seed: expected integer or null")
+    assert run.code == 1 and run.lines[0].startswith("<stdin>:1:20: error: $.generator_seed: expected integer in [0, 2147483647] or null")
 
 
 def test_bare_fragment_feda2v_config_and_feda2v_sections_are_all_found(catalog):
