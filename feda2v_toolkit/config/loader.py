@@ -87,6 +87,18 @@ def _coerce(catalog: Catalog, section: dict[str, Any]) -> None:
             section[key] = int(value)
 
 
+def _error_text(name: str, errors: list[Finding]) -> str:
+    """One line for one problem, else a first line naming the file and one indented line per problem."""
+    def problem(f: Finding) -> str:
+        where = f"line {f.line}, column {f.column}: " if f.line is not None else ""
+        return f"{where}{f.path}: {f.message}" + (f"; {f.suggestion}" if f.suggestion else "") + f" [{f.code}]"
+
+    if len(errors) == 1:
+        return f"{name}: invalid generator config: {problem(errors[0])}"
+    return "\n".join([f"{name}: invalid generator config ({len(errors)} problems):",
+                      *(f"  {problem(f)}" for f in errors)])
+
+
 def load_experiment(source: ConfigSource, overrides: Mapping[str, Any] | None = None, *,
                     registry: Any = None, _stacklevel: int = 1) -> LoadedConfig:
     """Load a config (path, JSON text, or mapping) the way :func:`load_config` does, keeping everything.
@@ -110,11 +122,14 @@ def load_experiment(source: ConfigSource, overrides: Mapping[str, Any] | None = 
             DeprecationWarning, stacklevel=_stacklevel + 1)
     doc = migration.document
     layout = locate(doc, catalog.is_generator_key)
+    section_path: tuple[str, ...] | None
     if layout.sections:
         section_path = layout.sections[0].path
-    elif layout.full:
+    elif layout.full and not any(key in doc for key in SECTION_KEYS):
         section_path = (SECTION_KEYS[0],)
         doc = {**doc, SECTION_KEYS[0]: {}}
+    elif layout.full:
+        section_path = None  # a section that is not an object: reported below (invalid-section)
     else:
         section_path = ()
     if overrides:
@@ -122,17 +137,14 @@ def load_experiment(source: ConfigSource, overrides: Mapping[str, Any] | None = 
         if unknown:
             hints = [f"{k!r}" + (f" (did you mean {c!r}?)" if (c := catalog.closest(k)) else "") for k in unknown]
             raise InputError(f"{name}: unknown generator key(s) in overrides: {', '.join(hints)}")
-        target = doc if not section_path else doc[section_path[0]]
-        target.update(copy.deepcopy(dict(overrides)))
+        if section_path is not None:
+            target = doc if not section_path else doc[section_path[0]]
+            target.update(copy.deepcopy(dict(overrides)))
     findings = check_data(doc, catalog, name=name, source=parsed)
     errors = [f for f in findings if f.severity == ERROR]
     if errors:
-        lines = [f"{name}: invalid generator config ({len(errors)} problem{'s' if len(errors) != 1 else ''}):"]
-        for f in errors:
-            where = f"line {f.line}, column {f.column}: " if f.line is not None else ""
-            lines.append(f"  {where}{f.path}: {f.message}" + (f"; {f.suggestion}" if f.suggestion else "")
-                         + f" [{f.code}]")
-        raise InputError("\n".join(lines))
+        raise InputError(_error_text(name, errors))
+    assert section_path is not None  # an invalid section is an error above
     warned = [f for f in findings if f.severity != ERROR]
     for f in warned:
         warnings.warn(f"{name}: {f.path}: {f.message}", ConfigWarning, stacklevel=_stacklevel + 1)

@@ -86,6 +86,23 @@ def test_bad_input_is_one_line_on_stderr_with_a_nonzero_exit_and_no_traceback(tm
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.safetensors").exists()
 
 
+def test_train_refuses_a_generator_section_that_is_not_an_object(tmp_path):
+    """`validate` exits 1 on it; `train` used to train with every default and exit 0."""
+    from feda2v_toolkit.demo import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "data.safetensors", 4, seq_len=40, dim=8)
+    (tmp_path / "bad.json").write_text(json.dumps({"feda2v": [1, 2], "training": {}}))
+    proc = run("train", "-c", "bad.json", "-d", "data.safetensors", "-o", "m.safetensors", "--epochs", "1",
+               "--checkpoint-dir", "ck", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("feda2v-tk: error: bad.json: invalid generator config: line 1, column 12: $.feda2v")
+    assert lines[0].endswith("[invalid-section]")
+    assert not (tmp_path / "m.safetensors").exists()
+    assert run("validate", "bad.json", cwd=tmp_path, check=False).returncode == 1
+
+
 def test_traceback_flag_shows_the_traceback(tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x07" * 100)
     proc = run("--traceback", "inspect", "garbage.safetensors", cwd=tmp_path, check=False)

@@ -121,6 +121,22 @@ def test_invalid_config_raises_one_error_listing_every_problem_first_line_naming
     assert len(lines) == 7
 
 
+@pytest.mark.parametrize("section", [[1, 2], "vae", 3, None])
+def test_a_generator_section_that_is_not_an_object_is_an_error_not_the_defaults(tmp_path, section):
+    """It used to be replaced by {} before validation: every default, no error."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"feda2v": section, "training": {}}))
+    for overrides in (None, {"generator_training_epochs": 3}):
+        with pytest.raises(InputError) as exc:
+            load_config(path, overrides)
+        text = str(exc.value)
+        assert text.splitlines() == [text]
+        assert text.startswith(f"{path}: invalid generator config: line 1, column 12: $.feda2v: ")
+        assert text.endswith("the generator section must be an object [invalid-section]")
+    with pytest.raises(InputError, match=r"\$\.feda2v_config: .*\[invalid-section\]"):
+        load_config({"feda2v_config": [1, 2]})
+
+
 def test_conflicting_old_and_new_keys_raise():
     with pytest.raises(InputError, match=r"generator_target_sequence_length \(8\) and "
                                          r"generator_training_sequence_length \(4\) disagree"):
