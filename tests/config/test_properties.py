@@ -25,7 +25,7 @@ VALID_VALUES = {
     "generator_granularity": st.sampled_from(["unified", "per_class"]),
     "generator_hidden_dim": st.integers(1, 4096),
     "generator_learning_rate": st.floats(1e-6, 1.0),
-    "generator_seed": st.none() | st.integers(0, 2**31),
+    "generator_seed": st.none() | st.integers(0, 2**31 - 1),
     "generator_checkpoint_dir": st.text(max_size=8),
 }
 FOREIGN_KEYS = st.sampled_from(["adapter_dim", "diffusion_steps", "lr", "_comment", "_comment_mode", "num_rounds",
