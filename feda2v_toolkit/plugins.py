@@ -472,6 +472,9 @@ def _validate_component(kind: str, spec: ComponentSpec) -> None:
         raise PluginValidationError(f"{kind} {name!r}: settings must be a tuple of config key names")
     if not isinstance(spec.test_config, Mapping):
         raise PluginValidationError(f"{kind} {name!r}: test_config must be a mapping of config keys")
+    for flag in ("positional", "trainable"):
+        if hasattr(spec, flag) and not isinstance(getattr(spec, flag), bool):
+            raise PluginValidationError(f"{kind} {name!r}: {flag} must be True or False")
 
 
 def _validate_fragment(frag: SchemaFragment) -> None:

@@ -85,18 +85,31 @@ class GeneratorSpec(ComponentSpec):
 
 @dataclass(frozen=True)
 class ReducerSpec(ComponentSpec):
-    """A sequence reducer ``[B, L, D] -> [B, l, D]``; factory subclasses ``components.Reducer``."""
+    """A sequence reducer ``[B, L, D] -> [B, l, D]``; factory subclasses ``components.Reducer``.
+
+    ``positional`` repeats the class attribute ``Reducer.positional`` without importing the class (so
+    ``validate`` can check pairings torch-free): False when the reduced axis holds components rather than
+    stretches of the sequence (``pca``). The conformance kit checks that the two agree.
+    """
 
     kind: ClassVar[str] = "reducer"
     base_class_path: ClassVar[str] = "feda2v_toolkit.components:Reducer"
 
+    positional: bool = True
+
 
 @dataclass(frozen=True)
 class UpsamplerSpec(ComponentSpec):
-    """A sequence upsampler ``[B, l, D] -> [B, L, D]``; factory subclasses ``components.Upsampler``."""
+    """A sequence upsampler ``[B, l, D] -> [B, L, D]``; factory subclasses ``components.Upsampler``.
+
+    ``trainable`` repeats the class attribute ``Upsampler.trainable`` without importing the class: True
+    when the upsampler is fitted on (reduced, full) pairs. The conformance kit checks that the two agree.
+    """
 
     kind: ClassVar[str] = "upsampler"
     base_class_path: ClassVar[str] = "feda2v_toolkit.components:Upsampler"
+
+    trainable: bool = False
 
 
 COMPONENT_SPECS: dict[str, type[ComponentSpec]] = {

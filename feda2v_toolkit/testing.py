@@ -21,11 +21,12 @@ without it the checks use the process-wide registry (installed plugins). Every c
   the same seed trains bit-identical weights; a model file round trip (safetensors) restores every
   tensor bit-exactly and samples identically at full length; ``feda2v_toolkit.training.train`` runs
   end to end on a tiny dataset.
-* reducer -- ``[B, L, D] -> [B, l, D]``, finite, per-sequence (batch-independent), deterministic;
-  fitted ones fit on streamed batches; state round trip through safetensors.
-* upsampler -- ``[B, l, D] -> [B, L, D]`` for any ``L``, identity at ``L == l`` (not required of
-  trainable ones), per-sequence; trainable ones fit on streamed pairs and return JSON metrics; state
-  round trip.
+* reducer -- the spec's ``positional`` agrees with the class's; ``[B, L, D] -> [B, l, D]``, finite,
+  per-sequence (batch-independent), deterministic; fitted ones fit on streamed batches; state round
+  trip through safetensors.
+* upsampler -- the spec's ``trainable`` agrees with the class's; ``[B, l, D] -> [B, L, D]`` for any
+  ``L``, identity at ``L == l`` (not required of trainable ones), per-sequence; trainable ones fit on
+  streamed pairs and return JSON metrics; state round trip.
 * schema fragment -- a valid draft 2020-12 object schema; every property has a description, and its
   default validates against the property itself; a plugin's keys carry its prefix.
 * migration -- :func:`check_migration` on an example section you give: pure, removes what it
@@ -419,6 +420,9 @@ def check_reducer(name: str, *, registry: Registry | None = None, plugin: Any = 
     spec = reg.get("reducer", name)
     what = f"reducer {spec.qualified_name}"
     cls = reg.load("reducer", name)
+    _expect(spec.positional == bool(cls.positional),
+            f"{what}: its ReducerSpec says positional={spec.positional} but {cls.__qualname__}.positional is "
+            f"{cls.positional}; register it with positional={bool(cls.positional)} (validate reads the spec)")
     cfg = resolved_config(reg, spec, config, seq_len=length)
     torch.manual_seed(seed)
     red = cls.from_config(cfg, length=length, full_length=full_length, dim=dim)
@@ -463,6 +467,9 @@ def check_upsampler(name: str, *, registry: Registry | None = None, plugin: Any 
     spec = reg.get("upsampler", name)
     what = f"upsampler {spec.qualified_name}"
     cls = reg.load("upsampler", name)
+    _expect(spec.trainable == bool(cls.trainable),
+            f"{what}: its UpsamplerSpec says trainable={spec.trainable} but {cls.__qualname__}.trainable is "
+            f"{cls.trainable}; register it with trainable={bool(cls.trainable)} (validate reads the spec)")
     cfg = resolved_config(reg, spec, config, seq_len=reduced_length)
     torch.manual_seed(seed)
     up = cls.from_config(cfg, reduced_length=reduced_length, full_length=full_length, dim=dim)

@@ -155,6 +155,45 @@ def test_the_upsampler_check_catches_wrong_lengths_and_non_identity():
         check_upsampler("fixed", registry=reg)
 
 
+class Components(Reducer):
+    """Like pca: its reduced axis is not positional."""
+
+    positional = False
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool1d(x.transpose(1, 2), self.length).transpose(1, 2)
+
+
+class Fits(NotIdentity):
+    trainable = True
+
+    def fit(self, pairs, *, config):
+        return {"pairs": float(sum(r.shape[0] for r, _ in pairs()))}
+
+
+def test_the_kit_checks_that_the_spec_flags_agree_with_the_class_attributes():
+    """validate reads positional/trainable from the specs (no torch): they must match the classes."""
+    reg = registry_with(
+        reducers=lambda register: [
+            register(ReducerSpec(name="unsaid", description="Says nothing.", factory=Components)),
+            register(ReducerSpec(name="said", description="Says it.", factory=Components, positional=False))],
+        upsamplers=lambda register: [
+            register(UpsamplerSpec(name="unsaid", description="Says nothing.", factory=Fits)),
+            register(UpsamplerSpec(name="said", description="Says it.", factory=Fits, trainable=True))])
+    with pytest.raises(ConformanceError, match="ReducerSpec says positional=True but Components.positional is False"):
+        check_reducer("unsaid", registry=reg)
+    check_reducer("said", registry=reg)
+    with pytest.raises(ConformanceError, match="UpsamplerSpec says trainable=False but Fits.trainable is True"):
+        check_upsampler("unsaid", registry=reg)
+    check_upsampler("said", registry=reg)
+
+
+def test_the_built_in_specs_carry_the_flags_of_their_classes():
+    reg = get_registry()
+    assert [s.name for s in reg.specs("reducer") if not s.positional] == ["pca"]
+    assert sorted(s.name for s in reg.specs("upsampler") if s.trainable) == ["learned", "lstsq"]
+
+
 @pytest.mark.parametrize(("properties", "message"), [
     ({"bad_depth": {"description": "Depth.", "type": "integer", "default": "deep"}}, "does not validate against"),
     ({"bad_depth": {"description": " ", "type": "integer"}}, "needs a description"),

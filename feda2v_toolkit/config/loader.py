@@ -147,7 +147,8 @@ def load_experiment(source: ConfigSource, overrides: Mapping[str, Any] | None = 
     assert section_path is not None  # an invalid section is an error above
     warned = [f for f in findings if f.severity != ERROR]
     for f in warned:
-        warnings.warn(f"{name}: {f.path}: {f.message}", ConfigWarning, stacklevel=_stacklevel + 1)
+        warnings.warn(f"{name}: {f.path}: {f.message}" + (f"; {f.suggestion}" if f.suggestion else "")
+                      + f" [{f.code}]", ConfigWarning, stacklevel=_stacklevel + 1)
     raw_section = doc if not section_path else doc[section_path[0]]
     section = {**catalog.defaults(), **copy.deepcopy(raw_section)}
     if not section_path and isinstance(section.get(NODES_KEY), (dict, list)):

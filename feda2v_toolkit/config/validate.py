@@ -45,6 +45,9 @@ ONLY = "generator_only_mode"
 TRAINING_MODE = "generator_training_mode"
 USE_PRETRAINED = "use_pretrained_generators"
 PRETRAINED_PATH = "pretrained_generator_path"
+REDUCER = "generator_reducer"
+UPSAMPLER = "generator_upsampler"
+LEARNED = "use_learned_upsampling"
 
 ERROR = "error"
 WARNING = "warning"
@@ -82,6 +85,8 @@ CODES: dict[str, str] = {
     "class-group-without-per-group": "a node's class group while granularity is not `per_group` (warning)",
     "generator-only-without-source": "`generator_only_mode` with neither training nor a pretrained generator",
     "pretrained-without-path": "`use_pretrained_generators` without `pretrained_generator_path`",
+    "non-positional-reducer": "a reducer whose output is components, not positions (`pca`), with an "
+                              "interpolating upsampler: the samples are meaningless (warning)",
 }
 
 
@@ -367,6 +372,29 @@ class _Checker:
             self.add(at(USE_PRETRAINED), "pretrained-without-path",
                      f"{USE_PRETRAINED} is true but {PRETRAINED_PATH} is not set",
                      suggestion=f'add "{PRETRAINED_PATH}": "<model file>"')
+        if concerns(REDUCER, UPSAMPLER, LEARNED):
+            self.check_pairing(eff, at(UPSAMPLER, REDUCER, LEARNED))
+
+    def _component_spec(self, kind: str, name: Any) -> Any:
+        if not isinstance(name, str):
+            return None
+        try:
+            return self.catalog.registry.get(kind, name)
+        except Exception:
+            return None  # an unknown name is reported by the value check
+
+    def check_pairing(self, eff: Mapping[str, Any], path: JsonPath) -> None:
+        """A non-positional reducer (``pca``) decoded by a non-trainable (interpolating) upsampler."""
+        reducer = self._component_spec("reducer", eff.get(REDUCER))
+        upsampler_name = "learned" if eff.get(LEARNED) is True else eff.get(UPSAMPLER)
+        upsampler = self._component_spec("upsampler", upsampler_name)
+        if reducer is None or upsampler is None or reducer.positional or upsampler.trainable:
+            return
+        self.add(path, "non-positional-reducer", severity=WARNING,
+                 message=f"reducer {reducer.name!r} outputs components, not stretches of the sequence, and "
+                         f"upsampler {upsampler.name!r} interpolates them: the upsampled samples are meaningless",
+                 expected="a trainable upsampler", found=json.dumps(upsampler_name),
+                 suggestion=f'use "{UPSAMPLER}": "lstsq" (the exact decoder of pca) or "learned"')
 
 
 def _severity_for_duplicate(path: JsonPath) -> str:

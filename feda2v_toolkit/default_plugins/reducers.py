@@ -25,6 +25,7 @@ def feda2v_register_reducers(register):
         description="Position PCA fitted on training data: the optimal linear reduction (pair with lstsq).",
         factory="feda2v_toolkit.reducers.pca:PCAReducer",
         settings=("generator_training_sequence_length",),
+        positional=False,  # its reduced axis holds components: pair it with lstsq or learned
     ))
 
 

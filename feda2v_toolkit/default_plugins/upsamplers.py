@@ -30,10 +30,12 @@ def feda2v_register_upsamplers(register):
         factory="feda2v_toolkit.upsamplers.learned:LearnedUpsampler",
         settings=("generator_output_sequence_length", "use_learned_upsampling", "generator_upsampler_epochs",
                   "generator_upsampler_learning_rate", "generator_validation_split"),
+        trainable=True,
     ))
     register(UpsamplerSpec(
         name="lstsq",
         description="Least-squares affine decoder from reduced to full positions, fitted in closed form (pairs with pca).",
         factory="feda2v_toolkit.upsamplers.lstsq:LeastSquaresUpsampler",
         settings=("generator_output_sequence_length", "lstsq_ridge"),
+        trainable=True,
     ))

@@ -103,6 +103,21 @@ def test_train_refuses_a_generator_section_that_is_not_an_object(tmp_path):
     assert run("validate", "bad.json", cwd=tmp_path, check=False).returncode == 1
 
 
+def test_train_warns_about_a_non_positional_reducer_with_an_interpolating_upsampler(tmp_path):
+    from feda2v_toolkit.demo import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "data.safetensors", 4, seq_len=40, dim=8)
+    proc = run("train", "-d", "data.safetensors", "-o", "m.safetensors", "--reducer", "pca", "--epochs", "1",
+               "--hidden-dim", "8", "--latent-dim", "4", "--checkpoint-dir", "ck", "--seed", "0", cwd=tmp_path)
+    [warning] = [line for line in proc.stderr.splitlines() if line.startswith("feda2v-tk: warning: ")]
+    assert "reducer 'pca' outputs components" in warning and "'linear'" in warning
+    assert '"lstsq"' in warning and warning.endswith("[non-positional-reducer]")
+    proc = run("train", "-d", "data.safetensors", "-o", "m2.safetensors", "--reducer", "pca", "--upsampler", "lstsq",
+               "--epochs", "1", "--hidden-dim", "8", "--latent-dim", "4", "--checkpoint-dir", "ck2", "--seed", "0",
+               cwd=tmp_path)
+    assert "warning" not in proc.stderr
+
+
 def test_traceback_flag_shows_the_traceback(tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x07" * 100)
     proc = run("--traceback", "inspect", "garbage.safetensors", cwd=tmp_path, check=False)

@@ -65,6 +65,17 @@ def test_config_commands_do_not_import_torch():
     assert all(line.endswith(": ") for line in reports), reports
 
 
+def test_the_reducer_upsampler_pairing_is_checked_without_torch(tmp_path):
+    path = tmp_path / "pca.json"
+    path.write_text('{"feda2v": {"generator_reducer": "pca"}}')
+    probe = ("import sys\nfrom feda2v_toolkit.cli import main\n"
+             f"try:\n    main(['validate', {str(path)!r}])\nexcept SystemExit:\n    pass\n"
+             "sys.stderr.write('TORCH=' + str('torch' in sys.modules))\n")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env())
+    assert "[non-positional-reducer]" in run.stdout
+    assert run.stderr.rsplit("TORCH=", 1)[1] == "False"
+
+
 def test_validate_does_not_import_jsonschema_for_plain_fragments():
     probe = ("import sys\nfrom feda2v_toolkit.cli import main\n"
              f"try:\n    main(['validate', {str(EXAMPLES / 'full-experiment.json')!r}])\nexcept SystemExit:\n    pass\n"

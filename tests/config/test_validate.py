@@ -153,6 +153,25 @@ def test_generator_type_reducer_and_upsampler_must_be_registered(catalog):
     assert codes('{"generator_reducer": "max"}', catalog) == ["unknown-component"]
 
 
+def test_a_non_positional_reducer_with_an_interpolating_upsampler_is_a_warning(catalog):
+    """pca outputs components; interpolating them (the default `linear`) gave R^2 -1.09 on the demo data."""
+    [f] = findings('{"generator_reducer": "pca"}', catalog)
+    assert (f.code, f.severity, f.path) == ("non-positional-reducer", "warning", "$.generator_reducer")
+    assert "'pca'" in f.message and "'linear'" in f.message and "lstsq" in f.suggestion and "learned" in f.suggestion
+    assert codes('{"generator_reducer": "pca", "generator_upsampler": "cubic"}', catalog) == ["non-positional-reducer"]
+    assert codes('{"generator_reducer": "builtin:pca", "generator_upsampler": "nearest"}', catalog) == [
+        "non-positional-reducer"]
+    for fine in ('{"generator_reducer": "pca", "generator_upsampler": "lstsq"}',
+                 '{"generator_reducer": "pca", "generator_upsampler": "learned"}',
+                 '{"generator_reducer": "pca", "use_learned_upsampling": true}',
+                 '{"generator_reducer": "adaptive_avg"}', '{"generator_reducer": "nope"}'):
+        assert "non-positional-reducer" not in codes(fine, catalog), fine
+    doc = {"feda2v": {"generator_reducer": "pca", "generator_upsampler": "lstsq"},
+           "nodes": {"a": {"generator_upsampler": "linear"}, "b": {"generator_batch_size": 8}}}
+    [f] = findings(json.dumps(doc), catalog)
+    assert (f.code, f.path) == ("non-positional-reducer", "$.nodes.a.generator_upsampler")
+
+
 def test_plugin_types_and_keys_validate_once_the_plugin_is_loaded(flowgen_registry):
     from feda2v_toolkit.config.schema import get_catalog
 
