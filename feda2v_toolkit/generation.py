@@ -85,14 +85,14 @@ def class_seed(seed: int, label: int) -> int:
     return seed * 1_000_003 + label
 
 
-def sample_class(model: GenerativeModel, class_name: str, n: int, *, seed: int, length: int | None = None,
-                 batch_size: int = DEFAULT_BATCH, conditions: Tensor | None = None,
-                 dtype: torch.dtype | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Yield ``(samples [b, length, D], conditions or None)`` batches, ``n`` samples of ``class_name`` in all.
+def sample_class_reduced(model: GenerativeModel, class_name: str, n: int, *, seed: int,
+                         batch_size: int = DEFAULT_BATCH,
+                         conditions: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield ``(samples [b, l, D] at the training length, conditions or None)`` batches, ``n`` in all.
 
     What is drawn depends only on the model, ``seed``, the class and ``batch_size`` -- this is the
-    stream ``generate`` writes and ``evaluate`` scores. ``conditions`` (the class's condition rows)
-    are used in order and cycled.
+    stream ``generate`` writes (after upsampling) and ``evaluate`` scores. ``conditions`` (the class's
+    condition rows) are used in order and cycled.
     """
     label = model.class_index(class_name)
     g = torch.Generator(device=model.device).manual_seed(class_seed(seed, label))
@@ -102,8 +102,19 @@ def sample_class(model: GenerativeModel, class_name: str, n: int, *, seed: int, 
         cond = None
         if conditions is not None and model.needs_condition(class_name):
             cond = conditions[torch.arange(done, done + b) % conditions.shape[0]]
-        yield model.sample(b, class_name=class_name, length=length, conditions=cond, generator=g, dtype=dtype), cond
+        with torch.no_grad():
+            reduced = model.sample_reduced(b, class_name=class_name, conditions=cond, generator=g)
+        yield reduced, cond
         done += b
+
+
+def sample_class(model: GenerativeModel, class_name: str, n: int, *, seed: int, length: int | None = None,
+                 batch_size: int = DEFAULT_BATCH, conditions: Tensor | None = None,
+                 dtype: torch.dtype | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """:func:`sample_class_reduced` upsampled to ``length`` tokens (default: the model's default length)."""
+    for reduced, cond in sample_class_reduced(model, class_name, n, seed=seed, batch_size=batch_size,
+                                              conditions=conditions):
+        yield model.upsample(reduced, length, dtype=dtype), cond
 
 
 def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: int | str | None = None,

@@ -146,6 +146,16 @@ class GenerativeModel:
         return self.denormalize(x)
 
     @torch.no_grad()
+    def upsample(self, reduced: Tensor, length: int | None = None, *, dtype: torch.dtype | None = None) -> Tensor:
+        """Upsample de-normalised ``[n, l, D]`` samples to ``length`` tokens (default :attr:`default_length`)."""
+        out_len = self.default_length if length is None else int(length)
+        if out_len < 1:
+            raise UsageError(f"output length must be >= 1, got {out_len}")
+        self.upsampler.eval()
+        x = self.upsampler(reduced, out_len)
+        return x.to(dtype) if dtype is not None else x
+
+    @torch.no_grad()
     def sample(self, n: int, *, class_name: str, length: int | None = None, conditions: Tensor | None = None,
                generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """Draw ``n`` samples of ``class_name`` upsampled to ``length`` tokens: ``[n, length, D]``.
@@ -153,10 +163,7 @@ class GenerativeModel:
         ``length`` defaults to :attr:`default_length`. A model trained with per-sample conditions
         needs ``conditions`` ``[n, condition_dim]``. Randomness comes only from ``generator``.
         """
-        out_len = self.default_length if length is None else int(length)
-        if out_len < 1:
-            raise UsageError(f"output length must be >= 1, got {out_len}")
+        if length is not None and int(length) < 1:
+            raise UsageError(f"output length must be >= 1, got {int(length)}")
         x = self.sample_reduced(n, class_name=class_name, conditions=conditions, generator=generator)
-        self.upsampler.eval()
-        x = self.upsampler(x, out_len)
-        return x.to(dtype) if dtype is not None else x
+        return self.upsample(x, length, dtype=dtype)

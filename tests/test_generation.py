@@ -54,7 +54,7 @@ def test_output_length_dtype_and_shards(model, tmp_path):
 
 def test_an_error_midway_leaves_no_output(model, tmp_path, monkeypatch):
     calls = []
-    real = GenerativeModel.sample
+    real = GenerativeModel.upsample
 
     def fails_on_third_batch(self, *args, **kwargs):
         calls.append(1)
@@ -62,7 +62,7 @@ def test_an_error_midway_leaves_no_output(model, tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(GenerativeModel, "sample", fails_on_third_batch)
+    monkeypatch.setattr(GenerativeModel, "upsample", fails_on_third_batch)
     with pytest.raises(RuntimeError):
         generate(model, tmp_path / "out", samples=2, batch_size=1, shard_bytes=1)
     assert list(tmp_path.iterdir()) == []

@@ -7,9 +7,9 @@ Which real data (``split``):
   same stratified split, recomputed from the model's seed and ``generator_validation_split``).
 
 Per class present in both the model and the real data, ``n_c`` synthetic samples are drawn (default: as
-many as the class has real sequences; ``samples_per_class`` overrides), class ``c`` from
-``torch.Generator().manual_seed(seed * 1_000_003 + label)`` in batches of 64 -- the same draws as
-``feda2v-tk generate --seed SEED``. Nothing is written to disk.
+many as the class has real sequences; ``samples_per_class`` overrides) with
+:func:`feda2v_toolkit.generation.sample_class_reduced` -- the same stream ``feda2v-tk generate --seed
+SEED`` writes. Nothing is written to disk.
 
 Distribution metrics compare synthetic and real sequences in the model's **reduced space** (real data
 reduced by the model's reducer; synthetic samples de-normalised at the training length, before
@@ -49,11 +49,10 @@ from feda2v_toolkit.analysis.metrics import (
 )
 from feda2v_toolkit.data import Dataset, open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
-from feda2v_toolkit.generation import is_class_agnostic
+from feda2v_toolkit.generation import DEFAULT_BATCH, is_class_agnostic, sample_class_reduced
 from feda2v_toolkit.model import GenerativeModel
 from feda2v_toolkit.training import read_chunk_rows, stratified_split
 
-SAMPLE_BATCH = 64
 MAX_SAMPLES_PER_CLASS = 10_000
 SPLITS = ("all", "heldout")
 
@@ -156,18 +155,17 @@ def _real_indices(model: GenerativeModel, ds: Dataset, split: str) -> Tensor:
                          f"(class counts {counts} differ from the model's {trained})")
     if model.seed is None:
         raise UsageError("--split heldout: the model file records no training seed")
-    fraction = float(model.config.get("generator_validation_split", 0.1))
+    fraction = model.config.get("generator_validation_split")
+    if fraction is None:  # a converted model's config holds only what the original file said
+        from feda2v_toolkit.config import schema_defaults
+
+        fraction = schema_defaults()["generator_validation_split"]
+    fraction = float(fraction)
     _, val_idx = stratified_split(ds.labels, fraction, int(model.seed))
     if val_idx.numel() == 0:
         raise UsageError("--split heldout: the model was trained without a held-out split "
                          "(generator_validation_split = 0); evaluate against other real data")
     return val_idx
-
-
-def _conditions_for(ds: Dataset, idx: Tensor) -> Tensor | None:
-    if not ds.condition_dim:
-        return None
-    return ds.read(idx).conditions
 
 
 def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.PathLike[str] | Dataset, *,
@@ -244,25 +242,18 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
     synth_reduced: dict[str, Tensor] = {}
     synth_feats: dict[str, Tensor] = {}
     for c in classes:
-        label = model.class_names.index(c)
         n = samples_per_class or counts[c]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + label)
         cond_pool = None
         if model.needs_condition(c):
-            cond_pool = _conditions_for(ds, idx[labels_all == ds.class_names.index(c)])
-            if cond_pool is None:
+            if not ds.condition_dim:
                 raise UsageError(f"the model needs per-sample condition embeddings; {ds.path} has no 'conditions'")
+            cond_pool = ds.read_conditions(idx[labels_all == ds.class_names.index(c)])
         red_parts, feat_parts = [], []
-        done = 0
-        while done < n:
-            m = min(SAMPLE_BATCH, n - done)
-            cond = cond_pool[torch.arange(done, done + m) % cond_pool.shape[0]] if cond_pool is not None else None
+        for reduced, _ in sample_class_reduced(model, c, n, seed=seed, batch_size=DEFAULT_BATCH, conditions=cond_pool):
             with torch.no_grad():
-                reduced = model.sample_reduced(m, class_name=c, conditions=cond, generator=g)
-                full = model.upsampler(reduced, ds.seq_len)
+                full = model.upsample(reduced, ds.seq_len)
             red_parts.append(reduced.float())
             feat_parts.append(pooled_features(full, pool_positions))
-            done += m
         synth_reduced[c] = torch.cat(red_parts)
         synth_feats[c] = torch.cat(feat_parts)
     say(f"sampled {sum(v.shape[0] for v in synth_reduced.values())} synthetic sequences: "

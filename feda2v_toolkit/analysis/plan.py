@@ -170,7 +170,7 @@ class Planner:
         self.batch_size = int(self.cfg["generator_batch_size"])
         self.autocast = torch.bfloat16 if self.cfg.get("generator_autocast") == "bfloat16" else None
         self.generators = _generator_count(self.cfg, self.num_classes)
-        per_class = self.cfg.get("synthetic_samples_per_class", 10)
+        per_class = self.cfg["synthetic_samples_per_class"]
         per_class = per_class if isinstance(per_class, int) else GENERATE_BATCH
         self.samples_per_class = per_class
         self.sample_batch = int(sample_batch or min(per_class, GENERATE_BATCH))

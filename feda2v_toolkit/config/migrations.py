@@ -78,7 +78,7 @@ def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext)
                 ctx.note(f"kept the file's {TRAINING_KEY} {json.dumps(train)}; --training-length {chosen} "
                          "applies only where the file sets none")
         else:
-            train = ctx.option("training_length", ctx.defaults.get(TRAINING_KEY, 4))
+            train = ctx.option("training_length", ctx.defaults[TRAINING_KEY])
             if train >= old and not inherit:
                 raise MigrationConflict(f"training length {train} is not shorter than the output length {old}",
                                         "choose a smaller --training-length")
@@ -109,10 +109,10 @@ def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext)
                  f"{OUTPUT_KEY} {old}; the node keeps the section's training length (--training-length N "
                  "sets one)")
     elif full and not has_train:
-        hidden = section.get("generator_hidden_dim", ctx.defaults.get("generator_hidden_dim", 1024))
-        latent = section.get("generator_latent_dim", ctx.defaults.get("generator_latent_dim", 256))
-        hidden = hidden if isinstance(hidden, int) else 1024
-        latent = latent if isinstance(latent, int) else 256
+        hidden = section.get("generator_hidden_dim", ctx.defaults["generator_hidden_dim"])
+        latent = section.get("generator_latent_dim", ctx.defaults["generator_latent_dim"])
+        hidden = hidden if isinstance(hidden, int) else ctx.defaults["generator_hidden_dim"]
+        latent = latent if isinstance(latent, int) else ctx.defaults["generator_latent_dim"]
         ctx.note(
             f"{OLD_KEY} {old} is a full-length target (above {FULL_LENGTH_THRESHOLD}). Training at {old} "
             f"tokens would need about {format_count(vae_parameters(old, hidden, latent))} parameters "

@@ -59,17 +59,30 @@ def test_deterministic_under_seed(capsys, trained):
     assert strip(run_json(capsys, *args, "--seed", "3")) != a
 
 
-def test_synthetic_draws_are_those_of_generate(trained, tmp_path):
+def test_synthetic_draws_are_those_of_generate(trained, tmp_path, monkeypatch):
     """evaluate --seed S measures the very samples `feda2v-tk generate --seed S` writes."""
+    import feda2v_toolkit.analysis.evaluate as evaluate_module
+    from feda2v_toolkit.data import open_dataset
+
     model_path, real = trained
     model = load_model(model_path)
     generate(model, tmp_path / "syn", samples=3, classes=["drum"], seed=5, length=50)
-    from feda2v_toolkit.data import open_dataset
-
     written = open_dataset(tmp_path / "syn").read([0, 1, 2]).embeddings
-    g = torch.Generator().manual_seed(5 * 1_000_003 + model.class_names.index("drum"))
-    again = model.sample(3, class_name="drum", length=50, generator=g)
-    assert torch.allclose(written, again)
+
+    seen = []
+    stream = evaluate_module.sample_class_reduced
+
+    def recording(model, class_name, n, **kw):
+        for reduced, cond in stream(model, class_name, n, **kw):
+            if class_name == "drum":
+                seen.append(reduced)
+            yield reduced, cond
+
+    monkeypatch.setattr(evaluate_module, "sample_class_reduced", recording)
+    evaluate(model, real, samples_per_class=3, seed=5)
+    scored = torch.cat(seen)
+    assert scored.shape[0] == 3
+    torch.testing.assert_close(model.upsample(scored, 50), written)
 
 
 def test_heldout_split_uses_only_what_the_trainer_held_out(trained, tiny_data):
