@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -18,6 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 AVG = "feda2v_toolkit.reducers.adaptive_avg:AdaptiveAvgReducer"
 LINEAR = "feda2v_toolkit.upsamplers.interpolate:LinearUpsampler"
 VAE = "feda2v_toolkit.generators.vae:VAEGenerator"
+
+#: Entry-point plugins installed where the tests run (e.g. feda2v-tk-flow after ``pip install
+#: plugins/feda2v-tk-flow``). Tests that list every plugin leave these out, so the suite passes in any
+#: environment, not only in a bare one.
+AMBIENT_PLUGINS = frozenset(ep.name for ep in importlib.metadata.entry_points(group="feda2v_toolkit.plugins"))
+
+
+def statuses(plugins: list[Any]) -> dict[str, str]:
+    """``{name: status}`` of a ``plugins --json`` list or of ``Registry.plugins``, ambient plugins left out."""
+    rows = [p if isinstance(p, dict) else {"name": p.name, "status": p.status} for p in plugins]
+    return {p["name"]: p["status"] for p in rows if p["name"] not in AMBIENT_PLUGINS}
 
 
 def make_plugin(name: str = "fake", *, min_api: Any = None, **hooks: Callable[..., None]) -> ModuleType:

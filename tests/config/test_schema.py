@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -17,6 +18,7 @@ from feda2v_toolkit.config.schema import (
     describe,
     evaluable,
 )
+from feda2v_toolkit.plugins import load_registry
 
 from .conftest import EXAMPLES, FIXTURES
 
@@ -114,10 +116,12 @@ def test_a_plugin_with_an_invalid_fragment_is_skipped_with_a_clear_reason():
 
 # -- the evaluator agrees with jsonschema -----------------------------------------------------------
 
+@functools.cache
 def _builtin_properties() -> dict:
-    from feda2v_toolkit.config.schema import get_catalog
+    """The built-in keys only: plugins installed where the tests run must not change what is drawn."""
+    from feda2v_toolkit.config.schema import Catalog
 
-    catalog = get_catalog()
+    catalog = Catalog.build(load_registry(autoload=False))
     return {k: i.schema for k, i in {**catalog.keys, **catalog.node_keys}.items()}
 
 
