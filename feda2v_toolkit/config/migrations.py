@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from feda2v_toolkit.analysis.sizes import format_count
 from feda2v_toolkit.config.migrate import MigrationConflict, MigrationContext
 from feda2v_toolkit.config.schema import json_equal
 from feda2v_toolkit.specs import Migration
@@ -27,17 +28,16 @@ AST_DIM = 768
 
 
 def vae_parameters(length: int, hidden: int = 1024, latent: int = 256, dim: int = AST_DIM) -> int:
-    """About how many parameters the FedA2V VAE has when trained at ``length`` tokens.
+    """How many parameters the unconditioned FedA2V VAE has when trained at ``length`` tokens (exact;
+    conditioning adds a few percent at short lengths, ``feda2v-tk plan`` counts every variant).
 
     Its first encoder and last decoder layers see the flattened sequence (``length * dim`` wide), so
-    each token of training length costs ``2 * dim * hidden`` parameters (~1.57 M at 768 x 1024); the
-    rest (two hidden layers, the latent heads) is ``2 * hidden^2 + 3 * hidden * latent``.
+    each token of training length costs ``2 * dim * hidden + dim`` parameters (~1.57 M at 768 x 1024);
+    the rest (two hidden layers, the latent heads and their biases) is ``2 * hidden^2 + 3 * hidden *
+    latent + 4 * hidden + 2 * latent``.
     """
-    return 2 * dim * hidden * length + 2 * hidden * hidden + 3 * hidden * latent
-
-
-def format_count(n: int) -> str:
-    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+    return (length * dim * (2 * hidden + 1) + 2 * hidden * hidden + 3 * hidden * latent
+            + 4 * hidden + 2 * latent)
 
 
 def _positive_int(value: Any) -> int | None:

@@ -61,7 +61,7 @@ def test_full_length_value_gets_the_documented_full_length_form_and_says_why(fed
         "schema_version": 2, "generator_training_sequence_length": 4, "generator_output_sequence_length": 1214}
     note = next(line for line in run.stderr.splitlines() if ": note: " in line)
     assert "1214 is a full-length target (above 64)" in note
-    assert "about 1.9 B parameters" in note and "about 9.2 M parameters" in note
+    assert "about 1.91 B parameters" in note and "about 9.18 M parameters" in note
     assert "--training-length N" in note
     run = feda2v("migrate", "--training-length", "32", path)
     assert json.loads(run.stdout)["feda2v"]["generator_training_sequence_length"] == 32
@@ -309,3 +309,17 @@ def test_full_length_target_in_a_node_keeps_the_sections_training_length(catalog
     assert doc["nodes"]["0"] == {"generator_output_sequence_length": 1214}
     doc = json.loads(migrate_text(text, catalog, training_length=8))
     assert doc["nodes"]["0"] == {"generator_training_sequence_length": 8, "generator_output_sequence_length": 1214}
+
+
+@pytest.mark.parametrize("length", [1, 4, 16, 1214])
+@pytest.mark.parametrize(("hidden", "latent"), [(1024, 256), (256, 64)])
+def test_the_parameter_estimate_in_migration_notes_is_the_vae_s_exact_count(length, hidden, latent):
+    """The closed form quoted by `migrate` and `validate` equals the count of the real (meta-device) VAE."""
+    from feda2v_toolkit.analysis.plan import plan
+    from feda2v_toolkit.config.migrations import vae_parameters
+
+    result = plan(overrides={"generator_hidden_dim": hidden, "generator_latent_dim": latent,
+                             "use_conditioned_vae": False, "generator_type": "vae"},
+                  lengths=[length], num_classes=1, runtime=0)
+    (row,) = [r for r in result.rows if r.length == length]
+    assert vae_parameters(length, hidden, latent) == row.parameters_per_generator
