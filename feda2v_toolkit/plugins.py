@@ -245,11 +245,11 @@ class Registry:
             cls = spec.load()
         except Exception as exc:
             raise PluginError(f"{kind} {spec.qualified_name} ({spec.provenance.distribution or 'not installed'}): "
-                              f"cannot import {_factory_text(spec)}: {type(exc).__name__}: {exc}") from exc
+                              f"cannot import {spec.factory_path!r}: {type(exc).__name__}: {exc}") from exc
         base = spec.base_class()
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginValidationError(
-                f"{kind} {spec.qualified_name}: {_factory_text(spec)} is not a subclass of "
+                f"{kind} {spec.qualified_name}: {spec.factory_path} is not a subclass of "
                 f"{base.__module__}.{base.__qualname__}")
         return cls
 
@@ -345,11 +345,6 @@ def _dist_text(p: Provenance) -> str:
     if p.distribution is None:
         return "not installed"
     return f"{p.distribution} {p.version}" if p.version else p.distribution
-
-
-def _factory_text(spec: ComponentSpec) -> str:
-    f = spec.factory
-    return repr(f) if isinstance(f, str) else f"{getattr(f, '__module__', '?')}:{getattr(f, '__qualname__', f)}"
 
 
 class _Staging:

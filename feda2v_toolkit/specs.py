@@ -59,6 +59,14 @@ class ComponentSpec:
         """``plugin:name``: always unambiguous, even when two plugins use the same name."""
         return f"{self.provenance.plugin}:{self.name}"
 
+    @property
+    def factory_path(self) -> str:
+        """The factory as ``module:qualname`` text, without importing it."""
+        f = self.factory
+        if isinstance(f, str):
+            return f
+        return f"{getattr(f, '__module__', '?')}:{getattr(f, '__qualname__', type(f).__qualname__)}"
+
     def load(self) -> Any:
         """Import and return the implementing class (this is where torch may be imported)."""
         factory = self.factory

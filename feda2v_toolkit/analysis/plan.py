@@ -136,14 +136,14 @@ def runtime_bytes() -> int:
 
 
 def _generator_count(cfg: Mapping[str, Any], num_classes: int) -> int:
-    granularity = cfg["generator_granularity"]
-    if granularity == "unified":
-        return 1
-    if granularity == "per_class":
-        return max(1, num_classes)
-    groups = cfg.get("generator_class_groups") or {}
-    grouped = sum(len(v) for v in groups.values())
-    return max(1, len(groups) + (1 if num_classes > grouped else 0))
+    """How many generators training builds (:func:`~feda2v_toolkit.training.generator_groups`), for
+    ``num_classes`` classes: those the groups name, then anonymous ones."""
+    from feda2v_toolkit.training import generator_groups
+
+    grouped = [c for members in (cfg.get("generator_class_groups") or {}).values() for c in members]
+    names = list(dict.fromkeys(grouped))
+    names += [f"\0class{i}" for i in range(max(0, num_classes - len(names)))]
+    return max(1, len(generator_groups(cfg, names, names)))
 
 
 def _numel(tensors: Any) -> int:

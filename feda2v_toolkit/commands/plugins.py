@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from feda2v_toolkit.plugins import ENTRY_POINT_GROUP, KINDS, Registry, get_registry
-from feda2v_toolkit.specs import ComponentSpec
 
 
 def setting_info(registry: Registry, key: str) -> dict[str, Any]:
@@ -42,11 +41,6 @@ def type_text(prop: Mapping[str, Any]) -> str:
     return "any"
 
 
-def _factory_text(spec: ComponentSpec) -> str:
-    f = spec.factory
-    return f if isinstance(f, str) else f"{f.__module__}:{f.__qualname__}"
-
-
 def components_json(registry: Registry, kind: str) -> list[dict[str, Any]]:
     """What ``feda2v-tk list KINDs --json`` prints: one object per registered component."""
     usable = set(registry.names(kind))
@@ -57,7 +51,7 @@ def components_json(registry: Registry, kind: str) -> list[dict[str, Any]]:
         "distribution": spec.provenance.distribution,
         "version": spec.provenance.version,
         "description": spec.description,
-        "factory": _factory_text(spec),
+        "factory": spec.factory_path,
         "settings": [setting_info(registry, key) for key in registry.settings(spec)],
     } for spec in registry.specs(kind)]
 

@@ -44,6 +44,20 @@ def test_parameter_counts_equal_an_instantiated_model(overrides):
     assert result.generators == (4 if overrides.get("generator_granularity") == "per_class" else 1)
 
 
+@pytest.mark.parametrize(("granularity", "num_classes", "expected"), [
+    ("unified", 5, 1), ("per_class", 5, 5), ("per_class", 0, 1),
+    ("per_group", 5, 3),  # two groups, plus one generator the ungrouped classes share (as training does)
+    ("per_group", 3, 2),  # every class is grouped
+])
+def test_the_generator_count_is_the_one_training_builds(granularity, num_classes, expected):
+    cfg = {**TINY, "generator_granularity": granularity}
+    if granularity == "per_group":
+        cfg["generator_class_groups"] = {"drums": ["kick", "snare"], "voice": ["speech"]}
+    result = plan(cfg, lengths=[3], dim=16, full_length=50, num_classes=num_classes)
+    assert result.generators == expected
+    assert result.rows[0].parameters_total == expected * result.rows[0].parameters_per_generator
+
+
 def test_the_documented_vae_sizes_at_ast_shape():
     counts = {row.length: row.parameters_per_generator for row in plan(lengths=[4, 32, 1214]).rows}
     assert counts == {4: 9_182_720, 32: 53_244_416, 1214: 1_913_277_440}
