@@ -44,7 +44,7 @@ from feda2v_toolkit.components import Reducer, Upsampler
 from feda2v_toolkit.data import Dataset, open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.reducers.pca import PCAReducer
-from feda2v_toolkit.training import read_chunk_rows, stratified_split
+from feda2v_toolkit.training import full_batches, read_chunk_rows, stratified_split, upsampler_pairs
 
 OPTIMUM = "linear optimum"
 DEFAULT_UPSAMPLER_EPOCHS = 1
@@ -155,11 +155,8 @@ class _Run:
 
     # -- fitting ------------------------------------------------------------------------------------
     def train_batches(self) -> Callable[[], Any]:
-        def batches() -> Any:
-            for batch in self.ds.batches(self.rows, self.train_idx):
-                yield batch.embeddings
-
-        return batches
+        """Full-length batches of the training split: the stream ``train`` fits reducers on."""
+        return full_batches(self.ds, self.train_idx, self.rows)
 
     def fit_reducers(self) -> None:
         from feda2v_toolkit.plugins import get_registry
@@ -249,18 +246,9 @@ class _Run:
                 self.seconds[key] = time.perf_counter() - t0 + self.seconds.get((rname, length, ""), 0.0)
 
     def pairs(self, reduced: Tensor) -> Callable[[], Any]:
-        """(reduced, full) training pairs in chunks, the chunk order reshuffled on every call (seeded)."""
-        calls = [0]
-
-        def pairs() -> Any:
-            g = torch.Generator().manual_seed(self.seed * 7919 + calls[0])
-            calls[0] += 1
-            starts = torch.arange(0, self.train_idx.numel(), self.rows)
-            for s in starts[torch.randperm(starts.numel(), generator=g)].tolist():
-                chunk = self.train_idx[s:s + self.rows]
-                yield reduced[chunk], self.ds.read(chunk).embeddings
-
-        return pairs
+        """(reduced, full) training pairs in chunks, the chunk order reshuffled on every call (seeded):
+        the stream ``train`` fits a trainable upsampler on."""
+        return upsampler_pairs(self.ds, self.train_idx, reduced, self.rows, self.seed)
 
     def _reconstruct(self, key: tuple[str, int, str], rows: Tensor) -> Tensor:
         rname, length, _ = key

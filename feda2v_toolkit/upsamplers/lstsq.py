@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from feda2v_toolkit.components import Upsampler
+from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
 
 DEFAULT_RIDGE = 1e-6
 
@@ -109,6 +109,5 @@ class LeastSquaresUpsampler(Upsampler):
             raise ValueError(f"expected [B, {self.reduced_length}, {self.dim}], got shape {tuple(x.shape)}")
         out = torch.matmul(self.weight.to(x.dtype), x) + self.bias.to(x.dtype)
         if length != self.full_length:
-            out = F.interpolate(out.transpose(1, 2), size=length, mode="linear",
-                                align_corners=False).transpose(1, 2)
+            out = interpolate_sequence(out, length, "linear")
         return out
