@@ -9,10 +9,11 @@ Nothing real is allocated:
   creates, the batch at ``generator_batch_size``, autocast copies and activations at the configured
   dtype, and the temporaries live at the worst moment. With several generators (``per_class`` /
   ``per_group``) all of them keep weights, gradients and optimiser state while one trains. With
-  ``--num-samples`` the trainer's reduced-data cache (raw and normalised, ``2 * N * l * D`` float32) and
-  one read chunk of full sequences are added;
+  ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32, standardised in place) and
+  one read chunk of full sequences (``training.READ_CHUNK_BYTES``) are added;
 * **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length,
-  plus every generator's weights and the shard writer's buffer;
+  plus every generator's weights and the shard writer's buffers (one shard being filled, one being
+  written: two ``data.DEFAULT_SHARD_BYTES``);
 * **runtime** is this process's own resident memory (Python, torch, the registry): the part of a real run
   the tensors do not account for;
 * **allocator allowance**: a real process holds more than its live tensors -- the allocator keeps freed
@@ -35,11 +36,14 @@ import torch
 
 from feda2v_toolkit.analysis.memory import SavedTensors, fake_tensors, optimizer_state_bytes, tensor_bytes
 from feda2v_toolkit.components import TrainContext
+from feda2v_toolkit.data import DEFAULT_SHARD_BYTES
 from feda2v_toolkit.errors import UsageError
+from feda2v_toolkit.generation import DEFAULT_BATCH
+from feda2v_toolkit.training import READ_CHUNK_BYTES
 
-GENERATE_BATCH = 64  # feda2v-tk generate's default --batch-size
-WRITER_BUFFER = 256 * 2**20  # data.DEFAULT_SHARD_BYTES: the writer queues up to one shard
-READ_CHUNK = 128 * 2**20  # training.READ_CHUNK_BYTES
+GENERATE_BATCH = DEFAULT_BATCH  # feda2v-tk generate's default --batch-size
+WRITER_BUFFER = 2 * DEFAULT_SHARD_BYTES  # the writer fills one shard while the previous one is written
+READ_CHUNK = READ_CHUNK_BYTES  # the trainer reads full sequences in chunks of this many bytes
 ALLOCATOR_ALLOWANCE = 0.15  # share of the simulated tensor peak added for allocator caching and library buffers
 
 
@@ -243,7 +247,7 @@ class Planner:
         data = 0
         if self.num_samples:
             rows = min(self.num_samples, max(1, READ_CHUNK // (self.full_length * self.dim * 4)))
-            data = 2 * self.num_samples * length * self.dim * 4 + rows * self.full_length * self.dim * 4
+            data = self.num_samples * length * self.dim * 4 + rows * self.full_length * self.dim * 4
         components = component_elements * 4
         tensors = peak + others + components + data
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)

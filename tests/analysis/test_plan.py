@@ -101,7 +101,7 @@ def test_memory_parts_add_up_and_grow_with_length():
         assert t.gradients == t.weights
         assert 2 * t.weights <= t.optimizer <= 2 * t.weights + 100  # AdamW: two moments (+ step counters)
         assert t.step_peak >= t.weights + t.gradients + t.optimizer
-        assert t.data == 2 * 100 * row.length * 16 * 4 + 100 * 50 * 16 * 4
+        assert t.data == 100 * row.length * 16 * 4 + 100 * 50 * 16 * 4  # the cache (standardised in place), one chunk
         assert t.total == t.step_peak + t.other_generators + t.components + t.data + t.allowance + t.runtime
     assert [r.train.total for r in rows] == sorted(r.train.total for r in rows)
     assert "AdamW (2 state tensors per parameter)" in result.optimizers["vae"]
