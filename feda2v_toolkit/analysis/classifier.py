@@ -94,14 +94,3 @@ class RidgeClassifier:
             return float("nan")
         return float((self.predict(features) == labels.long()).double().mean())
 
-
-def train_test_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                        num_classes: int) -> float:
-    """Fit :class:`RidgeClassifier` on ``(train_x, train_y)``, return its accuracy on ``(test_x, test_y)``."""
-    return RidgeClassifier(num_classes).fit(train_x, train_y).accuracy(test_x, test_y)
-
-
-def per_class_accuracy(clf: RidgeClassifier, features: Tensor, labels: Tensor) -> dict[int, float]:
-    """Accuracy (recall) per true class present in ``labels``."""
-    pred = clf.predict(features)
-    return {int(c): float((pred[labels == c] == c).double().mean()) for c in torch.unique(labels).tolist()}

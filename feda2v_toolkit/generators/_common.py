@@ -85,7 +85,3 @@ def noise_like(shape: tuple[int, ...], generator: torch.Generator | None, like: 
     """``N(0, I)`` drawn from ``generator`` only (on the generator's device), moved next to ``like``."""
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
-
-
-def first_param(module: nn.Module) -> Tensor:
-    return next(module.parameters())

@@ -38,8 +38,6 @@ from torch import Tensor, nn
 from feda2v_toolkit.components import Generator, TrainContext
 from feda2v_toolkit.generators._common import Condition, adamw, cfg, clip, conditioning_kind, noise_like
 
-LOSSES = ("hinge", "non_saturating")
-
 
 def d_loss_fn(kind: str, real: Tensor, fake: Tensor) -> Tensor:
     """Discriminator loss on real and fake scores."""
