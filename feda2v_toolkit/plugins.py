@@ -589,6 +589,15 @@ def _matches(info: PluginInfo, names: Iterable[str]) -> bool:
                                                and _normalize(info.distribution) in wanted)
 
 
+def _warn_unmatched(found: list[PluginInfo], names: Iterable[str], what: str) -> None:
+    """A name in an allow- or block-list that matches no installed plugin is most likely a typo: say so."""
+    for name in names:
+        if not any(_matches(info, [name]) for info in found):
+            known = ", ".join(sorted(info.name for info in found if info.source == "entry-point")) or "none"
+            warnings.warn(f"the plugin {what} names {name!r}, which is not an installed plugin "
+                          f"(installed: {known})", PluginWarning, stacklevel=3)
+
+
 def load_registry(
     *,
     autoload: bool | None = None,
@@ -652,6 +661,10 @@ def load_registry(
                                         traceback.format_exc())
                 continue
             _register_plugin(registry, obj, info)
+
+    if autoload:
+        _warn_unmatched(registry.plugins, allow_list or [], "allow-list (--allow-plugin / FEDA2V_PLUGINS)")
+        _warn_unmatched(registry.plugins, block_list, "block-list (--block-plugin / FEDA2V_BLOCK_PLUGINS)")
 
     for name, obj in extra_plugins:
         info = PluginInfo(name, None, None, "direct", modules=[getattr(obj, "__name__", type(obj).__name__)])

@@ -337,6 +337,8 @@ def test_the_block_list_skips_plugins(site, monkeypatch):
     reg = load(autoload=None)
     assert reg.plugin("boom").status == "blocked" and reg.plugin("hello").status == "loaded"
     assert not reg.failures
+    (typo,) = [str(w.message) for w in reg.caught]
+    assert "block-list" in typo and "'nothing', which is not an installed plugin" in typo and "hello" in typo
     assert load(autoload=True, block=["feda2v-tk-hello"]).plugin("hello").status == "blocked"
 
 

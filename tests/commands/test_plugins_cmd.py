@@ -117,6 +117,14 @@ def test_allow_list_flag_and_environment(site):
     assert {p["name"]: p["status"] for p in out["plugins"]}["hello"] == "disabled"
 
 
+def test_a_misspelt_allow_list_name_is_a_one_line_warning(site):
+    proc = run_cli("--allow-plugin", "helo", "plugins", "--json", site=site)
+    assert proc.returncode == 0
+    warning = [line for line in proc.stderr.splitlines() if "helo" in line]
+    assert len(warning) == 1 and "'helo', which is not an installed plugin" in warning[0], proc.stderr
+    assert statuses(json.loads(proc.stdout)["plugins"])["hello"] == "disabled"
+
+
 def test_block_flag_adds_to_the_environment(site):
     out = plugins_json("--block-plugin", "boom", site=site, env={"FEDA2V_BLOCK_PLUGINS": "hello"})
     assert statuses(out["plugins"]) == {"builtin": "loaded", "boom": "blocked", "hello": "blocked"}
