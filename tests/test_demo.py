@@ -63,3 +63,16 @@ def test_first_clip_draws_new_clips_of_the_same_structure():
     # same positional component: the mean over clips agrees far better than with another seed
     other, _, _ = make_demo_dataset(2, seq_len=30, dim=8, seed=4)
     assert (a.mean(0) - held_out.mean(0)).norm() < 0.5 * (a.mean(0) - other.mean(0)).norm()
+
+
+def test_demo_data_command_reports_what_it_wrote_unless_quiet(tmp_path, capsys):
+    from feda2v_toolkit.cli import main
+
+    for args, expect in ((["a.safetensors"], "wrote 8 clips [30, 8] float16"), (["b.safetensors", "-q"], "")):
+        try:
+            main(["demo-data", str(tmp_path / args[0]), "--per-class", "2", "--seq-len", "30", "--dim", "8", *args[1:]])
+        except SystemExit as exc:
+            assert not exc.code
+        err = capsys.readouterr().err
+        assert (expect in err) if expect else err == ""
+        assert len(open_dataset(tmp_path / args[0])) == 8

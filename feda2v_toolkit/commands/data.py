@@ -19,8 +19,9 @@ import click
 @click.option("--first-clip", default=0, show_default=True, type=click.IntRange(min=0),
               help="Index of the first clip: more clips of the same structure, e.g. a held-out set.")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("-q", "--quiet", is_flag=True, help="Do not report what was written.")
 def demo_data_cmd(out: Path, per_class: int, num_classes: int, seq_len: int, dim: int, seed: int, first_clip: int,
-                  dtype: str) -> None:
+                  dtype: str, quiet: bool) -> None:
     """Write the demo dataset to OUT (a .safetensors file, or a directory of shards).
 
     Four sound classes with AST's token layout (2 summary tokens, 12 x 101 frequency-major patches);
@@ -33,4 +34,6 @@ def demo_data_cmd(out: Path, per_class: int, num_classes: int, seq_len: int, dim
         raise click.UsageError(f"{out} exists; choose another path or remove it")
     path = write_demo_dataset(out, per_class, seq_len=seq_len, dim=dim, num_classes=num_classes, seed=seed,
                               dtype=DTYPES[dtype], first_clip=first_clip)
-    click.echo(f"feda2v-tk: wrote {per_class * num_classes} clips [{seq_len}, {dim}] {dtype} to {path}", err=True)
+    if not quiet:
+        click.echo(f"feda2v-tk: wrote {per_class * num_classes} clips [{seq_len}, {dim}] {dtype} to {path}",
+                   err=True)
