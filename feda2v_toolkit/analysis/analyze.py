@@ -333,7 +333,7 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
         upsampler_epochs: cap on ``generator_upsampler_epochs`` for trainable upsamplers (None = no cap).
         optimum: also compute the linear optimum (position PCA) reference.
         all_pairs: also pair non-positional reducers (``pca``) with interpolating upsamplers.
-        batch_rows: sequences per streamed batch (default: about 128 MiB of float32).
+        batch_rows: sequences per streamed batch (default: about 32 MiB of float32, as training reads).
         log: called with progress messages.
     """
     t_start = time.perf_counter()

@@ -12,8 +12,9 @@ Nothing real is allocated:
   ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32, standardised in place) and
   one read chunk of full sequences (``training.READ_CHUNK_BYTES``) are added;
 * **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length,
-  plus every generator's weights and the shard writer's buffers (one shard being filled, one being
-  written: two ``data.DEFAULT_SHARD_BYTES``);
+  plus every generator's weights and the shard writer's buffers (at worst the queued batches, their
+  concatenation into the next shard and the shard being written: three ``data.DEFAULT_SHARD_BYTES``, or
+  twice the whole output when that is smaller);
 * **runtime** is this process's own resident memory (Python, torch, the registry): the part of a real run
   the tensors do not account for;
 * **allocator allowance**: a real process holds more than its live tensors -- the allocator keeps freed
@@ -42,7 +43,8 @@ from feda2v_toolkit.generation import DEFAULT_BATCH
 from feda2v_toolkit.training import READ_CHUNK_BYTES
 
 GENERATE_BATCH = DEFAULT_BATCH  # feda2v-tk generate's default --batch-size
-WRITER_BUFFER = 2 * DEFAULT_SHARD_BYTES  # the writer fills one shard while the previous one is written
+#: the writer's worst moment: queued batches, their concatenation into the next shard, the shard in flight
+WRITER_BUFFER = 3 * DEFAULT_SHARD_BYTES
 READ_CHUNK = READ_CHUNK_BYTES  # the trainer reads full sequences in chunks of this many bytes
 ALLOCATOR_ALLOWANCE = 0.15  # share of the simulated tensor peak added for allocator caching and library buffers
 
@@ -139,14 +141,17 @@ def runtime_bytes() -> int:
         return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _generator_count(cfg: Mapping[str, Any], num_classes: int) -> int:
-    """How many generators training builds (:func:`~feda2v_toolkit.training.generator_groups`), for
-    ``num_classes`` classes: those the groups name, then anonymous ones."""
+def _generator_count(cfg: Mapping[str, Any], num_classes: int, class_names: Sequence[str] | None = None) -> int:
+    """How many generators training builds (:func:`~feda2v_toolkit.training.generator_groups`): for the
+    data's ``class_names`` when known, else for ``num_classes`` classes -- those the groups name, then
+    unnamed ones."""
     from feda2v_toolkit.training import generator_groups
 
-    grouped = [c for members in (cfg.get("generator_class_groups") or {}).values() for c in members]
-    names = list(dict.fromkeys(grouped))
-    names += [f"\0class{i}" for i in range(max(0, num_classes - len(names)))]
+    if class_names is None:
+        grouped = [c for members in (cfg.get("generator_class_groups") or {}).values() for c in members]
+        names = list(dict.fromkeys(grouped))
+        class_names = names + [f"(unnamed class {i + 1})" for i in range(max(0, num_classes - len(names)))]
+    names = list(class_names)
     return max(1, len(generator_groups(cfg, names, names)))
 
 
@@ -159,7 +164,7 @@ class Planner:
 
     def __init__(self, cfg: Mapping[str, Any], *, dim: int, full_length: int, num_classes: int,
                  condition_dim: int, num_samples: int, sample_batch: int | None, output_length: int | None,
-                 runtime: int | None = None) -> None:
+                 runtime: int | None = None, class_names: Sequence[str] | None = None) -> None:
         from feda2v_toolkit.plugins import get_registry
 
         registry = get_registry()
@@ -173,7 +178,7 @@ class Planner:
         self.up_cls = registry.load("upsampler", self.upsampler_name)
         self.batch_size = int(self.cfg["generator_batch_size"])
         self.autocast = torch.bfloat16 if self.cfg.get("generator_autocast") == "bfloat16" else None
-        self.generators = _generator_count(self.cfg, self.num_classes)
+        self.generators = _generator_count(self.cfg, self.num_classes, class_names)
         per_class = self.cfg["synthetic_samples_per_class"]
         per_class = per_class if isinstance(per_class, int) else GENERATE_BATCH
         self.samples_per_class = per_class
@@ -278,7 +283,7 @@ class Planner:
                 weights = _numel(self._build(length).parameters()) * 4
             batch_peak = n * (length + 2 * out_len) * self.dim * 4 + component_elements * 4
         total_out = self.samples_per_class * max(1, self.num_classes) * out_len * self.dim * 4
-        writer = min(total_out, WRITER_BUFFER)
+        writer = min(2 * total_out, WRITER_BUFFER)  # small outputs: the queued rows and their concatenation
         tensors = self.generators * weights + batch_peak + writer
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)
         return GenerateMemory(n, out_len, self.generators * weights, batch_peak, writer, allowance, self.runtime,
@@ -307,21 +312,25 @@ def _describe_optimizers(opts: Mapping[str, torch.optim.Optimizer]) -> dict[str,
 def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_budget: int | None = None,
          dim: int = 768, full_length: int = 1214, num_classes: int = 10, condition_dim: int = 0,
          num_samples: int = 0, sample_batch: int | None = None, overrides: Mapping[str, Any] | None = None,
-         runtime: int | None = None) -> PlanResult:
+         runtime: int | None = None, class_names: Sequence[str] | None = None) -> PlanResult:
     """Parameters and memory of the configured generator at its training length and at ``lengths``.
 
     ``memory_budget`` (bytes) adds the largest training length whose training run fits. ``config`` is a
     path, JSON text or mapping (``None`` = schema defaults); ``overrides`` set generator keys on top.
     ``runtime``: bytes of the Python/torch runtime to add (default: this process's resident memory now).
+    ``class_names``: the data's classes (``per_group`` generator counts use them; default ``num_classes``
+    unnamed classes).
     """
     cfg = resolve_config(config, overrides)
+    if class_names is not None:
+        num_classes = len(class_names)
     configured = int(cfg["generator_training_sequence_length"])
     wanted = sorted(set(lengths or []) | {configured})
     for length in wanted:
         if not 1 <= length <= full_length:
             raise UsageError(f"--lengths: {length} is outside 1..{full_length} (the full sequence length)")
     planner = Planner(cfg, dim=dim, full_length=full_length, num_classes=num_classes, condition_dim=condition_dim,
-                      num_samples=num_samples, sample_batch=sample_batch,
+                      num_samples=num_samples, sample_batch=sample_batch, class_names=class_names,
                       output_length=cfg.get("generator_output_sequence_length"), runtime=runtime)
     rows = [planner.length_plan(length, memory_budget) for length in wanted]
     result = PlanResult(

@@ -133,7 +133,7 @@ def evaluate_text(result: Any) -> str:
         """Distances: whole numbers with thousands separators from 1,000 up, one decimal from 1, else 3 digits."""
         if v is None or math.isnan(v):
             return "-"
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}" if abs(v) >= 1 else f"{v:.3g}"
+        return f"{v:,.0f}" if abs(v) >= 999.95 else f"{v:.1f}" if abs(v) >= 0.995 else f"{v:.3g}"
 
     rows = []
     for name, m in [*r.per_class.items(), ("(all)", r.overall)]:

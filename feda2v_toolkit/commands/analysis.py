@@ -89,16 +89,19 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
 
     wanted = _ints("--lengths", lengths)
     budget = parse_size(memory_budget, option="--memory-budget") if memory_budget is not None else None
-    shape = {"dim": 768, "full_length": 1214, "num_classes": 10, "condition_dim": 0, "num_samples": 0}
+    shape: dict[str, Any] = {"dim": 768, "full_length": 1214, "num_classes": 10, "condition_dim": 0,
+                             "num_samples": 0}
     if data_path is not None:
         from feda2v_toolkit.data import open_dataset
 
         ds = open_dataset(data_path)
         shape.update(dim=ds.dim, full_length=ds.seq_len, num_classes=ds.num_classes,
-                     condition_dim=ds.condition_dim, num_samples=len(ds))
+                     condition_dim=ds.condition_dim, num_samples=len(ds), class_names=ds.class_names)
     given = {"dim": dim, "full_length": full_length, "num_classes": num_classes, "condition_dim": condition_dim,
              "num_samples": num_samples}
     shape.update({k: v for k, v in given.items() if v is not None})
+    if num_classes is not None:  # an explicit class count replaces the data's classes
+        shape.pop("class_names", None)
 
     from feda2v_toolkit.analysis.plan import plan
     from feda2v_toolkit.analysis.tables import plan_text

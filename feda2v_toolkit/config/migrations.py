@@ -27,6 +27,15 @@ HINT = "delete the one that is wrong"
 AST_DIM = 768
 
 
+def _default(ctx: MigrationContext, key: str) -> Any:
+    """``key``'s default: the context's (core plus plugins), else the core schema's."""
+    if key in ctx.defaults:
+        return ctx.defaults[key]
+    from feda2v_toolkit.config import core_schema
+
+    return core_schema()["properties"][key]["default"]
+
+
 def vae_parameters(length: int, hidden: int = 1024, latent: int = 256, dim: int = AST_DIM) -> int:
     """How many parameters the unconditioned FedA2V VAE has when trained at ``length`` tokens (exact;
     conditioning adds a few percent at short lengths, ``feda2v-tk plan`` counts every variant).
@@ -78,7 +87,7 @@ def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext)
                 ctx.note(f"kept the file's {TRAINING_KEY} {json.dumps(train)}; --training-length {chosen} "
                          "applies only where the file sets none")
         else:
-            train = ctx.option("training_length", ctx.defaults[TRAINING_KEY])
+            train = ctx.option("training_length", _default(ctx, TRAINING_KEY))
             if train >= old and not inherit:
                 raise MigrationConflict(f"training length {train} is not shorter than the output length {old}",
                                         "choose a smaller --training-length")
@@ -109,14 +118,14 @@ def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext)
                  f"{OUTPUT_KEY} {old}; the node keeps the section's training length (--training-length N "
                  "sets one)")
     elif full and not has_train:
-        hidden = section.get("generator_hidden_dim", ctx.defaults["generator_hidden_dim"])
-        latent = section.get("generator_latent_dim", ctx.defaults["generator_latent_dim"])
-        hidden = hidden if isinstance(hidden, int) else ctx.defaults["generator_hidden_dim"]
-        latent = latent if isinstance(latent, int) else ctx.defaults["generator_latent_dim"]
+        hidden = section.get("generator_hidden_dim", _default(ctx, "generator_hidden_dim"))
+        latent = section.get("generator_latent_dim", _default(ctx, "generator_latent_dim"))
+        hidden = hidden if isinstance(hidden, int) else _default(ctx, "generator_hidden_dim")
+        latent = latent if isinstance(latent, int) else _default(ctx, "generator_latent_dim")
         ctx.note(
             f"{OLD_KEY} {old} is a full-length target (above {FULL_LENGTH_THRESHOLD}). Training at {old} "
             f"tokens would need about {format_count(vae_parameters(old, hidden, latent))} parameters "
-            f"(~{2 * AST_DIM * hidden / 1e6:.2f} M per token at dimension {AST_DIM}, hidden {hidden}), so "
+            f"(~{AST_DIM * (2 * hidden + 1) / 1e6:.2f} M per token at dimension {AST_DIM}, hidden {hidden}), so "
             f"the documented full-length form was chosen: {TRAINING_KEY} {train} (about "
             f"{format_count(vae_parameters(train, hidden, latent))} parameters) with {OUTPUT_KEY} {old} "
             "(upsampled). Choose another training length with --training-length N.")

@@ -7,7 +7,7 @@ import torch
 
 from feda2v_toolkit.analysis.evaluate import distribution_metrics, evaluate
 from feda2v_toolkit.demo import write_demo_dataset
-from feda2v_toolkit.generation import generate
+from feda2v_toolkit.generation import DEFAULT_BATCH, generate
 from feda2v_toolkit.modelfile import load_model
 from feda2v_toolkit.training import train
 
@@ -66,8 +66,9 @@ def test_synthetic_draws_are_those_of_generate(trained, tmp_path, monkeypatch):
 
     model_path, real = trained
     model = load_model(model_path)
-    generate(model, tmp_path / "syn", samples=3, classes=["drum"], seed=5, length=50)
-    written = open_dataset(tmp_path / "syn").read([0, 1, 2]).embeddings
+    n = DEFAULT_BATCH + 6  # more than one batch
+    generate(model, tmp_path / "syn", samples=n, classes=["drum"], seed=5, length=50)
+    written = open_dataset(tmp_path / "syn").read(list(range(n))).embeddings
 
     seen = []
     stream = evaluate_module.sample_class_reduced
@@ -79,9 +80,9 @@ def test_synthetic_draws_are_those_of_generate(trained, tmp_path, monkeypatch):
             yield reduced, cond
 
     monkeypatch.setattr(evaluate_module, "sample_class_reduced", recording)
-    evaluate(model, real, samples_per_class=3, seed=5)
+    evaluate(model, real, samples_per_class=n, seed=5)
     scored = torch.cat(seen)
-    assert scored.shape[0] == 3
+    assert len(seen) == 2 and scored.shape[0] == n
     torch.testing.assert_close(model.upsample(scored, 50), written)
 
 

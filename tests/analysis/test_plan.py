@@ -12,7 +12,7 @@ import torch
 
 from feda2v_toolkit.analysis.plan import plan, resolve_config
 from feda2v_toolkit.analysis.sizes import format_bytes, parse_size
-from feda2v_toolkit.errors import UsageError
+from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.plugins import get_registry
 
 from .helpers import one_line_error, run_json, run_main
@@ -56,6 +56,22 @@ def test_the_generator_count_is_the_one_training_builds(granularity, num_classes
     result = plan(cfg, lengths=[3], dim=16, full_length=50, num_classes=num_classes)
     assert result.generators == expected
     assert result.rows[0].parameters_total == expected * result.rows[0].parameters_per_generator
+
+
+def test_generator_groups_follow_training_rules_and_the_data_s_class_names(tiny_data, tmp_path, capsys):
+    groups = {"other": ["drum"], "tonal": ["engine", "whistle"]}
+    cfg = {**TINY, "generator_granularity": "per_group", "generator_class_groups": groups}
+    # training refuses ungrouped classes when the catch-all group name is taken; so does plan, readably
+    with pytest.raises(InputError, match=r"\(unnamed class 1\).*'other' is taken"):
+        plan(cfg, lengths=[3], dim=16, full_length=50, num_classes=4)
+    every = {**groups, "rest": ["bird"]}
+    assert plan({**cfg, "generator_class_groups": every}, lengths=[3], dim=16, full_length=50,
+                class_names=["engine", "drum", "whistle", "bird"]).generators == 3
+    # with --data, the data's class names decide (tiny_data: engine, drum, whistle, bird)
+    path = tmp_path / "groups.json"
+    path.write_text(json.dumps({"feda2v": {**cfg, "generator_class_groups": every}}))
+    doc = run_json(capsys, "plan", "-c", str(path), "--data", str(tiny_data), "--lengths", "3")
+    assert doc["generators"] == 3
 
 
 def test_the_documented_vae_sizes_at_ast_shape():
