@@ -47,6 +47,7 @@ from feda2v_toolkit import API_VERSION, __version__, hookspecs
 from feda2v_toolkit.errors import ComponentNotFoundError, PluginError, PluginValidationError
 from feda2v_toolkit.specs import (
     COMPONENT_SPECS,
+    CORE_CHAIN,
     NAME_PATTERN,
     ComponentSpec,
     Migration,
@@ -58,7 +59,6 @@ ENTRY_POINT_GROUP = "feda2v_toolkit.plugins"
 BUILTIN_PLUGIN = "builtin"
 BUILTIN_DISTRIBUTION = "feda2v-tk"
 #: The core migration chain; only the built-in plugin may add steps to it.
-CORE_CHAIN = "core"
 #: Modules of the built-in plugin, registered in this order.
 DEFAULT_PLUGIN_MODULES: tuple[str, ...] = (
     "feda2v_toolkit.default_plugins.config",
@@ -522,8 +522,9 @@ def _check_hook_names(registry: Registry, obj: Any) -> None:
                 f"unknown hook {caller.name!r}{_hint(caller.name, sorted(known))}; hooks are: {', '.join(sorted(known))}")
 
 
-def _register_plugin(registry: Registry, obj: Any, info: PluginInfo) -> None:
-    """Register one plugin object with pluggy and run its register hooks into a staging area."""
+def _register_plugin(registry: Registry, obj: Any, info: PluginInfo, pm_name: str | None = None) -> None:
+    """Register one plugin object with pluggy (as ``pm_name``, default the plugin's name) and run its
+    register hooks into a staging area."""
     if info not in registry.plugins:
         registry.plugins.append(info)
     required = getattr(obj, MIN_API_ATTRIBUTE, None)
@@ -537,7 +538,7 @@ def _register_plugin(registry: Registry, obj: Any, info: PluginInfo) -> None:
                 info, f"requires feda2v-tk plugin API version {required}; this feda2v-tk ({__version__}) "
                 f"provides API version {API_VERSION}: upgrade feda2v-tk", status=INCOMPATIBLE)
             return
-    pm_name = info.name if info.source != "builtin" else f"{BUILTIN_PLUGIN}.{info.modules[-1]}"
+    pm_name = pm_name or info.name
     try:
         if registry.pm.is_registered(obj) or registry.pm.has_plugin(pm_name):
             raise PluginValidationError(f"a plugin named {pm_name!r} (or this very module) is already registered")
@@ -622,12 +623,11 @@ def load_registry(
     pm.add_hookspecs(hookspecs)
     registry = Registry(pm, strict=strict)
 
-    builtin = PluginInfo(BUILTIN_PLUGIN, BUILTIN_DISTRIBUTION, __version__, "builtin")
+    builtin = PluginInfo(BUILTIN_PLUGIN, BUILTIN_DISTRIBUTION, __version__, "builtin",
+                         modules=list(DEFAULT_PLUGIN_MODULES))
     for module_name in DEFAULT_PLUGIN_MODULES:
-        builtin.modules.append(module_name.rsplit(".", 1)[-1])
         module = importlib.import_module(module_name)  # a broken built-in is a bug: let it raise
-        _register_plugin(registry, module, builtin)
-    builtin.modules = list(DEFAULT_PLUGIN_MODULES)
+        _register_plugin(registry, module, builtin, f"{BUILTIN_PLUGIN}.{module_name.rsplit('.', 1)[-1]}")
 
     taken: dict[str, PluginInfo] = {_normalize(BUILTIN_PLUGIN): builtin}
     if autoload:

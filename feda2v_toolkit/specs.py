@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_\-]*$")
+#: the toolkit's own migration chain (plugins use chains named after themselves)
+CORE_CHAIN = "core"
+#: where a schema fragment keeps the keys a node may override: ``$defs.node_overrides``
+NODE_OVERRIDES_DEF = "node_overrides"
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,11 @@ class SchemaFragment:
     @property
     def properties(self) -> Mapping[str, Any]:
         return self.schema.get("properties", {})
+
+    @property
+    def node_properties(self) -> Mapping[str, Any]:
+        """Keys a node may override (``$defs.node_overrides.properties``)."""
+        return (self.schema.get("$defs", {}).get(NODE_OVERRIDES_DEF, {}) or {}).get("properties", {})
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from feda2v_toolkit.config import schema_defaults
 from feda2v_toolkit.plugins import (
     BUILTIN_PLUGIN,
     KINDS,
@@ -116,15 +117,26 @@ def _registry(registry: Registry | None, plugin: Any) -> Registry:
     return get_registry()
 
 
+def _resolve(kind: str, name: str, registry: Registry | None, plugin: Any) -> tuple[Registry, Any, Any, str]:
+    """The registry, the spec, the loaded class and the ``"<kind> <plugin:name>"`` prefix of messages."""
+    reg = _registry(registry, plugin)
+    spec = reg.get(kind, name)
+    return reg, spec, reg.load(kind, name), f"{kind} {spec.qualified_name}"
+
+
+def _flag_agrees(spec: ComponentSpec, cls: Any, flag: str, what: str) -> None:
+    """The spec's torch-free copy of a class flag (``positional``, ``trainable``) must match the class."""
+    declared, actual = getattr(spec, flag), getattr(cls, flag)
+    _expect(declared == bool(actual),
+            f"{what}: its {type(spec).__name__} says {flag}={declared} but {cls.__qualname__}.{flag} is "
+            f"{actual}; register it with {flag}={bool(actual)} (validate reads the spec)")
+
+
 def resolved_config(registry: Registry, spec: ComponentSpec | None = None, overrides: Mapping[str, Any] | None = None,
                     *, seq_len: int = 4) -> dict[str, Any]:
     """Every schema default of ``registry``, then :data:`TINY_CONFIG`, the spec's ``test_config`` and
     ``overrides``: a resolved generator section, as ``load_config`` would return it."""
-    cfg: dict[str, Any] = {}
-    for frag in registry.schema_fragments:
-        for key, prop in frag.properties.items():
-            if "default" in prop:
-                cfg[key] = copy.deepcopy(prop["default"])
+    cfg = schema_defaults(registry)
     cfg.update(TINY_CONFIG)
     cfg["generator_training_sequence_length"] = seq_len
     if spec is not None:
@@ -258,10 +270,7 @@ def check_generator(name: str, *, registry: Registry | None = None, plugin: Any 
 
     from feda2v_toolkit.components import Generator
 
-    reg = _registry(registry, plugin)
-    spec = reg.get("generator", name)
-    what = f"generator {spec.qualified_name}"
-    cls = reg.load("generator", name)
+    reg, spec, cls, what = _resolve("generator", name, registry, plugin)
     cfg = resolved_config(reg, spec, config, seq_len=seq_len)
     cfg["generator_type"] = spec.qualified_name
     _expect(isinstance(getattr(cls, "supports_conditioning", False), bool),
@@ -416,13 +425,8 @@ def check_reducer(name: str, *, registry: Registry | None = None, plugin: Any = 
 
     from feda2v_toolkit.components import Reducer
 
-    reg = _registry(registry, plugin)
-    spec = reg.get("reducer", name)
-    what = f"reducer {spec.qualified_name}"
-    cls = reg.load("reducer", name)
-    _expect(spec.positional == bool(cls.positional),
-            f"{what}: its ReducerSpec says positional={spec.positional} but {cls.__qualname__}.positional is "
-            f"{cls.positional}; register it with positional={bool(cls.positional)} (validate reads the spec)")
+    reg, spec, cls, what = _resolve("reducer", name, registry, plugin)
+    _flag_agrees(spec, cls, "positional", what)
     cfg = resolved_config(reg, spec, config, seq_len=length)
     torch.manual_seed(seed)
     red = cls.from_config(cfg, length=length, full_length=full_length, dim=dim)
@@ -463,13 +467,8 @@ def check_upsampler(name: str, *, registry: Registry | None = None, plugin: Any 
 
     from feda2v_toolkit.components import Upsampler
 
-    reg = _registry(registry, plugin)
-    spec = reg.get("upsampler", name)
-    what = f"upsampler {spec.qualified_name}"
-    cls = reg.load("upsampler", name)
-    _expect(spec.trainable == bool(cls.trainable),
-            f"{what}: its UpsamplerSpec says trainable={spec.trainable} but {cls.__qualname__}.trainable is "
-            f"{cls.trainable}; register it with trainable={bool(cls.trainable)} (validate reads the spec)")
+    reg, spec, cls, what = _resolve("upsampler", name, registry, plugin)
+    _flag_agrees(spec, cls, "trainable", what)
     cfg = resolved_config(reg, spec, config, seq_len=reduced_length)
     torch.manual_seed(seed)
     up = cls.from_config(cfg, reduced_length=reduced_length, full_length=full_length, dim=dim)

@@ -17,6 +17,21 @@ from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
 from feda2v_toolkit.training import generator_groups, stratified_split, train
 
 
+def _train_interrupted_after_epoch(epoch, config, data, checkpoint_dir, monkeypatch):
+    """Run ``train`` and stop it with Ctrl-C right after the checkpoint of ``epoch`` is written."""
+    save = training.save_checkpoint
+
+    def interrupt(path, model, optimizers, state):
+        save(path, model, optimizers, state)
+        if state.epoch == epoch:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "save_checkpoint", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, data, checkpoint_dir=checkpoint_dir)
+
+
 def _weights(model):
     return {f"{k}.{n}": t for k, g in model.generators.items() for n, t in g.state_dict().items()}
 
@@ -81,17 +96,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tiny_data, 
     tiny_config.update(generator_training_epochs=6, generator_augmentation=True, generator_granularity="per_class")
     reference = _weights(train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "a"))
 
-    save = training.save_checkpoint
-
-    def interrupt_after_epoch_4(path, model, optimizers, state):
-        save(path, model, optimizers, state)
-        if state.epoch == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", interrupt_after_epoch_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "b")
-    monkeypatch.setattr(training, "save_checkpoint", save)
+    _train_interrupted_after_epoch(4, tiny_config, tiny_data, tmp_path / "b", monkeypatch)
     checkpoint = tmp_path / "b" / "generator.checkpoint.safetensors"
     assert load_checkpoint(checkpoint).state.epoch == 4
     resumed = _weights(train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "b", resume=True))
@@ -205,17 +210,7 @@ def test_conditions_in_the_data_condition_the_vae(tmp_path, tiny_config):
 
 def test_a_run_that_drew_its_seed_resumes_with_it(tiny_data, tiny_config, tmp_path, monkeypatch):
     tiny_config.pop("generator_seed")
-    save = training.save_checkpoint
-
-    def interrupt_after_epoch_2(path, model, optimizers, state):
-        save(path, model, optimizers, state)
-        if state.epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", interrupt_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck")
-    monkeypatch.setattr(training, "save_checkpoint", save)
+    _train_interrupted_after_epoch(2, tiny_config, tiny_data, tmp_path / "ck", monkeypatch)
     seed = load_checkpoint(tmp_path / "ck" / "generator.checkpoint.safetensors").state.fingerprint["seed"]
     resumed = train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck", resume=True)
     assert resumed.seed == seed and resumed.metrics["epochs"] == 4

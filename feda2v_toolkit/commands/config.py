@@ -266,8 +266,7 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
                 from feda2v_toolkit.atomic import atomic_open
 
                 real = item.path.resolve()  # write through a symlink, not over it
-                original = (("\ufeff" if source.bom else "") + source.text).encode("utf-8")
-                backup = _write_backup(real, original)
+                backup = _write_backup(real, source.encoded())
                 with atomic_open(real, "wb") as fh:
                     fh.write(result.encoded())
                 if not quiet:

@@ -69,7 +69,7 @@ def plugins_json(registry: Registry) -> dict[str, Any]:
     }
 
 
-def _add_plugin_commands(registry: Registry) -> None:
+def _add_plugin_commands() -> None:
     """Run the plugins' command hooks on the real CLI group, so that their failures are reported too."""
     ctx = click.get_current_context(silent=True)
     root = ctx.find_root().command if ctx is not None else None
@@ -86,7 +86,7 @@ def plugins_cmd(as_json: bool) -> None:
     when some failed to load (run `feda2v-tk --strict-plugins plugins` to make that fatal).
     """
     registry = get_registry()
-    _add_plugin_commands(registry)
+    _add_plugin_commands()
     if as_json:
         click.echo(json.dumps(plugins_json(registry), indent=2))
         return

@@ -24,14 +24,18 @@ _LAZY = {
     "get_catalog": "feda2v_toolkit.config.schema",
 }
 
-__all__ = ["CORE_SCHEMA_FILE", "core_schema", "schema_defaults", *_LAZY]
+__all__ = ["CORE_SCHEMA_FILE", "core_schema", "package_schema", "schema_defaults", *_LAZY]
+
+
+def package_schema(filename: str) -> dict[str, Any]:
+    """A JSON Schema file shipped in the package (``feda2v_toolkit/schemas/FILENAME``), freshly parsed."""
+    return json.loads(resources.files("feda2v_toolkit").joinpath("schemas", filename).read_text("utf-8"))
 
 
 @cache
 def core_schema() -> dict[str, Any]:
     """The core generator-section schema shipped in the package."""
-    text = resources.files("feda2v_toolkit").joinpath("schemas", CORE_SCHEMA_FILE).read_text("utf-8")
-    return json.loads(text)
+    return package_schema(CORE_SCHEMA_FILE)
 
 
 def schema_defaults(registry: Any = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from feda2v_toolkit.config.schema import COMPONENT_ANNOTATION, NODE_DEFS, describe
+from feda2v_toolkit.config.schema import COMPONENT_ANNOTATION, describe
 
 DEFAULT_PATH = Path("docs/configuration.md")
 
@@ -66,7 +66,7 @@ def render_configuration_md(registry: Any = None) -> str:
         out += [f"## {title}", "", frag.description, "", _HEADER]
         out += [_row(key, dict(prop)) for key, prop in frag.properties.items()]
         out.append("")
-        node_props = (frag.schema.get("$defs", {}).get(NODE_DEFS, {}) or {}).get("properties", {})
+        node_props = frag.node_properties
         if node_props:
             out += ["### Per-node keys", "", "Only allowed inside `nodes.<id>`.", "", _HEADER]
             out += [_row(key, dict(prop)) for key, prop in node_props.items()]

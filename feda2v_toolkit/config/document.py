@@ -181,6 +181,11 @@ def node_at(root: Node, path: JsonPath) -> tuple[Node | None, Member | None]:
 
 # -- sources ----------------------------------------------------------------------------------------
 
+def line_col(text: str, offset: int) -> tuple[int, int]:
+    """1-based line and column of a character offset in ``text``."""
+    return text.count("\n", 0, offset) + 1, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
 @dataclass
 class Source:
     """One parsed config: its display name, text (without a BOM) and data."""
@@ -199,10 +204,13 @@ class Source:
             self._tree = parse_tree(self.text)
         return self._tree
 
+    def encoded(self, text: str | None = None) -> bytes:
+        """``text`` (default: the file's own) as the file's bytes: UTF-8, with its BOM if it had one."""
+        return ((BOM if self.bom else "") + (self.text if text is None else text)).encode("utf-8")
+
     def line_col(self, offset: int) -> tuple[int, int]:
         """1-based line and column of a character offset."""
-        line = self.text.count("\n", 0, offset) + 1
-        return line, offset - (self.text.rfind("\n", 0, offset) + 1) + 1
+        return line_col(self.text, offset)
 
     def position(self, path: JsonPath, *, key: bool = False) -> tuple[int, int] | None:
         """Line and column of the value at ``path`` (or of its key with ``key=True``)."""
@@ -239,9 +247,10 @@ class Source:
         return out
 
 
-def read_source(path: str | Path, *, max_bytes: int | None = None, name: str | None = None) -> Source:
-    """Read and parse one config file; raise :class:`ConfigReadError` with a one-line reason."""
-    max_bytes = MAX_CONFIG_BYTES if max_bytes is None else max_bytes
+def read_source(path: str | Path, *, name: str | None = None) -> Source:
+    """Read and parse one config file (at most :data:`MAX_CONFIG_BYTES`); raise :class:`ConfigReadError`
+    with a one-line reason."""
+    max_bytes = MAX_CONFIG_BYTES
     path = Path(path)
     name = name if name is not None else str(path)
     try:
@@ -327,8 +336,7 @@ def _syntax_error(text: str, name: str, exc: json.JSONDecodeError) -> ConfigRead
     for pattern, what in ((_COMMENT, "comments"), (_TRAILING_COMMA, "trailing commas")):
         m = pattern.search(stripped)
         if m is not None and m.start() <= exc.pos + 1:
-            line = text.count("\n", 0, m.start()) + 1
-            column = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+            line, column = line_col(text, m.start())
             if what == "comments":
                 msg = (f"invalid JSON: comment ({m.group()}) at line {line}, column {column}; JSON does not "
                        "allow comments (use a \"_comment...\" key instead)")
@@ -403,10 +411,6 @@ class Layout:
     nodes: list[Location]
     #: (path, code, message, expected, found) for sections / nodes of the wrong JSON type
     problems: list[tuple[JsonPath, str, str, str, str]] = field(default_factory=list)
-
-    @property
-    def section(self) -> Location | None:
-        return self.sections[0] if self.sections else None
 
 
 def locate(doc: Mapping[str, Any], is_generator_key: Any = None) -> Layout:

@@ -90,8 +90,7 @@ def _coerce(catalog: Catalog, section: dict[str, Any]) -> None:
 def _error_text(name: str, errors: list[Finding]) -> str:
     """One line for one problem, else a first line naming the file and one indented line per problem."""
     def problem(f: Finding) -> str:
-        where = f"line {f.line}, column {f.column}: " if f.line is not None else ""
-        return f"{where}{f.path}: {f.message}" + (f"; {f.suggestion}" if f.suggestion else "") + f" [{f.code}]"
+        return (f"line {f.line}, column {f.column}: " if f.line is not None else "") + f.detail
 
     if len(errors) == 1:
         return f"{name}: invalid generator config: {problem(errors[0])}"
@@ -147,8 +146,7 @@ def load_experiment(source: ConfigSource, overrides: Mapping[str, Any] | None = 
     assert section_path is not None  # an invalid section is an error above
     warned = [f for f in findings if f.severity != ERROR]
     for f in warned:
-        warnings.warn(f"{name}: {f.path}: {f.message}" + (f"; {f.suggestion}" if f.suggestion else "")
-                      + f" [{f.code}]", ConfigWarning, stacklevel=_stacklevel + 1)
+        warnings.warn(f"{name}: {f.detail}", ConfigWarning, stacklevel=_stacklevel + 1)
     raw_section = doc if not section_path else doc[section_path[0]]
     section = {**catalog.defaults(), **copy.deepcopy(raw_section)}
     if not section_path and isinstance(section.get(NODES_KEY), (dict, list)):

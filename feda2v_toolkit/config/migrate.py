@@ -35,11 +35,10 @@ from feda2v_toolkit.config.document import (
 )
 from feda2v_toolkit.config.schema import PLUGIN_VERSIONS_KEY, VERSION_KEY, Catalog, json_equal, strict_equal
 from feda2v_toolkit.errors import InputError, NewerVersionError
+from feda2v_toolkit.specs import CORE_CHAIN
 
 if TYPE_CHECKING:
     from feda2v_toolkit.specs import Migration
-
-CORE_CHAIN = "core"
 
 
 class MigrationConflict(InputError):
@@ -185,8 +184,6 @@ class DocumentMigration:
     """The result of migrating one document in memory."""
 
     document: dict[str, Any]
-    #: step ids applied, in order, with the JSON path of the object they were applied to
-    applied: list[tuple[str, str]] = field(default_factory=list)
     #: one line per change, attributed to its step (``[step id]``) or to version bookkeeping
     changes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -227,7 +224,6 @@ def migrate_location(loc_data: Mapping[str, Any], *, path: JsonPath, is_node: bo
     def run(step: Migration, ctx: MigrationContext) -> None:
         nonlocal section
         before, section = section, _apply_step(step, section, ctx)
-        result.applied.append((step.id, where))
         result.changes.extend(f"{line} [{step.id}]" for line in describe_changes(before, section, path))
 
     for chain in chains:
@@ -249,10 +245,9 @@ def migrate_location(loc_data: Mapping[str, Any], *, path: JsonPath, is_node: bo
     return section
 
 
-def migrate_document(doc: Mapping[str, Any], catalog: Catalog, *, options: Mapping[str, Any] | None = None,
-                     chains: list[Chain] | None = None) -> DocumentMigration:
+def migrate_document(doc: Mapping[str, Any], catalog: Catalog, *,
+                     options: Mapping[str, Any] | None = None) -> DocumentMigration:
     """Migrate every generator section and node override of ``doc`` (a new document; ``doc`` is kept)."""
-    chains = build_chains(catalog.registry) if chains is None else chains
     options = dict(options or {})
     defaults = catalog.defaults()
     layout = locate(doc, catalog.is_generator_key)
@@ -263,13 +258,9 @@ def migrate_document(doc: Mapping[str, Any], catalog: Catalog, *, options: Mappi
                 _mig, replacement = catalog.deprecated[key]
                 result.deprecated.append((loc.where, key, replacement))
     new = result.document
-    for loc in layout.sections:
-        migrated = migrate_location(_get(new, loc.path), path=loc.path, is_node=False, chains=chains,
-                                    options=options, defaults=defaults, result=result)
-        new = _set(new, loc.path, migrated)
-    for loc in layout.nodes:
-        migrated = migrate_location(_get(new, loc.path), path=loc.path, is_node=True, chains=chains,
-                                    options=options, defaults=defaults, result=result)
+    for loc in [*layout.sections, *layout.nodes]:
+        migrated = migrate_location(_get(new, loc.path), path=loc.path, is_node=loc.kind == "node",
+                                    chains=catalog.chains, options=options, defaults=defaults, result=result)
         new = _set(new, loc.path, migrated)
     result.document = new
     return result
@@ -472,18 +463,16 @@ class TextMigration:
     text: str
     changes: list[str]
     notes: list[str]
-    migration: DocumentMigration
 
     @property
     def changed(self) -> bool:
         return self.text != self.source.text
 
     def encoded(self) -> bytes:
-        return (("\ufeff" if self.source.bom else "") + self.text).encode("utf-8")
+        return self.source.encoded(self.text)
 
 
-def migrate_source(source: Source, catalog: Catalog, *, options: Mapping[str, Any] | None = None,
-                   chains: list[Chain] | None = None) -> TextMigration:
+def migrate_source(source: Source, catalog: Catalog, *, options: Mapping[str, Any] | None = None) -> TextMigration:
     """Migrate one parsed file; its text keeps everything the migration does not change."""
     if source.has_duplicates:
         path, key, offset = source.duplicate_keys()[0]
@@ -491,11 +480,11 @@ def migrate_source(source: Source, catalog: Catalog, *, options: Mapping[str, An
         raise InputError(f"{source.name}:{line}:{col}: key {key!r} appears twice in {format_path(path)}; "
                          "remove one before migrating")
     try:
-        result = migrate_document(source.data, catalog, options=options, chains=chains)
+        result = migrate_document(source.data, catalog, options=options)
     except InputError as exc:
         raise type(exc)(f"{source.name}: {exc}") from None
     text = rewrite_text(source, result.document)
-    return TextMigration(source, text, result.changes, result.notes, result)
+    return TextMigration(source, text, result.changes, result.notes)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_./:@%+=,-]")

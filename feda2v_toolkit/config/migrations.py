@@ -14,7 +14,7 @@ from typing import Any
 from feda2v_toolkit.analysis.sizes import format_count
 from feda2v_toolkit.config.migrate import MigrationConflict, MigrationContext
 from feda2v_toolkit.config.schema import json_equal
-from feda2v_toolkit.specs import Migration
+from feda2v_toolkit.specs import CORE_CHAIN, Migration
 
 OLD_KEY = "generator_target_sequence_length"
 TRAINING_KEY = "generator_training_sequence_length"
@@ -135,7 +135,7 @@ def split_target_sequence_length(section: dict[str, Any], ctx: MigrationContext)
 CORE_MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         id="core-0001-split-target-sequence-length",
-        chain="core",
+        chain=CORE_CHAIN,
         from_version=1,
         to_version=2,
         description=f"Split {OLD_KEY} into {TRAINING_KEY} and {OUTPUT_KEY}.",

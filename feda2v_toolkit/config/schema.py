@@ -37,7 +37,6 @@ VERSION_KEY = "schema_version"
 PLUGIN_VERSIONS_KEY = "schema_versions"
 GENERATOR_PREFIX = "generator_"
 COMPONENT_ANNOTATION = "x-feda2v-component"
-NODE_DEFS = "node_overrides"
 #: How close (difflib ratio) an unknown key must be to a known one to count as a misspelling.
 TYPO_CUTOFF = 0.85
 
@@ -374,15 +373,10 @@ class KeyInfo:
     key: str
     schema: Mapping[str, Any]
     fragment: SchemaFragment
-    scope: str = "section"  # "section" | "node"
 
     @property
     def component(self) -> str | None:
         return self.schema.get(COMPONENT_ANNOTATION)
-
-    @property
-    def plugin(self) -> str:
-        return self.fragment.provenance.plugin
 
 
 @dataclass
@@ -397,6 +391,7 @@ class Catalog:
     prefixes: tuple[str, ...] = (GENERATOR_PREFIX,)
     _close: dict[str, str | None] = field(default_factory=dict, repr=False)
     _checkers: dict[str, Any] = field(default_factory=dict, repr=False)
+    _chains: list[Any] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, registry: Registry) -> Catalog:
@@ -405,9 +400,9 @@ class Catalog:
         for frag in registry.schema_fragments:
             for key, prop in frag.properties.items():
                 cat.keys[key] = KeyInfo(key, prop, frag)
-            node_props = (frag.schema.get("$defs", {}).get(NODE_DEFS, {}) or {}).get("properties", {})
+            node_props = frag.node_properties
             for key, prop in node_props.items():
-                cat.node_keys[key] = KeyInfo(key, prop, frag, scope="node")
+                cat.node_keys[key] = KeyInfo(key, prop, frag)
             if frag.generator_type:
                 prefixes.add(frag.generator_type.split(":")[-1] + "_")
             plugin = frag.provenance.plugin
@@ -418,6 +413,15 @@ class Catalog:
                 cat.deprecated.setdefault(key, (mig, replacement))
         cat.prefixes = tuple(sorted(prefixes))
         return cat
+
+    @property
+    def chains(self) -> list[Any]:
+        """The registered migration chains, core first (built once; a broken chain raises every time)."""
+        if self._chains is None:
+            from feda2v_toolkit.config.migrate import build_chains
+
+            self._chains = build_chains(self.registry)
+        return self._chains
 
     # -- questions about keys
     def known(self, key: str) -> bool:
@@ -496,7 +500,7 @@ class Catalog:
             for key, prop in frag.properties.items():
                 props[key] = self._editor_property(dict(prop))
             if scope == "node":
-                node_props = (frag.schema.get("$defs", {}).get(NODE_DEFS, {}) or {}).get("properties", {})
+                node_props = frag.node_properties
                 for key, prop in node_props.items():
                     props[key] = dict(prop)
         if generator is not None and "generator_type" in props:

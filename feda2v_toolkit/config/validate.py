@@ -25,19 +25,24 @@ from feda2v_toolkit.config.document import (
     locate,
 )
 from feda2v_toolkit.config.migrate import (
-    Chain,
     DocumentMigration,
     MigrationConflict,
-    build_chains,
     fix_command,
     migrate_location,
 )
-from feda2v_toolkit.config.migrations import FULL_LENGTH_THRESHOLD, format_count, vae_parameters
+from feda2v_toolkit.config.migrations import (
+    FULL_LENGTH_THRESHOLD,
+    OLD_KEY,
+    OUTPUT_KEY,
+    TRAINING_KEY,
+    format_count,
+    vae_parameters,
+)
 from feda2v_toolkit.config.schema import PLUGIN_VERSIONS_KEY, VERSION_KEY, Catalog, KeyInfo, Problem
 from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.specs import CORE_CHAIN
 
-TRAIN = "generator_training_sequence_length"
-OUTPUT = "generator_output_sequence_length"
+TRAIN, OUTPUT = TRAINING_KEY, OUTPUT_KEY
 GRANULARITY = "generator_granularity"
 GROUPS = "generator_class_groups"
 GROUP = "generator_class_group"
@@ -108,13 +113,16 @@ class Finding:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def detail(self) -> str:
+        """``$.path: message; suggestion [code]`` (without the path when there is none)."""
+        text = (f"{self.path}: " if self.path else "") + self.message
+        return text + (f"; {self.suggestion}" if self.suggestion else "") + f" [{self.code}]"
+
     def format(self) -> str:
         """``file:line:col: error: $.path: message; suggestion [code]`` on one line."""
         where = self.file if self.line is None else f"{self.file}:{self.line}:{self.column}"
-        text = f"{where}: {self.severity}: " + (f"{self.path}: " if self.path else "") + self.message
-        if self.suggestion:
-            text += f"; {self.suggestion}"
-        return f"{text} [{self.code}]"
+        return f"{where}: {self.severity}: {self.detail}"
 
 
 @dataclass
@@ -134,13 +142,12 @@ def _is_int(value: Any) -> bool:
 
 
 class _Checker:
-    def __init__(self, doc: Mapping[str, Any], catalog: Catalog, name: str | None,
-                 chains: list[Chain] | None = None) -> None:
+    def __init__(self, doc: Mapping[str, Any], catalog: Catalog, name: str | None) -> None:
         self.doc = doc
         self.catalog = catalog
         self.name = name
         self.fix = fix_command(name)
-        self.chains = build_chains(catalog.registry) if chains is None else chains
+        self.chains = catalog.chains
         self.defaults = catalog.defaults()
         self.out: list[_Raw] = []
 
@@ -209,13 +216,7 @@ class _Checker:
                                      else "`feda2v-tk schema` lists the known keys"))
 
     def _generator_spec(self, loc: Location) -> Any:
-        name = loc.data.get("generator_type", self.defaults.get("generator_type"))
-        if not isinstance(name, str):
-            return None
-        try:
-            return self.catalog.registry.get("generator", name)
-        except Exception:
-            return None
+        return self._component_spec("generator", loc.data.get("generator_type", self.defaults.get("generator_type")))
 
     def check_value(self, info: KeyInfo, value: Any, path: JsonPath) -> None:
         for problem in self.catalog.check(info, value):
@@ -253,13 +254,13 @@ class _Checker:
                 continue  # a wrong type is reported by the schema check
             if recorded is None:
                 continue
-            path = (*loc.path, VERSION_KEY) if chain.name == "core" else (*loc.path, PLUGIN_VERSIONS_KEY, chain.name)
-            label = "core schema" if chain.name == "core" else f"plugin {chain.name!r} schema"
+            path = (*loc.path, VERSION_KEY) if chain.name == CORE_CHAIN else (*loc.path, PLUGIN_VERSIONS_KEY, chain.name)
+            label = "core schema" if chain.name == CORE_CHAIN else f"plugin {chain.name!r} schema"
             if recorded > chain.current:
                 self.add(path, "newer-schema-version",
                          f"written for {label} version {recorded}, newer than this installation supports "
                          f"({chain.current})", expected=f"at most {chain.current}", found=str(recorded),
-                         suggestion="upgrade feda2v-tk" + ("" if chain.name == "core" else f" or plugin {chain.name!r}"))
+                         suggestion="upgrade feda2v-tk" + ("" if chain.name == CORE_CHAIN else f" or plugin {chain.name!r}"))
             elif recorded < chain.current:
                 self.add(path, "outdated-schema-version", severity=WARNING,
                          message=f"at {label} version {recorded}; the current version is {chain.current}",
@@ -297,7 +298,7 @@ class _Checker:
                 continue
             note = ""
             value = loc.data[key]
-            if key == "generator_target_sequence_length" and _is_int(value) and value > FULL_LENGTH_THRESHOLD:
+            if key == OLD_KEY and _is_int(value) and value > FULL_LENGTH_THRESHOLD:
                 note = (f" (a full-length target: it becomes {OUTPUT} {value}, trained at a small length; "
                         "--training-length N chooses it)")
             self.add((*loc.path, key), "deprecated-key", at_key=True, found=found, expected=replacement,
@@ -402,9 +403,9 @@ def _severity_for_duplicate(path: JsonPath) -> str:
 
 
 def check_data(doc: Mapping[str, Any], catalog: Catalog, *, name: str | None = None,
-               source: Source | None = None, chains: list[Chain] | None = None) -> list[Finding]:
+               source: Source | None = None) -> list[Finding]:
     """Every finding for one parsed document (positions when ``source`` holds its text)."""
-    raws = _Checker(doc, catalog, name, chains).run()
+    raws = _Checker(doc, catalog, name).run()
     display = name or (source.name if source else "<config>")
     findings = []
     for raw in raws:
@@ -426,9 +427,9 @@ def check_data(doc: Mapping[str, Any], catalog: Catalog, *, name: str | None = N
     return findings
 
 
-def validate_source(source: Source, catalog: Catalog, *, chains: list[Chain] | None = None) -> list[Finding]:
+def validate_source(source: Source, catalog: Catalog) -> list[Finding]:
     """Every finding for one parsed file."""
-    return check_data(source.data, catalog, name=source.name, source=source, chains=chains)
+    return check_data(source.data, catalog, name=source.name, source=source)
 
 
 def errors_of(findings: Iterable[Finding]) -> list[Finding]:

@@ -1,8 +1,6 @@
 """Built-in generator types and the GAN's schema fragment, registered through the public hooks."""
 
-import json
-from importlib import resources
-
+from feda2v_toolkit.config import package_schema
 from feda2v_toolkit.hookspecs import hookimpl
 from feda2v_toolkit.specs import GeneratorSpec, SchemaFragment
 
@@ -13,11 +11,6 @@ VAE_SETTINGS = _SHARED + ("generator_dropout", "use_conditioned_vae", "generator
                           "generator_beta_warmup_fraction", "generator_cosine_weight")
 GAN_SETTINGS = _SHARED + ("gan_loss", "gan_r1_weight", "gan_discriminator_learning_rate", "gan_critic_steps",
                           "gan_adam_betas", "gan_conditioned")
-
-
-def _gan_schema() -> dict:
-    text = resources.files("feda2v_toolkit").joinpath("schemas", "gan.schema.json").read_text("utf-8")
-    return json.loads(text)
 
 
 @hookimpl
@@ -38,5 +31,5 @@ def feda2v_register_generators(register):
 
 @hookimpl
 def feda2v_register_schema_fragments(register):
-    register(SchemaFragment(name="gan", schema=_gan_schema(), generator_type="gan",
+    register(SchemaFragment(name="gan", schema=package_schema("gan.schema.json"), generator_type="gan",
                             description="Keys of the built-in `gan` generator type."))

@@ -1,15 +1,8 @@
 """Built-in reducers and the schema fragment of the fitted pair (``pca`` + ``lstsq``), through the public hooks."""
 
-import json
-from importlib import resources
-
+from feda2v_toolkit.config import package_schema
 from feda2v_toolkit.hookspecs import hookimpl
 from feda2v_toolkit.specs import ReducerSpec, SchemaFragment
-
-
-def _fitted_schema() -> dict:
-    text = resources.files("feda2v_toolkit").joinpath("schemas", "fitted-components.schema.json").read_text("utf-8")
-    return json.loads(text)
 
 
 @hookimpl
@@ -31,5 +24,5 @@ def feda2v_register_reducers(register):
 
 @hookimpl
 def feda2v_register_schema_fragments(register):
-    register(SchemaFragment(name="fitted-components", schema=_fitted_schema(),
+    register(SchemaFragment(name="fitted-components", schema=package_schema("fitted-components.schema.json"),
                             description="Keys of the built-in fitted reducer/upsampler pair (pca, lstsq)."))
