@@ -24,6 +24,7 @@ from feda2v_toolkit.modelfile import (
     file_metadata,
     model_tensors_and_metadata,
     read_safetensors,
+    unprefixed,
     write_safetensors,
 )
 
@@ -58,11 +59,9 @@ def flatten_optimizer(prefix: str, state: Mapping[str, Any]) -> tuple[dict[str, 
 def unflatten_optimizer(prefix: str, tensors: Mapping[str, Tensor], doc: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`flatten_optimizer`."""
     state: dict[int, dict[str, Any]] = {}
-    start = prefix + "."
-    for name, value in tensors.items():
-        if name.startswith(start):
-            pid, key = name[len(start):].split(".", 1)
-            state.setdefault(int(pid), {})[key] = value
+    for name, value in unprefixed(tensors, prefix).items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
     for pid, entries in doc.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(entries)
     return {"state": state, "param_groups": doc["param_groups"]}
@@ -105,6 +104,12 @@ class LoadedCheckpoint:
         torch.set_rng_state(self.tensors["rng.torch"])
         if "rng.cuda" in self.tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(self.tensors["rng.cuda"])
+
+
+def checkpoint_epoch(path: str | os.PathLike[str]) -> int:
+    """The last completed epoch a checkpoint holds, from its header alone (no tensor is read)."""
+    _shapes, meta = read_safetensors(path, expect=CHECKPOINT_FORMAT, shapes_only=True)
+    return int(meta[CHECKPOINT_FORMAT]["epoch"])
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:

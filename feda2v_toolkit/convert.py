@@ -470,7 +470,7 @@ def map_state_dict(state: Mapping[str, Tensor], target: torch.nn.Module) -> dict
         for src, dst in zip(names, slots, strict=True):
             for p in ("weight", "bias"):
                 tkey = f"{part}.{dst}.{p}"
-                out[tkey] = state[f"{src}.{p}"].detach().to(tsd[tkey].dtype).clone()
+                out[tkey] = state[f"{src}.{p}"].detach().to(tsd[tkey].dtype)  # load_state_dict copies
     left = set(tsd) - set(out)
     if left:
         raise RuntimeError(f"the target generator has parameters the original lacks: {sorted(left)}")
@@ -531,7 +531,6 @@ def convert_checkpoints(paths: Sequence[str | os.PathLike[str]], *, dim: int | N
     sources: list[dict[str, Any]] = []
     found: list[_Found] = []
     resolved: dict[Path, Path] = {}
-    settings_by_file: list[dict[str, Any]] = []
     settings_of: dict[Path, dict[str, Any]] = {}
     for raw in paths:
         path = Path(raw)
@@ -566,7 +565,6 @@ def convert_checkpoints(paths: Sequence[str | os.PathLike[str]], *, dim: int | N
                 dropped.append(f"{f.where}: upsampler.* (learned upsampler, never trained)")
         if dropped:
             notes.append(f"{path.name}: dropped {', '.join(dropped)}")
-        settings_by_file.append(settings)
         settings_of[path] = settings
         sources.append({"file": path.name, "sha256": digest, "bytes": path.stat().st_size, "kind": kind,
                         "keys": sorted(map(str, ckpt)), "generators": [f.key for f in gens],
@@ -574,12 +572,9 @@ def convert_checkpoints(paths: Sequence[str | os.PathLike[str]], *, dim: int | N
         found.extend(gens)
 
     # sizes, and one l and D for the whole model
-    archs: dict[int, _Arch] = {}
-    for i, f in enumerate(found):
-        archs[i] = infer_architecture(f, dim=dim, training_length=training_length)
+    archs = [infer_architecture(f, dim=dim, training_length=training_length) for f in found]
     first = archs[0]
-    for i, f in enumerate(found[1:], start=1):
-        a = archs[i]
+    for f, a in zip(found[1:], archs[1:], strict=True):
         if (a.seq_len, a.dim) != (first.seq_len, first.dim):
             raise InputError(f"{f.file}: {f.where} was trained at l = {a.seq_len}, D = {a.dim}, but "
                              f"{found[0].file} {found[0].where} at l = {first.seq_len}, D = {first.dim}: "
@@ -657,8 +652,8 @@ def convert_checkpoints(paths: Sequence[str | os.PathLike[str]], *, dim: int | N
     if getattr(up_cls, "trainable", False):
         raise UsageError(f"upsampler {upsampler!r} must be trained on data; a converted model can only use an "
                          "interpolating one (linear, as the original, nearest or cubic)")
-    hidden = _agreed([a.hidden for a in archs.values()])
-    latent = _agreed([a.latent for a in archs.values()])
+    hidden = _agreed([a.hidden for a in archs])
+    latent = _agreed([a.latent for a in archs])
     config: dict[str, Any] = {
         "generator_type": "vae", "generator_granularity": granularity,
         "generator_training_sequence_length": seq_len, "generator_output_sequence_length": output_length,
@@ -673,7 +668,7 @@ def convert_checkpoints(paths: Sequence[str | os.PathLike[str]], *, dim: int | N
     if granularity == "per_group":
         config["generator_class_groups"] = {f.key: list(f.classes or []) for f in found}
     for key in CARRIED_SETTINGS:
-        value = _agreed([s.get(key) for s in settings_by_file])
+        value = _agreed([s.get(key) for s in settings_of.values()])
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             config[key] = value
     config["converted_from"] = sources
@@ -685,7 +680,7 @@ def convert_checkpoints(paths: Sequence[str | os.PathLike[str]], *, dim: int | N
     order = [f.key for f in found]
     if granularity != "unified":  # generators in class order
         order = sorted(order, key=lambda k: min(names.index(c) for c, g in class_to_generator.items() if g == k))
-    by_key = {f.key: (f, archs[i]) for i, f in enumerate(found)}
+    by_key = {f.key: (f, a) for f, a in zip(found, archs, strict=True)}
     for key in order:
         f, a = by_key[key]
         gen = gen_cls(seq_len=seq_len, dim=d, hidden_dim=a.hidden, latent_dim=a.latent, dropout=ORIGINAL_DROPOUT)
@@ -701,7 +696,7 @@ def convert_checkpoints(paths: Sequence[str | os.PathLike[str]], *, dim: int | N
         if dtypes != ["float32"]:
             notes.append(f"{f.file.name}: {f.where} weights were {', '.join(dtypes)}; stored as float32")
     notes.insert(0, f"{len(generators)} {granularity} VAEGenerator(s), l = {seq_len}, D = {d}; " + first.how)
-    if any(a.upsampler for a in archs.values()):
+    if any(a.upsampler for a in archs):
         notes.append(f"the original learned upsampler (upsampler.0/2/4) was never trained (no loss reached it): "
                      f"dropped; the model upsamples with {upsampler!r}")
     notes.append("no normalisation: the original generators were trained on raw reduced embeddings")

@@ -142,21 +142,8 @@ class Dataset:
             return Batch(empty, idx.clone(), cond, idx.clone())
         if int(idx.min()) < 0 or int(idx.max()) >= len(self):
             raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
-        unique, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-        emb_parts: list[Tensor] = []
-        cond_parts: list[Tensor] = []
-        for source, lo, hi in self._runs(unique.tolist()):
-            emb_parts.append(source.read("embeddings", lo, hi).to(dtype))
-            if self.condition_dim:
-                cond_parts.append(source.read("conditions", lo, hi).to(torch.float32))
-        emb = torch.cat(emb_parts) if len(emb_parts) > 1 else emb_parts[0]
-        in_order = unique.numel() == idx.numel() and torch.equal(unique, idx)
-        if not in_order:
-            emb = emb[inverse]
-        cond = None
-        if self.condition_dim:
-            cond = torch.cat(cond_parts)
-            cond = cond if in_order else cond[inverse]
+        emb = self._gather("embeddings", idx, dtype, (self.seq_len, self.dim))
+        cond = self._gather("conditions", idx, torch.float32, (self.condition_dim,)) if self.condition_dim else None
         if check_finite:
             self._check_finite(emb, idx)
         return Batch(emb, self.labels[idx], cond, idx)
@@ -168,12 +155,27 @@ class Dataset:
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if idx.numel() == 0:
             return torch.empty(0, self.condition_dim)
-        unique, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-        parts = [src.read("conditions", lo, hi).to(torch.float32) for src, lo, hi in self._runs(unique.tolist())]
-        out = torch.cat(parts)[inverse]
+        out = self._gather("conditions", idx, torch.float32, (self.condition_dim,))
         if not bool(torch.isfinite(out).all()):
             raise InputError(f"{self.path}: 'conditions' contain NaN or inf values")
         return out
+
+    def _gather(self, name: str, idx: Tensor, dtype: torch.dtype, row_shape: tuple[int, ...]) -> Tensor:
+        """Rows ``idx`` (any order, repeats allowed) of tensor ``name`` as ``dtype``: each contiguous run of
+        the sorted distinct indices is one slice, copied straight into the output."""
+        unique, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        runs = list(self._runs(unique.tolist()))
+        if len(runs) == 1:
+            source, lo, hi = runs[0]
+            out = source.read(name, lo, hi).to(dtype)
+        else:
+            out = torch.empty(unique.numel(), *row_shape, dtype=dtype)
+            pos = 0
+            for source, lo, hi in runs:
+                out[pos:pos + hi - lo].copy_(source.read(name, lo, hi))
+                pos += hi - lo
+        in_order = unique.numel() == idx.numel() and torch.equal(unique, idx)
+        return out if in_order else out[inverse]
 
     def batches(self, batch_size: int, indices: Tensor | Sequence[int] | None = None, *,
                 dtype: torch.dtype = torch.float32, check_finite: bool = True) -> Iterator[Batch]:

@@ -9,7 +9,6 @@ seed and ``c`` (not on which other classes are generated), and the output is all
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import Tensor
 from feda2v_toolkit.data import DEFAULT_SHARD_BYTES, DatasetWriter, _resolve_dtype, open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.model import GenerativeModel
+from feda2v_toolkit.progress import Progress
 
 #: samples drawn per model call; part of what determines the samples (see :func:`sample_class`)
 DEFAULT_BATCH = 64
@@ -157,11 +157,7 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
                       "per-class labels of the output carry no class information (train with "
                       "use_conditioned_vae or per_class granularity)", ClassAgnosticWarning, stacklevel=2)
     total = sum(counts.values())
-    bar = None
-    if progress or (progress is None and sys.stderr.isatty()):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="sample", desc="generate", dynamic_ncols=True)
+    bar = Progress(total, 0, progress, unit="sample", desc="generate")
     t0 = time.perf_counter()
     meta = {"source_model_seed": str(seed), "output_length": str(out_len), "batch_size": str(batch_size)}
     # shards of whole batches where a batch fits in a shard: the writer then hands batches over without
@@ -178,11 +174,9 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
                 for x, cond in sample_class(model, name, counts[name], seed=seed, length=out_len,
                                             batch_size=batch_size, conditions=pool, dtype=out_dtype):
                     writer.add(x, torch.full((x.shape[0],), label), cond, copy=False)  # fresh tensors
-                    if bar is not None:
-                        bar.update(x.shape[0])
+                    bar.update(x.shape[0])
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     seconds = time.perf_counter() - t0
     say(f"wrote {total} samples [{out_len}, {model.dim}] to {writer.directory} "
         f"({len(writer.shards)} shard(s), {writer.bytes_written / 2**20:.1f} MiB, {seconds:.1f}s)")

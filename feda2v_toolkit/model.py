@@ -91,13 +91,6 @@ class GenerativeModel:
                              f"(sampleable: {', '.join(self.sampleable_classes)})")
         return self.class_names.index(class_name)
 
-    def parameter_counts(self) -> dict[str, int]:
-        """Parameters per component (``generator[key]``, ``reducer``, ``upsampler``)."""
-        counts = {f"generator[{k}]": sum(p.numel() for p in g.parameters()) for k, g in self.generators.items()}
-        counts["reducer"] = sum(p.numel() for p in self.reducer.parameters())
-        counts["upsampler"] = sum(p.numel() for p in self.upsampler.parameters())
-        return counts
-
     def to(self, device: torch.device | str) -> GenerativeModel:
         for gen in self.generators.values():
             gen.to(device)

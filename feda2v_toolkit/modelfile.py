@@ -97,7 +97,8 @@ def _prefixed(prefix: str, module: nn.Module) -> dict[str, Tensor]:
     return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
 
 
-def _unprefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+def unprefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The tensors named ``<prefix>.<rest>``, keyed by ``<rest>``."""
     start = prefix + "."
     return {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
 
@@ -190,14 +191,14 @@ def build_model(tensors: Mapping[str, Tensor], doc: Mapping[str, Any], path: Pat
         generators = {}
         for i, entry in enumerate(doc["generators"]):
             gen = gen_cls(**entry["init_args"])
-            gen.load_state_dict(_unprefixed(tensors, f"generators.{i}"), strict=True)
+            gen.load_state_dict(unprefixed(tensors, f"generators.{i}"), strict=True)
             generators[entry["key"]] = gen.eval()
         red_cls = _load_component("reducer", doc["reducer"], path)
         reducer = red_cls(**doc["reducer"]["init_args"])
-        reducer.load_state_dict(_unprefixed(tensors, "reducer"), strict=True)
+        reducer.load_state_dict(unprefixed(tensors, "reducer"), strict=True)
         up_cls = _load_component("upsampler", doc["upsampler"], path)
         upsampler = up_cls(**doc["upsampler"]["init_args"])
-        upsampler.load_state_dict(_unprefixed(tensors, "upsampler"), strict=True)
+        upsampler.load_state_dict(unprefixed(tensors, "upsampler"), strict=True)
         return GenerativeModel(
             generator_type=doc["generator_type"]["name"],
             generators=generators,

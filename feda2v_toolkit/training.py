@@ -24,7 +24,6 @@ import json
 import math
 import os
 import secrets
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -36,12 +35,13 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.atomic import check_output_path
-from feda2v_toolkit.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from feda2v_toolkit.checkpoint import TrainingState, checkpoint_epoch, load_checkpoint, save_checkpoint
 from feda2v_toolkit.components import Generator, Reducer, TrainContext, Upsampler
 from feda2v_toolkit.data import Dataset, open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
-from feda2v_toolkit.modelfile import _unprefixed
+from feda2v_toolkit.modelfile import unprefixed
+from feda2v_toolkit.progress import Progress
 from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
 
 #: rows of full-length sequences read per chunk while reducing (bounded memory)
@@ -145,36 +145,6 @@ class _Run:
     members: dict[str, Tensor]  # generator key -> label values it serves
 
 
-class _Progress:
-    """A tqdm bar over optimisation steps, shown only on a terminal."""
-
-    def __init__(self, total: int, initial: int, enabled: bool | None) -> None:
-        show = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = None
-        if show:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True,
-                            desc="train")
-
-    def update(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def postfix(self, **values: Any) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()},
-                                 refresh=False)
-
-    def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def reduce_dataset(ds: Dataset, reducer: Reducer, indices: Tensor | None = None, *,
                    device: torch.device | str = "cpu") -> Tensor:
     """Reduce every (or the given) sequence once, streaming: ``[n, l, D]`` float32 on CPU."""
@@ -269,10 +239,6 @@ def _mean_terms(rows: list[dict[str, float]], weights: list[int]) -> dict[str, f
     return {k: sum(r[k] * w for r, w in zip(rows, weights, strict=True)) / total for k in keys}
 
 
-def _member_mask(labels: Tensor, members: Tensor) -> Tensor:
-    return torch.isin(labels, members)
-
-
 def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.PathLike[str] | None = None,
           overrides: Mapping[str, Any] | None = None, seed: int | None = None, device: str | torch.device = "cpu",
           resume: bool = False, checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -342,7 +308,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     reducer = registry.load("reducer", reducer_name).from_config(cfg, length=length, full_length=ds.seq_len,
                                                                  dim=ds.dim).to(dev)
     if loaded is not None:
-        reducer.load_state_dict(_unprefixed(loaded.tensors, "reducer"))
+        reducer.load_state_dict(unprefixed(loaded.tensors, "reducer"))
     elif type(reducer).fitted:
         say(f"fitting reducer {reducer_name} on {train_idx.numel()} sequences")
         reducer.fit(full_batches(ds, train_idx))
@@ -362,8 +328,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     normalization = standardization(reduced_raw, train_idx) if cfg["generator_normalize"] else {}
 
     # -- generators --------------------------------------------------------------------------
-    present = [c for c in ds.class_names if counts[c] > 0]
-    groups = generator_groups(cfg, ds.class_names, present)
+    groups = generator_groups(cfg, ds.class_names, ds.class_names)  # every class has samples (checked above)
     gen_cls = registry.load("generator", cfg["generator_type"])
     generators: dict[str, Generator] = {}
     for key in groups:
@@ -386,8 +351,8 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     state = TrainingState(epoch=0, step=0, fingerprint=fingerprint)
     if loaded is not None:
         for i, gen in enumerate(generators.values()):
-            gen.load_state_dict(_unprefixed(loaded.tensors, f"generators.{i}"))
-        upsampler.load_state_dict(_unprefixed(loaded.tensors, "upsampler"))
+            gen.load_state_dict(unprefixed(loaded.tensors, f"generators.{i}"))
+        upsampler.load_state_dict(unprefixed(loaded.tensors, "upsampler"))
         loaded.restore_optimizers(model, optimizers)
         state = loaded.state
 
@@ -407,7 +372,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
         _train_generators(run, state, ckpt_path, metrics_path, progress, say)
     except KeyboardInterrupt:
         if cfg["generator_save_checkpoint"] and ckpt_path.exists():
-            say(f"interrupted; the last checkpoint ({ckpt_path}, epoch {load_checkpoint(ckpt_path).state.epoch}) "
+            say(f"interrupted; the last checkpoint ({ckpt_path}, epoch {checkpoint_epoch(ckpt_path)}) "
                 f"is intact: run the same command with --resume to continue")
         else:
             say("interrupted before the first checkpoint; nothing to resume")
@@ -459,10 +424,10 @@ def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_
     autocast_dtype = torch.bfloat16 if cfg.get("generator_autocast") == "bfloat16" else None
     labels_all = ds.labels
     conditions_all = ds.read_conditions(range(len(ds))) if ds.condition_dim else None
-    train_sets = {key: run.train_idx[_member_mask(labels_all[run.train_idx], m)] for key, m in run.members.items()}
-    val_sets = {key: run.val_idx[_member_mask(labels_all[run.val_idx], m)] for key, m in run.members.items()}
+    train_sets = {key: run.train_idx[torch.isin(labels_all[run.train_idx], m)] for key, m in run.members.items()}
+    val_sets = {key: run.val_idx[torch.isin(labels_all[run.val_idx], m)] for key, m in run.members.items()}
     steps_per_epoch = sum(_batches_per_epoch(idx.numel(), batch_size) for idx in train_sets.values() if idx.numel())
-    bar = _Progress(epochs * steps_per_epoch, state.epoch * steps_per_epoch, progress)
+    bar = Progress(epochs * steps_per_epoch, state.epoch * steps_per_epoch, progress)
     metrics_file = open(metrics_path, "a", encoding="utf-8") if metrics_path else nullcontext()  # noqa: SIM115
     val_every = int(cfg["generator_validation_frequency"])
     save_every = int(cfg["generator_checkpoint_frequency"]) if cfg["generator_save_checkpoint"] else 0

@@ -80,14 +80,14 @@ class _Moments:
                        (self.qq, lin.square()), (self.rr, residual.square())):
             acc += t.sum(0).double().cpu()
 
-    def warm_start(self) -> tuple[Tensor, Tensor, Tensor]:
+    def warm_start(self) -> tuple[Tensor, Tensor]:
         """Per-position correction ``k_a a_p (q - mean_q) + k_b mean_r`` of the residual.
 
         ``a_p`` is the least-squares slope of the residual on the interpolation at position ``p`` (one
         scalar shared by all features); ``k_a``, ``k_b`` in [0, 1] are James-Stein shrinkage factors
         ``max(0, 1 - estimation variance / squared estimate)``, so that a noisy estimate from few
         samples is pulled towards zero (linear) rather than added as noise. Returns ``(slope [L],
-        bias [L, D], mean_q [L, D])`` with the correction ``slope_p * q + bias``.
+        bias [L, D])`` with the correction ``slope_p * q + bias``.
         """
         n = max(self.n, 1)
         mr, mq = self.r / n, self.q / n
@@ -102,7 +102,7 @@ class _Moments:
         var_mean = (s_rr / max(elements - mr.shape[1], 1)) / n  # variance of each per-element mean
         k_b = (1 - var_mean / mr.square().mean(1).clamp(min=1e-30)).clamp(min=0)
         slope = k_a * a
-        return slope, k_b.unsqueeze(1) * mr - slope.unsqueeze(1) * mq, mq
+        return slope, k_b.unsqueeze(1) * mr - slope.unsqueeze(1) * mq
 
 
 class LearnedUpsampler(Upsampler):
@@ -159,7 +159,7 @@ class LearnedUpsampler(Upsampler):
         prefix = "heldout" if groups["heldout"].n > 0 else "train"  # nothing held out: select on train
         scored = groups[prefix]
 
-        slope, bias, _ = moments.warm_start()
+        slope, bias = moments.warm_start()
         best_name, best_score = "linear", scored.sse / scored.elements
         best_state = {k: torch.zeros_like(v) for k, v in self.state_dict().items()}
         linear_score = best_score
