@@ -43,13 +43,7 @@ class GenerationReport:
 
 def samples_per_class(model: GenerativeModel, requested: int | str | None, classes: Sequence[str]) -> dict[str, int]:
     """How many samples each class gets: a number, ``"auto"`` (the class's training count) or the config's."""
-    value: Any = requested
-    if value is None:
-        value = model.config.get("synthetic_samples_per_class")
-    if value is None:  # e.g. a converted model whose config does not carry the key
-        from feda2v_toolkit.config import schema_defaults
-
-        value = schema_defaults()["synthetic_samples_per_class"]
+    value: Any = model.setting("synthetic_samples_per_class") if requested is None else requested
     if isinstance(value, str) and value != "auto":
         try:
             value = int(value)

@@ -75,6 +75,16 @@ class GenerativeModel:
         """Length of samples when none is asked for: the output length, else the training length."""
         return self.output_length or self.training_length
 
+    def setting(self, key: str) -> Any:
+        """A config key as trained, else its schema default (a converted model's config holds only what
+        the original file said)."""
+        value = self.config.get(key)
+        if value is None:
+            from feda2v_toolkit.config import schema_defaults
+
+            value = schema_defaults()[key]
+        return value
+
     @property
     def sampleable_classes(self) -> list[str]:
         return [c for c in self.class_names if c in self.class_to_generator]

@@ -37,6 +37,7 @@ from torch import Tensor
 from feda2v_toolkit.atomic import check_output_path
 from feda2v_toolkit.checkpoint import TrainingState, checkpoint_epoch, load_checkpoint, save_checkpoint
 from feda2v_toolkit.components import Generator, Reducer, TrainContext, Upsampler
+from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.data import Dataset, open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
@@ -62,8 +63,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def chunk_rows(seq_len: int, dim: int) -> int:
+    """Full sequences ``[seq_len, dim]`` (float32) per read chunk of :data:`READ_CHUNK_BYTES`."""
+    return max(1, READ_CHUNK_BYTES // (seq_len * dim * 4))
+
+
 def read_chunk_rows(ds: Dataset) -> int:
-    return max(1, READ_CHUNK_BYTES // (ds.seq_len * ds.dim * 4))
+    return chunk_rows(ds.seq_len, ds.dim)
 
 
 def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -337,7 +343,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     class_to_generator = {c: key for key, members in groups.items() for c in members}
 
     # -- upsampler ---------------------------------------------------------------------------
-    upsampler_name = "learned" if cfg["use_learned_upsampling"] else cfg["generator_upsampler"]
+    upsampler_name = configured_upsampler(cfg)
     upsampler = registry.load("upsampler", upsampler_name).from_config(
         cfg, reduced_length=length, full_length=ds.seq_len, dim=ds.dim).to(dev)
 

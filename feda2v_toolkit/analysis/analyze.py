@@ -135,7 +135,7 @@ class _Run:
 
     def __init__(self, ds: Dataset, lengths: list[int], reducers: list[str], upsamplers: list[str],
                  cfg: dict[str, Any], train_idx: Tensor, test_idx: Tensor, seed: int, pool: int, rows: int,
-                 with_optimum: bool, say: Callable[[str], None]) -> None:
+                 with_optimum: bool, say: Callable[[str], None], all_pairs: bool = False) -> None:
         self.ds, self.lengths, self.cfg, self.seed, self.pool, self.rows = ds, lengths, cfg, seed, pool, rows
         self.reducer_names, self.upsampler_names = reducers, upsamplers
         self.train_idx, self.test_idx = train_idx, test_idx
@@ -143,6 +143,8 @@ class _Run:
         self.say = say
         self.pca: PositionPCA | None = None
         self.pca_count = 0
+        #: (reducer, length) set from the shared position PCA: nested, so reduced once (reduce_all)
+        self.shared: set[tuple[str, int]] = set()
         self.reducers: dict[tuple[str, int], Reducer] = {}
         self.reduced: dict[tuple[str, int], Tensor] = {}
         self.upsamplers: dict[tuple[str, int, str], Upsampler] = {}
@@ -150,7 +152,8 @@ class _Run:
         self.stats: dict[tuple[str, int, str], ReconstructionStats] = {}
         self.seconds: dict[tuple[str, int, str], float] = {}
         self.original_features = torch.empty(0)
-        self.all_pairs = False
+        self.all_pairs = all_pairs
+        self.upsampler_classes: dict[str, type] = {}
         self.skipped: set[tuple[str, str]] = set()
 
     # -- fitting ------------------------------------------------------------------------------------
@@ -176,6 +179,7 @@ class _Run:
                 if cls.fitted:
                     if hasattr(red, "set_pca") and self.pca is not None:
                         red.set_pca(self.pca, sequences=self.pca_count)
+                        self.shared.add((name, length))
                     else:
                         torch.manual_seed(self.seed)
                         red.fit(self.train_batches())
@@ -187,6 +191,7 @@ class _Run:
                 red = PCAReducer(length=length, full_length=ds.seq_len, dim=ds.dim)
                 red.set_pca(self.pca, sequences=self.pca_count)
                 self.reducers[(OPTIMUM, length)] = red.eval()
+                self.shared.add((OPTIMUM, length))
 
     @torch.no_grad()
     def reduce_all(self) -> None:
@@ -197,7 +202,7 @@ class _Run:
         """
         ds = self.ds
         n = len(ds)
-        shared = [k for k, red in self.reducers.items() if isinstance(red, PCAReducer) and self._from_pca(red)]
+        shared = [k for k in self.reducers if k in self.shared and isinstance(self.reducers[k], PCAReducer)]
         longest = max(shared, key=lambda k: self.reducers[k].length) if shared else None
         own = [k for k in self.reducers if k not in shared]
         for key in own + ([longest] if longest else []):
@@ -214,16 +219,12 @@ class _Run:
             for key in shared:
                 self.reduced[key] = self.reduced[longest][:, :self.reducers[key].length]
 
-    def _from_pca(self, red: PCAReducer) -> bool:
-        return self.pca is not None and int(red.fitted_sequences) == self.pca_count and torch.equal(
-            red.basis, self.pca.basis(red.length).to(red.basis))
-
     def fit_upsamplers(self) -> None:
         from feda2v_toolkit.plugins import get_registry
 
         registry = get_registry()
         ds = self.ds
-        classes = {name: registry.load("upsampler", name) for name in self.upsampler_names}
+        classes = self.upsampler_classes = {name: registry.load("upsampler", name) for name in self.upsampler_names}
         for (rname, length) in [k for k in self.reducers if k[0] != OPTIMUM]:
             reduced_all = self.reduced[(rname, length)]
             positional = type(self.reducers[(rname, length)]).positional
@@ -354,17 +355,14 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
     say(f"{len(ds)} sequences [{ds.seq_len}, {ds.dim}]: {train_idx.numel()} to fit, {test_idx.numel()} held out; "
         f"lengths {', '.join(map(str, wanted))}")
     run = _Run(ds, wanted, reducer_names, upsampler_names, cfg, train_idx, test_idx, seed, pool_positions,
-               batch_rows or read_chunk_rows(ds), optimum, say)
-    run.all_pairs = all_pairs
+               batch_rows or read_chunk_rows(ds), optimum, say, all_pairs)
     run.fit_reducers()
     t0 = time.perf_counter()
     run.reduce_all()
     say(f"reduced every sequence with {len(run.reducers)} reducer/length combinations: "
         f"{time.perf_counter() - t0:.1f}s")
     run.fit_upsamplers()
-    from feda2v_toolkit.plugins import get_registry
-
-    trainable = [u for u in upsampler_names if get_registry().load("upsampler", u).trainable]
+    trainable = [u for u, cls in run.upsampler_classes.items() if cls.trainable]
     if trainable:
         epochs = cfg.get("generator_upsampler_epochs")
         notes.append(f"trainable upsamplers ({', '.join(trainable)}) were fitted on the {train_idx.numel()} "

@@ -155,12 +155,7 @@ def _real_indices(model: GenerativeModel, ds: Dataset, split: str) -> Tensor:
                          f"(class counts {counts} differ from the model's {trained})")
     if model.seed is None:
         raise UsageError("--split heldout: the model file records no training seed")
-    fraction = model.config.get("generator_validation_split")
-    if fraction is None:  # a converted model's config holds only what the original file said
-        from feda2v_toolkit.config import schema_defaults
-
-        fraction = schema_defaults()["generator_validation_split"]
-    fraction = float(fraction)
+    fraction = float(model.setting("generator_validation_split"))
     _, val_idx = stratified_split(ds.labels, fraction, int(model.seed))
     if val_idx.numel() == 0:
         raise UsageError("--split heldout: the model was trained without a held-out split "
@@ -213,7 +208,8 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
                          f"({', '.join(model.sampleable_classes)})")
     keep = torch.isin(labels_all, torch.tensor([ds.class_names.index(c) for c in classes]))
     idx, labels_all = idx[keep], labels_all[keep]
-    counts = {c: int((labels_all == ds.class_names.index(c)).sum()) for c in classes}
+    masks = {c: labels_all == ds.class_names.index(c) for c in classes}
+    counts = {c: int(m.sum()) for c, m in masks.items()}
     small = [c for c, n in counts.items() if n < 2]
     if small:
         raise InputError(f"{ds.path}: class(es) {', '.join(small)} have fewer than 2 real sequences in the "
@@ -223,18 +219,19 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
                      "per-class metrics compare one distribution with each class, and TSTR labels are arbitrary")
     model.to("cpu")
     model.reducer.eval()
-    model.upsampler.eval()
 
     # -- real: reduce and pool, streaming ------------------------------------------------------------
     t0 = time.perf_counter()
     rows = read_chunk_rows(ds)
     real_reduced = torch.empty(idx.numel(), model.training_length, model.dim)
     real_feats = torch.empty(idx.numel(), min(pool_positions, ds.seq_len) * ds.dim)
+    pos = 0
     with torch.no_grad():
-        for start in range(0, idx.numel(), rows):
-            batch = ds.read(idx[start:start + rows])
-            real_reduced[start:start + rows] = model.reducer(batch.embeddings)
-            real_feats[start:start + rows] = pooled_features(batch.embeddings, pool_positions)
+        for batch in ds.batches(rows, idx):
+            n = batch.embeddings.shape[0]
+            real_reduced[pos:pos + n] = model.reducer(batch.embeddings)
+            real_feats[pos:pos + n] = pooled_features(batch.embeddings, pool_positions)
+            pos += n
     say(f"reduced {idx.numel()} real sequences: {time.perf_counter() - t0:.1f}s")
 
     # -- synthetic: per class, in memory, bounded ------------------------------------------------------
@@ -247,11 +244,10 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
         if model.needs_condition(c):
             if not ds.condition_dim:
                 raise UsageError(f"the model needs per-sample condition embeddings; {ds.path} has no 'conditions'")
-            cond_pool = ds.read_conditions(idx[labels_all == ds.class_names.index(c)])
+            cond_pool = ds.read_conditions(idx[masks[c]])
         red_parts, feat_parts = [], []
         for reduced, _ in sample_class_reduced(model, c, n, seed=seed, batch_size=DEFAULT_BATCH, conditions=cond_pool):
-            with torch.no_grad():
-                full = model.upsample(reduced, ds.seq_len)
+            full = model.upsample(reduced, ds.seq_len)
             red_parts.append(reduced.float())
             feat_parts.append(pooled_features(full, pool_positions))
         synth_reduced[c] = torch.cat(red_parts)
@@ -262,8 +258,7 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
     # -- distribution metrics ------------------------------------------------------------------------
     t0 = time.perf_counter()
     per_class = {}
-    for c in classes:
-        mask = labels_all == ds.class_names.index(c)
+    for c, mask in masks.items():
         per_class[c] = distribution_metrics(synth_reduced[c], real_reduced[mask], k=neighbours, seed=seed,
                                             pooled=(synth_feats[c], real_feats[mask]))
     overall = distribution_metrics(torch.cat(list(synth_reduced.values())), real_reduced, k=neighbours, seed=seed,

@@ -37,15 +37,14 @@ import torch
 
 from feda2v_toolkit.analysis.memory import SavedTensors, fake_tensors, optimizer_state_bytes, tensor_bytes
 from feda2v_toolkit.components import TrainContext
+from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.data import DEFAULT_SHARD_BYTES
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.generation import DEFAULT_BATCH
-from feda2v_toolkit.training import READ_CHUNK_BYTES
+from feda2v_toolkit.training import chunk_rows
 
-GENERATE_BATCH = DEFAULT_BATCH  # feda2v-tk generate's default --batch-size
 #: the writer's worst moment: queued batches, their concatenation into the next shard, the shard in flight
 WRITER_BUFFER = 3 * DEFAULT_SHARD_BYTES
-READ_CHUNK = READ_CHUNK_BYTES  # the trainer reads full sequences in chunks of this many bytes
 ALLOCATOR_ALLOWANCE = 0.15  # share of the simulated tensor peak added for allocator caching and library buffers
 
 
@@ -173,16 +172,16 @@ class Planner:
         self.num_classes, self.condition_dim, self.num_samples = int(num_classes), int(condition_dim), int(num_samples)
         self.gen_cls = registry.load("generator", self.cfg["generator_type"])
         self.reducer_name = self.cfg["generator_reducer"]
-        self.upsampler_name = "learned" if self.cfg.get("use_learned_upsampling") else self.cfg["generator_upsampler"]
+        self.upsampler_name = configured_upsampler(self.cfg)
         self.red_cls = registry.load("reducer", self.reducer_name)
         self.up_cls = registry.load("upsampler", self.upsampler_name)
         self.batch_size = int(self.cfg["generator_batch_size"])
         self.autocast = torch.bfloat16 if self.cfg.get("generator_autocast") == "bfloat16" else None
         self.generators = _generator_count(self.cfg, self.num_classes, class_names)
         per_class = self.cfg["synthetic_samples_per_class"]
-        per_class = per_class if isinstance(per_class, int) else GENERATE_BATCH
+        per_class = per_class if isinstance(per_class, int) else DEFAULT_BATCH
         self.samples_per_class = per_class
-        self.sample_batch = int(sample_batch or min(per_class, GENERATE_BATCH))
+        self.sample_batch = int(sample_batch or min(per_class, DEFAULT_BATCH))
         self.output_length = int(output_length or self.cfg.get("generator_output_sequence_length") or 0)
         self.runtime = runtime_bytes() if runtime is None else int(runtime)
         self.optimizers: dict[str, str] = {}
@@ -251,7 +250,7 @@ class Planner:
         others = (self.generators - 1) * (weights + grads + optimizer)
         data = 0
         if self.num_samples:
-            rows = min(self.num_samples, max(1, READ_CHUNK // (self.full_length * self.dim * 4)))
+            rows = min(self.num_samples, chunk_rows(self.full_length, self.dim))
             data = self.num_samples * length * self.dim * 4 + rows * self.full_length * self.dim * 4
         components = component_elements * 4
         tensors = peak + others + components + data

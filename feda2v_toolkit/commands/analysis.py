@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,37 @@ def _emit_json(doc: dict[str, Any]) -> None:
     click.echo(json.dumps(_clean(doc), indent=2, allow_nan=False))
 
 
+@contextlib.contextmanager
+def _no_warnings() -> Iterator[None]:
+    """The measurement commands report on stdout/stderr themselves; library warnings are not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _check_plot(plot_path: Path | None) -> None:
+    """Fail before the work, not after it, if a plot is asked for and matplotlib is missing."""
+    if plot_path is not None:
+        from feda2v_toolkit.analysis.plot import _pyplot
+
+        _pyplot()
+
+
+def _report(result: Any, text: Callable[[Any], str], *, as_json: bool, plot_path: Path | None = None,
+            plot: str = "", say: Callable[[str], None] | None = None) -> None:
+    """Write the plot (``feda2v_toolkit.analysis.plot.<plot>``) if asked, then JSON or the text table."""
+    if plot_path is not None:
+        from feda2v_toolkit.analysis import plot as plots
+
+        written = getattr(plots, plot)(result, plot_path)
+        if say is not None:
+            say(f"wrote {written}")
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        click.echo(text(result))
+
+
 def _say(quiet: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:
         if not quiet:
@@ -89,8 +121,7 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
 
     wanted = _ints("--lengths", lengths)
     budget = parse_size(memory_budget, option="--memory-budget") if memory_budget is not None else None
-    shape: dict[str, Any] = {"dim": 768, "full_length": 1214, "num_classes": 10, "condition_dim": 0,
-                             "num_samples": 0}
+    shape: dict[str, Any] = {}  # what is not given: plan()'s defaults (the AST shape, 10 classes)
     if data_path is not None:
         from feda2v_toolkit.data import open_dataset
 
@@ -106,14 +137,10 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
     from feda2v_toolkit.analysis.plan import plan
     from feda2v_toolkit.analysis.tables import plan_text
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _no_warnings():
         result = plan(str(config_path) if config_path else None, lengths=wanted, memory_budget=budget,
                       sample_batch=sample_batch, **shape)
-    if as_json:
-        _emit_json(result.to_json())
-    else:
-        click.echo(plan_text(result))
+    _report(result, plan_text, as_json=as_json)
 
 
 @click.command("analyze")
@@ -147,27 +174,17 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
     """
     wanted = _ints("--lengths", lengths)
     assert wanted is not None
-    if plot_path is not None:
-        from feda2v_toolkit.analysis.plot import _pyplot
-
-        _pyplot()  # fail before the work if matplotlib is missing
+    _check_plot(plot_path)
     from feda2v_toolkit.analysis.analyze import analyze
     from feda2v_toolkit.analysis.tables import analyze_text
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    say = _say(quiet)
+    with _no_warnings():
         result = analyze(data_path, wanted, reducers=_names(reducers), upsamplers=_names(upsamplers),
                          holdout=holdout, seed=seed, pool_positions=pool_positions,
                          config=str(config_path) if config_path else None, upsampler_epochs=upsampler_epochs,
-                         all_pairs=all_pairs, log=_say(quiet))
-    if plot_path is not None:
-        from feda2v_toolkit.analysis.plot import plot_analysis
-
-        _say(quiet)(f"wrote {plot_analysis(result, plot_path)}")
-    if as_json:
-        _emit_json(result.to_json())
-    else:
-        click.echo(analyze_text(result))
+                         all_pairs=all_pairs, log=say)
+    _report(result, analyze_text, as_json=as_json, plot_path=plot_path, plot="plot_analysis", say=say)
 
 
 @click.command("evaluate")
@@ -199,23 +216,13 @@ def evaluate_cmd(model_path: Path, data_path: Path, split: str, test_fraction: f
     Per class: Frechet distance, mean/covariance gaps, diversity, precision/recall, density/coverage;
     downstream: train-on-synthetic and real+synthetic accuracy next to real-only. See docs/evaluation.md.
     """
-    if plot_path is not None:
-        from feda2v_toolkit.analysis.plot import _pyplot
-
-        _pyplot()
+    _check_plot(plot_path)
     from feda2v_toolkit.analysis.evaluate import evaluate
     from feda2v_toolkit.analysis.tables import evaluate_text
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    say = _say(quiet)
+    with _no_warnings():
         result = evaluate(model_path, data_path, split=split, test_fraction=test_fraction,
                           samples_per_class=samples_per_class, seed=seed, neighbours=neighbours,
-                          pool_positions=pool_positions, log=_say(quiet))
-    if plot_path is not None:
-        from feda2v_toolkit.analysis.plot import plot_evaluation
-
-        _say(quiet)(f"wrote {plot_evaluation(result, plot_path)}")
-    if as_json:
-        _emit_json(result.to_json())
-    else:
-        click.echo(evaluate_text(result))
+                          pool_positions=pool_positions, log=say)
+    _report(result, evaluate_text, as_json=as_json, plot_path=plot_path, plot="plot_evaluation", say=say)

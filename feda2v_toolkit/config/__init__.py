@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Mapping
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -24,7 +25,7 @@ _LAZY = {
     "get_catalog": "feda2v_toolkit.config.schema",
 }
 
-__all__ = ["CORE_SCHEMA_FILE", "core_schema", "package_schema", "schema_defaults", *_LAZY]
+__all__ = ["CORE_SCHEMA_FILE", "core_schema", "package_schema", "configured_upsampler", "schema_defaults", *_LAZY]
 
 
 def package_schema(filename: str) -> dict[str, Any]:
@@ -43,6 +44,12 @@ def schema_defaults(registry: Any = None) -> dict[str, Any]:
     from feda2v_toolkit.config.schema import get_catalog
 
     return get_catalog(registry).defaults()
+
+
+def configured_upsampler(section: Mapping[str, Any]) -> Any:
+    """The upsampler a generator section selects: ``learned`` when the original flag
+    ``use_learned_upsampling`` is true, else ``generator_upsampler`` (None when unset)."""
+    return "learned" if section.get("use_learned_upsampling") is True else section.get("generator_upsampler")
 
 
 def __getattr__(name: str) -> Any:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.config.document import (
     EXPERIMENT_KEYS,
     SECTION_KEYS,
@@ -387,7 +388,7 @@ class _Checker:
     def check_pairing(self, eff: Mapping[str, Any], path: JsonPath) -> None:
         """A non-positional reducer (``pca``) decoded by a non-trainable (interpolating) upsampler."""
         reducer = self._component_spec("reducer", eff.get(REDUCER))
-        upsampler_name = "learned" if eff.get(LEARNED) is True else eff.get(UPSAMPLER)
+        upsampler_name = configured_upsampler(eff)
         upsampler = self._component_spec("upsampler", upsampler_name)
         if reducer is None or upsampler is None or reducer.positional or upsampler.trainable:
             return
