@@ -107,7 +107,7 @@ def _plugin_option(ctx: click.Context, param: click.Parameter, value: Any) -> No
     elif param.name == "allow_plugins":
         plugins.configure(allow=list(value))
     elif param.name == "block_plugins":
-        plugins.configure(block=[*(plugins._env_list(plugins.ENV_BLOCK) or []), *value])
+        plugins.configure(also_block=list(value))
 
 
 def _plugin_switch(*decls: str, **kwargs: Any) -> Any:

@@ -604,19 +604,21 @@ def load_registry(
     autoload: bool | None = None,
     allow: Iterable[str] | None = None,
     block: Iterable[str] | None = None,
+    also_block: Iterable[str] = (),
     strict: bool | None = None,
     extra_plugins: Iterable[tuple[str, Any]] = (),
 ) -> Registry:
     """Build a fresh registry: built-ins, then entry-point plugins (sorted by name), then ``extra_plugins``.
 
     Arguments default to the environment variables documented in this module. ``allow`` and
-    ``block`` match plugin (entry-point) names or distribution names. ``extra_plugins`` are
+    ``block`` match plugin (entry-point) names or distribution names; ``also_block`` adds to the block list
+    (the CLI's ``--block-plugin`` adds to ``FEDA2V_BLOCK_PLUGINS``). ``extra_plugins`` are
     ``(name, module_or_object)`` pairs registered directly, as if installed (this is how the
     conformance kit and tests load a plugin without installing it).
     """
     autoload = (not _env_flag(ENV_DISABLE_AUTOLOAD)) if autoload is None else autoload
     allow_list = _env_list(ENV_ALLOW) if allow is None else list(allow)
-    block_list = (_env_list(ENV_BLOCK) or []) if block is None else list(block)
+    block_list = [*((_env_list(ENV_BLOCK) or []) if block is None else block), *also_block]
     strict = _env_flag(ENV_STRICT) if strict is None else strict
 
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
