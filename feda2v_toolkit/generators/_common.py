@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from feda2v_toolkit.components import Generator
 
 
 def cfg(config: Mapping[str, Any], key: str) -> Any:
@@ -85,3 +87,42 @@ def noise_like(shape: tuple[int, ...], generator: torch.Generator | None, like: 
     """``N(0, I)`` drawn from ``generator`` only (on the generator's device), moved next to ``like``."""
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+
+
+class ConditionedMLPGenerator(Generator):
+    """Base of the built-in MLP generators (``vae``, ``gan``): sizes, the conditioning kind, and the
+    ``condition`` module (registered first, so state-dict order and seeded initialisation are fixed)."""
+
+    supports_conditioning: ClassVar[bool] = True
+
+    def __init__(self, *, seq_len: int, dim: int, hidden_dim: int, latent_dim: int, num_classes: int = 0,
+                 condition_dim: int = 0, conditioning: str | None = None,
+                 cond_embed_dim: int | None = None) -> None:
+        super().__init__(seq_len=seq_len, dim=dim, num_classes=num_classes, condition_dim=condition_dim)
+        if conditioning not in (None, "label", "embedding"):
+            raise ValueError(f"conditioning must be None, 'label' or 'embedding' (got {conditioning!r})")
+        self.hidden_dim = int(hidden_dim)
+        self.latent_dim = int(latent_dim)
+        self._conditioning = conditioning
+        self.cond_embed_dim = int(cond_embed_dim if cond_embed_dim is not None else latent_dim)
+        self.condition = (Condition(conditioning, num_classes=self.num_classes, condition_dim=self.condition_dim,
+                                    out_dim=self.cond_embed_dim) if conditioning else None)
+
+    @property
+    def embed_width(self) -> int:
+        """Width of the condition vector fed to the networks (0 when unconditioned)."""
+        return self.cond_embed_dim if self._conditioning else 0
+
+    @property
+    def conditioning(self) -> str | None:
+        return self._conditioning
+
+    def init_args(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "dim": self.dim, "hidden_dim": self.hidden_dim,
+                "latent_dim": self.latent_dim, "num_classes": self.num_classes,
+                "condition_dim": self.condition_dim, "conditioning": self._conditioning,
+                "cond_embed_dim": self.cond_embed_dim}
+
+    def latent_noise(self, n: int, generator: torch.Generator | None, ref: Tensor) -> Tensor:
+        """``z ~ N(0, I)`` ``[n, latent_dim]`` drawn from ``generator`` only, next to and typed like ``ref``."""
+        return noise_like((n, self.latent_dim), generator, ref).to(ref.dtype)

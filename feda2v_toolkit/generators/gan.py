@@ -29,14 +29,21 @@ does not depend on ``D``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from feda2v_toolkit.components import Generator, TrainContext
-from feda2v_toolkit.generators._common import Condition, adamw, cfg, clip, conditioning_kind, noise_like
+from feda2v_toolkit.components import TrainContext
+from feda2v_toolkit.generators._common import (
+    Condition,
+    ConditionedMLPGenerator,
+    adamw,
+    cfg,
+    clip,
+    conditioning_kind,
+)
 
 
 def d_loss_fn(kind: str, real: Tensor, fake: Tensor) -> Tensor:
@@ -77,25 +84,17 @@ class _Discriminator(nn.Module):
         return score
 
 
-class GANGenerator(Generator):
+class GANGenerator(ConditionedMLPGenerator):
     """MLP GAN (non-saturating or hinge loss, R1 penalty, projection discriminator); see the module docstring."""
-
-    supports_conditioning: ClassVar[bool] = True
 
     def __init__(self, *, seq_len: int, dim: int, hidden_dim: int, latent_dim: int, num_classes: int = 0,
                  condition_dim: int = 0, conditioning: str | None = None,
                  cond_embed_dim: int | None = None) -> None:
-        super().__init__(seq_len=seq_len, dim=dim, num_classes=num_classes, condition_dim=condition_dim)
-        if conditioning not in (None, "label", "embedding"):
-            raise ValueError(f"conditioning must be None, 'label' or 'embedding' (got {conditioning!r})")
-        self.hidden_dim = int(hidden_dim)
-        self.latent_dim = int(latent_dim)
-        self._conditioning = conditioning
-        self.cond_embed_dim = int(cond_embed_dim if cond_embed_dim is not None else latent_dim)
-        e = self.cond_embed_dim if conditioning else 0
+        super().__init__(seq_len=seq_len, dim=dim, hidden_dim=hidden_dim, latent_dim=latent_dim,
+                         num_classes=num_classes, condition_dim=condition_dim, conditioning=conditioning,
+                         cond_embed_dim=cond_embed_dim)
+        e = self.embed_width
         flat, h, z = self.seq_len * self.dim, self.hidden_dim, self.latent_dim
-        self.condition = (Condition(conditioning, num_classes=self.num_classes, condition_dim=self.condition_dim,
-                                    out_dim=e) if conditioning else None)
         self.d_condition = (Condition(conditioning, num_classes=self.num_classes, condition_dim=self.condition_dim,
                                       out_dim=h) if conditioning else None)
         self.generator = nn.Sequential(nn.Linear(z + e, h), nn.ReLU(inplace=True), nn.Linear(h, h),
@@ -110,16 +109,6 @@ class GANGenerator(Generator):
         return cls(seq_len=seq_len, dim=dim, hidden_dim=cfg(config, "generator_hidden_dim"),
                    latent_dim=cfg(config, "generator_latent_dim"), num_classes=num_classes,
                    condition_dim=condition_dim, conditioning=kind)
-
-    def init_args(self) -> dict[str, Any]:
-        return {"seq_len": self.seq_len, "dim": self.dim, "hidden_dim": self.hidden_dim,
-                "latent_dim": self.latent_dim, "num_classes": self.num_classes,
-                "condition_dim": self.condition_dim, "conditioning": self._conditioning,
-                "cond_embed_dim": self.cond_embed_dim}
-
-    @property
-    def conditioning(self) -> str | None:
-        return self._conditioning
 
     def generator_parameters(self) -> list[nn.Parameter]:
         mods = [self.generator] + ([self.condition] if self.condition is not None else [])
@@ -237,5 +226,5 @@ class GANGenerator(Generator):
         """``G(z)`` with ``z ~ N(0, I)`` drawn from ``generator`` only: ``[n, seq_len, dim]``."""
         cg, _ = self._conds(labels, conditions, n)
         ref = self.generator[-1].weight
-        z = noise_like((n, self.latent_dim), generator, ref).to(ref.dtype)
+        z = self.latent_noise(n, generator, ref)
         return self.generate(z, cg)

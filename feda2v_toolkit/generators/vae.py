@@ -30,14 +30,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from itertools import islice
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from feda2v_toolkit.components import Generator, TrainContext
-from feda2v_toolkit.generators._common import Condition, adamw, cfg, clip, conditioning_kind, noise_like
+from feda2v_toolkit.components import TrainContext
+from feda2v_toolkit.generators._common import ConditionedMLPGenerator, adamw, cfg, clip, conditioning_kind
 
 
 def beta_at(progress: float, beta: float, warmup_fraction: float) -> float:
@@ -67,26 +67,18 @@ def _run(net: nn.Sequential, cond: nn.Linear | None, x: Tensor, c: Tensor | None
     return h
 
 
-class VAEGenerator(Generator):
+class VAEGenerator(ConditionedMLPGenerator):
     """The FedA2V VAE (see the module docstring for the architecture and loss)."""
-
-    supports_conditioning: ClassVar[bool] = True
 
     def __init__(self, *, seq_len: int, dim: int, hidden_dim: int, latent_dim: int, dropout: float,
                  num_classes: int = 0, condition_dim: int = 0, conditioning: str | None = None,
                  cond_embed_dim: int | None = None) -> None:
-        super().__init__(seq_len=seq_len, dim=dim, num_classes=num_classes, condition_dim=condition_dim)
-        if conditioning not in (None, "label", "embedding"):
-            raise ValueError(f"conditioning must be None, 'label' or 'embedding' (got {conditioning!r})")
-        self.hidden_dim = int(hidden_dim)
-        self.latent_dim = int(latent_dim)
+        super().__init__(seq_len=seq_len, dim=dim, hidden_dim=hidden_dim, latent_dim=latent_dim,
+                         num_classes=num_classes, condition_dim=condition_dim, conditioning=conditioning,
+                         cond_embed_dim=cond_embed_dim)
         self.dropout = float(dropout)
-        self._conditioning = conditioning
-        self.cond_embed_dim = int(cond_embed_dim if cond_embed_dim is not None else latent_dim)
-        e = self.cond_embed_dim if conditioning else 0
+        e = self.embed_width
         flat, h, z = self.seq_len * self.dim, self.hidden_dim, self.latent_dim
-        self.condition = (Condition(conditioning, num_classes=self.num_classes, condition_dim=self.condition_dim,
-                                    out_dim=e) if conditioning else None)
         # encoder.{0,3,6} / decoder.{0,3,6}: the original FedA2V state-dict names
         self.encoder = _mlp([flat, h, h, 2 * z], self.dropout)
         self.decoder = _mlp([z, h, h, flat], self.dropout)
@@ -103,14 +95,7 @@ class VAEGenerator(Generator):
                    num_classes=num_classes, condition_dim=condition_dim, conditioning=kind)
 
     def init_args(self) -> dict[str, Any]:
-        return {"seq_len": self.seq_len, "dim": self.dim, "hidden_dim": self.hidden_dim,
-                "latent_dim": self.latent_dim, "dropout": self.dropout, "num_classes": self.num_classes,
-                "condition_dim": self.condition_dim, "conditioning": self._conditioning,
-                "cond_embed_dim": self.cond_embed_dim}
-
-    @property
-    def conditioning(self) -> str | None:
-        return self._conditioning
+        return {**super().init_args(), "dropout": self.dropout}
 
     def configure_optimizers(self, config: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
         return {"vae": adamw(self.parameters(), lr=cfg(config, "generator_learning_rate"),
@@ -182,7 +167,7 @@ class VAEGenerator(Generator):
         """Decode ``z ~ N(0, I)`` (drawn from ``generator`` only) in eval mode: ``[n, seq_len, dim]``."""
         c = self._cond(labels, conditions, n)
         ref = self.decoder[-1].weight
-        z = noise_like((n, self.latent_dim), generator, ref).to(ref.dtype)
+        z = self.latent_noise(n, generator, ref)
         was_training = self.training
         self.eval()
         try:
