@@ -39,20 +39,22 @@ def dataset_nll(model: Any, data: Any, *, batch_size: int = 64) -> dict[str, Any
     with torch.no_grad():
         for batch in ds.batches(batch_size):
             x = model.normalize(model.reducer(batch.embeddings.to(model.device)))
-            for i, label in enumerate(batch.labels.tolist()):
+            for label in torch.unique(batch.labels).tolist():  # one log_prob call per class in the batch
                 name = ds.class_names[label]
+                rows = batch.labels == label
                 key = model.class_to_generator.get(name)
                 if key is None:
-                    skipped += 1
+                    skipped += int(rows.sum())
                     continue
                 gen = model.generators[key]
-                labels = torch.tensor([model.class_names.index(name)], device=model.device)
-                cond = batch.conditions[i:i + 1].to(model.device) if batch.conditions is not None else None
-                if gen.conditioning != "embedding":
-                    cond = None
-                nll = -float(gen.log_prob(x[i:i + 1], labels=labels, conditions=cond)) / features
-                sums[name] = sums.get(name, 0.0) + nll
-                counts[name] = counts.get(name, 0) + 1
+                n = int(rows.sum())
+                labels = torch.full((n,), model.class_index(name), device=model.device)
+                cond = None
+                if batch.conditions is not None and gen.conditioning == "embedding":
+                    cond = batch.conditions[rows].to(model.device)
+                nll = -gen.log_prob(x[rows.to(x.device)], labels=labels, conditions=cond).double() / features
+                sums[name] = sums.get(name, 0.0) + float(nll.sum())
+                counts[name] = counts.get(name, 0) + n
     total = sum(counts.values())
     if total == 0:
         raise UsageError("no sequence of the data belongs to a class the model knows")
