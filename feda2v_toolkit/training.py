@@ -214,11 +214,12 @@ def heldout_upsampling_error(ds: Dataset, indices: Tensor, reduced: Tensor, upsa
                              device: torch.device) -> dict[str, float]:
     """MSE and R^2 of reconstructing held-out full sequences: the upsampler vs linear interpolation.
 
-    ``reduced`` holds the un-normalised reduced sequences by global index. R^2 is relative to each
-    sequence's own mean over positions (what the positional structure adds).
+    ``reduced`` holds the un-normalised reduced sequences by global index. R^2 is about the held-out
+    set's per-position mean (:class:`~feda2v_toolkit.analysis.metrics.ReconstructionStats`).
     """
-    sse_up = sse_lin = sst = 0.0
-    count = 0
+    from feda2v_toolkit.analysis.metrics import ReconstructionStats
+
+    up_stats, lin_stats = ReconstructionStats(), ReconstructionStats()
     rows = read_chunk_rows(ds)
     upsampler.eval()
     with torch.no_grad():
@@ -226,17 +227,13 @@ def heldout_upsampling_error(ds: Dataset, indices: Tensor, reduced: Tensor, upsa
             chunk = indices[s:s + rows]
             full = ds.read(chunk).embeddings.to(device)
             red = reduced[chunk].to(device)
-            up = upsampler(red, ds.seq_len)
-            lin = interpolate_sequence(red, ds.seq_len, "linear")
-            sse_up += float(((up - full) ** 2).sum())
-            sse_lin += float(((lin - full) ** 2).sum())
-            sst += float(((full - full.mean(dim=1, keepdim=True)) ** 2).sum())
-            count += full.numel()
-    if count == 0:
+            up_stats.add(full, upsampler(red, ds.seq_len), sst=0.0)
+            lin_stats.add(full, interpolate_sequence(red, ds.seq_len, "linear"), sst=0.0)
+    if up_stats.count == 0:
         return {}
-    return {"heldout_mse": sse_up / count, "heldout_mse_linear": sse_lin / count,
-            "heldout_r2": 1 - sse_up / sst if sst > 0 else float("nan"),
-            "heldout_r2_linear": 1 - sse_lin / sst if sst > 0 else float("nan")}
+    elements = up_stats.count * ds.seq_len * ds.dim
+    return {"heldout_mse": up_stats.sse / elements, "heldout_mse_linear": lin_stats.sse / elements,
+            "heldout_r2": up_stats.r2, "heldout_r2_linear": lin_stats.r2}
 
 
 def _mean_terms(rows: list[dict[str, float]], weights: list[int]) -> dict[str, float]:

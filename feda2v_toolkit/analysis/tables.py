@@ -90,6 +90,12 @@ def plan_text(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _rank(p: Any) -> tuple[float, float]:
+    from feda2v_toolkit.analysis.analyze import rank_key
+
+    return rank_key(p)
+
+
 # -- analyze ------------------------------------------------------------------------------------------
 
 def analyze_text(result: Any) -> str:
@@ -101,18 +107,34 @@ def analyze_text(result: Any) -> str:
         f"{_pct(r.baseline_accuracy)}",
         "",
     ]
-    headers = ["reducer", "upsampler", "length", "ratio", "R^2", "of optimum", "cosine", "accuracy", "acc. on real"]
+    headers = ["reducer", "upsampler", "length", "ratio", "acc. on real", "of original", "R^2", "of optimum",
+               "cosine", "accuracy", ""]
     rows = []
+    base = r.baseline_accuracy
+
+    def of_base(v: float) -> str:
+        return _pct(v / base) if base and not math.isnan(base) and not math.isnan(v) else "-"
+
     for o in r.optimum:
-        rows.append(["linear optimum", "(position PCA)", o.length, f"{o.compression:.1f}x", _num(o.r2, 4), "100%",
-                     _num(o.cosine), _pct(o.accuracy), _pct(o.accuracy_on_real)])
-    for p in r.pairs:
-        rows.append([p.reducer, p.upsampler, p.length, f"{p.compression:.1f}x", _num(p.r2, 4), _pct(p.r2_vs_optimum),
-                     _num(p.cosine), _pct(p.accuracy), _pct(p.accuracy_on_real)])
-    lines.append(table(headers, rows, align="llrrrrrrr"))
-    lines.append("R^2 relative to each sequence's own mean over positions, on held-out sequences; accuracy: "
-                 "trained and tested on reconstructions; acc. on real: trained on reconstructions, tested on "
-                 "the original held-out sequences.")
+        rows.append(["linear optimum", "(position PCA)", o.length, f"{o.compression:.1f}x", _pct(o.accuracy_on_real),
+                     of_base(o.accuracy_on_real), _num(o.r2, 4), "100%", _num(o.cosine), _pct(o.accuracy), ""])
+    best = {(p.reducer, p.upsampler, p.length) for p in r.recommended.values()}
+    for length in r.lengths:
+        ranked = sorted((p for p in r.pairs if p.length == length), key=_rank, reverse=True)
+        for p in ranked:
+            rows.append([p.reducer, p.upsampler, p.length, f"{p.compression:.1f}x", _pct(p.accuracy_on_real),
+                         of_base(p.accuracy_on_real), _num(p.r2, 4), _pct(p.r2_vs_optimum), _num(p.cosine),
+                         _pct(p.accuracy), "<- best" if (p.reducer, p.upsampler, p.length) in best else ""])
+    lines.append(table(headers, rows, align="llrrrrrrrrl"))
+    lines.append("Pairs ranked per length by acc. on real: the classifier trained on reconstructed training "
+                 "sequences, tested on the original held-out ones (what a perfect generator at this length gives "
+                 "a model applied to real data); of original: that / the classifier trained on the originals. "
+                 "R^2 about the held-out set's per-position mean (what is specific to each clip); accuracy: "
+                 "trained and tested on reconstructions.")
+    if r.recommended:
+        lines.append("recommended: " + "; ".join(f"length {n}: {p.reducer} + {p.upsampler} "
+                                                 f"({_pct(p.accuracy_on_real)} on real)"
+                                                 for n, p in sorted(r.recommended.items())))
     lines += [f"note: {n}" for n in r.notes]
     lines.append(f"{r.seconds:.1f}s")
     return "\n".join(lines)
