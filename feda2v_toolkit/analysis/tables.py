@@ -175,5 +175,15 @@ def evaluate_text(result: Any) -> str:
     rows = [[c, _pct(v.get("real_only")), _pct(v.get("tstr")), _pct(v.get("augmented"))]
             for c, v in d.per_class.items()]
     lines.append(table(["class", "real-only", "TSTR", "augmented"], rows))
+    if r.privacy:
+        lines += ["", f"privacy: distance to the closest training sequence (DCR) in the model's normalised reduced "
+                      f"space; training data {r.train_data}"]
+        rows = [[c, m.training, _num(m.synthetic_dcr), _num(m.real_dcr), _num(m.ratio), _pct(m.close_share),
+                 "MEMORISES" if m.memorising else "ok"] for c, m in r.privacy.items()]
+        lines.append(table(["class", "train", "synthetic DCR", "held-out DCR", "ratio", "close", "verdict"], rows,
+                           align="lrrrrrl"))
+        lines.append("DCR: median distance to the nearest training sequence of the class; ratio: synthetic / "
+                     "held-out real (about 1: as far from the training clips as new clips are; well below 1: "
+                     "copies or interpolations); close: share of synthetic samples nearer than 95% of held-out ones.")
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
