@@ -203,10 +203,13 @@ def _diff(name: str, old: str, new: str) -> str:
               help="Write the migrated file to OUT (a directory for several files).")
 @click.option("--training-length", type=click.IntRange(min=1), metavar="N",
               help="Training length to choose for a deprecated full-length target "
-                   "(generator_target_sequence_length above 64); default: the schema default, 4.")
+                   "(generator_target_sequence_length above 64); default: the schema default.")
+@click.option("--keep-old-defaults", is_flag=True,
+              help="Write the old values of defaults changed in schema version 3 (generator_type, "
+                   "generator_upsampler) into sections that relied on them: the original behaviour.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the changes.")
 def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: bool, output: Path | None,
-                training_length: int | None, quiet: bool) -> None:
+                training_length: int | None, keep_old_defaults: bool, quiet: bool) -> None:
     """Migrate configs to the current schema through the versioned migration chains.
 
     Read-only by default: prints the migrated config (or --diff) on stdout and the list of changes on
@@ -224,7 +227,7 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
         raise UsageError("several files: use --diff, --check, --in-place or -o DIR (stdout takes one file)")
     if in_place and any(item.path is None for item in items):
         raise UsageError("--in-place cannot rewrite standard input")
-    options = {"training_length": training_length}
+    options = {"training_length": training_length, "keep_old_defaults": keep_old_defaults}
     targets = _plan_outputs(items, output, single) if output is not None else {}
     catalog = None
     stdout = _BinaryOut()
