@@ -56,16 +56,21 @@ class ASTEmbedder:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
-        level = hf_logging.get_verbosity()
+        level, bars = hf_logging.get_verbosity(), not hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # a classification checkpoint's unused head is expected
+        hf_logging.disable_progress_bar()
         try:
-            self.extractor = ASTFeatureExtractor.from_pretrained(model, revision=revision)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*mel filter has all zero values.*")
+                self.extractor = ASTFeatureExtractor.from_pretrained(model, revision=revision)
             self.model = ASTModel.from_pretrained(model, revision=revision, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"{model}: cannot load an AST model and feature extractor: {first}") from None
         finally:
             hf_logging.set_verbosity(level)
+            if not bars:
+                hf_logging.enable_progress_bar()
         self.model.eval().requires_grad_(False).to(device)
         self.name, self.revision, self.device = model, revision, device
         cfg, fe = self.model.config, self.extractor
