@@ -269,11 +269,11 @@ def load_clip(what: Any, policy: ClipPolicy) -> tuple[Any, int]:
             if total == 0:
                 raise AudioError("empty: the file holds no audio samples")
             # read only what the clip keeps (plus resampler margin): bounded memory for long files
-            need = int(np.ceil(policy.seconds * rate)) + 64
-            start = max(0, (total - need) // 2) if policy.crop == "center" and total > need else 0
+            keep = int(np.ceil(policy.seconds * rate))
+            start = (total - keep) // 2 if policy.crop == "center" and total > keep else 0
             if start:
                 fh.seek(start)
-            data = fh.read(need, dtype="float32", always_2d=True)
+            data = fh.read(keep + 64, dtype="float32", always_2d=True)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as exc:
