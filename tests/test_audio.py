@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def test_saved_hugging_face_dataset(tmp_path):
     paths = [str(tmp_path / "audio" / p) for p in ("bird/a.wav", "engine/a.flac", "bird/b.flac")]
     features = datasets.Features({"audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
                                   "label": datasets.ClassLabel(names=["bird", "engine"])})
-    ds = datasets.Dataset.from_dict({"audio": [{"path": p, "bytes": open(p, "rb").read()} for p in paths],
+    ds = datasets.Dataset.from_dict({"audio": [{"path": p, "bytes": Path(p).read_bytes()} for p in paths],
                                      "label": [0, 1, 0]}, features=features)
     ds = ds.cast_column("audio", datasets.Audio())  # an Audio column, as hub datasets have (cast: no encoding)
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
