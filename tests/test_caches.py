@@ -114,3 +114,12 @@ def test_convert_data_writes_our_format(tmp_path):
         convert_dataset(tmp_path / "cache", tmp_path / "out")
     convert_dataset(tmp_path / "cache", tmp_path / "out", overwrite=True)
     assert open_dataset(tmp_path / "out").storage_dtype == torch.float32
+
+
+def test_train_reads_an_ast_cache_directly(tmp_path, tiny_config):
+    from feda2v_toolkit.training import train
+
+    write_ast_cache(tmp_path / "cache", {"dog": [6, 4], "cat": [10]})
+    model = train(tiny_config, tmp_path / "cache", seed=0, progress=False)
+    assert model.class_names == ["cat", "dog"]
+    assert tuple(model.sample(2, class_name="dog", length=S).shape) == (2, S, D)
