@@ -149,12 +149,14 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}{_PARTIAL_SUFFIX}"
 
 
-def embed(source: ClipSource, out: str | os.PathLike[str], *, model: str = DEFAULT_MODEL,
+def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[str], *, model: str = DEFAULT_MODEL,
           revision: str | None = None, policy: ClipPolicy | None = None, batch_size: int = 8,
           device: str = "auto", dtype: str = "float16", on_error: str = "skip", overwrite: bool = False,
           shard_bytes: int | None = None, progress: bool | None = None,
           embedder: ASTEmbedder | None = None) -> EmbedReport:
-    """Embed every clip of ``source`` into the shard directory ``out`` (resumable; see the module docstring).
+    """Embed every clip of ``source`` (a :class:`ClipSource`, or a class-folder directory / manifest / saved
+    dataset path opened with default columns) into the shard directory ``out`` (resumable; see the module
+    docstring).
 
     ``on_error``: ``skip`` lists unreadable or empty clips in the report, ``fail`` stops at the first
     (finished shards stay for a resumed run). Raises UsageError / InputError for bad arguments or inputs.
@@ -165,6 +167,10 @@ def embed(source: ClipSource, out: str | os.PathLike[str], *, model: str = DEFAU
     from feda2v_toolkit.data import DEFAULT_SHARD_BYTES, _resolve_dtype
     from feda2v_toolkit.progress import Progress
 
+    if not isinstance(source, ClipSource):
+        from feda2v_toolkit.audio import open_source
+
+        source = open_source(source)
     policy = policy or ClipPolicy(10.0)
     if on_error not in ("skip", "fail"):
         raise UsageError(f"on_error must be skip or fail, not {on_error!r}")
@@ -237,7 +243,10 @@ def embed(source: ClipSource, out: str | os.PathLike[str], *, model: str = DEFAU
 
 
 def _fingerprint(settings: dict[str, Any], source: ClipSource) -> str:
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    """A hash of everything that fixes the result; source paths resolved (the same run from another cwd)."""
+    resolved = {k: str(Path(v).resolve()) if k in ("path", "audio_root") and v else v
+                for k, v in settings["source"].items()}
+    h = hashlib.sha256(json.dumps({**settings, "source": resolved}, sort_keys=True, default=str).encode())
     h.update(json.dumps(source.class_names).encode())
     for c in source.clips:
         h.update(f"\0{c.id}\0{c.label}\0{c.fold}".encode())

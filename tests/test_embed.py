@@ -170,7 +170,9 @@ def test_unreadable_and_empty_files_are_listed_or_stop_the_run(embedder, clips, 
 
 
 def test_existing_output_needs_overwrite(embedder, clips, tmp_path):
-    embed(open_source(clips), tmp_path / "out", policy=POLICY, embedder=embedder, progress=False)
+    import feda2v_toolkit as ftk
+
+    ftk.embed_audio(str(clips), tmp_path / "out", policy=POLICY, embedder=embedder, progress=False)  # a path works
     with pytest.raises(UsageError, match="--overwrite"):
         embed(open_source(clips), tmp_path / "out", policy=POLICY, embedder=embedder, progress=False)
     shutil.rmtree(clips / "engine")
