@@ -1,6 +1,6 @@
 """Clips/s of ``feda2v-tk embed`` with the full-size AST against the model's forward pass alone, same run.
 
-    python bench/bench_embed.py [--clips 16] [--batch-size 8] [--clip-seconds 5] [--device cpu] [--json OUT]
+    python bench/bench_embed.py [--clips 16] [--batch-size 8] [--clip-seconds 5] [--device cpu] [--read-workers 1] [--json OUT]
 
 Builds the full-size AST architecture from ``ASTConfig()`` defaults (max_length 1024: 1214 tokens of width
 768, ~87 M parameters) with random weights (seed 0), saves it and its feature extractor with
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--clip-seconds", type=float, default=5.0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--read-workers", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args()
 
@@ -99,7 +100,7 @@ def main() -> None:
         reset_peak()  # peak memory of embed itself, not of building and saving the random model
         t0 = time.perf_counter()
         report = embed(source, tmp / "out", policy=policy, batch_size=args.batch_size, embedder=embedder,
-                       progress=False)
+                       read_workers=args.read_workers, progress=False)
         wall = time.perf_counter() - t0
         peak = status("VmHWM")
         after = forward_alone()  # before and after: the machine's other load drifts

@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -152,14 +153,15 @@ def partial_dir(out: Path) -> Path:
 def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[str], *, model: str = DEFAULT_MODEL,
           revision: str | None = None, policy: ClipPolicy | None = None, batch_size: int = 8,
           device: str = "auto", dtype: str = "float16", on_error: str = "skip", overwrite: bool = False,
-          shard_bytes: int | None = None, progress: bool | None = None,
+          shard_bytes: int | None = None, progress: bool | None = None, read_workers: int = 1,
           embedder: ASTEmbedder | None = None) -> EmbedReport:
     """Embed every clip of ``source`` (a :class:`ClipSource`, or a class-folder directory / manifest / saved
     dataset path opened with default columns) into the shard directory ``out`` (resumable; see the module
     docstring).
 
     ``on_error``: ``skip`` lists unreadable or empty clips in the report, ``fail`` stops at the first
-    (finished shards stay for a resumed run). Raises UsageError / InputError for bad arguments or inputs.
+    (finished shards stay for a resumed run). ``read_workers`` threads read and featurise the next batches
+    while the model runs (1 suits a CPU run; more keep a GPU fed); the result does not depend on it. Raises UsageError / InputError for bad arguments or inputs.
     """
     import torch
     from safetensors.torch import save_file
@@ -212,7 +214,8 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
         parts: list[tuple[Any, list[Clip], Any]] = []
         skipped: list[dict[str, str]] = []
         n_skipped = 0
-        for k, clips, prepared in _prefetch(batches, lambda b: _prepare(source, b[1], policy, emb)):
+        for k, clips, prepared in _prefetch(batches, lambda b: _prepare(source, b[1], policy, emb),
+                                            max(1, read_workers)):
             if current is not None and k != current:
                 _finish_shard(work, current, parts, skipped, source, storage, meta_common, save_file)
                 parts, skipped = [], []
@@ -297,16 +300,18 @@ def _prepare(source: ClipSource, clips: list[Clip], policy: ClipPolicy,
     return (emb.features(waves) if waves else None), good, frames, bad
 
 
-def _prefetch(batches: list[tuple[int, list[Clip]]], prepare: Any) -> Iterator[tuple[int, list[Clip], Any]]:
-    """Yield ``(shard, clips, prepare(batch))`` with the next batch prepared on a thread meanwhile."""
+def _prefetch(batches: list[tuple[int, list[Clip]]], prepare: Any,
+              workers: int = 1) -> Iterator[tuple[int, list[Clip], Any]]:
+    """Yield ``(shard, clips, prepare(batch))`` in order, with the next ``workers`` batches prepared on
+    ``workers`` threads meanwhile (reading, resampling and the filterbank release the GIL for most work)."""
     if not batches:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="feda2v-embed-read") as pool:
-        pending = pool.submit(prepare, batches[0])
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="feda2v-embed-read") as pool:
+        pending = deque(pool.submit(prepare, b) for b in batches[:workers])
         for i, batch in enumerate(batches):
-            result = pending.result()
-            if i + 1 < len(batches):
-                pending = pool.submit(prepare, batches[i + 1])
+            result = pending.popleft().result()
+            if i + workers < len(batches):
+                pending.append(pool.submit(prepare, batches[i + workers]))
             yield batch[0], batch[1], result
 
 

@@ -25,6 +25,8 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"  # feda2v_toolkit.embe
               help="Which part of a longer clip to keep.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--read-workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Threads reading and featurising the next batches while the model runs (more for a GPU).")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Storage dtype of the embeddings (inference runs in float32).")
 @click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "fail"]),
@@ -43,7 +45,7 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"  # feda2v_toolkit.embe
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or status messages.")
 def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_seconds: float, crop: str,
-              batch_size: int, device: str, dtype: str, on_error: str, path_column: str, label_column: str,
+              batch_size: int, device: str, read_workers: int, dtype: str, on_error: str, path_column: str, label_column: str,
               fold_column: str, audio_column: str, audio_root: Path | None, split: str | None, folds: str | None,
               overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Embed the audio clips of SOURCE with an Audio Spectrogram Transformer into a dataset directory.
@@ -63,7 +65,7 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
                       folds=[f.strip() for f in folds.split(",") if f.strip()] if folds else None)
     report = embed(src, out, model=model, revision=revision, policy=ClipPolicy(clip_seconds, crop),
                    batch_size=batch_size, device=device, dtype=dtype, on_error=on_error, overwrite=overwrite,
-                   progress=False if quiet else None)
+                   read_workers=read_workers, progress=False if quiet else None)
     if not quiet:
         for item in report.skipped:
             click.echo(f"feda2v-tk: skipped {item['path']}: {item['reason']}", err=True)
