@@ -58,14 +58,21 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
     from feda2v_toolkit.audio import ClipPolicy, open_source, require
 
     require("transformers", "soundfile", "soxr")
-    from feda2v_toolkit.embed import embed
+    from feda2v_toolkit.embed import embed, partial_dir
 
     src = open_source(source, path_column=path_column, label_column=label_column, fold_column=fold_column,
                       audio_column=audio_column, audio_root=str(audio_root) if audio_root else None, split=split,
                       folds=[f.strip() for f in folds.split(",") if f.strip()] if folds else None)
-    report = embed(src, out, model=model, revision=revision, policy=ClipPolicy(clip_seconds, crop),
-                   batch_size=batch_size, device=device, dtype=dtype, on_error=on_error, overwrite=overwrite,
-                   read_workers=read_workers, progress=False if quiet else None)
+    try:
+        report = embed(src, out, model=model, revision=revision, policy=ClipPolicy(clip_seconds, crop),
+                       batch_size=batch_size, device=device, dtype=dtype, on_error=on_error, overwrite=overwrite,
+                       read_workers=read_workers, progress=False if quiet else None)
+    except KeyboardInterrupt:
+        work = partial_dir(out)
+        if not quiet and any(work.glob("done-*.json")):
+            click.echo(f"feda2v-tk: finished shards are kept in {work}; run the same command again to resume",
+                       err=True)
+        raise
     if not quiet:
         for item in report.skipped:
             click.echo(f"feda2v-tk: skipped {item['path']}: {item['reason']}", err=True)
