@@ -88,13 +88,15 @@ class ASTEmbedder:
     def settings(self) -> dict[str, Any]:
         """What fixes the embeddings: model name, revision, commit, extractor and patch settings."""
         import transformers
+        from transformers.utils import is_speech_available
 
         cfg, fe = self.model.config, self.extractor
         return {"model": self.name, "revision": self.revision,
                 "commit": getattr(cfg, "_commit_hash", None), "transformers": transformers.__version__,
                 "extractor": {"sampling_rate": fe.sampling_rate, "num_mel_bins": fe.num_mel_bins,
                               "max_length": fe.max_length, "do_normalize": fe.do_normalize,
-                              "mean": fe.mean, "std": fe.std},
+                              "mean": fe.mean, "std": fe.std,
+                              "fbank": "torchaudio kaldi" if is_speech_available() else "numpy"},
                 "patches": {"patch_size": cfg.patch_size, "frequency_stride": cfg.frequency_stride,
                             "time_stride": cfg.time_stride, "order": "frequency-major"},
                 "tokens": self.tokens, "dim": self.dim, "output": "last_hidden_state", "inference": "float32"}

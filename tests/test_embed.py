@@ -185,3 +185,22 @@ def test_a_directory_that_is_not_an_ast_model_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="cannot load an AST model"):
         ASTEmbedder(str(tmp_path / "empty"), device="cpu")
+
+
+def test_a_classification_checkpoint_loads_its_encoder_weights(tmp_path):
+    """The hub checkpoints FedA2V uses are ASTForAudioClassification: ASTModel takes their encoder as is."""
+    import warnings
+
+    from audio_fakes import TINY_AST
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+
+    torch.manual_seed(1)
+    classifier = ASTForAudioClassification(ASTConfig(**TINY_AST, num_labels=3))
+    classifier.save_pretrained(tmp_path / "clf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ASTFeatureExtractor(max_length=TINY_AST["max_length"]).save_pretrained(tmp_path / "clf")
+    loaded = ASTEmbedder(str(tmp_path / "clf"), device="cpu").model.state_dict()
+    original = classifier.audio_spectrogram_transformer.state_dict()
+    assert loaded.keys() == original.keys()
+    assert all(torch.equal(loaded[k], original[k]) for k in original)
