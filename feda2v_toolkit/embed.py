@@ -163,7 +163,8 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
 
     ``on_error``: ``skip`` lists unreadable or empty clips in the report, ``fail`` stops at the first
     (finished shards stay for a resumed run). ``read_workers`` threads read and featurise the next batches
-    while the model runs (1 suits a CPU run; more keep a GPU fed); the result does not depend on it. Raises UsageError / InputError for bad arguments or inputs.
+    while the model runs (1 suits a CPU run; more keep a GPU fed); the result does not depend on it.
+    Raises UsageError / InputError for bad arguments or inputs.
     """
     import torch
     from safetensors.torch import save_file
@@ -228,7 +229,6 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
                 if on_error == "fail":
                     raise InputError(f"{where}: {reason}")
                 skipped.append({"id": clip.id, "path": where, "reason": reason})
-                bar.write(f"feda2v-tk: skipped {where}: {reason}")
             if good:
                 t0 = time.perf_counter()
                 hidden = emb(feats)
@@ -240,6 +240,10 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
             bar.postfix(skipped=n_skipped)
         if current is not None:
             _finish_shard(work, current, parts, skipped, source, storage, meta_common, save_file)
+    except BaseException:
+        if not any(work.glob("done-*.json")):  # nothing worth resuming: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         bar.close()
     report.seconds = time.perf_counter() - start
@@ -251,7 +255,9 @@ def _fingerprint(settings: dict[str, Any], source: ClipSource) -> str:
     """A hash of everything that fixes the result; source paths resolved (the same run from another cwd)."""
     resolved = {k: str(Path(v).resolve()) if k in ("path", "audio_root") and v else v
                 for k, v in settings["source"].items()}
-    h = hashlib.sha256(json.dumps({**settings, "source": resolved}, sort_keys=True, default=str).encode())
+    model = str(Path(settings["model"]).resolve()) if Path(settings["model"]).is_dir() else settings["model"]
+    h = hashlib.sha256(json.dumps({**settings, "source": resolved, "model": model}, sort_keys=True,
+                                  default=str).encode())
     h.update(json.dumps(source.class_names).encode())
     for c in source.clips:
         h.update(f"\0{c.id}\0{c.label}\0{c.fold}".encode())
