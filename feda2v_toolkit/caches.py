@@ -95,6 +95,9 @@ def open_ast_cache(root: Path) -> Any:
         for file_id, where in index.items():
             if not (isinstance(where, list) and len(where) == 2 and all(isinstance(w, int) for w in where)):
                 raise InputError(f"{d / MANIFEST}: file {file_id!r} has index {where!r}, expected [chunk, offset]")
+            if not 0 <= where[0] < len(chunks):
+                raise InputError(f"{d / MANIFEST}: file {file_id!r} points to chunk {where[0]}, but "
+                                 f"{len(chunks)} chunk(s) are listed")
             used.setdefault(where[0], set()).add(where[1])
         for ci, meta in enumerate(chunks):
             if not isinstance(meta, dict) or not isinstance(meta.get("file"), str) or "/" in meta["file"] \

@@ -65,6 +65,7 @@ def test_rows_the_manifest_no_longer_indexes_are_left_out(tmp_path):
     ("pickled", "cannot read as a .npy array"),
     ("count", "manifest says 3 samples, the chunk holds 2"),
     ("path", "has no plain file name"),
+    ("index", "points to chunk 7, but 1 chunk"),
 ])
 def test_broken_caches_are_one_line_errors(tmp_path, breakage, message):
     write_ast_cache(tmp_path / "cache", {"dog": [3]})
@@ -76,6 +77,9 @@ def test_broken_caches_are_one_line_errors(tmp_path, breakage, message):
         np.save(d / "embeddings_000.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
     elif breakage == "count":
         np.save(d / "embeddings_000.npy", np.zeros((2, S, D), dtype=np.float32))
+    elif breakage == "index":
+        manifest["file_id_to_index"]["dog_0_0"] = [7, 0]
+        (d / "manifest.json").write_text(json.dumps(manifest))
     else:
         manifest["chunks"][0]["file"] = "../../etc/passwd"
         (d / "manifest.json").write_text(json.dumps(manifest))
