@@ -3,7 +3,7 @@
 * A cache directory: one sub-directory per class, each with ``embeddings_NNN.npy`` chunks (float32
   ``[n, S, D]``) and a ``manifest.json`` (``file_id_to_index``: file id -> ``[chunk, offset]``,
   ``chunks``: ``[{"file", "num_samples", "shape"}]``, ``class_name``). Chunks are memory-mapped with
-  ``np.load(mmap_mode="r", allow_pickle=False)``; rows are those the manifest indexes, in chunk order.
+  ``np.load(mmap_mode="c", allow_pickle=False)`` (copy-on-write: nothing ever writes to the cache); rows are those the manifest indexes, in chunk order.
 * A ``.pt`` dict keyed by file id (read by :mod:`feda2v_toolkit.data` with ``weights_only=True``):
   ``{"embeddings": {"file_id:class": tensor}, "metadata": {...}}`` or ``{file_id: tensor}``; the class is
   the part after the last ``:`` of the key (keys without one all go to the class ``unlabelled``).
@@ -14,7 +14,6 @@ Both give a :class:`~feda2v_toolkit.data.Dataset`, so ``train``, ``analyze`` and
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,19 @@ from feda2v_toolkit.errors import InputError
 MANIFEST = "manifest.json"
 #: largest manifest.json read
 MAX_MANIFEST_BYTES = 64 * 2**20
+
+
+class _Rows:
+    """Rows of a memory-mapped tensor handed out as copies, so that a batch never aliases the map
+    (``_Source.read`` slices ``tensors[name][lo:hi]``)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self.dtype = tensor.dtype
+        self.shape = tensor.shape
+
+    def __getitem__(self, index: slice) -> Tensor:
+        return self.tensor[index].clone()
 
 
 def is_ast_cache(path: Path) -> bool:
@@ -56,16 +68,15 @@ def _chunk(path: Path, expected_rows: Any) -> Tensor:
     if not path.is_file():
         raise InputError(f"{path}: chunk listed in the manifest is missing")
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        # copy-on-write map: even a stray write never reaches the file
+        arr = np.load(path, mmap_mode="c", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read as a .npy array: {exc}") from None
     if arr.ndim != 3 or arr.dtype not in (np.float32, np.float16):
         raise InputError(f"{path}: expected a float32 [n, S, D] array, found {arr.dtype} {list(arr.shape)}")
     if isinstance(expected_rows, int) and expected_rows != arr.shape[0]:
         raise InputError(f"{path}: manifest says {expected_rows} samples, the chunk holds {arr.shape[0]}")
-    with warnings.catch_warnings():  # read-only memory map: torch warns that it is not writable
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
+    return torch.from_numpy(arr)
 
 
 def open_ast_cache(root: Path) -> Any:
@@ -112,7 +123,7 @@ def open_ast_cache(root: Path) -> Any:
             if rows and (rows[0] < 0 or rows[-1] >= tensor.shape[0]):
                 raise InputError(f"{d / MANIFEST}: an index points past the {tensor.shape[0]} rows of {meta['file']}")
             for lo, hi in _runs(rows):
-                sources.append(_Source(d / meta["file"], start, hi - lo, {"embeddings": tensor[lo:hi]}))
+                sources.append(_Source(d / meta["file"], start, hi - lo, {"embeddings": _Rows(tensor[lo:hi])}))
                 labels.append(torch.full((hi - lo,), names.index(name), dtype=torch.long))
                 start += hi - lo
     if not sources or shape is None:
@@ -161,7 +172,7 @@ def open_keyed(path: Path, table: dict[str, Tensor]) -> Any:
             raise InputError(f"{path}: {key!r} is {list(value.shape)}, the first entry {list(first.shape)}")
         if value.dtype != first.dtype or value.dtype not in FLOAT_DTYPES:
             raise InputError(f"{path}: {key!r} is {value.dtype}; entries must all be float32, float16 or bfloat16")
-        sources.append(_Source(path, i, 1, {"embeddings": value.reshape(1, *row_shape)}))
+        sources.append(_Source(path, i, 1, {"embeddings": _Rows(value.reshape(1, *row_shape))}))
     labels = torch.tensor([names.index(c) for c in classes], dtype=torch.long)
     return Dataset(path, sources, seq_len=row_shape[0], dim=row_shape[1], storage_dtype=first.dtype,
                    labels=labels, class_names=names, condition_dim=0)

@@ -47,8 +47,10 @@ def test_ast_cache_directory_is_read_in_place(tmp_path):
     np.testing.assert_array_equal(batch.embeddings[:4].numpy(), rows["baby_cry"])
     np.testing.assert_array_equal(batch.embeddings[4:].numpy(), rows["dog"])
     assert batch.labels.tolist() == [0] * 4 + [1] * 5
-    assert isinstance(ds.sources[0].tensors["embeddings"].numpy().base, np.memmap) or \
-        not ds.sources[0].tensors["embeddings"].numpy().flags.owndata  # memory-mapped, not copied
+    assert not ds.sources[0].tensors["embeddings"].tensor.numpy().flags.owndata  # memory-mapped, not copied
+    ds.read(range(4)).embeddings.mul_(0)  # one chunk's rows: a batch is a copy, never a view of the map
+    np.testing.assert_array_equal(ds.read(range(4)).embeddings.numpy(), rows["baby_cry"])
+    np.testing.assert_array_equal(np.load(tmp_path / "cache" / "baby_cry" / "embeddings_000.npy"), rows["baby_cry"])
 
 
 def test_rows_the_manifest_no_longer_indexes_are_left_out(tmp_path):
