@@ -214,14 +214,17 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     try:
         batches = [(k, shards[k][j:j + batch_size]) for k in todo for j in range(0, len(shards[k]), batch_size)]
         current: int | None = None
-        parts: list[tuple[Any, list[Clip], Any]] = []
+        # one shard's rows are gathered in place: bounded memory, no concatenation copy
+        buffer = torch.empty(min(shard_clips, len(source.clips)), emb.tokens, emb.dim, dtype=storage)
+        parts: list[tuple[list[Clip], list[int]]] = []
+        filled = 0
         skipped: list[dict[str, str]] = []
         n_skipped = 0
         for k, clips, prepared in _prefetch(batches, lambda b: _prepare(source, b[1], policy, emb),
                                             max(1, read_workers)):
             if current is not None and k != current:
-                _finish_shard(work, current, parts, skipped, source, storage, meta_common, save_file)
-                parts, skipped = [], []
+                _finish_shard(work, current, buffer[:filled], parts, skipped, source, meta_common, save_file)
+                parts, skipped, filled = [], [], 0
             current = k
             feats, good, frames, bad = prepared
             for clip, reason in bad:
@@ -233,13 +236,15 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
                 t0 = time.perf_counter()
                 hidden = emb(feats)
                 report.model_seconds += time.perf_counter() - t0
-                parts.append((hidden.to(storage), good, frames))
+                buffer[filled:filled + len(good)].copy_(hidden)
+                filled += len(good)
+                parts.append((good, frames))
             report.computed += len(clips)
             bar.update(len(clips))
             n_skipped += len(bad)
             bar.postfix(skipped=n_skipped)
         if current is not None:
-            _finish_shard(work, current, parts, skipped, source, storage, meta_common, save_file)
+            _finish_shard(work, current, buffer[:filled], parts, skipped, source, meta_common, save_file)
     except BaseException:
         if not any(work.glob("done-*.json")):  # nothing worth resuming: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)
@@ -323,18 +328,18 @@ def _prefetch(batches: list[tuple[int, list[Clip]]], prepare: Any,
             yield batch[0], batch[1], result
 
 
-def _finish_shard(work: Path, k: int, parts: list[tuple[Any, list[Clip], Any]], skipped: list[dict[str, str]],
-                  source: ClipSource, storage: Any, meta_common: dict[str, str], save_file: Any) -> None:
+def _finish_shard(work: Path, k: int, embeddings: Any, parts: list[tuple[list[Clip], list[int]]],
+                  skipped: list[dict[str, str]], source: ClipSource, meta_common: dict[str, str],
+                  save_file: Any) -> None:
     """Write shard ``k`` (if it has rows) and then its done marker, each atomically."""
     import torch
 
     from feda2v_toolkit.data import dataset_metadata
 
-    clips = [c for _, good, _ in parts for c in good]
+    clips = [c for good, _ in parts for c in good]
     if clips:
-        tensors = {"embeddings": torch.cat([h for h, _, _ in parts]).contiguous(),
-                   "labels": torch.tensor([c.label for c in clips], dtype=torch.long),
-                   "frames": torch.tensor([f for _, _, fr in parts for f in fr], dtype=torch.int32)}
+        tensors = {"embeddings": embeddings, "labels": torch.tensor([c.label for c in clips], dtype=torch.long),
+                   "frames": torch.tensor([f for _, fr in parts for f in fr], dtype=torch.int32)}
         if source.fold_names is not None:
             tensors["folds"] = torch.tensor([c.fold for c in clips], dtype=torch.long)
         meta = dataset_metadata(source.class_names, {**meta_common, "clip_ids": json.dumps([c.id for c in clips])})
