@@ -79,3 +79,10 @@ def test_convert_data_from_an_original_cache(tmp_path, capsys):
     assert code == 0, err
     assert json.loads(out)["rows"] == 4 and "wrote 4 rows [6, 4] float32, 2 classes" in err
     assert open_dataset(tmp_path / "ds").class_names == ["a", "b"]
+
+
+def test_the_cli_default_model_is_the_library_default():
+    from feda2v_toolkit.commands.embed import DEFAULT_MODEL as CLI_DEFAULT
+    from feda2v_toolkit.embed import DEFAULT_MODEL
+
+    assert CLI_DEFAULT == DEFAULT_MODEL == "MIT/ast-finetuned-audioset-10-10-0.4593"
