@@ -226,7 +226,8 @@ def _files_of(path: Path) -> list[Path]:
     return [path]
 
 
-def _legacy_tensors(path: Path) -> dict[str, Any]:
+def _load_pt(path: Path) -> Any:
+    """``torch.load`` a legacy cache with ``weights_only=True`` (memory-mapped when the format allows)."""
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -237,6 +238,11 @@ def _legacy_tensors(path: Path) -> dict[str, Any]:
     except Exception as exc:  # torch raises many types for corrupt or pickled-object files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot read as a PyTorch tensor cache (weights_only): {first}") from None
+    return obj
+
+
+def _legacy_tensors(path: Path, obj: Any = None) -> dict[str, Any]:
+    obj = _load_pt(path) if obj is None else obj
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     out: dict[str, Any] = {}
@@ -263,14 +269,28 @@ def _legacy_tensors(path: Path) -> dict[str, Any]:
 
 
 def open_dataset(path: str | os.PathLike[str]) -> Dataset:
-    """Open a dataset file, shard directory or legacy ``.pt`` cache, checking shapes and labels.
+    """Open a dataset file, shard directory, legacy ``.pt`` cache or AST cache of the original code
+    (:mod:`feda2v_toolkit.caches`), checking shapes and labels.
 
     Raises :class:`UsageError` for a missing path and :class:`InputError` (one line naming the file)
     for anything wrong with the content: missing tensors, wrong ranks or dtypes, corrupt files,
     inconsistent shards, labels out of range.
     """
     root = Path(path)
+    if root.is_dir() and not any(root.glob("*.safetensors")):  # the original code's AST cache directories
+        from feda2v_toolkit.caches import is_ast_cache, open_ast_cache
+
+        if is_ast_cache(root):
+            return open_ast_cache(root)
     files = _files_of(root)
+    preloaded = None
+    if root.is_file() and root.suffix in (".pt", ".pth"):  # the original code's {file_id: tensor} caches
+        from feda2v_toolkit.caches import keyed_table, open_keyed
+
+        preloaded = _load_pt(root)
+        table = keyed_table(preloaded)
+        if table is not None:
+            return open_keyed(root, table)
     sources: list[_Source] = []
     labels_parts: list[Tensor] = []
     shape: tuple[int, int] | None = None
@@ -281,7 +301,7 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
     for file in files:
         tensors = None
         if file.suffix in (".pt", ".pth"):
-            legacy = _legacy_tensors(file)
+            legacy = _legacy_tensors(file, preloaded)
             names = legacy.pop("class_names", None)
             tensors = legacy
             emb_shape = tuple(legacy["embeddings"].shape)
