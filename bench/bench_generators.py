@@ -20,7 +20,7 @@ an in-run reference:
 Usage::
 
     python bench/bench_generators.py [--only usefulness,upsamplers,stability] [--per-class 16]
-        [--length 16] [--seeds 0,1,2] [--epochs-original 10] [--grid-lengths 4,16,64] [--grid-seeds 0,1,2,3,4]
+        [--lengths 16] [--seeds 0,1,2] [--epochs-original 10] [--grid-lengths 4,16,64] [--grid-seeds 0,1,2,3,4]
         [--grid-epochs 50] [--json OUT.json]
 
 Results are recorded in docs/evaluation.md and docs/performance.md.
@@ -146,44 +146,46 @@ def score(model: GenerativeModel, train_path: Path, test_path: Path, seed: int) 
             "close_share": r.privacy["(all)"].close_share, "memorising": r.privacy["(all)"].memorising}
 
 
-def bench_usefulness(train_path: Path, test_path: Path, length: int, seeds: list[int], epochs_original: int,
-                     workdir: Path, only: list[str] | None) -> dict[str, Any]:
+def bench_usefulness(train_path: Path, test_path: Path, lengths: list[int], seeds: list[int],
+                     epochs_original: int, workdir: Path, only: list[str] | None) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    rows = [("original method (reference)", None, None, {})] + [c for c in CONFIGS]
-    for label, gen_type, granularity, extra in rows:
-        if only and not any(o in label for o in only):
-            continue
-        runs = []
-        for seed in seeds:
-            t0 = time.perf_counter()
-            try:
-                if gen_type is None:
-                    model = train_original(train_path, length, epochs_original, seed)
-                else:
-                    model = train(config(gen_type, granularity, length, extra, workdir), train_path, seed=seed)
-                fit_s = time.perf_counter() - t0
-                runs.append({**score(model, train_path, test_path, seed), "seconds": fit_s, "seed": seed})
-            except Exception as exc:  # a failure is a result here
-                runs.append({"error": f"{type(exc).__name__}: {exc}", "seed": seed})
-            print(f"[usefulness] {label} seed {seed}: {json.dumps(runs[-1])}", flush=True)
-        ok = [r for r in runs if "error" not in r]
-        summary = {k: statistics.fmean(r[k] for r in ok) for k in ("tstr", "real_only", "ratio", "dcr_ratio",
-                                                                   "seconds")} if ok else {}
-        if ok:
-            summary["ratio_min"] = min(r["ratio"] for r in ok)
-            summary["dcr_min"] = min(r["dcr_ratio"] for r in ok)
-        results[label] = {"runs": runs, "summary": summary,
-                          "epochs": epochs_original if gen_type is None else None}
-    print("\n[usefulness] train-on-synthetic / train-on-real (TSTR ratio) and DCR ratio, mean over seeds "
-          f"{seeds}, training length {length}, output {FULL}:")
-    print(f"{'generator':38s} {'TSTR':>7s} {'real':>7s} {'ratio':>7s} {'(min)':>7s} {'DCR':>6s} {'(min)':>6s} "
+    rows = [("original method (reference)", None, None, {})] + list(CONFIGS)
+    for length in lengths:
+        for label, gen_type, granularity, extra in rows:
+            if only and not any(o in label for o in only):
+                continue
+            runs = []
+            for seed in seeds:
+                t0 = time.perf_counter()
+                try:
+                    if gen_type is None:
+                        model = train_original(train_path, length, epochs_original, seed)
+                    else:
+                        model = train(config(gen_type, granularity, length, extra, workdir), train_path, seed=seed)
+                    fit_s = time.perf_counter() - t0
+                    runs.append({**score(model, train_path, test_path, seed), "seconds": fit_s, "seed": seed})
+                except Exception as exc:  # a failure is a result here
+                    runs.append({"error": f"{type(exc).__name__}: {exc}", "seed": seed})
+                print(f"[usefulness] {label} l={length} seed {seed}: {json.dumps(runs[-1])}", flush=True)
+            ok = [r for r in runs if "error" not in r]
+            summary: dict[str, float] = {}
+            if ok:
+                summary = {k: statistics.fmean(r[k] for r in ok)
+                           for k in ("tstr", "real_only", "ratio", "dcr_ratio", "seconds")}
+                summary["ratio_min"] = min(r["ratio"] for r in ok)
+                summary["dcr_min"] = min(r["dcr_ratio"] for r in ok)
+            results[f"{label} @ l={length}"] = {"runs": runs, "summary": summary, "length": length,
+                                                 "epochs": epochs_original if gen_type is None else None}
+    print(f"\n[usefulness] train-on-synthetic / train-on-real (TSTR ratio) and DCR ratio, mean over seeds "
+          f"{seeds}, output length {FULL}:")
+    print(f"{'generator':48s} {'TSTR':>7s} {'real':>7s} {'ratio':>7s} {'(min)':>7s} {'DCR':>6s} {'(min)':>6s} "
           f"{'fit s':>7s}")
     for label, res in results.items():
         s = res["summary"]
         if not s:
-            print(f"{label:38s} failed: {res['runs'][0].get('error')}")
+            print(f"{label:48s} failed: {res['runs'][0].get('error')}")
             continue
-        print(f"{label:38s} {s['tstr']:7.3f} {s['real_only']:7.3f} {s['ratio']:7.3f} {s['ratio_min']:7.3f} "
+        print(f"{label:48s} {s['tstr']:7.3f} {s['real_only']:7.3f} {s['ratio']:7.3f} {s['ratio_min']:7.3f} "
               f"{s['dcr_ratio']:6.3f} {s['dcr_min']:6.3f} {s['seconds']:7.1f}")
     return results
 
@@ -265,7 +267,7 @@ def main() -> int:
     ap.add_argument("--only", default="usefulness,upsamplers,stability")
     ap.add_argument("--per-class", type=int, default=32, help="clips per class in the corpus (half train, half test)")
     ap.add_argument("--corpus", type=Path, help="use this corpus instead of bench/corpus.py's cached one")
-    ap.add_argument("--length", type=int, default=16)
+    ap.add_argument("--lengths", default="16", help="training lengths of the usefulness table")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--configs", default="", help="comma-separated substrings of the usefulness rows to run")
     ap.add_argument("--epochs-original", type=int, default=10,
@@ -296,7 +298,7 @@ def main() -> int:
     print(f"corpus {corpus_path}: train {train_path} / test {test_path}; torch threads {torch.get_num_threads()}")
     results: dict[str, Any] = {"corpus": str(corpus_path)}
     if "usefulness" in only:
-        results["usefulness"] = bench_usefulness(train_path, test_path, args.length, ints(args.seeds),
+        results["usefulness"] = bench_usefulness(train_path, test_path, ints(args.lengths), ints(args.seeds),
                                                  args.epochs_original, workdir,
                                                  [c for c in args.configs.split(",") if c] or None)
     if "upsamplers" in only:

@@ -248,3 +248,23 @@ def test_outputs_in_new_directories_are_created(tiny_data, tiny_config, tmp_path
     train(tiny_config, tiny_data, out=tmp_path / "new" / "m.safetensors",
           metrics_path=tmp_path / "other" / "m.jsonl")
     assert (tmp_path / "new" / "m.safetensors").exists() and (tmp_path / "other" / "m.jsonl").exists()
+
+
+def test_the_default_generator_is_fitted_once_in_closed_form_and_upsampled_by_lstsq(tiny_data, tmp_path):
+    """With only the lengths set: the gaussian generator (one mean per class) is fitted once -- no epochs,
+    no optimiser steps -- and the fitted lstsq upsampler decodes its samples to full length."""
+    cfg = {"generator_training_sequence_length": 4, "generator_output_sequence_length": 50,
+           "generator_checkpoint_dir": str(tmp_path / "ck")}
+    model = train(cfg, tiny_data, out=tmp_path / "m.safetensors", seed=0)
+    assert (model.generator_type, model.upsampler_name, model.granularity) == ("gaussian", "lstsq", "unified")
+    gen = model.generators["all"]
+    assert gen.conditioning == "label" and int(gen.counts.sum()) == 36  # 40 clips, 1 per class held out
+    m = model.metrics
+    assert (m["epochs"], m["steps"]) == (1, 0) and m["generator_fit"]["all"]["sequences"] == 36.0
+    assert m["val"]["loss"] == pytest.approx(m["val"]["loss"]) and "mse" in m["val"]
+    loaded = load_model(tmp_path / "m.safetensors")
+    a = model.sample(3, class_name="drum", generator=torch.Generator().manual_seed(1))
+    b = loaded.sample(3, class_name="drum", generator=torch.Generator().manual_seed(1))
+    assert a.shape == (3, 50, 16) and torch.equal(a, b)
+    again = train(cfg, tiny_data, seed=0)
+    assert all(torch.equal(t, again.generators["all"].state_dict()[k]) for k, t in gen.state_dict().items())
