@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from feda2v_toolkit import __version__
-from feda2v_toolkit.atomic import atomic_path, default_mode
+from feda2v_toolkit.atomic import atomic_path, default_mode, remove_stale_temporaries, temp_prefix
 from feda2v_toolkit.errors import InputError, NewerVersionError, UsageError
 
 FORMAT = "dataset"
@@ -439,7 +439,8 @@ class DatasetWriter:
         self.shard_bytes = int(shard_bytes)
         self.extra_metadata = extra_metadata or {}
         self.directory.parent.mkdir(parents=True, exist_ok=True)
-        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", suffix=".partial",
+        remove_stale_temporaries(self.directory, ".partial")
+        self._staging = Path(tempfile.mkdtemp(prefix=temp_prefix(self.directory), suffix=".partial",
                                               dir=self.directory.parent))
         self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._pending_rows = 0

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.atomic import check_output_path
+from feda2v_toolkit.atomic import check_output_path, check_writable
 from feda2v_toolkit.checkpoint import TrainingState, checkpoint_epoch, load_checkpoint, save_checkpoint
 from feda2v_toolkit.components import Generator, Reducer, TrainContext, Upsampler
 from feda2v_toolkit.config import configured_upsampler
@@ -125,8 +125,42 @@ def _fingerprint(cfg: Mapping[str, Any], ds: Dataset, seed: int, reduced: Tensor
     data = hashlib.sha256(ds.labels.numpy().tobytes())
     data.update(memoryview(reduced.contiguous().numpy()).cast("B"))
     return {"config": hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "data": f"{len(ds)}x{ds.seq_len}x{ds.dim}:{data.hexdigest()[:16]}", "seed": seed,
+            "data": f"{_data_shape(ds)}:{data.hexdigest()[:16]}", "seed": seed,
             "epochs": int(cfg["generator_training_epochs"])}
+
+
+def _data_shape(ds: Dataset) -> str:
+    return f"{len(ds)}x{ds.seq_len}x{ds.dim}"
+
+
+_FINGERPRINT_WORDS = {"config": "config", "data": "dataset", "seed": "seed", "epochs": "epoch count"}
+
+
+def _refuse_resume(ckpt_path: Path, differ: list[str]) -> UsageError:
+    return UsageError(f"{ckpt_path}: checkpoint was made with another {' and '.join(differ)} "
+                      f"(cannot resume it exactly); remove it, or set another generator_checkpoint_dir")
+
+
+def _check_resumable_early(ckpt_path: Path, saved: Mapping[str, Any], cfg: Mapping[str, Any], ds: Dataset,
+                           seed: int) -> None:
+    """What can be compared before the data is reduced (config, data shape, seed, epochs): refuse a
+    checkpoint of another run before its fitted reducer is loaded into a reducer of another shape."""
+    now = _fingerprint(cfg, ds, seed, torch.empty(0))
+    differ = [_FINGERPRINT_WORDS[k] for k in ("config", "seed", "epochs") if saved.get(k) != now[k]]
+    if str(saved.get("data", "")).split(":", 1)[0] != _data_shape(ds):
+        differ.insert(1, "dataset")
+    if differ:
+        raise _refuse_resume(ckpt_path, differ)
+
+
+_DEFAULT_CHECKPOINT_DIR = "checkpoints"
+
+
+def default_checkpoint_dir(out: str | os.PathLike[str]) -> Path:
+    """Where a run writing model ``out`` keeps its checkpoints when no directory is configured:
+    ``<out without suffix>.checkpoints`` beside it (each model its own, so runs never collide)."""
+    o = Path(out)
+    return o.with_name(f"{o.stem}.checkpoints")
 
 
 def checkpoint_path(cfg: Mapping[str, Any], checkpoint_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -273,11 +307,13 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     cfg = dict(load_config(config, overrides=overrides))
     dev = resolve_device(device)
     data_paths = [] if isinstance(data, Dataset) else [data]
+    if checkpoint_dir is None and out is not None and cfg["generator_checkpoint_dir"] == _DEFAULT_CHECKPOINT_DIR:
+        checkpoint_dir = default_checkpoint_dir(out)  # beside the model, not a shared ./checkpoints
     ckpt_path = checkpoint_path(cfg, checkpoint_dir)
     for target in (out, metrics_path, ckpt_path if cfg["generator_save_checkpoint"] else None):
         if target is not None:
             check_output_path(target, data_paths, role="input dataset")
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            check_writable(target)  # before training, not after it
     ds = data if isinstance(data, Dataset) else open_dataset(data)
     length = int(cfg["generator_training_sequence_length"])
     if ds.seq_len < length:
@@ -308,13 +344,19 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     train_idx, val_idx = stratified_split(ds.labels, float(cfg["generator_validation_split"]), seed)
     say(f"data: {len(ds)} sequences [{ds.seq_len}, {ds.dim}] {str(ds.storage_dtype).replace('torch.', '')}, "
         f"{ds.num_classes} classes; {train_idx.numel()} train / {val_idx.numel()} held out")
+    if cfg["generator_save_checkpoint"]:
+        say(f"checkpoints: {ckpt_path.parent}/ (--checkpoint-dir to change)")
 
     # -- reducer: fit (if needed) and reduce every sequence once ---------------------------------
     reducer_name = cfg["generator_reducer"]
     reducer = registry.load("reducer", reducer_name).from_config(cfg, length=length, full_length=ds.seq_len,
                                                                  dim=ds.dim).to(dev)
     if loaded is not None:
-        reducer.load_state_dict(unprefixed(loaded.tensors, "reducer"))
+        _check_resumable_early(ckpt_path, loaded.state.fingerprint, cfg, ds, seed)
+        try:
+            reducer.load_state_dict(unprefixed(loaded.tensors, "reducer"))
+        except RuntimeError:
+            raise _refuse_resume(ckpt_path, ["reducer state"]) from None
     elif type(reducer).fitted:
         say(f"fitting reducer {reducer_name} on {train_idx.numel()} sequences")
         reducer.fit(full_batches(ds, train_idx))
@@ -324,11 +366,9 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     say(f"reduced {len(ds)} sequences to {length} tokens in {time.perf_counter() - t0:.1f}s")
     fingerprint = _fingerprint(cfg, ds, seed, reduced_raw)
     if loaded is not None:
-        words = {"config": "config", "data": "dataset", "seed": "seed", "epochs": "epoch count"}
-        differ = [words[k] for k in fingerprint if loaded.state.fingerprint.get(k) != fingerprint[k]]
+        differ = [_FINGERPRINT_WORDS[k] for k in fingerprint if loaded.state.fingerprint.get(k) != fingerprint[k]]
         if differ:
-            raise UsageError(f"{ckpt_path}: checkpoint was made with another {' and '.join(differ)} "
-                             f"(cannot resume it exactly); remove it, or set another generator_checkpoint_dir")
+            raise _refuse_resume(ckpt_path, differ)
         say(f"resuming from {ckpt_path} after epoch {loaded.state.epoch}")
 
     normalization = standardization(reduced_raw, train_idx) if cfg["generator_normalize"] else {}
@@ -434,7 +474,7 @@ def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_
     val_sets = {key: run.val_idx[torch.isin(labels_all[run.val_idx], m)] for key, m in run.members.items()}
     steps_per_epoch = sum(_batches_per_epoch(idx.numel(), batch_size) for idx in train_sets.values() if idx.numel())
     bar = Progress(epochs * steps_per_epoch, state.epoch * steps_per_epoch, progress)
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if metrics_path else nullcontext()  # noqa: SIM115
+    metrics_file = _open_metrics(metrics_path, state.epoch) if metrics_path else nullcontext()
     val_every = int(cfg["generator_validation_frequency"])
     save_every = int(cfg["generator_checkpoint_frequency"]) if cfg["generator_save_checkpoint"] else 0
     try:
@@ -485,6 +525,26 @@ def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_
                     save_checkpoint(ckpt_path, model, run.optimizers, state)
     finally:
         bar.close()
+
+
+def _open_metrics(path: str | os.PathLike[str], done_epochs: int) -> Any:
+    """Open the metrics file for appending the epochs after ``done_epochs``: a fresh run starts it anew
+    (separate runs never run together), a resumed one keeps only the lines of the epochs its checkpoint
+    holds (no duplicate epochs after kill + resume)."""
+    from feda2v_toolkit.atomic import atomic_write_text
+
+    p = Path(path)
+    kept: list[str] = []
+    if done_epochs and p.is_file():
+        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                epoch = json.loads(line).get("epoch")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line torn by a kill
+            if isinstance(epoch, int) and epoch <= done_epochs:
+                kept.append(line + "\n")
+    atomic_write_text(p, "".join(kept))
+    return open(p, "a", encoding="utf-8")  # noqa: SIM115 - closed by the caller's with
 
 
 def _check_finite_terms(terms: Mapping[str, float], epoch: int, key: str) -> None:

@@ -152,13 +152,23 @@ def _write_backup(path: Path, data: bytes) -> Path:
     for _ in range(100):
         backup = _backup_path(path)
         try:
-            with open(backup, "xb") as fh:
+            fh = open(backup, "xb")  # noqa: SIM115 - closed below, removed if anything fails
+        except FileExistsError:  # pragma: no cover - created between the check and the open
+            continue
+        except OSError as exc:
+            raise UsageError(f"{backup}: cannot write the backup: {exc.strerror or exc}; nothing changed") from None
+        try:
+            with fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            return backup
-        except FileExistsError:  # pragma: no cover - created between the check and the open
-            continue
+        except BaseException as exc:  # a full disk must not leave a short .bak that looks like a backup
+            backup.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise UsageError(f"{backup}: cannot write the backup: {exc.strerror or exc}; "
+                                 "nothing changed") from None
+            raise
+        return backup
     raise UsageError(f"{path}: cannot create a backup file")
 
 
