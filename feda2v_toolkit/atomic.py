@@ -123,7 +123,7 @@ def check_output_path(out: str | os.PathLike[str], inputs: Iterable[str | os.Pat
         raise UsageError(f"{o}: is a directory; give the path of the file to write")
     for p in inputs:
         pp = Path(p)
-        same = o.resolve() == pp.resolve()
+        same = _real(o) == _real(pp)
         if not same and o.exists() and pp.exists():
             try:
                 same = os.path.samefile(o, pp)
@@ -131,7 +131,7 @@ def check_output_path(out: str | os.PathLike[str], inputs: Iterable[str | os.Pat
                 same = False
         if same:
             raise UsageError(f"{o}: is also an {role}; write to another path")
-        if pp.is_dir() and o.resolve().parent == pp.resolve():
+        if pp.is_dir() and _real(o).parent == _real(pp):
             raise UsageError(f"{o}: is inside the {role} directory {pp}; write to another path")
     return o
 
@@ -147,3 +147,8 @@ def check_writable(target: str | os.PathLike[str]) -> None:
     except OSError as exc:
         where = exc.filename or parent
         raise UsageError(f"{Path(target)}: cannot write to {where}: {exc.strerror or exc}") from None
+
+
+def _real(path: Path) -> Path:
+    """``path`` with symbolic links resolved, without raising on a link loop (``Path.resolve`` does)."""
+    return Path(os.path.realpath(path))

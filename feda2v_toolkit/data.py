@@ -16,9 +16,11 @@ See ``docs/data.md``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from feda2v_toolkit import __version__
 from feda2v_toolkit.atomic import atomic_path, default_mode, remove_stale_temporaries, temp_prefix
-from feda2v_toolkit.errors import InputError, NewerVersionError, UsageError
+from feda2v_toolkit.errors import InputError, NewerVersionError, UsageError, short_list
 
 FORMAT = "dataset"
 FORMAT_VERSION = 1
@@ -41,6 +43,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: default shard size for writers (bytes of embeddings per shard)
 DEFAULT_SHARD_BYTES = 256 * 2**20
+#: labels of a dataset without ``class_names`` must lie below this (class_0 .. class_N are made up)
+MAX_UNNAMED_CLASSES = 100_000
 _LEGACY_EMBEDDING_KEYS = ("embeddings", "audio_embeddings", "features", "x")
 _LEGACY_LABEL_KEYS = ("labels", "targets", "y")
 
@@ -216,14 +220,31 @@ class Dataset:
 
 
 def _files_of(path: Path) -> list[Path]:
-    if not path.exists():
-        raise UsageError(f"{path}: no such file or directory")
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"{path}: symbolic link loop") from None
+        if isinstance(exc, FileNotFoundError | NotADirectoryError):
+            raise UsageError(f"{path}: no such file or directory") from None
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and not p.name.startswith("."))
+        files = [p for p in files if _is_regular(p)]
         if not files:
             raise UsageError(f"{path}: directory holds no .safetensors shards")
         return files
+    if not stat.S_ISREG(mode):  # a FIFO would block forever, a device never ends
+        raise UsageError(f"{path}: not a regular file (a device, pipe or socket); datasets are files or "
+                         "directories of shards")
     return [path]
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def _legacy_tensors(path: Path) -> dict[str, Any]:
@@ -258,7 +279,7 @@ def _legacy_tensors(path: Path) -> dict[str, Any]:
         out["class_names"] = _checked_class_names(path, obj["class_names"])
     missing = [k for k in ("embeddings", "labels") if k not in out]
     if missing:
-        raise InputError(f"{path}: missing tensor(s) {', '.join(missing)}; found keys: {', '.join(map(str, obj))}")
+        raise InputError(f"{path}: missing tensor(s) {', '.join(missing)}; found keys: {short_list(map(str, obj), 10)}")
     return out
 
 
@@ -303,6 +324,9 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
                     labels = fh.get_tensor("labels")
                     cond_shape = tuple(fh.get_slice("conditions").get_shape()) if "conditions" in keys else None
             except SafetensorError as exc:
+                if "mmap" in str(exc).lower():  # the file is fine; the address space (ulimit -v) is not
+                    raise UsageError(f"{file}: cannot memory-map the file ({exc}); raise the virtual memory "
+                                     "limit (ulimit -v) or split the dataset into shards") from None
                 raise InputError(f"{file}: not a valid safetensors file ({exc})") from None
             except OSError as exc:
                 raise UsageError(f"{file}: cannot read: {exc.strerror or exc}") from None
@@ -341,6 +365,10 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
         raise InputError(f"{root}: negative label {int(all_labels.min())}")
     num_labels = int(all_labels.max()) + 1
     if class_names is None:
+        if num_labels > MAX_UNNAMED_CLASSES:  # bounded before a class list is built up to the largest label
+            raise InputError(f"{root}: label {num_labels - 1} but no 'class_names' metadata; without class names "
+                             f"labels must be below {MAX_UNNAMED_CLASSES} (write class_names, or renumber the "
+                             "labels 0, 1, 2, ...)")
         class_names = [f"class_{i}" for i in range(num_labels)]
     elif num_labels > len(class_names):
         raise InputError(f"{root}: label {num_labels - 1} is out of range for {len(class_names)} class names")

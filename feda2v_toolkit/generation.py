@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.data import DEFAULT_SHARD_BYTES, DatasetWriter, _resolve_dtype, open_dataset
-from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model import GenerativeModel
 from feda2v_toolkit.progress import Progress
 
@@ -128,7 +128,7 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     say = log or (lambda _msg: None)
     names = list(classes) if classes else model.sampleable_classes
     if len(set(names)) != len(names):
-        raise UsageError(f"classes named more than once: {', '.join(sorted({c for c in names if names.count(c) > 1}))}")
+        raise UsageError(f"classes named more than once: {short_list(sorted({c for c in names if names.count(c) > 1}))}")
     for c in names:
         model.class_index(c)  # one clear error for an unknown class
     names = [c for c in model.class_names if c in names]  # model order; the output's labels index these
@@ -145,7 +145,7 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     if cond_by_class is not None:
         missing = [c for c in needs if c not in cond_by_class]
         if missing:
-            raise InputError(f"{conditions}: no conditions for class(es) {', '.join(missing)}")
+            raise InputError(f"{conditions}: no conditions for class(es) {short_list(missing)}")
     if is_class_agnostic(model) and len(names) > 1:
         warnings.warn("this model is unified and unconditioned: its samples do not depend on the class, so the "
                       "per-class labels of the output carry no class information (train with "

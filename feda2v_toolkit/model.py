@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.components import Generator, Reducer, Upsampler
-from feda2v_toolkit.errors import UsageError
+from feda2v_toolkit.errors import UsageError, short_list
 
 UNIFIED_KEY = "all"
 GRANULARITIES = ("unified", "per_class", "per_group")
@@ -95,7 +95,7 @@ class GenerativeModel:
 
     def class_index(self, class_name: str) -> int:
         if class_name not in self.class_names:
-            raise UsageError(f"unknown class {class_name!r}; the model knows: {', '.join(self.class_names)}")
+            raise UsageError(f"unknown class {class_name!r}; the model knows: {short_list(self.class_names, 10)}")
         if class_name not in self.class_to_generator:
             raise UsageError(f"class {class_name!r} had no generator trained for it "
                              f"(sampleable: {', '.join(self.sampleable_classes)})")

@@ -39,7 +39,7 @@ from feda2v_toolkit.checkpoint import TrainingState, checkpoint_epoch, load_chec
 from feda2v_toolkit.components import Generator, Reducer, TrainContext, Upsampler
 from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.data import Dataset, open_dataset
-from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
 from feda2v_toolkit.modelfile import unprefixed
 from feda2v_toolkit.progress import Progress
@@ -322,7 +322,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     counts = ds.class_counts()
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
-        raise InputError(f"{ds.path}: class(es) {', '.join(map(repr, empty))} have no samples; "
+        raise InputError(f"{ds.path}: class(es) {short_list(map(repr, empty))} have no samples; "
                          f"remove them from the class names or add samples")
     registry = get_registry()
     loaded = None

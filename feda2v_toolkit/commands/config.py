@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from feda2v_toolkit.config.document import ConfigReadError, Source, parse_bytes, read_source
+from feda2v_toolkit.config.document import ConfigReadError, Source, read_source, read_stream
 from feda2v_toolkit.errors import InputError, UsageError
 
 STDIN = "-"
@@ -53,8 +53,7 @@ def _read(item: _Input) -> Source:
         raise item.error
     if item.path is None:
         stdin = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
-        data = stdin.read()
-        return parse_bytes(data.encode("utf-8") if isinstance(data, str) else data, item.name)
+        return read_stream(stdin, item.name)
     return read_source(item.path, name=item.name)
 
 
