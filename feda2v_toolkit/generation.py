@@ -112,7 +112,7 @@ def sample_class(model: GenerativeModel, class_name: str, n: int, *, seed: int, 
 
 
 def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: int | str | None = None,
-             classes: Sequence[str] | None = None, length: int | None = None, dtype: str | torch.dtype = "float32",
+             classes: Sequence[str] | None = None, length: int | None = None, dtype: str | torch.dtype | None = None,
              seed: int = 0, batch_size: int = DEFAULT_BATCH, conditions: str | os.PathLike[str] | None = None,
              shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None,
              log: Callable[[str], None] | None = None) -> GenerationReport:
@@ -136,7 +136,14 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     out_len = model.default_length if length is None else int(length)
     if out_len < 1:
         raise UsageError(f"output length must be >= 1, got {out_len}")
-    out_dtype = _resolve_dtype(dtype) or torch.float32
+    out_dtype = _resolve_dtype(dtype) or _resolve_dtype(model.data_dtype) or torch.float32
+    from feda2v_toolkit.resources import require_memory
+
+    # a batch upsampled (float32, plus a working copy), converted, and up to two shards queued
+    require_memory(batch_size * out_len * model.dim * (8 + out_dtype.itemsize) + 2 * min(
+        shard_bytes, max(1, sum(counts.values())) * out_len * model.dim * out_dtype.itemsize),
+        f"generating batches of {batch_size} x [{out_len}, {model.dim}]",
+        hint="lower --output-length or --batch-size")
     cond_by_class = _conditions_by_class(conditions, model) if conditions is not None else None
     needs = [c for c in names if model.needs_condition(c)]
     if needs and cond_by_class is None:

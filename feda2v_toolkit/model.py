@@ -41,6 +41,8 @@ class GenerativeModel:
         class_counts: training samples per class (``synthetic_samples_per_class: "auto"`` uses them).
         config: the full migrated generator config section used for training.
         seed: the training seed; metrics: final metrics (JSON-serialisable).
+        data_dtype: storage dtype of the training data (``"float16"`` ...); ``generate`` writes it by
+            default. ``None`` for models that do not record it (float32 then).
     """
 
     generator_type: str
@@ -62,6 +64,7 @@ class GenerativeModel:
     config: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    data_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:

@@ -376,6 +376,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     # -- generators --------------------------------------------------------------------------
     groups = generator_groups(cfg, ds.class_names, ds.class_names)  # every class has samples (checked above)
     gen_cls = registry.load("generator", cfg["generator_type"])
+    _require_training_memory(gen_cls, cfg, length, ds, len(groups))
     generators: dict[str, Generator] = {}
     for key in groups:
         generators[key] = gen_cls.from_config(cfg, seq_len=length, dim=ds.dim, num_classes=ds.num_classes,
@@ -392,7 +393,8 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
         class_names=list(ds.class_names), class_to_generator=class_to_generator, reducer=reducer,
         reducer_name=reducer_name, upsampler=upsampler, upsampler_name=upsampler_name, full_length=ds.seq_len,
         training_length=length, output_length=cfg["generator_output_sequence_length"], dim=ds.dim,
-        normalization=normalization, condition_dim=ds.condition_dim, class_counts=counts, config=cfg, seed=seed)
+        normalization=normalization, condition_dim=ds.condition_dim, class_counts=counts, config=cfg, seed=seed,
+        data_dtype=str(ds.storage_dtype).replace("torch.", ""))
     optimizers = {key: gen.configure_optimizers(cfg) for key, gen in generators.items()}
     state = TrainingState(epoch=0, step=0, fingerprint=fingerprint)
     if loaded is not None:
@@ -525,6 +527,22 @@ def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_
                     save_checkpoint(ckpt_path, model, run.optimizers, state)
     finally:
         bar.close()
+
+
+def _require_training_memory(gen_cls: type, cfg: Mapping[str, Any], length: int, ds: Dataset, count: int) -> None:
+    """Refuse generators that cannot fit (e.g. ``--hidden-dim 1000000000``) before building them: count
+    their parameters on the meta device; weights, gradients and two Adam moments take 4 floats each."""
+    try:
+        with torch.device("meta"):
+            probe = gen_cls.from_config(cfg, seq_len=length, dim=ds.dim, num_classes=ds.num_classes,
+                                        condition_dim=ds.condition_dim)
+        params = sum(p.numel() for p in probe.parameters())
+    except Exception:  # a generator that cannot be built on meta: no estimate
+        return
+    from feda2v_toolkit.resources import require_memory
+
+    require_memory(params * 4 * 4 * count, f"training {count} {cfg['generator_type']} generator(s) of "
+                   f"{params:,} parameters", hint="lower generator_hidden_dim / --hidden-dim (see feda2v-tk plan)")
 
 
 def _open_metrics(path: str | os.PathLike[str], done_epochs: int) -> Any:

@@ -140,7 +140,6 @@ def inspect_cmd(model_path: Path, as_json: bool) -> None:
         train = metrics.get("train") or {}
         val = metrics.get("val") or {}
         click.echo(f"training:    {metrics.get('epochs')} epochs, seed {info['seed']}, "
-                   f"{metrics.get('train_seconds', 0):.1f}s, "
                    + ", ".join(f"{k} {v:.4g}" for k, v in train.items()))
         if val:
             click.echo("held out:    " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
