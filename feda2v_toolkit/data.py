@@ -447,6 +447,16 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def _check_replaceable(directory: Path) -> None:
+    """``--overwrite`` replaces a dataset directory, never anything else: only ``*.safetensors`` shards."""
+    if not directory.is_dir() or directory.is_symlink():
+        raise UsageError(f"{directory}: exists and is not a directory; --overwrite replaces shard directories only")
+    others = [p.name for p in directory.iterdir() if p.suffix != ".safetensors" or not p.is_file()]
+    if others:
+        raise UsageError(f"{directory}: holds files that are not dataset shards ({short_list(others, 3)}); "
+                         "not replacing it -- remove it yourself or choose another output directory")
+
+
 class DatasetWriter:
     """Stream rows into a shard directory with bounded memory; all-or-nothing.
 
@@ -458,10 +468,14 @@ class DatasetWriter:
 
     def __init__(self, directory: str | os.PathLike[str], *, class_names: Sequence[str],
                  dtype: str | torch.dtype = torch.float32, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 extra_metadata: dict[str, str] | None = None) -> None:
+                 extra_metadata: dict[str, str] | None = None, overwrite: bool = False) -> None:
         self.directory = Path(directory)
+        self.overwrite = overwrite
         if self.directory.exists() and (not self.directory.is_dir() or any(self.directory.iterdir())):
-            raise UsageError(f"{self.directory}: output directory exists and is not empty")
+            if not overwrite:
+                raise UsageError(f"{self.directory}: output directory exists and is not empty (--overwrite "
+                                 "replaces it)")
+            _check_replaceable(self.directory)
         self.class_names = list(class_names)
         self.dtype = _resolve_dtype(dtype) or torch.float32
         self.shard_bytes = int(shard_bytes)
@@ -554,9 +568,16 @@ class DatasetWriter:
             for shard in self.shards:
                 os.chmod(shard, file_mode)
             os.chmod(self._staging, default_mode(directory=True))
+            old = None
             if self.directory.exists():
-                self.directory.rmdir()  # empty (checked at construction)
+                if self.overwrite and any(self.directory.iterdir()):
+                    old = self.directory.with_name(f"{temp_prefix(self.directory)}old.partial")
+                    os.replace(self.directory, old)  # moved aside, removed once the new one is in place
+                else:
+                    self.directory.rmdir()  # empty (checked at construction)
             os.replace(self._staging, self.directory)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             self.abort()
             raise

@@ -115,13 +115,15 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
              classes: Sequence[str] | None = None, length: int | None = None, dtype: str | torch.dtype | None = None,
              seed: int = 0, batch_size: int = DEFAULT_BATCH, conditions: str | os.PathLike[str] | None = None,
              shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None,
-             log: Callable[[str], None] | None = None) -> GenerationReport:
+             log: Callable[[str], None] | None = None, overwrite: bool = False) -> GenerationReport:
     """Write synthetic samples of ``classes`` (default: all the model can sample) to shard directory ``out``.
 
     The output's class names are the generated classes (in the model's order), so it trains as it is.
     ``conditions`` is a dataset file whose ``conditions`` rows (per label) condition an
     embedding-conditioned model; they are used in order and cycled if more samples are asked for.
     Samples depend on the model, ``seed``, the class and ``batch_size`` (see :func:`sample_class`).
+    ``dtype`` defaults to the training data's storage dtype (float32 for models that do not record it);
+    ``overwrite`` replaces an existing shard directory ``out`` (only once the new one is complete).
     """
     import time
 
@@ -169,7 +171,7 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
         shard_bytes = (rows_per_shard // batch_size) * batch_size * row_bytes
     try:
         with DatasetWriter(out, class_names=names, dtype=out_dtype, shard_bytes=shard_bytes,
-                           extra_metadata=meta) as writer:
+                           extra_metadata=meta, overwrite=overwrite) as writer:
             for label, name in enumerate(names):
                 pool = cond_by_class.get(name) if cond_by_class is not None else None
                 for x, cond in sample_class(model, name, counts[name], seed=seed, length=out_len,
