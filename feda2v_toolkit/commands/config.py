@@ -323,7 +323,8 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
 @click.option("--indent", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the schema to this file (atomically) instead of stdout.")
-def schema_cmd(generator: str | None, section: bool, indent: int, out_path: Path | None) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Do not report the file written with -o.")
+def schema_cmd(generator: str | None, section: bool, indent: int, out_path: Path | None, quiet: bool) -> None:
     """Print the combined JSON Schema (core plus loaded plugins), for editor autocompletion."""
     catalog = _catalog()
     schema = catalog.section_schema(generator) if section else catalog.document_schema(generator)
@@ -336,5 +337,7 @@ def schema_cmd(generator: str | None, section: bool, indent: int, out_path: Path
         from feda2v_toolkit.atomic import atomic_write_text
 
         atomic_write_text(out_path, text + "\n")
+        if not quiet:
+            click.echo(f"feda2v-tk: wrote {out_path}", err=True)
         return
     click.echo(text)
