@@ -30,7 +30,7 @@ def test_the_quick_start_needs_nothing_but_the_installed_package():
         assert argv[0] == "feda2v-tk", f"the quick start runs only feda2v-tk commands, not {argv[0]!r}"
     # what `pip install .` ships: the legacy example config is package data
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    package_data = pyproject.split("[tool.setuptools.package-data]", 1)[1].split("[", 1)[0]
+    package_data = pyproject.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
     assert '"examples/*.json"' in package_data
     assert json.loads(legacy_config_bytes())["feda2v"]["generator_target_sequence_length"] == 1214
 
