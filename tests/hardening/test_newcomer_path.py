@@ -125,3 +125,19 @@ def test_upsampler_on_the_command_line_beats_use_learned_upsampling_and_validate
     cfg.write_text(json.dumps({"feda2v": {"use_learned_upsampling": True, "generator_upsampler": "lstsq"}}))
     code, out, _ = run_main(["validate", str(cfg)], capsys)
     assert code == 0 and "conflicting-upsampler-keys" in out
+
+
+def test_the_plan_figures_quoted_in_the_docs_are_what_plan_prints(capsys):
+    """The exact columns (parameters .. step peak) of the quoted `plan` table, for the short lengths."""
+    doc = (ROOT / "docs" / "choosing-sequence-length.md").read_text(encoding="utf-8")
+    quoted = doc.split("$ feda2v-tk plan --lengths 4,8,16,32,64,1214 --memory-budget 8GB\n", 1)[1].split("```")[0]
+    code, out, err = run_main(["plan", "--lengths", "4,8,16"], capsys)
+    assert code == 0, err
+
+    def rows(text):
+        return {line.split()[0].rstrip("*"): line.split()[1:12] for line in text.splitlines()
+                if re.match(r"^\d+\*? ", line)}
+
+    fresh, docs = rows(out), rows(quoted)
+    for length in ("4", "8", "16"):
+        assert fresh[length] == docs[length][:len(fresh[length])], length
