@@ -321,6 +321,7 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
                     emb_slice = fh.get_slice("embeddings")
                     emb_shape = tuple(emb_slice.get_shape())
                     emb_dtype = _dtype_of(file, emb_slice.get_dtype())
+                    _require_label_memory(file, fh.get_slice("labels").get_shape())
                     labels = fh.get_tensor("labels")
                     cond_shape = tuple(fh.get_slice("conditions").get_shape()) if "conditions" in keys else None
             except SafetensorError as exc:
@@ -374,6 +375,16 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
         raise InputError(f"{root}: label {num_labels - 1} is out of range for {len(class_names)} class names")
     return Dataset(root, sources, seq_len=shape[0], dim=shape[1], storage_dtype=dtype, labels=all_labels,
                    class_names=class_names, condition_dim=condition_dim or 0)
+
+
+def _require_label_memory(file: Path, shape: list[int]) -> None:
+    """Labels are read whole (8 bytes each once widened to int64): bounded before they are read."""
+    from feda2v_toolkit.resources import require_memory
+
+    count = 1
+    for s in shape:
+        count *= int(s)
+    require_memory(count * 16, f"{file}: reading its {count:,} labels", hint="split the dataset into shards")
 
 
 def _dtype_of(file: Path, name: str) -> torch.dtype:

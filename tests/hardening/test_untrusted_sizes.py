@@ -69,3 +69,10 @@ def test_train_refuses_a_hidden_size_that_cannot_fit_before_building_it(tiny_dat
     code, _, err = run_main(["train", "-d", str(tiny_data), "-o", str(tmp_path / "m.safetensors"),
                              "--hidden-dim", "1000000000", "--training-length", "4", "--seed", "0", "-q"], capsys)
     assert code == 1 and "needs about" in err and "--hidden-dim" in err
+
+
+def test_labels_that_cannot_fit_in_memory_are_refused_before_they_are_read(tmp_path, monkeypatch):
+    path = write_dataset(tmp_path / "d.safetensors", torch.zeros(64, 2, 2), torch.zeros(64, dtype=torch.long))
+    monkeypatch.setenv(ENV_MEMORY_LIMIT, "512")
+    with pytest.raises(InputError, match="reading its 64 labels needs about"):
+        open_dataset(path)
