@@ -117,16 +117,28 @@ def generator_groups(cfg: Mapping[str, Any], class_names: list[str], present: li
 def _fingerprint(cfg: Mapping[str, Any], ds: Dataset, seed: int, reduced: Tensor) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the training-relevant config (epochs included), the
     data (its reduced cache, bit for bit, and its labels) and the seed."""
-    ignored = {"generator_checkpoint_dir", "generator_checkpoint_base_name", "generator_save_checkpoint",
-               "generator_load_checkpoint", "generator_checkpoint_frequency", "synthetic_samples_per_class",
-               "generator_output_sequence_length", "pretrained_generator_path", "generator_seed",
-               "generator_training_epochs"}
-    relevant = {k: v for k, v in sorted(cfg.items()) if k not in ignored}
+    relevant = {k: v for k, v in sorted(cfg.items()) if k not in _RESUME_IGNORED}
     data = hashlib.sha256(ds.labels.numpy().tobytes())
     data.update(memoryview(reduced.contiguous().numpy()).cast("B"))
     return {"config": hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16],
             "data": f"{_data_shape(ds)}:{data.hexdigest()[:16]}", "seed": seed,
             "epochs": int(cfg["generator_training_epochs"])}
+
+
+#: config keys a resumed run may change (where checkpoints go, what is generated afterwards, ...)
+_RESUME_IGNORED = frozenset({
+    "generator_checkpoint_dir", "generator_checkpoint_base_name", "generator_save_checkpoint",
+    "generator_load_checkpoint", "generator_checkpoint_frequency", "synthetic_samples_per_class",
+    "generator_output_sequence_length", "pretrained_generator_path", "generator_seed", "generator_training_epochs"})
+
+
+def _config_changes(saved: Any, cfg: Mapping[str, Any]) -> str:
+    """``key old -> new`` for the training-relevant keys that differ from a checkpoint's config."""
+    if not isinstance(saved, dict):
+        return ""
+    keys = sorted(k for k in set(saved) | set(cfg) if k not in _RESUME_IGNORED and saved.get(k) != cfg.get(k))
+    return short_list((f"{k} {json.dumps(saved.get(k), default=str)} -> {json.dumps(cfg.get(k), default=str)}"
+                       for k in keys), 3, sep="; ")
 
 
 def _data_shape(ds: Dataset) -> str:
@@ -136,21 +148,29 @@ def _data_shape(ds: Dataset) -> str:
 _FINGERPRINT_WORDS = {"config": "config", "data": "dataset", "seed": "seed", "epochs": "epoch count"}
 
 
-def _refuse_resume(ckpt_path: Path, differ: list[str]) -> UsageError:
-    return UsageError(f"{ckpt_path}: checkpoint was made with another {' and '.join(differ)} "
+def _refuse_resume(ckpt_path: Path, differ: list[str], changes: str = "") -> UsageError:
+    detail = f" ({changes})" if changes else ""
+    return UsageError(f"{ckpt_path}: checkpoint was made with another {' and '.join(differ)}{detail} "
                       f"(cannot resume it exactly); remove it, or set another generator_checkpoint_dir")
 
 
-def _check_resumable_early(ckpt_path: Path, saved: Mapping[str, Any], cfg: Mapping[str, Any], ds: Dataset,
-                           seed: int) -> None:
+def _check_resumable_early(ckpt_path: Path, loaded: Any, cfg: Mapping[str, Any], ds: Dataset, seed: int) -> None:
     """What can be compared before the data is reduced (config, data shape, seed, epochs): refuse a
-    checkpoint of another run before its fitted reducer is loaded into a reducer of another shape."""
+    checkpoint of another run before its fitted reducer is loaded into a reducer of another shape,
+    naming the config keys that differ."""
+    saved = loaded.state.fingerprint
     now = _fingerprint(cfg, ds, seed, torch.empty(0))
     differ = [_FINGERPRINT_WORDS[k] for k in ("config", "seed", "epochs") if saved.get(k) != now[k]]
-    if str(saved.get("data", "")).split(":", 1)[0] != _data_shape(ds):
-        differ.insert(1, "dataset")
+    saved_shape = str(saved.get("data", "")).split(":", 1)[0]
+    if saved_shape != _data_shape(ds):
+        differ.insert(1 if "config" in differ else 0, "dataset")
     if differ:
-        raise _refuse_resume(ckpt_path, differ)
+        changes = []
+        if "config" in differ:
+            changes.append(_config_changes(loaded.doc.get("model", {}).get("config"), cfg))
+        if "dataset" in differ:
+            changes.append(f"data {saved_shape.replace('x', ' x ')} -> {_data_shape(ds).replace('x', ' x ')}")
+        raise _refuse_resume(ckpt_path, differ, "; ".join(c for c in changes if c))
 
 
 _DEFAULT_CHECKPOINT_DIR = "checkpoints"
@@ -352,7 +372,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     reducer = registry.load("reducer", reducer_name).from_config(cfg, length=length, full_length=ds.seq_len,
                                                                  dim=ds.dim).to(dev)
     if loaded is not None:
-        _check_resumable_early(ckpt_path, loaded.state.fingerprint, cfg, ds, seed)
+        _check_resumable_early(ckpt_path, loaded, cfg, ds, seed)
         try:
             reducer.load_state_dict(unprefixed(loaded.tensors, "reducer"))
         except RuntimeError:
