@@ -150,19 +150,35 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def handle_sigterm() -> None:
-    """Handle SIGTERM like Ctrl-C, so that every cleanup (partial outputs, temporaries) runs."""
+def handle_sigterm() -> Any:
+    """Handle SIGTERM like Ctrl-C, so that every cleanup (partial outputs, temporaries) runs; return the
+    previous handler (``None`` off the main thread, where signals cannot be handled)."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        import signal
+
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI, turning user errors into one line and an exit code."""
     warnings.showwarning = _show_warning
-    handle_sigterm()
+    previous = handle_sigterm()
+    try:
+        _run(argv)
+    finally:  # main() may be called in-process (tests, notebooks): leave the host's handler as it was
+        _restore_sigterm(previous)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         rc = cli.main(args=argv, prog_name="feda2v-tk", standalone_mode=False)
     except Terminated:

@@ -113,16 +113,10 @@ def not_a_dir(tmp_path) -> Path:
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run ``feda2v-tk ARGV`` in this process: ``(exit code, stdout, stderr)``."""
-    import signal
-
     from feda2v_toolkit.cli import main
 
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as info:
-            main(argv)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
     out, err = capsys.readouterr()
     code = info.value.code
     return (code if isinstance(code, int) else (0 if code is None else 1)), out, err

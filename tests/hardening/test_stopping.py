@@ -41,6 +41,12 @@ def test_sigterm_during_generate_is_handled_like_ctrl_c_and_leaves_no_partial_di
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no out/, no hidden .out.*.partial
 
 
+def test_main_leaves_the_host_process_sigterm_handler_as_it_was(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, _ = run_main(["schema", "-q"], capsys)
+    assert code == 0 and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_stale_temporaries_of_dead_writers_are_removed_on_the_next_run_and_live_ones_kept(model_file, tmp_path,
                                                                                           capsys):
     dead, alive = _dead_pid(), os.getpid()
