@@ -14,7 +14,7 @@ feda2v-tk demo-data "$OUT/train.safetensors" --per-class 24
 feda2v-tk demo-data "$OUT/heldout.safetensors" --per-class 12 --first-clip 96
 
 step "A legacy config: validate finds the deprecated key (exit 1 is expected)"
-cp examples/demo/legacy-config.json "$OUT/legacy.json"
+feda2v-tk demo-data --legacy-config "$OUT/legacy.json"
 feda2v-tk validate "$OUT/legacy.json" || echo "(validate exited $?)"
 
 step "Migrate it: train at 16 tokens, generate at the full 1214"

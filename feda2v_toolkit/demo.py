@@ -153,8 +153,10 @@ def make_demo_dataset(num_per_class: int = 24, *, seq_len: int = AST_SEQ_LEN, di
 def write_demo_dataset(path: str | os.PathLike[str], num_per_class: int = 24, *, seq_len: int = AST_SEQ_LEN,
                        dim: int = AST_DIM, num_classes: int = len(CLASS_NAMES), seed: int = 0,
                        noise: float = 0.5, dtype: torch.dtype = torch.float16,
-                       shard_bytes: int | None = None, first_clip: int = 0) -> Path:
-    """Write the demo dataset: one ``.safetensors`` file, or a shard directory (streamed, bounded memory)."""
+                       shard_bytes: int | None = None, first_clip: int = 0, overwrite: bool = False) -> Path:
+    """Write the demo dataset: one ``.safetensors`` file, or a shard directory (streamed, bounded memory).
+
+    ``overwrite`` replaces an existing shard directory (a file is always replaced atomically)."""
     out = Path(path)
     meta = {"source": "feda2v-tk demo"}
     if out.suffix == ".safetensors":
@@ -165,7 +167,7 @@ def write_demo_dataset(path: str | os.PathLike[str], num_per_class: int = 24, *,
     labels = _labels_for(num_per_class, num_classes)
     kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}
     with DatasetWriter(out, class_names=CLASS_NAMES[:num_classes], dtype=dtype, extra_metadata=meta,
-                       **kwargs) as writer:
+                       overwrite=overwrite, **kwargs) as writer:
         start = 0
         for rows in _clips(world, labels, seed, noise, first_clip):
             writer.add(rows, labels[start:start + rows.shape[0]])

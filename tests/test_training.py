@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file as real_save_file
 
 import feda2v_toolkit.training as training
 from feda2v_toolkit.checkpoint import load_checkpoint
 from feda2v_toolkit.data import Dataset, open_dataset, write_dataset
 from feda2v_toolkit.errors import InputError, ToolkitError
+from feda2v_toolkit.modelfile import _write_sorted as real_write
 from feda2v_toolkit.modelfile import load_model
 from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
 from feda2v_toolkit.training import generator_groups, stratified_split, train
@@ -108,15 +108,15 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_valid(tiny_d
     tiny_config["generator_training_epochs"] = 4
     calls = []
 
-    def dies_on_second_checkpoint(tensors, filename, metadata=None):
+    def dies_on_second_checkpoint(filename, tensors, metadata):
         calls.append(filename)
         if len(calls) == 2:
             with open(filename, "wb") as fh:  # half a file, then the process is "killed"
                 fh.write(b"\x00" * 10)
             raise KeyboardInterrupt
-        return real_save_file(tensors, filename, metadata=metadata)
+        return real_write(filename, tensors, metadata)
 
-    monkeypatch.setattr("feda2v_toolkit.modelfile.save_file", dies_on_second_checkpoint)
+    monkeypatch.setattr("feda2v_toolkit.modelfile._write_sorted", dies_on_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck")
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())

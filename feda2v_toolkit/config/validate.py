@@ -400,6 +400,12 @@ class _Checker:
             self.add(at(USE_PRETRAINED), "pretrained-without-path",
                      f"{USE_PRETRAINED} is true but {PRETRAINED_PATH} is not set",
                      suggestion=f'add "{PRETRAINED_PATH}": "<model file>"')
+        upsampler = explicit.get(UPSAMPLER)
+        if explicit.get(LEARNED) is True and isinstance(upsampler, str) and upsampler != "learned":
+            self.add(at(UPSAMPLER), "conflicting-upsampler-keys", severity=WARNING,
+                     message=f"{LEARNED}: true selects the 'learned' upsampler, so {UPSAMPLER} "
+                             f"{json.dumps(upsampler)} is ignored",
+                     suggestion=f'remove {LEARNED} (or set it to false) to use {json.dumps(upsampler)}')
         if concerns(REDUCER, UPSAMPLER, LEARNED):
             self.check_pairing(eff, at(UPSAMPLER, REDUCER, LEARNED))
 
