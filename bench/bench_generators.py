@@ -219,14 +219,15 @@ def bench_upsamplers(corpus_path: Path, lengths: list[int], upsampler_epochs: in
 # -- 3. stability grid ----------------------------------------------------------------------------------
 
 def bench_stability(datasets: dict[str, Path], types: list[str], lengths: list[int], seeds: list[int],
-                    epochs: int, workdir: Path, max_state_gb: float) -> dict[str, Any]:
+                    epochs: int, workdir: Path, max_state_gb: float,
+                    granularities: tuple[str, ...] = ("unified", "per_class")) -> dict[str, Any]:
     from feda2v_toolkit.config.migrations import vae_parameters
 
     cells = []
     for data_name, path in datasets.items():
         classes = open_dataset(path).num_classes
         for gen_type in types:
-            for granularity in ("unified", "per_class"):
+            for granularity in granularities:
                 for length in lengths:
                     generators = classes if granularity == "per_class" else 1
                     state_gb = 0.0 if gen_type == "gaussian" else \
@@ -278,7 +279,9 @@ def main() -> int:
     ap.add_argument("--grid-lengths", default="4,16,64")
     ap.add_argument("--grid-seeds", default="0,1,2,3,4")
     ap.add_argument("--grid-epochs", type=int, default=50)
+    ap.add_argument("--grid-granularities", default="unified,per_class")
     ap.add_argument("--grid-demo", action="store_true", help="also run the grid on the demo data")
+    ap.add_argument("--grid-no-corpus", action="store_true", help="run the grid on the demo data only")
     ap.add_argument("--max-state-gb", type=float, default=6.0, help="skip grid cells needing more training state")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json", type=Path, help="write all results here")
@@ -304,8 +307,8 @@ def main() -> int:
     if "upsamplers" in only:
         results["upsamplers"] = bench_upsamplers(corpus_path, ints(args.analyze_lengths), args.upsampler_epochs)
     if "stability" in only:
-        datasets = {"corpus": train_path}
-        if args.grid_demo:
+        datasets = {} if args.grid_no_corpus else {"corpus": train_path}
+        if args.grid_demo or args.grid_no_corpus:
             from feda2v_toolkit.demo import write_demo_dataset
 
             demo = workdir / "demo.safetensors"
@@ -313,7 +316,8 @@ def main() -> int:
                 write_demo_dataset(demo, 24)
             datasets["demo"] = demo
         results["stability"] = bench_stability(datasets, args.grid_types.split(","), ints(args.grid_lengths),
-                                               ints(args.grid_seeds), args.grid_epochs, workdir, args.max_state_gb)
+                                               ints(args.grid_seeds), args.grid_epochs, workdir, args.max_state_gb,
+                                               tuple(args.grid_granularities.split(",")))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return 0
