@@ -55,9 +55,10 @@ features hold 98% (the high-gain dimensions dominate). ``--check`` (ridge classi
 ``feda2v_toolkit.analysis.classifier`` on ``pooled_features(x, 64)`` of the full sequences, trained on
 the first 16 clips of each class, tested on the other 16; chance 0.083):
 
-* real-only accuracy: 0.583,
+* real-only accuracy: 0.583 (seed 1: 0.552),
 * reduced to 16 tokens by ``adaptive_avg``, back to 1214 by ``linear``, trained on those and tested on
-  real sequences: 0.109 (0.630 when tested on interpolated ones) -- the known failure.
+  real sequences: 0.109 (seed 1: 0.359), while 0.630 (0.620) when tested on interpolated ones -- the
+  known failure. The size of the drop varies with the clips; measure on more than one seed.
 
 Development notes: with all eight members of each family and 2-3 octave pitch ranges the real-only
 accuracy was 0.18; with three members 0.46-0.50.
