@@ -1,0 +1,277 @@
+"""The server side of federated training, engine-agnostic: drive the stages, merge the parts, write the model.
+
+:func:`run_federation` talks to the nodes only through ``exchange(stage, requests) -> replies`` (node id ->
+``(arrays, meta)``); the Flower ServerApp supplies an ``exchange`` over its Grid, tests can supply one that
+calls :func:`feda2v_toolkit.federated.site.handle` directly. Any node failing or not answering fails the
+run; the model file is written (atomically) only after the last round.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.federated.site import Arrays, Meta, pack, unpack
+from feda2v_toolkit.stages import (
+    ClassesStage,
+    DataSummary,
+    FittedStatisticsStage,
+    NormalizationStage,
+    WeightsPart,
+    WeightsStage,
+    average_state,
+    has_statistics,
+)
+
+Exchange = Callable[[str, Mapping[int, tuple[Arrays, Meta]]], dict[int, tuple[Arrays, Meta]]]
+
+
+class FederationError(InputError):
+    """A node failed, did not answer in time, or disagrees with the others."""
+
+
+def nbytes(arrays: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in arrays.values())
+
+
+class Traffic:
+    """Bytes sent to and received from the nodes, per stage and per round (for the benchmark)."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, float]] = []
+        self.stages: dict[str, dict[str, float]] = {}
+
+    def add(self, stage: str, sent: int, received: int, seconds: float) -> None:
+        s = self.stages.setdefault(stage, {"sent": 0, "received": 0, "seconds": 0.0})
+        s["sent"] += sent
+        s["received"] += received
+        s["seconds"] += seconds
+
+
+def dp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """(epsilon, delta) of ``rounds`` Gaussian mechanisms with ``noise_multiplier`` (RDP, no subsampling).
+
+    Each node's clipped update has sensitivity ``clip`` on the sum and the noise has std
+    ``noise_multiplier * clip``: RDP(alpha) = rounds * alpha / (2 z^2); epsilon = min over alpha of
+    RDP(alpha) + log(1/delta) / (alpha - 1). Node-level privacy: a node's whole update is protected.
+    """
+    if noise_multiplier <= 0:
+        return math.inf
+    orders = [1 + x / 10 for x in range(1, 100)] + list(range(12, 256))
+    return min(rounds * a / (2 * noise_multiplier ** 2) + math.log(1 / delta) / (a - 1) for a in orders)
+
+
+def dp_merge(base: Mapping[str, Tensor], parts: list[Mapping[str, Tensor]], clip: float, noise: float,
+             generator: torch.Generator) -> dict[str, Tensor]:
+    """Central DP with fixed clipping: mean of the nodes' updates, each clipped to L2 norm ``clip``, plus
+    Gaussian noise of std ``noise * clip / n`` on every float parameter."""
+    n = len(parts)
+    out: dict[str, Tensor] = {}
+    updates = []
+    for p in parts:
+        upd = {k: (p[k].double() - base[k].double()) for k in base if base[k].is_floating_point()}
+        norm = math.sqrt(sum(float(u.square().sum()) for u in upd.values()))
+        scale = min(1.0, clip / norm) if norm > 0 else 1.0
+        updates.append({k: u * scale for k, u in upd.items()})
+    for k, ref in base.items():
+        if not ref.is_floating_point():
+            out[k] = parts[0][k].clone()
+            continue
+        mean = sum(u[k] for u in updates) / n
+        mean = mean + torch.randn(ref.shape, generator=generator, dtype=torch.float64) * (noise * clip / n)
+        out[k] = (ref.double() + mean).to(ref.dtype)
+    return out
+
+
+def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: str | Path | None = None,
+                   seed: int | None = None, overrides: Mapping[str, Any] | None = None,
+                   log: Callable[[str], None] | None = None, engine: str = "local") -> Any:
+    """Train one model over ``nodes`` and (if ``out``) write it; returns the :class:`GenerativeModel`."""
+    from feda2v_toolkit.config import configured_upsampler, load_config
+    from feda2v_toolkit.model import GenerativeModel
+    from feda2v_toolkit.plugins import get_registry
+    from feda2v_toolkit.training import generator_groups
+
+    say = log or (lambda _m: None)
+    cfg = dict(load_config(config, overrides=overrides))
+    if seed is None:
+        seed = cfg.get("generator_seed")
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbits(31)
+        say(f"seed: {seed} (drawn at random; pass --seed to reproduce)")
+    cfg["generator_seed"] = int(seed)
+    if not nodes:
+        raise FederationError("no nodes to train on")
+    traffic = Traffic()
+    common: Meta = {"config": cfg}
+
+    def ask(stage: str, requests: Mapping[int, tuple[Arrays, Meta]]) -> dict[int, tuple[Arrays, Meta]]:
+        t0 = time.perf_counter()
+        full = {n: (a, {**common, **m}) for n, (a, m) in requests.items()}
+        replies = exchange(stage, full)
+        traffic.add(stage, sum(nbytes(a) for a, _ in requests.values()),
+                    sum(nbytes(a) for a, _ in replies.values()), time.perf_counter() - t0)
+        return replies
+
+    def everyone(arrays: Arrays | None = None, meta: Meta | None = None) -> dict[int, tuple[Arrays, Meta]]:
+        return {n: (arrays or {}, meta or {}) for n in nodes}
+
+    # -- classes and shapes ----------------------------------------------------------------------
+    described = ask("describe", everyone())
+    names = {n: described[n][1]["name"] for n in nodes}
+    summaries = {n: DataSummary.from_json(described[n][1]["summary"]) for n in nodes}
+    try:
+        summary = ClassesStage().merge([summaries[n] for n in nodes], [f"node {names[n]}" for n in nodes])
+    except ValueError as e:
+        raise FederationError(str(e)) from None
+    length = int(cfg["generator_training_sequence_length"])
+    if summary.seq_len < length:
+        raise FederationError(f"the nodes' sequences have {summary.seq_len} tokens, fewer than "
+                              f"generator_training_sequence_length = {length}")
+    class_names = summary.class_names
+    empty = [c for c, k in summary.class_counts.items() if k == 0]
+    if empty:
+        raise FederationError(f"class(es) {', '.join(map(repr, empty))} have no samples on any node; remove them "
+                              f"from the class names or add samples")
+    say(f"{len(nodes)} nodes ({', '.join(names[n] for n in nodes)}): {sum(summary.class_counts.values())} "
+        f"sequences [{summary.seq_len}, {summary.dim}], {len(class_names)} classes")
+
+    registry = get_registry()
+    # -- reducer (exact sums) --------------------------------------------------------------------
+    reducer_name = cfg["generator_reducer"]
+    reducer = registry.load("reducer", reducer_name).from_config(cfg, length=length, full_length=summary.seq_len,
+                                                                 dim=summary.dim)
+    if type(reducer).fitted:
+        if not has_statistics(reducer):
+            raise FederationError(f"reducer {reducer_name!r} cannot be fitted federatedly (no fit_statistics)")
+        parts = ask("reducer", everyone())
+        stage = FittedStatisticsStage()
+        stage.finish(reducer, stage.merge([parts[n][0] for n in nodes]))
+        say(f"fitted reducer {reducer_name} from the nodes' statistics (exact)")
+    reducer.eval()
+
+    # -- normalisation (exact sums); the nodes reduce their data here ---------------------------
+    parts = ask("normalization", everyone(pack("reducer.", reducer.state_dict())))
+    normalization: dict[str, Tensor] = {}
+    if cfg["generator_normalize"]:
+        stage_n = NormalizationStage()
+        normalization = stage_n.finish(stage_n.merge([parts[n][0] for n in nodes]))
+
+    # -- upsampler --------------------------------------------------------------------------------
+    upsampler_name = configured_upsampler(cfg)
+    upsampler = registry.load("upsampler", upsampler_name).from_config(
+        cfg, reduced_length=length, full_length=summary.seq_len, dim=summary.dim)
+    upsampler_metrics: dict[str, Any] = {"name": upsampler_name}
+    if type(upsampler).trainable:
+        if has_statistics(upsampler):
+            parts = ask("upsampler", everyone())
+            stage_f = FittedStatisticsStage()
+            upsampler_metrics["fit"] = stage_f.finish(upsampler, stage_f.merge([parts[n][0] for n in nodes]))
+            say(f"fitted upsampler {upsampler_name} from the nodes' statistics (exact)")
+        else:
+            for r in range(int(cfg["federated_upsampler_rounds"])):
+                replies = ask("upsampler_round", everyone(pack("upsampler.", upsampler.state_dict())))
+                states = [unpack("upsampler.", replies[n][0]) for n in nodes]
+                weights = [int(replies[n][1]["examples"]) for n in nodes]
+                upsampler.load_state_dict(average_state(states, weights))
+                say(f"upsampler round {r + 1}/{cfg['federated_upsampler_rounds']}: averaged {len(nodes)} fits")
+    upsampler.eval()
+
+    # -- generators: rounds of local epochs, averaged per key among its holders -------------------
+    groups = generator_groups(cfg, class_names, class_names)
+    keys = list(groups)
+    gen_cls = registry.load("generator", cfg["generator_type"])
+    torch.manual_seed(cfg["generator_seed"])
+    generators = {key: gen_cls.from_config(cfg, seq_len=length, dim=summary.dim, num_classes=len(class_names),
+                                           condition_dim=summary.condition_dim) for key in keys}
+    held = {n: {c for c, k in summaries[n].class_counts.items() if k > 0} for n in nodes}
+    holders = {n: [k for k in keys if set(groups[k]) & held[n]] for n in nodes}
+    rounds = int(cfg["federated_rounds"])
+    noise = float(cfg["federated_dp_noise_multiplier"])
+    clip = float(cfg["federated_dp_clipping_norm"])
+    dp_gen = torch.Generator().manual_seed(int(cfg["generator_seed"]) + 4242)
+    history: list[dict[str, Any]] = []
+    norm_arrays = pack("norm.", normalization)
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        requests = {}
+        for n in nodes:
+            arrays = dict(norm_arrays)
+            for i, key in enumerate(keys):
+                if key in holders[n]:
+                    arrays.update(pack(f"g{i}.", generators[key].state_dict()))
+            requests[n] = (arrays, {"keys": keys, "groups": groups, "class_names": class_names, "round": r,
+                                    "rounds": rounds})
+        replies = ask("generators", requests)
+        node_parts = []
+        for n in nodes:
+            arrays, meta = replies[n]
+            weights = {key: unpack(f"g{i}.", arrays) for i, key in enumerate(keys)}
+            node_parts.append(WeightsPart({k: v for k, v in weights.items() if v},
+                                          {k: int(v) for k, v in meta["examples"].items()},
+                                          dict(meta.get("metrics", {}))))
+        if noise > 0:
+            merged = WeightsStage().merge(node_parts)  # metrics and example counts; weights replaced below
+            for key in merged.weights:
+                owners = [p.weights[key] for p in node_parts if key in p.weights]
+                merged.weights[key] = dp_merge(generators[key].state_dict(), owners, clip, noise, dp_gen)
+        else:
+            merged = WeightsStage().merge(node_parts)
+        for key, state in merged.weights.items():
+            generators[key].load_state_dict(state)
+        seconds = time.perf_counter() - t0
+        record = {"round": r + 1, "rounds": rounds, "train": merged.metrics, "seconds": seconds,
+                  "examples": sum(merged.examples.values())}
+        history.append(record)
+        loss = merged.metrics.get("loss", float("nan"))
+        val = merged.metrics.get("val_loss")
+        say(f"round {r + 1}/{rounds}: {len(nodes)} nodes, loss {loss:.5g}"
+            + (f", held-out loss {val:.5g}" if val is not None else "") + f", {seconds:.1f}s")
+
+    privacy: dict[str, Any] = {"mechanism": None}
+    if noise > 0:
+        delta = float(cfg["federated_dp_delta"])
+        privacy = {"mechanism": "central Gaussian, fixed clipping, node-level", "noise_multiplier": noise,
+                   "clipping_norm": clip, "rounds": rounds, "delta": delta,
+                   "epsilon": dp_epsilon(noise, rounds, delta),
+                   "protects": "generator weight updates only (not class counts, normalisation, reducer or "
+                               "upsampler statistics)"}
+        say(f"differential privacy: epsilon {privacy['epsilon']:.3g} at delta {delta:g}")
+
+    class_to_generator = {c: key for key, members in groups.items() for c in members}
+    model = GenerativeModel(
+        generator_type=cfg["generator_type"], generators=generators, granularity=cfg["generator_granularity"],
+        class_names=class_names, class_to_generator=class_to_generator, reducer=reducer,
+        reducer_name=reducer_name, upsampler=upsampler, upsampler_name=upsampler_name,
+        full_length=summary.seq_len, training_length=length, output_length=cfg["generator_output_sequence_length"],
+        dim=summary.dim, normalization=normalization, condition_dim=summary.condition_dim,
+        class_counts=dict(summary.class_counts), config=cfg, seed=int(cfg["generator_seed"]))
+    last = history[-1] if history else {}
+    model.metrics = {
+        "epochs": rounds * int(cfg["federated_local_epochs"]), "steps": None,
+        "train": {"loss": last.get("train", {}).get("loss")} if last else {},
+        "val": {"loss": last["train"]["val_loss"]} if last and "val_loss" in last.get("train", {}) else None,
+        "train_seconds": sum(h["seconds"] for h in history), "samples_per_s": None,
+        "upsampler": upsampler_metrics,
+        "federated": {"engine": engine, "nodes": [{"name": names[n], "classes": {c: k for c, k in summaries[n].class_counts.items()
+                                                                         if k > 0},
+                                                   "generators": holders[n]} for n in nodes],
+                      "rounds": rounds, "local_epochs": int(cfg["federated_local_epochs"]),
+                      "privacy": privacy, "history": history, "traffic": traffic.stages},
+    }
+    if out is not None:
+        from feda2v_toolkit.modelfile import save_model
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, out)
+        say(f"wrote {out}")
+    return model
