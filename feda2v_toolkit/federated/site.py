@@ -104,6 +104,7 @@ class Site:
         self.reduced = reduce_dataset(self.ds, reducer)
         self.normalized = False
         self.store.update(pack("reducer.", state))
+        self.store["reduced"] = torch.ones(())  # marks a reducer as set (a reducer may have no state at all)
 
     def normalization_part(self) -> Arrays:
         assert self.reduced is not None
@@ -135,9 +136,8 @@ class Site:
 
     def restore(self, store: Mapping[str, Tensor]) -> None:
         """Rebuild the reduced (and standardised) cache from what an earlier message left in ``store``."""
-        reducer = unpack("reducer.", store)
-        if reducer and self.reduced is None:
-            self.set_reducer(reducer)
+        if "reduced" in store and self.reduced is None:
+            self.set_reducer(unpack("reducer.", store))
             norm = unpack("norm.", store)
             if norm:
                 self.set_normalization(norm)
