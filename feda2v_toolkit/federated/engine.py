@@ -13,6 +13,7 @@ Two engines, the same ServerApp and ClientApp:
 
 from __future__ import annotations
 
+import secrets
 import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,15 +38,16 @@ class LocalGrid(Grid):
     """Flower's ``Grid`` in one process: node id -> (ClientApp, Context); replies as Flower builds them."""
 
     def __init__(self, node_configs: Sequence[Mapping[str, Any]], client_app: ClientApp | None = None,
-                 run_id: int = 1) -> None:
+                 run_id: int | None = None) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
         self.client_app = client_app or default_client_app
-        self.run_id = run_id
+        self.run_id = run_id if run_id is not None else secrets.randbits(62)  # a fresh run: fresh node caches
         # what a ServerApp process is told by its SuperLink: who is sending (node 1 is the SuperLink's id)
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 0
-        self.contexts = {i + SERVER_NODE_ID + 1: Context(run_id=run_id, node_id=i + SERVER_NODE_ID + 1, node_config=dict(cfg), state=RecordDict(),
-                                        run_config={}) for i, cfg in enumerate(node_configs)}
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = self.run_id, SERVER_NODE_ID, 0
+        self.contexts = {i + SERVER_NODE_ID + 1: Context(run_id=self.run_id, node_id=i + SERVER_NODE_ID + 1,
+                                                         node_config=dict(cfg), state=RecordDict(), run_config={})
+                         for i, cfg in enumerate(node_configs)}
         self._run: Any = None
         self._replies: dict[str, Message] = {}
 
