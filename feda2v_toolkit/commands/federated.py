@@ -37,16 +37,13 @@ def require_flower() -> None:
 @click.option("--dp-clip", type=click.FloatRange(min=0, min_open=True), help="Overrides federated_dp_clipping_norm.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for the nodes in each stage (overrides federated_round_timeout).")
-@click.option("--engine", default="inprocess", show_default=True, type=click.Choice(["inprocess", "deployment"]),
-              help="inprocess: the app's messages delivered in this process; deployment: a SuperLink and one "
-                   "SuperNode per node on localhost (what real sites run).")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), help="Random seed (overrides generator_seed).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], out_path: Path, rounds: int | None,
                  local_epochs: int | None, granularity: str | None, generator_type: str | None,
-                 dp_noise: float | None, dp_clip: float | None, timeout: float | None, engine: str,
+                 dp_noise: float | None, dp_clip: float | None, timeout: float | None,
                  seed: int | None, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Train one model over several nodes' datasets with the Flower app; only weights and sums move.
 
@@ -76,17 +73,10 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], out_path: Pa
         "federated_dp_clipping_norm": dp_clip}.items() if v is not None}
     config: Any = config_path if config_path is not None else {}
     with warnings_as_messages():
-        if engine == "inprocess":
-            from feda2v_toolkit.federated.engine import federate_local
+        from feda2v_toolkit.federated.engine import federate_local
 
-            model = federate_local(config, nodes, out=out_path, seed=seed, overrides=overrides, timeout=timeout,
-                                   log=say)
-            fed = model.metrics["federated"]
-        else:
-            from feda2v_toolkit.federated.deployment import federate_deployment
-
-            fed = federate_deployment(config, nodes, out=out_path, seed=seed, overrides=overrides,
-                                      timeout=timeout, log=say)
+        model = federate_local(config, nodes, out=out_path, seed=seed, overrides=overrides, timeout=timeout, log=say)
+    fed = model.metrics["federated"]
     if as_json:
         click.echo(json.dumps({"out": str(out_path), **{k: v for k, v in fed.items() if k != "history"},
                                "history": fed.get("history", [])}, default=float))

@@ -1,14 +1,10 @@
 """Run the Flower app on one machine: ``feda2v-tk federate``.
 
-Two engines, the same ServerApp and ClientApp:
-
-* ``inprocess`` (default): a :class:`LocalGrid` -- Flower's ``Grid`` interface implemented in this process --
-  delivers each Message to the ClientApp of each node (one ``Context`` per node, with ``node_config["data"]``
-  its dataset), one node at a time on a worker thread, with the stage timeout. No Ray, no sockets: fast and
-  robust on two cores; the messages are the real Flower ``Message``/``RecordDict`` objects.
-* ``deployment``: Flower's Deployment engine on localhost (:mod:`feda2v_toolkit.federated.deployment`): a
-  SuperLink and one SuperNode per node as subprocesses with a temporary ``FLWR_HOME``, the app submitted
-  with ``flwr run``; what real sites run.
+The engine here is ``inprocess``: a :class:`LocalGrid` -- Flower's ``Grid`` interface implemented in this
+process -- delivers each Message to the ClientApp of each node (one ``Context`` per node, with
+``node_config["data"]`` its dataset), one node at a time on a worker thread, with the stage timeout. No Ray,
+no sockets: fast and robust on two cores; the messages are the real Flower ``Message``/``RecordDict``
+objects and the apps are the ones real sites run with a SuperLink and SuperNodes (docs/federated.md).
 """
 
 from __future__ import annotations
