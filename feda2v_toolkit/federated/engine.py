@@ -84,15 +84,19 @@ class LocalGrid(Grid):
         within ``timeout`` seconds (a node still working then is left behind, as a dropped node is)."""
         messages = list(messages)
         replies: list[Message] = []
+        abandoned = threading.Event()
 
         def work() -> None:
             for msg in messages:
+                if abandoned.is_set():  # the round timed out: deliver nothing more
+                    return
                 ids = self.push_messages([msg])
                 replies.extend(self.pull_messages(ids))
 
         worker = threading.Thread(target=work, daemon=True, name="feda2v-local-grid")
         worker.start()
         worker.join(timeout)
+        abandoned.set()
         return list(replies)
 
 

@@ -82,13 +82,11 @@ class _FailingGrid(LocalGrid):
 
     def _deliver(self, msg):
         if msg.metadata.dst_node_id == 3 and msg.metadata.message_type == "train.generators":
-            if self.stall:
-                time.sleep(self.stall)
-            else:
-                from flwr.app import Message
-                from flwr.app.error import Error
+            from flwr.app import Message
+            from flwr.app.error import Error
 
-                return Message(Error(300, "ConnectionError: node went away"), reply_to=msg)
+            time.sleep(self.stall)  # a stalled node never answers in time (then it goes away)
+            return Message(Error(300, "ConnectionError: node went away"), reply_to=msg)
         return super()._deliver(msg)
 
 
@@ -109,10 +107,10 @@ def test_a_node_failing_mid_run_fails_the_run_and_writes_nothing(two_nodes, tiny
 
 def test_a_node_that_does_not_answer_in_time_fails_the_run(two_nodes, tiny_config, tmp_path):
     out = tmp_path / "fed.safetensors"
-    grid = _FailingGrid([{"data": str(p)} for p in two_nodes], stall=3.0)
+    grid = _FailingGrid([{"data": str(p)} for p in two_nodes], stall=8.0)
     t0 = time.monotonic()
     with pytest.raises(FederationError, match=r"no reply from node node1.safetensors in stage 'generators' within"):
-        _run(grid, _cfg(tiny_config), out, timeout=1.0)
+        _run(grid, _cfg(tiny_config), out, timeout=4.0)
     assert time.monotonic() - t0 < 30
     assert not out.exists()
 
