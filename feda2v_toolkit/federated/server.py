@@ -41,6 +41,11 @@ def nbytes(arrays: Mapping[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in arrays.values())
 
 
+def nbytes_round(requests: Mapping[int, tuple[Arrays, Meta]], replies: Mapping[int, tuple[Arrays, Meta]]) -> int:
+    """Tensor bytes sent to and received from the nodes in one exchange."""
+    return sum(nbytes(a) for a, _ in requests.values()) + sum(nbytes(a) for a, _ in replies.values())
+
+
 class Traffic:
     """Bytes sent to and received from the nodes, per stage and per round (for the benchmark)."""
 
@@ -230,7 +235,8 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
             generators[key].load_state_dict(state)
         seconds = time.perf_counter() - t0
         record = {"round": r + 1, "rounds": rounds, "train": merged.metrics, "seconds": seconds,
-                  "examples": sum(merged.examples.values())}
+                  "local_seconds": sum(float(replies[n][1].get("seconds", 0.0)) for n in nodes),
+                  "bytes": nbytes_round(requests, replies), "examples": sum(merged.examples.values())}
         history.append(record)
         loss = merged.metrics.get("loss", float("nan"))
         val = merged.metrics.get("val_loss")

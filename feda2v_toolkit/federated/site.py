@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -227,13 +228,15 @@ def handle(site: Site, stage: str, arrays: Mapping[str, Tensor], meta: Mapping[s
         keys = list(meta["keys"])
         states = {key: unpack(f"g{i}.", arrays) for i, key in enumerate(keys)}
         states = {k: v for k, v in states.items() if v}
+        t0 = time.perf_counter()
         part = site.train_generators(states, meta["groups"], list(meta["class_names"]), int(meta["round"]),
                                      int(meta["rounds"]))
+        seconds = time.perf_counter() - t0
         out: Arrays = {}
         for i, key in enumerate(keys):
             if key in part.weights:
                 out.update(pack(f"g{i}.", part.weights[key]))
-        return out, {"examples": part.examples, "metrics": part.metrics}
+        return out, {"examples": part.examples, "metrics": part.metrics, "seconds": seconds}
     raise ValueError(f"unknown stage {stage!r}")
 
 
