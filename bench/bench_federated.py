@@ -40,7 +40,7 @@ def main() -> None:
     base = {"generator_training_sequence_length": 16, "generator_hidden_dim": 128, "generator_latent_dim": 16,
             "generator_batch_size": 16, "generator_save_checkpoint": False, "generator_reducer": "pca",
             "generator_upsampler": "lstsq", "federated_rounds": args.rounds, "federated_local_epochs": 2,
-            "generator_training_epochs": args.rounds * 2, "generator_validation_split": 0, "generator_seed": 0}
+            "generator_training_epochs": args.rounds * 2, "generator_validation_split": 0, "generator_seed": 0, "use_conditioned_vae": True}
     splits = {"class": split_dataset(data, tmp / "class", args.nodes, how="class", seed=0),
               "dirichlet0.3": split_dataset(data, tmp / "dir", args.nodes, how="dirichlet", alpha=0.3, seed=0)}
     for granularity in ("unified", "per_class"):
