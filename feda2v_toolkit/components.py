@@ -80,6 +80,9 @@ class Generator(Component, abc.ABC):
 
     #: True when the type can condition on class labels or condition embeddings.
     supports_conditioning: ClassVar[bool] = False
+    #: True when the type is fitted in closed form by :meth:`fit` (the trainer then runs no epochs for it,
+    #: and :meth:`configure_optimizers` may return no optimiser).
+    fitted: ClassVar[bool] = False
 
     def __init__(self, *, seq_len: int, dim: int, num_classes: int = 0, condition_dim: int = 0) -> None:
         super().__init__()
@@ -127,6 +130,12 @@ class Generator(Component, abc.ABC):
     def loss_terms(self, x: Tensor, *, labels: Tensor | None, conditions: Tensor | None,
                    ctx: TrainContext) -> dict[str, float]:
         """The same loss terms on a held-out batch, without updating anything (called under ``no_grad``)."""
+
+    def fit(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+            seed: int = 0) -> dict[str, float]:
+        """Closed-form types (``fitted = True``): fit on all of this generator's training sequences
+        ``[n, seq_len, dim]`` at once, deterministically for ``seed``; return JSON-serialisable metrics."""
+        raise NotImplementedError(f"{type(self).__name__} is trained by training_step, not fit")
 
     @abc.abstractmethod
     def sample(self, n: int, *, labels: Tensor | None = None, conditions: Tensor | None = None,

@@ -16,7 +16,8 @@ without it the checks use the process-wide registry (installed plugins). Every c
 
 * generator type -- builds from a resolved config on tiny data; ``init_args()`` is JSON and rebuilds
   the same state; a few ``training_step`` calls return finite float terms (``"loss"`` first) and change
-  the weights; ``loss_terms`` updates nothing; ``sample`` returns ``[n, seq_len, dim]`` finite values,
+  the weights (closed-form types, ``fitted = True``: ``fit`` returns finite float metrics and changes the
+  state); ``loss_terms`` updates nothing; ``sample`` returns ``[n, seq_len, dim]`` finite values,
   draws only from the ``torch.Generator`` it is given (same seed, same samples; global RNG untouched);
   the same seed trains bit-identical weights; a model file round trip (safetensors) restores every
   tensor bit-exactly and samples identically at full length; ``feda2v_toolkit.training.train`` runs
@@ -291,13 +292,23 @@ def check_generator(name: str, *, registry: Registry | None = None, plugin: Any 
     _expect((gen.seq_len, gen.dim) == (seq_len, dim), f"{what}: seq_len/dim not kept by from_config()")
     _expect(gen.conditioning in (None, "label", "embedding"), f"{what}: conditioning must be None, 'label' "
             f"or 'embedding', got {gen.conditioning!r}")
-    _expect(sum(p.numel() for p in gen.parameters()) > 0, f"{what}: has no parameters")
+    fitted = bool(getattr(cls, "fitted", False))
+    _expect(fitted or sum(p.numel() for p in gen.parameters()) > 0, f"{what}: has no parameters")
     _rebuild(gen, what)
 
+    def run_training(g: Generator) -> list[dict[str, float]]:
+        if fitted:
+            metrics = g.fit(x, labels=labels, conditions=conditions, seed=seed)
+            _expect(isinstance(metrics, Mapping) and all(isinstance(v, float) and math.isfinite(v)
+                                                         for v in metrics.values()),
+                    f"{what}: fit() must return a dict of finite floats, got {metrics!r}")
+            return []
+        return _train_steps(g, cfg, x, labels, conditions, steps, 8, seed, what)
+
     before = {k: v.clone() for k, v in gen.state_dict().items()}
-    history = _train_steps(gen, cfg, x, labels, conditions, steps, 8, seed, what)
+    history = run_training(gen)
     changed = any(not torch.equal(before[k], v) for k, v in gen.state_dict().items())
-    _expect(changed, f"{what}: {steps} training steps changed no weight")
+    _expect(changed, f"{what}: {'fit()' if fitted else f'{steps} training steps'} changed no weight")
 
     gen.eval()
     from feda2v_toolkit.components import TrainContext
@@ -307,15 +318,15 @@ def check_generator(name: str, *, registry: Registry | None = None, plugin: Any 
         terms = gen.loss_terms(x[:8], labels=labels[:8], conditions=conditions[:8] if conditions is not None else None,
                                ctx=TrainContext(epoch=0, total_epochs=1, step=0, progress=1.0, config=cfg))
     _check_terms(terms, f"{what}: loss_terms")
-    _expect(list(terms) == list(history[-1]), f"{what}: loss_terms keys {list(terms)} differ from "
-            f"training_step's {list(history[-1])}")
+    _expect(not history or list(terms) == list(history[-1]), f"{what}: loss_terms keys {list(terms)} differ "
+            f"from training_step's {list(history[-1]) if history else []}")
     _expect(all(torch.equal(snapshot[k], v) for k, v in gen.state_dict().items()),
             f"{what}: loss_terms changed the weights")
 
     _check_sampling(gen, labels, conditions, seed, what)
 
     twin = build()
-    _train_steps(twin, cfg, x, labels, conditions, steps, 8, seed, what)
+    run_training(twin)
     for key, value in gen.state_dict().items():
         _expect(torch.equal(value, twin.state_dict()[key]),
                 f"{what}: training twice from the same seed gave different weights ({key!r}); draw training "

@@ -210,11 +210,12 @@ def heldout_upsampling_error(ds: Dataset, indices: Tensor, reduced: Tensor, upsa
                              device: torch.device) -> dict[str, float]:
     """MSE and R^2 of reconstructing held-out full sequences: the upsampler vs linear interpolation.
 
-    ``reduced`` holds the un-normalised reduced sequences by global index. R^2 is relative to each
-    sequence's own mean over positions (what the positional structure adds).
+    ``reduced`` holds the un-normalised reduced sequences by global index. R^2 is about the held-out
+    set's per-position mean (:class:`~feda2v_toolkit.analysis.metrics.ReconstructionStats`).
     """
-    sse_up = sse_lin = sst = 0.0
-    count = 0
+    from feda2v_toolkit.analysis.metrics import ReconstructionStats
+
+    up_stats, lin_stats = ReconstructionStats(), ReconstructionStats()
     rows = read_chunk_rows(ds)
     upsampler.eval()
     with torch.no_grad():
@@ -222,17 +223,13 @@ def heldout_upsampling_error(ds: Dataset, indices: Tensor, reduced: Tensor, upsa
             chunk = indices[s:s + rows]
             full = ds.read(chunk).embeddings.to(device)
             red = reduced[chunk].to(device)
-            up = upsampler(red, ds.seq_len)
-            lin = interpolate_sequence(red, ds.seq_len, "linear")
-            sse_up += float(((up - full) ** 2).sum())
-            sse_lin += float(((lin - full) ** 2).sum())
-            sst += float(((full - full.mean(dim=1, keepdim=True)) ** 2).sum())
-            count += full.numel()
-    if count == 0:
+            up_stats.add(full, upsampler(red, ds.seq_len), sst=0.0)
+            lin_stats.add(full, interpolate_sequence(red, ds.seq_len, "linear"), sst=0.0)
+    if up_stats.count == 0:
         return {}
-    return {"heldout_mse": sse_up / count, "heldout_mse_linear": sse_lin / count,
-            "heldout_r2": 1 - sse_up / sst if sst > 0 else float("nan"),
-            "heldout_r2_linear": 1 - sse_lin / sst if sst > 0 else float("nan")}
+    elements = up_stats.count * ds.seq_len * ds.dim
+    return {"heldout_mse": up_stats.sse / elements, "heldout_mse_linear": lin_stats.sse / elements,
+            "heldout_r2": up_stats.r2, "heldout_r2_linear": lin_stats.r2}
 
 
 def _mean_terms(rows: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
@@ -421,14 +418,18 @@ def _batches_per_epoch(n: int, batch_size: int) -> int:
 def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_path: Any,
                       progress: bool | None, say: Callable[[str], None]) -> None:
     cfg, model, ds = run.cfg, run.model, run.ds
-    epochs = int(cfg["generator_training_epochs"])
+    trained = {key: gen for key, gen in model.generators.items() if not type(gen).fitted}
+    # closed-form generators are fitted once; a model of only those runs one pass (for validation)
+    epochs = int(cfg["generator_training_epochs"]) if trained else 1
     batch_size = int(cfg["generator_batch_size"])
     autocast_dtype = torch.bfloat16 if cfg.get("generator_autocast") == "bfloat16" else None
     labels_all = ds.labels
     conditions_all = ds.read_conditions(range(len(ds))) if ds.condition_dim else None
     train_sets = {key: run.train_idx[torch.isin(labels_all[run.train_idx], m)] for key, m in run.members.items()}
     val_sets = {key: run.val_idx[torch.isin(labels_all[run.val_idx], m)] for key, m in run.members.items()}
-    steps_per_epoch = sum(_batches_per_epoch(idx.numel(), batch_size) for idx in train_sets.values() if idx.numel())
+    fit_metrics = _fit_generators(run, train_sets, conditions_all, say) if state.epoch == 0 else {}
+    steps_per_epoch = sum(_batches_per_epoch(idx.numel(), batch_size) for key, idx in train_sets.items()
+                          if idx.numel() and key in trained)
     bar = Progress(epochs * steps_per_epoch, state.epoch * steps_per_epoch, progress)
     metrics_file = open(metrics_path, "a", encoding="utf-8") if metrics_path else nullcontext()  # noqa: SIM115
     val_every = int(cfg["generator_validation_frequency"])
@@ -440,7 +441,7 @@ def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_
                 epoch_terms, weights, seen = [], [], 0
                 for gi, (key, gen) in enumerate(model.generators.items()):
                     idx = train_sets[key]
-                    if idx.numel() == 0:
+                    if idx.numel() == 0 or key not in trained:
                         continue
                     g = torch.Generator().manual_seed(run.seed * 1_000_003 + epoch * 1009 + gi)
                     perm = idx[torch.randperm(idx.numel(), generator=g)]
@@ -467,6 +468,8 @@ def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_
                                           "train": _mean_terms(epoch_terms, weights),
                                           "samples_per_s": seen / elapsed if elapsed > 0 else None,
                                           "seconds": elapsed}
+                if fit_metrics and epoch == 0:
+                    record["fit"] = fit_metrics
                 if run.val_idx.numel() and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
                     record["val"] = _validate(run, val_sets, epoch, epochs, autocast_dtype, conditions_all)
                 state.history.append(record)
@@ -481,6 +484,24 @@ def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_
                     save_checkpoint(ckpt_path, model, run.optimizers, state)
     finally:
         bar.close()
+
+
+def _fit_generators(run: _Run, train_sets: Mapping[str, Tensor], conditions_all: Tensor | None,
+                    say: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """Fit every closed-form generator (``fitted = True``) once on all of its training sequences."""
+    out: dict[str, dict[str, float]] = {}
+    for gi, (key, gen) in enumerate(run.model.generators.items()):
+        idx = train_sets[key]
+        if not type(gen).fitted or idx.numel() == 0:
+            continue
+        t0 = time.perf_counter()
+        cond = conditions_all[idx].to(run.device) if conditions_all is not None else None
+        metrics = gen.fit(run.reduced[idx].to(run.device), labels=run.ds.labels[idx].to(run.device),
+                          conditions=cond, seed=run.seed * 1_000_003 + gi)
+        _check_finite_terms({k: float(v) for k, v in metrics.items()}, 0, key)
+        out[key] = {k: float(v) for k, v in metrics.items()}
+        say(f"fitted generator {key!r} on {idx.numel()} sequences in {time.perf_counter() - t0:.2f}s")
+    return out
 
 
 def _check_finite_terms(terms: Mapping[str, float], epoch: int, key: str) -> None:
@@ -518,6 +539,8 @@ def _final_metrics(state: TrainingState) -> dict[str, Any]:
     last_val = next((r["val"] for r in reversed(state.history) if "val" in r), None)
     total_seconds = sum(r.get("seconds", 0.0) for r in state.history)
     samples = [r["samples_per_s"] for r in state.history if r.get("samples_per_s")]
+    fitted = next((r["fit"] for r in state.history if "fit" in r), None)
     return {"epochs": state.epoch, "steps": state.step, "train": last.get("train", {}), "val": last_val,
+            **({"generator_fit": fitted} if fitted else {}),
             "train_seconds": total_seconds, "samples_per_s": sum(samples) / len(samples) if samples else None,
             "upsampler": state.upsampler_metrics}

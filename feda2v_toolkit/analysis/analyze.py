@@ -5,12 +5,16 @@ split of the data (``holdout``, default 25%; fitting uses only the rest):
 
 * ``compression``: ``L / l``;
 * ``r2`` and ``cosine``: how well ``upsampler(reducer(x))`` reconstructs the held-out full sequences
-  (:class:`~feda2v_toolkit.analysis.metrics.ReconstructionStats`);
+  (:class:`~feda2v_toolkit.analysis.metrics.ReconstructionStats`). ``r2`` is taken about the held-out
+  set's per-position mean: the pattern every clip shares is not counted as kept information
+  (``r2_about_sequence_mean``, the older figure about each sequence's own mean, is reported too);
 * ``accuracy``: the downstream classifier (:mod:`.classifier`) trained on reconstructed training
   sequences and tested on reconstructed held-out ones -- the class information that survives;
   ``accuracy_on_real``: the same classifier tested on the original held-out sequences -- what a
   perfect generator at this length would give a model evaluated on real data. ``baseline_accuracy``
-  is the classifier trained and tested on the originals;
+  is the classifier trained and tested on the originals. Pairs are **ranked by ``accuracy_on_real``**
+  (ties: ``r2``): ``recommended`` names the best pair per length -- R^2 alone rewards decoders that
+  reproduce what every clip shares and can rank reducers backwards on real embeddings;
 * ``optimum``: the same numbers for the linear optimum (position PCA fitted on the training split,
   decoded exactly; :mod:`.linear_optimum`), the reference line no linear reduction can beat in R^2.
 
@@ -27,6 +31,7 @@ the fitted components. Deterministic for a given ``seed``.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -63,6 +68,7 @@ class PairResult:
     accuracy: float
     accuracy_on_real: float
     r2_vs_optimum: float | None = None  # r2 / the optimum's r2 at this length
+    r2_about_sequence_mean: float | None = None  # the older R^2 (about each sequence's own mean)
     fit: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -88,6 +94,8 @@ class AnalysisResult:
     explained_variance: dict[int, float]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    #: length -> the pair with the best accuracy on real held-out sequences (ties: R^2)
+    recommended: dict[int, PairResult] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -303,7 +311,8 @@ class _Run:
             del train_feats
             rname, length, uname = key
             out[key] = PairResult(rname, uname, length, ds.seq_len / length, stats[key].r2, stats[key].cosine, acc,
-                                  acc_real, fit=self.fit_info.get(key, {}),
+                                  acc_real, r2_about_sequence_mean=stats[key].r2_about_sequence_mean,
+                                  fit=self.fit_info.get(key, {}),
                                   seconds=self.seconds.get(key, 0.0) + seconds[key] + time.perf_counter() - t0)
         return out
 
@@ -314,6 +323,13 @@ class _Run:
         clf = RidgeClassifier(self.ds.num_classes).fit(train_features, labels[self.train_idx])
         return (clf.accuracy(test_features, labels[self.test_idx]),
                 clf.accuracy(self.original_features[self.test_idx], labels[self.test_idx]))
+
+
+def rank_key(p: PairResult) -> tuple[float, float]:
+    """How pairs are ranked: accuracy on real held-out sequences first, then R^2 (NaN last)."""
+    def num(v: float | None) -> float:
+        return -math.inf if v is None or math.isnan(v) else v
+    return num(p.accuracy_on_real), num(p.r2)
 
 
 def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
@@ -392,10 +408,12 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
         pairs.append(row)
     pairs.sort(key=lambda r: (reducer_names.index(r.reducer), upsampler_names.index(r.upsampler), r.length))
     explained = {length: run.pca.explained(length) for length in wanted} if run.pca is not None else {}
+    recommended = {length: best for length in wanted
+                   if (best := max((p for p in pairs if p.length == length), key=rank_key, default=None))}
     return AnalysisResult(
         data=str(ds.path), sequences=len(ds), seq_len=ds.seq_len, dim=ds.dim, class_names=list(ds.class_names),
         train=int(train_idx.numel()), heldout=int(test_idx.numel()), seed=seed, lengths=wanted,
         reducers=reducer_names, upsamplers=upsampler_names, pool_positions=min(pool_positions, ds.seq_len),
         upsampler_epochs=cfg.get("generator_upsampler_epochs") if trainable else None,
         baseline_accuracy=baseline, optimum=optimum_rows, pairs=pairs, explained_variance=explained,
-        seconds=time.perf_counter() - t_start, notes=notes)
+        seconds=time.perf_counter() - t_start, notes=notes, recommended=recommended)

@@ -20,6 +20,15 @@ The Frechet distance is also computed on the pooled full-length features of the 
 (``frechet_pooled``): that space is the same for every model, so it compares models with different
 reducers or training lengths.
 
+Privacy (``privacy``), when the training data is known (``split="heldout"``, or ``train_data``): the
+**distance to the closest record** (DCR) in the model's normalised reduced space (the space the generator
+was trained in, flattened). Per class, the median distance from each synthetic sample to its nearest
+training sequence of that class, divided by the same median for the held-out real sequences: about 1
+when synthetic samples are as far from the training clips as new real clips are, well below 1 when the
+generator copies or interpolates training rows (or collapses onto their mean). ``close_share`` is the share of synthetic samples nearer
+to a training sequence than 95% of the held-out ones are (about 0.05 for a generator that does not
+memorise). A ratio below :data:`MEMORISATION_RATIO` is flagged (``memorising``).
+
 Downstream, with the classifier of ``analyze`` on pooled full-length features (synthetic samples
 upsampled by the model's upsampler to the real length): the real data are split per class into a train
 part and a test part (``test_fraction``, default 0.5, stratified by ``seed``), and the classifier is
@@ -55,6 +64,8 @@ from feda2v_toolkit.training import read_chunk_rows, stratified_split
 
 MAX_SAMPLES_PER_CLASS = 10_000
 SPLITS = ("all", "heldout")
+#: a DCR ratio below this flags the samples as (near-)copies of training data
+MEMORISATION_RATIO = 0.8
 
 
 @dataclass
@@ -93,6 +104,18 @@ class DownstreamResult:
 
 
 @dataclass
+class PrivacyMetrics:
+    """Distance to closest record (module docstring): synthetic vs held-out real, to the training data."""
+
+    training: int
+    synthetic_dcr: float  # median distance of a synthetic sample to its nearest training sequence
+    real_dcr: float  # the same for held-out real sequences
+    ratio: float  # synthetic_dcr / real_dcr
+    close_share: float  # share of synthetic samples nearer than the held-out 5th percentile
+    memorising: bool
+
+
+@dataclass
 class EvaluationResult:
     model: str
     data: str
@@ -108,6 +131,8 @@ class EvaluationResult:
     pool_positions: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    privacy: dict[str, PrivacyMetrics] = field(default_factory=dict)  # per class and "(all)"; empty if unknown
+    train_data: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +168,49 @@ def distribution_metrics(synthetic: Tensor, real: Tensor, *, k: int = 5, seed: i
         coverage=manifold.coverage, k=manifold.k)
 
 
+def nearest_distances(x: Tensor, reference: Tensor, rows: int = 1024) -> Tensor:
+    """Euclidean distance from each row of ``x`` ``[n, ...]`` to its nearest row of ``reference`` (float64)."""
+    a = x.reshape(x.shape[0], -1).double()
+    b = reference.reshape(reference.shape[0], -1).double()
+    return torch.cat([torch.cdist(a[s:s + rows], b).min(dim=1).values for s in range(0, a.shape[0], rows)])
+
+
+def privacy_metrics(synthetic_d: Tensor, real_d: Tensor, training: int) -> PrivacyMetrics:
+    """DCR summary from nearest-training distances of synthetic and of held-out real samples."""
+    syn, real = float(synthetic_d.median()), float(real_d.median())
+    ratio = syn / real if real > 0 else float("nan")
+    low = float(torch.quantile(real_d, 0.05)) if real_d.numel() > 1 else float(real_d.min())
+    close = float((synthetic_d < low).double().mean())
+    return PrivacyMetrics(training=training, synthetic_dcr=syn, real_dcr=real, ratio=ratio, close_share=close,
+                          memorising=bool(ratio < MEMORISATION_RATIO))
+
+
+def _privacy(model: GenerativeModel, train_ds: Dataset, train_idx: Tensor, classes: list[str],
+             real_reduced: Tensor, real_masks: dict[str, Tensor], synth_reduced: dict[str, Tensor],
+             class_names: list[str]) -> dict[str, PrivacyMetrics]:
+    """Per-class and pooled DCR in the model's normalised reduced space."""
+    labels = train_ds.labels[train_idx]
+    out: dict[str, PrivacyMetrics] = {}
+    syn_all, real_all, n_all = [], [], 0
+    for c in classes:
+        if c not in train_ds.class_names:
+            continue
+        rows = train_idx[labels == train_ds.class_names.index(c)]
+        if rows.numel() == 0:
+            continue
+        train_red = torch.cat([model.reducer(b.embeddings) for b in train_ds.batches(read_chunk_rows(train_ds), rows)])
+        ref = model.normalize(train_red)
+        syn_d = nearest_distances(model.normalize(synth_reduced[c]), ref)
+        real_d = nearest_distances(model.normalize(real_reduced[real_masks[c]]), ref)
+        out[c] = privacy_metrics(syn_d, real_d, int(rows.numel()))
+        syn_all.append(syn_d)
+        real_all.append(real_d)
+        n_all += int(rows.numel())
+    if out:
+        out["(all)"] = privacy_metrics(torch.cat(syn_all), torch.cat(real_all), n_all)
+    return out
+
+
 def _real_indices(model: GenerativeModel, ds: Dataset, split: str) -> Tensor:
     if split == "all":
         return torch.arange(len(ds))
@@ -164,7 +232,7 @@ def _real_indices(model: GenerativeModel, ds: Dataset, split: str) -> Tensor:
 
 
 def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.PathLike[str] | Dataset, *,
-             split: str = "all", test_fraction: float = 0.5, samples_per_class: int | None = None, seed: int = 0,
+             split: str = "all", train_data: str | os.PathLike[str] | Dataset | None = None, test_fraction: float = 0.5, samples_per_class: int | None = None, seed: int = 0,
              neighbours: int = 5, pool_positions: int = DEFAULT_POOL_POSITIONS,
              log: Callable[[str], None] | None = None) -> EvaluationResult:
     """Measure ``model``'s synthetic samples against real data (module docstring).
@@ -173,6 +241,8 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
         model: a :class:`GenerativeModel` or a model file path.
         data: real data with the model's sequence shape and (some of) its classes.
         split: ``all`` or ``heldout`` (see the module docstring).
+        train_data: the model's training data, for the privacy (DCR) measure when ``split="all"``
+            (with ``heldout`` the training rows are the rest of ``data``).
         test_fraction: share of each class's real sequences the downstream classifiers are tested on.
         samples_per_class: synthetic samples per class (default: the class's real count).
         seed: seeds the synthetic draws and the real train/test split.
@@ -265,13 +335,43 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
                                    pooled=(torch.cat(list(synth_feats.values())), real_feats))
     say(f"distribution metrics: {time.perf_counter() - t0:.1f}s")
 
+    # -- privacy: distance to closest training record --------------------------------------------------
+    privacy: dict[str, PrivacyMetrics] = {}
+    train_path: str | None = None
+    if split == "heldout" or train_data is not None:
+        t0 = time.perf_counter()
+        if split == "heldout":
+            train_ds = ds
+            train_rows = torch.ones(len(ds), dtype=torch.bool)
+            train_rows[_real_indices(model, ds, split)] = False
+            train_idx = train_rows.nonzero().flatten()
+        else:
+            train_ds = train_data if isinstance(train_data, Dataset) else open_dataset(train_data)
+            if (train_ds.seq_len, train_ds.dim) != (model.full_length, model.dim):
+                raise InputError(f"{train_ds.path}: sequences are [{train_ds.seq_len}, {train_ds.dim}], the "
+                                 f"model's are [{model.full_length}, {model.dim}]")
+            train_idx = torch.arange(len(train_ds))
+        train_path = str(train_ds.path)
+        with torch.no_grad():
+            privacy = _privacy(model, train_ds, train_idx, classes, real_reduced, masks, synth_reduced,
+                               list(ds.class_names))
+        flagged = [c for c, m in privacy.items() if m.memorising and c != "(all)"]
+        if flagged:
+            notes.append(f"MEMORISATION: synthetic samples of {', '.join(flagged)} are much nearer to training "
+                         f"sequences than held-out real ones are (DCR ratio < {MEMORISATION_RATIO}): the generator "
+                         f"copies, interpolates or collapses onto its training data")
+        say(f"privacy (distance to closest record): {time.perf_counter() - t0:.1f}s")
+    else:
+        notes.append("privacy (distance to closest record) not measured: pass the training data "
+                     "(--train-data, or --split heldout with the training data as --data)")
+
     # -- downstream ------------------------------------------------------------------------------------
     downstream = _downstream(ds, classes, labels_all, real_feats, synth_feats, test_fraction, seed)
     return EvaluationResult(
         model=model_path, data=str(ds.path), split=split, seed=seed, training_length=model.training_length,
         full_length=model.full_length, dim=model.dim, classes=classes, per_class=per_class, overall=overall,
         downstream=downstream, pool_positions=min(pool_positions, ds.seq_len),
-        seconds=time.perf_counter() - t_start, notes=notes)
+        seconds=time.perf_counter() - t_start, notes=notes, privacy=privacy, train_data=train_path)
 
 
 def _downstream(ds: Dataset, classes: list[str], labels: Tensor, real_feats: Tensor,

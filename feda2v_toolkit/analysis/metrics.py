@@ -22,20 +22,28 @@ from feda2v_toolkit.analysis.threads import few_threads
 class ReconstructionStats:
     """Running sums for R^2 and cosine similarity over streamed batches of ``[B, L, D]`` sequences.
 
-    * ``r2 = 1 - SSE / SST``, pooled over all sequences, where ``SST`` is each sequence's squared
-      deviation from its own mean over positions: 1 is perfect, 0 is no better than the flat
-      per-sequence mean, negative is worse than that.
+    * ``r2 = 1 - SSE / SST`` with ``SST`` the squared deviation of every sequence from the **per-position
+      (and feature) mean of the scored sequences**: what is specific to each clip. The positional pattern
+      every clip shares is not information a reducer keeps -- any decoder that has learned the mean
+      sequence reproduces it -- so it is not in the denominator. 1 is perfect, 0 is no better than
+      outputting the mean sequence, negative is worse than that.
+    * ``r2_about_sequence_mean``: the older figure, ``SST`` about each sequence's own mean over positions
+      (it counts the shared positional pattern as kept information, so it flatters decoders that learn
+      the mean sequence and nothing else; kept for comparison).
     * ``cosine``: the cosine similarity of each reconstructed token with the original token
       (``[D]`` vectors), averaged over tokens and sequences.
     """
 
     sse: float = 0.0
-    sst: float = 0.0
+    sst_sequence_mean: float = 0.0
     cosine_sum: float = 0.0
     tokens: int = 0
+    count: int = 0
+    sumsq: float = 0.0
+    total: Tensor | None = None  # per-position sums [L, D] (float64)
 
     def add(self, original: Tensor, reconstruction: Tensor, sst: float | None = None) -> None:
-        """Add a batch; pass ``sst`` (from :func:`sum_squares_about_sequence_mean`) to skip recomputing it.
+        """Add a batch; ``sst`` (from :func:`sum_squares_about_sequence_mean`) skips recomputing that sum.
 
         Float32 arithmetic with float64 totals (torch's reductions sum pairwise, so per-batch sums keep
         about 7 significant digits).
@@ -45,13 +53,29 @@ class ReconstructionStats:
         x = original.float().contiguous()
         y = reconstruction.float().contiguous()
         self.sse += float(torch.dist(x, y)) ** 2
-        self.sst += sum_squares_about_sequence_mean(x) if sst is None else sst
+        self.sst_sequence_mean += sum_squares_about_sequence_mean(x) if sst is None else sst
+        self.sumsq += float(torch.linalg.vector_norm(x)) ** 2
+        batch_sum = x.sum(0, dtype=torch.float64)
+        self.total = batch_sum if self.total is None else self.total + batch_sum
+        self.count += x.shape[0]
         self.cosine_sum += float(token_cosines(x, y).double().sum())
         self.tokens += x.shape[0] * x.shape[1]
 
     @property
+    def sst(self) -> float:
+        """``sum ||x - mean_pos||^2`` over the scored sequences (per-position, per-feature mean)."""
+        if self.total is None or self.count < 2:
+            return 0.0
+        return max(self.sumsq - float(self.total.square().sum()) / self.count, 0.0)
+
+    @property
     def r2(self) -> float:
-        return 1.0 - self.sse / self.sst if self.sst > 0 else float("nan")
+        sst = self.sst
+        return 1.0 - self.sse / sst if sst > 0 else float("nan")
+
+    @property
+    def r2_about_sequence_mean(self) -> float:
+        return 1.0 - self.sse / self.sst_sequence_mean if self.sst_sequence_mean > 0 else float("nan")
 
     @property
     def cosine(self) -> float:
@@ -59,7 +83,7 @@ class ReconstructionStats:
 
 
 def sum_squares_about_sequence_mean(x: Tensor) -> float:
-    """``sum ||x - mean over positions of x||^2`` of a batch ``[B, L, D]`` (the R^2 denominator)."""
+    """``sum ||x - mean over positions of x||^2`` of a batch ``[B, L, D]``."""
     x = x.float()
     return float(torch.dist(x, x.mean(dim=1, keepdim=True).expand_as(x))) ** 2
 
@@ -73,7 +97,7 @@ def token_cosines(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def r2_score(original: Tensor, reconstruction: Tensor) -> float:
-    """R^2 of ``reconstruction`` relative to each sequence's own mean over positions (see above)."""
+    """R^2 of ``reconstruction`` about the per-position mean of ``original`` (see :class:`ReconstructionStats`)."""
     stats = ReconstructionStats()
     stats.add(original, reconstruction)
     return stats.r2

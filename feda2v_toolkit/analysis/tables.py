@@ -90,6 +90,12 @@ def plan_text(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _rank(p: Any) -> tuple[float, float]:
+    from feda2v_toolkit.analysis.analyze import rank_key
+
+    return rank_key(p)
+
+
 # -- analyze ------------------------------------------------------------------------------------------
 
 def analyze_text(result: Any) -> str:
@@ -101,18 +107,34 @@ def analyze_text(result: Any) -> str:
         f"{_pct(r.baseline_accuracy)}",
         "",
     ]
-    headers = ["reducer", "upsampler", "length", "ratio", "R^2", "of optimum", "cosine", "accuracy", "acc. on real"]
+    headers = ["reducer", "upsampler", "length", "ratio", "acc. on real", "of original", "R^2", "of optimum",
+               "cosine", "accuracy", ""]
     rows = []
+    base = r.baseline_accuracy
+
+    def of_base(v: float) -> str:
+        return _pct(v / base) if base and not math.isnan(base) and not math.isnan(v) else "-"
+
     for o in r.optimum:
-        rows.append(["linear optimum", "(position PCA)", o.length, f"{o.compression:.1f}x", _num(o.r2, 4), "100%",
-                     _num(o.cosine), _pct(o.accuracy), _pct(o.accuracy_on_real)])
-    for p in r.pairs:
-        rows.append([p.reducer, p.upsampler, p.length, f"{p.compression:.1f}x", _num(p.r2, 4), _pct(p.r2_vs_optimum),
-                     _num(p.cosine), _pct(p.accuracy), _pct(p.accuracy_on_real)])
-    lines.append(table(headers, rows, align="llrrrrrrr"))
-    lines.append("R^2 relative to each sequence's own mean over positions, on held-out sequences; accuracy: "
-                 "trained and tested on reconstructions; acc. on real: trained on reconstructions, tested on "
-                 "the original held-out sequences.")
+        rows.append(["linear optimum", "(position PCA)", o.length, f"{o.compression:.1f}x", _pct(o.accuracy_on_real),
+                     of_base(o.accuracy_on_real), _num(o.r2, 4), "100%", _num(o.cosine), _pct(o.accuracy), ""])
+    best = {(p.reducer, p.upsampler, p.length) for p in r.recommended.values()}
+    for length in r.lengths:
+        ranked = sorted((p for p in r.pairs if p.length == length), key=_rank, reverse=True)
+        for p in ranked:
+            rows.append([p.reducer, p.upsampler, p.length, f"{p.compression:.1f}x", _pct(p.accuracy_on_real),
+                         of_base(p.accuracy_on_real), _num(p.r2, 4), _pct(p.r2_vs_optimum), _num(p.cosine),
+                         _pct(p.accuracy), "<- best" if (p.reducer, p.upsampler, p.length) in best else ""])
+    lines.append(table(headers, rows, align="llrrrrrrrrl"))
+    lines.append("Pairs ranked per length by acc. on real: the classifier trained on reconstructed training "
+                 "sequences, tested on the original held-out ones (what a perfect generator at this length gives "
+                 "a model applied to real data); of original: that / the classifier trained on the originals. "
+                 "R^2 about the held-out set's per-position mean (what is specific to each clip); accuracy: "
+                 "trained and tested on reconstructions.")
+    if r.recommended:
+        lines.append("recommended: " + "; ".join(f"length {n}: {p.reducer} + {p.upsampler} "
+                                                 f"({_pct(p.accuracy_on_real)} on real)"
+                                                 for n, p in sorted(r.recommended.items())))
     lines += [f"note: {n}" for n in r.notes]
     lines.append(f"{r.seconds:.1f}s")
     return "\n".join(lines)
@@ -153,5 +175,15 @@ def evaluate_text(result: Any) -> str:
     rows = [[c, _pct(v.get("real_only")), _pct(v.get("tstr")), _pct(v.get("augmented"))]
             for c, v in d.per_class.items()]
     lines.append(table(["class", "real-only", "TSTR", "augmented"], rows))
+    if r.privacy:
+        lines += ["", f"privacy: distance to the closest training sequence (DCR) in the model's normalised reduced "
+                      f"space; training data {r.train_data}"]
+        rows = [[c, m.training, _num(m.synthetic_dcr), _num(m.real_dcr), _num(m.ratio), _pct(m.close_share),
+                 "MEMORISES" if m.memorising else "ok"] for c, m in r.privacy.items()]
+        lines.append(table(["class", "train", "synthetic DCR", "held-out DCR", "ratio", "close", "verdict"], rows,
+                           align="lrrrrrl"))
+        lines.append("DCR: median distance to the nearest training sequence of the class; ratio: synthetic / "
+                     "held-out real (about 1: as far from the training clips as new clips are; well below 1: "
+                     "copies or interpolations); close: share of synthetic samples nearer than 95% of held-out ones.")
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)

@@ -194,6 +194,8 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
 @click.option("--split", type=click.Choice(["all", "heldout"]), default="all", show_default=True,
               help="all: every sequence of DATA is held-out real data; heldout: DATA is the training data "
                    "and only the sequences the trainer held out are used.")
+@click.option("--train-data", "train_path", type=click.Path(path_type=Path),
+              help="The model's training data: measures privacy (distance to closest record) with --split all.")
 @click.option("--test-fraction", default=0.5, show_default=True, type=float,
               help="Share of each class's real sequences the downstream classifiers are tested on.")
 @click.option("-k", "--samples-per-class", type=click.IntRange(min=1),
@@ -208,13 +210,15 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
               help="Write a PNG plot here (needs matplotlib: pip install 'feda2v-tk[plot]').")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
-def evaluate_cmd(model_path: Path, data_path: Path, split: str, test_fraction: float, samples_per_class: int | None,
+def evaluate_cmd(model_path: Path, data_path: Path, split: str, train_path: Path | None, test_fraction: float, samples_per_class: int | None,
                  seed: int, neighbours: int, pool_positions: int, plot_path: Path | None, as_json: bool,
                  quiet: bool) -> None:
     """Measure a MODEL's synthetic samples against held-out real data of the same classes.
 
     Per class: Frechet distance, mean/covariance gaps, diversity, precision/recall, density/coverage;
-    downstream: train-on-synthetic and real+synthetic accuracy next to real-only. See docs/evaluation.md.
+    downstream: train-on-synthetic and real+synthetic accuracy next to real-only; privacy: distance of
+    synthetic samples to their closest training sequence against held-out real ones (needs the training
+    data: --train-data, or --split heldout). See docs/evaluation.md.
     """
     _check_plot(plot_path)
     from feda2v_toolkit.analysis.evaluate import evaluate
@@ -222,7 +226,7 @@ def evaluate_cmd(model_path: Path, data_path: Path, split: str, test_fraction: f
 
     say = _say(quiet)
     with _no_warnings():
-        result = evaluate(model_path, data_path, split=split, test_fraction=test_fraction,
+        result = evaluate(model_path, data_path, split=split, train_data=train_path, test_fraction=test_fraction,
                           samples_per_class=samples_per_class, seed=seed, neighbours=neighbours,
                           pool_positions=pool_positions, log=say)
     _report(result, evaluate_text, as_json=as_json, plot_path=plot_path, plot="plot_evaluation", say=say)

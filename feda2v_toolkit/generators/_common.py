@@ -66,9 +66,33 @@ class Condition(nn.Module):
         return self.proj(conditions.to(self.proj.weight.dtype))
 
 
-def adamw(params: Iterable[nn.Parameter], *, lr: float, weight_decay: float,
+def fan_in_groups(modules: nn.Module | Iterable[nn.Module | None], *, lr: float,
+                  reference: int) -> list[dict[str, Any]]:
+    """Parameter groups whose learning rate is scaled down for wide inputs: the weight of a linear layer
+    with ``fan_in > reference`` gets ``lr * reference / fan_in``; everything else ``lr``.
+
+    Adam moves every weight by about ``lr`` per step whatever its gradient's size, so a layer's output
+    moves by about ``lr * fan_in`` when its inputs are correlated -- as the flattened features of real
+    embeddings are (low rank, shared structure). At ``fan_in = l * D = 24,576`` that is ~25 per step at
+    ``lr = 1e-3``: the first encoder layer blows the activations up within an epoch and training
+    diverges. Scaling by ``reference / fan_in`` (the hidden width) gives the wide layer the same output
+    step as the hidden layers (the maximal-update rule for input layers)."""
+    mods = [modules] if isinstance(modules, nn.Module) else [m for m in modules if m is not None]
+    scaled: dict[float, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for layer in (sub for m in mods for sub in m.modules()):
+        if isinstance(layer, nn.Linear) and layer.in_features > reference:
+            scaled.setdefault(lr * reference / layer.in_features, []).append(layer.weight)
+            seen.add(id(layer.weight))
+    rest = [p for m in mods for p in m.parameters() if id(p) not in seen]
+    groups = [{"params": rest, "lr": lr}] if rest else []
+    return groups + [{"params": ps, "lr": group_lr} for group_lr, ps in sorted(scaled.items(), reverse=True)]
+
+
+def adamw(params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], *, lr: float, weight_decay: float,
           betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW with the fastest implementation available: fused (CPU/CUDA, torch >= 2.4), else foreach."""
+    """AdamW with the fastest implementation available: fused (CPU/CUDA, torch >= 2.4), else foreach.
+    ``params``: parameters, or parameter groups (e.g. :func:`fan_in_groups`)."""
     params = list(params)
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)

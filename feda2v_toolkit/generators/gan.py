@@ -43,6 +43,7 @@ from feda2v_toolkit.generators._common import (
     cfg,
     clip,
     conditioning_kind,
+    fan_in_groups,
 )
 
 
@@ -122,8 +123,11 @@ class GANGenerator(ConditionedMLPGenerator):
         g_lr = cfg(config, "generator_learning_rate")
         d_lr = cfg(config, "gan_discriminator_learning_rate") or g_lr
         wd, betas = cfg(config, "generator_weight_decay"), tuple(cfg(config, "gan_adam_betas"))
-        return {"generator": adamw(self.generator_parameters(), lr=g_lr, weight_decay=wd, betas=betas),
-                "discriminator": adamw(self.discriminator_parameters(), lr=d_lr, weight_decay=wd, betas=betas)}
+        h = self.hidden_dim
+        return {"generator": adamw(fan_in_groups([self.generator, self.condition], lr=g_lr, reference=h),
+                                   lr=g_lr, weight_decay=wd, betas=betas),
+                "discriminator": adamw(fan_in_groups([self.discriminator, self.d_condition], lr=d_lr, reference=h),
+                                       lr=d_lr, weight_decay=wd, betas=betas)}
 
     # -- model ------------------------------------------------------------------------------------
     def _conds(self, labels: Tensor | None, conditions: Tensor | None,

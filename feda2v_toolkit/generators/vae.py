@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from feda2v_toolkit.components import TrainContext
-from feda2v_toolkit.generators._common import ConditionedMLPGenerator, adamw, cfg, clip, conditioning_kind
+from feda2v_toolkit.generators._common import (
+    ConditionedMLPGenerator,
+    adamw,
+    cfg,
+    clip,
+    conditioning_kind,
+    fan_in_groups,
+)
 
 
 def beta_at(progress: float, beta: float, warmup_fraction: float) -> float:
@@ -98,7 +105,8 @@ class VAEGenerator(ConditionedMLPGenerator):
         return {**super().init_args(), "dropout": self.dropout}
 
     def configure_optimizers(self, config: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
-        return {"vae": adamw(self.parameters(), lr=cfg(config, "generator_learning_rate"),
+        lr = cfg(config, "generator_learning_rate")
+        return {"vae": adamw(fan_in_groups(self, lr=lr, reference=self.hidden_dim), lr=lr,
                              weight_decay=cfg(config, "generator_weight_decay"))}
 
     # -- model ------------------------------------------------------------------------------------

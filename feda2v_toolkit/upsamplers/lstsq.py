@@ -62,7 +62,7 @@ class LeastSquaresUpsampler(Upsampler):
 
     def fit(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]], *,
             config: Mapping[str, Any] | None = None) -> dict[str, float]:
-        """One pass over ``pairs()``; returns the training R^2 (about per-sequence means) and the ridge."""
+        """One pass over ``pairs()``; returns the training R^2 (about the mean sequence) and the ridge."""
         return self.fit_from_statistics(self.fit_statistics(pairs))
 
     def fit_statistics(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> dict[str, Tensor]:
@@ -72,7 +72,7 @@ class LeastSquaresUpsampler(Upsampler):
         srr = torch.zeros(short, short, dtype=torch.float64)
         sum_x = torch.zeros(L, D, dtype=torch.float64)
         sum_r = torch.zeros(short, D, dtype=torch.float64)
-        sxx = sst = 0.0
+        sxx = 0.0
         n = 0
         for reduced, full in pairs():
             r = reduced.to(self.weight.device, torch.float32)
@@ -87,16 +87,15 @@ class LeastSquaresUpsampler(Upsampler):
             sum_x += x.sum(0).double().cpu()
             sum_r += r.sum(0).double().cpu()
             sxx += float(torch.linalg.vector_norm(x)) ** 2
-            sst += float(torch.dist(x, x.mean(1, keepdim=True).expand_as(x))) ** 2
             n += x.shape[0]
         return {"sxr": sxr, "srr": srr, "sum_x": sum_x, "sum_r": sum_r, "sxx": torch.tensor(sxx, dtype=torch.float64),
-                "sst": torch.tensor(sst, dtype=torch.float64), "count": torch.tensor(n, dtype=torch.float64)}
+                "count": torch.tensor(n, dtype=torch.float64)}
 
     def fit_from_statistics(self, stats: Mapping[str, Tensor]) -> dict[str, float]:
         """Solve the normal equations from (summed) :meth:`fit_statistics`; returns what :meth:`fit` returns."""
         short = self.reduced_length
         sxr, srr, sum_x, sum_r = (stats[k].to(torch.float64) for k in ("sxr", "srr", "sum_x", "sum_r"))
-        sxx, sst, n = float(stats["sxx"]), float(stats["sst"]), int(stats["count"])
+        sxx, n = float(stats["sxx"]), int(stats["count"])
         if n == 0:
             raise ValueError("lstsq: no training pairs")
         cxr = sxr - sum_x @ sum_r.T / n
@@ -105,6 +104,7 @@ class LeastSquaresUpsampler(Upsampler):
         eye = torch.eye(short, dtype=torch.float64)
         u = torch.linalg.solve(crr + lam * eye, cxr.T).T  # [L, short]
         b = (sum_x - u @ sum_r) / n  # [L, D]
+        sst = sxx - float(sum_x.square().sum()) / n  # about the per-position mean sequence
         # training SSE from the accumulated sums: sum ||x - U r - b||^2
         sse = (sxx - 2 * float((u * sxr).sum()) - 2 * float((b * sum_x).sum()) + float((u @ srr * u).sum())
                + 2 * float((b * (u @ sum_r)).sum()) + n * float(b.square().sum()))

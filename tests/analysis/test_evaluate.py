@@ -124,3 +124,43 @@ def test_bad_input_gives_one_line_errors(capsys, trained, tmp_path, args, messag
     filled = [a.format(model=model, real=real, other=other) for a in args]
     _, line = one_line_error(capsys, "evaluate", *filled)
     assert message in line
+
+
+def copying(model, data):
+    """Make ``model`` sample (normalised) training sequences of the asked class verbatim: a memoriser."""
+    from feda2v_toolkit.data import open_dataset
+
+    ds = open_dataset(data)
+    reduced = model.normalize(model.reducer(ds.read(torch.arange(len(ds))).embeddings))
+    for key, gen in model.generators.items():
+        def sample(n, *, labels=None, conditions=None, generator=None, _key=key):
+            rows = (ds.labels == ds.class_names.index(_key)).nonzero().flatten()
+            pick = rows[torch.randint(rows.numel(), (n,), generator=generator)]
+            return reduced[pick]
+        gen.sample = sample
+    return model
+
+
+def test_privacy_flags_a_generator_that_copies_its_training_data(trained, tiny_data):
+    model_path, real = trained
+    honest = evaluate(model_path, real, train_data=tiny_data, samples_per_class=8)
+    assert set(honest.privacy) == {"engine", "drum", "whistle", "bird", "(all)"}
+    for name, m in honest.privacy.items():
+        assert m.synthetic_dcr > 0 and m.real_dcr > 0 and m.training == (40 if name == "(all)" else 10)
+    copier = evaluate(copying(load_model(model_path), tiny_data), real, train_data=tiny_data, samples_per_class=8)
+    for m in copier.privacy.values():
+        assert m.synthetic_dcr == pytest.approx(0.0, abs=1e-4) and m.ratio < 0.01 and m.memorising
+        assert m.close_share == 1.0
+    assert any("MEMORISATION" in n for n in copier.notes)
+    assert copier.privacy["(all)"].ratio < honest.privacy["(all)"].ratio
+
+
+def test_privacy_needs_the_training_data(capsys, trained, tiny_data):
+    model, real = trained
+    doc = run_json(capsys, "evaluate", str(model), "--data", str(real), "-q")
+    assert doc["privacy"] == {} and any("--train-data" in n for n in doc["notes"])
+    doc = run_json(capsys, "evaluate", str(model), "--data", str(tiny_data), "--split", "heldout", "-q")
+    assert doc["privacy"]["(all)"]["training"] == 32  # 40 sequences, 2 per class held out by the trainer
+    code, out, _ = run_main(capsys, "evaluate", str(model), "--data", str(real), "--train-data", str(tiny_data),
+                            "-q")
+    assert code == 0 and "distance to the closest training sequence" in out

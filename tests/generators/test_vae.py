@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -262,3 +263,35 @@ def test_bfloat16_autocast_trains_with_float32_weights_and_finite_terms():
     terms = vae.training_step(torch.randn(8, L, D), labels=None, conditions=None, optimizers=opts, ctx=c)
     assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
     assert all(p.dtype == torch.float32 for p in vae.parameters())
+
+
+def test_training_stays_stable_on_the_very_wide_correlated_input_of_real_embeddings():
+    """Reproduction of the divergence on real embeddings, at the real input width (l = 32, D = 768) with
+    tiny hidden layers: flattened features of real embeddings are strongly correlated, so Adam's step
+    on the first encoder layer moves its output by ~lr * fan_in. Unscaled, the loss spikes by orders of
+    magnitude within a few steps; with the learning rate sized for the input width it stays near 1."""
+    from feda2v_toolkit.generators._common import adamw
+
+    length, dim = 32, 768
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g) @ torch.randn(3, length * dim, generator=g)  # rank 3
+    x = x + 0.05 * torch.randn(64, length * dim, generator=g)
+    x = ((x - x.mean(0)) / x.std(0)).view(64, length, dim)
+    cfg = tiny_config(generator_hidden_dim=64, generator_latent_dim=8)
+
+    def worst_loss(optimizers) -> float:
+        worst = 0.0
+        for step in range(30):
+            terms = vae.training_step(x[(step % 2) * 32:(step % 2 + 1) * 32], labels=None, conditions=None,
+                                      optimizers=optimizers, ctx=ctx(cfg, progress=step / 30, step=step))
+            worst = max(worst, terms["loss"]) if math.isfinite(terms["loss"]) else math.inf
+        return worst
+
+    torch.manual_seed(0)
+    vae = VAEGenerator.from_config(cfg, seq_len=length, dim=dim)
+    assert worst_loss({"vae": adamw(vae.parameters(), lr=1e-3, weight_decay=1e-5)}) > 20  # the failure
+    torch.manual_seed(0)
+    vae = VAEGenerator.from_config(cfg, seq_len=length, dim=dim)
+    groups = vae.configure_optimizers(cfg)["vae"].param_groups
+    assert groups[-1]["lr"] == pytest.approx(1e-3 * 64 / (length * dim))  # the first encoder layer
+    assert worst_loss(vae.configure_optimizers(cfg)) < 2

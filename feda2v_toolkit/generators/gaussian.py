@@ -1,0 +1,284 @@
+"""``gaussian``: a class-conditional Gaussian over flattened reduced sequences, fitted in closed form.
+
+A few hundred clips of ``l * D`` numbers (12,288 at ``l = 16``) are far too few for a deep generator to
+learn a distribution from: an MLP VAE with 25 M parameters per class either memorises its handful of
+training clips or collapses onto their mean. A Gaussian with a shrunk covariance is the estimator that
+small-sample statistics recommend, and on embeddings of real recorded sound it is what makes synthetic
+data stand in for real data (``docs/evaluation.md``: train-on-synthetic accuracy and distance to closest
+record). The model, on standardised data ``x in R^F`` (``F = l * D``)::
+
+    x | class c  ~  N(mu_c, Sigma),     Sigma = (1 - a) S + a m I
+
+* ``mu_c``: the class mean (conditioned, label); one mean for an unconditioned generator; ``mu_0 + A e``
+  when conditioned on per-sample condition embeddings ``e`` (ridge regression of ``x`` on ``e``);
+* ``S``: the covariance of the deviations from those means, pooled over the generator's classes (the
+  within-class covariance), kept as its top ``r = generator_latent_dim`` principal directions plus the
+  variance they leave out, spread evenly (``m`` = average variance per element, so ``tr Sigma = tr S``);
+* ``a``: the Ledoit-Wolf shrinkage intensity (``gaussian_shrinkage: "auto"``, Ledoit & Wolf 2004), or a
+  fixed value in ``[0, 1]``. With far fewer samples than dimensions the sample covariance is zero outside
+  the span of the training clips; shrinkage gives new samples variance there too, as new real clips
+  have -- which is why they are not closer to the training clips than new real clips are.
+
+Sampling draws ``mu_c + sqrt(1 - a) V diag(sqrt(lambda)) z + sqrt(a m + (1 - a) m_rest) eps`` from the
+given ``torch.Generator`` only. Nothing is trained by gradient descent: :meth:`fit` sees the generator's
+training sequences once (``fitted = True``; the trainer calls it instead of running epochs), in float64,
+through the smaller of the ``n x n`` and ``F x F`` scatter matrices (up to :data:`GRAM_ROWS`; beyond, a
+randomised SVD and a seeded subset of rows for the shrinkage estimate). Validation reports the exact negative log-likelihood per element
+(Woodbury identity) and the mean squared distance to the class mean.
+
+State: ``means [C, F]`` (rows of classes without data stay zero and cannot be sampled), ``counts [C]``,
+``components [r, F]`` (``sqrt(lambda_i) v_i``), ``residual`` (``m_rest``, variance per element outside
+the components), ``shrinkage`` (``a``), ``scale`` (``m``) and, for embedding conditioning,
+``coef [E, F]``. A model file of 12 classes at ``l = 16`` with ``r = 256`` holds 3.3 M numbers (the
+VAE: 25 M per generator).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from feda2v_toolkit.components import Generator, TrainContext
+from feda2v_toolkit.generators._common import cfg, conditioning_kind, noise_like
+
+#: fits up to this many sequences work on the exact n x n Gram matrix
+GRAM_ROWS = 8192
+#: ridge of the condition-embedding regression, relative to the mean eigenvalue of E^T E
+CONDITION_RIDGE = 1e-2
+LOG_2PI = math.log(2 * math.pi)
+
+
+def ledoit_wolf(scatter: Tensor, sq_norms: Tensor, features: int, n: int | None = None) -> float:
+    """Ledoit-Wolf shrinkage intensity of the covariance ``S = X^T X / n`` towards ``m I`` (float64), from
+    either scatter matrix of the ``n`` centred rows -- ``X X^T`` or ``X^T X``, whose Frobenius norms agree --
+    and the rows' squared norms ``sq_norms``.
+
+    ``a = min(1, b^2 / d^2)`` with ``d^2 = ||S - m I||_F^2`` and ``b^2 = (1/n^2) sum_i ||x_i x_i^T - S||_F^2
+    = (sum_i |x_i|^4 - n ||S||_F^2) / n^2`` (``sum_i <x_i x_i^T, S> = n ||S||_F^2``).
+    """
+    n = int(sq_norms.numel()) if n is None else n
+    if n < 2:
+        return 1.0
+    s_norm2 = float(scatter.square().sum()) / n ** 2
+    m = float(sq_norms.sum()) / (n * features)
+    d2 = s_norm2 - m * m * features
+    b2 = (float(sq_norms.square().sum()) - n * s_norm2) / n ** 2
+    if d2 <= 0:
+        return 1.0
+    return float(min(1.0, max(0.0, b2 / d2)))
+
+
+class GaussianGenerator(Generator):
+    """Class-conditional Gaussian with a shrunk low-rank-plus-isotropic covariance (module docstring)."""
+
+    supports_conditioning: ClassVar[bool] = True
+    #: fitted in closed form by :meth:`fit`; the trainer runs no epochs for it
+    fitted: ClassVar[bool] = True
+
+    def __init__(self, *, seq_len: int, dim: int, rank: int, num_classes: int = 0, condition_dim: int = 0,
+                 conditioning: str | None = None, shrinkage: float | str = "auto") -> None:
+        super().__init__(seq_len=seq_len, dim=dim, num_classes=num_classes, condition_dim=condition_dim)
+        if conditioning not in (None, "label", "embedding"):
+            raise ValueError(f"conditioning must be None, 'label' or 'embedding' (got {conditioning!r})")
+        if conditioning == "label" and self.num_classes < 1:
+            raise ValueError("label conditioning needs num_classes >= 1")
+        if conditioning == "embedding" and self.condition_dim < 1:
+            raise ValueError("embedding conditioning needs condition_dim >= 1")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if shrinkage != "auto" and not (isinstance(shrinkage, (int, float)) and 0 <= shrinkage <= 1):
+            raise ValueError(f"shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
+        self._conditioning = conditioning
+        self.rank = int(rank)
+        self.shrinkage_setting = shrinkage if shrinkage == "auto" else float(shrinkage)
+        flat = self.seq_len * self.dim
+        rows = self.num_classes if conditioning == "label" else 1
+        self.register_buffer("means", torch.zeros(rows, flat))
+        self.register_buffer("counts", torch.zeros(rows, dtype=torch.long))
+        self.register_buffer("components", torch.zeros(self.rank, flat))
+        self.register_buffer("residual", torch.zeros(()))
+        self.register_buffer("shrinkage", torch.zeros(()))
+        self.register_buffer("scale", torch.zeros(()))
+        if conditioning == "embedding":
+            self.register_buffer("coef", torch.zeros(self.condition_dim, flat))
+            self.register_buffer("condition_mean", torch.zeros(self.condition_dim))
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, seq_len: int, dim: int, num_classes: int = 0,
+                    condition_dim: int = 0) -> GaussianGenerator:
+        kind = conditioning_kind(bool(cfg(config, "gaussian_conditioned")), num_classes, condition_dim)
+        return cls(seq_len=seq_len, dim=dim, rank=cfg(config, "generator_latent_dim"), num_classes=num_classes,
+                   condition_dim=condition_dim, conditioning=kind, shrinkage=cfg(config, "gaussian_shrinkage"))
+
+    def init_args(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "dim": self.dim, "rank": self.rank, "num_classes": self.num_classes,
+                "condition_dim": self.condition_dim, "conditioning": self._conditioning,
+                "shrinkage": self.shrinkage_setting}
+
+    @property
+    def conditioning(self) -> str | None:
+        return self._conditioning
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.counts.sum() > 0)
+
+    def configure_optimizers(self, config: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
+        return {}  # nothing is trained by gradient descent
+
+    # -- fitting ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+            seed: int = 0) -> dict[str, float]:
+        """Fit on every training sequence of this generator at once: ``x [n, seq_len, dim]`` (standardised).
+
+        Returns JSON-serialisable fit metrics (rank used, shrinkage, share of variance in the components).
+        """
+        n = x.shape[0]
+        if n < 1:
+            raise ValueError("the gaussian generator needs at least one training sequence")
+        if x.shape[1:] != (self.seq_len, self.dim):
+            raise ValueError(f"expected [n, {self.seq_len}, {self.dim}], got {tuple(x.shape)}")
+        flat = x.reshape(n, -1).to(torch.float64)
+        features = flat.shape[1]
+        groups = 1
+        if self._conditioning == "label":
+            if labels is None or labels.shape != (n,):
+                raise ValueError(f"label conditioning: pass labels of shape [{n}]")
+            lab = labels.long().to(flat.device)
+            counts = torch.bincount(lab, minlength=self.num_classes)[:self.num_classes]
+            sums = torch.zeros(self.num_classes, features, dtype=torch.float64, device=flat.device)
+            means = sums.index_add_(0, lab, flat) / counts.clamp(min=1).to(sums).unsqueeze(1)
+            dev = flat - means[lab]
+            groups = int((counts > 0).sum())
+        elif self._conditioning == "embedding":
+            if conditions is None or conditions.shape != (n, self.condition_dim):
+                raise ValueError(f"embedding conditioning: pass conditions of shape [{n}, {self.condition_dim}]")
+            e = conditions.to(flat.device, torch.float64)
+            e_mean = e.mean(0)
+            ec = e - e_mean
+            mean0 = flat.mean(0)
+            xc = flat - mean0
+            ete = ec.T @ ec
+            lam = CONDITION_RIDGE * max(float(torch.linalg.eigvalsh(ete).mean()), 1e-12)
+            coef = torch.linalg.solve(ete + lam * torch.eye(ete.shape[0], dtype=ete.dtype, device=ete.device),
+                                      ec.T @ xc)  # [E, F]
+            dev = xc - ec @ coef
+            means, counts = mean0.unsqueeze(0), torch.tensor([n])
+            groups = 1 + min(self.condition_dim, n - 1)
+            self.coef.copy_(coef.to(self.coef))
+            self.condition_mean.copy_(e_mean.to(self.condition_mean))
+        else:
+            means, counts = flat.mean(0, keepdim=True), torch.tensor([n])
+            dev = flat - means.to(flat.device)
+        dof = max(n - groups, 1)
+        sq_norms = dev.square().sum(1)
+        total = float(sq_norms.sum()) / dof  # tr S (unbiased)
+        small = min(n, features)
+        if small <= GRAM_ROWS:
+            # eigen-decomposition of the smaller of the two scatter matrices (same non-zero spectrum)
+            by_rows = n <= features
+            scatter = dev @ dev.T if by_rows else dev.T @ dev
+            evals, evecs = torch.linalg.eigh(scatter)
+            evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+            keep = int(min(self.rank, int((evals > evals[0] * 1e-12).sum()) if evals[0] > 0 else 0))
+            if by_rows:
+                comps = (evecs[:, :keep].T @ dev) / evals[:keep].sqrt().clamp(min=1e-300).unsqueeze(1)
+            else:
+                comps = evecs[:, :keep].T
+            lam = evals[:keep] / dof
+            shrink_scatter, shrink_norms, shrink_n = scatter, sq_norms, n
+        else:
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            state = torch.random.get_rng_state()
+            torch.manual_seed(seed)
+            try:
+                _, s, v = torch.svd_lowrank(dev, q=min(self.rank + 8, small), niter=4)
+            finally:
+                torch.random.set_rng_state(state)
+            keep = min(self.rank, s.numel())
+            comps, lam = v[:, :keep].T, s[:keep].square() / dof
+            sub = torch.randperm(n, generator=g)[:GRAM_ROWS].to(dev.device)
+            shrink_scatter = dev[sub] @ dev[sub].T
+            shrink_norms, shrink_n = sq_norms[sub], int(sub.numel())
+        if self.shrinkage_setting == "auto":
+            a = ledoit_wolf(shrink_scatter, shrink_norms, features, shrink_n)
+        else:
+            a = float(self.shrinkage_setting)
+        m = total / features
+        rest = max(total - float(lam.sum()), 0.0) / features
+        self.means.zero_()
+        self.means[:means.shape[0]].copy_(means.to(self.means))
+        self.counts.copy_(counts.to(self.counts))
+        self.components.zero_()
+        self.components[:keep].copy_((comps * lam.sqrt().unsqueeze(1)).to(self.components))
+        self.residual.fill_(rest)
+        self.shrinkage.fill_(a)
+        self.scale.fill_(m)
+        explained = float(lam.sum()) / total if total > 0 else float("nan")
+        return {"sequences": float(n), "rank": float(keep), "shrinkage": a, "explained": explained,
+                "variance_per_element": m}
+
+    # -- model --------------------------------------------------------------------------------------
+    def _means_for(self, n: int, labels: Tensor | None, conditions: Tensor | None) -> Tensor:
+        if self._conditioning == "label":
+            if labels is None or labels.shape != (n,):
+                raise ValueError(f"this gaussian generator is conditioned on class labels: pass labels of shape [{n}]")
+            lab = labels.long().to(self.means.device)
+            if bool((lab < 0).any() or (lab >= self.num_classes).any()):
+                raise ValueError(f"labels must be in 0..{self.num_classes - 1}")
+            missing = torch.unique(lab[self.counts[lab] == 0]).tolist()
+            if missing:
+                raise ValueError(f"class label(s) {missing} had no training sequences in this generator")
+            return self.means[lab]
+        if self._conditioning == "embedding":
+            if conditions is None or conditions.shape != (n, self.condition_dim):
+                raise ValueError(f"this gaussian generator is conditioned on per-sample condition embeddings: "
+                                 f"pass conditions of shape [{n}, {self.condition_dim}]")
+            e = conditions.to(self.coef) - self.condition_mean
+            return self.means[0] + e @ self.coef
+        return self.means[0].expand(n, -1)
+
+    def _noise_std(self) -> float:
+        a, m, rest = float(self.shrinkage), float(self.scale), float(self.residual)
+        return math.sqrt(max(a * m + (1 - a) * rest, 0.0))
+
+    @torch.no_grad()
+    def sample(self, n: int, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        if not self.is_fitted:
+            raise RuntimeError("the gaussian generator is not fitted: train it first")
+        mu = self._means_for(n, labels, conditions)
+        z = noise_like((n, self.rank), generator, self.components)
+        eps = noise_like((n, self.components.shape[1]), generator, self.components)
+        x = mu + math.sqrt(1 - float(self.shrinkage)) * (z @ self.components) + self._noise_std() * eps
+        return x.view(n, self.seq_len, self.dim).float()
+
+    def training_step(self, x: Tensor, *, labels: Tensor | None, conditions: Tensor | None,
+                      optimizers: Mapping[str, torch.optim.Optimizer], ctx: TrainContext) -> dict[str, float]:
+        raise RuntimeError("the gaussian generator is fitted in closed form: call fit(), not training_step()")
+
+    @torch.no_grad()
+    def loss_terms(self, x: Tensor, *, labels: Tensor | None, conditions: Tensor | None,
+                   ctx: TrainContext) -> dict[str, float]:
+        """Negative log-likelihood per element (``loss``) and mean squared distance to the mean (``mse``)."""
+        n = x.shape[0]
+        d = x.reshape(n, -1).double() - self._means_for(n, labels, conditions).double()
+        features = d.shape[1]
+        a = float(self.shrinkage)
+        s2 = a * float(self.scale) + (1 - a) * float(self.residual)
+        low = math.sqrt(1 - a) * self.components.double()  # Sigma = low^T low + s2 I
+        if s2 <= 0:
+            return {"loss": float("inf"), "mse": float(d.square().mean())}
+        inner = torch.eye(low.shape[0], dtype=torch.float64, device=low.device) + low @ low.T / s2
+        chol = torch.linalg.cholesky(inner)
+        proj = torch.cholesky_solve((d @ low.T).T, chol).T  # [n, r]
+        quad = (d.square().sum(1) - (d @ low.T * proj).sum(1) / s2) / s2
+        logdet = features * math.log(s2) + 2 * float(torch.log(torch.diagonal(chol)).sum())
+        nll = 0.5 * (quad + logdet + features * LOG_2PI) / features
+        return {"loss": float(nll.mean()), "mse": float(d.square().mean())}

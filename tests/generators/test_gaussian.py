@@ -1,0 +1,130 @@
+"""``gaussian``: a class-conditional Gaussian with a shrunk covariance, fitted in closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from feda2v_toolkit.analysis.evaluate import nearest_distances
+from feda2v_toolkit.generators.gaussian import GaussianGenerator, ledoit_wolf
+
+from .helpers import D, L, ctx, tiny_config, two_class_data
+
+
+def gen(**kw) -> GaussianGenerator:
+    args = {"seq_len": L, "dim": D, "rank": 8, "num_classes": 2, "conditioning": "label"} | kw
+    return GaussianGenerator(**args)
+
+
+def draw(g: GaussianGenerator, n: int, label: int | None = None, seed: int = 0, **kw) -> torch.Tensor:
+    labels = torch.full((n,), label) if label is not None else None
+    return g.sample(n, labels=labels, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_from_config_conditions_on_labels_by_default():
+    g = GaussianGenerator.from_config(tiny_config(), seq_len=L, dim=D, num_classes=3)
+    assert g.conditioning == "label" and g.rank == 4 and g.shrinkage_setting == "auto"
+    assert GaussianGenerator.from_config(tiny_config(gaussian_conditioned=False), seq_len=L, dim=D,
+                                         num_classes=3).conditioning is None
+    assert GaussianGenerator.from_config(tiny_config(), seq_len=L, dim=D, num_classes=3,
+                                         condition_dim=5).conditioning == "embedding"
+
+
+def test_label_conditioned_samples_have_their_class_mean_and_spread():
+    x, labels, means = two_class_data(n_per_class=400)
+    g = gen(rank=32)
+    g.fit(x, labels=labels)
+    for c in (0, 1):
+        s = draw(g, 4000, c, seed=c)
+        assert torch.allclose(s.mean(0), means[c], atol=0.05)
+        real = x[labels == c]
+        assert s.var(0).mean() == pytest.approx(float(real.var(0).mean()), rel=0.1)
+
+
+def test_samples_follow_the_fitted_covariance_including_its_correlations():
+    g0 = torch.Generator().manual_seed(3)
+    factor = torch.randn(L * D, 3, generator=g0)  # rank-3 correlated structure + a little noise
+    x = (torch.randn(3000, 3, generator=g0) @ factor.T + 0.1 * torch.randn(3000, L * D, generator=g0)).view(-1, L, D)
+    g = gen(conditioning=None, rank=3, num_classes=0, shrinkage=0.0)
+    g.fit(x)
+    s = draw(g, 6000).reshape(6000, -1)
+    real_cov = torch.cov(x.reshape(3000, -1).T)
+    assert torch.linalg.matrix_norm(torch.cov(s.T) - real_cov) / torch.linalg.matrix_norm(real_cov) < 0.08
+
+
+def test_validation_loss_is_the_exact_gaussian_negative_log_likelihood_per_element():
+    x, labels, _ = two_class_data(n_per_class=20)
+    g = gen(rank=4, shrinkage=0.3)
+    g.fit(x, labels=labels)
+    terms = g.loss_terms(x, labels=labels, conditions=None, ctx=ctx(tiny_config()))
+    a, m, rest = float(g.shrinkage), float(g.scale), float(g.residual)
+    low = (1 - a) ** 0.5 * g.components.double()
+    cov = low.T @ low + (a * m + (1 - a) * rest) * torch.eye(L * D, dtype=torch.float64)
+    dist = torch.distributions.MultivariateNormal(torch.zeros(L * D, dtype=torch.float64), covariance_matrix=cov)
+    centred = x.reshape(40, -1).double() - g.means.double()[labels]
+    assert terms["loss"] == pytest.approx(float(-dist.log_prob(centred).mean()) / (L * D), rel=1e-6)
+    assert list(terms) == ["loss", "mse"]
+
+
+def test_ledoit_wolf_shrinks_hard_when_samples_are_few_and_little_when_they_are_many():
+    g0 = torch.Generator().manual_seed(0)
+    scales = torch.linspace(0.2, 3.0, 50)
+
+    def intensity(n: int) -> float:
+        x = torch.randn(n, 50, generator=g0, dtype=torch.float64) * scales
+        x = x - x.mean(0)
+        gram = x @ x.T
+        return ledoit_wolf(gram, gram.diagonal(), 50)
+
+    few, many = intensity(8), intensity(4000)
+    assert 0 <= many < 0.05 < few <= 1
+
+
+def test_samples_are_as_far_from_the_training_clips_as_new_real_clips_are():
+    """The privacy property: with far fewer clips than dimensions, shrinkage gives samples variance outside
+    the span of the training clips, so they do not sit closer to them than unseen real clips do."""
+    g0 = torch.Generator().manual_seed(1)
+    factor = torch.randn(L * D, 6, generator=g0)
+
+    def clips(n: int) -> torch.Tensor:
+        return (torch.randn(n, 6, generator=g0) @ factor.T + torch.randn(n, L * D, generator=g0)).view(n, L, D)
+
+    train, heldout = clips(12), clips(200)
+    g = gen(conditioning=None, num_classes=0)
+    g.fit(train)
+    synthetic = draw(g, 200)
+    ratio = float(nearest_distances(synthetic, train).median() / nearest_distances(heldout, train).median())
+    assert 0.9 < ratio < 1.2
+    no_shrinkage = gen(conditioning=None, num_classes=0, shrinkage=0.0)
+    no_shrinkage.fit(train)
+    too_close = float(nearest_distances(draw(no_shrinkage, 200), train).median()
+                      / nearest_distances(heldout, train).median())
+    assert too_close < ratio - 0.1
+
+
+def test_embedding_conditioning_follows_a_linear_map_of_the_condition():
+    g0 = torch.Generator().manual_seed(2)
+    e = torch.randn(500, 3, generator=g0)
+    coef = torch.randn(3, L * D, generator=g0)
+    x = (e @ coef + 0.1 * torch.randn(500, L * D, generator=g0)).view(500, L, D)
+    g = GaussianGenerator(seq_len=L, dim=D, rank=4, condition_dim=3, conditioning="embedding")
+    g.fit(x, conditions=e)
+    probe = torch.eye(3)
+    mean = torch.stack([draw(g, 2000, conditions=probe[i].expand(2000, 3), seed=i).mean(0) for i in range(3)])
+    assert torch.allclose(mean.reshape(3, -1), coef, atol=0.1)
+
+
+def test_fit_is_deterministic_and_refuses_what_it_cannot_sample():
+    x, labels, _ = two_class_data(n_per_class=10)
+    a, b = gen(), gen()
+    a.fit(x, labels=labels)
+    b.fit(x, labels=labels)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(RuntimeError, match="not fitted"):
+        draw(gen(), 2, 0)
+    only_zero = gen(num_classes=3)
+    only_zero.fit(x[labels == 0], labels=labels[labels == 0])
+    with pytest.raises(ValueError, match="no training sequences"):
+        draw(only_zero, 2, 1)
+    with pytest.raises(RuntimeError, match="closed form"):
+        a.training_step(x, labels=labels, conditions=None, optimizers={}, ctx=ctx(tiny_config()))
