@@ -1,7 +1,7 @@
 """The Flower app: a ServerApp and a ClientApp over the Message API (``flwr>=1.42,<1.43``).
 
-Every stage is one message type: ``query.describe|reducer|normalization|upsampler`` (exact statistics) and
-``train.upsampler_round|generators`` (rounds). A message carries an ``ArrayRecord`` ``arrays`` (tensors)
+Every stage is one message type: ``query.describe|reducer|normalization|upsampler|generator_statistics``
+(exact statistics) and ``train.upsampler_round|generators`` (rounds). A message carries an ``ArrayRecord`` ``arrays`` (tensors)
 and a ``ConfigRecord`` ``meta`` (``{"json": ...}``); the reply has the same two records. The server loop is
 a hand-written loop over the Grid (:func:`feda2v_toolkit.federated.server.run_federation`): the built-in
 FedAvg refuses replies whose keys differ, and per-class generators are averaged only among their owners.
@@ -30,7 +30,7 @@ from feda2v_toolkit.federated.site import Arrays, Meta, Site, handle
 
 MESSAGE_TYPES = {"describe": "query.describe", "reducer": "query.reducer", "normalization": "query.normalization",
                  "upsampler": "query.upsampler", "upsampler_round": "train.upsampler_round",
-                 "generators": "train.generators"}
+                 "generators": "train.generators", "generator_statistics": "query.generator_statistics"}
 
 # -- encoding -------------------------------------------------------------------------------------
 
@@ -105,6 +105,11 @@ def _upsampler_round(msg: Message, context: Context) -> Message:
 @client_app.train("generators")
 def _generators(msg: Message, context: Context) -> Message:
     return _answer("generators", msg, context)
+
+
+@client_app.query("generator_statistics")
+def _generator_statistics(msg: Message, context: Context) -> Message:
+    return _answer("generator_statistics", msg, context)
 
 
 # -- server ---------------------------------------------------------------------------------------

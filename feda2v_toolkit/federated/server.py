@@ -206,6 +206,19 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
     dp_gen = torch.Generator().manual_seed(int(cfg["generator_seed"]) + 4242)
     history: list[dict[str, Any]] = []
     norm_arrays = pack("norm.", normalization)
+    fitted = bool(getattr(gen_cls, "fitted", False))
+    if fitted:
+        if noise > 0:
+            raise FederationError(f"differential privacy protects generator weight updates; the {cfg['generator_type']} "
+                                  f"generator is fitted from statistics, which it does not cover: set "
+                                  f"federated_dp_noise_multiplier to 0 or use a trained generator type")
+        probe = generators[keys[0]]
+        if not (has_statistics(probe) and callable(getattr(gen_cls, "merge_statistics", None))):
+            raise FederationError(f"generator type {cfg['generator_type']!r} is fitted in closed form but has no "
+                                  f"fit_statistics/merge_statistics/fit_from_statistics: it cannot be federated")
+        history.append(_fit_generators(ask, nodes, generators, gen_cls, holders, keys, groups, class_names,
+                                       norm_arrays, names, say))
+        rounds = 0
     for r in range(rounds):
         t0 = time.perf_counter()
         requests = {}
@@ -244,6 +257,8 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
             + (f", held-out loss {val:.5g}" if val is not None else "") + f", {seconds:.1f}s")
 
     privacy: dict[str, Any] = {"mechanism": None}
+    if fitted:
+        privacy["note"] = "none: closed-form generators are fitted from the nodes' statistics"
     if noise > 0:
         delta = float(cfg["federated_dp_delta"])
         privacy = {"mechanism": "central Gaussian, fixed clipping, node-level", "noise_multiplier": noise,
@@ -263,7 +278,7 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
         class_counts=dict(summary.class_counts), config=cfg, seed=int(cfg["generator_seed"]))
     last = history[-1] if history else {}
     model.metrics = {
-        "epochs": rounds * int(cfg["federated_local_epochs"]), "steps": None,
+        "epochs": rounds * int(cfg["federated_local_epochs"]) if not fitted else 1, "steps": None,
         "train": {"loss": last.get("train", {}).get("loss")} if last else {},
         "val": {"loss": last["train"]["val_loss"]} if last and "val_loss" in last.get("train", {}) else None,
         "train_seconds": sum(h["seconds"] for h in history), "samples_per_s": None,
@@ -272,6 +287,7 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
                                                                          if k > 0},
                                                    "generators": holders[n]} for n in nodes],
                       "rounds": rounds, "local_epochs": int(cfg["federated_local_epochs"]),
+                      "generators_fitted": "from merged statistics (exact)" if fitted else None,
                       "privacy": privacy, "history": history, "traffic": traffic.stages},
     }
     if out is not None:
@@ -281,3 +297,38 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
         save_model(model, out)
         say(f"wrote {out}")
     return model
+
+
+def _fit_generators(ask: Callable[..., dict[int, tuple[Arrays, Meta]]], nodes: list[int], generators: dict[str, Any],
+                    gen_cls: Any, holders: Mapping[int, list[str]], keys: list[str], groups: Mapping[str, list[str]],
+                    class_names: list[str], norm_arrays: Arrays, names: Mapping[int, str],
+                    say: Callable[[str], None]) -> dict[str, Any]:
+    """Closed-form generators: one exchange of sufficient statistics, merged per key among its holders."""
+    t0 = time.perf_counter()
+    meta = {"keys": keys, "groups": groups, "class_names": class_names}
+    requests = {n: (dict(norm_arrays), meta) for n in nodes}
+    replies = ask("generator_statistics", requests)
+    fit: dict[str, dict[str, float]] = {}
+    truncated: dict[str, dict[str, Any]] = {}
+    for i, key in enumerate(keys):
+        parts = [unpack(f"g{i}.", replies[n][0]) for n in nodes if key in holders[n]]
+        parts = [p for p in parts if p]
+        if not parts:
+            continue
+        try:
+            fit[key] = generators[key].fit_from_statistics(gen_cls.merge_statistics(parts))
+        except ValueError as e:
+            raise FederationError(f"generator {key!r}: {e}") from None
+    for n in nodes:
+        for key, info in replies[n][1].get("truncated", {}).items():
+            truncated.setdefault(key, {})[names[n]] = info
+            say(f"{names[n]}: generator {key!r}: classes {', '.join(map(str, info['classes']))} have more sequences "
+                f"than the rank; sent their top directions ({100 * info['variance_left_out']:.2g}% of the variance "
+                f"left out of the factors, kept in the totals)")
+    seconds = time.perf_counter() - t0
+    examples = {k: sum(int(replies[n][1]["examples"].get(k, 0)) for n in nodes) for k in keys}
+    say(f"fitted {len(fit)} {'generator' if len(fit) == 1 else 'generators'} from {len(nodes)} nodes' statistics "
+        f"(exact), {seconds:.1f}s")
+    return {"round": 1, "rounds": 1, "fit": fit, "train": {}, "seconds": seconds, "truncated": truncated,
+            "local_seconds": sum(float(replies[n][1].get("seconds", 0.0)) for n in nodes),
+            "bytes": nbytes_round(requests, replies), "examples": sum(examples.values())}

@@ -34,7 +34,8 @@ Arrays = dict[str, Tensor]
 Meta = dict[str, Any]
 
 #: stage names of the protocol between the server and the nodes
-STAGES = ("describe", "reducer", "normalization", "upsampler", "upsampler_round", "generators")
+STAGES = ("describe", "reducer", "normalization", "upsampler", "upsampler_round", "generators",
+          "generator_statistics")
 
 
 def pack(prefix: str, state: Mapping[str, Tensor]) -> Arrays:
@@ -143,6 +144,45 @@ class Site:
             if norm:
                 self.set_normalization(norm)
 
+    def _global_labels(self, class_names: list[str]) -> tuple[Tensor, Tensor | None]:
+        to_global = torch.tensor([class_names.index(c) for c in self.ds.class_names], dtype=torch.long)
+        conditions = self.ds.read_conditions(range(len(self.ds))) if self.ds.condition_dim else None
+        return to_global[self.ds.labels], conditions
+
+    def generator_statistics(self, keys: list[str], groups: Mapping[str, list[str]],
+                             class_names: list[str]) -> tuple[Arrays, Meta]:
+        """Closed-form generators (``fitted = True``): each held key's ``fit_statistics`` on this node's
+        training sequences of its classes, as ``g{i}.``-prefixed arrays; the meta says which directions of the
+        within-class scatter were left out (each class's factor keeps at most the generator's rank)."""
+        from feda2v_toolkit.plugins import get_registry
+
+        assert self.reduced is not None
+        gen_cls = get_registry().load("generator", self.cfg["generator_type"])
+        labels, conditions = self._global_labels(class_names)
+        out: Arrays = {}
+        examples: dict[str, int] = {}
+        truncated: dict[str, dict[str, float]] = {}
+        for i, key in enumerate(keys):
+            members = torch.tensor([class_names.index(c) for c in groups[key]], dtype=torch.long)
+            idx = self.train_idx[torch.isin(labels[self.train_idx], members)]
+            if idx.numel() == 0:
+                continue
+            gen = gen_cls.from_config(self.cfg, seq_len=self.length, dim=self.ds.dim, num_classes=len(class_names),
+                                      condition_dim=self.ds.condition_dim)
+            rank = getattr(gen, "rank", None)
+            stats = gen.fit_statistics(self.reduced[idx], labels=labels[idx],
+                                       conditions=conditions[idx] if conditions is not None else None,
+                                       max_rank=rank)
+            counts, rows = stats["counts"], stats["factor_rows"]
+            short = (rows < (counts - 1).clamp(min=0)).nonzero().flatten().tolist()
+            if short:  # a class with more sequences than the rank: its factor keeps the top `rank` directions
+                kept = float(stats["factors"].square().sum())
+                truncated[key] = {"classes": [class_names[c] if gen.conditioning == "label" else key for c in short],
+                                  "variance_left_out": 1.0 - kept / max(float(stats["square"].sum()), 1e-300)}
+            out.update(pack(f"g{i}.", stats))
+            examples[key] = int(idx.numel())
+        return out, {"examples": examples, "truncated": truncated}
+
     def train_generators(self, states: Mapping[str, Mapping[str, Tensor]], groups: Mapping[str, list[str]],
                          class_names: list[str], round_index: int, rounds: int) -> Any:
         """Local epochs of every generator this node holds data for, from ``states``; a :class:`WeightsPart`."""
@@ -152,9 +192,7 @@ class Site:
         cfg = self.cfg
         epochs = int(cfg["federated_local_epochs"])
         gen_cls = get_registry().load("generator", cfg["generator_type"])
-        to_global = torch.tensor([class_names.index(c) for c in self.ds.class_names], dtype=torch.long)
-        labels = to_global[self.ds.labels]
-        conditions = self.ds.read_conditions(range(len(self.ds))) if self.ds.condition_dim else None
+        labels, conditions = self._global_labels(class_names)
         batch_size = int(cfg["generator_batch_size"])
         autocast = torch.bfloat16 if cfg.get("generator_autocast") == "bfloat16" else None
         total_epochs = rounds * epochs
@@ -221,10 +259,15 @@ def handle(site: Site, stage: str, arrays: Mapping[str, Tensor], meta: Mapping[s
     if stage == "upsampler_round":
         state, n, metrics = site.upsampler_round(unpack("upsampler.", arrays))
         return pack("upsampler.", state), {"examples": n, "metrics": _jsonable(metrics)}
-    if stage == "generators":
+    if stage in ("generators", "generator_statistics"):
         norm = unpack("norm.", arrays)
         if norm:
             site.set_normalization(norm)
+    if stage == "generator_statistics":
+        t0 = time.perf_counter()
+        out, info = site.generator_statistics(list(meta["keys"]), meta["groups"], list(meta["class_names"]))
+        return out, {**info, "seconds": time.perf_counter() - t0}
+    if stage == "generators":
         keys = list(meta["keys"])
         states = {key: unpack(f"g{i}.", arrays) for i, key in enumerate(keys)}
         states = {k: v for k, v in states.items() if v}

@@ -35,6 +35,36 @@ def test_exact_stages_equal_centralised_training(tiny_data, two_nodes, tiny_conf
     assert fed.class_counts == central.class_counts
 
 
+@pytest.mark.parametrize("granularity", ["unified", "per_class"])
+def test_closed_form_generators_federate_exactly(tiny_data, two_nodes, tiny_config, granularity):
+    """gaussian (label-conditioned when unified): one exchange of statistics = train() on all the data."""
+    from feda2v_toolkit.training import train
+
+    cfg = _cfg(tiny_config, generator_type="gaussian", generator_granularity=granularity,
+               generator_validation_split=0, generator_latent_dim=64)  # rank above every node's class size
+    central = train(cfg, tiny_data)
+    fed = federate_local(cfg, two_nodes, seed=0)
+    assert fed.metrics["federated"]["rounds"] == 0 and fed.metrics["federated"]["history"][0]["fit"]
+    assert set(fed.generators) == set(central.generators)
+    for key, want in central.generators.items():
+        got = fed.generators[key]
+        assert got.conditioning == want.conditioning
+        for k in ("means", "counts", "residual", "shrinkage", "scale"):
+            torch.testing.assert_close(got.state_dict()[k], want.state_dict()[k], rtol=1e-4, atol=1e-5)
+        cov = [g.components.double().T @ g.components.double() for g in (got, want)]
+        torch.testing.assert_close(cov[0], cov[1], rtol=1e-4, atol=1e-4)
+    assert not fed.metrics["federated"]["history"][0]["truncated"]
+
+
+def test_a_class_larger_than_the_rank_sends_its_top_directions_and_says_so(two_nodes, tiny_config):
+    logs: list[str] = []
+    fed = federate_local(_cfg(tiny_config, generator_type="gaussian", generator_latent_dim=2), two_nodes, seed=0,
+                         log=logs.append)
+    truncated = fed.metrics["federated"]["history"][0]["truncated"]["all"]
+    assert set(truncated) == {"node0.safetensors", "node1.safetensors"}
+    assert any("more sequences than the rank" in m for m in logs)
+
+
 def test_per_class_generators_are_trained_and_averaged_only_by_their_owners(two_nodes, tiny_config, tmp_path):
     out = tmp_path / "fed.safetensors"
     model = federate_local(_cfg(tiny_config, generator_granularity="per_class"), two_nodes, out=out, seed=0)
