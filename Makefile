@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench corpus clean
 
 $(BIN)/feda2v-tk: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+	for script in bench/bench_*.py; do $(BIN)/python $$script || exit 1; done
+
+# The realistic benchmark corpus (12 instrument families x 32 clips, AST-shaped) into bench/.cache/;
+# installs fluidsynth + fluid-soundfont-gm with apt when missing (as root). Prints the sanity check.
+corpus: setup
+	$(BIN)/python bench/corpus.py --check
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info demo-out
+	rm -rf $(VENV) build dist *.egg-info demo-out bench/.cache

@@ -1,0 +1,527 @@
+"""A benchmark corpus with real structure: AST-shaped embeddings of recorded (synthesised) instrument notes.
+
+    python bench/corpus.py -o PATH [--per-class 32] [--seed 0] [--first-clip 0] [--overwrite] [--check]
+    make corpus            # builds the default corpus into bench/.cache/ and prints the sanity check
+
+    from bench.corpus import ensure_corpus   # (or put bench/ on sys.path and ``import corpus``)
+    path = ensure_corpus(per_class=32, seed=0)   # built once into bench/.cache/, then reused
+
+Why: the toolkit's synthetic demo data (``feda2v_toolkit/demo.py``) has none of the structure of real
+AST embeddings; generators, upsamplers and ``analyze`` tuned on it fail on embeddings of real sound. This
+corpus is made from real recorded instrument samples and an AST-like front end, so benchmarks meet the
+real difficulties (a strong shared positional pattern, low-rank correlated features, LayerNorm scaling
+with a few high-gain dimensions, padding frames, background noise) while staying fully reproducible
+with no download at run time beyond the two Debian packages.
+
+Audio. Twelve classes, one per General MIDI instrument family (piano, chromatic percussion, organ,
+guitar, bass, strings, brass, reed, pipe, synth lead, synth pad, ethnic), rendered from the Fluid R3 GM
+soundfont (sampled recordings of real instruments; Debian ``fluid-soundfont-gm``) with the ``fluidsynth``
+CLI at 16 kHz, reverb and chorus off, 32-bit float output (no dither), mono downmix. Each 10 s clip draws,
+from its own random generator (seeded by ``(seed, class, clip)``, so a clip's content does not depend
+on how many clips are built or which others are): the program among the family's 8 members, a phrase of
+1-6 notes on a major/minor scale from a base pitch in the family's range, sometimes a chord, velocities,
+note lengths and gaps, an onset of 0-3 s, 1-3 repetitions of the phrase, an overall level of -30..-6
+dBFS, and white / pink / brown background noise at an SNR of -5..25 dB. The MIDI files are written by a
+small SMF writer here; many clips are rendered per ``fluidsynth`` call, each in its own 12 s slot that
+starts on a 64-sample block boundary and ends in 2 s of silence, so a clip renders the same wherever it
+sits. ``fluidsynth`` and the soundfont are installed with apt when missing and running as root.
+
+Front end, as AST's (``torchaudio.compliance.kaldi.fbank`` re-implemented in torch): 25 ms Hann
+frames every 10 ms (snip edges), DC removal, pre-emphasis 0.97, 512-point power spectrum, 128 Kaldi mel
+bins (20 Hz .. 8 kHz), log; 998 frames of a 10 s clip are zero-padded to 1024 (as AST pads) and
+normalised with AST's AudioSet statistics ``(fbank + 4.2677393) / (2 * 4.5689974)``. The ``[128, 1024]``
+(frequency, time) image is cut into 16 x 16 patches with stride 10: 12 x 101 = 1212 patches, flattened
+frequency-major (token ``2 + f * 101 + t``).
+
+Tokens (fixed random weights from a generator seeded by the corpus version, not by ``--seed``: every
+corpus shares one "model"): each 256-value patch is mapped to 768 by a random orthogonal projection
+(scaled, plus a bias), and a smooth position code (a random low-frequency function of the frequency
+row plus one of the time column) is added. Two summary tokens (as AST's cls/dist) are fixed vectors
+plus projections of the clip's mean patch token. A deterministic "contextualisation" stands in for
+AST's 12 attention layers: every token gets a projection of the clip's mean token and of its time
+neighbours, then a GELU MLP residual block (LayerNorm, 768 -> 1536 -> 768), and finally a per-token
+LayerNorm with a fixed gain (about 1, with 6 dimensions at gain 8-16 as real models' "massive
+activation" dimensions) and a fixed bias (a strong pattern shared by all tokens). Output ``[N, 1214,
+768]`` float16 in the toolkit's dataset format (a shard directory written by ``DatasetWriter``; labels
+index the family names in the metadata), class by class.
+
+Sanity (``--check``; 12 classes x 32 clips, seed 0; ridge classifier on ``pooled_features(x, 64)`` of
+the full sequences, trained on the first half of each class's clips, tested on the second half):
+see ``CHECK_FIGURES`` below for the measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: bump when the corpus content changes (the cache key includes it)
+CORPUS_VERSION = 1
+SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
+APT_PACKAGES = ("fluidsynth", "fluid-soundfont-gm")
+CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+
+SAMPLE_RATE = 16000
+CLIP_SECONDS = 10.0
+SLOT_SECONDS = 12.0  # clip + 2 s of silence for release tails; a multiple of 64 samples
+CLIPS_PER_RENDER = 16
+NUM_FRAMES = 1024
+NUM_MELS = 128
+SEQ_LEN = 1214
+DIM = 768
+PATCH = 16
+STRIDE = 10
+F_PATCHES = (NUM_MELS - PATCH) // STRIDE + 1  # 12
+T_PATCHES = (NUM_FRAMES - PATCH) // STRIDE + 1  # 101
+AST_MEAN, AST_STD = -4.2677393, 4.5689974
+
+#: (class name, first GM program of the family (0-based), lowest and highest base pitch)
+FAMILIES: tuple[tuple[str, int, int, int], ...] = (
+    ("piano", 0, 40, 76),
+    ("chromatic_percussion", 8, 60, 88),
+    ("organ", 16, 40, 76),
+    ("guitar", 24, 40, 70),
+    ("bass", 32, 28, 50),
+    ("strings", 40, 45, 79),
+    ("brass", 56, 45, 72),
+    ("reed", 64, 50, 79),
+    ("pipe", 72, 60, 88),
+    ("synth_lead", 80, 48, 80),
+    ("synth_pad", 88, 40, 72),
+    ("ethnic", 104, 48, 79),
+)
+CLASS_NAMES = [f[0] for f in FAMILIES]
+
+CHECK_FIGURES = "(not measured yet)"
+
+
+# ----------------------------------------------------------------------------- MIDI
+
+
+@dataclass
+class Note:
+    start: float  # seconds from the clip start
+    length: float
+    pitch: int
+    velocity: int
+
+
+def _varlen(value: int) -> bytes:
+    out = [value & 0x7F]
+    value >>= 7
+    while value:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    return bytes(reversed(out))
+
+
+def write_midi(path: Path, events: list[tuple[int, bytes]], *, division: int = 500) -> None:
+    """Write a format-0 SMF: ``events`` are ``(absolute tick, message bytes)``; tempo 1 tick = 1 ms."""
+    track = bytearray(b"\x00\xff\x51\x03" + (division * 1000).to_bytes(3, "big"))  # tempo: us per quarter
+    now = 0
+    for tick, msg in sorted(events, key=lambda e: (e[0], e[1][0] & 0xF0 == 0x90)):  # offs before ons
+        track += _varlen(tick - now) + msg
+        now = tick
+    track += b"\x00\xff\x2f\x00"
+    header = b"MThd" + struct.pack(">IHHH", 6, 0, 1, division)
+    path.write_bytes(header + b"MTrk" + struct.pack(">I", len(track)) + bytes(track))
+
+
+def clip_notes(rng: np.random.Generator, family: int) -> tuple[int, list[Note]]:
+    """Draw one clip's program and notes (see the module docstring)."""
+    _, first_program, lo, hi = FAMILIES[family]
+    program = first_program + int(rng.integers(8))
+    scale = (0, 2, 4, 5, 7, 9, 11) if rng.random() < 0.6 else (0, 2, 3, 5, 7, 8, 10)
+    base = int(rng.integers(lo, hi + 1))
+    n_notes = int(rng.integers(1, 7))
+    degrees = np.cumsum(np.concatenate([[0], rng.integers(-2, 3, n_notes - 1)]))
+    chord = rng.random() < 0.25
+    level = int(rng.integers(50, 121))
+    short = rng.random() < 0.5
+    phrase: list[tuple[float, float, list[int], int]] = []
+    t = 0.0
+    for deg in degrees:
+        octave, step = divmod(int(deg), 7)
+        pitch = base + 12 * octave + scale[step]
+        length = float(rng.uniform(0.08, 0.5) if short else rng.uniform(0.3, 1.6))
+        pitches = [pitch, pitch + scale[(step + 2) % 7] - scale[step] + (12 if step + 2 >= 7 else 0)] \
+            if chord else [pitch]
+        vel = int(np.clip(level + rng.integers(-15, 16), 20, 127))
+        phrase.append((t, length, pitches, vel))
+        t += length * float(rng.uniform(0.7, 1.6))
+    phrase_len = t
+    onset = float(rng.uniform(0.0, 3.0))
+    repeats = int(rng.integers(1, 4))
+    gap = float(rng.uniform(0.1, 1.5))
+    notes = []
+    for r in range(repeats):
+        t0 = onset + r * (phrase_len + gap)
+        for start, length, pitches, vel in phrase:
+            if t0 + start >= CLIP_SECONDS - 0.2:
+                break
+            end = min(t0 + start + length, CLIP_SECONDS - 0.1)
+            notes.extend(Note(t0 + start, end - t0 - start, int(np.clip(p, 21, 108)), vel) for p in pitches)
+    return program, notes
+
+
+def render(jobs: Sequence[tuple[int, list[Note]]], workdir: Path) -> np.ndarray:
+    """Render clips ``(program, notes)`` with fluidsynth, one per slot: ``[len(jobs), clip samples]`` float32.
+
+    A slot's audio does not depend on later slots, but (slightly) on earlier ones.
+    """
+    events: list[tuple[int, bytes]] = []
+    for k, (program, notes) in enumerate(jobs):
+        slot = int(round((k + 1) * SLOT_SECONDS * 1000))  # slot 0 stays empty: the player's start-up
+        # the same near-silent note before every clip: the first note then sounds the same whatever came before
+        events.append((slot - 1200, bytes([0xB0, 121, 0])))  # reset controllers
+        events.append((slot - 1200, bytes([0xC0, program])))
+        events.append((slot - 1100, bytes([0x90, 60, 1])))
+        events.append((slot - 1000, bytes([0x80, 60, 0])))
+        events.append((slot - 500, bytes([0xB0, 120, 0])))  # all sound off
+        for n in notes:
+            on = slot + 1 + int(round(n.start * 1000))
+            off = max(on + 1, slot + 1 + int(round((n.start + n.length) * 1000)))
+            events.append((on, bytes([0x90, n.pitch, n.velocity])))
+            events.append((off, bytes([0x80, n.pitch, 0])))
+        events.append((slot + int(CLIP_SECONDS * 1000) + 500, bytes([0xB0, 120, 0])))  # all sound off
+    # a last event one slot later so that fluidsynth renders the final slot fully
+    events.append((int(round((len(jobs) + 1) * SLOT_SECONDS * 1000)), bytes([0xB0, 123, 0])))
+    fd, name = tempfile.mkstemp(suffix=".mid", dir=workdir)
+    os.close(fd)
+    mid, wav = Path(name), Path(name).with_suffix(".wav")
+    try:
+        write_midi(mid, events)
+        cmd = ["fluidsynth", "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.5", "-r", str(SAMPLE_RATE),
+               "-O", "float", "-T", "wav", "-F", str(wav), str(SOUNDFONT), str(mid)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0 or not wav.exists():
+            raise RuntimeError(f"fluidsynth failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        audio = read_float_wav(wav)
+    finally:
+        mid.unlink(missing_ok=True)
+        wav.unlink(missing_ok=True)
+    slot_n, clip_n = int(SLOT_SECONDS * SAMPLE_RATE), int(CLIP_SECONDS * SAMPLE_RATE)
+    need = (len(jobs) + 1) * slot_n
+    if audio.shape[0] < need:
+        audio = np.pad(audio, (0, need - audio.shape[0]))
+    return np.stack([audio[(k + 1) * slot_n: (k + 1) * slot_n + clip_n] for k in range(len(jobs))])
+
+
+def read_float_wav(path: Path) -> np.ndarray:
+    """Mono float32 samples of a 32-bit float (or 16-bit PCM) WAV file (channels averaged)."""
+    data = path.read_bytes()
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise RuntimeError(f"{path}: not a WAV file")
+    pos, channels, bits, fmt, samples = 12, 1, 16, 1, None
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        body = data[pos + 8:pos + 8 + size]
+        if cid == b"fmt ":
+            fmt, channels = struct.unpack("<HH", body[:4])
+            bits = struct.unpack("<H", body[14:16])[0]
+            if fmt == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the sub-format's first two bytes
+                fmt = struct.unpack("<H", body[24:26])[0]
+        elif cid == b"data":
+            samples = body
+        pos += 8 + size + (size & 1)
+    if samples is None:
+        raise RuntimeError(f"{path}: no data chunk")
+    if fmt == 3 and bits == 32:
+        x = np.frombuffer(samples[: len(samples) // 4 * 4], dtype="<f4")
+    elif fmt == 1 and bits == 16:
+        x = np.frombuffer(samples[: len(samples) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
+    else:
+        raise RuntimeError(f"{path}: unsupported WAV format {fmt}/{bits} bits")
+    x = x[: len(x) // channels * channels].reshape(-1, channels)
+    return x.mean(1).astype(np.float32)
+
+
+def add_noise(rng: np.random.Generator, audio: np.ndarray) -> np.ndarray:
+    """Scale to a random level and add white / pink / brown noise at a random SNR (rng drawn after the notes)."""
+    level_db = rng.uniform(-30.0, -6.0)
+    snr_db = rng.uniform(-5.0, 25.0)
+    colour = int(rng.integers(3))
+    white = rng.standard_normal(audio.shape[0] + 1024)
+    if colour == 0:
+        noise = white[:audio.shape[0]]
+    else:
+        spec = np.fft.rfft(white)
+        f = np.maximum(np.fft.rfftfreq(white.shape[0]), 1.0 / white.shape[0])
+        spec /= f ** (0.5 * colour)  # 1/f (pink) or 1/f^2 (brown) power
+        noise = np.fft.irfft(spec, white.shape[0])[:audio.shape[0]]
+    active = audio[np.abs(audio) > 1e-4]
+    sig_power = float(np.mean(active.astype(np.float64) ** 2)) if active.size else 0.0
+    if sig_power <= 0:
+        sig_power = 1e-6
+    out = audio / math.sqrt(sig_power) * 10 ** (level_db / 20)
+    noise = noise / math.sqrt(float(np.mean(noise ** 2))) * 10 ** ((level_db - snr_db) / 20)
+    return (out + noise).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- front end
+
+
+def _mel(f: Tensor) -> Tensor:
+    return 1127.0 * torch.log1p(f / 700.0)
+
+
+def kaldi_mel_banks(num_bins: int = NUM_MELS, n_fft: int = 512, sample_rate: int = SAMPLE_RATE,
+                    low: float = 20.0, high: float = 0.0) -> Tensor:
+    """Kaldi's triangular mel filters ``[num_bins, n_fft // 2 + 1]`` (the Nyquist column is zero)."""
+    high = high if high > 0 else sample_rate / 2 + high
+    mel_low, mel_high = _mel(torch.tensor(low, dtype=torch.float64)), _mel(torch.tensor(high, dtype=torch.float64))
+    delta = (mel_high - mel_low) / (num_bins + 1)
+    b = torch.arange(num_bins, dtype=torch.float64).unsqueeze(1)
+    left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
+    mel = _mel(sample_rate / n_fft * torch.arange(n_fft // 2, dtype=torch.float64)).unsqueeze(0)
+    up, down = (mel - left) / (center - left), (right - mel) / (right - center)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0)
+    return F.pad(banks, (0, 1)).float()
+
+
+def fbank(wave: Tensor, banks: Tensor) -> Tensor:
+    """``torchaudio.compliance.kaldi.fbank`` as AST calls it: ``[B, samples] -> [B, frames, 128]`` log mel."""
+    frames = wave.unfold(1, 400, 160)  # snip edges
+    frames = frames - frames.mean(2, keepdim=True)
+    prev = torch.cat([frames[..., :1], frames[..., :-1]], 2)
+    frames = frames - 0.97 * prev
+    window = torch.hann_window(400, periodic=False, dtype=wave.dtype)
+    spec = torch.fft.rfft(frames * window, n=512).abs().square()
+    energies = spec @ banks.T
+    return torch.log(energies.clamp(min=torch.finfo(torch.float32).eps))
+
+
+def patches(wave: Tensor, banks: Tensor) -> Tensor:
+    """``[B, samples] -> [B, 1212, 256]``: AST's normalised, padded fbank cut into 16x16 patches (stride 10)."""
+    fb = fbank(wave, banks)
+    n = fb.shape[1]
+    fb = F.pad(fb, (0, 0, 0, NUM_FRAMES - n)) if n < NUM_FRAMES else fb[:, :NUM_FRAMES]
+    fb = (fb - AST_MEAN) / (2 * AST_STD)
+    img = fb.transpose(1, 2)  # [B, 128 freq, 1024 time]
+    p = img.unfold(1, PATCH, STRIDE).unfold(2, PATCH, STRIDE)  # [B, 12, 101, 16, 16]
+    return p.reshape(wave.shape[0], F_PATCHES * T_PATCHES, PATCH * PATCH)
+
+
+# ----------------------------------------------------------------------------- token model
+
+
+class TokenModel:
+    """The fixed random "AST" that turns patches into ``[B, 1214, 768]`` tokens (see the module docstring)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(9_000 + CORPUS_VERSION)
+
+        def randn(*shape: int, scale: float = 1.0) -> Tensor:
+            return torch.randn(*shape, generator=g) * scale
+
+        q, _ = torch.linalg.qr(randn(DIM, PATCH * PATCH))
+        self.proj = q.T.contiguous() * math.sqrt(DIM / (PATCH * PATCH)) * 2.0  # [256, 768], orthogonal rows
+        self.proj_bias = randn(DIM, scale=0.3)
+        # smooth position code: low-frequency random functions of the frequency row and time column
+        f = torch.arange(F_PATCHES, dtype=torch.float32) / F_PATCHES
+        t = torch.arange(T_PATCHES, dtype=torch.float32) / T_PATCHES
+        kf = torch.arange(1, 5, dtype=torch.float32)
+        kt = torch.arange(1, 9, dtype=torch.float32)
+        f_basis = torch.cat([torch.cos(math.pi * kf[:, None] * f), torch.sin(math.pi * kf[:, None] * f)]).T
+        t_basis = torch.cat([torch.cos(math.pi * kt[:, None] * t), torch.sin(math.pi * kt[:, None] * t)]).T
+        f_code = f_basis @ randn(f_basis.shape[1], DIM, scale=0.6)
+        t_code = t_basis @ randn(t_basis.shape[1], DIM, scale=0.3)
+        self.pos = (f_code[:, None, :] + t_code[None, :, :]).reshape(F_PATCHES * T_PATCHES, DIM)
+        self.summary = randn(2, DIM, scale=1.0)
+        self.summary_proj = randn(2, DIM, DIM, scale=1.0 / math.sqrt(DIM))
+        self.global_mix = randn(DIM, DIM, scale=0.5 / math.sqrt(DIM))
+        self.local_mix = randn(DIM, DIM, scale=0.5 / math.sqrt(DIM))
+        hidden = 2 * DIM
+        self.w1 = randn(DIM, hidden, scale=1.0 / math.sqrt(DIM))
+        self.b1 = randn(hidden, scale=0.5)
+        self.w2 = randn(hidden, DIM, scale=1.0 / math.sqrt(hidden))
+        gain = 1.0 + 0.25 * randn(DIM)
+        loud = torch.randperm(DIM, generator=g)[:6]
+        gain[loud] = torch.linspace(8.0, 16.0, 6) * torch.sign(randn(6))
+        self.gain = gain
+        self.bias = randn(DIM, scale=1.0)
+        self.bias[loud] = randn(6, scale=6.0)
+
+    def __call__(self, p: Tensor) -> Tensor:
+        """``[B, 1212, 256]`` patches -> ``[B, 1214, 768]`` float32 tokens."""
+        h = p @ self.proj + self.proj_bias + self.pos  # [B, 1212, 768]
+        mean = h.mean(1, keepdim=True)
+        grid = h.view(h.shape[0], F_PATCHES, T_PATCHES, DIM)
+        neigh = F.avg_pool2d(grid.permute(0, 3, 1, 2), (1, 5), stride=1, padding=(0, 2),
+                             count_include_pad=False).permute(0, 2, 3, 1).reshape_as(h)
+        h = h + mean @ self.global_mix + neigh @ self.local_mix
+        summary = self.summary + torch.einsum("bd,kde->bke", mean[:, 0], self.summary_proj)
+        h = torch.cat([summary, h], 1)
+        z = F.layer_norm(h, (DIM,))
+        h = h + F.gelu(z @ self.w1 + self.b1) @ self.w2
+        return F.layer_norm(h, (DIM,)) * self.gain + self.bias
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def ensure_tools() -> None:
+    """Install fluidsynth and the Fluid R3 GM soundfont with apt when missing (needs root)."""
+    if shutil.which("fluidsynth") and SOUNDFONT.exists():
+        return
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"installing {' '.join(APT_PACKAGES)} with apt-get ...", file=sys.stderr)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *APT_PACKAGES], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    if not (shutil.which("fluidsynth") and SOUNDFONT.exists()):
+        raise SystemExit(f"corpus: needs fluidsynth and {SOUNDFONT}: apt-get install -y {' '.join(APT_PACKAGES)}")
+
+
+def clip_rng(seed: int, family: int, clip: int) -> np.random.Generator:
+    return np.random.default_rng([CORPUS_VERSION, seed, family, clip])
+
+
+def iter_corpus(per_class: int, seed: int, first_clip: int = 0,
+                batch: int = CLIPS_PER_RENDER) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(tokens [b, 1214, 768] float32, labels [b])`` class by class, clip by clip."""
+    ensure_tools()
+    model = TokenModel()
+    banks = kaldi_mel_banks()
+    # Clip j of a class is always rendered in slot j % batch of the batch of that class's clips
+    # batch * (j // batch) ..: fluidsynth keeps a little state from one slot to the next (voice reuse),
+    # so a clip renders bit for bit the same whatever --per-class / --first-clip ask for.
+    last = first_clip + per_class
+    chunks = [[(c, j) for j in range(b * batch, min((b + 1) * batch, last))]
+              for c in range(len(FAMILIES)) for b in range(first_clip // batch, (last - 1) // batch + 1)]
+
+    def draw(chunk: list[tuple[int, int]]) -> tuple[list[np.random.Generator], np.ndarray]:
+        rngs = [clip_rng(seed, c, j) for c, j in chunk]
+        notes = [clip_notes(r, c) for r, (c, _) in zip(rngs, chunk, strict=True)]
+        with tempfile.TemporaryDirectory(prefix="feda2v-corpus-") as tmp:
+            audio = render(notes, Path(tmp))
+        return rngs, audio
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(draw, ch) for ch in chunks[:2]]
+        for i, chunk in enumerate(chunks):
+            rngs, audio = futures[i].result()
+            if i + 2 < len(chunks):
+                futures.append(pool.submit(draw, chunks[i + 2]))
+            keep = [k for k, (_, j) in enumerate(chunk) if j >= first_clip]
+            wave = torch.from_numpy(np.stack([add_noise(rngs[k], audio[k]) for k in keep]))
+            wave = wave - wave.mean(1, keepdim=True)
+            with torch.no_grad():
+                tokens = model(patches(wave, banks))
+            yield tokens, torch.tensor([chunk[k][0] for k in keep])
+
+
+def build_corpus(out: Path, per_class: int = 32, seed: int = 0, first_clip: int = 0, *,
+                 quiet: bool = False) -> Path:
+    """Write the corpus as a shard directory at ``out`` (absent or empty), all or nothing."""
+    from feda2v_toolkit.data import DatasetWriter
+
+    t0 = time.perf_counter()
+    total = per_class * len(FAMILIES)
+    meta = {"corpus": "bench/corpus.py", "corpus_version": str(CORPUS_VERSION), "seed": str(seed),
+            "per_class": str(per_class), "first_clip": str(first_clip)}
+    done = 0
+    with DatasetWriter(out, class_names=CLASS_NAMES, dtype=torch.float16, extra_metadata=meta) as writer:
+        for tokens, labels in iter_corpus(per_class, seed, first_clip):
+            writer.add(tokens, labels, copy=False)
+            done += labels.shape[0]
+            if not quiet:
+                print(f"\r  {done}/{total} clips  {time.perf_counter() - t0:.0f}s", end="", file=sys.stderr)
+    if not quiet:
+        print(file=sys.stderr)
+        print(f"corpus: {total} clips ({len(FAMILIES)} classes x {per_class}) x [{SEQ_LEN}, {DIM}] float16 "
+              f"-> {out} in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def ensure_corpus(per_class: int = 32, seed: int = 0, first_clip: int = 0, *, quiet: bool = False) -> Path:
+    """The corpus's cached shard directory under ``bench/.cache/``, built on first use (atomically)."""
+    path = CACHE_DIR / f"corpus-v{CORPUS_VERSION}-s{seed}-n{per_class}-f{first_clip}"
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return path
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    return build_corpus(path, per_class, seed, first_clip, quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- sanity check
+
+
+def check(path: Path, *, length: int = 16, positions: int = 64) -> dict[str, float]:
+    """Real-only ridge accuracy (half of each class trains, half tests) and the adaptive_avg -> linear loss."""
+    from feda2v_toolkit.analysis.classifier import RidgeClassifier, pooled_features
+    from feda2v_toolkit.data import open_dataset
+    from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
+
+    ds = open_dataset(path)
+    train_mask = torch.zeros(len(ds), dtype=torch.bool)
+    for c in range(ds.num_classes):
+        idx = torch.nonzero(ds.labels == c).flatten()
+        train_mask[idx[: len(idx) // 2]] = True
+    real, interp = [], []
+    for batch in ds.batches(32):
+        x = batch.embeddings
+        real.append(pooled_features(x, positions))
+        reduced = F.adaptive_avg_pool1d(x.transpose(1, 2), length).transpose(1, 2)
+        interp.append(pooled_features(interpolate_sequence(reduced, ds.seq_len, "linear"), positions))
+    feats, ifeats = torch.cat(real), torch.cat(interp)
+    y = ds.labels
+    tr, te = train_mask, ~train_mask
+    clf = RidgeClassifier(ds.num_classes).fit(feats[tr], y[tr])
+    clf_i = RidgeClassifier(ds.num_classes).fit(ifeats[tr], y[tr])
+    return {"chance": 1.0 / ds.num_classes, "real_accuracy": clf.accuracy(feats[te], y[te]),
+            f"adaptive_avg{length}_linear_accuracy": clf_i.accuracy(feats[te], y[te]),
+            f"adaptive_avg{length}_linear_on_interpolated": clf_i.accuracy(ifeats[te], y[te])}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-o", "--out", type=Path, help="output shard directory (default: the bench/.cache/ corpus)")
+    ap.add_argument("--per-class", type=int, default=32, help="clips per class (default 32)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--first-clip", type=int, default=0, help="index of the first clip of each class")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ap.add_argument("--check", action="store_true", help="print the classifier sanity check afterwards")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.per_class < 2 or args.first_clip < 0:
+        ap.error("--per-class must be >= 2 and --first-clip >= 0")
+    t0 = time.perf_counter()
+    if args.out is None:
+        path = ensure_corpus(args.per_class, args.seed, args.first_clip, quiet=args.quiet)
+    else:
+        path = args.out
+        if path.exists():
+            if not args.overwrite:
+                print(f"corpus: {path}: exists (use --overwrite to replace it)", file=sys.stderr)
+                return 2
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        build_corpus(path, args.per_class, args.seed, args.first_clip, quiet=args.quiet)
+    if args.check:
+        t1 = time.perf_counter()
+        figures = check(path)
+        print("check: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
+              + f" ({time.perf_counter() - t1:.1f}s)")
+    if not args.quiet:
+        print(f"path: {path}\ntotal time {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
