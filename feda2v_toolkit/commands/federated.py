@@ -24,8 +24,15 @@ def require_flower() -> None:
 @click.command("federate")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Experiment config (JSON), as for train; federated_* keys set the rounds and privacy.")
-@click.option("-n", "--node", "nodes", multiple=True, required=True, type=click.Path(path_type=Path),
+@click.option("-n", "--node", "nodes", multiple=True, type=click.Path(path_type=Path),
               help="One node's dataset (repeat per node): it is read only by that node's ClientApp.")
+@click.option("--superlink", metavar="HOST:PORT",
+              help="Run on Flower's Deployment engine: submit to this SuperLink (its --port) and wait; the "
+                   "nodes are the SuperNodes connected to it, each with its own data (no --node).")
+@click.option("--min-nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --superlink: wait for this many SuperNodes before starting.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0, min_open=True), default=86_400.0,
+              show_default=True, help="With --superlink: give up (and stop the run) after this many seconds.")
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (.safetensors), written only when the run completes.")
 @click.option("--rounds", type=click.IntRange(min=1), help="Overrides federated_rounds.")
@@ -41,21 +48,32 @@ def require_flower() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
-def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], out_path: Path, rounds: int | None,
+def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: str | None, min_nodes: int,
+                 wait_s: float, out_path: Path, rounds: int | None,
                  local_epochs: int | None, granularity: str | None, generator_type: str | None,
                  dp_noise: float | None, dp_clip: float | None, timeout: float | None,
                  seed: int | None, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Train one model over several nodes' datasets with the Flower app; only weights and sums move.
 
-    Every --node is one site; the run prints a progress line per round and writes one model file in the
-    same format as train (inspect shows the nodes, rounds and privacy settings).
+    Every --node is one site, run in this process; or, with --superlink, the SuperNodes of a running
+    Flower Deployment engine are the sites (docs/federated.md). The run prints a progress line per round
+    and writes one model file in the same format as train (inspect shows the nodes, rounds and privacy).
     """
     from feda2v_toolkit.atomic import check_output_path
     from feda2v_toolkit.errors import InputError
 
     require_flower()
+    if superlink is not None:
+        if nodes:
+            raise UsageError("--superlink runs on the SuperNodes' own data: drop --node")
+        _federate_deployed(superlink, config_path, out_path, min_nodes, wait_s, seed, timeout, overwrite, quiet,
+                           as_json, {"federated_rounds": rounds, "federated_local_epochs": local_epochs,
+                                     "generator_granularity": granularity, "generator_type": generator_type,
+                                     "federated_dp_noise_multiplier": dp_noise,
+                                     "federated_dp_clipping_norm": dp_clip})
+        return
     if len(nodes) < 1:
-        raise UsageError("give at least one --node")
+        raise UsageError("give at least one --node (or --superlink)")
     for p in nodes:
         if not p.exists():
             raise InputError(f"{p}: no such dataset")
@@ -80,6 +98,33 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], out_path: Pa
     if as_json:
         click.echo(json.dumps({"out": str(out_path), **{k: v for k, v in fed.items() if k != "history"},
                                "history": fed.get("history", [])}, default=float))
+
+
+def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path, min_nodes: int, wait_s: float,
+                       seed: int | None, timeout: float | None, overwrite: bool, quiet: bool, as_json: bool,
+                       overrides: dict[str, Any]) -> None:
+    """``federate --superlink``: submit the app to a running SuperLink and wait for the run to finish."""
+    from feda2v_toolkit.errors import InputError
+    from feda2v_toolkit.federated.deploy import submit_and_wait
+
+    if config_path is not None and not config_path.exists():
+        raise InputError(f"{config_path}: no such config file")
+    if out_path.exists() and not overwrite:
+        raise UsageError(f"{out_path}: exists; pass --overwrite to replace it")
+
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"feda2v-tk: {msg}", err=True)
+
+    run_config: dict[str, Any] = {
+        "config": str(config_path.resolve()) if config_path is not None else "", "out": str(out_path.resolve()),
+        "seed": "" if seed is None else str(seed), "timeout": float(timeout or 0.0), "nodes": min_nodes,
+        "overrides": json.dumps({k: v for k, v in overrides.items() if v is not None})}
+    result = submit_and_wait(superlink, run_config, wait=wait_s, log=say)
+    for line in result["log"]:
+        say(line[len("feda2v-tk: "):])
+    if as_json:
+        click.echo(json.dumps({"out": run_config["out"], "run": result["run"]}, default=str))
 
 
 @click.command("split")

@@ -10,7 +10,9 @@ Settings:
 
 * node: ``node_config["data"]`` -- the node's dataset path (``flower-supernode --node-config 'data="..."'``);
 * server: ``run_config`` ``config`` (experiment config path), ``out`` (model file), ``seed`` (optional),
-  ``timeout`` (seconds per stage, overrides ``federated_round_timeout``).
+  ``timeout`` (seconds per stage, overrides ``federated_round_timeout``), ``nodes`` (how many to wait for),
+  ``node-wait`` (seconds), ``overrides`` (JSON object of config keys); see
+  :data:`feda2v_toolkit.federated.deploy.RUN_CONFIG`.
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ def _main(grid: Grid, context: Context) -> None:
     seed = int(rc["seed"]) if rc.get("seed") not in (None, "") else None
     config = str(rc.get("config") or "") or {}
     out = str(rc.get("out") or "") or None
+    overrides = json.loads(str(rc.get("overrides") or "{}"))
     names: dict[int, str] = {}
-    run_federation(grid_exchange(grid, timeout, names), nodes, config, out=out, seed=seed,
+    run_federation(grid_exchange(grid, timeout, names), nodes, config, out=out, seed=seed, overrides=overrides,
                    log=lambda m: print(f"feda2v-tk: {m}", flush=True), engine=str(rc.get("engine", "deployment")))
