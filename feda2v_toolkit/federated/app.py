@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from feda2v_toolkit.federated.server import FederationError, run_federation
 from feda2v_toolkit.federated.site import Arrays, Meta, Site, handle
@@ -38,8 +40,13 @@ MESSAGE_TYPES = {"describe": "query.describe", "reducer": "query.reducer", "norm
 
 
 def encode(arrays: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> RecordDict:
+    """One ArrayRecord and one ConfigRecord (as Flower's ``fixedclipping_mod`` requires); a ``dp_clipping_norm``
+    in ``meta`` also goes into the ConfigRecord under Flower's clipping-norm key."""
     record = ArrayRecord(torch_state_dict={k: v.contiguous() for k, v in arrays.items()}) if arrays else ArrayRecord()
-    return RecordDict({"arrays": record, "meta": ConfigRecord({"json": json.dumps(meta)})})
+    config: dict[str, Any] = {"json": json.dumps(meta)}
+    if meta.get("dp_clipping_norm"):
+        config[KEY_CLIPPING_NORM] = float(meta["dp_clipping_norm"])
+    return RecordDict({"arrays": record, "meta": ConfigRecord(config)})
 
 
 def decode(content: RecordDict) -> tuple[Arrays, Meta]:
@@ -104,7 +111,16 @@ def _upsampler_round(msg: Message, context: Context) -> Message:
     return _answer("upsampler_round", msg, context)
 
 
-@client_app.train("generators")
+def dp_clipping_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's ``fixedclipping_mod`` (the node clips its whole update -- every generator it trained, jointly --
+    to the clipping norm the server sent) when the server asks for differential privacy; else a no-op."""
+    config = msg.content.config_records.get("meta")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@client_app.train("generators", mods=[dp_clipping_mod])
 def _generators(msg: Message, context: Context) -> Message:
     return _answer("generators", msg, context)
 

@@ -60,39 +60,62 @@ class Traffic:
         s["seconds"] += seconds
 
 
-def dp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    """(epsilon, delta) of ``rounds`` Gaussian mechanisms with ``noise_multiplier`` (RDP, no subsampling).
+DP_MISSING = 'differential privacy accounting needs dp-accounting: pip install "flwr[dp]>=1.42,<1.43"'
 
-    Each node's clipped update has sensitivity ``clip`` on the sum and the noise has std
-    ``noise_multiplier * clip``: RDP(alpha) = rounds * alpha / (2 z^2); epsilon = min over alpha of
-    RDP(alpha) + log(1/delta) / (alpha - 1). Node-level privacy: a node's whole update is protected.
-    """
+
+def dp_accountant(nodes: int, delta: float) -> Any:
+    """Flower's RDP accountant for node-level DP: add or remove one node, every node in every round
+    (no sampling amplification)."""
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
+
+    try:
+        from flwr.serverapp import RdpAccountant
+
+        return RdpAccountant(PrivacyConfig(target_delta=delta, population_size=nodes,
+                                           neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                           sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    except ImportError:
+        raise FederationError(DP_MISSING) from None
+
+
+def dp_epsilon(noise_multiplier: float, rounds: int, delta: float, nodes: int = 2) -> float:
+    """Epsilon spent at ``delta`` by ``rounds`` releases with ``noise_multiplier`` (Flower's RdpAccountant)."""
+    from flwr.serverapp import GaussianPrivacyEvent
+
     if noise_multiplier <= 0:
         return math.inf
-    orders = [1 + x / 10 for x in range(1, 100)] + list(range(12, 256))
-    return min(rounds * a / (2 * noise_multiplier ** 2) + math.log(1 / delta) / (a - 1) for a in orders)
+    accountant = dp_accountant(nodes, delta)
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier, nodes, nodes), count=rounds)
+    return float(accountant.get_privacy_spent(delta).epsilon)
 
 
 def dp_merge(base: Mapping[str, Tensor], parts: list[Mapping[str, Tensor]], clip: float, noise: float,
              generator: torch.Generator) -> dict[str, Tensor]:
-    """Central DP with fixed clipping: mean of the nodes' updates, each clipped to L2 norm ``clip``, plus
-    Gaussian noise of std ``noise * clip / n`` on every float parameter."""
+    """One generator's release: the uniform mean of its owners' weights (their updates already clipped at the
+    nodes by Flower's ``fixedclipping_mod``) plus Gaussian noise of Flower's ``compute_stdv(noise, clip, n)``
+    on every float tensor (seeded: the same run gives the same weights)."""
+    from flwr.supercore.differential_privacy import compute_stdv
+
     n = len(parts)
+    std = compute_stdv(noise, clip, n)
     out: dict[str, Tensor] = {}
-    updates = []
-    for p in parts:
-        upd = {k: (p[k].double() - base[k].double()) for k in base if base[k].is_floating_point()}
-        norm = math.sqrt(sum(float(u.square().sum()) for u in upd.values()))
-        scale = min(1.0, clip / norm) if norm > 0 else 1.0
-        updates.append({k: u * scale for k, u in upd.items()})
     for k, ref in base.items():
         if not ref.is_floating_point():
             out[k] = parts[0][k].clone()
             continue
-        mean = sum(u[k] for u in updates) / n
-        mean = mean + torch.randn(ref.shape, generator=generator, dtype=torch.float64) * (noise * clip / n)
-        out[k] = (ref.double() + mean).to(ref.dtype)
+        mean = sum(p[k].double() for p in parts) / n
+        out[k] = (mean + torch.randn(ref.shape, generator=generator, dtype=torch.float64) * std).to(ref.dtype)
     return out
+
+
+def update_norm(base: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, Mapping[str, Tensor]]) -> float:
+    """L2 norm of a node's whole update (every generator it sent, jointly; float tensors)."""
+    total = 0.0
+    for key, state in weights.items():
+        for k, v in state.items():
+            if v.is_floating_point():
+                total += float((v.double() - base[key][k].double()).square().sum())
+    return math.sqrt(total)
 
 
 def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: str | Path | None = None,
@@ -204,6 +227,10 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
     noise = float(cfg["federated_dp_noise_multiplier"])
     clip = float(cfg["federated_dp_clipping_norm"])
     dp_gen = torch.Generator().manual_seed(int(cfg["generator_seed"]) + 4242)
+    if noise > 0 and not getattr(gen_cls, "fitted", False):
+        from flwr.serverapp import GaussianPrivacyEvent
+
+        accountant = dp_accountant(len(nodes), float(cfg["federated_dp_delta"]))
     history: list[dict[str, Any]] = []
     norm_arrays = pack("norm.", normalization)
     fitted = bool(getattr(gen_cls, "fitted", False))
@@ -228,7 +255,7 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
                 if key in holders[n]:
                     arrays.update(pack(f"g{i}.", generators[key].state_dict()))
             requests[n] = (arrays, {"keys": keys, "groups": groups, "class_names": class_names, "round": r,
-                                    "rounds": rounds})
+                                    "rounds": rounds, **({"dp_clipping_norm": clip} if noise > 0 else {})})
         replies = ask("generators", requests)
         node_parts = []
         for n in nodes:
@@ -238,10 +265,17 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
                                           {k: int(v) for k, v in meta["examples"].items()},
                                           dict(meta.get("metrics", {}))))
         if noise > 0:
+            base = {key: generators[key].state_dict() for key in keys}
+            for n, part in zip(nodes, node_parts, strict=True):
+                norm = update_norm(base, part.weights)
+                if norm > clip * (1 + 1e-3) + 1e-6:
+                    raise FederationError(f"{names[n]} sent an update of norm {norm:.4g} > the clipping norm "
+                                          f"{clip:g}: it did not clip (fixedclipping_mod)")
             merged = WeightsStage().merge(node_parts)  # metrics and example counts; weights replaced below
             for key in merged.weights:
-                owners = [p.weights[key] for p in node_parts if key in p.weights]
-                merged.weights[key] = dp_merge(generators[key].state_dict(), owners, clip, noise, dp_gen)
+                owners = [p.weights[key] for p in node_parts if p.examples.get(key, 0) > 0]
+                merged.weights[key] = dp_merge(base[key], owners, clip, noise, dp_gen)
+            accountant.compose(GaussianPrivacyEvent(noise, len(nodes), len(nodes)))
         else:
             merged = WeightsStage().merge(node_parts)
         for key, state in merged.weights.items():
@@ -261,9 +295,12 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
         privacy["note"] = "none: closed-form generators are fitted from the nodes' statistics"
     if noise > 0:
         delta = float(cfg["federated_dp_delta"])
-        privacy = {"mechanism": "central Gaussian, fixed clipping, node-level", "noise_multiplier": noise,
-                   "clipping_norm": clip, "rounds": rounds, "delta": delta,
-                   "epsilon": dp_epsilon(noise, rounds, delta),
+        spent = accountant.get_privacy_spent(delta)
+        privacy = {"mechanism": "central Gaussian, client-side fixed clipping (Flower fixedclipping_mod), "
+                                "node-level, per-generator noise among its owners",
+                   "noise_multiplier": noise, "clipping_norm": clip, "rounds": rounds, "delta": delta,
+                   "epsilon": float(spent.epsilon), "accountant": f"Flower {spent.accounting_method}",
+                   "releases": int(spent.num_releases),
                    "protects": "generator weight updates only (not class counts, normalisation, reducer or "
                                "upsampler statistics)"}
         say(f"differential privacy: epsilon {privacy['epsilon']:.3g} at delta {delta:g}")

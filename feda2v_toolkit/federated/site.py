@@ -275,7 +275,9 @@ def handle(site: Site, stage: str, arrays: Mapping[str, Tensor], meta: Mapping[s
         part = site.train_generators(states, meta["groups"], list(meta["class_names"]), int(meta["round"]),
                                      int(meta["rounds"]))
         seconds = time.perf_counter() - t0
-        out: Arrays = {}
+        # the reply carries every array of the request, in its order (what it did not train unchanged), as
+        # Flower's fixedclipping_mod requires: the update it clips is reply minus request
+        out: Arrays = {k: v for k, v in arrays.items()}
         for i, key in enumerate(keys):
             if key in part.weights:
                 out.update(pack(f"g{i}.", part.weights[key]))

@@ -164,7 +164,8 @@ def test_differential_privacy_reports_epsilon_and_stores_it(two_nodes, tiny_conf
     cfg = _cfg(tiny_config, federated_dp_noise_multiplier=1.0, federated_dp_clipping_norm=0.5)
     model = federate_local(cfg, two_nodes, out=out, seed=0)
     privacy = model.metrics["federated"]["privacy"]
-    assert privacy["epsilon"] == pytest.approx(dp_epsilon(1.0, 2, 1e-5))
+    assert privacy["epsilon"] == pytest.approx(dp_epsilon(1.0, 2, 1e-5, nodes=2))
+    assert privacy["releases"] == 2 and privacy["accountant"].startswith("Flower")
     assert 0 < privacy["epsilon"] < float("inf")
     from feda2v_toolkit.modelfile import load_model
 
@@ -174,3 +175,28 @@ def test_differential_privacy_reports_epsilon_and_stores_it(two_nodes, tiny_conf
 def test_epsilon_falls_with_more_noise_and_rises_with_more_rounds():
     assert dp_epsilon(2.0, 5, 1e-5) < dp_epsilon(1.0, 5, 1e-5) < dp_epsilon(1.0, 20, 1e-5)
     assert dp_epsilon(0.0, 5, 1e-5) == float("inf")
+
+
+def test_nodes_clip_their_whole_update_with_flowers_fixedclipping_mod():
+    """The generators handler runs Flower's fixedclipping_mod when the server sends a clipping norm."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from feda2v_toolkit.federated.app import decode, dp_clipping_mod, encode
+
+    sent = {"g0.w": torch.zeros(3), "g1.w": torch.zeros(4)}
+
+    def train(msg, context):  # a node that moves every weight by 1: update norm sqrt(7)
+        arrays, _ = decode(msg.content)
+        return Message(encode({k: v + 1 for k, v in arrays.items()}, {}), reply_to=msg)
+
+    msg = Message(encode(sent, {"dp_clipping_norm": 0.5}), dst_node_id=1, message_type="train.generators")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    assert KEY_CLIPPING_NORM in msg.content.config_records["meta"]
+    out, _ = decode(dp_clipping_mod(msg, context, train).content)
+    assert list(out) == list(sent)
+    norm = torch.cat([v.flatten() for v in out.values()]).norm()
+    assert float(norm) == pytest.approx(0.5, rel=1e-5)
+    plain, _ = decode(dp_clipping_mod(Message(encode(sent, {}), dst_node_id=1, message_type="train.generators"),
+                                      context, train).content)
+    assert float(torch.cat([v.flatten() for v in plain.values()]).norm()) == pytest.approx(7 ** 0.5)
