@@ -150,8 +150,10 @@ def inspect_cmd(model_path: Path, as_json: bool) -> None:
             dp = (f"DP epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} (noise "
                   f"{privacy['noise_multiplier']:g}, clip {privacy['clipping_norm']:g})"
                   if privacy.get("mechanism") else "no differential privacy")
+            how = ("generators fitted from merged statistics" if fed.get("generators_fitted")
+                   else f"{fed['rounds']} rounds x {fed['local_epochs']} local epochs")
             click.echo(f"federated:   {len(fed['nodes'])} nodes ({', '.join(n['name'] for n in fed['nodes'])}), "
-                       f"{fed['rounds']} rounds x {fed['local_epochs']} local epochs, {fed['engine']} engine, {dp}")
+                       f"{how}, {fed['engine']} engine, {dp}")
         ups = metrics.get("upsampler") or {}
         if "heldout_mse" in ups:
             click.echo(f"upsampling:  held-out MSE {ups['heldout_mse']:.5g} ({ups['name']}) vs "

@@ -103,6 +103,9 @@ def test_the_documented_commands_train_over_two_supernodes(tiny_data, two_nodes,
     assert model.metrics["federated"]["engine"] == "deployment"
     assert sorted(n["name"] for n in model.metrics["federated"]["nodes"]) == ["node0.safetensors", "node1.safetensors"]
     assert model.sample(2, class_name="bird").shape[0] == 2
+    info = subprocess.run([str(BIN / "feda2v-tk"), "inspect", str(out)], capture_output=True, text=True,
+                          timeout=120, check=True).stdout
+    assert "generators fitted from merged statistics, deployment engine" in info
     assert seconds < 150
 
 
