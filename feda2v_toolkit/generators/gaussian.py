@@ -375,6 +375,10 @@ class GaussianGenerator(Generator):
     def _set(self, means: Tensor, counts: Tensor, comps: Tensor, lam: Tensor, keep: int, total: float, a: float,
              n: int) -> dict[str, float]:
         features = self.means.shape[1]
+        if keep:  # each component's sign fixed (largest entry positive): the same fit samples the same draws
+            comps = comps[:keep]
+            pivot = comps.abs().argmax(1, keepdim=True)
+            comps = comps * torch.where(comps.gather(1, pivot) < 0, -1.0, 1.0).to(comps)
         m = total / features
         rest = max(total - float(lam.sum()), 0.0) / features
         self.means.zero_()

@@ -54,6 +54,9 @@ def test_closed_form_generators_federate_exactly(tiny_data, two_nodes, tiny_conf
         cov = [g.components.double().T @ g.components.double() for g in (got, want)]
         torch.testing.assert_close(cov[0], cov[1], rtol=1e-4, atol=1e-4)
     assert not fed.metrics["federated"]["history"][0]["truncated"]
+    for c in central.class_names:  # component signs are canonical: the same seed draws the same samples
+        draws = [m.sample(3, class_name=c, generator=torch.Generator().manual_seed(0)) for m in (fed, central)]
+        torch.testing.assert_close(draws[0], draws[1], rtol=1e-3, atol=1e-3)
 
 
 def test_a_class_larger_than_the_rank_sends_its_top_directions_and_says_so(two_nodes, tiny_config):
