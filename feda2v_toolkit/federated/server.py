@@ -316,7 +316,7 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
     last = history[-1] if history else {}
     model.metrics = {
         "epochs": rounds * int(cfg["federated_local_epochs"]) if not fitted else 1, "steps": None,
-        "train": {"loss": last.get("train", {}).get("loss")} if last else {},
+        "train": {"loss": last["train"]["loss"]} if last.get("train", {}).get("loss") is not None else {},
         "val": {"loss": last["train"]["val_loss"]} if last and "val_loss" in last.get("train", {}) else None,
         "train_seconds": sum(h["seconds"] for h in history), "samples_per_s": None,
         "upsampler": upsampler_metrics,

@@ -49,3 +49,13 @@ def test_federate_with_a_missing_node_dataset_is_one_line(tmp_path):
     out = run("federate", "--node", "nope.safetensors", "-o", "m.safetensors", cwd=tmp_path, check=False)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == ["feda2v-tk: error: nope.safetensors: no such dataset"]
+
+
+def test_a_closed_form_generator_federates_in_one_exchange_and_inspect_says_so(tiny_data, tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps(CONFIG))
+    run("split", str(tiny_data), "-o", "nodes", "--nodes", "2", "--by", "dirichlet", "--seed", "0", cwd=tmp_path)
+    fed = run("federate", "-c", "cfg.json", "--node", "nodes/node0.safetensors", "--node", "nodes/node1.safetensors",
+              "-o", "fed.safetensors", "--generator-type", "gaussian", "--seed", "0", cwd=tmp_path)
+    assert "statistics (exact)" in fed.stderr and "round 1/" not in fed.stderr
+    info = run("inspect", "fed.safetensors", cwd=tmp_path).stdout
+    assert "generators fitted from merged statistics, inprocess engine, no differential privacy" in info
