@@ -243,6 +243,10 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
         if not (has_statistics(probe) and callable(getattr(gen_cls, "merge_statistics", None))):
             raise FederationError(f"generator type {cfg['generator_type']!r} is fitted in closed form but has no "
                                   f"fit_statistics/merge_statistics/fit_from_statistics: it cannot be federated")
+        if probe.conditioning == "embedding":
+            raise FederationError(f"a {cfg['generator_type']} generator conditioned on condition embeddings cannot "
+                                  f"be federated (no mergeable statistics); set gaussian_conditioned to false or "
+                                  f"drop the embeddings")
         history.append(_fit_generators(ask, nodes, generators, gen_cls, holders, keys, groups, class_names,
                                        norm_arrays, names, say))
         rounds = 0
