@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--dp", nargs="*", type=float, default=[], help="noise multipliers for the DP curve")
     ap.add_argument("--dp-clip", type=float, default=1.0)
+    ap.add_argument("--dp-only", action="store_true", help="only the DP curve (and its centralised reference)")
     args = ap.parse_args()
     from feda2v_toolkit.analysis.evaluate import evaluate
     from feda2v_toolkit.federated.engine import federate_local
@@ -91,7 +92,7 @@ def main() -> None:
               "dirichlet0.3": split_dataset(data, tmp / "dir", args.nodes, how="dirichlet", alpha=0.3, seed=0)}
     source = "corpus" if args.corpus else "demo"
     centrals: dict[tuple[str, str], tuple[Any, Any]] = {}
-    for gen_type in args.types:
+    for gen_type in [] if args.dp_only else args.types:
         for granularity in args.granularities:
             cfg = {**base, "generator_type": gen_type, "generator_granularity": granularity}
             t0 = time.perf_counter()
@@ -126,18 +127,24 @@ def main() -> None:
             centrals[(gen_type, granularity)] = (central, evaluate(central, test, seed=0))
         c_eval = centrals[(gen_type, granularity)][1]
         nodes = [n["path"] for n in splits["dirichlet0.3"]["nodes"]]
+        from feda2v_toolkit.federated.server import FederationError, dp_epsilon
+
         for noise in args.dp:
-            fed = federate_local({**cfg, "federated_dp_noise_multiplier": noise,
-                                  "federated_dp_clipping_norm": args.dp_clip}, nodes, seed=0)
+            row = {"data": source, "type": gen_type, "granularity": granularity, "split": "dirichlet0.3", "dp": True,
+                   "noise_multiplier": noise, "clipping_norm": args.dp_clip,
+                   "epsilon": dp_epsilon(noise, args.rounds, 1e-5, nodes=len(nodes)), "delta": 1e-5,
+                   "rounds": args.rounds, "tstr_central": c_eval.downstream.tstr}
+            try:
+                fed = federate_local({**cfg, "federated_dp_noise_multiplier": noise,
+                                      "federated_dp_clipping_norm": args.dp_clip}, nodes, seed=0)
+            except FederationError as e:  # the noise can make training diverge: no model, no usefulness
+                print(json.dumps({**row, "failed": str(e)}), flush=True)
+                continue
             f_eval = evaluate(fed, test, seed=0)
-            privacy = fed.metrics["federated"]["privacy"]
-            print(json.dumps({
-                "data": source, "type": gen_type, "granularity": granularity, "split": "dirichlet0.3", "dp": True,
-                "noise_multiplier": noise, "clipping_norm": args.dp_clip, "epsilon": privacy["epsilon"],
-                "delta": privacy["delta"], "rounds": args.rounds, "tstr_central": c_eval.downstream.tstr,
-                "tstr_federated": f_eval.downstream.tstr,
-                "ratio": f_eval.downstream.tstr / c_eval.downstream.tstr if c_eval.downstream.tstr else None}),
-                flush=True)
+            row["epsilon"] = fed.metrics["federated"]["privacy"]["epsilon"]
+            print(json.dumps({**row, "tstr_federated": f_eval.downstream.tstr,
+                              "ratio": f_eval.downstream.tstr / c_eval.downstream.tstr if c_eval.downstream.tstr
+                              else None}), flush=True)
 
 
 if __name__ == "__main__":
