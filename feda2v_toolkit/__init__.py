@@ -26,6 +26,7 @@ _LAZY: dict[str, str] = {
     "open_dataset": "feda2v_toolkit.data:open_dataset",
     "write_dataset": "feda2v_toolkit.data:write_dataset",
     "make_demo_dataset": "feda2v_toolkit.demo:make_demo_dataset",
+    "embed_audio": "feda2v_toolkit.embed:embed",  # not "embed": that is the module's name
     "get_registry": "feda2v_toolkit.plugins:get_registry",
     "list_generators": "feda2v_toolkit.plugins:list_generators",
     "list_reducers": "feda2v_toolkit.plugins:list_reducers",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +23,50 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def temp_prefix(target: Path) -> str:
+    """Name prefix of our temporaries for ``target``: ``.<name>.<pid>-`` (the pid tells stale ones apart)."""
+    return f".{target.name}.{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but is someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike[str], suffix: str) -> list[Path]:
+    """Remove temporaries of our own naming (``.<name>.<pid>-*<suffix>``) for ``target`` whose writing
+    process is gone (killed with SIGKILL, or by a power cut); return what was removed."""
+    target = Path(target)
+    removed: list[Path] = []
+    try:
+        candidates = list(target.parent.glob(f".{glob_escape(target.name)}.*{suffix}"))
+    except OSError:
+        return removed
+    for path in candidates:
+        middle = path.name[len(target.name) + 2:-len(suffix)]
+        pid_text = middle.split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it over ``target`` if the block succeeds.
@@ -31,7 +76,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target, ".tmp")
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -77,7 +123,7 @@ def check_output_path(out: str | os.PathLike[str], inputs: Iterable[str | os.Pat
         raise UsageError(f"{o}: is a directory; give the path of the file to write")
     for p in inputs:
         pp = Path(p)
-        same = o.resolve() == pp.resolve()
+        same = _real(o) == _real(pp)
         if not same and o.exists() and pp.exists():
             try:
                 same = os.path.samefile(o, pp)
@@ -85,6 +131,24 @@ def check_output_path(out: str | os.PathLike[str], inputs: Iterable[str | os.Pat
                 same = False
         if same:
             raise UsageError(f"{o}: is also an {role}; write to another path")
-        if pp.is_dir() and o.resolve().parent == pp.resolve():
+        if pp.is_dir() and _real(o).parent == _real(pp):
             raise UsageError(f"{o}: is inside the {role} directory {pp}; write to another path")
     return o
+
+
+def check_writable(target: str | os.PathLike[str]) -> None:
+    """Refuse, before any work, an output whose directory cannot be created or written to."""
+    parent = Path(target).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(Path(target)), suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = exc.filename or parent
+        raise UsageError(f"{Path(target)}: cannot write to {where}: {exc.strerror or exc}") from None
+
+
+def _real(path: Path) -> Path:
+    """``path`` with symbolic links resolved, without raising on a link loop (``Path.resolve`` does)."""
+    return Path(os.path.realpath(path))

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from feda2v_toolkit import __version__
-from feda2v_toolkit.errors import ToolkitError
+from feda2v_toolkit.errors import Terminated, ToolkitError, environment_error
 
 #: command name -> "module:attribute" (imported on demand).
 COMMANDS: dict[str, str] = {
@@ -30,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "inspect": "feda2v_toolkit.commands.model:inspect_cmd",
     "convert": "feda2v_toolkit.commands.convert:convert_cmd",
     "demo-data": "feda2v_toolkit.commands.data:demo_data_cmd",
+    "embed": "feda2v_toolkit.commands.embed:embed_cmd",
+    "convert-data": "feda2v_toolkit.commands.embed:convert_data_cmd",
     "plan": "feda2v_toolkit.commands.analysis:plan_cmd",
     "analyze": "feda2v_toolkit.commands.analysis:analyze_cmd",
     "evaluate": "feda2v_toolkit.commands.analysis:evaluate_cmd",
@@ -49,6 +51,8 @@ SHORT_HELP: dict[str, str] = {
     "inspect": "Show a model file's metadata, parameter counts and metrics.",
     "convert": "Import a checkpoint of the original FedA2V code.",
     "demo-data": "Write the bundled AST-shaped demo dataset.",
+    "embed": "Embed audio clips with an Audio Spectrogram Transformer into a dataset.",
+    "convert-data": "Write any readable dataset (e.g. the original code's caches) as shards.",
     "plan": "Exact parameter counts and memory for training lengths.",
     "analyze": "Measure information kept by reducer/upsampler pairs per length.",
     "evaluate": "Measure synthetic samples against held-out real data.",
@@ -120,8 +124,9 @@ def _plugin_switch(*decls: str, **kwargs: Any) -> Any:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="feda2v-tk")
-@click.option("-v", "--verbose", "--traceback", "traceback_", is_flag=True,
-              help="Show full tracebacks for errors.")
+@click.option("--traceback", "traceback_", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("-v", "--verbose", "verbose", is_flag=True, hidden=True,
+              help="Deprecated spelling of --traceback.")
 @_plugin_switch("--strict-plugins", is_flag=True,
                 help="Make any plugin load problem fatal (also FEDA2V_STRICT_PLUGINS=1).")
 @_plugin_switch("--no-plugins", is_flag=True,
@@ -131,9 +136,9 @@ def _plugin_switch(*decls: str, **kwargs: Any) -> Any:
                      "replaces FEDA2V_PLUGINS=a,b).")
 @_plugin_switch("--block-plugin", "block_plugins", multiple=True, metavar="NAME",
                 help="Do not load this plugin (repeatable; adds to FEDA2V_BLOCK_PLUGINS=a,b).")
-def cli(traceback_: bool) -> None:
+def cli(traceback_: bool, verbose: bool) -> None:
     """feda2v-tk: trusted configs, working generators and plugins for FedA2V audio-embedding sequences."""
-    if traceback_:
+    if traceback_ or verbose:
         _STATE["traceback"] = True
 
 
@@ -149,17 +154,53 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 _DEFAULT_SHOWWARNING = warnings.showwarning
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> Any:
+    """Handle SIGTERM like Ctrl-C, so that every cleanup (partial outputs, temporaries) runs; return the
+    previous handler (``None`` off the main thread, where signals cannot be handled)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        import signal
+
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI, turning user errors into one line and an exit code."""
     warnings.showwarning = _show_warning
+    previous = handle_sigterm()
+    try:
+        _run(argv)
+    finally:  # main() may be called in-process (tests, notebooks): leave the host's handler as it was
+        _restore_sigterm(previous)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         rc = cli.main(args=argv, prog_name="feda2v-tk", standalone_mode=False)
+    except Terminated:
+        click.echo("feda2v-tk: terminated", err=True)
+        sys.exit(143)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__cause__, Terminated):  # click turns KeyboardInterrupt into Abort
+            click.echo("feda2v-tk: terminated", err=True)
+            sys.exit(143)
         click.echo("feda2v-tk: aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
@@ -178,6 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if _STATE["traceback"]:
             raise
+        handled = environment_error(exc)
+        if handled is not None:
+            click.echo(f"feda2v-tk: error: {handled}", err=True)
+            sys.exit(handled.exit_code)
         click.echo(f"feda2v-tk: internal error: {type(exc).__name__}: {exc} (run with --traceback for details)",
                    err=True)
         sys.exit(1)

@@ -16,9 +16,11 @@ See ``docs/data.md``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,8 +34,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from feda2v_toolkit import __version__
-from feda2v_toolkit.atomic import atomic_path, default_mode
-from feda2v_toolkit.errors import InputError, NewerVersionError, UsageError
+from feda2v_toolkit.atomic import atomic_path, default_mode, remove_stale_temporaries, temp_prefix
+from feda2v_toolkit.errors import InputError, NewerVersionError, UsageError, short_list
 
 FORMAT = "dataset"
 FORMAT_VERSION = 1
@@ -41,6 +43,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: default shard size for writers (bytes of embeddings per shard)
 DEFAULT_SHARD_BYTES = 256 * 2**20
+#: labels of a dataset without ``class_names`` must lie below this (class_0 .. class_N are made up)
+MAX_UNNAMED_CLASSES = 100_000
 _LEGACY_EMBEDDING_KEYS = ("embeddings", "audio_embeddings", "features", "x")
 _LEGACY_LABEL_KEYS = ("labels", "targets", "y")
 
@@ -216,17 +220,35 @@ class Dataset:
 
 
 def _files_of(path: Path) -> list[Path]:
-    if not path.exists():
-        raise UsageError(f"{path}: no such file or directory")
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"{path}: symbolic link loop") from None
+        if isinstance(exc, FileNotFoundError | NotADirectoryError):
+            raise UsageError(f"{path}: no such file or directory") from None
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and not p.name.startswith("."))
+        files = [p for p in files if _is_regular(p)]
         if not files:
             raise UsageError(f"{path}: directory holds no .safetensors shards")
         return files
+    if not stat.S_ISREG(mode):  # a FIFO would block forever, a device never ends
+        raise UsageError(f"{path}: not a regular file (a device, pipe or socket); datasets are files or "
+                         "directories of shards")
     return [path]
 
 
-def _legacy_tensors(path: Path) -> dict[str, Any]:
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _load_pt(path: Path) -> Any:
+    """``torch.load`` a legacy cache with ``weights_only=True`` (memory-mapped when the format allows)."""
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -237,6 +259,11 @@ def _legacy_tensors(path: Path) -> dict[str, Any]:
     except Exception as exc:  # torch raises many types for corrupt or pickled-object files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot read as a PyTorch tensor cache (weights_only): {first}") from None
+    return obj
+
+
+def _legacy_tensors(path: Path, obj: Any = None) -> dict[str, Any]:
+    obj = _load_pt(path) if obj is None else obj
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     out: dict[str, Any] = {}
@@ -258,19 +285,33 @@ def _legacy_tensors(path: Path) -> dict[str, Any]:
         out["class_names"] = _checked_class_names(path, obj["class_names"])
     missing = [k for k in ("embeddings", "labels") if k not in out]
     if missing:
-        raise InputError(f"{path}: missing tensor(s) {', '.join(missing)}; found keys: {', '.join(map(str, obj))}")
+        raise InputError(f"{path}: missing tensor(s) {', '.join(missing)}; found keys: {short_list(map(str, obj), 10)}")
     return out
 
 
 def open_dataset(path: str | os.PathLike[str]) -> Dataset:
-    """Open a dataset file, shard directory or legacy ``.pt`` cache, checking shapes and labels.
+    """Open a dataset file, shard directory, legacy ``.pt`` cache or AST cache of the original code
+    (:mod:`feda2v_toolkit.caches`), checking shapes and labels.
 
     Raises :class:`UsageError` for a missing path and :class:`InputError` (one line naming the file)
     for anything wrong with the content: missing tensors, wrong ranks or dtypes, corrupt files,
     inconsistent shards, labels out of range.
     """
     root = Path(path)
+    if root.is_dir() and not any(root.glob("*.safetensors")):  # the original code's AST cache directories
+        from feda2v_toolkit.caches import is_ast_cache, open_ast_cache
+
+        if is_ast_cache(root):
+            return open_ast_cache(root)
     files = _files_of(root)
+    preloaded = None
+    if root.is_file() and root.suffix in (".pt", ".pth"):  # the original code's {file_id: tensor} caches
+        from feda2v_toolkit.caches import keyed_table, open_keyed
+
+        preloaded = _load_pt(root)
+        table = keyed_table(preloaded)
+        if table is not None:
+            return open_keyed(root, table)
     sources: list[_Source] = []
     labels_parts: list[Tensor] = []
     shape: tuple[int, int] | None = None
@@ -281,7 +322,7 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
     for file in files:
         tensors = None
         if file.suffix in (".pt", ".pth"):
-            legacy = _legacy_tensors(file)
+            legacy = _legacy_tensors(file, preloaded)
             names = legacy.pop("class_names", None)
             tensors = legacy
             emb_shape = tuple(legacy["embeddings"].shape)
@@ -300,9 +341,13 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
                     emb_slice = fh.get_slice("embeddings")
                     emb_shape = tuple(emb_slice.get_shape())
                     emb_dtype = _dtype_of(file, emb_slice.get_dtype())
+                    _require_label_memory(file, fh.get_slice("labels").get_shape())
                     labels = fh.get_tensor("labels")
                     cond_shape = tuple(fh.get_slice("conditions").get_shape()) if "conditions" in keys else None
             except SafetensorError as exc:
+                if "mmap" in str(exc).lower():  # the file is fine; the address space (ulimit -v) is not
+                    raise UsageError(f"{file}: cannot memory-map the file ({exc}); raise the virtual memory "
+                                     "limit (ulimit -v) or split the dataset into shards") from None
                 raise InputError(f"{file}: not a valid safetensors file ({exc})") from None
             except OSError as exc:
                 raise UsageError(f"{file}: cannot read: {exc.strerror or exc}") from None
@@ -341,11 +386,25 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
         raise InputError(f"{root}: negative label {int(all_labels.min())}")
     num_labels = int(all_labels.max()) + 1
     if class_names is None:
+        if num_labels > MAX_UNNAMED_CLASSES:  # bounded before a class list is built up to the largest label
+            raise InputError(f"{root}: label {num_labels - 1} but no 'class_names' metadata; without class names "
+                             f"labels must be below {MAX_UNNAMED_CLASSES} (write class_names, or renumber the "
+                             "labels 0, 1, 2, ...)")
         class_names = [f"class_{i}" for i in range(num_labels)]
     elif num_labels > len(class_names):
         raise InputError(f"{root}: label {num_labels - 1} is out of range for {len(class_names)} class names")
     return Dataset(root, sources, seq_len=shape[0], dim=shape[1], storage_dtype=dtype, labels=all_labels,
                    class_names=class_names, condition_dim=condition_dim or 0)
+
+
+def _require_label_memory(file: Path, shape: list[int]) -> None:
+    """Labels are read whole (8 bytes each once widened to int64): bounded before they are read."""
+    from feda2v_toolkit.resources import require_memory
+
+    count = 1
+    for s in shape:
+        count *= int(s)
+    require_memory(count * 16, f"{file}: reading its {count:,} labels", hint="split the dataset into shards")
 
 
 def _dtype_of(file: Path, name: str) -> torch.dtype:
@@ -419,6 +478,16 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def _check_replaceable(directory: Path) -> None:
+    """``--overwrite`` replaces a dataset directory, never anything else: only ``*.safetensors`` shards."""
+    if not directory.is_dir() or directory.is_symlink():
+        raise UsageError(f"{directory}: exists and is not a directory; --overwrite replaces shard directories only")
+    others = [p.name for p in directory.iterdir() if p.suffix != ".safetensors" or not p.is_file()]
+    if others:
+        raise UsageError(f"{directory}: holds files that are not dataset shards ({short_list(others, 3)}); "
+                         "not replacing it -- remove it yourself or choose another output directory")
+
+
 class DatasetWriter:
     """Stream rows into a shard directory with bounded memory; all-or-nothing.
 
@@ -430,16 +499,21 @@ class DatasetWriter:
 
     def __init__(self, directory: str | os.PathLike[str], *, class_names: Sequence[str],
                  dtype: str | torch.dtype = torch.float32, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 extra_metadata: dict[str, str] | None = None) -> None:
+                 extra_metadata: dict[str, str] | None = None, overwrite: bool = False) -> None:
         self.directory = Path(directory)
+        self.overwrite = overwrite
         if self.directory.exists() and (not self.directory.is_dir() or any(self.directory.iterdir())):
-            raise UsageError(f"{self.directory}: output directory exists and is not empty")
+            if not overwrite:
+                raise UsageError(f"{self.directory}: output directory exists and is not empty (--overwrite "
+                                 "replaces it)")
+            _check_replaceable(self.directory)
         self.class_names = list(class_names)
         self.dtype = _resolve_dtype(dtype) or torch.float32
         self.shard_bytes = int(shard_bytes)
         self.extra_metadata = extra_metadata or {}
         self.directory.parent.mkdir(parents=True, exist_ok=True)
-        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", suffix=".partial",
+        remove_stale_temporaries(self.directory, ".partial")
+        self._staging = Path(tempfile.mkdtemp(prefix=temp_prefix(self.directory), suffix=".partial",
                                               dir=self.directory.parent))
         self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._pending_rows = 0
@@ -525,9 +599,16 @@ class DatasetWriter:
             for shard in self.shards:
                 os.chmod(shard, file_mode)
             os.chmod(self._staging, default_mode(directory=True))
+            old = None
             if self.directory.exists():
-                self.directory.rmdir()  # empty (checked at construction)
+                if self.overwrite and any(self.directory.iterdir()):
+                    old = self.directory.with_name(f"{temp_prefix(self.directory)}old.partial")
+                    os.replace(self.directory, old)  # moved aside, removed once the new one is in place
+                else:
+                    self.directory.rmdir()  # empty (checked at construction)
             os.replace(self._staging, self.directory)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             self.abort()
             raise

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.data import DEFAULT_SHARD_BYTES, DatasetWriter, _resolve_dtype, open_dataset
-from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model import GenerativeModel
 from feda2v_toolkit.progress import Progress
 
@@ -112,23 +112,25 @@ def sample_class(model: GenerativeModel, class_name: str, n: int, *, seed: int, 
 
 
 def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: int | str | None = None,
-             classes: Sequence[str] | None = None, length: int | None = None, dtype: str | torch.dtype = "float32",
+             classes: Sequence[str] | None = None, length: int | None = None, dtype: str | torch.dtype | None = None,
              seed: int = 0, batch_size: int = DEFAULT_BATCH, conditions: str | os.PathLike[str] | None = None,
              shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None,
-             log: Callable[[str], None] | None = None) -> GenerationReport:
+             log: Callable[[str], None] | None = None, overwrite: bool = False) -> GenerationReport:
     """Write synthetic samples of ``classes`` (default: all the model can sample) to shard directory ``out``.
 
     The output's class names are the generated classes (in the model's order), so it trains as it is.
     ``conditions`` is a dataset file whose ``conditions`` rows (per label) condition an
     embedding-conditioned model; they are used in order and cycled if more samples are asked for.
     Samples depend on the model, ``seed``, the class and ``batch_size`` (see :func:`sample_class`).
+    ``dtype`` defaults to the training data's storage dtype (float32 for models that do not record it);
+    ``overwrite`` replaces an existing shard directory ``out`` (only once the new one is complete).
     """
     import time
 
     say = log or (lambda _msg: None)
     names = list(classes) if classes else model.sampleable_classes
     if len(set(names)) != len(names):
-        raise UsageError(f"classes named more than once: {', '.join(sorted({c for c in names if names.count(c) > 1}))}")
+        raise UsageError(f"classes named more than once: {short_list(sorted({c for c in names if names.count(c) > 1}))}")
     for c in names:
         model.class_index(c)  # one clear error for an unknown class
     names = [c for c in model.class_names if c in names]  # model order; the output's labels index these
@@ -136,7 +138,14 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     out_len = model.default_length if length is None else int(length)
     if out_len < 1:
         raise UsageError(f"output length must be >= 1, got {out_len}")
-    out_dtype = _resolve_dtype(dtype) or torch.float32
+    out_dtype = _resolve_dtype(dtype) or _resolve_dtype(model.data_dtype) or torch.float32
+    from feda2v_toolkit.resources import require_memory
+
+    # a batch upsampled (float32, plus a working copy), converted, and up to two shards queued
+    require_memory(batch_size * out_len * model.dim * (8 + out_dtype.itemsize) + 2 * min(
+        shard_bytes, max(1, sum(counts.values())) * out_len * model.dim * out_dtype.itemsize),
+        f"generating batches of {batch_size} x [{out_len}, {model.dim}]",
+        hint="lower --output-length or --batch-size")
     cond_by_class = _conditions_by_class(conditions, model) if conditions is not None else None
     needs = [c for c in names if model.needs_condition(c)]
     if needs and cond_by_class is None:
@@ -145,7 +154,7 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     if cond_by_class is not None:
         missing = [c for c in needs if c not in cond_by_class]
         if missing:
-            raise InputError(f"{conditions}: no conditions for class(es) {', '.join(missing)}")
+            raise InputError(f"{conditions}: no conditions for class(es) {short_list(missing)}")
     if is_class_agnostic(model) and len(names) > 1:
         warnings.warn("this model is unified and unconditioned: its samples do not depend on the class, so the "
                       "per-class labels of the output carry no class information (train with "
@@ -162,7 +171,7 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
         shard_bytes = (rows_per_shard // batch_size) * batch_size * row_bytes
     try:
         with DatasetWriter(out, class_names=names, dtype=out_dtype, shard_bytes=shard_bytes,
-                           extra_metadata=meta) as writer:
+                           extra_metadata=meta, overwrite=overwrite) as writer:
             for label, name in enumerate(names):
                 pool = cond_by_class.get(name) if cond_by_class is not None else None
                 for x, cond in sample_class(model, name, counts[name], seed=seed, length=out_len,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.components import Generator, Reducer, Upsampler
-from feda2v_toolkit.errors import UsageError
+from feda2v_toolkit.errors import UsageError, short_list
 
 UNIFIED_KEY = "all"
 GRANULARITIES = ("unified", "per_class", "per_group")
@@ -41,6 +41,8 @@ class GenerativeModel:
         class_counts: training samples per class (``synthetic_samples_per_class: "auto"`` uses them).
         config: the full migrated generator config section used for training.
         seed: the training seed; metrics: final metrics (JSON-serialisable).
+        data_dtype: storage dtype of the training data (``"float16"`` ...); ``generate`` writes it by
+            default. ``None`` for models that do not record it (float32 then).
     """
 
     generator_type: str
@@ -62,6 +64,7 @@ class GenerativeModel:
     config: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    data_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -95,7 +98,7 @@ class GenerativeModel:
 
     def class_index(self, class_name: str) -> int:
         if class_name not in self.class_names:
-            raise UsageError(f"unknown class {class_name!r}; the model knows: {', '.join(self.class_names)}")
+            raise UsageError(f"unknown class {class_name!r}; the model knows: {short_list(self.class_names, 10)}")
         if class_name not in self.class_to_generator:
             raise UsageError(f"class {class_name!r} had no generator trained for it "
                              f"(sampleable: {', '.join(self.sampleable_classes)})")

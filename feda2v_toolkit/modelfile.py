@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,20 +32,52 @@ from torch import Tensor, nn
 
 from feda2v_toolkit import __version__
 from feda2v_toolkit.atomic import atomic_path
-from feda2v_toolkit.errors import InputError, NewerVersionError, ToolkitError, UsageError
+from feda2v_toolkit.errors import InputError, NewerVersionError, ToolkitError, UsageError, short_list
 from feda2v_toolkit.model import GenerativeModel
 
 MODEL_FORMAT = "model"
 FORMAT_VERSION = 1
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write tensors + string metadata atomically (temp file, fsync, rename)."""
+    """Write tensors + string metadata atomically (temp file, fsync, rename), byte for byte the same for
+    the same tensors and metadata: the header's keys are sorted (``safetensors.save_file`` writes the
+    metadata in a random order), so two identical runs give files with the same sha256."""
     out = Path(path)
     flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     with atomic_path(out) as tmp:
-        save_file(flat, str(tmp), metadata=dict(metadata))
+        if sys.byteorder == "little" and all(t.dtype in _ST_DTYPES for t in flat.values()):
+            _write_sorted(tmp, flat, metadata)
+        else:  # pragma: no cover - big-endian hosts, exotic dtypes
+            save_file(flat, str(tmp), metadata=dict(metadata))
     return out
+
+
+def _write_sorted(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    """The safetensors format, deterministically: 8-byte header length, JSON header with sorted keys
+    (padded with spaces to 8 bytes), then the tensors' bytes (widest dtype first, for alignment)."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in order:
+            t = tensors[name]
+            if t.numel():
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def read_safetensors(path: str | os.PathLike[str], *, expect: str,
@@ -144,6 +178,7 @@ def model_tensors_and_metadata(model: GenerativeModel) -> tuple[dict[str, Tensor
         "condition_dim": model.condition_dim,
         "normalized": bool(model.normalization),
         "seed": model.seed,
+        "data_dtype": model.data_dtype,
         "metrics": model.metrics,
         "config": model.config,
     }
@@ -152,7 +187,20 @@ def model_tensors_and_metadata(model: GenerativeModel) -> tuple[dict[str, Tensor
 
 def file_metadata(kind: str, doc: Mapping[str, Any]) -> dict[str, str]:
     return {"feda2v_format": kind, "format_version": str(FORMAT_VERSION), "toolkit_version": __version__,
-            kind: json.dumps(doc, sort_keys=False, default=_json_default)}
+            kind: json.dumps(doc, sort_keys=True, default=_json_default)}
+
+
+#: metric keys that hold wall-clock measurements: kept out of model files, so that the same seed and data
+#: give byte-identical files (they stay in the run's metrics JSON lines and in the returned model)
+VOLATILE_METRICS = frozenset({"train_seconds", "seconds", "fit_seconds", "samples_per_s"})
+
+
+def _without_timings(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k not in VOLATILE_METRICS}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
@@ -164,7 +212,7 @@ def _json_default(obj: Any) -> Any:
 def save_model(model: GenerativeModel, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` to one safetensors file, atomically."""
     tensors, doc = model_tensors_and_metadata(model)
-    return write_safetensors(path, tensors, file_metadata(MODEL_FORMAT, doc))
+    return write_safetensors(path, tensors, file_metadata(MODEL_FORMAT, _without_timings(doc)))
 
 
 def _load_component(kind: str, ref: Mapping[str, Any], path: Path) -> type:
@@ -184,21 +232,115 @@ def _load_component(kind: str, ref: Mapping[str, Any], path: Path) -> type:
                      f"{ref.get('version') or ''}, which is not available here ({last_error})".replace("  ", " "))
 
 
+def check_document(doc: Any, path: Path) -> None:
+    """One-line :class:`InputError` for a metadata document of the wrong shape or types (tampered,
+    truncated or hand-edited), checked before anything is built from it."""
+    def bad(what: str) -> InputError:
+        return InputError(f"{path}: malformed model metadata: {what}")
+
+    if not isinstance(doc, dict):
+        raise bad(f"the 'model' document is {type(doc).__name__}, not an object")
+    for key in ("generator_type", "reducer", "upsampler"):
+        ref = doc.get(key)
+        if not (isinstance(ref, dict) and isinstance(ref.get("name"), str)):
+            raise bad(f"{key!r} must be an object with a 'name'")
+        if key != "generator_type" and not isinstance(ref.get("init_args"), dict):
+            raise bad(f"{key}.init_args must be an object")
+    gens = doc.get("generators")
+    if not (isinstance(gens, list) and gens and all(
+            isinstance(g, dict) and isinstance(g.get("key"), str) and isinstance(g.get("init_args"), dict)
+            for g in gens)):
+        raise bad("'generators' must be a non-empty list of {key, init_args} objects")
+    names = doc.get("class_names")
+    if not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
+        raise bad("'class_names' must be a non-empty list of strings")
+    if len(set(names)) != len(names):
+        raise bad("'class_names' has duplicates")
+    mapping = doc.get("class_to_generator")
+    keys = {g["key"] for g in gens}
+    if not (isinstance(mapping, dict) and all(isinstance(v, str) and v in keys for v in mapping.values())):
+        raise bad("'class_to_generator' must map class names to generator keys")
+    for key in ("full_length", "training_length", "dim"):
+        value = doc.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise bad(f"{key!r} must be a positive integer, found {value!r}")
+    out_len = doc.get("output_length")
+    if out_len is not None and not (isinstance(out_len, int) and not isinstance(out_len, bool) and out_len >= 1):
+        raise bad(f"'output_length' must be a positive integer or null, found {out_len!r}")
+    cond = doc.get("condition_dim", 0)
+    if not (isinstance(cond, int) and not isinstance(cond, bool) and cond >= 0):
+        raise bad(f"'condition_dim' must be a non-negative integer, found {cond!r}")
+    for key in ("class_counts", "config", "metrics"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise bad(f"{key!r} must be an object")
+
+
+def _build_checked(cls: type, init_args: Mapping[str, Any], state: Mapping[str, Tensor], what: str,
+                   path: Path) -> nn.Module:
+    """Construct ``cls(**init_args)`` only once its parameter shapes are known to match the stored tensors.
+
+    The constructor first runs on the meta device (nothing allocated), so metadata claiming a huge
+    ``hidden_dim`` is refused by comparing shapes, not by trying to allocate it.
+    """
+    try:
+        with torch.device("meta"):
+            probe = cls(**init_args)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: {what}: bad constructor arguments in the metadata: {exc}") from None
+    except Exception:  # pragma: no cover - a component that cannot be built on meta: checked after building
+        probe = None
+    if probe is not None:
+        expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+        stored = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != stored:
+            missing = sorted(set(expected) - set(stored))
+            unexpected = sorted(set(stored) - set(expected))
+            wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+            detail = (f"tensor {wrong[0]!r} is stored as {list(stored[wrong[0]])} but the metadata makes it "
+                      f"{list(expected[wrong[0]])}" if wrong else
+                      f"missing tensor(s) {short_list(missing)}" if missing else
+                      f"unexpected tensor(s) {short_list(unexpected)}")
+            raise InputError(f"{path}: {what}: metadata and weights disagree: {detail}")
+        del probe
+    module = cls(**init_args)
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def _check_finite_tensors(tensors: Mapping[str, Tensor], path: Path) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{path}: tensor {name!r} contains NaN or inf values (a corrupt or diverged model)")
+
+
 def build_model(tensors: Mapping[str, Tensor], doc: Mapping[str, Any], path: Path) -> GenerativeModel:
     """Rebuild a :class:`GenerativeModel` from its tensors and metadata document."""
+    check_document(doc, path)
+    _check_finite_tensors(tensors, path)
     try:
         gen_cls = _load_component("generator", doc["generator_type"], path)
         generators = {}
         for i, entry in enumerate(doc["generators"]):
-            gen = gen_cls(**entry["init_args"])
-            gen.load_state_dict(unprefixed(tensors, f"generators.{i}"), strict=True)
+            gen = _build_checked(gen_cls, entry["init_args"], unprefixed(tensors, f"generators.{i}"),
+                                 f"generator {entry['key']!r}", path)
             generators[entry["key"]] = gen.eval()
         red_cls = _load_component("reducer", doc["reducer"], path)
-        reducer = red_cls(**doc["reducer"]["init_args"])
-        reducer.load_state_dict(unprefixed(tensors, "reducer"), strict=True)
+        reducer = _build_checked(red_cls, doc["reducer"]["init_args"], unprefixed(tensors, "reducer"), "reducer",
+                                 path)
         up_cls = _load_component("upsampler", doc["upsampler"], path)
-        upsampler = up_cls(**doc["upsampler"]["init_args"])
-        upsampler.load_state_dict(unprefixed(tensors, "upsampler"), strict=True)
+        upsampler = _build_checked(up_cls, doc["upsampler"]["init_args"], unprefixed(tensors, "upsampler"),
+                                   "upsampler", path)
+        if doc.get("normalized"):
+            for k in ("mean", "std"):
+                shape = list(tensors[f"normalization.{k}"].shape)
+                if shape != [doc["training_length"], doc["dim"]]:
+                    raise InputError(f"{path}: normalization.{k} is {shape}, but the metadata says training "
+                                     f"length {doc['training_length']} and dim {doc['dim']}")
+        for gen in generators.values():
+            probe_dim = getattr(gen, "dim", doc["dim"])
+            if probe_dim != doc["dim"]:
+                raise InputError(f"{path}: the generators produce D = {probe_dim}, but the metadata says "
+                                 f"dim {doc['dim']}")
         return GenerativeModel(
             generator_type=doc["generator_type"]["name"],
             generators=generators,
@@ -219,6 +361,7 @@ def build_model(tensors: Mapping[str, Tensor], doc: Mapping[str, Any], path: Pat
             config=dict(doc.get("config", {})),
             seed=doc.get("seed"),
             metrics=dict(doc.get("metrics", {})),
+            data_dtype=doc.get("data_dtype") if doc.get("data_dtype") in ("float32", "float16", "bfloat16") else None,
         )
     except ToolkitError:
         raise

@@ -35,6 +35,8 @@ import importlib
 import importlib.metadata
 import os
 import re
+import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -242,7 +244,8 @@ class Registry:
         """Resolve a component class (importing it, which may import torch) and check its base class."""
         spec = self.get(kind, name)
         try:
-            cls = spec.load()
+            with _guarded(f"import of {spec.factory_path!r}"):
+                cls = spec.load()
         except Exception as exc:
             raise PluginError(f"{kind} {spec.qualified_name} ({spec.provenance.distribution or 'not installed'}): "
                               f"cannot import {spec.factory_path!r}: {type(exc).__name__}: {exc}") from exc
@@ -284,7 +287,8 @@ class Registry:
                 continue
             before = dict(group.commands)
             try:
-                impl.function(cli=group)
+                with _guarded(f"{COMMANDS_HOOK} of {info.name!r}"):
+                    impl.function(cli=group)
             except Exception as exc:
                 group.commands.clear()
                 group.commands.update(before)
@@ -540,20 +544,8 @@ def _register_plugin(registry: Registry, obj: Any, info: PluginInfo, pm_name: st
             return
     pm_name = pm_name or info.name
     try:
-        if registry.pm.is_registered(obj) or registry.pm.has_plugin(pm_name):
-            raise PluginValidationError(f"a plugin named {pm_name!r} (or this very module) is already registered")
-        registry.pm.register(obj, name=pm_name)  # validates hook signatures against the specs
-        registry.pm_names[pm_name] = info
-        _check_hook_names(registry, obj)
-        staging = _Staging(registry, info)
-        for kind, hook_name in REGISTER_HOOKS.items():
-            for impl in getattr(registry.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin_name == pm_name:
-                    info.hooks.append(hook_name)
-                    impl.function(register=staging.register_callback(kind))
-        if any(impl.plugin_name == pm_name for impl in getattr(registry.pm.hook, COMMANDS_HOOK).get_hookimpls()):
-            info.hooks.append(COMMANDS_HOOK)
-        staging.commit()
+        with _guarded(f"plugin {info.name!r}"):
+            _register_hooks(registry, obj, info, pm_name)
     except Exception as exc:
         if registry.pm.is_registered(obj):
             registry.pm.unregister(obj)
@@ -562,6 +554,24 @@ def _register_plugin(registry: Registry, obj: Any, info: PluginInfo, pm_name: st
         error = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
         error = "; ".join(line.strip() for line in error.splitlines() if line.strip())
         registry.record_failure(info, error, traceback.format_exc())
+
+
+def _register_hooks(registry: Registry, obj: Any, info: PluginInfo, pm_name: str) -> None:
+    """Register ``obj`` with pluggy and commit what its register hooks register (raises on any problem)."""
+    if registry.pm.is_registered(obj) or registry.pm.has_plugin(pm_name):
+        raise PluginValidationError(f"a plugin named {pm_name!r} (or this very module) is already registered")
+    registry.pm.register(obj, name=pm_name)  # validates hook signatures against the specs
+    registry.pm_names[pm_name] = info
+    _check_hook_names(registry, obj)
+    staging = _Staging(registry, info)
+    for kind, hook_name in REGISTER_HOOKS.items():
+        for impl in getattr(registry.pm.hook, hook_name).get_hookimpls():
+            if impl.plugin_name == pm_name:
+                info.hooks.append(hook_name)
+                impl.function(register=staging.register_callback(kind))
+    if any(impl.plugin_name == pm_name for impl in getattr(registry.pm.hook, COMMANDS_HOOK).get_hookimpls()):
+        info.hooks.append(COMMANDS_HOOK)
+    staging.commit()
 
 
 def _report_clashes(registry: Registry) -> None:
@@ -597,6 +607,33 @@ def _warn_unmatched(found: list[PluginInfo], names: Iterable[str], what: str) ->
             known = ", ".join(sorted(info.name for info in found if info.source == "entry-point")) or "none"
             warnings.warn(f"the plugin {what} names {name!r}, which is not an installed plugin "
                           f"(installed: {known})", PluginWarning, stacklevel=3)
+
+
+#: a plugin import slower than this many seconds is named in a warning (it delays every command)
+SLOW_IMPORT_SECONDS = 1.0
+
+
+class PluginAbort(Exception):
+    """A plugin called ``sys.exit()`` or raised ``KeyboardInterrupt`` while being imported or registered."""
+
+
+@contextlib.contextmanager
+def _guarded(what: str) -> Iterator[None]:
+    """Run plugin code so that it cannot take the CLI down: anything it prints goes to stderr (stdout
+    carries JSON), and ``sys.exit()`` or ``KeyboardInterrupt`` become an ordinary failure."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except SystemExit as exc:
+        raise PluginAbort(f"{what} called sys.exit({exc.code!r})") from None
+    except KeyboardInterrupt:
+        raise PluginAbort(f"{what} raised KeyboardInterrupt") from None
+
+
+def _warn_if_slow(info: PluginInfo, seconds: float) -> None:
+    if seconds > SLOW_IMPORT_SECONDS:
+        warnings.warn(f"plugin {info.name!r} ({_dist_text(info)}) took {seconds:.1f}s to import; every command "
+                      f"pays for it (--block-plugin {info.name} skips it)", PluginWarning, stacklevel=3)
 
 
 def load_registry(
@@ -656,12 +693,16 @@ def load_registry(
                     f"{other.version or ''}".rstrip())
                 continue
             taken[_normalize(ep.name)] = info
+            t0 = time.perf_counter()
             try:
-                obj = ep.load()
+                with _guarded(f"import of {ep.value!r}"):
+                    obj = ep.load()
             except Exception as exc:
                 registry.record_failure(info, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}",
                                         traceback.format_exc())
                 continue
+            finally:
+                _warn_if_slow(info, time.perf_counter() - t0)
             _register_plugin(registry, obj, info)
 
     if autoload:

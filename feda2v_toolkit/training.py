@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.atomic import check_output_path
+from feda2v_toolkit.atomic import check_output_path, check_writable
 from feda2v_toolkit.checkpoint import TrainingState, checkpoint_epoch, load_checkpoint, save_checkpoint
 from feda2v_toolkit.components import Generator, Reducer, TrainContext, Upsampler
 from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.data import Dataset, open_dataset
-from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
 from feda2v_toolkit.modelfile import unprefixed
 from feda2v_toolkit.progress import Progress
@@ -117,16 +117,70 @@ def generator_groups(cfg: Mapping[str, Any], class_names: list[str], present: li
 def _fingerprint(cfg: Mapping[str, Any], ds: Dataset, seed: int, reduced: Tensor) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the training-relevant config (epochs included), the
     data (its reduced cache, bit for bit, and its labels) and the seed."""
-    ignored = {"generator_checkpoint_dir", "generator_checkpoint_base_name", "generator_save_checkpoint",
-               "generator_load_checkpoint", "generator_checkpoint_frequency", "synthetic_samples_per_class",
-               "generator_output_sequence_length", "pretrained_generator_path", "generator_seed",
-               "generator_training_epochs"}
-    relevant = {k: v for k, v in sorted(cfg.items()) if k not in ignored}
+    relevant = {k: v for k, v in sorted(cfg.items()) if k not in _RESUME_IGNORED}
     data = hashlib.sha256(ds.labels.numpy().tobytes())
     data.update(memoryview(reduced.contiguous().numpy()).cast("B"))
     return {"config": hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "data": f"{len(ds)}x{ds.seq_len}x{ds.dim}:{data.hexdigest()[:16]}", "seed": seed,
+            "data": f"{_data_shape(ds)}:{data.hexdigest()[:16]}", "seed": seed,
             "epochs": int(cfg["generator_training_epochs"])}
+
+
+#: config keys a resumed run may change (where checkpoints go, what is generated afterwards, ...)
+_RESUME_IGNORED = frozenset({
+    "generator_checkpoint_dir", "generator_checkpoint_base_name", "generator_save_checkpoint",
+    "generator_load_checkpoint", "generator_checkpoint_frequency", "synthetic_samples_per_class",
+    "generator_output_sequence_length", "pretrained_generator_path", "generator_seed", "generator_training_epochs"})
+
+
+def _config_changes(saved: Any, cfg: Mapping[str, Any]) -> str:
+    """``key old -> new`` for the training-relevant keys that differ from a checkpoint's config."""
+    if not isinstance(saved, dict):
+        return ""
+    keys = sorted(k for k in set(saved) | set(cfg) if k not in _RESUME_IGNORED and saved.get(k) != cfg.get(k))
+    return short_list((f"{k} {json.dumps(saved.get(k), default=str)} -> {json.dumps(cfg.get(k), default=str)}"
+                       for k in keys), 3, sep="; ")
+
+
+def _data_shape(ds: Dataset) -> str:
+    return f"{len(ds)}x{ds.seq_len}x{ds.dim}"
+
+
+_FINGERPRINT_WORDS = {"config": "config", "data": "dataset", "seed": "seed", "epochs": "epoch count"}
+
+
+def _refuse_resume(ckpt_path: Path, differ: list[str], changes: str = "") -> UsageError:
+    detail = f" ({changes})" if changes else ""
+    return UsageError(f"{ckpt_path}: checkpoint was made with another {' and '.join(differ)}{detail} "
+                      f"(cannot resume it exactly); remove it, or set another generator_checkpoint_dir")
+
+
+def _check_resumable_early(ckpt_path: Path, loaded: Any, cfg: Mapping[str, Any], ds: Dataset, seed: int) -> None:
+    """What can be compared before the data is reduced (config, data shape, seed, epochs): refuse a
+    checkpoint of another run before its fitted reducer is loaded into a reducer of another shape,
+    naming the config keys that differ."""
+    saved = loaded.state.fingerprint
+    now = _fingerprint(cfg, ds, seed, torch.empty(0))
+    differ = [_FINGERPRINT_WORDS[k] for k in ("config", "seed", "epochs") if saved.get(k) != now[k]]
+    saved_shape = str(saved.get("data", "")).split(":", 1)[0]
+    if saved_shape != _data_shape(ds):
+        differ.insert(1 if "config" in differ else 0, "dataset")
+    if differ:
+        changes = []
+        if "config" in differ:
+            changes.append(_config_changes(loaded.doc.get("model", {}).get("config"), cfg))
+        if "dataset" in differ:
+            changes.append(f"data {saved_shape.replace('x', ' x ')} -> {_data_shape(ds).replace('x', ' x ')}")
+        raise _refuse_resume(ckpt_path, differ, "; ".join(c for c in changes if c))
+
+
+_DEFAULT_CHECKPOINT_DIR = "checkpoints"
+
+
+def default_checkpoint_dir(out: str | os.PathLike[str]) -> Path:
+    """Where a run writing model ``out`` keeps its checkpoints when no directory is configured:
+    ``<out without suffix>.checkpoints`` beside it (each model its own, so runs never collide)."""
+    o = Path(out)
+    return o.with_name(f"{o.stem}.checkpoints")
 
 
 def checkpoint_path(cfg: Mapping[str, Any], checkpoint_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -266,11 +320,13 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     cfg = dict(load_config(config, overrides=overrides))
     dev = resolve_device(device)
     data_paths = [] if isinstance(data, Dataset) else [data]
+    if checkpoint_dir is None and out is not None and cfg["generator_checkpoint_dir"] == _DEFAULT_CHECKPOINT_DIR:
+        checkpoint_dir = default_checkpoint_dir(out)  # beside the model, not a shared ./checkpoints
     ckpt_path = checkpoint_path(cfg, checkpoint_dir)
     for target in (out, metrics_path, ckpt_path if cfg["generator_save_checkpoint"] else None):
         if target is not None:
             check_output_path(target, data_paths, role="input dataset")
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            check_writable(target)  # before training, not after it
     ds = data if isinstance(data, Dataset) else open_dataset(data)
     length = int(cfg["generator_training_sequence_length"])
     if ds.seq_len < length:
@@ -279,7 +335,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     counts = ds.class_counts()
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
-        raise InputError(f"{ds.path}: class(es) {', '.join(map(repr, empty))} have no samples; "
+        raise InputError(f"{ds.path}: class(es) {short_list(map(repr, empty))} have no samples; "
                          f"remove them from the class names or add samples")
     registry = get_registry()
     loaded = None
@@ -301,13 +357,19 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     train_idx, val_idx = stratified_split(ds.labels, float(cfg["generator_validation_split"]), seed)
     say(f"data: {len(ds)} sequences [{ds.seq_len}, {ds.dim}] {str(ds.storage_dtype).replace('torch.', '')}, "
         f"{ds.num_classes} classes; {train_idx.numel()} train / {val_idx.numel()} held out")
+    if cfg["generator_save_checkpoint"]:
+        say(f"checkpoints: {ckpt_path.parent}/ (--checkpoint-dir to change)")
 
     # -- reducer: fit (if needed) and reduce every sequence once ---------------------------------
     reducer_name = cfg["generator_reducer"]
     reducer = registry.load("reducer", reducer_name).from_config(cfg, length=length, full_length=ds.seq_len,
                                                                  dim=ds.dim).to(dev)
     if loaded is not None:
-        reducer.load_state_dict(unprefixed(loaded.tensors, "reducer"))
+        _check_resumable_early(ckpt_path, loaded, cfg, ds, seed)
+        try:
+            reducer.load_state_dict(unprefixed(loaded.tensors, "reducer"))
+        except RuntimeError:
+            raise _refuse_resume(ckpt_path, ["reducer state"]) from None
     elif type(reducer).fitted:
         say(f"fitting reducer {reducer_name} on {train_idx.numel()} sequences")
         reducer.fit(full_batches(ds, train_idx))
@@ -317,11 +379,9 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     say(f"reduced {len(ds)} sequences to {length} tokens in {time.perf_counter() - t0:.1f}s")
     fingerprint = _fingerprint(cfg, ds, seed, reduced_raw)
     if loaded is not None:
-        words = {"config": "config", "data": "dataset", "seed": "seed", "epochs": "epoch count"}
-        differ = [words[k] for k in fingerprint if loaded.state.fingerprint.get(k) != fingerprint[k]]
+        differ = [_FINGERPRINT_WORDS[k] for k in fingerprint if loaded.state.fingerprint.get(k) != fingerprint[k]]
         if differ:
-            raise UsageError(f"{ckpt_path}: checkpoint was made with another {' and '.join(differ)} "
-                             f"(cannot resume it exactly); remove it, or set another generator_checkpoint_dir")
+            raise _refuse_resume(ckpt_path, differ)
         say(f"resuming from {ckpt_path} after epoch {loaded.state.epoch}")
 
     normalization = standardization(reduced_raw, train_idx) if cfg["generator_normalize"] else {}
@@ -329,6 +389,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     # -- generators --------------------------------------------------------------------------
     groups = generator_groups(cfg, ds.class_names, ds.class_names)  # every class has samples (checked above)
     gen_cls = registry.load("generator", cfg["generator_type"])
+    _require_training_memory(gen_cls, cfg, length, ds, len(groups))
     generators: dict[str, Generator] = {}
     for key in groups:
         generators[key] = gen_cls.from_config(cfg, seq_len=length, dim=ds.dim, num_classes=ds.num_classes,
@@ -345,7 +406,8 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
         class_names=list(ds.class_names), class_to_generator=class_to_generator, reducer=reducer,
         reducer_name=reducer_name, upsampler=upsampler, upsampler_name=upsampler_name, full_length=ds.seq_len,
         training_length=length, output_length=cfg["generator_output_sequence_length"], dim=ds.dim,
-        normalization=normalization, condition_dim=ds.condition_dim, class_counts=counts, config=cfg, seed=seed)
+        normalization=normalization, condition_dim=ds.condition_dim, class_counts=counts, config=cfg, seed=seed,
+        data_dtype=str(ds.storage_dtype).replace("torch.", ""))
     optimizers = {key: gen.configure_optimizers(cfg) for key, gen in generators.items()}
     state = TrainingState(epoch=0, step=0, fingerprint=fingerprint)
     if loaded is not None:
@@ -431,7 +493,7 @@ def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_
     steps_per_epoch = sum(_batches_per_epoch(idx.numel(), batch_size) for key, idx in train_sets.items()
                           if idx.numel() and key in trained)
     bar = Progress(epochs * steps_per_epoch, state.epoch * steps_per_epoch, progress)
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if metrics_path else nullcontext()  # noqa: SIM115
+    metrics_file = _open_metrics(metrics_path, state.epoch) if metrics_path else nullcontext()
     val_every = int(cfg["generator_validation_frequency"])
     save_every = int(cfg["generator_checkpoint_frequency"]) if cfg["generator_save_checkpoint"] else 0
     try:
@@ -484,6 +546,42 @@ def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_
                     save_checkpoint(ckpt_path, model, run.optimizers, state)
     finally:
         bar.close()
+
+
+def _require_training_memory(gen_cls: type, cfg: Mapping[str, Any], length: int, ds: Dataset, count: int) -> None:
+    """Refuse generators that cannot fit (e.g. ``--hidden-dim 1000000000``) before building them: count
+    their parameters on the meta device; weights, gradients and two Adam moments take 4 floats each."""
+    try:
+        with torch.device("meta"):
+            probe = gen_cls.from_config(cfg, seq_len=length, dim=ds.dim, num_classes=ds.num_classes,
+                                        condition_dim=ds.condition_dim)
+        params = sum(p.numel() for p in probe.parameters())
+    except Exception:  # a generator that cannot be built on meta: no estimate
+        return
+    from feda2v_toolkit.resources import require_memory
+
+    require_memory(params * 4 * 4 * count, f"training {count} {cfg['generator_type']} generator(s) of "
+                   f"{params:,} parameters", hint="lower generator_hidden_dim / --hidden-dim (see feda2v-tk plan)")
+
+
+def _open_metrics(path: str | os.PathLike[str], done_epochs: int) -> Any:
+    """Open the metrics file for appending the epochs after ``done_epochs``: a fresh run starts it anew
+    (separate runs never run together), a resumed one keeps only the lines of the epochs its checkpoint
+    holds (no duplicate epochs after kill + resume)."""
+    from feda2v_toolkit.atomic import atomic_write_text
+
+    p = Path(path)
+    kept: list[str] = []
+    if done_epochs and p.is_file():
+        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                epoch = json.loads(line).get("epoch")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line torn by a kill
+            if isinstance(epoch, int) and epoch <= done_epochs:
+                kept.append(line + "\n")
+    atomic_write_text(p, "".join(kept))
+    return open(p, "a", encoding="utf-8")  # noqa: SIM115 - closed by the caller's with
 
 
 def _fit_generators(run: _Run, train_sets: Mapping[str, Tensor], conditions_all: Tensor | None,

@@ -31,8 +31,11 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_config(tmp_path) -> dict:
-    """A generator section with tiny network sizes; checkpoints go to the test's tmp dir."""
+    """A generator section for an epoch-trained type (the label-conditioned VAE) with tiny network sizes;
+    checkpoints go to the test's tmp dir."""
     return {
+        "generator_type": "vae",
+        "generator_upsampler": "linear",
         "generator_training_sequence_length": 4,
         "generator_hidden_dim": 32,
         "generator_latent_dim": 8,

@@ -82,8 +82,8 @@ def test_unknown_class_and_bad_counts_are_usage_errors(model, tmp_path):
 
 
 def test_a_unified_unconditioned_model_warns_that_labels_mean_nothing(tiny_data, tmp_path):
-    cfg = {"generator_hidden_dim": 16, "generator_latent_dim": 4, "generator_training_epochs": 1,
-           "use_conditioned_vae": False, "generator_checkpoint_dir": str(tmp_path / "ck")}
+    cfg = {"generator_type": "vae", "generator_hidden_dim": 16, "generator_latent_dim": 4,
+           "generator_training_epochs": 1, "use_conditioned_vae": False, "generator_checkpoint_dir": str(tmp_path / "ck")}
     plain = train(cfg, tiny_data, seed=0)
     with pytest.warns(ClassAgnosticWarning):
         generate(plain, tmp_path / "out", samples=1)

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file as real_save_file
 
 import feda2v_toolkit.training as training
 from feda2v_toolkit.checkpoint import load_checkpoint
 from feda2v_toolkit.data import Dataset, open_dataset, write_dataset
 from feda2v_toolkit.errors import InputError, ToolkitError
+from feda2v_toolkit.modelfile import _write_sorted as real_write
 from feda2v_toolkit.modelfile import load_model
 from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
 from feda2v_toolkit.training import generator_groups, stratified_split, train
@@ -108,15 +108,15 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_valid(tiny_d
     tiny_config["generator_training_epochs"] = 4
     calls = []
 
-    def dies_on_second_checkpoint(tensors, filename, metadata=None):
+    def dies_on_second_checkpoint(filename, tensors, metadata):
         calls.append(filename)
         if len(calls) == 2:
             with open(filename, "wb") as fh:  # half a file, then the process is "killed"
                 fh.write(b"\x00" * 10)
             raise KeyboardInterrupt
-        return real_save_file(tensors, filename, metadata=metadata)
+        return real_write(filename, tensors, metadata)
 
-    monkeypatch.setattr("feda2v_toolkit.modelfile.save_file", dies_on_second_checkpoint)
+    monkeypatch.setattr("feda2v_toolkit.modelfile._write_sorted", dies_on_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck")
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
@@ -248,3 +248,23 @@ def test_outputs_in_new_directories_are_created(tiny_data, tiny_config, tmp_path
     train(tiny_config, tiny_data, out=tmp_path / "new" / "m.safetensors",
           metrics_path=tmp_path / "other" / "m.jsonl")
     assert (tmp_path / "new" / "m.safetensors").exists() and (tmp_path / "other" / "m.jsonl").exists()
+
+
+def test_the_default_generator_is_fitted_once_in_closed_form_and_upsampled_by_lstsq(tiny_data, tmp_path):
+    """With only the lengths set: the gaussian generator (one mean per class) is fitted once -- no epochs,
+    no optimiser steps -- and the fitted lstsq upsampler decodes its samples to full length."""
+    cfg = {"generator_training_sequence_length": 4, "generator_output_sequence_length": 50,
+           "generator_checkpoint_dir": str(tmp_path / "ck")}
+    model = train(cfg, tiny_data, out=tmp_path / "m.safetensors", seed=0)
+    assert (model.generator_type, model.upsampler_name, model.granularity) == ("gaussian", "lstsq", "unified")
+    gen = model.generators["all"]
+    assert gen.conditioning == "label" and int(gen.counts.sum()) == 36  # 40 clips, 1 per class held out
+    m = model.metrics
+    assert (m["epochs"], m["steps"]) == (1, 0) and m["generator_fit"]["all"]["sequences"] == 36.0
+    assert m["val"]["loss"] == pytest.approx(m["val"]["loss"]) and "mse" in m["val"]
+    loaded = load_model(tmp_path / "m.safetensors")
+    a = model.sample(3, class_name="drum", generator=torch.Generator().manual_seed(1))
+    b = loaded.sample(3, class_name="drum", generator=torch.Generator().manual_seed(1))
+    assert a.shape == (3, 50, 16) and torch.equal(a, b)
+    again = train(cfg, tiny_data, seed=0)
+    assert all(torch.equal(t, again.generators["all"].state_dict()[k]) for k, t in gen.state_dict().items())

@@ -198,14 +198,21 @@ class Planner:
             reducer = self.red_cls.from_config(self.cfg, length=length, full_length=self.full_length, dim=self.dim)
             ups = self.up_cls.from_config(self.cfg, reduced_length=length, full_length=self.full_length,
                                           dim=self.dim)
-        counts = {name: _numel(child.parameters()) for name, child in gen.named_children()}
-        direct = _numel(gen.parameters(recurse=False))
+        fitted = bool(getattr(self.gen_cls, "fitted", False))
+
+        def learned(module: Any, recurse: bool = True) -> int:
+            """Parameters; for a closed-form type, the fitted numbers it keeps (its buffers)."""
+            n = _numel(module.parameters(recurse=recurse))
+            return n + _numel(module.buffers(recurse=recurse)) if fitted else n
+
+        counts = {name: learned(child) for name, child in gen.named_children()}
+        direct = learned(gen, recurse=False)
         if direct:
             counts["(own)"] = direct
         counts = {k: v for k, v in counts.items() if v}
         state = {"reducer": _numel(reducer.parameters()) + _numel(reducer.buffers()),
                  "upsampler": _numel(ups.parameters()) + _numel(ups.buffers())}
-        return counts, _numel(gen.parameters()), state
+        return counts, learned(gen), state
 
     def _inputs(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         x = torch.zeros(n, length, self.dim)
@@ -215,6 +222,8 @@ class Planner:
 
     def train_memory(self, length: int, component_elements: int) -> TrainMemory:
         b = self.batch_size
+        if getattr(self.gen_cls, "fitted", False):
+            return self._fit_memory(length, component_elements)
         try:
             with fake_tensors() as tracker:
                 gen = self._build(length)
@@ -257,6 +266,48 @@ class Planner:
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)
         total = tensors + allowance + self.runtime
         return TrainMemory(weights, grads, optimizer, batch, activations, peak, self.generators, others, components,
+                           data, allowance, self.runtime, total, method)
+
+    def _fit_memory(self, length: int, component_elements: int) -> TrainMemory:
+        """A closed-form generator (``fitted = True``): one ``fit`` on a generator's training sequences
+        (the data's size per generator, else 256 sequences), simulated with fake tensors."""
+        n = max(2, -(-self.num_samples // self.generators) if self.num_samples else 256)
+        try:
+            with fake_tensors() as tracker:
+                gen = self._build(length)
+                x, labels, cond = self._inputs(n, length)
+                weights = tensor_bytes([*gen.parameters(), *gen.buffers()])
+                base = tracker.current
+                tracker.reset_peak()
+                gen.fit(x, labels=labels if gen.conditioning == "label" else None,
+                        conditions=cond if gen.conditioning == "embedding" else None)
+                peak = tracker.peak - base + weights
+                batch = tensor_bytes([x, labels, cond])
+            activations: int | None = peak - weights - batch
+            method = f"simulated fit on {n} sequences"
+        except Exception as exc:
+            with torch.device("meta"):
+                gen = self._build(length)
+                weights = tensor_bytes([*gen.parameters(), *gen.buffers()])
+            batch = n * length * self.dim * 4
+            peak, activations = weights + batch + 3 * n * length * self.dim * 8, None
+            method = f"analytic (float64 copy and scatter of {n} sequences): simulation failed: {exc}"
+            note = (f"the closed-form fit is estimated analytically for {n} sequences per generator (weights, "
+                    "the float32 sequences and three float64 copies)")
+            if note not in self.notes:
+                self.notes.append(note)
+        others = (self.generators - 1) * weights
+        data = 0
+        if self.num_samples:
+            rows = min(self.num_samples, chunk_rows(self.full_length, self.dim))
+            data = self.num_samples * length * self.dim * 4 + rows * self.full_length * self.dim * 4
+        components = component_elements * 4
+        tensors = peak + others + components + data
+        allowance = int(ALLOCATOR_ALLOWANCE * tensors)
+        total = tensors + allowance + self.runtime
+        if not self.optimizers:
+            self.optimizers = {"fit": "closed form (no optimiser)"}
+        return TrainMemory(weights, 0, 0, batch, activations, peak, self.generators, others, components,
                            data, allowance, self.runtime, total, method)
 
     def generate_memory(self, length: int, component_elements: int) -> GenerateMemory:

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from feda2v_toolkit.commands._options import SEED
 from feda2v_toolkit.errors import UsageError
 
 
@@ -109,9 +110,10 @@ def _say(quiet: bool) -> Callable[[str], None]:
 @click.option("--sample-batch", type=click.IntRange(min=1),
               help="Samples generated at once [default: min(synthetic_samples_per_class, 64)].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-q", "--quiet", is_flag=True, help="No table; only the exit status (and errors).")
 def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str | None, data_path: Path | None,
              dim: int | None, full_length: int | None, num_classes: int | None, condition_dim: int | None,
-             num_samples: int | None, sample_batch: int | None, as_json: bool) -> None:
+             num_samples: int | None, sample_batch: int | None, as_json: bool, quiet: bool) -> None:
     """Exact parameter counts and training/generation memory of the configured generator per length.
 
     Parameters are counted on a meta-device model; memory is the simulated peak of real training steps
@@ -140,7 +142,8 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
     with _no_warnings():
         result = plan(str(config_path) if config_path else None, lengths=wanted, memory_budget=budget,
                       sample_batch=sample_batch, **shape)
-    _report(result, plan_text, as_json=as_json)
+    if not quiet or as_json:
+        _report(result, plan_text, as_json=as_json)
 
 
 @click.command("analyze")
@@ -153,7 +156,7 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
               help="Also pair non-positional reducers (pca) with interpolating upsamplers.")
 @click.option("--holdout", default=0.25, show_default=True, type=float,
               help="Share of each class held out for measuring (the rest fits reducers and upsamplers).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--pool-positions", default=64, show_default=True, type=click.IntRange(min=1),
               help="Positions the classifier's features are pooled to.")
 @click.option("--upsampler-epochs", default=1, show_default=True, type=click.IntRange(min=0),
@@ -200,7 +203,7 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
               help="Share of each class's real sequences the downstream classifiers are tested on.")
 @click.option("-k", "--samples-per-class", type=click.IntRange(min=1),
               help="Synthetic samples per class [default: as many as the class has real sequences].")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=SEED,
               help="Seeds the synthetic draws (as `generate --seed`) and the real train/test split.")
 @click.option("--neighbours", default=5, show_default=True, type=click.IntRange(min=1),
               help="k of precision/recall/density/coverage.")

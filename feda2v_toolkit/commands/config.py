@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from feda2v_toolkit.config.document import ConfigReadError, Source, parse_bytes, read_source
+from feda2v_toolkit.config.document import ConfigReadError, Source, read_source, read_stream
 from feda2v_toolkit.errors import InputError, UsageError
 
 STDIN = "-"
@@ -53,8 +53,7 @@ def _read(item: _Input) -> Source:
         raise item.error
     if item.path is None:
         stdin = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
-        data = stdin.read()
-        return parse_bytes(data.encode("utf-8") if isinstance(data, str) else data, item.name)
+        return read_stream(stdin, item.name)
     return read_source(item.path, name=item.name)
 
 
@@ -68,18 +67,22 @@ def _catalog():  # imported lazily: loading plugins is the slow part
 
 @click.command("validate")
 @click.argument("paths", nargs=-1, required=True, metavar="FILE_OR_DIR...")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              help="json: one JSON record per finding (file, line, column, path, code, severity, message, "
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON record per finding (file, line, column, path, code, severity, message, "
                    "expected, found, suggestion).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), hidden=True,
+              help="Deprecated: --format json is --json.")
 @click.option("--strict", is_flag=True, help="Fail on warnings too.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only, and no summary.")
-def validate_cmd(paths: tuple[str, ...], fmt: str, strict: bool, quiet: bool) -> None:
+def validate_cmd(paths: tuple[str, ...], as_json: bool, fmt: str | None, strict: bool, quiet: bool) -> None:
     """Validate experiment configs (files, or directories of *.json) against the schema.
 
     Reports every problem at once with file:line:column, JSON path, what was expected and found, and a
     suggestion. Exit status: 0 valid, 1 invalid, 2 usage or I/O error ("-" reads standard input).
     """
     from feda2v_toolkit.config.validate import ERROR, Finding, validate_source
+
+    fmt = "json" if as_json else fmt or "text"
 
     catalog = None
     io_failed = invalid = False
@@ -152,13 +155,23 @@ def _write_backup(path: Path, data: bytes) -> Path:
     for _ in range(100):
         backup = _backup_path(path)
         try:
-            with open(backup, "xb") as fh:
+            fh = open(backup, "xb")  # noqa: SIM115 - closed below, removed if anything fails
+        except FileExistsError:  # pragma: no cover - created between the check and the open
+            continue
+        except OSError as exc:
+            raise UsageError(f"{backup}: cannot write the backup: {exc.strerror or exc}; nothing changed") from None
+        try:
+            with fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            return backup
-        except FileExistsError:  # pragma: no cover - created between the check and the open
-            continue
+        except BaseException as exc:  # a full disk must not leave a short .bak that looks like a backup
+            backup.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise UsageError(f"{backup}: cannot write the backup: {exc.strerror or exc}; "
+                                 "nothing changed") from None
+            raise
+        return backup
     raise UsageError(f"{path}: cannot create a backup file")
 
 
@@ -199,14 +212,22 @@ def _diff(name: str, old: str, new: str) -> str:
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if any file would change (for CI).")
 @click.option("-i", "--in-place", is_flag=True,
               help="Rewrite the files atomically, keeping the original as FILE.bak (or FILE.bak.N).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
+@click.option("-o", "--out", "output", type=click.Path(path_type=Path), metavar="OUT",
               help="Write the migrated file to OUT (a directory for several files).")
+@click.option("--output", "output_alias", type=click.Path(path_type=Path), hidden=True,
+              help="Deprecated spelling of -o/--out.")
 @click.option("--training-length", type=click.IntRange(min=1), metavar="N",
               help="Training length to choose for a deprecated full-length target "
-                   "(generator_target_sequence_length above 64); default: the schema default, 4.")
+                   "(generator_target_sequence_length above 64); default: the schema default.")
+@click.option("--keep-old-defaults", is_flag=True,
+              help="Write the old values of defaults changed in schema version 3 (generator_type, "
+                   "generator_upsampler) into sections that relied on them: the original behaviour.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Report on stdout as JSON (per file: changed, changes, notes, error) instead of the config.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the changes.")
 def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: bool, output: Path | None,
-                training_length: int | None, quiet: bool) -> None:
+                output_alias: Path | None, training_length: int | None, keep_old_defaults: bool, as_json: bool,
+                quiet: bool) -> None:
     """Migrate configs to the current schema through the versioned migration chains.
 
     Read-only by default: prints the migrated config (or --diff) on stdout and the list of changes on
@@ -214,17 +235,21 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
     """
     from feda2v_toolkit.config.migrate import migrate_source
 
+    output = output if output is not None else output_alias
     if in_place and output is not None:
-        raise UsageError("use either --in-place or -o/--output, not both")
+        raise UsageError("use either --in-place or -o/--out, not both")
     if check and (in_place or output is not None):
-        raise UsageError("--check writes nothing; do not combine it with --in-place or -o/--output")
+        raise UsageError("--check writes nothing; do not combine it with --in-place or -o/--out")
+    if as_json and show_diff:
+        raise UsageError("--json and --diff both print on stdout; choose one")
     items = list(iter_inputs(paths))
     single = len(items) == 1 and items[0].root is None
-    if not single and not (show_diff or check or in_place or output is not None):
+    report: list[dict[str, object]] = []
+    if not single and not (show_diff or check or in_place or output is not None or as_json):
         raise UsageError("several files: use --diff, --check, --in-place or -o DIR (stdout takes one file)")
     if in_place and any(item.path is None for item in items):
         raise UsageError("--in-place cannot rewrite standard input")
-    options = {"training_length": training_length}
+    options = {"training_length": training_length, "keep_old_defaults": keep_old_defaults}
     targets = _plan_outputs(items, output, single) if output is not None else {}
     catalog = None
     stdout = _BinaryOut()
@@ -240,11 +265,15 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
             io_failed |= exc.io
             failed = True
             click.echo(f"feda2v-tk: error: {exc}", err=True)
+            report.append({"file": item.name, "error": str(exc)})
             continue
         except InputError as exc:
             failed = True
             click.echo(f"feda2v-tk: error: {exc}", err=True)
+            report.append({"file": item.name, "error": str(exc)})
             continue
+        report.append({"file": item.name, "changed": result.changed, "changes": [str(c) for c in result.changes],
+                       "notes": [str(n) for n in result.notes]})
         if not quiet:
             for change in result.changes:
                 click.echo(f"{item.name}: {change}", err=True)
@@ -276,8 +305,10 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
 
             with atomic_open(targets[item.name], "wb") as fh:
                 fh.write(result.encoded())
-        elif not show_diff:
+        elif not show_diff and not as_json:
             stdout.write(result.encoded())
+    if as_json:
+        stdout.write((json.dumps({"files": report}, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     stdout.flush()
     if not quiet and (not single or check or in_place or output is not None):
         verb = "would migrate" if check else "migrated" if (in_place or output is not None) else "to migrate"
@@ -294,7 +325,10 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
 @click.option("--section", is_flag=True,
               help="The schema of a generator section alone (for bare fragments) instead of a whole config.")
 @click.option("--indent", type=click.IntRange(min=0), default=2, show_default=True)
-def schema_cmd(generator: str | None, section: bool, indent: int) -> None:
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the schema to this file (atomically) instead of stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Do not report the file written with -o.")
+def schema_cmd(generator: str | None, section: bool, indent: int, out_path: Path | None, quiet: bool) -> None:
     """Print the combined JSON Schema (core plus loaded plugins), for editor autocompletion."""
     catalog = _catalog()
     schema = catalog.section_schema(generator) if section else catalog.document_schema(generator)
@@ -302,4 +336,12 @@ def schema_cmd(generator: str | None, section: bool, indent: int) -> None:
         from feda2v_toolkit.config.schema import DRAFT
 
         schema = {"$schema": DRAFT, **schema}
-    click.echo(json.dumps(schema, indent=indent or None, ensure_ascii=False))
+    text = json.dumps(schema, indent=indent or None, ensure_ascii=False)
+    if out_path is not None:
+        from feda2v_toolkit.atomic import atomic_write_text
+
+        atomic_write_text(out_path, text + "\n")
+        if not quiet:
+            click.echo(f"feda2v-tk: wrote {out_path}", err=True)
+        return
+    click.echo(text)

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from feda2v_toolkit.commands._options import SEED
 from feda2v_toolkit.commands._warnings import warnings_as_messages
 
 
@@ -33,8 +34,9 @@ def _samples_option(value: str | None) -> int | str | None:
 @click.option("--classes", help="Comma-separated class names [default: all].")
 @click.option("--output-length", type=click.IntRange(min=1),
               help="Tokens per sample [default: generator_output_sequence_length, else the training length].")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1))
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Sample dtype [default: the training data's dtype, else float32].")
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Samples drawn per model call; with the seed, it determines the samples.")
 @click.option("--conditions", "conditions_path", type=click.Path(path_type=Path),
@@ -43,9 +45,13 @@ def _samples_option(value: str | None) -> int | str | None:
               help="Approximate shard size in MiB.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when on a terminal].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds shards already (once the new ones are done).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No status messages.")
 def generate_cmd(model_path: Path, out_dir: Path, samples: int | str | None, classes: str | None,
-                 output_length: int | None, dtype: str, seed: int, batch_size: int, conditions_path: Path | None,
-                 shard_mb: int, device: str, progress: bool | None) -> None:
+                 output_length: int | None, dtype: str | None, seed: int, batch_size: int,
+                 conditions_path: Path | None, shard_mb: int, device: str, progress: bool | None, overwrite: bool,
+                 as_json: bool, quiet: bool) -> None:
     """Sample a trained MODEL and write full-length safetensors shards to OUT.
 
     The shards use the dataset format, so they feed straight back into train, analyze or evaluate.
@@ -59,9 +65,14 @@ def generate_cmd(model_path: Path, out_dir: Path, samples: int | str | None, cla
     model = load_model(model_path, device=resolve_device(device))
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     with warnings_as_messages():
-        generate(model, out_dir, samples=samples, classes=names, length=output_length, dtype=dtype, seed=seed,
-                 batch_size=batch_size, conditions=conditions_path, shard_bytes=shard_mb * 2**20,
-                 progress=progress, log=lambda m: click.echo(f"feda2v-tk: {m}", err=True))
+        report = generate(model, out_dir, samples=samples, classes=names, length=output_length, dtype=dtype,
+                          seed=seed, batch_size=batch_size, conditions=conditions_path, shard_bytes=shard_mb * 2**20,
+                          progress=progress, overwrite=overwrite,
+                          log=None if quiet else lambda m: click.echo(f"feda2v-tk: {m}", err=True))
+    if as_json:
+        click.echo(json.dumps({"directory": str(report.directory), "samples": report.samples,
+                               "length": report.length, "shards": report.shards,
+                               "bytes_written": report.bytes_written}, indent=2))
 
 
 def describe(meta: dict[str, Any]) -> dict[str, Any]:
@@ -111,11 +122,23 @@ def describe(meta: dict[str, Any]) -> dict[str, Any]:
 @click.command("inspect")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect_cmd(model_path: Path, as_json: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Only check that the file reads; print nothing.")
+def inspect_cmd(model_path: Path, as_json: bool, quiet: bool) -> None:
     """Show a model file's metadata, parameter counts per component, shapes and training metrics."""
-    from feda2v_toolkit.modelfile import read_model_metadata
+    from feda2v_toolkit.errors import InputError
+    from feda2v_toolkit.modelfile import check_document, read_model_metadata
 
-    info = describe(read_model_metadata(model_path))
+    meta = read_model_metadata(model_path)
+    check_document(meta.get("model"), model_path)
+    try:
+        _show(model_path, describe(meta), as_json=as_json, quiet=quiet)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(f"{model_path}: malformed model metadata: {type(exc).__name__}: {exc}") from None
+
+
+def _show(model_path: Path, info: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
+    if quiet:
+        return
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -140,7 +163,6 @@ def inspect_cmd(model_path: Path, as_json: bool) -> None:
         train = metrics.get("train") or {}
         val = metrics.get("val") or {}
         click.echo(f"training:    {metrics.get('epochs')} epochs, seed {info['seed']}, "
-                   f"{metrics.get('train_seconds', 0):.1f}s, "
                    + ", ".join(f"{k} {v:.4g}" for k, v in train.items()))
         if val:
             click.echo("held out:    " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))

@@ -79,7 +79,8 @@ def _add_plugin_commands() -> None:
 
 @click.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins_cmd(as_json: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Only the load problems (on stderr), no listing.")
+def plugins_cmd(as_json: bool, quiet: bool) -> None:
     """List plugins: distribution and version, what each registers, and every load failure.
 
     Plugins are found through the `feda2v_toolkit.plugins` entry-point group. Exit status 0 even
@@ -90,7 +91,7 @@ def plugins_cmd(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(plugins_json(registry), indent=2))
         return
-    for p in registry.plugins:
+    for p in [] if quiet else registry.plugins:
         dist = f"{p.distribution} {p.version}" if p.distribution else "(not installed)"
         click.echo(f"{p.name}  [{p.status}]  {dist}  ({p.source})")
         for kind, names in p.registered.items():
@@ -105,7 +106,8 @@ def plugins_cmd(as_json: bool) -> None:
 @click.command("list")
 @click.argument("kind", type=click.Choice([k + "s" for k in KINDS]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_cmd(kind: str, as_json: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Names only, one per line.")
+def list_cmd(kind: str, as_json: bool, quiet: bool) -> None:
     """List registered generators, reducers or upsamplers with the settings each accepts.
 
     NAME is what a config uses (`generator_type`, `generator_reducer`, `generator_upsampler`);
@@ -117,6 +119,9 @@ def list_cmd(kind: str, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
+        if quiet:
+            click.echo(row["name"])
+            continue
         provider = f"{row['distribution']} {row['version']}" if row["distribution"] else "not installed"
         click.echo(f"{row['name']}  ({row['qualified_name']}, {provider})")
         click.echo(f"    {row['description']}")

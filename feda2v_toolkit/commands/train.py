@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from feda2v_toolkit.commands._options import SEED
 from feda2v_toolkit.commands._warnings import warnings_as_messages
 
 #: CLI option -> generator-section key it overrides
@@ -29,6 +30,9 @@ OVERRIDE_OPTIONS: dict[str, str] = {
 def collect_overrides(options: dict[str, Any], *, learned_upsampling: bool | None) -> dict[str, Any]:
     """Config keys set on the command line (options left unset override nothing)."""
     out = {key: options[opt] for opt, key in OVERRIDE_OPTIONS.items() if options.get(opt) is not None}
+    if learned_upsampling is None and options.get("upsampler") is not None:
+        # --upsampler NAME wins over a config's use_learned_upsampling: true (which would select 'learned')
+        learned_upsampling = options["upsampler"] == "learned"
     if learned_upsampling is not None:
         out["use_learned_upsampling"] = learned_upsampling
     return out
@@ -58,7 +62,7 @@ def collect_overrides(options: dict[str, Any], *, learned_upsampling: bool | Non
 @click.option("--hidden-dim", type=click.IntRange(min=1), help="Overrides generator_hidden_dim.")
 @click.option("--latent-dim", type=click.IntRange(min=1), help="Overrides generator_latent_dim.")
 @click.option("--autocast", type=click.Choice(["float32", "bfloat16"]), help="Overrides generator_autocast.")
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), help="Random seed (overrides generator_seed).")
+@click.option("--seed", type=SEED, help="Random seed (overrides generator_seed).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint if there is one.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -66,10 +70,11 @@ def collect_overrides(options: dict[str, Any], *, learned_upsampling: bool | Non
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Append one JSON line of metrics per epoch here [default: OUT with .metrics.jsonl].")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when on a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No status messages.")
 def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: int | None, device: str,
               resume: bool, checkpoint_dir: Path | None, metrics_path: Path | None, progress: bool | None,
-              quiet: bool, learned_upsampling: bool | None, **options: Any) -> None:
+              as_json: bool, quiet: bool, learned_upsampling: bool | None, **options: Any) -> None:
     """Reduce sequences, train a generator, and export it as one safetensors file.
 
     The config is migrated in memory and validated first; command-line options override its keys.
@@ -94,3 +99,9 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
     if val:
         summary += f", held-out loss {val.get('loss', float('nan')):.5g}"
     say(summary)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"model": str(out_path), "generators": len(model.generators),
+                               "generator_type": model.generator_type, "seed": model.seed, "metrics": final},
+                              indent=2, default=str))

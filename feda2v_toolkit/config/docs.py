@@ -86,7 +86,7 @@ def render_configuration_md(registry: Any = None) -> str:
 
     out += ["## Findings of `feda2v-tk validate`", "",
             "Each finding has a file, line:column, JSON path, code, severity, message, what was expected and "
-            "found, and a suggestion (`--format json` gives them as one JSON record per line). Exit status: 0 "
+            "found, and a suggestion (`--json` gives them as one JSON record per line). Exit status: 0 "
             "valid (warnings allowed unless `--strict`), 1 invalid, 2 usage or I/O error.", "",
             "| code | meaning |", "|---|---|"]
     out += [f"| `{code}` | {_cell(meaning)} |" for code, meaning in CODES.items()]

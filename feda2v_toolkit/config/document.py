@@ -12,7 +12,9 @@ records the span of every key and value. It runs only when a position or a textu
 from __future__ import annotations
 
 import json
+import math
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from json.decoder import scanstring  # type: ignore[attr-defined]
@@ -254,22 +256,40 @@ def read_source(path: str | Path, *, name: str | None = None) -> Source:
     path = Path(path)
     name = name if name is not None else str(path)
     try:
-        size = path.stat().st_size
-        if path.is_dir():
+        st = path.stat()
+        size = st.st_size
+        if stat.S_ISDIR(st.st_mode):
             raise ConfigReadError(name, "io-error", "is a directory", io=True)
+        if not stat.S_ISREG(st.st_mode):  # a device or FIFO: unbounded, or blocks forever
+            raise ConfigReadError(name, "io-error", "not a regular file (a device, pipe or socket); "
+                                  "configs are read from regular files or '-' (standard input)", io=True)
         if size > max_bytes:
             raise ConfigReadError(name, "file-too-large",
                                   f"file is too large ({_size(size)}; configs are limited to {_size(max_bytes)})")
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)  # the file may have grown since stat
     except FileNotFoundError:
         raise ConfigReadError(name, "io-error", "no such file", io=True) from None
     except PermissionError:
         raise ConfigReadError(name, "io-error", "permission denied", io=True) from None
     except OSError as exc:
         raise ConfigReadError(name, "io-error", f"cannot read: {exc.strerror or exc}", io=True) from None
+    return _bounded(data, name, path)
+
+
+def read_stream(stream: Any, name: str) -> Source:
+    """Read and parse a config from a binary stream (standard input), at most :data:`MAX_CONFIG_BYTES`."""
+    data = stream.read(MAX_CONFIG_BYTES + 1)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return _bounded(data, name, None)
+
+
+def _bounded(data: bytes, name: str, path: Path | None) -> Source:
+    max_bytes = MAX_CONFIG_BYTES
     if len(data) > max_bytes:
         raise ConfigReadError(name, "file-too-large",
-                              f"file is too large ({_size(len(data))}; configs are limited to {_size(max_bytes)})")
+                              f"file is too large (over {_size(max_bytes)}; configs are limited to {_size(max_bytes)})")
     return parse_bytes(data, name, path=path)
 
 
@@ -310,8 +330,15 @@ def parse_text(text: str, name: str, *, path: Path | None = None) -> Source:
     def reject_constant(word: str) -> Any:
         raise ValueError(f"{word} is not valid JSON")
 
+    def finite_float(word: str) -> float:
+        value = float(word)
+        if not math.isfinite(value):  # 1e400 parses as infinity
+            raise ValueError(f"the number {word[:40]} is out of range (larger than about 1.8e308)")
+        return value
+
     try:
-        data = json.loads(text, object_pairs_hook=pairs_hook, parse_constant=reject_constant)
+        data = json.loads(text, object_pairs_hook=pairs_hook, parse_constant=reject_constant,
+                          parse_float=finite_float)
     except json.JSONDecodeError as exc:
         raise _syntax_error(text, name, exc) from None
     except ValueError as exc:  # NaN / Infinity

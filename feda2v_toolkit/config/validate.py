@@ -32,11 +32,13 @@ from feda2v_toolkit.config.migrate import (
     migrate_location,
 )
 from feda2v_toolkit.config.migrations import (
+    CHANGED_DEFAULTS,
     FULL_LENGTH_THRESHOLD,
     OLD_KEY,
     OUTPUT_KEY,
     TRAINING_KEY,
     format_count,
+    relied_on_defaults,
     vae_parameters,
 )
 from feda2v_toolkit.config.schema import PLUGIN_VERSIONS_KEY, VERSION_KEY, Catalog, KeyInfo, Problem
@@ -81,6 +83,8 @@ CODES: dict[str, str] = {
     "deprecated-conflict": "a deprecated key and its replacement disagree",
     "newer-schema-version": "the section was written for a newer schema than this installation knows",
     "outdated-schema-version": "the recorded schema version is older than current (warning)",
+    "changed-defaults": "a section written before schema version 3 relies on a default that changed "
+                        "(warning; `feda2v-tk migrate` says what changed, --keep-old-defaults keeps it)",
     "unknown-chain": "`schema_versions` names a migration chain no installed plugin provides (warning)",
     "output-shorter-than-training": "`generator_output_sequence_length` is below the training length",
     "large-training-length": "a training length above 64 (parameters grow ~1.57 M per token; warning)",
@@ -266,6 +270,7 @@ class _Checker:
                 self.add(path, "outdated-schema-version", severity=WARNING,
                          message=f"at {label} version {recorded}; the current version is {chain.current}",
                          suggestion=f"run `{self.fix}`")
+        self.check_changed_defaults(loc)
         versions = loc.data.get(PLUGIN_VERSIONS_KEY)
         if isinstance(versions, dict):
             for chain_name in versions:
@@ -273,6 +278,27 @@ class _Checker:
                     self.add((*loc.path, PLUGIN_VERSIONS_KEY, chain_name), "unknown-chain", severity=WARNING,
                              at_key=True, message=f"no installed plugin provides migration chain {chain_name!r}",
                              suggestion="install the plugin, or remove the entry if the plugin is gone")
+
+    def check_changed_defaults(self, loc: Location) -> None:
+        """A section older than version 3 (recorded, or implied by a deprecated key) that relies on a
+        default changed in version 3."""
+        core = next((c for c in self.chains if c.name == CORE_CHAIN), None)
+        if core is None or core.current < 3:
+            return
+        try:
+            version = core.version_of(loc.data, loc.where)
+        except InputError:
+            return  # reported by the version checks
+        keys = relied_on_defaults(loc.data) if version < 3 else []
+        if not keys:
+            return
+        changes = ", ".join(f"{k} {json.dumps(CHANGED_DEFAULTS[k][0])} -> {json.dumps(self.defaults.get(k))}"
+                            for k in keys)
+        self.add(loc.path, "changed-defaults", severity=WARNING,
+                 message=f"written for core schema version {version}; it relies on defaults that changed in "
+                         f"version 3 ({changes}), measured to fail on real embeddings",
+                 suggestion=f"run `{self.fix}` to see why, or `{self.fix} --keep-old-defaults` to keep the "
+                            "original behaviour")
 
     def check_deprecated(self, loc: Location) -> None:
         cat = self.catalog
@@ -374,6 +400,12 @@ class _Checker:
             self.add(at(USE_PRETRAINED), "pretrained-without-path",
                      f"{USE_PRETRAINED} is true but {PRETRAINED_PATH} is not set",
                      suggestion=f'add "{PRETRAINED_PATH}": "<model file>"')
+        upsampler = explicit.get(UPSAMPLER)
+        if explicit.get(LEARNED) is True and isinstance(upsampler, str) and upsampler != "learned":
+            self.add(at(UPSAMPLER), "conflicting-upsampler-keys", severity=WARNING,
+                     message=f"{LEARNED}: true selects the 'learned' upsampler, so {UPSAMPLER} "
+                             f"{json.dumps(upsampler)} is ignored",
+                     suggestion=f'remove {LEARNED} (or set it to false) to use {json.dumps(upsampler)}')
         if concerns(REDUCER, UPSAMPLER, LEARNED):
             self.check_pairing(eff, at(UPSAMPLER, REDUCER, LEARNED))
 

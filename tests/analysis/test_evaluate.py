@@ -67,7 +67,7 @@ def test_synthetic_draws_are_those_of_generate(trained, tmp_path, monkeypatch):
     model_path, real = trained
     model = load_model(model_path)
     n = DEFAULT_BATCH + 6  # more than one batch
-    generate(model, tmp_path / "syn", samples=n, classes=["drum"], seed=5, length=50)
+    generate(model, tmp_path / "syn", samples=n, classes=["drum"], seed=5, length=50, dtype="float32")
     written = open_dataset(tmp_path / "syn").read(list(range(n))).embeddings
 
     seen = []

@@ -18,7 +18,7 @@ from feda2v_toolkit.plugins import get_registry
 from .helpers import one_line_error, run_json, run_main
 
 MEASURE = Path(__file__).with_name("_measure_step.py")
-TINY = {"generator_hidden_dim": 32, "generator_latent_dim": 8, "generator_batch_size": 4}
+TINY = {"generator_type": "vae", "generator_hidden_dim": 32, "generator_latent_dim": 8, "generator_batch_size": 4}
 
 
 # -- parameters ---------------------------------------------------------------------------------------
@@ -75,7 +75,8 @@ def test_generator_groups_follow_training_rules_and_the_data_s_class_names(tiny_
 
 
 def test_the_documented_vae_sizes_at_ast_shape():
-    counts = {row.length: row.parameters_per_generator for row in plan(lengths=[4, 32, 1214]).rows}
+    rows = plan({"generator_type": "vae"}, lengths=[4, 32, 1214]).rows
+    counts = {row.length: row.parameters_per_generator for row in rows}
     assert counts == {4: 9_182_720, 32: 53_244_416, 1214: 1_913_277_440}
 
 
@@ -184,3 +185,14 @@ def test_cli_reads_shapes_from_a_dataset(capsys, tiny_data):
 def test_cli_errors_are_one_line(capsys, args, message):
     code, line = one_line_error(capsys, "plan", *args)
     assert code != 0 and message in line
+
+
+def test_a_closed_form_generator_counts_its_fitted_numbers_and_needs_no_optimiser():
+    result = plan({"generator_latent_dim": 8}, lengths=[2, 8], dim=16, full_length=50, num_samples=100,
+                  num_classes=4)
+    for row in result.rows:
+        flat = row.length * 16
+        assert row.parameters_per_generator == (4 + 8) * flat + 4 + 3  # means, components, counts, scalars
+        assert (row.train.gradients, row.train.optimizer) == (0, 0)
+        assert row.train.step_peak >= row.train.weights + 100 * flat * 4  # all sequences at once
+    assert result.optimizers == {"fit": "closed form (no optimiser)"}

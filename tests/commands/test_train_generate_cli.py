@@ -107,7 +107,8 @@ def test_train_warns_about_a_non_positional_reducer_with_an_interpolating_upsamp
     from feda2v_toolkit.demo import write_demo_dataset
 
     write_demo_dataset(tmp_path / "data.safetensors", 4, seq_len=40, dim=8)
-    proc = run("train", "-d", "data.safetensors", "-o", "m.safetensors", "--reducer", "pca", "--epochs", "1",
+    proc = run("train", "-d", "data.safetensors", "-o", "m.safetensors", "--reducer", "pca", "--upsampler", "linear",
+               "--epochs", "1",
                "--hidden-dim", "8", "--latent-dim", "4", "--checkpoint-dir", "ck", "--seed", "0", cwd=tmp_path)
     [warning] = [line for line in proc.stderr.splitlines() if line.startswith("feda2v-tk: warning: ")]
     assert "reducer 'pca' outputs components" in warning and "'linear'" in warning

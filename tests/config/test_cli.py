@@ -20,7 +20,8 @@ def test_installed_executable_validates_and_migrates(tmp_path):
     ok = subprocess.run([exe, "validate", EXAMPLES], capture_output=True, text=True, env=_env())
     assert ok.returncode == 1  # the legacy example is in there
     assert ok.stdout.count("[deprecated-key]") == 1 and "legacy-full-length.json:20:5" in ok.stdout
-    assert "5 files checked: 4 valid, 1 invalid (1 error, 0 warnings)" in ok.stderr
+    assert "5 files checked: 4 valid, 1 invalid (1 error, 1 warning)" in ok.stderr
+    assert ok.stdout.count("[changed-defaults]") == 1
     legacy = tmp_path / "legacy.json"
     legacy.write_bytes((EXAMPLES / "legacy-full-length.json").read_bytes())
     migrated = subprocess.run([exe, "migrate", "--in-place", legacy], capture_output=True, text=True, env=_env())
@@ -67,7 +68,7 @@ def test_config_commands_do_not_import_torch():
 
 def test_the_reducer_upsampler_pairing_is_checked_without_torch(tmp_path):
     path = tmp_path / "pca.json"
-    path.write_text('{"feda2v": {"generator_reducer": "pca"}}')
+    path.write_text('{"feda2v": {"generator_reducer": "pca", "generator_upsampler": "linear"}}')
     probe = ("import sys\nfrom feda2v_toolkit.cli import main\n"
              f"try:\n    main(['validate', {str(path)!r}])\nexcept SystemExit:\n    pass\n"
              "sys.stderr.write('TORCH=' + str('torch' in sys.modules))\n")

@@ -33,7 +33,7 @@ def test_documented_old_example_becomes_the_documented_new_keys(feda2v):
     assert run.code == 0
     assert run.stdout == golden(REFERENCE / "old.migrated.json", run.stdout)
     migrated = json.loads(run.stdout)
-    assert migrated == {"schema_version": 2, **json.loads((REFERENCE / "new.json").read_text())}
+    assert migrated == {"schema_version": 3, **json.loads((REFERENCE / "new.json").read_text())}
     assert 'replaced "generator_target_sequence_length": 4 with ' in run.stderr
 
 
@@ -58,7 +58,7 @@ def test_full_length_value_gets_the_documented_full_length_form_and_says_why(fed
     path.write_text('{"feda2v": {"generator_target_sequence_length": 1214}}\n')
     run = feda2v("migrate", path)
     assert json.loads(run.stdout)["feda2v"] == {
-        "schema_version": 2, "generator_training_sequence_length": 4, "generator_output_sequence_length": 1214}
+        "schema_version": 3, "generator_training_sequence_length": 4, "generator_output_sequence_length": 1214}
     note = next(line for line in run.stderr.splitlines() if ": note: " in line)
     assert "1214 is a full-length target (above 64)" in note
     assert "about 1.91 B parameters" in note and "about 9.18 M parameters" in note
@@ -71,16 +71,16 @@ def test_threshold_between_training_lengths_and_full_length_targets(catalog):
     def migrated(value: int) -> dict:
         return json.loads(migrate_text(json.dumps({"generator_target_sequence_length": value}), catalog))
 
-    assert migrated(64) == {"schema_version": 2, "generator_training_sequence_length": 64,
+    assert migrated(64) == {"schema_version": 3, "generator_training_sequence_length": 64,
                             "generator_output_sequence_length": None}
-    assert migrated(65) == {"schema_version": 2, "generator_training_sequence_length": 4,
+    assert migrated(65) == {"schema_version": 3, "generator_training_sequence_length": 4,
                             "generator_output_sequence_length": 65}
 
 
 def test_old_and_new_keys_with_equal_values_drop_the_old_key(catalog):
     text = '{\n  "generator_target_sequence_length": 4,\n  "generator_training_sequence_length": 4\n}\n'
     assert migrate_text(text, catalog) == (
-        '{\n  "schema_version": 2,\n  "generator_training_sequence_length": 4\n}\n')
+        '{\n  "schema_version": 3,\n  "generator_training_sequence_length": 4\n}\n')
 
 
 def test_old_and_new_keys_that_disagree_are_an_error_and_nothing_is_written(feda2v, tmp_path):
@@ -105,7 +105,7 @@ def test_node_overrides_are_migrated_without_recording_a_version(catalog):
 
 def test_the_core_chain_is_ordered_and_ends_at_the_schema_default(catalog):
     [core] = [c for c in build_chains(catalog.registry) if c.name == "core"]
-    assert [(m.from_version, m.to_version) for m in core.steps] == [(1, 2)]
+    assert [(m.from_version, m.to_version) for m in core.steps] == [(1, 2), (2, 3)]
     assert core.current == catalog.defaults()["schema_version"]
     assert core.steps[0].id == "core-0001-split-target-sequence-length" and core.steps[0].description
 
@@ -115,19 +115,19 @@ def test_a_newer_schema_version_is_refused_not_downgraded(feda2v, tmp_path):
     before = path.read_bytes()
     run = feda2v("migrate", "--in-place", path)
     assert run.code == 1
-    assert "written for core schema version 3, newer than this feda2v-tk supports (2)" in run.stderr
+    assert "written for core schema version 4, newer than this feda2v-tk supports (3)" in run.stderr
     assert path.read_bytes() == before
 
 
 def test_an_older_recorded_version_is_brought_up_to_date(catalog):
     assert migrate_text('{"schema_version": 1, "generator_seed": 1}', catalog) == (
-        '{"schema_version": 2, "generator_seed": 1}')
+        '{"schema_version": 3, "generator_seed": 1}')
 
 
 def test_a_current_section_with_a_stale_old_key_is_still_migrated(catalog):
-    text = '{"schema_version": 2, "generator_target_sequence_length": 8}'
+    text = '{"schema_version": 3, "generator_target_sequence_length": 8}'
     assert json.loads(migrate_text(text, catalog)) == {
-        "schema_version": 2, "generator_training_sequence_length": 8, "generator_output_sequence_length": None}
+        "schema_version": 3, "generator_training_sequence_length": 8, "generator_output_sequence_length": None}
 
 
 def test_plugin_chain_is_applied_and_recorded_separately(flowgen_registry, feda2v, tmp_path):
@@ -137,7 +137,7 @@ def test_plugin_chain_is_applied_and_recorded_separately(flowgen_registry, feda2
     run = feda2v("migrate", path)
     assert run.code == 0
     assert run.stdout == (
-        '{\n  "feda2v": {\n    "schema_version": 2,\n    "schema_versions": {\n      "flowgen": 2\n    },\n'
+        '{\n  "feda2v": {\n    "schema_version": 3,\n    "schema_versions": {\n      "flowgen": 2\n    },\n'
         '    "generator_type": "flow",\n    "flowgen_num_steps": 8,\n'
         '    "generator_training_sequence_length": 4,\n    "generator_output_sequence_length": null\n  }\n}\n')
     assert "renamed 'flowgen_steps' to 'flowgen_num_steps' (value 8)" in run.stderr
@@ -162,23 +162,23 @@ def test_renamed_key_keeps_its_position_and_everything_else_its_bytes(catalog):
             '        "generator_target_sequence_length": 8,\n        "adapter_dim":   512\n    }\n}')
     assert migrate_text(text, catalog) == (
         '{\n    "experiment": {"name": "x",   "seed": 1},\n    "feda2v": {\n'
-        '        "schema_version": 2,\n        "_comment": "keep me",\n        "generator_type": "vae",\n'
+        '        "schema_version": 3,\n        "_comment": "keep me",\n        "generator_type": "vae",\n'
         '        "generator_training_sequence_length": 8,\n        "generator_output_sequence_length": null,\n'
         '        "adapter_dim":   512\n    }\n}')
 
 
 @pytest.mark.parametrize("text, expected", [
     ('{"generator_target_sequence_length": 8}',
-     '{"schema_version": 2, "generator_training_sequence_length": 8, "generator_output_sequence_length": null}'),
+     '{"schema_version": 3, "generator_training_sequence_length": 8, "generator_output_sequence_length": null}'),
     ('{\r\n\t"a": 1,\r\n\t"generator_target_sequence_length": 8\r\n}\r\n',
-     '{\r\n\t"schema_version": 2,\r\n\t"a": 1,\r\n\t"generator_training_sequence_length": 8,\r\n'
+     '{\r\n\t"schema_version": 3,\r\n\t"a": 1,\r\n\t"generator_training_sequence_length": 8,\r\n'
      '\t"generator_output_sequence_length": null\r\n}\r\n'),
     ('{"feda2v": {}, "nodes": {"0": {"generator_target_sequence_length": 8}}}',
      '{"feda2v": {}, "nodes": {"0": {"generator_training_sequence_length": 8, '
      '"generator_output_sequence_length": null}}}'),
     ('{\n  "feda2v": {\n    "generator_target_sequence_length": 4,\n    "generator_training_sequence_length": 4,\n'
      '    "x": 1\n  }\n}',
-     '{\n  "feda2v": {\n    "schema_version": 2,\n    "generator_training_sequence_length": 4,\n    "x": 1\n  }\n}'),
+     '{\n  "feda2v": {\n    "schema_version": 3,\n    "generator_training_sequence_length": 4,\n    "x": 1\n  }\n}'),
 ], ids=["one-line", "tabs-crlf", "node-in-compact-file", "old-key-dropped"])
 def test_indentation_and_line_endings_of_the_file_are_used(catalog, text, expected):
     assert migrate_text(text, catalog) == expected
@@ -188,7 +188,7 @@ def test_byte_order_mark_and_missing_final_newline_are_kept(feda2v, tmp_path):
     path = tmp_path / "c.json"
     path.write_bytes(b'\xef\xbb\xbf{"generator_target_sequence_length": 4}')
     assert feda2v("migrate", "--in-place", path).code == 0
-    assert path.read_bytes() == (b'\xef\xbb\xbf{"schema_version": 2, "generator_training_sequence_length": 4, '
+    assert path.read_bytes() == (b'\xef\xbb\xbf{"schema_version": 3, "generator_training_sequence_length": 4, '
                                  b'"generator_output_sequence_length": null}')
 
 
@@ -225,7 +225,7 @@ def test_diff_shows_a_unified_diff(feda2v, tmp_path):
     assert run.code == 0
     assert run.stdout.splitlines() == [
         f"--- {path}", f"+++ {path} (migrated)", "@@ -1,3 +1,5 @@", " {",
-        '-  "generator_target_sequence_length": 4', '+  "schema_version": 2,',
+        '-  "generator_target_sequence_length": 4', '+  "schema_version": 3,',
         '+  "generator_training_sequence_length": 4,', '+  "generator_output_sequence_length": null', " }"]
 
 

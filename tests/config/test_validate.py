@@ -38,7 +38,8 @@ def test_legacy_example_fails_only_on_its_deprecated_key_and_says_how_to_fix_it(
     monkeypatch.chdir(EXAMPLES)
     run = feda2v("validate", "legacy-full-length.json")
     assert run.code == 1
-    [line] = run.lines
+    [line] = [v for v in run.lines if ": error: " in v]
+    assert [v.rsplit("[", 1)[1] for v in run.lines if ": warning: " in v] == ["changed-defaults]"]
     assert line.startswith("legacy-full-length.json:20:5: error: $.feda2v.generator_target_sequence_length: ")
     assert "use generator_training_sequence_length and generator_output_sequence_length" in line
     assert "run `feda2v-tk migrate --in-place legacy-full-length.json`" in line
@@ -120,8 +121,10 @@ def test_generator_only_mode_needs_training_or_a_pretrained_generator(catalog):
 
 
 def test_old_key_with_new_keys(catalog):
-    assert codes((INVALID / "old-and-new-keys-agree.json").read_text(), catalog) == ["deprecated-key"]
-    [f] = findings((INVALID / "old-and-new-keys-disagree.json").read_text(), catalog)
+    assert codes((INVALID / "old-and-new-keys-agree.json").read_text(), catalog) == [
+        "changed-defaults", "deprecated-key"]
+    [f] = [f for f in findings((INVALID / "old-and-new-keys-disagree.json").read_text(), catalog)
+           if f.severity == "error"]
     assert f.code == "deprecated-conflict"
     assert "generator_target_sequence_length (8) and generator_training_sequence_length (4) disagree" in f.message
 
@@ -154,9 +157,9 @@ def test_generator_type_reducer_and_upsampler_must_be_registered(catalog):
 
 
 def test_a_non_positional_reducer_with_an_interpolating_upsampler_is_a_warning(catalog):
-    """pca outputs components; interpolating them (the default `linear`) gave R^2 -1.09 on the demo data."""
-    [f] = findings('{"generator_reducer": "pca"}', catalog)
-    assert (f.code, f.severity, f.path) == ("non-positional-reducer", "warning", "$.generator_reducer")
+    """pca outputs components; interpolating them (`linear`) gave R^2 -1.09 on the demo data."""
+    [f] = findings('{"generator_reducer": "pca", "generator_upsampler": "linear"}', catalog)
+    assert (f.code, f.severity, f.path) == ("non-positional-reducer", "warning", "$.generator_upsampler")
     assert "'pca'" in f.message and "'linear'" in f.message and "lstsq" in f.suggestion and "learned" in f.suggestion
     assert codes('{"generator_reducer": "pca", "generator_upsampler": "cubic"}', catalog) == ["non-positional-reducer"]
     assert codes('{"generator_reducer": "builtin:pca", "generator_upsampler": "nearest"}', catalog) == [
@@ -164,6 +167,7 @@ def test_a_non_positional_reducer_with_an_interpolating_upsampler_is_a_warning(c
     for fine in ('{"generator_reducer": "pca", "generator_upsampler": "lstsq"}',
                  '{"generator_reducer": "pca", "generator_upsampler": "learned"}',
                  '{"generator_reducer": "pca", "use_learned_upsampling": true}',
+                 '{"generator_reducer": "pca"}',  # the default upsampler is lstsq
                  '{"generator_reducer": "adaptive_avg"}', '{"generator_reducer": "nope"}'):
         assert "non-positional-reducer" not in codes(fine, catalog), fine
     doc = {"feda2v": {"generator_reducer": "pca", "generator_upsampler": "lstsq"},
@@ -183,9 +187,22 @@ def test_plugin_types_and_keys_validate_once_the_plugin_is_loaded(flowgen_regist
 
 
 def test_versions(catalog):
-    assert codes('{"schema_version": 3}', catalog) == ["newer-schema-version"]
-    assert codes('{"schema_version": 1}', catalog) == ["outdated-schema-version"]
-    assert codes('{"schema_version": 2, "schema_versions": {"gone": 1}}', catalog) == ["unknown-chain"]
+    assert codes('{"schema_version": 4}', catalog) == ["newer-schema-version"]
+    assert codes('{"schema_version": 2, "generator_type": "vae", "generator_upsampler": "linear"}', catalog) == [
+        "outdated-schema-version"]
+    assert codes('{"schema_version": 3, "schema_versions": {"gone": 1}}', catalog) == ["unknown-chain"]
+
+
+def test_a_section_older_than_version_3_is_told_which_changed_defaults_it_relies_on(catalog):
+    [f] = [f for f in findings('{"schema_version": 2, "generator_type": "vae"}', catalog)
+           if f.code == "changed-defaults"]
+    assert f.severity == "warning" and f.path == "$"
+    assert 'generator_upsampler "linear" -> "lstsq"' in f.message and "generator_type" not in f.message
+    assert "--keep-old-defaults" in f.suggestion
+    assert "changed-defaults" in codes('{"generator_target_sequence_length": 8}', catalog)  # a v1 section
+    for fine in ('{"schema_version": 3}', '{"generator_seed": 1}',  # current (recorded or implied)
+                 '{"schema_version": 2, "generator_type": "vae", "use_learned_upsampling": true}'):
+        assert "changed-defaults" not in codes(fine, catalog), fine
 
 
 def test_warnings_do_not_fail_unless_strict(feda2v, tmp_path):

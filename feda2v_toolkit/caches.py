@@ -1,0 +1,215 @@
+"""Read the AST embedding caches the original FedA2V code writes, in place (no conversion first).
+
+* A cache directory: one sub-directory per class, each with ``embeddings_NNN.npy`` chunks (float32
+  ``[n, S, D]``) and a ``manifest.json`` (``file_id_to_index``: file id -> ``[chunk, offset]``,
+  ``chunks``: ``[{"file", "num_samples", "shape"}]``, ``class_name``). Chunks are memory-mapped with
+  ``np.load(mmap_mode="c", allow_pickle=False)`` (copy-on-write: nothing ever writes to the cache); rows are those the manifest indexes, in chunk order.
+* A ``.pt`` dict keyed by file id (read by :mod:`feda2v_toolkit.data` with ``weights_only=True``):
+  ``{"embeddings": {"file_id:class": tensor}, "metadata": {...}}`` or ``{file_id: tensor}``; the class is
+  the part after the last ``:`` of the key (keys without one all go to the class ``unlabelled``).
+
+Both give a :class:`~feda2v_toolkit.data.Dataset`, so ``train``, ``analyze`` and ``evaluate`` read them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from feda2v_toolkit.errors import InputError
+
+MANIFEST = "manifest.json"
+#: largest manifest.json read
+MAX_MANIFEST_BYTES = 64 * 2**20
+
+
+class _Rows:
+    """Rows of a memory-mapped tensor handed out as copies, so that a batch never aliases the map
+    (``_Source.read`` slices ``tensors[name][lo:hi]``)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self.dtype = tensor.dtype
+        self.shape = tensor.shape
+
+    def __getitem__(self, index: slice) -> Tensor:
+        return self.tensor[index].clone()
+
+
+def is_ast_cache(path: Path) -> bool:
+    """Whether ``path`` is a directory in the original code's cache layout (class dirs with a manifest)."""
+    if not path.is_dir():
+        return False
+    if (path / MANIFEST).is_file():
+        return True
+    return any(p.is_dir() and (p / MANIFEST).is_file() for p in path.iterdir())
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise InputError(f"{path}: manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} read")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the cache manifest: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("chunks"), list):
+        raise InputError(f"{path}: not an AST cache manifest (no 'chunks' list)")
+    return data
+
+
+def _chunk(path: Path, expected_rows: Any) -> Tensor:
+    import numpy as np
+
+    if not path.is_file():
+        raise InputError(f"{path}: chunk listed in the manifest is missing")
+    try:
+        # copy-on-write map: even a stray write never reaches the file
+        arr = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read as a .npy array: {exc}") from None
+    if arr.ndim != 3 or arr.dtype not in (np.float32, np.float16):
+        raise InputError(f"{path}: expected a float32 [n, S, D] array, found {arr.dtype} {list(arr.shape)}")
+    if isinstance(expected_rows, int) and expected_rows != arr.shape[0]:
+        raise InputError(f"{path}: manifest says {expected_rows} samples, the chunk holds {arr.shape[0]}")
+    return torch.from_numpy(arr)
+
+
+def open_ast_cache(root: Path) -> Any:
+    """Open a cache directory of the original code as a :class:`~feda2v_toolkit.data.Dataset` (streaming)."""
+    from feda2v_toolkit.data import Dataset, _Source
+
+    class_dirs = [root] if (root / MANIFEST).is_file() else sorted(
+        p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    entries: list[tuple[str, Path, dict[str, Any]]] = []
+    for d in class_dirs:
+        manifest = _manifest(d / MANIFEST)
+        name = manifest.get("class_name") if isinstance(manifest.get("class_name"), str) else d.name
+        entries.append((name, d, manifest))
+    names = sorted({name for name, _, _ in entries})
+    if len(names) != len(entries):
+        raise InputError(f"{root}: two class directories name the same class")
+    sources: list[_Source] = []
+    labels: list[Tensor] = []
+    shape: tuple[int, int] | None = None
+    start = 0
+    for name, d, manifest in sorted(entries):
+        chunks = manifest["chunks"]
+        used: dict[int, set[int]] = {}
+        index = manifest.get("file_id_to_index", {})
+        if not isinstance(index, dict):
+            raise InputError(f"{d / MANIFEST}: 'file_id_to_index' must be an object")
+        for file_id, where in index.items():
+            if not (isinstance(where, list) and len(where) == 2 and all(isinstance(w, int) for w in where)):
+                raise InputError(f"{d / MANIFEST}: file {file_id!r} has index {where!r}, expected [chunk, offset]")
+            if not 0 <= where[0] < len(chunks):
+                raise InputError(f"{d / MANIFEST}: file {file_id!r} points to chunk {where[0]}, but "
+                                 f"{len(chunks)} chunk(s) are listed")
+            used.setdefault(where[0], set()).add(where[1])
+        for ci, meta in enumerate(chunks):
+            if not isinstance(meta, dict) or not isinstance(meta.get("file"), str) or "/" in meta["file"] \
+                    or meta["file"] in ("", ".", ".."):
+                raise InputError(f"{d / MANIFEST}: chunk {ci} has no plain file name")
+            tensor = _chunk(d / meta["file"], meta.get("num_samples"))
+            if shape is None:
+                shape = (int(tensor.shape[1]), int(tensor.shape[2]))
+            elif tuple(tensor.shape[1:]) != shape:
+                raise InputError(f"{d / meta['file']}: sequences are {list(tensor.shape[1:])}, others {list(shape)}")
+            rows = sorted(used.get(ci, set())) if index else list(range(tensor.shape[0]))
+            if rows and (rows[0] < 0 or rows[-1] >= tensor.shape[0]):
+                raise InputError(f"{d / MANIFEST}: an index points past the {tensor.shape[0]} rows of {meta['file']}")
+            for lo, hi in _runs(rows):
+                sources.append(_Source(d / meta["file"], start, hi - lo, {"embeddings": _Rows(tensor[lo:hi])}))
+                labels.append(torch.full((hi - lo,), names.index(name), dtype=torch.long))
+                start += hi - lo
+    if not sources or shape is None:
+        raise InputError(f"{root}: the cache holds no samples")
+    dtype = sources[0].tensors["embeddings"].dtype  # type: ignore[index]
+    return Dataset(root, sources, seq_len=shape[0], dim=shape[1], storage_dtype=dtype, labels=torch.cat(labels),
+                   class_names=names, condition_dim=0)
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Contiguous ``[lo, hi)`` runs of sorted row numbers."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def keyed_table(obj: Any) -> dict[str, Tensor] | None:
+    """The ``{file_id: tensor}`` table of a ``.pt`` dict keyed by file id, or None when ``obj`` is not one."""
+    if not isinstance(obj, dict):
+        return None
+    table = obj.get("embeddings") if isinstance(obj.get("embeddings"), dict) else obj
+    if not table or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in table.items()):
+        return None
+    first = next(iter(table.values()))
+    if first.dim() not in (2, 3) or (first.dim() == 3 and first.shape[0] != 1):
+        return None
+    return table
+
+
+def open_keyed(path: Path, table: dict[str, Tensor]) -> Any:
+    """A :class:`~feda2v_toolkit.data.Dataset` over a ``{file_id: [S, D] tensor}`` table (memory-mapped
+    tensors stay mapped: each entry is its own one-row source). Rows follow the keys' order."""
+    from feda2v_toolkit.data import FLOAT_DTYPES, Dataset, _Source
+
+    first = next(iter(table.values()))
+    row_shape = tuple(first.shape[-2:])
+    classes = [k.rsplit(":", 1)[1] if ":" in k else "unlabelled" for k in table]
+    names = sorted(set(classes))
+    sources = []
+    for i, (key, value) in enumerate(table.items()):
+        if tuple(value.shape[-2:]) != row_shape or value.numel() != first.numel():
+            raise InputError(f"{path}: {key!r} is {list(value.shape)}, the first entry {list(first.shape)}")
+        if value.dtype != first.dtype or value.dtype not in FLOAT_DTYPES:
+            raise InputError(f"{path}: {key!r} is {value.dtype}; entries must all be float32, float16 or bfloat16")
+        sources.append(_Source(path, i, 1, {"embeddings": _Rows(value.reshape(1, *row_shape))}))
+    labels = torch.tensor([names.index(c) for c in classes], dtype=torch.long)
+    return Dataset(path, sources, seq_len=row_shape[0], dim=row_shape[1], storage_dtype=first.dtype,
+                   labels=labels, class_names=names, condition_dim=0)
+
+
+def convert_dataset(source: str | Path, out: str | Path, *, dtype: str | None = None, batch_size: int = 256,
+                    overwrite: bool = False) -> dict[str, Any]:
+    """Stream any dataset :func:`~feda2v_toolkit.data.open_dataset` reads into a shard directory ``out``
+    (all or nothing; ``overwrite`` replaces an existing one). Returns a small report."""
+    import os
+    import shutil
+
+    from feda2v_toolkit.data import DatasetWriter, open_dataset
+    from feda2v_toolkit.errors import UsageError
+
+    out = Path(out)
+    src = Path(source)
+    if out.exists() and src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
+        raise UsageError(f"{out}: is the source or inside it; write to another path")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out}: output directory exists and is not empty; use --overwrite to replace it")
+    ds = open_dataset(source)
+    target = out.parent / f".{out.name}.convert-new" if out.exists() else out
+    if target != out:
+        shutil.rmtree(target, ignore_errors=True)
+    writer = DatasetWriter(target, class_names=ds.class_names, dtype=dtype or ds.storage_dtype)
+    with writer:
+        for batch in ds.batches(batch_size, dtype=ds.storage_dtype):
+            writer.add(batch.embeddings, batch.labels, batch.conditions, copy=False)
+    if target != out:
+        trash = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out, trash)
+        os.replace(target, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    return {"source": str(source), "out": str(out), "rows": len(ds), "seq_len": ds.seq_len, "dim": ds.dim,
+            "dtype": str(writer.dtype).removeprefix("torch."), "class_names": ds.class_names,
+            "shards": len(writer.shards)}

@@ -1,0 +1,377 @@
+"""Audio -> AST embeddings (``feda2v-tk embed``): Hugging Face transformers' ``ASTFeatureExtractor`` +
+``ASTModel``, ``last_hidden_state`` kept whole, streamed into dataset shards, resumable.
+
+Work happens in a hidden sibling directory ``.NAME.embed-partial``: the clips are cut into fixed shards
+(a whole number of batches each); every finished shard is written atomically with a ``done-NNNNN.json``
+marker next to it. Re-running the same command skips the finished shards and computes the rest from the
+same batches, so the result is the same as an uninterrupted run; at the end the directory is renamed to
+the output in one step. Settings that change the result (model, clip policy, clips, dtype, batch size)
+are fingerprinted: a partial run with other settings is never mixed in. See ``docs/data.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from feda2v_toolkit.atomic import atomic_path, atomic_write_text, default_mode
+from feda2v_toolkit.audio import AudioError, Clip, ClipPolicy, ClipSource, load_clip, real_frames, require
+from feda2v_toolkit.errors import InputError, UsageError
+
+#: the checkpoint FedA2V uses (1214 tokens of width 768)
+DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
+EMBED_FORMAT_VERSION = 1
+_PARTIAL_SUFFIX = ".embed-partial"
+
+
+def ast_token_count(num_mel_bins: int, max_length: int, patch_size: int, frequency_stride: int,
+                    time_stride: int) -> int:
+    """Tokens AST emits: 2 summary tokens + frequency x time patches (frequency-major)."""
+    return ((num_mel_bins - patch_size) // frequency_stride + 1) * ((max_length - patch_size) // time_stride + 1) + 2
+
+
+class ASTEmbedder:
+    """A frozen AST (``ASTModel.from_pretrained``) and its feature extractor, fp32 in eval mode.
+
+    ``model`` is a hub name or a local directory (``save_pretrained`` layout); ``device``: cpu, cuda or auto.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto") -> None:
+        require("transformers", "soundfile", "soxr")
+        import torch
+        from transformers import ASTFeatureExtractor, ASTModel
+        from transformers.utils import logging as hf_logging
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
+        level, bars = hf_logging.get_verbosity(), not hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()  # a classification checkpoint's unused head is expected
+        hf_logging.disable_progress_bar()
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*mel filter has all zero values.*")
+                self.extractor = ASTFeatureExtractor.from_pretrained(model, revision=revision)
+            self.model = ASTModel.from_pretrained(model, revision=revision, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"{model}: cannot load an AST model and feature extractor: {first}") from None
+        finally:
+            hf_logging.set_verbosity(level)
+            if not bars:
+                hf_logging.enable_progress_bar()
+        self.model.eval().requires_grad_(False).to(device)
+        self.name, self.revision, self.device = model, revision, device
+        cfg, fe = self.model.config, self.extractor
+        if fe.sampling_rate != 16_000:
+            raise InputError(f"{model}: feature extractor expects {fe.sampling_rate} Hz; AST uses 16000")
+        if fe.max_length != cfg.max_length or fe.num_mel_bins != cfg.num_mel_bins:
+            raise InputError(f"{model}: feature extractor ({fe.num_mel_bins} mel x {fe.max_length} frames) does "
+                             f"not match the model ({cfg.num_mel_bins} x {cfg.max_length})")
+        self.max_length = int(cfg.max_length)
+        self.tokens = ast_token_count(cfg.num_mel_bins, cfg.max_length, cfg.patch_size, cfg.frequency_stride,
+                                      cfg.time_stride)
+        self.dim = int(cfg.hidden_size)
+
+    def settings(self) -> dict[str, Any]:
+        """What fixes the embeddings: model name, revision, commit, extractor and patch settings."""
+        import transformers
+        from transformers.utils import is_speech_available
+
+        cfg, fe = self.model.config, self.extractor
+        return {"model": self.name, "revision": self.revision,
+                "commit": getattr(cfg, "_commit_hash", None), "transformers": transformers.__version__,
+                "extractor": {"sampling_rate": fe.sampling_rate, "num_mel_bins": fe.num_mel_bins,
+                              "max_length": fe.max_length, "do_normalize": fe.do_normalize,
+                              "mean": fe.mean, "std": fe.std,
+                              "fbank": "torchaudio kaldi" if is_speech_available() else "numpy"},
+                "patches": {"patch_size": cfg.patch_size, "frequency_stride": cfg.frequency_stride,
+                            "time_stride": cfg.time_stride, "order": "frequency-major"},
+                "tokens": self.tokens, "dim": self.dim, "output": "last_hidden_state", "inference": "float32"}
+
+    def features(self, waves: list[Any]) -> Any:
+        """Mel filterbank features ``[B, max_length, mel]`` (numpy float32) of 16 kHz mono waveforms."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*mel filter has all zero values.*")
+            out = self.extractor(waves, sampling_rate=16_000, return_tensors="np")
+        return out["input_values"] if "input_values" in out else out["audio_values"]
+
+    def __call__(self, features: Any) -> Any:
+        """``last_hidden_state`` ``[B, tokens, dim]`` float32 on the CPU."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(features).to(self.device)
+            hidden = self.model(input_values=x).last_hidden_state
+        if tuple(hidden.shape[1:]) != (self.tokens, self.dim):
+            raise InputError(f"{self.name}: model returned {list(hidden.shape[1:])}, expected "
+                             f"[{self.tokens}, {self.dim}]")
+        return hidden.float().cpu()
+
+
+@dataclass
+class EmbedReport:
+    """What a run did: clips in the source, rows written, clips skipped (id, path, reason), clips already
+    done by an earlier run, and timing (``model_seconds``: the forward passes alone)."""
+
+    out: Path
+    clips: int
+    rows: int = 0
+    resumed: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    computed: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out": str(self.out), "clips": self.clips, "rows": self.rows, "resumed": self.resumed,
+                "computed": self.computed, "skipped": self.skipped, "seconds": round(self.seconds, 3),
+                "model_seconds": round(self.model_seconds, 3), "clips_per_second": round(self.clips_per_second, 3),
+                "settings": self.settings}
+
+
+def partial_dir(out: Path) -> Path:
+    """Where an unfinished ``embed`` into ``out`` keeps its finished shards."""
+    return out.parent / f".{out.name}{_PARTIAL_SUFFIX}"
+
+
+def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[str], *, model: str = DEFAULT_MODEL,
+          revision: str | None = None, policy: ClipPolicy | None = None, batch_size: int = 8,
+          device: str = "auto", dtype: str = "float16", on_error: str = "skip", overwrite: bool = False,
+          shard_bytes: int | None = None, progress: bool | None = None, read_workers: int = 1,
+          embedder: ASTEmbedder | None = None) -> EmbedReport:
+    """Embed every clip of ``source`` (a :class:`ClipSource`, or a class-folder directory / manifest / saved
+    dataset path opened with default columns) into the shard directory ``out`` (resumable; see the module
+    docstring).
+
+    ``on_error``: ``skip`` lists unreadable or empty clips in the report, ``fail`` stops at the first
+    (finished shards stay for a resumed run). ``read_workers`` threads read and featurise the next batches
+    while the model runs (1 suits a CPU run; more keep a GPU fed); the result does not depend on it.
+    Raises UsageError / InputError for bad arguments or inputs.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from feda2v_toolkit.data import DEFAULT_SHARD_BYTES, _resolve_dtype
+    from feda2v_toolkit.progress import Progress
+
+    if not isinstance(source, ClipSource):
+        from feda2v_toolkit.audio import open_source
+
+        source = open_source(source)
+    policy = policy or ClipPolicy(10.0)
+    if on_error not in ("skip", "fail"):
+        raise UsageError(f"on_error must be skip or fail, not {on_error!r}")
+    if batch_size < 1:
+        raise UsageError("batch_size must be >= 1")
+    storage = _resolve_dtype(dtype) or torch.float16
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory; embed writes a shard directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out}: output directory exists and is not empty; use --overwrite to replace it")
+    emb = embedder or ASTEmbedder(model, revision=revision, device=device)
+    row_bytes = emb.tokens * emb.dim * storage.itemsize
+    batches_per_shard = max(1, (shard_bytes or DEFAULT_SHARD_BYTES) // row_bytes // batch_size)
+    shard_clips = batches_per_shard * batch_size
+    settings = {**emb.settings(), "clip_policy": policy.to_json(), "dtype": str(storage).removeprefix("torch."),
+                "batch_size": batch_size, "shard_clips": shard_clips, "source": source.description,
+                "embed_format_version": EMBED_FORMAT_VERSION}
+    fingerprint = _fingerprint(settings, source)
+    work = _prepare_partial(out, fingerprint, overwrite)
+    report = EmbedReport(out=out, clips=len(source.clips), settings=settings)
+    meta_common = {"embed": json.dumps(settings)}
+    if source.fold_names is not None:
+        meta_common["fold_names"] = json.dumps(source.fold_names)
+
+    shards = [source.clips[i:i + shard_clips] for i in range(0, len(source.clips), shard_clips)]
+    todo = []
+    for k, clips in enumerate(shards):
+        done = _read_done(work / f"done-{k:05d}.json")
+        if done is None:
+            todo.append(k)
+        else:
+            report.resumed += len(clips)
+    bar = Progress(len(source.clips), report.resumed, progress, unit="clip", desc="embed")
+    start = time.perf_counter()
+    try:
+        batches = [(k, shards[k][j:j + batch_size]) for k in todo for j in range(0, len(shards[k]), batch_size)]
+        current: int | None = None
+        # one shard's rows are gathered in place: bounded memory, no concatenation copy
+        buffer = torch.empty(min(shard_clips, len(source.clips)), emb.tokens, emb.dim, dtype=storage)
+        parts: list[tuple[list[Clip], list[int]]] = []
+        filled = 0
+        skipped: list[dict[str, str]] = []
+        n_skipped = 0
+        for k, clips, prepared in _prefetch(batches, lambda b: _prepare(source, b[1], policy, emb),
+                                            max(1, read_workers)):
+            if current is not None and k != current:
+                _finish_shard(work, current, buffer[:filled], parts, skipped, source, meta_common, save_file)
+                parts, skipped, filled = [], [], 0
+            current = k
+            feats, good, frames, bad = prepared
+            for clip, reason in bad:
+                where = str(clip.path) if clip.path is not None else f"{source.description['path']}:{clip.id}"
+                if on_error == "fail":
+                    raise InputError(f"{where}: {reason}")
+                skipped.append({"id": clip.id, "path": where, "reason": reason})
+            if good:
+                t0 = time.perf_counter()
+                hidden = emb(feats)
+                report.model_seconds += time.perf_counter() - t0
+                buffer[filled:filled + len(good)].copy_(hidden)
+                filled += len(good)
+                parts.append((good, frames))
+            report.computed += len(clips)
+            bar.update(len(clips))
+            n_skipped += len(bad)
+            bar.postfix(skipped=n_skipped)
+        if current is not None:
+            _finish_shard(work, current, buffer[:filled], parts, skipped, source, meta_common, save_file)
+    except BaseException:
+        if not any(work.glob("done-*.json")):  # nothing worth resuming: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - start
+    _assemble(work, out, len(shards), report)
+    return report
+
+
+def _fingerprint(settings: dict[str, Any], source: ClipSource) -> str:
+    """A hash of everything that fixes the result; source paths resolved (the same run from another cwd)."""
+    resolved = {k: str(Path(v).resolve()) if k in ("path", "audio_root") and v else v
+                for k, v in settings["source"].items()}
+    model = str(Path(settings["model"]).resolve()) if Path(settings["model"]).is_dir() else settings["model"]
+    h = hashlib.sha256(json.dumps({**settings, "source": resolved, "model": model}, sort_keys=True,
+                                  default=str).encode())
+    h.update(json.dumps(source.class_names).encode())
+    for c in source.clips:
+        h.update(f"\0{c.id}\0{c.label}\0{c.fold}".encode())
+    return h.hexdigest()
+
+
+def _prepare_partial(out: Path, fingerprint: str, overwrite: bool) -> Path:
+    """The partial directory for this run: resumed when its fingerprint matches, else fresh."""
+    work = partial_dir(out)
+    state = work / "embed-state.json"
+    if work.exists():
+        try:
+            old = json.loads(state.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if old == fingerprint:
+            return work
+        if old is not None and not overwrite:
+            raise UsageError(f"{work}: an unfinished embed run with other settings or clips is there; re-run "
+                             f"it with the same settings to resume, or add --overwrite to start over")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    atomic_write_text(state, json.dumps({"fingerprint": fingerprint}) + "\n")
+    return work
+
+
+def _read_done(path: Path) -> dict[str, Any] | None:
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and isinstance(done.get("rows"), int) else None
+
+
+def _prepare(source: ClipSource, clips: list[Clip], policy: ClipPolicy,
+             emb: ASTEmbedder) -> tuple[Any, list[Clip], list[int], list[tuple[Clip, str]]]:
+    """Read a batch's clips and compute their features (runs on the prefetch thread)."""
+    waves, good, frames, bad = [], [], [], []
+    for clip in clips:
+        try:
+            wave, real = load_clip(source.open(clip), policy)
+        except AudioError as exc:
+            bad.append((clip, str(exc)))
+            continue
+        waves.append(wave)
+        good.append(clip)
+        frames.append(real_frames(real, emb.max_length))
+    return (emb.features(waves) if waves else None), good, frames, bad
+
+
+def _prefetch(batches: list[tuple[int, list[Clip]]], prepare: Any,
+              workers: int = 1) -> Iterator[tuple[int, list[Clip], Any]]:
+    """Yield ``(shard, clips, prepare(batch))`` in order, with the next ``workers`` batches prepared on
+    ``workers`` threads meanwhile (reading, resampling and the filterbank release the GIL for most work)."""
+    if not batches:
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="feda2v-embed-read") as pool:
+        pending = deque(pool.submit(prepare, b) for b in batches[:workers])
+        for i, batch in enumerate(batches):
+            result = pending.popleft().result()
+            if i + workers < len(batches):
+                pending.append(pool.submit(prepare, batches[i + workers]))
+            yield batch[0], batch[1], result
+
+
+def _finish_shard(work: Path, k: int, embeddings: Any, parts: list[tuple[list[Clip], list[int]]],
+                  skipped: list[dict[str, str]], source: ClipSource, meta_common: dict[str, str],
+                  save_file: Any) -> None:
+    """Write shard ``k`` (if it has rows) and then its done marker, each atomically."""
+    import torch
+
+    from feda2v_toolkit.data import dataset_metadata
+
+    clips = [c for good, _ in parts for c in good]
+    if clips:
+        tensors = {"embeddings": embeddings, "labels": torch.tensor([c.label for c in clips], dtype=torch.long),
+                   "frames": torch.tensor([f for _, fr in parts for f in fr], dtype=torch.int32)}
+        if source.fold_names is not None:
+            tensors["folds"] = torch.tensor([c.fold for c in clips], dtype=torch.long)
+        meta = dataset_metadata(source.class_names, {**meta_common, "clip_ids": json.dumps([c.id for c in clips])})
+        with atomic_path(work / f"part-{k:05d}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    atomic_write_text(work / f"done-{k:05d}.json", json.dumps({"rows": len(clips), "skipped": skipped}) + "\n")
+
+
+def _assemble(work: Path, out: Path, num_shards: int, report: EmbedReport) -> None:
+    """Check every shard is done, drop the markers and move the directory to ``out`` in one rename (a shard
+    whose clips were all skipped leaves a gap in the part numbers; readers take parts in name order)."""
+    names = []
+    for k in range(num_shards):
+        done = _read_done(work / f"done-{k:05d}.json")
+        if done is None:
+            raise InputError(f"{work}: shard {k} is not finished")  # cannot happen: every shard was computed
+        report.rows += done["rows"]
+        report.skipped += done["skipped"]
+        if done["rows"]:
+            names.append(f"part-{k:05d}.safetensors")
+    if not names:
+        shutil.rmtree(work, ignore_errors=True)
+        raise InputError(f"{report.settings['source']['path']}: none of the {report.clips} clips could be read")
+    for extra in [*work.glob("done-*.json"), work / "embed-state.json"]:
+        extra.unlink()
+    os.chmod(work, default_mode(directory=True))
+    trash = None
+    if out.exists():
+        trash = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out, trash)
+    os.replace(work, out)
+    if trash is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(trash)

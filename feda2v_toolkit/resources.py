@@ -1,0 +1,44 @@
+"""Refuse work that cannot fit in memory before allocating it (a clear message, not an OOM kill).
+
+Sizes come from untrusted places (model metadata, command-line options), so commands estimate what
+they need and call :func:`require_memory` first.
+"""
+
+from __future__ import annotations
+
+import os
+
+from feda2v_toolkit.errors import InputError
+
+#: environment variable that overrides the memory limit (bytes), e.g. for tests or shared machines
+ENV_MEMORY_LIMIT = "FEDA2V_MEMORY_LIMIT"
+
+
+def memory_limit() -> int | None:
+    """Bytes a command may use: ``FEDA2V_MEMORY_LIMIT`` if set, else the machine's physical memory."""
+    value = os.environ.get(ENV_MEMORY_LIMIT, "").strip()
+    if value:
+        try:
+            return int(float(value))
+        except ValueError:
+            return None
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
+
+
+def require_memory(needed: float, what: str, hint: str = "") -> None:
+    """Raise :class:`InputError` if ``needed`` bytes exceed :func:`memory_limit`."""
+    limit = memory_limit()
+    if limit is not None and needed > limit:
+        raise InputError(f"{what} needs about {format_bytes(needed)} of memory, more than the "
+                         f"{format_bytes(limit)} available{'; ' + hint if hint else ''}")

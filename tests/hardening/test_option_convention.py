@@ -1,0 +1,77 @@
+"""One option convention, checked for every registered command (plugin commands included), so that
+new commands are held to it automatically. See docs/plugins.md, "Command-line conventions"."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from feda2v_toolkit.cli import COMMANDS, cli
+from feda2v_toolkit.commands._options import SEED
+
+#: built-in commands whose output is itself the machine-readable document (no separate --json report)
+OUTPUT_IS_THE_DOCUMENT = {"schema"}
+
+
+def _commands() -> dict[str, click.Command]:
+    ctx = click.Context(cli)
+    return {name: cli.get_command(ctx, name) for name in cli.list_commands(ctx)}
+
+
+def _visible(cmd: click.Command) -> list[click.Option]:
+    return [p for p in cmd.params if isinstance(p, click.Option) and not p.hidden]
+
+
+def test_every_command_is_checked():
+    assert set(COMMANDS) <= set(_commands())
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_command_follows_the_option_convention(name):
+    cmd = _commands()[name]
+    options = _visible(cmd)
+    spelled = {opt: p for p in options for opt in p.opts + p.secondary_opts}
+    problems = []
+    for p in options:
+        opts = set(p.opts)
+        if opts & {"-v", "--verbose"}:
+            problems.append(f"{p.opts}: -v/--verbose is not used; tracebacks are `feda2v-tk --traceback`")
+        if opts & {"-o", "--out", "--output", "--output-dir", "--out-dir"} and set(p.opts) - {"-o", "--out"}:
+            problems.append(f"{p.opts}: outputs are spelled -o/--out")
+        if opts & {"-o", "--out"} and opts != {"-o", "--out"}:
+            problems.append(f"{p.opts}: outputs are spelled -o/--out (both)")
+        if opts & {"-q", "--quiet"} and opts != {"-q", "--quiet"}:
+            problems.append(f"{p.opts}: quiet is spelled -q/--quiet")
+        if "--json" in opts and not (p.is_flag and p.opts == ["--json"]):
+            problems.append(f"{p.opts}: --json is a flag of its own")
+        if "--format" in opts:
+            problems.append(f"{p.opts}: machine-readable output is --json, not --format")
+        if "--seed" in opts and not (isinstance(p.type, click.IntRange) and (p.type.min, p.type.max) ==
+                                     (SEED.min, SEED.max)):
+            problems.append(f"{p.opts}: --seed takes commands._options.SEED ([0, 2**31 - 1])")
+        if "--force" in opts or "--replace" in opts:
+            problems.append(f"{p.opts}: replacing outputs is --overwrite")
+    if name in COMMANDS:  # the built-ins carry the whole set
+        if "-q" not in spelled:
+            problems.append("no -q/--quiet")
+        if "--json" not in spelled and name not in OUTPUT_IS_THE_DOCUMENT:
+            problems.append("no --json")
+    assert not problems, f"{name}: " + "; ".join(problems)
+
+
+def test_the_root_command_uses_traceback_not_v():
+    visible = {opt for p in _visible(cli) for opt in p.opts}
+    assert "--traceback" in visible and "-v" not in visible
+
+
+def test_old_spellings_still_work_as_hidden_aliases(tmp_path, capsys):
+    from tests.hardening.conftest import run_main
+
+    cfg = tmp_path / "old.json"
+    cfg.write_text('{"feda2v": {"generator_target_sequence_length": 1214}}')
+    code, _, _ = run_main(["migrate", str(cfg), "--output", str(tmp_path / "new.json"), "-q"], capsys)
+    assert code == 0 and (tmp_path / "new.json").exists()
+    code, out, _ = run_main(["validate", str(tmp_path / "new.json"), "--format", "json", "-q"], capsys)
+    assert code == 0 and out == ""
+    code, out, _ = run_main(["validate", str(cfg), "--json"], capsys)
+    assert code == 1 and out.startswith("{")

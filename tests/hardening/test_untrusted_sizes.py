@@ -1,0 +1,78 @@
+"""Untrusted sizes are bounded before anything is allocated; error messages stay short."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from feda2v_toolkit.data import MAX_UNNAMED_CLASSES, open_dataset, write_dataset
+from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.modelfile import load_model
+from feda2v_toolkit.resources import ENV_MEMORY_LIMIT
+from feda2v_toolkit.training import train
+from tests.hardening.conftest import run_main
+
+
+def _unnamed(path, labels):
+    """A dataset file whose metadata has no class_names."""
+    from safetensors.torch import save_file
+
+    labels = torch.tensor(labels, dtype=torch.long)
+    save_file({"embeddings": torch.zeros(len(labels), 6, 4), "labels": labels}, str(path),
+              metadata={"feda2v_format": "dataset", "format_version": "1"})
+    return path
+
+
+@pytest.mark.parametrize("label", [2**40, 10**6, MAX_UNNAMED_CLASSES])
+def test_a_huge_label_without_class_names_is_refused_before_a_class_list_is_built(tmp_path, label):
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=f"label {label} but no 'class_names'") as info:
+        open_dataset(_unnamed(tmp_path / "d.safetensors", [0, label]))
+    assert time.perf_counter() - t0 < 2 and len(str(info.value)) < 300
+
+
+def test_labels_below_the_bound_still_make_up_class_names(tmp_path):
+    ds = open_dataset(_unnamed(tmp_path / "d.safetensors", [0, 2]))
+    assert ds.class_names == ["class_0", "class_1", "class_2"]
+
+
+def test_an_error_about_many_classes_lists_a_few_and_says_how_many_more(tmp_path):
+    names = [f"c{i}" for i in range(5000)]
+    path = write_dataset(tmp_path / "d.safetensors", torch.zeros(2, 6, 4), [0, 1], class_names=names)
+    with pytest.raises(InputError, match=r"have no samples") as info:
+        train({"generator_training_sequence_length": 2}, path, seed=0)
+    assert "(4993 more)" in str(info.value) and len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("case", ["hidden-dim-huge", "hidden-dim-20000"])
+def test_metadata_constructor_arguments_are_checked_against_the_stored_shapes_before_allocating(tampered, case):
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="metadata and weights disagree"):
+        load_model(tampered[case])
+    assert time.perf_counter() - t0 < 5  # nothing of hidden_dim 10**9 was allocated
+
+
+def test_generate_refuses_an_output_length_that_cannot_fit_in_memory(tampered, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(ENV_MEMORY_LIMIT, str(2**30))
+    code, _, err = run_main(["generate", str(tampered["output-length-huge"]), "-o", str(tmp_path / "s")], capsys)
+    assert code == 1 and "needs about" in err and "lower --output-length" in err
+    code, _, err = run_main(["generate", str(tampered["output-length-huge"]), "-o", str(tmp_path / "s"),
+                             "--output-length", "1000000000"], capsys)
+    assert code == 1 and "needs about" in err and "internal error" not in err
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.*"))
+
+
+def test_train_refuses_a_hidden_size_that_cannot_fit_before_building_it(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(ENV_MEMORY_LIMIT, str(2**30))
+    code, _, err = run_main(["train", "-d", str(tiny_data), "-o", str(tmp_path / "m.safetensors"),
+                             "--hidden-dim", "1000000000", "--training-length", "4", "--seed", "0", "-q"], capsys)
+    assert code == 1 and "needs about" in err and "--hidden-dim" in err
+
+
+def test_labels_that_cannot_fit_in_memory_are_refused_before_they_are_read(tmp_path, monkeypatch):
+    path = write_dataset(tmp_path / "d.safetensors", torch.zeros(64, 2, 2), torch.zeros(64, dtype=torch.long))
+    monkeypatch.setenv(ENV_MEMORY_LIMIT, "512")
+    with pytest.raises(InputError, match="reading its 64 labels needs about"):
+        open_dataset(path)
