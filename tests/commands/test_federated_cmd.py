@@ -10,7 +10,7 @@ from .test_train_generate_cli import run
 
 pytest.importorskip("flwr")
 
-CONFIG = {"generator_training_sequence_length": 4, "generator_hidden_dim": 16, "generator_latent_dim": 4,
+CONFIG = {"generator_type": "vae", "generator_training_sequence_length": 4, "generator_hidden_dim": 16, "generator_latent_dim": 4,
           "generator_batch_size": 8, "generator_save_checkpoint": False, "federated_rounds": 2}
 
 
