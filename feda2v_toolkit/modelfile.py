@@ -155,8 +155,10 @@ def model_tensors_and_metadata(model: GenerativeModel) -> tuple[dict[str, Tensor
     generators = []
     for i, (key, gen) in enumerate(model.generators.items()):
         tensors.update(_prefixed(f"generators.{i}", gen))
-        generators.append({"key": key, "init_args": gen.init_args(),
-                           "parameters": sum(p.numel() for p in gen.parameters())})
+        learned = sum(p.numel() for p in gen.parameters())
+        if getattr(type(gen), "fitted", False):  # a closed-form type's fitted numbers live in buffers
+            learned += sum(b.numel() for b in gen.buffers())
+        generators.append({"key": key, "init_args": gen.init_args(), "parameters": learned})
     tensors.update(_prefixed("reducer", model.reducer))
     tensors.update(_prefixed("upsampler", model.upsampler))
     for name, value in model.normalization.items():

@@ -162,8 +162,13 @@ def _show(model_path: Path, info: dict[str, Any], *, as_json: bool, quiet: bool)
     if metrics:
         train = metrics.get("train") or {}
         val = metrics.get("val") or {}
-        click.echo(f"training:    {metrics.get('epochs')} epochs, seed {info['seed']}, "
-                   + ", ".join(f"{k} {v:.4g}" for k, v in train.items()))
+        fits = metrics.get("generator_fit") or {}
+        if fits:  # closed-form generators
+            click.echo(f"training:    fitted in closed form, seed {info['seed']}; " + "; ".join(
+                f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in f.items()) for key, f in fits.items()))
+        else:
+            click.echo(f"training:    {metrics.get('epochs')} epochs, seed {info['seed']}"
+                       + "".join(f", {k} {v:.4g}" for k, v in train.items()))
         if val:
             click.echo("held out:    " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
         fed = metrics.get("federated")

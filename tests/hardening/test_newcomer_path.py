@@ -127,11 +127,18 @@ def test_upsampler_on_the_command_line_beats_use_learned_upsampling_and_validate
     assert code == 0 and "conflicting-upsampler-keys" in out
 
 
-def test_the_plan_figures_quoted_in_the_docs_are_what_plan_prints(capsys):
-    """The exact columns (parameters .. step peak) of the quoted `plan` table, for the short lengths."""
+@pytest.mark.parametrize("config", [None, {"feda2v": {"generator_type": "vae"}}], ids=["defaults", "vae"])
+def test_the_plan_figures_quoted_in_the_docs_are_what_plan_prints(capsys, tmp_path, config):
+    """The exact columns (parameters .. step peak) of the quoted `plan` tables, for the short lengths."""
     doc = (ROOT / "docs" / "choosing-sequence-length.md").read_text(encoding="utf-8")
-    quoted = doc.split("$ feda2v-tk plan --lengths 4,8,16,32,64,1214 --memory-budget 8GB\n", 1)[1].split("```")[0]
-    code, out, err = run_main(["plan", "--lengths", "4,8,16"], capsys)
+    option = "" if config is None else "-c vae.json "
+    quoted = doc.split(f"$ feda2v-tk plan {option}--lengths 4,8,16,32,64,1214 --memory-budget 8GB\n", 1)[1]
+    quoted = quoted.split("```")[0]
+    args = []
+    if config is not None:
+        (tmp_path / "vae.json").write_text(json.dumps(config))
+        args = ["-c", str(tmp_path / "vae.json")]
+    code, out, err = run_main(["plan", *args, "--lengths", "4,8,16"], capsys)
     assert code == 0, err
 
     def rows(text):

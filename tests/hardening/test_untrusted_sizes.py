@@ -67,7 +67,8 @@ def test_generate_refuses_an_output_length_that_cannot_fit_in_memory(tampered, t
 def test_train_refuses_a_hidden_size_that_cannot_fit_before_building_it(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(ENV_MEMORY_LIMIT, str(2**30))
     code, _, err = run_main(["train", "-d", str(tiny_data), "-o", str(tmp_path / "m.safetensors"),
-                             "--hidden-dim", "1000000000", "--training-length", "4", "--seed", "0", "-q"], capsys)
+                             "--generator-type", "vae", "--hidden-dim", "1000000000", "--training-length", "4",
+                             "--seed", "0", "-q"], capsys)
     assert code == 1 and "needs about" in err and "--hidden-dim" in err
 
 
