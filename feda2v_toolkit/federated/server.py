@@ -324,6 +324,7 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
         "val": {"loss": last["train"]["val_loss"]} if last and "val_loss" in last.get("train", {}) else None,
         "train_seconds": sum(h["seconds"] for h in history), "samples_per_s": None,
         "upsampler": upsampler_metrics,
+        **({"generator_fit": history[0]["fit"]} if fitted and history else {}),
         "federated": {"engine": engine, "nodes": [{"name": names[n], "classes": {c: k for c, k in summaries[n].class_counts.items()
                                                                          if k > 0},
                                                    "generators": holders[n]} for n in nodes],
