@@ -220,18 +220,14 @@ def reduce_dataset(ds: Dataset, reducer: Reducer, indices: Tensor | None = None,
 
 
 def standardization(reduced: Tensor, indices: Tensor, rows: int = 4096) -> dict[str, Tensor]:
-    """Per position and feature mean and std ``[l, D]`` over ``reduced[indices]``, in chunks (float64 sums)."""
-    total = torch.zeros(reduced.shape[1:], dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    for s in range(0, indices.numel(), rows):
-        chunk = reduced[indices[s:s + rows]].double()
-        total += chunk.sum(dim=0)
-        total_sq += chunk.pow(2).sum(dim=0)
-    n = max(indices.numel(), 1)
-    mean = total / n
-    std = (total_sq / n - mean.pow(2)).clamp_min(0).sqrt()
-    std = std.clamp_min(max(float(std.mean()) * 1e-3, 1e-8))
-    return {"mean": mean.float(), "std": std.float()}
+    """Per position and feature mean and std ``[l, D]`` over ``reduced[indices]``, in chunks (float64 sums).
+
+    The single-site form of :class:`feda2v_toolkit.stages.NormalizationStage` (federated runs merge the sums).
+    """
+    from feda2v_toolkit.stages import NormalizationStage
+
+    stage = NormalizationStage()
+    return stage.finish(stage.local(reduced, indices, rows))
 
 
 def full_batches(ds: Dataset, indices: Tensor, rows: int | None = None) -> Callable[[], Iterator[Tensor]]:

@@ -171,6 +171,16 @@ def _show(model_path: Path, info: dict[str, Any], *, as_json: bool, quiet: bool)
                        + "".join(f", {k} {v:.4g}" for k, v in train.items()))
         if val:
             click.echo("held out:    " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+        fed = metrics.get("federated")
+        if fed:
+            privacy = fed.get("privacy") or {}
+            dp = (f"DP epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} (noise "
+                  f"{privacy['noise_multiplier']:g}, clip {privacy['clipping_norm']:g})"
+                  if privacy.get("mechanism") else "no differential privacy")
+            how = ("generators fitted from merged statistics" if fed.get("generators_fitted")
+                   else f"{fed['rounds']} rounds x {fed['local_epochs']} local epochs")
+            click.echo(f"federated:   {len(fed['nodes'])} nodes ({', '.join(n['name'] for n in fed['nodes'])}), "
+                       f"{how}, {fed['engine']} engine, {dp}")
         ups = metrics.get("upsampler") or {}
         if "heldout_mse" in ups:
             click.echo(f"upsampling:  held-out MSE {ups['heldout_mse']:.5g} ({ups['name']}) vs "

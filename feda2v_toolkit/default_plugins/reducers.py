@@ -26,3 +26,5 @@ def feda2v_register_reducers(register):
 def feda2v_register_schema_fragments(register):
     register(SchemaFragment(name="fitted-components", schema=package_schema("fitted-components.schema.json"),
                             description="Keys of the built-in fitted reducer/upsampler pair (pca, lstsq)."))
+    register(SchemaFragment(name="federated", schema=package_schema("federated.schema.json"),
+                            description="Keys of federated training (feda2v-tk federate, the Flower app)."))

@@ -61,15 +61,39 @@ def ledoit_wolf(scatter: Tensor, sq_norms: Tensor, features: int, n: int | None 
     = (sum_i |x_i|^4 - n ||S||_F^2) / n^2`` (``sum_i <x_i x_i^T, S> = n ||S||_F^2``).
     """
     n = int(sq_norms.numel()) if n is None else n
+    return ledoit_wolf_from_sums(float(scatter.square().sum()), float(sq_norms.sum()),
+                                 float(sq_norms.square().sum()), features, n)
+
+
+def ledoit_wolf_from_sums(scatter_norm2: float, square: float, quartic: float, features: int, n: int) -> float:
+    """:func:`ledoit_wolf` from sums alone: ``||X^T X||_F^2``, ``sum_i |x_i|^2`` and ``sum_i |x_i|^4``."""
     if n < 2:
         return 1.0
-    s_norm2 = float(scatter.square().sum()) / n ** 2
-    m = float(sq_norms.sum()) / (n * features)
+    s_norm2 = scatter_norm2 / n ** 2
+    m = square / (n * features)
     d2 = s_norm2 - m * m * features
-    b2 = (float(sq_norms.square().sum()) - n * s_norm2) / n ** 2
+    b2 = (quartic - n * s_norm2) / n ** 2
     if d2 <= 0:
         return 1.0
     return float(min(1.0, max(0.0, b2 / d2)))
+
+
+def low_rank_factor(d: Tensor, max_rank: int | None = None) -> Tensor:
+    """Rows ``f [r, F]`` with ``f^T f = d^T d`` (float64): every non-zero direction of the scatter of the rows
+    ``d [n, F]``, by decreasing variance, or the top ``max_rank`` of them. Computed through the smaller of
+    ``d d^T`` and ``d^T d``; the rows of ``f`` are orthogonal."""
+    n, features = d.shape
+    if n == 0:
+        return d.new_zeros(0, features)
+    by_rows = n <= features
+    evals, evecs = torch.linalg.eigh(d @ d.T if by_rows else d.T @ d)
+    evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+    keep = int((evals > evals[0] * 1e-12).sum()) if evals[0] > 0 else 0
+    if max_rank is not None:
+        keep = min(keep, int(max_rank))
+    if by_rows:
+        return evecs[:, :keep].T @ d
+    return evecs[:, :keep].T * evals[:keep].sqrt().unsqueeze(1)
 
 
 class GaussianGenerator(Generator):
@@ -144,6 +168,16 @@ class GaussianGenerator(Generator):
             raise ValueError("the gaussian generator needs at least one training sequence")
         if x.shape[1:] != (self.seq_len, self.dim):
             raise ValueError(f"expected [n, {self.seq_len}, {self.dim}], got {tuple(x.shape)}")
+        if self._conditioning != "embedding" and min(n, self.seq_len * self.dim) <= GRAM_ROWS:
+            return self.fit_from_statistics(self.fit_statistics(x, labels=labels))
+        return self._fit_direct(x, labels=labels, conditions=conditions, seed=seed)
+
+    @torch.no_grad()
+    def _fit_direct(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+                    seed: int = 0) -> dict[str, float]:
+        """:meth:`fit` on the data itself: embedding conditioning, and fits beyond :data:`GRAM_ROWS` sequences
+        (randomised SVD, shrinkage from a seeded subset); :meth:`fit_from_statistics` does the rest."""
+        n = x.shape[0]
         flat = x.reshape(n, -1).to(torch.float64)
         features = flat.shape[1]
         groups = 1
@@ -210,6 +244,141 @@ class GaussianGenerator(Generator):
             a = ledoit_wolf(shrink_scatter, shrink_norms, features, shrink_n)
         else:
             a = float(self.shrinkage_setting)
+        return self._set(means, counts, comps, lam, keep, total, a, n)
+
+    # -- mergeable sufficient statistics (federated fitting) -----------------------------------------
+    def _rows_of(self, n: int, labels: Tensor | None) -> Tensor:
+        if self._conditioning == "label":
+            if labels is None or labels.shape != (n,):
+                raise ValueError(f"label conditioning: pass labels of shape [{n}]")
+            return labels.long()
+        return torch.zeros(n, dtype=torch.long)
+
+    @torch.no_grad()
+    def fit_statistics(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+                       max_rank: int | None = None) -> dict[str, Tensor]:
+        """Sufficient statistics of ``x [n, seq_len, dim]`` that :meth:`merge_statistics` combines exactly
+        (float64). Per mean row ``c`` (class with label conditioning, else one row): ``counts``, ``sums``
+        ``[C, F]``, and about the row's own mean ``m_c`` the deviations' ``square = sum |d|^2``, ``quartic =
+        sum |d|^4``, ``cubic = sum |d|^2 d`` ``[C, F]`` and the scatter ``sum d d^T`` as low-rank ``factors``
+        (every non-zero direction, or the top ``max_rank`` per row; ``factor_rows [C]`` says how many rows of
+        ``factors`` belong to each ``c``, in order). Embedding conditioning has no such statistics."""
+        if self._conditioning == "embedding":
+            raise NotImplementedError("a gaussian generator conditioned on condition embeddings has no mergeable "
+                                      "statistics (its residuals depend on the merged regression)")
+        n = x.shape[0]
+        if x.shape[1:] != (self.seq_len, self.dim):
+            raise ValueError(f"expected [n, {self.seq_len}, {self.dim}], got {tuple(x.shape)}")
+        flat = x.reshape(n, -1).to(torch.float64)
+        lab = self._rows_of(n, labels).to(flat.device)
+        rows, features = self.means.shape
+        if n and bool((lab < 0).any() or (lab >= rows).any()):
+            raise ValueError(f"labels must be in 0..{rows - 1}")
+        f64 = {"dtype": torch.float64, "device": flat.device}
+        out = {"counts": torch.zeros(rows, **f64), "sums": torch.zeros(rows, features, **f64),
+               "square": torch.zeros(rows, **f64), "quartic": torch.zeros(rows, **f64),
+               "cubic": torch.zeros(rows, features, **f64), "factor_rows": torch.zeros(rows, **f64)}
+        factors = []
+        for c in torch.unique(lab).tolist():
+            xc = flat[lab == c]
+            d = xc - xc.mean(0)
+            sq = d.square().sum(1)
+            f = low_rank_factor(d, max_rank)
+            out["counts"][c], out["sums"][c] = xc.shape[0], xc.sum(0)
+            out["square"][c], out["quartic"][c], out["cubic"][c] = sq.sum(), sq.square().sum(), sq @ d
+            out["factor_rows"][c] = f.shape[0]
+            factors.append(f)
+        out["factors"] = torch.cat(factors) if factors else torch.zeros(0, features, **f64)
+        return out
+
+    @staticmethod
+    def merge_statistics(parts: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Statistics of the union of the parts' data, exactly (parallel-axis corrections of the parts' row
+        means to the merged means; the stacked factors are re-factored). Same form as :meth:`fit_statistics`."""
+        if not parts:
+            raise ValueError("no statistics to merge")
+        shapes = {tuple(p["sums"].shape) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"gaussian statistics of different shapes: {sorted(shapes)}")
+        parts = [{k: v.to("cpu", torch.float64) for k, v in p.items()} for p in parts]
+        rows, features = parts[0]["sums"].shape
+        counts = sum(p["counts"] for p in parts)
+        sums = sum(p["sums"] for p in parts)
+        out = {"counts": counts, "sums": sums, "square": torch.zeros(rows, dtype=torch.float64),
+               "quartic": torch.zeros(rows, dtype=torch.float64),
+               "cubic": torch.zeros(rows, features, dtype=torch.float64),
+               "factor_rows": torch.zeros(rows, dtype=torch.float64)}
+        slices = [torch.cat([torch.zeros(1, dtype=torch.long), p["factor_rows"].long().cumsum(0)]) for p in parts]
+        factors = []
+        for c in range(rows):
+            if counts[c] <= 0:
+                continue
+            mu = sums[c] / counts[c]
+            stacked = []
+            for p, off in zip(parts, slices, strict=True):
+                nk = float(p["counts"][c])
+                if nk <= 0:
+                    continue
+                e = p["sums"][c] / nk - mu
+                low = p["factors"][int(off[c]):int(off[c + 1])]
+                se = low.T @ (low @ e)  # (sum d d^T) e
+                e2 = float(e.square().sum())
+                s2, t = float(p["square"][c]), p["cubic"][c]
+                out["square"][c] += s2 + nk * e2
+                out["cubic"][c] += t + 2 * se + s2 * e + nk * e2 * e
+                out["quartic"][c] += (float(p["quartic"][c]) + 4 * float(e @ se) + nk * e2 * e2
+                                      + 4 * float(t @ e) + 2 * e2 * s2)
+                stacked += [low, (math.sqrt(nk) * e).unsqueeze(0)]
+            f = low_rank_factor(torch.cat(stacked))
+            out["factor_rows"][c] = f.shape[0]
+            factors.append(f)
+        out["factors"] = torch.cat(factors) if factors else torch.zeros(0, features, dtype=torch.float64)
+        return out
+
+    @torch.no_grad()
+    def fit_from_statistics(self, stats: Mapping[str, Tensor]) -> dict[str, float]:
+        """Set the model from (merged) :meth:`fit_statistics`; returns what :meth:`fit` returns."""
+        counts = stats["counts"].to("cpu", torch.float64)
+        rows, features = self.means.shape
+        if tuple(stats["sums"].shape) != (rows, features):
+            raise ValueError(f"statistics of shape {tuple(stats['sums'].shape)}, this generator has "
+                             f"{(rows, features)}")
+        n = int(round(float(counts.sum())))
+        if n < 1:
+            raise ValueError("the gaussian generator needs at least one training sequence")
+        means = stats["sums"].to("cpu", torch.float64) / counts.clamp(min=1).unsqueeze(1)
+        dof = max(n - int((counts > 0).sum()), 1)
+        square = float(stats["square"].sum())
+        total = square / dof  # tr S (unbiased)
+        low = stats["factors"].to("cpu", torch.float64)  # [R, F]: low^T low = the pooled within-row scatter
+        keep, lam = 0, torch.zeros(0, dtype=torch.float64)
+        comps = torch.zeros(0, features, dtype=torch.float64)
+        scatter_norm2 = 0.0
+        if low.shape[0]:
+            by_rows = low.shape[0] <= features
+            gram = low @ low.T if by_rows else low.T @ low
+            scatter_norm2 = float(gram.square().sum())
+            evals, evecs = torch.linalg.eigh(gram)
+            evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+            keep = int(min(self.rank, int((evals > evals[0] * 1e-12).sum()) if evals[0] > 0 else 0))
+            if by_rows:
+                comps = (evecs[:, :keep].T @ low) / evals[:keep].sqrt().clamp(min=1e-300).unsqueeze(1)
+            else:
+                comps = evecs[:, :keep].T
+            lam = evals[:keep] / dof
+        if self.shrinkage_setting == "auto":
+            a = ledoit_wolf_from_sums(scatter_norm2, square, float(stats["quartic"].sum()), features, n)
+        else:
+            a = float(self.shrinkage_setting)
+        return self._set(means, counts, comps, lam, keep, total, a, n)
+
+    def _set(self, means: Tensor, counts: Tensor, comps: Tensor, lam: Tensor, keep: int, total: float, a: float,
+             n: int) -> dict[str, float]:
+        features = self.means.shape[1]
+        if keep:  # each component's sign fixed (largest entry positive): the same fit samples the same draws
+            comps = comps[:keep]
+            pivot = comps.abs().argmax(1, keepdim=True)
+            comps = comps * torch.where(comps.gather(1, pivot) < 0, -1.0, 1.0).to(comps)
         m = total / features
         rest = max(total - float(lam.sum()), 0.0) / features
         self.means.zero_()

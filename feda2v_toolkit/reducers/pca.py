@@ -52,7 +52,19 @@ class PCAReducer(Reducer):
 
     def fit(self, batches: Callable[[], Iterable[Tensor]]) -> None:
         """One streaming pass over ``batches()`` (float32 ``[B, L, D]``), then an eigen-decomposition."""
+        self.fit_from_statistics(self.fit_statistics(batches))
+
+    def fit_statistics(self, batches: Callable[[], Iterable[Tensor]]) -> dict[str, Tensor]:
+        """The position moments of ``batches()`` as float64 sums: sums over parts of the data add up exactly."""
         moments = PositionMoments(self.full_length, self.dim).update(batches())
+        return {"sum": moments.sum, "outer": moments.outer, "count": torch.tensor(moments.count, dtype=torch.float64)}
+
+    def fit_from_statistics(self, stats: Mapping[str, Tensor]) -> None:
+        """Fit from (summed) :meth:`fit_statistics`: the eigen-decomposition of the summed covariance."""
+        moments = PositionMoments(self.full_length, self.dim)
+        moments.sum = stats["sum"].to(torch.float64)
+        moments.outer = stats["outer"].to(torch.float64)
+        moments.count = int(stats["count"])
         self.set_pca(PositionPCA(moments), sequences=moments.count)
 
     def set_pca(self, pca: PositionPCA, *, sequences: int) -> None:

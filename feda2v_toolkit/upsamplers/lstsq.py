@@ -63,6 +63,10 @@ class LeastSquaresUpsampler(Upsampler):
     def fit(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]], *,
             config: Mapping[str, Any] | None = None) -> dict[str, float]:
         """One pass over ``pairs()``; returns the training R^2 (about the mean sequence) and the ridge."""
+        return self.fit_from_statistics(self.fit_statistics(pairs))
+
+    def fit_statistics(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> dict[str, Tensor]:
+        """The normal-equation sums over ``pairs()`` (float64): sums of parts of the data add up exactly."""
         short, L, D = self.reduced_length, self.full_length, self.dim
         sxr = torch.zeros(L, short, dtype=torch.float64)
         srr = torch.zeros(short, short, dtype=torch.float64)
@@ -84,6 +88,14 @@ class LeastSquaresUpsampler(Upsampler):
             sum_r += r.sum(0).double().cpu()
             sxx += float(torch.linalg.vector_norm(x)) ** 2
             n += x.shape[0]
+        return {"sxr": sxr, "srr": srr, "sum_x": sum_x, "sum_r": sum_r, "sxx": torch.tensor(sxx, dtype=torch.float64),
+                "count": torch.tensor(n, dtype=torch.float64)}
+
+    def fit_from_statistics(self, stats: Mapping[str, Tensor]) -> dict[str, float]:
+        """Solve the normal equations from (summed) :meth:`fit_statistics`; returns what :meth:`fit` returns."""
+        short = self.reduced_length
+        sxr, srr, sum_x, sum_r = (stats[k].to(torch.float64) for k in ("sxr", "srr", "sum_x", "sum_r"))
+        sxx, n = float(stats["sxx"]), int(stats["count"])
         if n == 0:
             raise ValueError("lstsq: no training pairs")
         cxr = sxr - sum_x @ sum_r.T / n

@@ -128,3 +128,52 @@ def test_fit_is_deterministic_and_refuses_what_it_cannot_sample():
         draw(only_zero, 2, 1)
     with pytest.raises(RuntimeError, match="closed form"):
         a.training_step(x, labels=labels, conditions=None, optimizers={}, ctx=ctx(tiny_config()))
+
+
+def _covariance(g: GaussianGenerator) -> torch.Tensor:
+    c = g.components.double()
+    return c.T @ c  # the components' signs are arbitrary; their outer product is not
+
+
+def _assert_same_fit(a: GaussianGenerator, b: GaussianGenerator) -> None:
+    for k in ("means", "counts", "residual", "shrinkage", "scale"):
+        torch.testing.assert_close(a.state_dict()[k], b.state_dict()[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_covariance(a), _covariance(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conditioning", ["label", None])
+@pytest.mark.parametrize("n", [30, 200])  # fewer, and more, sequences than l * D
+def test_fit_through_statistics_equals_the_fit_on_the_data_itself(conditioning, n):
+    torch.manual_seed(0)
+    x = torch.randn(n, L, D) * torch.linspace(0.2, 3, L * D).view(L, D) + 1
+    y = torch.arange(n) % 3
+    a = GaussianGenerator(seq_len=L, dim=D, rank=5, num_classes=3, conditioning=conditioning)
+    b = GaussianGenerator(seq_len=L, dim=D, rank=5, num_classes=3, conditioning=conditioning)
+    assert a.fit(x, labels=y) == pytest.approx(b._fit_direct(x, labels=y), rel=1e-9)
+    _assert_same_fit(a, b)
+
+
+@pytest.mark.parametrize("conditioning", ["label", None])
+def test_statistics_of_parts_merge_into_exactly_the_fit_on_all_the_data(conditioning):
+    """Nodes with unequal class mixes (one without class 2): the merged fit is the centralised fit."""
+    torch.manual_seed(1)
+    x = torch.randn(60, L, D) * 2 + torch.arange(60).remainder(3).view(-1, 1, 1)
+    y = torch.arange(60) % 3
+    whole = GaussianGenerator(seq_len=L, dim=D, rank=6, num_classes=3, conditioning=conditioning)
+    fed = GaussianGenerator(seq_len=L, dim=D, rank=6, num_classes=3, conditioning=conditioning)
+    parts = [(x[:25][y[:25] != 2], y[:25][y[:25] != 2]), (x[25:47], y[25:47]), (x[47:], y[47:])]
+    stats = [fed.fit_statistics(xp, labels=yp) for xp, yp in parts]
+    got = fed.fit_from_statistics(GaussianGenerator.merge_statistics(stats))
+    union = whole.fit(torch.cat([xp for xp, _ in parts]), labels=torch.cat([yp for _, yp in parts]))
+    assert got == pytest.approx(union, rel=1e-9)
+    _assert_same_fit(fed, whole)
+
+
+def test_statistics_hold_at_most_max_rank_directions_per_class_and_the_exact_variance():
+    x = torch.randn(40, L, D)
+    g = gen(rank=3)
+    stats = g.fit_statistics(x, labels=torch.arange(40) % 2, max_rank=3)
+    assert stats["factor_rows"].tolist() == [3, 3] and stats["factors"].shape == (6, L * D)
+    full = g.fit_statistics(x, labels=torch.arange(40) % 2)
+    assert full["factor_rows"].tolist() == [19, 19]  # every non-zero direction: n_c - 1
+    torch.testing.assert_close(stats["square"], full["square"])

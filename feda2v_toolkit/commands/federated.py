@@ -1,0 +1,155 @@
+"""``feda2v-tk federate`` (train over several nodes' datasets with the Flower app) and ``feda2v-tk split``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from feda2v_toolkit.commands._warnings import warnings_as_messages
+from feda2v_toolkit.errors import UsageError
+
+FLOWER_MISSING = 'federated training needs Flower: pip install "feda2v-tk[federated]"'
+
+
+def require_flower() -> None:
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise UsageError(FLOWER_MISSING) from None
+
+
+@click.command("federate")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Experiment config (JSON), as for train; federated_* keys set the rounds and privacy.")
+@click.option("-n", "--node", "nodes", multiple=True, type=click.Path(path_type=Path),
+              help="One node's dataset (repeat per node): it is read only by that node's ClientApp.")
+@click.option("--superlink", metavar="HOST:PORT",
+              help="Run on Flower's Deployment engine: submit to this SuperLink (its --port) and wait; the "
+                   "nodes are the SuperNodes connected to it, each with its own data (no --node).")
+@click.option("--min-nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --superlink: wait for this many SuperNodes before starting.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0, min_open=True), default=86_400.0,
+              show_default=True, help="With --superlink: give up (and stop the run) after this many seconds.")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Model file to write (.safetensors), written only when the run completes.")
+@click.option("--rounds", type=click.IntRange(min=1), help="Overrides federated_rounds.")
+@click.option("--local-epochs", type=click.IntRange(min=1), help="Overrides federated_local_epochs.")
+@click.option("--granularity", type=click.Choice(["unified", "per_class", "per_group"]),
+              help="Overrides generator_granularity.")
+@click.option("--generator-type", help="Overrides generator_type.")
+@click.option("--dp-noise", type=click.FloatRange(min=0), help="Overrides federated_dp_noise_multiplier (0 = off).")
+@click.option("--dp-clip", type=click.FloatRange(min=0, min_open=True), help="Overrides federated_dp_clipping_norm.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the nodes in each stage (overrides federated_round_timeout).")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), help="Random seed (overrides generator_seed).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: str | None, min_nodes: int,
+                 wait_s: float, out_path: Path, rounds: int | None,
+                 local_epochs: int | None, granularity: str | None, generator_type: str | None,
+                 dp_noise: float | None, dp_clip: float | None, timeout: float | None,
+                 seed: int | None, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Train one model over several nodes' datasets with the Flower app; only weights and sums move.
+
+    Every --node is one site, run in this process; or, with --superlink, the SuperNodes of a running
+    Flower Deployment engine are the sites (docs/federated.md). The run prints a progress line per round
+    and writes one model file in the same format as train (inspect shows the nodes, rounds and privacy).
+    """
+    from feda2v_toolkit.atomic import check_output_path
+    from feda2v_toolkit.errors import InputError
+
+    require_flower()
+    if superlink is not None:
+        if nodes:
+            raise UsageError("--superlink runs on the SuperNodes' own data: drop --node")
+        _federate_deployed(superlink, config_path, out_path, min_nodes, wait_s, seed, timeout, overwrite, quiet,
+                           as_json, {"federated_rounds": rounds, "federated_local_epochs": local_epochs,
+                                     "generator_granularity": granularity, "generator_type": generator_type,
+                                     "federated_dp_noise_multiplier": dp_noise,
+                                     "federated_dp_clipping_norm": dp_clip})
+        return
+    if len(nodes) < 1:
+        raise UsageError("give at least one --node (or --superlink)")
+    for p in nodes:
+        if not p.exists():
+            raise InputError(f"{p}: no such dataset")
+    check_output_path(out_path, nodes, role="node dataset")
+    if out_path.exists() and not overwrite:
+        raise UsageError(f"{out_path}: exists; pass --overwrite to replace it")
+
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"feda2v-tk: {msg}", err=True)
+
+    overrides: dict[str, Any] = {k: v for k, v in {
+        "federated_rounds": rounds, "federated_local_epochs": local_epochs, "generator_granularity": granularity,
+        "generator_type": generator_type, "federated_dp_noise_multiplier": dp_noise,
+        "federated_dp_clipping_norm": dp_clip}.items() if v is not None}
+    config: Any = config_path if config_path is not None else {}
+    with warnings_as_messages():
+        from feda2v_toolkit.federated.engine import federate_local
+
+        model = federate_local(config, nodes, out=out_path, seed=seed, overrides=overrides, timeout=timeout, log=say)
+    fed = model.metrics["federated"]
+    if as_json:
+        click.echo(json.dumps({"out": str(out_path), **{k: v for k, v in fed.items() if k != "history"},
+                               "history": fed.get("history", [])}, default=float))
+
+
+def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path, min_nodes: int, wait_s: float,
+                       seed: int | None, timeout: float | None, overwrite: bool, quiet: bool, as_json: bool,
+                       overrides: dict[str, Any]) -> None:
+    """``federate --superlink``: submit the app to a running SuperLink and wait for the run to finish."""
+    from feda2v_toolkit.errors import InputError
+    from feda2v_toolkit.federated.deploy import submit_and_wait
+
+    if config_path is not None and not config_path.exists():
+        raise InputError(f"{config_path}: no such config file")
+    if out_path.exists() and not overwrite:
+        raise UsageError(f"{out_path}: exists; pass --overwrite to replace it")
+
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"feda2v-tk: {msg}", err=True)
+
+    run_config: dict[str, Any] = {
+        "config": str(config_path.resolve()) if config_path is not None else "", "out": str(out_path.resolve()),
+        "seed": "" if seed is None else str(seed), "timeout": float(timeout or 0.0), "nodes": min_nodes,
+        "overrides": json.dumps({k: v for k, v in overrides.items() if v is not None})}
+    result = submit_and_wait(superlink, run_config, wait=wait_s, log=say)
+    for line in result["log"]:
+        say(line[len("feda2v-tk: "):])
+    if as_json:
+        click.echo(json.dumps({"out": run_config["out"], "run": result["run"]}, default=str))
+
+
+@click.command("split")
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the node datasets (node0.safetensors, node1.safetensors, ...).")
+@click.option("--nodes", "num_nodes", required=True, type=click.IntRange(min=1), help="Number of nodes.")
+@click.option("--by", "how", default="class", show_default=True, type=click.Choice(["class", "dirichlet"]),
+              help="class: each class lives on one node (round-robin, as FedA2V's nodes had); dirichlet: every "
+                   "class spread over the nodes with Dirichlet(alpha) proportions (label skew).")
+@click.option("--alpha", default=0.3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Concentration of --by dirichlet (small = more skew).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1))
+@click.option("--overwrite", is_flag=True, help="Replace existing node files in OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print per-node class counts as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Do not report what was written.")
+def split_cmd(data: Path, out_dir: Path, num_nodes: int, how: str, alpha: float, seed: int, overwrite: bool,
+              as_json: bool, quiet: bool) -> None:
+    """Partition dataset DATA into one dataset per node, for federated experiments."""
+    from feda2v_toolkit.federated.split import split_dataset
+
+    result = split_dataset(data, out_dir, num_nodes, how=how, alpha=alpha, seed=seed, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(result))
+    elif not quiet:
+        for node in result["nodes"]:
+            counts = ", ".join(f"{c} {n}" for c, n in node["classes"].items())
+            click.echo(f"feda2v-tk: {node['path']}: {node['sequences']} sequences ({counts})", err=True)

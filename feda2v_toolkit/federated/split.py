@@ -1,0 +1,78 @@
+"""Partition a dataset into one dataset per node: class ownership or Dirichlet label skew (no Flower needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from feda2v_toolkit.errors import InputError, UsageError
+
+
+def assign(labels: torch.Tensor, num_classes: int, nodes: int, *, how: str, alpha: float = 0.3,
+           seed: int = 0) -> torch.Tensor:
+    """Node index per sequence. ``class``: class ``c`` goes to node ``c mod nodes`` (every node gets a class
+    when there are at least as many classes as nodes); ``dirichlet``: each class's sequences are dealt to
+    nodes in Dirichlet(``alpha``) proportions."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(labels.numel(), dtype=torch.long)
+    if how == "class":
+        if num_classes < nodes:
+            raise UsageError(f"--by class needs at least as many classes ({num_classes}) as nodes ({nodes})")
+        order = torch.randperm(num_classes, generator=g)
+        owner = torch.empty(num_classes, dtype=torch.long)
+        owner[order] = torch.arange(num_classes) % nodes
+        return owner[labels]
+    if how != "dirichlet":
+        raise UsageError(f"unknown split {how!r}; use class or dirichlet")
+    conc = torch.full((nodes,), float(alpha))
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        # Dirichlet draw from Gamma draws with our generator (torch.distributions has no generator argument)
+        gam = torch._standard_gamma(conc.expand(1, nodes).contiguous(), generator=g).flatten()
+        p = gam / gam.sum() if float(gam.sum()) > 0 else torch.full((nodes,), 1.0 / nodes)
+        cuts = torch.round(torch.cumsum(p, 0) * idx.numel()).long()
+        start = 0
+        for node, end in enumerate(cuts.tolist()):
+            out[idx[start:end]] = node
+            start = end
+    return out
+
+
+def split_dataset(data: str | os.PathLike[str], out_dir: str | os.PathLike[str], nodes: int, *, how: str = "class",
+                  alpha: float = 0.3, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``out_dir/node<i>.safetensors`` for every node; returns per-node paths and class counts.
+
+    Every node file keeps the full class-name list (so labels mean the same everywhere); a node may hold
+    no sequences of some classes. A node that would get no sequences at all is an error.
+    """
+    from feda2v_toolkit.data import open_dataset, write_dataset
+
+    ds = open_dataset(data)
+    out = Path(out_dir)
+    paths = [out / f"node{i}.safetensors" for i in range(nodes)]
+    if not overwrite:
+        existing = [p for p in paths if p.exists()]
+        if existing:
+            raise UsageError(f"{existing[0]}: exists; pass --overwrite to replace the node files")
+    node_of = assign(ds.labels, ds.num_classes, nodes, how=how, alpha=alpha, seed=seed)
+    empty = [i for i in range(nodes) if not bool((node_of == i).any())]
+    if empty:
+        raise InputError(f"{ds.path}: node(s) {', '.join(map(str, empty))} would get no sequences "
+                         f"({len(ds)} sequences over {nodes} nodes); use fewer nodes or a larger alpha")
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"source": str(ds.path), "by": how, "seed": seed, "nodes": []}
+    if how == "dirichlet":
+        result["alpha"] = alpha
+    for i, path in enumerate(paths):
+        idx = (node_of == i).nonzero().flatten()
+        batch = ds.read(idx, dtype=ds.storage_dtype)
+        conditions = ds.read_conditions(idx) if ds.condition_dim else None
+        write_dataset(path, batch.embeddings, batch.labels, class_names=ds.class_names, conditions=conditions)
+        counts = torch.bincount(batch.labels, minlength=ds.num_classes).tolist()
+        result["nodes"].append({"path": str(path), "sequences": int(idx.numel()),
+                                "classes": {c: n for c, n in zip(ds.class_names, counts, strict=True) if n}})
+    return result

@@ -1,0 +1,206 @@
+"""The federated server loop and node handler, in-process over Flower messages (no network)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from feda2v_toolkit.federated.engine import LocalGrid, federate_local  # noqa: E402
+from feda2v_toolkit.federated.server import FederationError, dp_epsilon  # noqa: E402
+
+
+def _cfg(tiny_config, **extra):
+    return {**tiny_config, "generator_type": "vae", "generator_save_checkpoint": False, "federated_rounds": 2,
+            **extra}  # trained in rounds unless a test names another type
+
+
+def test_exact_stages_equal_centralised_training(tiny_data, two_nodes, tiny_config, tmp_path):
+    """pca reducer, lstsq upsampler and normalisation from two nodes' sums = train() on all the data."""
+    from feda2v_toolkit.training import train
+
+    cfg = _cfg(tiny_config, generator_reducer="pca", generator_upsampler="lstsq", generator_validation_split=0,
+               generator_training_epochs=1)
+    central = train(cfg, tiny_data)
+    fed = federate_local(cfg, two_nodes, seed=0)
+    for name in ("reducer", "upsampler"):
+        want, got = getattr(central, name).state_dict(), getattr(fed, name).state_dict()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    for k in ("mean", "std"):
+        torch.testing.assert_close(fed.normalization[k], central.normalization[k], rtol=1e-5, atol=1e-5)
+    assert fed.class_names == central.class_names
+    assert fed.class_counts == central.class_counts
+
+
+@pytest.mark.parametrize("granularity", ["unified", "per_class"])
+def test_closed_form_generators_federate_exactly(tiny_data, two_nodes, tiny_config, granularity):
+    """gaussian (label-conditioned when unified): one exchange of statistics = train() on all the data."""
+    from feda2v_toolkit.training import train
+
+    cfg = _cfg(tiny_config, generator_type="gaussian", generator_granularity=granularity,
+               generator_validation_split=0, generator_latent_dim=64)  # rank above every node's class size
+    central = train(cfg, tiny_data)
+    fed = federate_local(cfg, two_nodes, seed=0)
+    assert fed.metrics["federated"]["rounds"] == 0 and fed.metrics["federated"]["history"][0]["fit"]
+    assert set(fed.generators) == set(central.generators)
+    for key, want in central.generators.items():
+        got = fed.generators[key]
+        assert got.conditioning == want.conditioning
+        for k in ("means", "counts", "residual", "shrinkage", "scale"):
+            torch.testing.assert_close(got.state_dict()[k], want.state_dict()[k], rtol=1e-4, atol=1e-5)
+        cov = [g.components.double().T @ g.components.double() for g in (got, want)]
+        torch.testing.assert_close(cov[0], cov[1], rtol=1e-4, atol=1e-4)
+    assert not fed.metrics["federated"]["history"][0]["truncated"]
+    for c in central.class_names:  # component signs are canonical: the same seed draws the same samples
+        draws = [m.sample(3, class_name=c, generator=torch.Generator().manual_seed(0)) for m in (fed, central)]
+        torch.testing.assert_close(draws[0], draws[1], rtol=1e-3, atol=1e-3)
+
+
+def test_a_class_larger_than_the_rank_sends_its_top_directions_and_says_so(two_nodes, tiny_config):
+    logs: list[str] = []
+    fed = federate_local(_cfg(tiny_config, generator_type="gaussian", generator_latent_dim=2), two_nodes, seed=0,
+                         log=logs.append)
+    truncated = fed.metrics["federated"]["history"][0]["truncated"]["all"]
+    assert set(truncated) == {"node0.safetensors", "node1.safetensors"}
+    assert any("more sequences than the rank" in m for m in logs)
+
+
+def test_per_class_generators_are_trained_and_averaged_only_by_their_owners(two_nodes, tiny_config, tmp_path):
+    out = tmp_path / "fed.safetensors"
+    model = federate_local(_cfg(tiny_config, generator_granularity="per_class"), two_nodes, out=out, seed=0)
+    nodes = model.metrics["federated"]["nodes"]
+    assert nodes[0]["generators"] == ["engine", "drum", "whistle"]
+    assert nodes[1]["generators"] == ["whistle", "bird"]
+    assert set(model.generators) == {"engine", "drum", "whistle", "bird"}
+    from feda2v_toolkit.modelfile import load_model
+
+    loaded = load_model(out)
+    assert loaded.metrics["federated"]["rounds"] == 2
+    assert loaded.sample(2, class_name="bird").shape[0] == 2
+
+
+def _generator_types():
+    from feda2v_toolkit.plugins import list_generators
+
+    return list_generators()
+
+
+@pytest.mark.parametrize("granularity", ["unified", "per_class"])
+@pytest.mark.parametrize("generator_type", _generator_types())
+def test_every_registered_generator_type_federates(generator_type, granularity, two_nodes, tiny_config):
+    cfg = _cfg(tiny_config, generator_type=generator_type, generator_granularity=granularity, federated_rounds=1)
+    model = federate_local(cfg, two_nodes, seed=1)
+    assert model.generator_type == generator_type
+    for c in model.class_names:
+        x = model.sample(1, class_name=c, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(x).all()
+
+
+def test_same_seed_gives_the_same_weights(two_nodes, tiny_config):
+    a = federate_local(_cfg(tiny_config), two_nodes, seed=5)
+    b = federate_local(_cfg(tiny_config), two_nodes, seed=5)
+    for k, v in a.generators["all"].state_dict().items():
+        torch.testing.assert_close(b.generators["all"].state_dict()[k], v, rtol=0, atol=0)
+
+
+class _FailingGrid(LocalGrid):
+    """Node 3 (the second node) raises, or stalls, in the generator rounds."""
+
+    def __init__(self, *args, stall: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stall = stall
+
+    def _deliver(self, msg):
+        if msg.metadata.dst_node_id == 3 and msg.metadata.message_type == "train.generators":
+            from flwr.app import Message
+            from flwr.app.error import Error
+
+            time.sleep(self.stall)  # a stalled node never answers in time (then it goes away)
+            return Message(Error(300, "ConnectionError: node went away"), reply_to=msg)
+        return super()._deliver(msg)
+
+
+def _run(grid, cfg, out, timeout=None):
+    from feda2v_toolkit.federated.app import grid_exchange
+    from feda2v_toolkit.federated.server import run_federation
+
+    return run_federation(grid_exchange(grid, timeout, {}), sorted(grid.get_node_ids()), cfg, out=out, seed=0)
+
+
+def test_a_node_failing_mid_run_fails_the_run_and_writes_nothing(two_nodes, tiny_config, tmp_path):
+    out = tmp_path / "fed.safetensors"
+    grid = _FailingGrid([{"data": str(p)} for p in two_nodes])
+    with pytest.raises(FederationError, match=r"node node1.safetensors failed in stage 'generators'.*went away"):
+        _run(grid, _cfg(tiny_config), out)
+    assert not out.exists()
+
+
+def test_a_node_that_does_not_answer_in_time_fails_the_run(two_nodes, tiny_config, tmp_path):
+    out = tmp_path / "fed.safetensors"
+    grid = _FailingGrid([{"data": str(p)} for p in two_nodes], stall=8.0)
+    t0 = time.monotonic()
+    with pytest.raises(FederationError, match=r"no reply from node node1.safetensors in stage 'generators' within"):
+        _run(grid, _cfg(tiny_config), out, timeout=4.0)
+    assert time.monotonic() - t0 < 30
+    assert not out.exists()
+
+
+def test_nodes_with_mismatched_shapes_are_refused(two_nodes, tmp_path, tiny_config):
+    from feda2v_toolkit.demo import write_demo_dataset
+
+    other = write_demo_dataset(tmp_path / "other.safetensors", 2, seq_len=50, dim=8)
+    with pytest.raises(FederationError, match=r"other.safetensors has sequences \[50, 8\].*\[50, 16\]"):
+        federate_local(_cfg(tiny_config), [two_nodes[0], other], seed=0)
+
+
+def test_a_node_without_data_config_is_a_clear_error(tiny_config):
+    grid = LocalGrid([{}])
+    with pytest.raises(FederationError, match="no data.*--node-config"):
+        _run(grid, _cfg(tiny_config), None)
+
+
+def test_differential_privacy_reports_epsilon_and_stores_it(two_nodes, tiny_config, tmp_path):
+    out = tmp_path / "dp.safetensors"
+    cfg = _cfg(tiny_config, federated_dp_noise_multiplier=1.0, federated_dp_clipping_norm=0.5)
+    model = federate_local(cfg, two_nodes, out=out, seed=0)
+    privacy = model.metrics["federated"]["privacy"]
+    assert privacy["epsilon"] == pytest.approx(dp_epsilon(1.0, 2, 1e-5, nodes=2))
+    assert privacy["releases"] == 2 and privacy["accountant"].startswith("Flower")
+    assert 0 < privacy["epsilon"] < float("inf")
+    from feda2v_toolkit.modelfile import load_model
+
+    assert load_model(out).metrics["federated"]["privacy"]["noise_multiplier"] == 1.0
+
+
+def test_epsilon_falls_with_more_noise_and_rises_with_more_rounds():
+    assert dp_epsilon(2.0, 5, 1e-5) < dp_epsilon(1.0, 5, 1e-5) < dp_epsilon(1.0, 20, 1e-5)
+    assert dp_epsilon(0.0, 5, 1e-5) == float("inf")
+
+
+def test_nodes_clip_their_whole_update_with_flowers_fixedclipping_mod():
+    """The generators handler runs Flower's fixedclipping_mod when the server sends a clipping norm."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from feda2v_toolkit.federated.app import decode, dp_clipping_mod, encode
+
+    sent = {"g0.w": torch.zeros(3), "g1.w": torch.zeros(4)}
+
+    def train(msg, context):  # a node that moves every weight by 1: update norm sqrt(7)
+        arrays, _ = decode(msg.content)
+        return Message(encode({k: v + 1 for k, v in arrays.items()}, {}), reply_to=msg)
+
+    msg = Message(encode(sent, {"dp_clipping_norm": 0.5}), dst_node_id=1, message_type="train.generators")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    assert KEY_CLIPPING_NORM in msg.content.config_records["meta"]
+    out, _ = decode(dp_clipping_mod(msg, context, train).content)
+    assert list(out) == list(sent)
+    norm = torch.cat([v.flatten() for v in out.values()]).norm()
+    assert float(norm) == pytest.approx(0.5, rel=1e-5)
+    plain, _ = decode(dp_clipping_mod(Message(encode(sent, {}), dst_node_id=1, message_type="train.generators"),
+                                      context, train).content)
+    assert float(torch.cat([v.flatten() for v in plain.values()]).norm()) == pytest.approx(7 ** 0.5)
