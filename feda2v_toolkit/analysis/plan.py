@@ -256,6 +256,13 @@ class Planner:
             note = f"memory simulation failed ({type(exc).__name__}: {first}); estimates are analytic"
             if note not in self.notes:
                 self.notes.append(note)
+        return self._train_total(length, component_elements, weights, grads, optimizer, batch, activations, peak,
+                                 method)
+
+    def _train_total(self, length: int, component_elements: int, weights: int, grads: int, optimizer: int,
+                     batch: int, activations: int | None, peak: int, method: str) -> TrainMemory:
+        """One generator's step (or fit) peak plus the other generators' state, the reducer/upsampler
+        state, the reduced-data cache and one read chunk, the allocator allowance and the runtime."""
         others = (self.generators - 1) * (weights + grads + optimizer)
         data = 0
         if self.num_samples:
@@ -296,19 +303,9 @@ class Planner:
                     "the float32 sequences and three float64 copies)")
             if note not in self.notes:
                 self.notes.append(note)
-        others = (self.generators - 1) * weights
-        data = 0
-        if self.num_samples:
-            rows = min(self.num_samples, chunk_rows(self.full_length, self.dim))
-            data = self.num_samples * length * self.dim * 4 + rows * self.full_length * self.dim * 4
-        components = component_elements * 4
-        tensors = peak + others + components + data
-        allowance = int(ALLOCATOR_ALLOWANCE * tensors)
-        total = tensors + allowance + self.runtime
         if not self.optimizers:
             self.optimizers = {"fit": "closed form (no optimiser)"}
-        return TrainMemory(weights, 0, 0, batch, activations, peak, self.generators, others, components,
-                           data, allowance, self.runtime, total, method)
+        return self._train_total(length, component_elements, weights, 0, 0, batch, activations, peak, method)
 
     def generate_memory(self, length: int, component_elements: int) -> GenerateMemory:
         n = self.sample_batch
