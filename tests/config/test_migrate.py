@@ -323,3 +323,33 @@ def test_the_parameter_estimate_in_migration_notes_is_the_vae_s_exact_count(leng
                   lengths=[length], num_classes=1, runtime=0)
     (row,) = [r for r in result.rows if r.length == length]
     assert vae_parameters(length, hidden, latent) == row.parameters_per_generator
+
+
+# -- core-0002: defaults measured on real embeddings ---------------------------------------------------
+
+def test_version_2_sections_are_told_which_changed_defaults_they_relied_on(catalog):
+    result = migrate_source(parse_text('{"schema_version": 2, "generator_type": "vae"}', "c.json"), catalog,
+                            options={})
+    assert json.loads(result.text) == {"schema_version": 3, "generator_type": "vae"}  # no key rewritten
+    [note] = result.notes
+    assert 'generator_upsampler now defaults to "lstsq" (was "linear")' in note and "--keep-old-defaults" in note
+
+
+def test_keep_old_defaults_writes_the_original_behaviour_into_the_section(catalog):
+    text = migrate_text('{"generator_target_sequence_length": 8}', catalog, keep_old_defaults=True)
+    assert json.loads(text) == {"schema_version": 3, "generator_training_sequence_length": 8,
+                                "generator_output_sequence_length": None, "generator_type": "vae",
+                                "generator_upsampler": "linear"}
+    flagged = migrate_text('{"schema_version": 2, "use_learned_upsampling": true}', catalog, keep_old_defaults=True)
+    assert json.loads(flagged) == {"schema_version": 3, "use_learned_upsampling": True, "generator_type": "vae"}
+    current = '{"schema_version": 3, "generator_seed": 1}'
+    assert migrate_text(current, catalog, keep_old_defaults=True) == current  # a current section is untouched
+
+
+def test_keep_old_defaults_on_the_command_line(feda2v, tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text('{"feda2v": {"schema_version": 2}}')
+    run = feda2v("migrate", path, "--keep-old-defaults", "-o", tmp_path / "new.json")
+    assert run.code == 0, run.stderr
+    assert json.loads((tmp_path / "new.json").read_text())["feda2v"] == {
+        "schema_version": 3, "generator_type": "vae", "generator_upsampler": "linear"}
