@@ -190,6 +190,7 @@ def test_nan_in_the_data_is_refused_before_training(tmp_path, tiny_config):
 def test_learned_upsampling_is_trained_and_measured_against_linear(tiny_data, tiny_config, tmp_path):
     tiny_config.update(use_learned_upsampling=True, generator_output_sequence_length=50,
                        generator_training_epochs=1, generator_upsampler_epochs=30)
+    del tiny_config["generator_upsampler"]  # the flag selects `learned`; naming another upsampler too is a conflict
     model = train(tiny_config, tiny_data, out=tmp_path / "m.safetensors")
     ups = load_model(tmp_path / "m.safetensors").metrics["upsampler"]
     assert model.upsampler_name == "learned"
