@@ -20,26 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from _memory import reset_peak, status  # noqa: E402  (bench/ is the script's directory)
 
 from feda2v_toolkit.analysis.analyze import analyze
 from feda2v_toolkit.analysis.tables import analyze_text
 from feda2v_toolkit.demo import write_demo_dataset
-
-
-def status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
 
 
 def main() -> None:

@@ -28,22 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-
-
-def status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
+from _memory import reset_peak, status  # noqa: E402  (bench/ is the script's directory)
 
 
 def main() -> None:

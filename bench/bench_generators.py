@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _original import original_step  # noqa: E402
 
 from feda2v_toolkit.analysis.analyze import analyze  # noqa: E402
 from feda2v_toolkit.analysis.evaluate import evaluate  # noqa: E402
@@ -112,19 +113,7 @@ def train_original(data: Path, length: int, epochs: int, seed: int) -> Generativ
         vae.train()
         for _ in range(epochs):
             for i in torch.randperm(rows.shape[0]).tolist():
-                x = rows[i:i + 1]
-                stats = vae.encoder((x + 0.1 * torch.randn_like(x)).flatten(1))
-                mu, logvar = stats.chunk(2, dim=1)
-                z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-                recon = vae.decoder(z).view_as(x)
-                kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-                cos = 1 - F.cosine_similarity(recon.flatten(1), x.flatten(1)).mean()
-                loss = F.mse_loss(recon, x) + kl + 0.1 * cos
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
-                opt.step()
-                if not math.isfinite(float(loss)):
+                if not math.isfinite(original_step(vae, opt, rows[i:i + 1])):
                     raise InputError(f"the original loop diverged on class {name!r}")
         generators[name] = vae.eval()
     return GenerativeModel(

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _original import original_step  # noqa: E402  (bench/ is the script's directory)
 
 EXE = str(Path(sys.executable).parent / "feda2v-tk")
 L, D, H, Z = 1214, 768, 1024, 256
@@ -90,18 +91,7 @@ def baseline_seconds_per_step(data: Path, length: int, steps: int) -> float:
         t0 = time.perf_counter()
         x_full = ds.read([order[step % len(order)]]).embeddings  # [1, L, D]
         x = F.adaptive_avg_pool1d(x_full.transpose(1, 2), length).transpose(1, 2)
-        noisy = x + 0.1 * torch.randn_like(x)
-        stats = vae.encoder(noisy.flatten(1))
-        mu, logvar = stats.chunk(2, dim=1)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        recon = vae.decoder(z).view_as(x)
-        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x.shape[0]
-        cos = 1 - F.cosine_similarity(recon.flatten(1), x.flatten(1)).mean()
-        loss = F.mse_loss(recon, x) + kl + 0.1 * cos
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
-        opt.step()
+        original_step(vae, opt, x)
         if step >= 2:
             times.append(time.perf_counter() - t0)
     return sum(times) / len(times)
