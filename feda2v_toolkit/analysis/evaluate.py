@@ -186,8 +186,8 @@ def privacy_metrics(synthetic_d: Tensor, real_d: Tensor, training: int) -> Priva
 
 
 def _privacy(model: GenerativeModel, train_ds: Dataset, train_idx: Tensor, classes: list[str],
-             real_reduced: Tensor, real_masks: dict[str, Tensor], synth_reduced: dict[str, Tensor],
-             class_names: list[str]) -> dict[str, PrivacyMetrics]:
+             real_reduced: Tensor, real_masks: dict[str, Tensor],
+             synth_reduced: dict[str, Tensor]) -> dict[str, PrivacyMetrics]:
     """Per-class and pooled DCR in the model's normalised reduced space."""
     labels = train_ds.labels[train_idx]
     out: dict[str, PrivacyMetrics] = {}
@@ -266,7 +266,7 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
     if samples_per_class is not None and not 1 <= samples_per_class <= MAX_SAMPLES_PER_CLASS:
         raise UsageError(f"--samples-per-class must be in 1..{MAX_SAMPLES_PER_CLASS}, got {samples_per_class}")
     notes: list[str] = []
-    idx = _real_indices(model, ds, split)
+    idx = heldout_idx = _real_indices(model, ds, split)
     labels_all = ds.labels[idx]
     present = [ds.class_names[c] for c in torch.unique(labels_all).tolist()]
     classes = [c for c in model.class_names if c in present and c in model.class_to_generator]
@@ -343,7 +343,7 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
         if split == "heldout":
             train_ds = ds
             train_rows = torch.ones(len(ds), dtype=torch.bool)
-            train_rows[_real_indices(model, ds, split)] = False
+            train_rows[heldout_idx] = False  # the trainer's own split, computed once above
             train_idx = train_rows.nonzero().flatten()
         else:
             train_ds = train_data if isinstance(train_data, Dataset) else open_dataset(train_data)
@@ -353,8 +353,7 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
             train_idx = torch.arange(len(train_ds))
         train_path = str(train_ds.path)
         with torch.no_grad():
-            privacy = _privacy(model, train_ds, train_idx, classes, real_reduced, masks, synth_reduced,
-                               list(ds.class_names))
+            privacy = _privacy(model, train_ds, train_idx, classes, real_reduced, masks, synth_reduced)
         flagged = [c for c, m in privacy.items() if m.memorising and c != "(all)"]
         if flagged:
             notes.append(f"MEMORISATION: synthetic samples of {', '.join(flagged)} are much nearer to training "
