@@ -24,7 +24,7 @@ from _memory import reset_peak, status  # noqa: E402  (bench/ is the script's di
 
 from feda2v_toolkit.analysis.analyze import analyze
 from feda2v_toolkit.analysis.tables import analyze_text
-from feda2v_toolkit.demo import write_demo_dataset
+from feda2v_toolkit.data.demo import write_demo_dataset
 
 
 def main() -> None:

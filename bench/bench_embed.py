@@ -45,8 +45,8 @@ def main() -> None:
 
     from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
-    from feda2v_toolkit.audio import ClipPolicy, load_clip, open_source
-    from feda2v_toolkit.embed import ASTEmbedder, embed
+    from feda2v_toolkit.audio.embed import ASTEmbedder, embed
+    from feda2v_toolkit.audio.sources import ClipPolicy, load_clip, open_source
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -63,9 +63,9 @@ def main() -> None:
     ap.add_argument("--dp-only", action="store_true", help="only the DP curve (and its centralised reference)")
     args = ap.parse_args()
     from feda2v_toolkit.analysis.evaluate import evaluate
+    from feda2v_toolkit.data.split import split_dataset
     from feda2v_toolkit.federated.engine import federate_local
-    from feda2v_toolkit.federated.split import split_dataset
-    from feda2v_toolkit.training import train
+    from feda2v_toolkit.training.pipeline import train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-fed-"))
     if args.corpus:
@@ -77,7 +77,7 @@ def main() -> None:
         base: dict[str, Any] = {"generator_training_sequence_length": 16, "generator_hidden_dim": 256,
                                 "generator_latent_dim": 64, "generator_batch_size": 32}
     else:
-        from feda2v_toolkit.demo import write_demo_dataset
+        from feda2v_toolkit.data.demo import write_demo_dataset
 
         per_class = args.per_class or 24
         data = write_demo_dataset(tmp / "train.safetensors", per_class, seq_len=242, dim=64, seed=0)
@@ -127,7 +127,7 @@ def main() -> None:
             centrals[(gen_type, granularity)] = (central, evaluate(central, test, seed=0))
         c_eval = centrals[(gen_type, granularity)][1]
         nodes = [n["path"] for n in splits["dirichlet0.3"]["nodes"]]
-        from feda2v_toolkit.federated.server import FederationError, dp_epsilon
+        from feda2v_toolkit.training.federation import FederationError, dp_epsilon
 
         for noise in args.dp:
             row = {"data": source, "type": gen_type, "granularity": granularity, "split": "dirichlet0.3", "dp": True,

@@ -48,12 +48,15 @@ from _original import original_step  # noqa: E402
 from feda2v_toolkit.analysis.analyze import analyze  # noqa: E402
 from feda2v_toolkit.analysis.evaluate import evaluate  # noqa: E402
 from feda2v_toolkit.config import schema_defaults  # noqa: E402
-from feda2v_toolkit.data import DatasetWriter, open_dataset  # noqa: E402
+from feda2v_toolkit.data import (
+    DatasetWriter,  # noqa: E402
+    open_dataset,  # noqa: E402
+)
 from feda2v_toolkit.errors import InputError  # noqa: E402
 from feda2v_toolkit.generators.vae import VAEGenerator  # noqa: E402
 from feda2v_toolkit.model import GenerativeModel  # noqa: E402
 from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer  # noqa: E402
-from feda2v_toolkit.training import train  # noqa: E402
+from feda2v_toolkit.training.pipeline import train  # noqa: E402
 from feda2v_toolkit.upsamplers.interpolate import LinearUpsampler  # noqa: E402
 
 FULL = 1214
@@ -298,7 +301,7 @@ def main() -> int:
     if "stability" in only:
         datasets = {} if args.grid_no_corpus else {"corpus": train_path}
         if args.grid_demo or args.grid_no_corpus:
-            from feda2v_toolkit.demo import write_demo_dataset
+            from feda2v_toolkit.data.demo import write_demo_dataset
 
             demo = workdir / "demo.safetensors"
             if not demo.exists():

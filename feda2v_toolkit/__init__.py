@@ -19,14 +19,14 @@ API_VERSION = 1
 _LAZY: dict[str, str] = {
     "hookimpl": "feda2v_toolkit.hookspecs:hookimpl",
     "load_config": "feda2v_toolkit.config:load_config",
-    "train": "feda2v_toolkit.training:train",
-    "load_model": "feda2v_toolkit.modelfile:load_model",
-    "save_model": "feda2v_toolkit.modelfile:save_model",
-    "generate": "feda2v_toolkit.generation:generate",
+    "train": "feda2v_toolkit.training.pipeline:train",
+    "load_model": "feda2v_toolkit.model:load_model",
+    "save_model": "feda2v_toolkit.model:save_model",
+    "generate": "feda2v_toolkit.model.generate:generate",
     "open_dataset": "feda2v_toolkit.data:open_dataset",
     "write_dataset": "feda2v_toolkit.data:write_dataset",
-    "make_demo_dataset": "feda2v_toolkit.demo:make_demo_dataset",
-    "embed_audio": "feda2v_toolkit.embed:embed",  # not "embed": that is the module's name
+    "make_demo_dataset": "feda2v_toolkit.data.demo:make_demo_dataset",
+    "embed_audio": "feda2v_toolkit.audio.embed:embed",  # not "embed": that is the module's name
     "get_registry": "feda2v_toolkit.plugins:get_registry",
     "list_generators": "feda2v_toolkit.plugins:list_generators",
     "list_reducers": "feda2v_toolkit.plugins:list_reducers",

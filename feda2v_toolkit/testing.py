@@ -20,7 +20,7 @@ without it the checks use the process-wide registry (installed plugins). Every c
   state); ``loss_terms`` updates nothing; ``sample`` returns ``[n, seq_len, dim]`` finite values,
   draws only from the ``torch.Generator`` it is given (same seed, same samples; global RNG untouched);
   the same seed trains bit-identical weights; a model file round trip (safetensors) restores every
-  tensor bit-exactly and samples identically at full length; ``feda2v_toolkit.training.train`` runs
+  tensor bit-exactly and samples identically at full length; ``feda2v_toolkit.training.pipeline.train`` runs
   end to end on a tiny dataset.
 * reducer -- the spec's ``positional`` agrees with the class's; ``[B, L, D] -> [B, l, D]``, finite,
   per-sequence (batch-independent), deterministic; fitted ones fit on streamed batches; state round
@@ -365,8 +365,8 @@ def _check_model_file(reg: Registry, spec: ComponentSpec, gen: Any, cfg: Mapping
                       what: str) -> None:
     import torch
 
-    from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
-    from feda2v_toolkit.modelfile import load_model, save_model
+    from feda2v_toolkit.model.bundle import UNIFIED_KEY, GenerativeModel
+    from feda2v_toolkit.model.file import load_model, save_model
 
     class_names = [f"class_{i}" for i in range(max(num_classes, 1))]
     g = torch.Generator().manual_seed(seed + 3)
@@ -401,9 +401,9 @@ def _check_end_to_end(reg: Registry, spec: ComponentSpec, cfg: Mapping[str, Any]
                       num_classes: int, seed: int, work: Path, what: str) -> None:
     import torch
 
-    from feda2v_toolkit.data import write_dataset
-    from feda2v_toolkit.modelfile import load_model
-    from feda2v_toolkit.training import train
+    from feda2v_toolkit.data.writer import write_dataset
+    from feda2v_toolkit.model.file import load_model
+    from feda2v_toolkit.training.pipeline import train
 
     x, labels = _toy_sequences(8 * max(num_classes, 1), full_length, dim, seed + 6, num_classes)
     data = write_dataset(work / "tiny-data.safetensors", x, labels,
@@ -417,7 +417,7 @@ def _check_end_to_end(reg: Registry, spec: ComponentSpec, cfg: Mapping[str, Any]
             train(section, data, out=out, progress=False)
             model = load_model(out)
         except Exception as exc:
-            raise ConformanceError(f"{what}: feda2v_toolkit.training.train failed end to end: "
+            raise ConformanceError(f"{what}: feda2v_toolkit.training.pipeline.train failed end to end: "
                                    f"{type(exc).__name__}: {exc}") from None
     s = model.sample(2, class_name=model.sampleable_classes[0], generator=torch.Generator().manual_seed(0)) \
         if not any(g.needs_condition for g in model.generators.values()) else None

@@ -23,7 +23,7 @@ def _fresh_registry():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A demo dataset file: 4 classes x 10 clips of [50, 16] float16."""
-    from feda2v_toolkit.demo import write_demo_dataset
+    from feda2v_toolkit.data.demo import write_demo_dataset
 
     path = tmp_path_factory.mktemp("data") / "tiny.safetensors"
     return write_demo_dataset(path, 10, **TINY)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from feda2v_toolkit.atomic import atomic_open, atomic_path, atomic_write_text
+from feda2v_toolkit.runtime.atomic import atomic_open, atomic_path, atomic_write_text
 
 
 def test_write_text_creates_file_with_exact_content(tmp_path):

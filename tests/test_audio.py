@@ -12,7 +12,7 @@ from audio_fakes import make_class_folders, tone, write_audio
 pytest.importorskip("soundfile")
 pytest.importorskip("soxr")
 
-from feda2v_toolkit.audio import AudioError, ClipPolicy, load_clip, open_source, real_frames, require  # noqa: E402
+from feda2v_toolkit.audio.sources import AudioError, ClipPolicy, load_clip, open_source, real_frames, require  # noqa: E402
 from feda2v_toolkit.errors import InputError, UsageError  # noqa: E402
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from feda2v_toolkit.caches import convert_dataset
-from feda2v_toolkit.data import open_dataset
+from feda2v_toolkit.data.convert import convert_dataset
+from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
 
 S, D = 14, 8
@@ -123,7 +123,7 @@ def test_convert_data_writes_our_format(tmp_path):
 
 
 def test_train_reads_an_ast_cache_directly(tmp_path, tiny_config):
-    from feda2v_toolkit.training import train
+    from feda2v_toolkit.training.pipeline import train
 
     write_ast_cache(tmp_path / "cache", {"dog": [6, 4], "cat": [10]})
     model = train(tiny_config, tmp_path / "cache", seed=0, progress=False)

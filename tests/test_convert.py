@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from feda2v_toolkit.cli import main
-from feda2v_toolkit.convert import convert, convert_checkpoints
 from feda2v_toolkit.errors import InputError, UsageError
-from feda2v_toolkit.modelfile import load_model, read_model_metadata
+from feda2v_toolkit.model.file import load_model, read_model_metadata
+from feda2v_toolkit.model.original_checkpoints import convert, convert_checkpoints
 
 D, L_RED, H, Z = 8, 4, 16, 4
 FULL = 50
@@ -347,7 +347,7 @@ def test_unified_without_class_list_needs_classes(tmp_path: Path) -> None:
 
 # -- the CLI ---------------------------------------------------------------------------------------------
 def test_cli_convert_inspect_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from feda2v_toolkit.data import open_dataset
+    from feda2v_toolkit.data.open import open_dataset
 
     gens = {"dog": orig(50), "cat": orig(51)}
     paths = save_per_class(tmp_path, gens, seq=None)

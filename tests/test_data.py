@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from feda2v_toolkit.data import DatasetWriter, open_dataset, write_dataset
+from feda2v_toolkit.data.open import open_dataset
+from feda2v_toolkit.data.writer import DatasetWriter, write_dataset
 from feda2v_toolkit.errors import InputError, NewerVersionError, UsageError
 
 
@@ -188,7 +189,7 @@ def test_a_failing_close_leaves_nothing_behind(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("feda2v_toolkit.data.save_file", disk_full)
+    monkeypatch.setattr("feda2v_toolkit.data.writer.save_file", disk_full)
     with pytest.raises(OSError), DatasetWriter(tmp_path / "out", class_names=["a"]) as w:
         w.add(torch.zeros(2, 5, 3), torch.zeros(2))
     assert list(tmp_path.iterdir()) == []

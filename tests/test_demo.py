@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from feda2v_toolkit.data import open_dataset
-from feda2v_toolkit.demo import CLASS_NAMES, _Layout, make_demo_dataset, write_demo_dataset
+from feda2v_toolkit.data.demo import CLASS_NAMES, _Layout, make_demo_dataset, write_demo_dataset
+from feda2v_toolkit.data.open import open_dataset
 
 
 def test_ast_layout_has_two_summary_tokens_then_12_by_101_frequency_major_patches():

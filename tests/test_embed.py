@@ -14,9 +14,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("soundfile")
 pytest.importorskip("soxr")
 
-from feda2v_toolkit.audio import ClipPolicy, open_source  # noqa: E402
-from feda2v_toolkit.data import open_dataset  # noqa: E402
-from feda2v_toolkit.embed import ASTEmbedder, ast_token_count, embed, partial_dir  # noqa: E402
+from feda2v_toolkit.audio.embed import ASTEmbedder, ast_token_count, embed, partial_dir  # noqa: E402
+from feda2v_toolkit.audio.sources import ClipPolicy, open_source  # noqa: E402
+from feda2v_toolkit.data.open import open_dataset  # noqa: E402
 from feda2v_toolkit.errors import InputError, UsageError  # noqa: E402
 
 POLICY = ClipPolicy(1.0)
@@ -70,7 +70,7 @@ def test_embed_writes_every_clip_with_labels_frames_and_metadata(tiny_ast, clips
 
 
 def test_embeddings_are_the_model_last_hidden_state(embedder, tmp_path):
-    from feda2v_toolkit.audio import load_clip
+    from feda2v_toolkit.audio.sources import load_clip
 
     path = write_audio(tmp_path / "c" / "x" / "a.wav", tone(440, 1.0, 16000), 16000)
     embed(open_source(tmp_path / "c"), tmp_path / "out", policy=POLICY, dtype="float32", embedder=embedder,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from feda2v_toolkit.data import open_dataset, write_dataset
+from feda2v_toolkit.data.open import open_dataset
+from feda2v_toolkit.data.writer import write_dataset
 from feda2v_toolkit.errors import UsageError
-from feda2v_toolkit.generation import ClassAgnosticWarning, generate
-from feda2v_toolkit.model import GenerativeModel
-from feda2v_toolkit.training import train
+from feda2v_toolkit.model.bundle import GenerativeModel
+from feda2v_toolkit.model.generate import ClassAgnosticWarning, generate
+from feda2v_toolkit.training.pipeline import train
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from feda2v_toolkit.config import schema_defaults
 from feda2v_toolkit.errors import InputError, NewerVersionError, UsageError
 from feda2v_toolkit.generators.vae import VAEGenerator
-from feda2v_toolkit.model import GenerativeModel
-from feda2v_toolkit.modelfile import load_model, read_model_metadata, save_model
+from feda2v_toolkit.model.bundle import GenerativeModel
+from feda2v_toolkit.model.file import load_model, read_model_metadata, save_model
 from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
 from feda2v_toolkit.upsamplers.interpolate import LinearUpsampler
 
@@ -102,7 +102,7 @@ def test_corrupt_files_get_one_line_errors(tmp_path, damage):
 
 
 def test_a_dataset_file_is_not_a_model(tmp_path):
-    from feda2v_toolkit.data import write_dataset
+    from feda2v_toolkit.data.writer import write_dataset
 
     path = write_dataset(tmp_path / "d.safetensors", torch.zeros(1, 2, 2), torch.zeros(1))
     with pytest.raises(InputError, match="dataset file, not a model"):
@@ -130,7 +130,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("feda2v_toolkit.modelfile._write_sorted", crash)
+    monkeypatch.setattr("feda2v_toolkit.model.file._write_sorted", crash)
     with pytest.raises(KeyboardInterrupt):
         save_model(_model(), path)
     assert path.read_bytes() == before

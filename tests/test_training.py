@@ -7,14 +7,16 @@ import json
 import pytest
 import torch
 
-import feda2v_toolkit.training as training
-from feda2v_toolkit.checkpoint import load_checkpoint
-from feda2v_toolkit.data import Dataset, open_dataset, write_dataset
+import feda2v_toolkit.training.pipeline as training
+from feda2v_toolkit.data.dataset import Dataset
+from feda2v_toolkit.data.open import open_dataset
+from feda2v_toolkit.data.writer import write_dataset
 from feda2v_toolkit.errors import InputError, ToolkitError
-from feda2v_toolkit.modelfile import _write_sorted as real_write
-from feda2v_toolkit.modelfile import load_model
+from feda2v_toolkit.model.file import _write_sorted as real_write
+from feda2v_toolkit.model.file import load_model
 from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
-from feda2v_toolkit.training import generator_groups, stratified_split, train
+from feda2v_toolkit.training.checkpoint import load_checkpoint
+from feda2v_toolkit.training.pipeline import generator_groups, stratified_split, train
 
 
 def _train_interrupted_after_epoch(epoch, config, data, checkpoint_dir, monkeypatch):
@@ -116,7 +118,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_valid(tiny_d
             raise KeyboardInterrupt
         return real_write(filename, tensors, metadata)
 
-    monkeypatch.setattr("feda2v_toolkit.modelfile._write_sorted", dies_on_second_checkpoint)
+    monkeypatch.setattr("feda2v_toolkit.model.file._write_sorted", dies_on_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck")
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
@@ -218,7 +220,7 @@ def test_a_run_that_drew_its_seed_resumes_with_it(tiny_data, tiny_config, tmp_pa
 
 
 def test_resume_refuses_other_data_with_the_same_labels_and_another_epoch_count(tiny_config, tmp_path):
-    from feda2v_toolkit.demo import write_demo_dataset
+    from feda2v_toolkit.data.demo import write_demo_dataset
 
     a = write_demo_dataset(tmp_path / "a.safetensors", 4, seq_len=30, dim=8, seed=0)
     b = write_demo_dataset(tmp_path / "b.safetensors", 4, seq_len=30, dim=8, seed=0, first_clip=100)
@@ -231,7 +233,7 @@ def test_resume_refuses_other_data_with_the_same_labels_and_another_epoch_count(
 
 
 def test_outputs_may_not_overwrite_the_training_data(tiny_config, tmp_path):
-    from feda2v_toolkit.demo import write_demo_dataset
+    from feda2v_toolkit.data.demo import write_demo_dataset
 
     data = write_demo_dataset(tmp_path / "d.safetensors", 2, seq_len=30, dim=8)
     before = data.read_bytes()

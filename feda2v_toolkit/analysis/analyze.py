@@ -42,14 +42,15 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.analysis.classifier import DEFAULT_POOL_POSITIONS, RidgeClassifier, pooled_features
-from feda2v_toolkit.analysis.linear_optimum import PositionMoments, PositionPCA
 from feda2v_toolkit.analysis.metrics import ReconstructionStats, sum_squares_about_sequence_mean
 from feda2v_toolkit.analysis.plan import resolve_config
 from feda2v_toolkit.components import Reducer, Upsampler
-from feda2v_toolkit.data import Dataset, open_dataset
+from feda2v_toolkit.data.dataset import Dataset
+from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.reducers.pca import PCAReducer
-from feda2v_toolkit.training import full_batches, read_chunk_rows, stratified_split, upsampler_pairs
+from feda2v_toolkit.reducers.position_moments import PositionMoments, PositionPCA
+from feda2v_toolkit.training.pipeline import full_batches, read_chunk_rows, stratified_split, upsampler_pairs
 
 OPTIMUM = "linear optimum"
 DEFAULT_UPSAMPLER_EPOCHS = 1

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from feda2v_toolkit.analysis.threads import few_threads
+from feda2v_toolkit.runtime.threads import few_threads
 
 DEFAULT_POOL_POSITIONS = 64
 ALPHA_GRID = tuple(10.0 ** (e / 2) for e in range(-6, 7))  # 1e-3 .. 1e3, half decades

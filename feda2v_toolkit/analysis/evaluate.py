@@ -8,7 +8,7 @@ Which real data (``split``):
 
 Per class present in both the model and the real data, ``n_c`` synthetic samples are drawn (default: as
 many as the class has real sequences; ``samples_per_class`` overrides) with
-:func:`feda2v_toolkit.generation.sample_class_reduced` -- the same stream ``feda2v-tk generate --seed
+:func:`feda2v_toolkit.model.generate.sample_class_reduced` -- the same stream ``feda2v-tk generate --seed
 SEED`` writes. Nothing is written to disk.
 
 Distribution metrics compare synthetic and real sequences in the model's **reduced space** (real data
@@ -56,11 +56,12 @@ from feda2v_toolkit.analysis.metrics import (
     mean_gap,
     mean_pairwise_distance,
 )
-from feda2v_toolkit.data import Dataset, open_dataset
+from feda2v_toolkit.data.dataset import Dataset
+from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.errors import InputError, UsageError
-from feda2v_toolkit.generation import DEFAULT_BATCH, is_class_agnostic, sample_class_reduced
-from feda2v_toolkit.model import GenerativeModel
-from feda2v_toolkit.training import read_chunk_rows, stratified_split
+from feda2v_toolkit.model.bundle import GenerativeModel
+from feda2v_toolkit.model.generate import DEFAULT_BATCH, is_class_agnostic, sample_class_reduced
+from feda2v_toolkit.training.pipeline import read_chunk_rows, stratified_split
 
 MAX_SAMPLES_PER_CLASS = 10_000
 SPLITS = ("all", "heldout")
@@ -253,7 +254,7 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
     say = log or (lambda _m: None)
     model_path = "(in memory)"
     if not isinstance(model, GenerativeModel):
-        from feda2v_toolkit.modelfile import load_model
+        from feda2v_toolkit.model.file import load_model
 
         model_path = str(model)
         model = load_model(model)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.analysis.threads import few_threads
+from feda2v_toolkit.runtime.threads import few_threads
 
 # -- reconstruction --------------------------------------------------------------------------------
 

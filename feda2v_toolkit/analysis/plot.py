@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from feda2v_toolkit.atomic import atomic_path
 from feda2v_toolkit.errors import UsageError
+from feda2v_toolkit.runtime.atomic import atomic_path
 
 
 def _pyplot() -> Any:

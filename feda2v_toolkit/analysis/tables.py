@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from feda2v_toolkit.analysis.sizes import format_bytes, format_count
+from feda2v_toolkit.runtime.sizes import format_bytes, format_count
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, align: str | None = None) -> str:

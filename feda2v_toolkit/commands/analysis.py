@@ -119,13 +119,13 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
     Parameters are counted on a meta-device model; memory is the simulated peak of real training steps
     on fake tensors (nothing is allocated). See docs/choosing-sequence-length.md.
     """
-    from feda2v_toolkit.analysis.sizes import parse_size
+    from feda2v_toolkit.runtime.sizes import parse_size
 
     wanted = _ints("--lengths", lengths)
     budget = parse_size(memory_budget, option="--memory-budget") if memory_budget is not None else None
     shape: dict[str, Any] = {}  # what is not given: plan()'s defaults (the AST shape, 10 classes)
     if data_path is not None:
-        from feda2v_toolkit.data import open_dataset
+        from feda2v_toolkit.data.open import open_dataset
 
         ds = open_dataset(data_path)
         shape.update(dim=ds.dim, full_length=ds.seq_len, num_classes=ds.num_classes,

@@ -58,7 +58,7 @@ def _read(item: _Input) -> Source:
 
 
 def _catalog():  # imported lazily: loading plugins is the slow part
-    from feda2v_toolkit.config.schema import get_catalog
+    from feda2v_toolkit.config.catalog import get_catalog
 
     return get_catalog()
 
@@ -292,7 +292,7 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
         if in_place:
             if result.changed:
                 assert item.path is not None
-                from feda2v_toolkit.atomic import atomic_open
+                from feda2v_toolkit.runtime.atomic import atomic_open
 
                 real = item.path.resolve()  # write through a symlink, not over it
                 backup = _write_backup(real, source.encoded())
@@ -301,7 +301,7 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
                 if not quiet:
                     click.echo(f"migrated {item.name} (backup: {backup.name})", err=True)
         elif output is not None:
-            from feda2v_toolkit.atomic import atomic_open
+            from feda2v_toolkit.runtime.atomic import atomic_open
 
             with atomic_open(targets[item.name], "wb") as fh:
                 fh.write(result.encoded())
@@ -338,7 +338,7 @@ def schema_cmd(generator: str | None, section: bool, indent: int, out_path: Path
         schema = {"$schema": DRAFT, **schema}
     text = json.dumps(schema, indent=indent or None, ensure_ascii=False)
     if out_path is not None:
-        from feda2v_toolkit.atomic import atomic_write_text
+        from feda2v_toolkit.runtime.atomic import atomic_write_text
 
         atomic_write_text(out_path, text + "\n")
         if not quiet:

@@ -37,7 +37,7 @@ def convert_cmd(checkpoints: tuple[Path, ...], out_path: Path, dim: int | None, 
     per_class / per_group client files of one run. Files are read with weights_only=True (never
     unpickled). GANs and CLIP/T5-conditioned VAEs are refused: they have no equivalent here.
     """
-    from feda2v_toolkit.convert import check_output, convert, convert_checkpoints
+    from feda2v_toolkit.model.original_checkpoints import check_output, convert, convert_checkpoints
 
     options = {"dim": dim, "training_length": training_length, "full_length": full_length,
                "output_length": output_length, "class_names": classes, "upsampler": upsampler}

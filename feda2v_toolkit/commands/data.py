@@ -46,7 +46,7 @@ def demo_data_cmd(out_arg: Path | None, out_opt: Path | None, per_class: int, nu
     """Write the demo dataset to OUT (a .safetensors file, or a directory of shards).
 
     Four sound classes with AST's token layout (2 summary tokens, 12 x 101 frequency-major patches);
-    see `feda2v_toolkit.demo` for what distinguishes them.
+    see `feda2v_toolkit.data.demo` for what distinguishes them.
     """
     if out_arg is not None and out_opt is not None:
         raise UsageError("give OUT or -o/--out, not both")
@@ -58,7 +58,7 @@ def demo_data_cmd(out_arg: Path | None, out_opt: Path | None, per_class: int, nu
             raise UsageError(f"{path} exists; choose another path, or pass --overwrite")
     if out is not None and out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out}: directory exists and is not empty; choose another path, or pass --overwrite")
-    from feda2v_toolkit.atomic import atomic_open, check_writable
+    from feda2v_toolkit.runtime.atomic import atomic_open, check_writable
 
     for path in (out, legacy_path):
         if path is not None:
@@ -71,8 +71,8 @@ def demo_data_cmd(out_arg: Path | None, out_opt: Path | None, per_class: int, nu
         if not quiet:
             click.echo(f"feda2v-tk: wrote the legacy example config to {legacy_path}", err=True)
     if out is not None:
-        from feda2v_toolkit.data import DTYPES
-        from feda2v_toolkit.demo import write_demo_dataset
+        from feda2v_toolkit.data.dataset import DTYPES
+        from feda2v_toolkit.data.demo import write_demo_dataset
 
         path = write_demo_dataset(out, per_class, seq_len=seq_len, dim=dim, num_classes=num_classes, seed=seed,
                                   dtype=DTYPES[dtype], first_clip=first_clip, overwrite=overwrite)

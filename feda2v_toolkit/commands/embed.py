@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"  # feda2v_toolkit.embed.DEFAULT_MODEL, without importing it
+DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"  # feda2v_toolkit.audio.embed.DEFAULT_MODEL, without importing it
 
 
 @click.command("embed")
@@ -55,10 +55,10 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
     resampled to 16 kHz (soxr), padded or cropped to --clip-seconds and embedded: last_hidden_state,
     [1214, 768] for the 10-10 AudioSet checkpoints. Needs: pip install "feda2v-tk[audio]".
     """
-    from feda2v_toolkit.audio import ClipPolicy, open_source, require
+    from feda2v_toolkit.audio.sources import ClipPolicy, open_source, require
 
     require("transformers", "soundfile", "soxr")
-    from feda2v_toolkit.embed import embed, partial_dir
+    from feda2v_toolkit.audio.embed import embed, partial_dir
 
     src = open_source(source, path_column=path_column, label_column=label_column, fold_column=fold_column,
                       audio_column=audio_column, audio_root=str(audio_root) if audio_root else None, split=split,
@@ -98,7 +98,7 @@ def convert_data_cmd(source: Path, out: Path, dtype: str | None, batch_size: int
                      quiet: bool) -> None:
     """Write any dataset feda2v-tk reads (an AST cache directory or .pt cache of the original code, a legacy
     .pt, shards) to OUT in the safetensors shard format, streaming."""
-    from feda2v_toolkit.caches import convert_dataset
+    from feda2v_toolkit.data.convert import convert_dataset
 
     result = convert_dataset(source, out, dtype=dtype, batch_size=batch_size, overwrite=overwrite)
     if not quiet:

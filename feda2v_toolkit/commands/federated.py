@@ -59,8 +59,8 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
     Flower Deployment engine are the sites (docs/federated.md). The run prints a progress line per round
     and writes one model file in the same format as train (inspect shows the nodes, rounds and privacy).
     """
-    from feda2v_toolkit.atomic import check_output_path
     from feda2v_toolkit.errors import InputError
+    from feda2v_toolkit.runtime.atomic import check_output_path
 
     require_flower()
     if superlink is not None:
@@ -144,7 +144,7 @@ def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path,
 def split_cmd(data: Path, out_dir: Path, num_nodes: int, how: str, alpha: float, seed: int, overwrite: bool,
               as_json: bool, quiet: bool) -> None:
     """Partition dataset DATA into one dataset per node, for federated experiments."""
-    from feda2v_toolkit.federated.split import split_dataset
+    from feda2v_toolkit.data.split import split_dataset
 
     result = split_dataset(data, out_dir, num_nodes, how=how, alpha=alpha, seed=seed, overwrite=overwrite)
     if as_json:

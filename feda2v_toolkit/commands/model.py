@@ -56,10 +56,10 @@ def generate_cmd(model_path: Path, out_dir: Path, samples: int | str | None, cla
 
     The shards use the dataset format, so they feed straight back into train, analyze or evaluate.
     """
-    from feda2v_toolkit._malloc import reuse_freed_memory
-    from feda2v_toolkit.generation import generate
-    from feda2v_toolkit.modelfile import load_model
-    from feda2v_toolkit.training import resolve_device
+    from feda2v_toolkit.model.file import load_model
+    from feda2v_toolkit.model.generate import generate
+    from feda2v_toolkit.runtime.malloc import reuse_freed_memory
+    from feda2v_toolkit.training.pipeline import resolve_device
 
     reuse_freed_memory()
     model = load_model(model_path, device=resolve_device(device))
@@ -126,7 +126,7 @@ def describe(meta: dict[str, Any]) -> dict[str, Any]:
 def inspect_cmd(model_path: Path, as_json: bool, quiet: bool) -> None:
     """Show a model file's metadata, parameter counts per component, shapes and training metrics."""
     from feda2v_toolkit.errors import InputError
-    from feda2v_toolkit.modelfile import check_document, read_model_metadata
+    from feda2v_toolkit.model.file import check_document, read_model_metadata
 
     meta = read_model_metadata(model_path)
     check_document(meta.get("model"), model_path)

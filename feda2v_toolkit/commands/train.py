@@ -1,4 +1,4 @@
-"""``feda2v-tk train``: a thin layer over :func:`feda2v_toolkit.training.train`."""
+"""``feda2v-tk train``: a thin layer over :func:`feda2v_toolkit.training.pipeline.train`."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
 
     The config is migrated in memory and validated first; command-line options override its keys.
     """
-    from feda2v_toolkit.training import train
+    from feda2v_toolkit.training.pipeline import train
 
     def say(msg: str) -> None:
         if not quiet:

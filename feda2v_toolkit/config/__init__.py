@@ -22,7 +22,7 @@ _LAZY = {
     "load_experiment": "feda2v_toolkit.config.loader",
     "LoadedConfig": "feda2v_toolkit.config.loader",
     "ConfigWarning": "feda2v_toolkit.config.loader",
-    "get_catalog": "feda2v_toolkit.config.schema",
+    "get_catalog": "feda2v_toolkit.config.catalog",
 }
 
 __all__ = ["CORE_SCHEMA_FILE", "core_schema", "package_schema", "configured_upsampler", "schema_defaults", *_LAZY]
@@ -41,7 +41,7 @@ def core_schema() -> dict[str, Any]:
 
 def schema_defaults(registry: Any = None) -> dict[str, Any]:
     """Every key's default, from the registered schema fragments (core plus plugins); a fresh copy."""
-    from feda2v_toolkit.config.schema import get_catalog
+    from feda2v_toolkit.config.catalog import get_catalog
 
     return get_catalog(registry).defaults()
 

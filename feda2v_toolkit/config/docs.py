@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render_configuration_md()
     if args and args[0] == "--write":
         target = Path(args[1]) if len(args) > 1 else DEFAULT_PATH
-        from feda2v_toolkit.atomic import atomic_write_text
+        from feda2v_toolkit.runtime.atomic import atomic_write_text
 
         atomic_write_text(target, text)
         print(f"wrote {target}", file=sys.stderr)

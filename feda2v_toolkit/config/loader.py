@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feda2v_toolkit.config.catalog import Catalog, get_catalog
 from feda2v_toolkit.config.document import (
     NODES_KEY,
     SECTION_KEYS,
@@ -21,7 +22,6 @@ from feda2v_toolkit.config.document import (
     read_source,
 )
 from feda2v_toolkit.config.migrate import fix_command, migrate_document
-from feda2v_toolkit.config.schema import Catalog, get_catalog
 from feda2v_toolkit.config.validate import ERROR, Finding, check_data
 from feda2v_toolkit.errors import InputError, UsageError
 

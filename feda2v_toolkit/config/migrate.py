@@ -33,11 +33,12 @@ from feda2v_toolkit.config.document import (
     format_path,
     locate,
 )
-from feda2v_toolkit.config.schema import PLUGIN_VERSIONS_KEY, VERSION_KEY, Catalog, json_equal, strict_equal
+from feda2v_toolkit.config.schema import PLUGIN_VERSIONS_KEY, VERSION_KEY, json_equal, strict_equal
 from feda2v_toolkit.errors import InputError, NewerVersionError
 from feda2v_toolkit.specs import CORE_CHAIN
 
 if TYPE_CHECKING:
+    from feda2v_toolkit.config.catalog import Catalog
     from feda2v_toolkit.specs import Migration
 
 

@@ -14,9 +14,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from feda2v_toolkit.analysis.sizes import format_count
 from feda2v_toolkit.config.migrate import MigrationConflict, MigrationContext
 from feda2v_toolkit.config.schema import json_equal
+from feda2v_toolkit.runtime.sizes import format_count
 from feda2v_toolkit.specs import CORE_CHAIN, Migration
 
 OLD_KEY = "generator_target_sequence_length"

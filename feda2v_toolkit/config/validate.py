@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from feda2v_toolkit.config import configured_upsampler
+from feda2v_toolkit.config.catalog import Catalog, KeyInfo
 from feda2v_toolkit.config.document import (
     EXPERIMENT_KEYS,
     SECTION_KEYS,
@@ -41,7 +42,7 @@ from feda2v_toolkit.config.migrations import (
     relied_on_defaults,
     vae_parameters,
 )
-from feda2v_toolkit.config.schema import PLUGIN_VERSIONS_KEY, VERSION_KEY, Catalog, KeyInfo, Problem
+from feda2v_toolkit.config.schema import PLUGIN_VERSIONS_KEY, VERSION_KEY, Problem
 from feda2v_toolkit.errors import InputError
 from feda2v_toolkit.specs import CORE_CHAIN
 

@@ -3,7 +3,7 @@
 Every stage is one message type: ``query.describe|reducer|normalization|upsampler|generator_statistics``
 (exact statistics) and ``train.upsampler_round|generators`` (rounds). A message carries an ``ArrayRecord`` ``arrays`` (tensors)
 and a ``ConfigRecord`` ``meta`` (``{"json": ...}``); the reply has the same two records. The server loop is
-a hand-written loop over the Grid (:func:`feda2v_toolkit.federated.server.run_federation`): the built-in
+a hand-written loop over the Grid (:func:`feda2v_toolkit.training.federation.run_federation`): the built-in
 FedAvg refuses replies whose keys differ, and per-class generators are averaged only among their owners.
 
 Settings:
@@ -29,8 +29,8 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from feda2v_toolkit.federated.server import FederationError, run_federation
-from feda2v_toolkit.federated.site import Arrays, Meta, Site, handle
+from feda2v_toolkit.training.federation import FederationError, run_federation
+from feda2v_toolkit.training.site import Arrays, Meta, Site, handle
 
 MESSAGE_TYPES = {"describe": "query.describe", "reducer": "query.reducer", "normalization": "query.normalization",
                  "upsampler": "query.upsampler", "upsampler_round": "train.upsampler_round",

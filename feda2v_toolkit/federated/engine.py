@@ -104,7 +104,7 @@ def federate_local(config: Any, data: Sequence[str | Path], *, out: str | Path |
                    overrides: Mapping[str, Any] | None = None, timeout: float | None = None,
                    log: Any = None) -> Any:
     """Train over ``data`` (one dataset per node) with the Flower app on the in-process engine."""
-    from feda2v_toolkit.federated.server import run_federation
+    from feda2v_toolkit.training.federation import run_federation
 
     grid = LocalGrid([{"data": str(p)} for p in data])
     names: dict[int, str] = {}

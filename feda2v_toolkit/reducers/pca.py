@@ -2,7 +2,7 @@
 
 ``forward`` returns ``V^T (X - M)``: the coordinates of each sequence's deviation from the mean training
 sequence ``M [L, D]`` along the top-``length`` principal components over positions ``V [L, length]``
-(see :mod:`feda2v_toolkit.analysis.linear_optimum`). The reduced "positions" are components, ordered by
+(see :mod:`feda2v_toolkit.reducers.position_moments`). The reduced "positions" are components, ordered by
 variance, not stretches of time: pair ``pca`` with an upsampler that learns its decoder -- ``lstsq``
 recovers ``M + V r``, the least-squares optimum -- not with an interpolating one (``linear`` would
 interpolate between components, which means nothing). ``inverse`` is the exact decoder.
@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.analysis.linear_optimum import PositionMoments, PositionPCA
 from feda2v_toolkit.components import Reducer
+from feda2v_toolkit.reducers.position_moments import PositionMoments, PositionPCA
 
 
 class PCAReducer(Reducer):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from feda2v_toolkit.analysis.analyze import OPTIMUM, analyze
-from feda2v_toolkit.data import open_dataset, write_dataset
+from feda2v_toolkit.data.open import open_dataset
+from feda2v_toolkit.data.writer import write_dataset
 from feda2v_toolkit.plugins import get_registry
 
 from .helpers import D, L, one_line_error, run_json, run_main, structured

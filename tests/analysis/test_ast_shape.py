@@ -7,7 +7,7 @@ import time
 import pytest
 
 from feda2v_toolkit.analysis.analyze import analyze
-from feda2v_toolkit.demo import write_demo_dataset
+from feda2v_toolkit.data.demo import write_demo_dataset
 
 
 @pytest.mark.slow

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from feda2v_toolkit.analysis.evaluate import distribution_metrics, evaluate
-from feda2v_toolkit.demo import write_demo_dataset
-from feda2v_toolkit.generation import DEFAULT_BATCH, generate
-from feda2v_toolkit.modelfile import load_model
-from feda2v_toolkit.training import train
+from feda2v_toolkit.data.demo import write_demo_dataset
+from feda2v_toolkit.model.file import load_model
+from feda2v_toolkit.model.generate import DEFAULT_BATCH, generate
+from feda2v_toolkit.training.pipeline import train
 
 from .helpers import one_line_error, run_json, run_main
 
@@ -62,7 +62,7 @@ def test_deterministic_under_seed(capsys, trained):
 def test_synthetic_draws_are_those_of_generate(trained, tmp_path, monkeypatch):
     """evaluate --seed S measures the very samples `feda2v-tk generate --seed S` writes."""
     import feda2v_toolkit.analysis.evaluate as evaluate_module
-    from feda2v_toolkit.data import open_dataset
+    from feda2v_toolkit.data.open import open_dataset
 
     model_path, real = trained
     model = load_model(model_path)
@@ -128,7 +128,7 @@ def test_bad_input_gives_one_line_errors(capsys, trained, tmp_path, args, messag
 
 def copying(model, data):
     """Make ``model`` sample (normalised) training sequences of the asked class verbatim: a memoriser."""
-    from feda2v_toolkit.data import open_dataset
+    from feda2v_toolkit.data.open import open_dataset
 
     ds = open_dataset(data)
     reduced = model.normalize(model.reducer(ds.read(torch.arange(len(ds))).embeddings))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from feda2v_toolkit.analysis.plan import plan, resolve_config
-from feda2v_toolkit.analysis.sizes import format_bytes, parse_size
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.plugins import get_registry
+from feda2v_toolkit.runtime.sizes import format_bytes, parse_size
 
 from .helpers import one_line_error, run_json, run_main
 

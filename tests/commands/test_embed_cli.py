@@ -10,7 +10,7 @@ from audio_fakes import TINY_TOKENS, make_class_folders, save_tiny_ast
 pytest.importorskip("transformers")
 
 from feda2v_toolkit.cli import main  # noqa: E402
-from feda2v_toolkit.data import open_dataset  # noqa: E402
+from feda2v_toolkit.data.open import open_dataset  # noqa: E402
 
 
 def cli(capsys, *args):
@@ -82,7 +82,7 @@ def test_convert_data_from_an_original_cache(tmp_path, capsys):
 
 
 def test_the_cli_default_model_is_the_library_default():
+    from feda2v_toolkit.audio.embed import DEFAULT_MODEL
     from feda2v_toolkit.commands.embed import DEFAULT_MODEL as CLI_DEFAULT
-    from feda2v_toolkit.embed import DEFAULT_MODEL
 
     assert CLI_DEFAULT == DEFAULT_MODEL == "MIT/ast-finetuned-audioset-10-10-0.4593"

@@ -88,7 +88,7 @@ def test_bad_input_is_one_line_on_stderr_with_a_nonzero_exit_and_no_traceback(tm
 
 def test_train_refuses_a_generator_section_that_is_not_an_object(tmp_path):
     """`validate` exits 1 on it; `train` used to train with every default and exit 0."""
-    from feda2v_toolkit.demo import write_demo_dataset
+    from feda2v_toolkit.data.demo import write_demo_dataset
 
     write_demo_dataset(tmp_path / "data.safetensors", 4, seq_len=40, dim=8)
     (tmp_path / "bad.json").write_text(json.dumps({"feda2v": [1, 2], "training": {}}))
@@ -104,7 +104,7 @@ def test_train_refuses_a_generator_section_that_is_not_an_object(tmp_path):
 
 
 def test_train_warns_about_a_non_positional_reducer_with_an_interpolating_upsampler(tmp_path):
-    from feda2v_toolkit.demo import write_demo_dataset
+    from feda2v_toolkit.data.demo import write_demo_dataset
 
     write_demo_dataset(tmp_path / "data.safetensors", 4, seq_len=40, dim=8)
     proc = run("train", "-d", "data.safetensors", "-o", "m.safetensors", "--reducer", "pca", "--upsampler", "linear",
@@ -132,7 +132,7 @@ def test_real_ast_shape_end_to_end(tmp_path):
         "--latent-dim", "16", "--batch-size", "8", "--output-length", "1214", "--checkpoint-dir", "ck",
         "--seed", "0", "-q", cwd=tmp_path)
     run("generate", "m.safetensors", "-o", "synthetic", "-k", "2", "--dtype", "float16", cwd=tmp_path)
-    from feda2v_toolkit.data import open_dataset
+    from feda2v_toolkit.data.open import open_dataset
 
     ds = open_dataset(tmp_path / "synthetic")
     assert (len(ds), ds.seq_len, ds.dim) == (8, 1214, 768)

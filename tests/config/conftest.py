@@ -28,7 +28,7 @@ def _builtin_plugins_only(monkeypatch):
 
 @pytest.fixture
 def catalog():
-    from feda2v_toolkit.config.schema import get_catalog
+    from feda2v_toolkit.config.catalog import get_catalog
 
     return get_catalog()
 

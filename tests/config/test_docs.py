@@ -42,8 +42,8 @@ def test_plugin_example_in_migration_md_works_as_documented(tmp_path):
     [test_code] = [b for b in _python_blocks() if "my_plugin_module" in b]
     exec(test_code, {"my_plugin_module": module})  # the documented test snippet asserts the migration
 
+    from feda2v_toolkit.config.catalog import Catalog
     from feda2v_toolkit.config.migrate import migrate_document
-    from feda2v_toolkit.config.schema import Catalog
     from feda2v_toolkit.plugins import load_registry
 
     registry = load_registry(autoload=False, strict=True, extra_plugins=[("flowgen", module)])

@@ -119,7 +119,7 @@ def test_a_plugin_with_an_invalid_fragment_is_skipped_with_a_clear_reason():
 @functools.cache
 def _builtin_properties() -> dict:
     """The built-in keys only: plugins installed where the tests run must not change what is drawn."""
-    from feda2v_toolkit.config.schema import Catalog
+    from feda2v_toolkit.config.catalog import Catalog
 
     catalog = Catalog.build(load_registry(autoload=False))
     return {k: i.schema for k, i in {**catalog.keys, **catalog.node_keys}.items()}
@@ -172,7 +172,7 @@ def test_describe_says_what_a_schema_accepts(schema, words):
 
 
 def test_keys_with_other_keywords_are_checked_by_jsonschema(flowgen_registry):
-    from feda2v_toolkit.config.schema import Catalog, KeyInfo
+    from feda2v_toolkit.config.catalog import Catalog, KeyInfo
 
     catalog = Catalog.build(flowgen_registry)
     frag = flowgen_registry.schema_fragments[0]

@@ -177,7 +177,7 @@ def test_a_non_positional_reducer_with_an_interpolating_upsampler_is_a_warning(c
 
 
 def test_plugin_types_and_keys_validate_once_the_plugin_is_loaded(flowgen_registry):
-    from feda2v_toolkit.config.schema import get_catalog
+    from feda2v_toolkit.config.catalog import get_catalog
 
     catalog = get_catalog(flowgen_registry)
     assert codes('{"generator_type": "flow", "flowgen_num_steps": 8, "flowgen_solver": "rk4"}', catalog) == []
@@ -272,7 +272,7 @@ def test_component_names_resolve_exactly_as_the_registry_does():
     import types
 
     from feda2v_toolkit import hookimpl
-    from feda2v_toolkit.config.schema import Catalog
+    from feda2v_toolkit.config.catalog import Catalog
     from feda2v_toolkit.plugins import load_registry
     from feda2v_toolkit.specs import GeneratorSpec
 

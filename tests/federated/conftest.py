@@ -10,7 +10,8 @@ import pytest
 @pytest.fixture(scope="session")
 def two_nodes(tiny_data, tmp_path_factory) -> list[Path]:
     """Node 0 holds engine + drum + half of whistle, node 1 the other half of whistle + bird (class names shared)."""
-    from feda2v_toolkit.data import open_dataset, write_dataset
+    from feda2v_toolkit.data.open import open_dataset
+    from feda2v_toolkit.data.writer import write_dataset
 
     ds = open_dataset(tiny_data)
     batch = ds.read(range(len(ds)))

@@ -97,7 +97,7 @@ def test_the_documented_commands_train_over_two_supernodes(tiny_data, two_nodes,
     assert all(p.poll() is not None for p in procs)
     assert json.loads(fed.stdout)["run"]["status"] == "finished:completed"
     assert "fitted 1 generator from 2 nodes' statistics (exact)" in fed.stderr, fed.stderr
-    from feda2v_toolkit.modelfile import load_model
+    from feda2v_toolkit.model.file import load_model
 
     model = load_model(out)
     assert model.metrics["federated"]["engine"] == "deployment"

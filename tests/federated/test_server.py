@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("flwr")
 
 from feda2v_toolkit.federated.engine import LocalGrid, federate_local  # noqa: E402
-from feda2v_toolkit.federated.server import FederationError, dp_epsilon  # noqa: E402
+from feda2v_toolkit.training.federation import FederationError, dp_epsilon  # noqa: E402
 
 
 def _cfg(tiny_config, **extra):
@@ -20,7 +20,7 @@ def _cfg(tiny_config, **extra):
 
 def test_exact_stages_equal_centralised_training(tiny_data, two_nodes, tiny_config, tmp_path):
     """pca reducer, lstsq upsampler and normalisation from two nodes' sums = train() on all the data."""
-    from feda2v_toolkit.training import train
+    from feda2v_toolkit.training.pipeline import train
 
     cfg = _cfg(tiny_config, generator_reducer="pca", generator_upsampler="lstsq", generator_validation_split=0,
                generator_training_epochs=1)
@@ -39,7 +39,7 @@ def test_exact_stages_equal_centralised_training(tiny_data, two_nodes, tiny_conf
 @pytest.mark.parametrize("granularity", ["unified", "per_class"])
 def test_closed_form_generators_federate_exactly(tiny_data, two_nodes, tiny_config, granularity):
     """gaussian (label-conditioned when unified): one exchange of statistics = train() on all the data."""
-    from feda2v_toolkit.training import train
+    from feda2v_toolkit.training.pipeline import train
 
     cfg = _cfg(tiny_config, generator_type="gaussian", generator_granularity=granularity,
                generator_validation_split=0, generator_latent_dim=64)  # rank above every node's class size
@@ -76,7 +76,7 @@ def test_per_class_generators_are_trained_and_averaged_only_by_their_owners(two_
     assert nodes[0]["generators"] == ["engine", "drum", "whistle"]
     assert nodes[1]["generators"] == ["whistle", "bird"]
     assert set(model.generators) == {"engine", "drum", "whistle", "bird"}
-    from feda2v_toolkit.modelfile import load_model
+    from feda2v_toolkit.model.file import load_model
 
     loaded = load_model(out)
     assert loaded.metrics["federated"]["rounds"] == 2
@@ -126,7 +126,7 @@ class _FailingGrid(LocalGrid):
 
 def _run(grid, cfg, out, timeout=None):
     from feda2v_toolkit.federated.app import grid_exchange
-    from feda2v_toolkit.federated.server import run_federation
+    from feda2v_toolkit.training.federation import run_federation
 
     return run_federation(grid_exchange(grid, timeout, {}), sorted(grid.get_node_ids()), cfg, out=out, seed=0)
 
@@ -150,7 +150,7 @@ def test_a_node_that_does_not_answer_in_time_fails_the_run(two_nodes, tiny_confi
 
 
 def test_nodes_with_mismatched_shapes_are_refused(two_nodes, tmp_path, tiny_config):
-    from feda2v_toolkit.demo import write_demo_dataset
+    from feda2v_toolkit.data.demo import write_demo_dataset
 
     other = write_demo_dataset(tmp_path / "other.safetensors", 2, seq_len=50, dim=8)
     with pytest.raises(FederationError, match=r"other.safetensors has sequences \[50, 8\].*\[50, 16\]"):
@@ -171,7 +171,7 @@ def test_differential_privacy_reports_epsilon_and_stores_it(two_nodes, tiny_conf
     assert privacy["epsilon"] == pytest.approx(dp_epsilon(1.0, 2, 1e-5, nodes=2))
     assert privacy["releases"] == 2 and privacy["accountant"].startswith("Flower")
     assert 0 < privacy["epsilon"] < float("inf")
-    from feda2v_toolkit.modelfile import load_model
+    from feda2v_toolkit.model.file import load_model
 
     assert load_model(out).metrics["federated"]["privacy"]["noise_multiplier"] == 1.0
 

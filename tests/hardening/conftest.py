@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 from feda2v_toolkit.config import schema_defaults
 from feda2v_toolkit.generators.vae import VAEGenerator
-from feda2v_toolkit.model import GenerativeModel
-from feda2v_toolkit.modelfile import save_model, write_safetensors
+from feda2v_toolkit.model.bundle import GenerativeModel
+from feda2v_toolkit.model.file import save_model, write_safetensors
 from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
 from feda2v_toolkit.upsamplers.interpolate import LinearUpsampler
 

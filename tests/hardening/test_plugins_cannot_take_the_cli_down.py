@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from feda2v_toolkit import plugins
+from feda2v_toolkit.plugins import discovery
 from tests.plugin_fakes import fake_distribution, run_cli
 
 HOSTILE = {
@@ -32,7 +33,7 @@ def hostile_site(tmp_path, monkeypatch):
 
 def test_exit_and_interrupt_on_import_are_recorded_failures_and_printing_goes_to_stderr(hostile_site, monkeypatch,
                                                                                          capsys):
-    monkeypatch.setattr(plugins, "SLOW_IMPORT_SECONDS", 0.2)
+    monkeypatch.setattr(discovery, "SLOW_IMPORT_SECONDS", 0.2)
     with pytest.warns(plugins.PluginWarning) as caught:
         reg = plugins.load_registry(autoload=True)
     assert reg.plugin("exits").status == "failed"

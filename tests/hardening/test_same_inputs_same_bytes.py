@@ -6,7 +6,7 @@ import hashlib
 import json
 import struct
 
-from feda2v_toolkit.training import train
+from feda2v_toolkit.training.pipeline import train
 from tests.hardening.conftest import run_main
 
 

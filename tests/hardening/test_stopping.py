@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from feda2v_toolkit import training
-from feda2v_toolkit.atomic import atomic_write_text
-from feda2v_toolkit.data import DatasetWriter
+from feda2v_toolkit.data.writer import DatasetWriter
 from feda2v_toolkit.errors import UsageError
-from feda2v_toolkit.training import train
+from feda2v_toolkit.runtime.atomic import atomic_write_text
+from feda2v_toolkit.training import pipeline as training
+from feda2v_toolkit.training.pipeline import train
 from tests.hardening.conftest import run_main
 
 
@@ -94,7 +94,7 @@ def test_resuming_a_fitted_reducer_with_changed_settings_is_the_documented_refus
 
 
 def test_resuming_with_data_of_another_width_is_the_documented_refusal(tiny_config, tmp_path):
-    from feda2v_toolkit.demo import write_demo_dataset
+    from feda2v_toolkit.data.demo import write_demo_dataset
 
     tiny_config.update(generator_reducer="pca", generator_upsampler="lstsq", generator_training_epochs=2,
                        generator_checkpoint_frequency=1)

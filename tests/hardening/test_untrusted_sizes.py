@@ -7,11 +7,13 @@ import time
 import pytest
 import torch
 
-from feda2v_toolkit.data import MAX_UNNAMED_CLASSES, open_dataset, write_dataset
+from feda2v_toolkit.data.dataset import MAX_UNNAMED_CLASSES
+from feda2v_toolkit.data.open import open_dataset
+from feda2v_toolkit.data.writer import write_dataset
 from feda2v_toolkit.errors import InputError
-from feda2v_toolkit.modelfile import load_model
-from feda2v_toolkit.resources import ENV_MEMORY_LIMIT
-from feda2v_toolkit.training import train
+from feda2v_toolkit.model.file import load_model
+from feda2v_toolkit.runtime.resources import ENV_MEMORY_LIMIT
+from feda2v_toolkit.training.pipeline import train
 from tests.hardening.conftest import run_main
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from analysis.helpers import D, L, structured
 
-from feda2v_toolkit.analysis.linear_optimum import PositionMoments, PositionPCA
 from feda2v_toolkit.components import Reducer
 from feda2v_toolkit.plugins import get_registry
 from feda2v_toolkit.reducers.pca import PCAReducer
+from feda2v_toolkit.reducers.position_moments import PositionMoments, PositionPCA
 from feda2v_toolkit.testing import check_reducer
 
 

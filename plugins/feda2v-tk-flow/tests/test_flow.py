@@ -137,8 +137,8 @@ def test_flow_nll_scores_held_out_data_with_a_trained_model(tmp_path):
     from click.testing import CliRunner
     from feda2v_tk_flow.commands import flow_nll_cmd
 
-    from feda2v_toolkit.demo import write_demo_dataset
-    from feda2v_toolkit.training import train
+    from feda2v_toolkit.data.demo import write_demo_dataset
+    from feda2v_toolkit.training.pipeline import train
 
     data = write_demo_dataset(tmp_path / "data.safetensors", 6, seq_len=20, dim=4, num_classes=2)
     config = {"generator_type": "realnvp", "generator_reducer": "dct", "generator_upsampler": "dct",

@@ -72,7 +72,7 @@ def flow_nll_cmd(model_path: Path, data_path: Path, batch_size: int, as_json: bo
 
     Lower is better; comparable with the training loss. Classes the model does not know are skipped.
     """
-    from feda2v_toolkit.modelfile import load_model
+    from feda2v_toolkit.model import load_model
 
     result = dataset_nll(load_model(model_path), data_path, batch_size=batch_size)
     if as_json:

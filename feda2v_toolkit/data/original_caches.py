@@ -4,11 +4,11 @@
   ``[n, S, D]``) and a ``manifest.json`` (``file_id_to_index``: file id -> ``[chunk, offset]``,
   ``chunks``: ``[{"file", "num_samples", "shape"}]``, ``class_name``). Chunks are memory-mapped with
   ``np.load(mmap_mode="c", allow_pickle=False)`` (copy-on-write: nothing ever writes to the cache); rows are those the manifest indexes, in chunk order.
-* A ``.pt`` dict keyed by file id (read by :mod:`feda2v_toolkit.data` with ``weights_only=True``):
+* A ``.pt`` dict keyed by file id (read by :mod:`feda2v_toolkit.data.dataset` with ``weights_only=True``):
   ``{"embeddings": {"file_id:class": tensor}, "metadata": {...}}`` or ``{file_id: tensor}``; the class is
   the part after the last ``:`` of the key (keys without one all go to the class ``unlabelled``).
 
-Both give a :class:`~feda2v_toolkit.data.Dataset`, so ``train``, ``analyze`` and ``evaluate`` read them.
+Both give a :class:`~feda2v_toolkit.data.dataset.Dataset`, so ``train``, ``analyze`` and ``evaluate`` read them.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def _chunk(path: Path, expected_rows: Any) -> Tensor:
 
 
 def open_ast_cache(root: Path) -> Any:
-    """Open a cache directory of the original code as a :class:`~feda2v_toolkit.data.Dataset` (streaming)."""
-    from feda2v_toolkit.data import Dataset, _Source
+    """Open a cache directory of the original code as a :class:`~feda2v_toolkit.data.dataset.Dataset` (streaming)."""
+    from feda2v_toolkit.data.dataset import Dataset, _Source
 
     class_dirs = [root] if (root / MANIFEST).is_file() else sorted(
         p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
@@ -158,9 +158,9 @@ def keyed_table(obj: Any) -> dict[str, Tensor] | None:
 
 
 def open_keyed(path: Path, table: dict[str, Tensor]) -> Any:
-    """A :class:`~feda2v_toolkit.data.Dataset` over a ``{file_id: [S, D] tensor}`` table (memory-mapped
+    """A :class:`~feda2v_toolkit.data.dataset.Dataset` over a ``{file_id: [S, D] tensor}`` table (memory-mapped
     tensors stay mapped: each entry is its own one-row source). Rows follow the keys' order."""
-    from feda2v_toolkit.data import FLOAT_DTYPES, Dataset, _Source
+    from feda2v_toolkit.data.dataset import FLOAT_DTYPES, Dataset, _Source
 
     first = next(iter(table.values()))
     row_shape = tuple(first.shape[-2:])
@@ -176,40 +176,3 @@ def open_keyed(path: Path, table: dict[str, Tensor]) -> Any:
     labels = torch.tensor([names.index(c) for c in classes], dtype=torch.long)
     return Dataset(path, sources, seq_len=row_shape[0], dim=row_shape[1], storage_dtype=first.dtype,
                    labels=labels, class_names=names, condition_dim=0)
-
-
-def convert_dataset(source: str | Path, out: str | Path, *, dtype: str | None = None, batch_size: int = 256,
-                    overwrite: bool = False) -> dict[str, Any]:
-    """Stream any dataset :func:`~feda2v_toolkit.data.open_dataset` reads into a shard directory ``out``
-    (all or nothing; ``overwrite`` replaces an existing one). Returns a small report."""
-    import os
-    import shutil
-
-    from feda2v_toolkit.data import DatasetWriter, open_dataset
-    from feda2v_toolkit.errors import UsageError
-
-    out = Path(out)
-    src = Path(source)
-    if out.exists() and src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
-        raise UsageError(f"{out}: is the source or inside it; write to another path")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out}: output directory exists and is not empty; use --overwrite to replace it")
-    ds = open_dataset(source)
-    target = out.parent / f".{out.name}.convert-new" if out.exists() else out
-    if target != out:
-        shutil.rmtree(target, ignore_errors=True)
-    writer = DatasetWriter(target, class_names=ds.class_names, dtype=dtype or ds.storage_dtype)
-    with writer:
-        for batch in ds.batches(batch_size, dtype=ds.storage_dtype):
-            writer.add(batch.embeddings, batch.labels, batch.conditions, copy=False)
-    if target != out:
-        trash = out.parent / f".{out.name}.replaced"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out, trash)
-        os.replace(target, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    return {"source": str(source), "out": str(out), "rows": len(ds), "seq_len": ds.seq_len, "dim": ds.dim,
-            "dtype": str(writer.dtype).removeprefix("torch."), "class_names": ds.class_names,
-            "shards": len(writer.shards)}

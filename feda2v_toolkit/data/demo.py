@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.data import DatasetWriter, write_dataset
+from feda2v_toolkit.data.writer import DatasetWriter, write_dataset
 
 CLASS_NAMES = ("engine", "drum", "whistle", "bird")
 AST_SEQ_LEN = 1214

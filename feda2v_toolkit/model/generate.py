@@ -1,7 +1,7 @@
 """Generating synthetic datasets from a trained model, streamed to safetensors shards.
 
 :func:`generate` is what ``feda2v-tk generate`` runs: for each class it draws samples in batches,
-upsamples them to the output length and hands them to a :class:`~feda2v_toolkit.data.DatasetWriter`,
+upsamples them to the output length and hands them to a :class:`~feda2v_toolkit.data.dataset.DatasetWriter`,
 so memory stays bounded however many samples are asked for. Class ``c``'s samples depend only on the
 seed and ``c`` (not on which other classes are generated), and the output is all-or-nothing.
 """
@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.data import DEFAULT_SHARD_BYTES, DatasetWriter, _resolve_dtype, open_dataset
+from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
+from feda2v_toolkit.data.open import open_dataset
+from feda2v_toolkit.data.writer import DatasetWriter, _resolve_dtype
 from feda2v_toolkit.errors import InputError, UsageError, short_list
-from feda2v_toolkit.model import GenerativeModel
-from feda2v_toolkit.progress import Progress
+from feda2v_toolkit.model.bundle import GenerativeModel
+from feda2v_toolkit.runtime.progress import Progress
 
 #: samples drawn per model call; part of what determines the samples (see :func:`sample_class`)
 DEFAULT_BATCH = 64
@@ -139,7 +141,7 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     if out_len < 1:
         raise UsageError(f"output length must be >= 1, got {out_len}")
     out_dtype = _resolve_dtype(dtype) or _resolve_dtype(model.data_dtype) or torch.float32
-    from feda2v_toolkit.resources import require_memory
+    from feda2v_toolkit.runtime.resources import require_memory
 
     # a batch upsampled (float32, plus a working copy), converted, and up to two shards queued
     require_memory(batch_size * out_len * model.dim * (8 + out_dtype.itemsize) + 2 * min(

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from feda2v_toolkit.components import Generator, TrainContext
 from feda2v_toolkit.config import configured_upsampler
-from feda2v_toolkit.data import Dataset, open_dataset
+from feda2v_toolkit.data.dataset import Dataset
+from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.errors import InputError
-from feda2v_toolkit.stages import (
+from feda2v_toolkit.training.stages import (
     ClassesStage,
     FittedStatisticsStage,
     NormalizationStage,
@@ -50,7 +51,7 @@ class Site:
     """One node's data and training state. ``cfg`` is the resolved generator config (seed included)."""
 
     def __init__(self, data: str | os.PathLike[str] | Dataset, cfg: Mapping[str, Any]) -> None:
-        from feda2v_toolkit.training import stratified_split
+        from feda2v_toolkit.training.pipeline import stratified_split
 
         self.ds = data if isinstance(data, Dataset) else open_dataset(data)
         self.cfg = dict(cfg)
@@ -88,7 +89,7 @@ class Site:
                 "train": int(self.train_idx.numel()), "heldout": int(self.val_idx.numel())}
 
     def reducer_statistics(self) -> Arrays:
-        from feda2v_toolkit.training import full_batches
+        from feda2v_toolkit.training.pipeline import full_batches
 
         reducer = self._reducer()
         if not has_statistics(reducer):
@@ -98,7 +99,7 @@ class Site:
 
     def set_reducer(self, state: Mapping[str, Tensor]) -> None:
         """Load the merged reducer and reduce every local sequence once (raw cache)."""
-        from feda2v_toolkit.training import reduce_dataset
+        from feda2v_toolkit.training.pipeline import reduce_dataset
 
         reducer = self._reducer()
         reducer.load_state_dict(dict(state))
@@ -123,7 +124,7 @@ class Site:
         return ups.state_dict(), int(self.train_idx.numel()), metrics
 
     def _pairs(self) -> Any:
-        from feda2v_toolkit.training import read_chunk_rows, upsampler_pairs
+        from feda2v_toolkit.training.pipeline import read_chunk_rows, upsampler_pairs
 
         assert self.reduced is not None and not self.normalized
         rows = max(1, min(int(self.cfg["generator_batch_size"]), read_chunk_rows(self.ds)))

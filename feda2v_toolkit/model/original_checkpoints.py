@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.atomic import check_output_path
 from feda2v_toolkit.errors import InputError, ToolkitError, UsageError
-from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
+from feda2v_toolkit.model.bundle import UNIFIED_KEY, GenerativeModel
+from feda2v_toolkit.runtime.atomic import check_output_path
 
 DEFAULT_DIM = 768
 DEFAULT_FULL_LENGTH = 1214
@@ -719,7 +719,7 @@ def check_output(out: str | os.PathLike[str], paths: Sequence[str | os.PathLike[
 def convert(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
             **options: Any) -> ConversionResult:
     """:func:`convert_checkpoints`, then write the model to ``out`` atomically (nothing on failure)."""
-    from feda2v_toolkit.modelfile import save_model
+    from feda2v_toolkit.model.file import save_model
 
     target = check_output(out, paths)
     result = convert_checkpoints(paths, **options)

@@ -1,6 +1,6 @@
 """Training checkpoints: the model so far, optimiser and RNG state, in one safetensors file.
 
-A checkpoint is a model file (see :mod:`feda2v_toolkit.modelfile`) of kind ``checkpoint`` with extra
+A checkpoint is a model file (see :mod:`feda2v_toolkit.model.file`) of kind ``checkpoint`` with extra
 tensors ``optim.<generator index>.<optimiser name>.<param id>.<state key>`` and ``rng.torch``
 (``rng.cuda`` on GPU), and a ``checkpoint`` metadata document holding the model document, the epoch
 reached, the global step, the optimisers' non-tensor state, the metric history and fingerprints of
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.model import GenerativeModel
-from feda2v_toolkit.modelfile import (
+from feda2v_toolkit.model.bundle import GenerativeModel
+from feda2v_toolkit.model.file import (
     file_metadata,
     model_tensors_and_metadata,
     read_safetensors,

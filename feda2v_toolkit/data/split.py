@@ -49,7 +49,8 @@ def split_dataset(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     Every node file keeps the full class-name list (so labels mean the same everywhere); a node may hold
     no sequences of some classes. A node that would get no sequences at all is an error.
     """
-    from feda2v_toolkit.data import open_dataset, write_dataset
+    from feda2v_toolkit.data.open import open_dataset
+    from feda2v_toolkit.data.writer import write_dataset
 
     ds = open_dataset(data)
     out = Path(out_dir)

@@ -1,7 +1,7 @@
 """The in-memory trained model: generators + reducer + upsampler + everything needed to sample.
 
-Training (:mod:`feda2v_toolkit.training`) produces a :class:`GenerativeModel`;
-:mod:`feda2v_toolkit.modelfile` writes it to one safetensors file and reads it back without pickle.
+Training (:mod:`feda2v_toolkit.training.pipeline`) produces a :class:`GenerativeModel`;
+:mod:`feda2v_toolkit.model.file` writes it to one safetensors file and reads it back without pickle.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from feda2v_toolkit import __version__
-from feda2v_toolkit.atomic import atomic_path
 from feda2v_toolkit.errors import InputError, NewerVersionError, ToolkitError, UsageError, short_list
-from feda2v_toolkit.model import GenerativeModel
+from feda2v_toolkit.model.bundle import GenerativeModel
+from feda2v_toolkit.runtime.atomic import atomic_path
 
 MODEL_FORMAT = "model"
 FORMAT_VERSION = 1

@@ -11,7 +11,7 @@ can move them; this module never imports an engine (the Flower adaptation is in
 | :class:`ClassesStage` | class names, counts, shapes | union, sum | yes |
 | :class:`FittedStatisticsStage` (reducer, upsampler) | the component's ``fit_statistics`` sums | sum | yes |
 | :class:`NormalizationStage` | per-position sums and sums of squares | sum | yes |
-| closed-form generators (``gaussian``; driven by :mod:`feda2v_toolkit.federated.server`) | the generator's ``fit_statistics`` (class sums, moments, low-rank scatter factors) | the type's ``merge_statistics`` (parallel-axis corrections, not plain sums) | yes |
+| closed-form generators (``gaussian``; driven by :mod:`feda2v_toolkit.training.federation`) | the generator's ``fit_statistics`` (class sums, moments, low-rank scatter factors) | the type's ``merge_statistics`` (parallel-axis corrections, not plain sums) | yes |
 | :class:`WeightsStage` (generators, trainable upsamplers) | local epochs from the current weights | weighted average among the sites holding each key | no: rounds |
 
 A fitted component federates exactly when it implements ``fit_statistics(stream) -> dict[str, Tensor]``

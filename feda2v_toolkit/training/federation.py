@@ -2,7 +2,7 @@
 
 :func:`run_federation` talks to the nodes only through ``exchange(stage, requests) -> replies`` (node id ->
 ``(arrays, meta)``); the Flower ServerApp supplies an ``exchange`` over its Grid, tests can supply one that
-calls :func:`feda2v_toolkit.federated.site.handle` directly. Any node failing or not answering fails the
+calls :func:`feda2v_toolkit.training.site.handle` directly. Any node failing or not answering fails the
 run; the model file is written (atomically) only after the last round.
 """
 
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.errors import InputError
-from feda2v_toolkit.federated.site import Arrays, Meta, pack, unpack
-from feda2v_toolkit.stages import (
+from feda2v_toolkit.training.site import Arrays, Meta, pack, unpack
+from feda2v_toolkit.training.stages import (
     ClassesStage,
     DataSummary,
     FittedStatisticsStage,
@@ -123,9 +123,9 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
                    log: Callable[[str], None] | None = None, engine: str = "local") -> Any:
     """Train one model over ``nodes`` and (if ``out``) write it; returns the :class:`GenerativeModel`."""
     from feda2v_toolkit.config import configured_upsampler, load_config
-    from feda2v_toolkit.model import GenerativeModel
+    from feda2v_toolkit.model.bundle import GenerativeModel
     from feda2v_toolkit.plugins import get_registry
-    from feda2v_toolkit.training import generator_groups
+    from feda2v_toolkit.training.pipeline import generator_groups
 
     say = log or (lambda _m: None)
     cfg = dict(load_config(config, overrides=overrides))
@@ -333,7 +333,7 @@ def run_federation(exchange: Exchange, nodes: list[int], config: Any, *, out: st
                       "privacy": privacy, "history": history, "traffic": traffic.stages},
     }
     if out is not None:
-        from feda2v_toolkit.modelfile import save_model
+        from feda2v_toolkit.model.file import save_model
 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         save_model(model, out)

@@ -34,15 +34,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.atomic import check_output_path, check_writable
-from feda2v_toolkit.checkpoint import TrainingState, checkpoint_epoch, load_checkpoint, save_checkpoint
 from feda2v_toolkit.components import Generator, Reducer, TrainContext, Upsampler
 from feda2v_toolkit.config import configured_upsampler
-from feda2v_toolkit.data import Dataset, open_dataset
+from feda2v_toolkit.data.dataset import Dataset
+from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.errors import InputError, UsageError, short_list
-from feda2v_toolkit.model import UNIFIED_KEY, GenerativeModel
-from feda2v_toolkit.modelfile import unprefixed
-from feda2v_toolkit.progress import Progress
+from feda2v_toolkit.model.bundle import UNIFIED_KEY, GenerativeModel
+from feda2v_toolkit.model.file import unprefixed
+from feda2v_toolkit.runtime.atomic import check_output_path, check_writable
+from feda2v_toolkit.runtime.progress import Progress
+from feda2v_toolkit.training.checkpoint import (
+    TrainingState,
+    checkpoint_epoch,
+    load_checkpoint,
+    save_checkpoint,
+)
 from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
 
 #: rows of full-length sequences read per chunk while reducing (bounded memory)
@@ -222,9 +228,9 @@ def reduce_dataset(ds: Dataset, reducer: Reducer, indices: Tensor | None = None,
 def standardization(reduced: Tensor, indices: Tensor, rows: int = 4096) -> dict[str, Tensor]:
     """Per position and feature mean and std ``[l, D]`` over ``reduced[indices]``, in chunks (float64 sums).
 
-    The single-site form of :class:`feda2v_toolkit.stages.NormalizationStage` (federated runs merge the sums).
+    The single-site form of :class:`feda2v_toolkit.training.stages.NormalizationStage` (federated runs merge the sums).
     """
-    from feda2v_toolkit.stages import NormalizationStage
+    from feda2v_toolkit.training.stages import NormalizationStage
 
     stage = NormalizationStage()
     return stage.finish(stage.local(reduced, indices, rows))
@@ -441,7 +447,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
 
     model.metrics = _final_metrics(state)
     if out is not None:
-        from feda2v_toolkit.modelfile import save_model
+        from feda2v_toolkit.model.file import save_model
 
         save_model(model.to("cpu"), out)
         say(f"wrote {out}")
@@ -558,7 +564,7 @@ def _require_training_memory(gen_cls: type, cfg: Mapping[str, Any], length: int,
         params = sum(p.numel() for p in probe.parameters())
     except Exception:  # a generator that cannot be built on meta: no estimate
         return
-    from feda2v_toolkit.resources import require_memory
+    from feda2v_toolkit.runtime.resources import require_memory
 
     require_memory(params * 4 * 4 * count, f"training {count} {cfg['generator_type']} generator(s) of "
                    f"{params:,} parameters", hint="lower generator_hidden_dim / --hidden-dim (see feda2v-tk plan)")
@@ -568,7 +574,7 @@ def _open_metrics(path: str | os.PathLike[str], done_epochs: int) -> Any:
     """Open the metrics file for appending the epochs after ``done_epochs``: a fresh run starts it anew
     (separate runs never run together), a resumed one keeps only the lines of the epochs its checkpoint
     holds (no duplicate epochs after kill + resume)."""
-    from feda2v_toolkit.atomic import atomic_write_text
+    from feda2v_toolkit.runtime.atomic import atomic_write_text
 
     p = Path(path)
     kept: list[str] = []

@@ -25,9 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from feda2v_toolkit.atomic import atomic_path, atomic_write_text, default_mode
-from feda2v_toolkit.audio import AudioError, Clip, ClipPolicy, ClipSource, load_clip, real_frames, require
+from feda2v_toolkit.audio.sources import (
+    AudioError,
+    Clip,
+    ClipPolicy,
+    ClipSource,
+    load_clip,
+    real_frames,
+    require,
+)
 from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.runtime.atomic import atomic_path, atomic_write_text, default_mode
 
 #: the checkpoint FedA2V uses (1214 tokens of width 768)
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
@@ -169,11 +177,12 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     import torch
     from safetensors.torch import save_file
 
-    from feda2v_toolkit.data import DEFAULT_SHARD_BYTES, _resolve_dtype
-    from feda2v_toolkit.progress import Progress
+    from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
+    from feda2v_toolkit.data.writer import _resolve_dtype
+    from feda2v_toolkit.runtime.progress import Progress
 
     if not isinstance(source, ClipSource):
-        from feda2v_toolkit.audio import open_source
+        from feda2v_toolkit.audio.sources import open_source
 
         source = open_source(source)
     policy = policy or ClipPolicy(10.0)
@@ -334,7 +343,7 @@ def _finish_shard(work: Path, k: int, embeddings: Any, parts: list[tuple[list[Cl
     """Write shard ``k`` (if it has rows) and then its done marker, each atomically."""
     import torch
 
-    from feda2v_toolkit.data import dataset_metadata
+    from feda2v_toolkit.data.writer import dataset_metadata
 
     clips = [c for good, _ in parts for c in good]
     if clips:

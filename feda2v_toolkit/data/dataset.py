@@ -1,0 +1,209 @@
+"""The dataset format: safetensors files or shard directories of AST-style embedding sequences.
+
+A dataset is a ``.safetensors`` file, or a directory of ``*.safetensors`` shards read in name order.
+Each file holds
+
+* ``embeddings`` ``[n, S, D]`` float32, float16 or bfloat16,
+* ``labels`` ``[n]`` integers (index into the class names),
+* optionally ``conditions`` ``[n, C]`` per-sample condition embeddings,
+
+and string metadata ``feda2v_format = "dataset"``, ``format_version`` and ``class_names`` (a JSON list).
+Reading goes through safetensors' memory map, a batch at a time, so data larger than memory streams.
+Legacy PyTorch caches (``.pt`` dicts of tensors) are read with ``torch.load(weights_only=True)``.
+See ``docs/data.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from feda2v_toolkit.errors import InputError, UsageError
+
+FORMAT = "dataset"
+FORMAT_VERSION = 1
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: default shard size for writers (bytes of embeddings per shard)
+DEFAULT_SHARD_BYTES = 256 * 2**20
+#: labels of a dataset without ``class_names`` must lie below this (class_0 .. class_N are made up)
+MAX_UNNAMED_CLASSES = 100_000
+_LEGACY_EMBEDDING_KEYS = ("embeddings", "audio_embeddings", "features", "x")
+_LEGACY_LABEL_KEYS = ("labels", "targets", "y")
+
+
+@dataclass
+class Batch:
+    """A batch read from a dataset: float32 embeddings, long labels, optional float32 conditions."""
+
+    embeddings: Tensor
+    labels: Tensor
+    conditions: Tensor | None
+    indices: Tensor
+
+
+@dataclass
+class _Source:
+    """One file of a dataset: where its rows sit in the global index."""
+
+    path: Path
+    start: int
+    count: int
+    tensors: dict[str, Tensor] | None = None  # legacy .pt content (already in memory / mmapped)
+
+    def read(self, name: str, lo: int, hi: int) -> Tensor:
+        if self.tensors is not None:
+            return self.tensors[name][lo:hi]
+        try:
+            with safe_open(str(self.path), framework="pt") as fh:
+                return fh.get_slice(name)[lo:hi]
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{self.path}: cannot read {name!r}: {exc}") from None
+
+
+def _class_names_from_metadata(path: Path, meta: dict[str, str] | None) -> list[str] | None:
+    if not meta or "class_names" not in meta:
+        return None
+    try:
+        names = json.loads(meta["class_names"])
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: metadata 'class_names' is not JSON: {exc}") from None
+    return _checked_class_names(path, names)
+
+
+def _checked_class_names(path: Path, names: Any) -> list[str]:
+    if not (isinstance(names, list | tuple) and all(isinstance(n, str) for n in names)):
+        raise InputError(f"{path}: metadata 'class_names' must be a JSON list of strings")
+    if len(set(names)) != len(names):
+        raise InputError(f"{path}: metadata 'class_names' has duplicates")
+    return list(names)
+
+
+class Dataset:
+    """A read-only, lazily read dataset (see the module docstring for the format).
+
+    Attributes:
+        path: what was opened; ``num_samples`` / ``seq_len`` / ``dim``: the shape ``[N, S, D]``;
+        storage_dtype: the embeddings' dtype on disk; ``labels``: every label (``[N]``, long);
+        class_names: label ``i`` is ``class_names[i]``; ``condition_dim``: ``C`` or 0.
+    """
+
+    def __init__(self, path: Path, sources: list[_Source], *, seq_len: int, dim: int,
+                 storage_dtype: torch.dtype, labels: Tensor, class_names: list[str], condition_dim: int) -> None:
+        self.path = path
+        self.sources = sources
+        self.seq_len = seq_len
+        self.dim = dim
+        self.storage_dtype = storage_dtype
+        self.labels = labels
+        self.class_names = class_names
+        self.condition_dim = condition_dim
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return len(self)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of embeddings on disk."""
+        return len(self) * self.seq_len * self.dim * self.storage_dtype.itemsize
+
+    def class_counts(self) -> dict[str, int]:
+        counts = torch.bincount(self.labels, minlength=self.num_classes).tolist()
+        return {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
+
+    def read(self, indices: Tensor | Sequence[int], *, dtype: torch.dtype = torch.float32,
+             check_finite: bool = True) -> Batch:
+        """Read rows by global index (any order); contiguous runs are read with one slice each."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0:
+            empty = torch.empty(0, self.seq_len, self.dim, dtype=dtype)
+            cond = torch.empty(0, self.condition_dim) if self.condition_dim else None
+            return Batch(empty, idx.clone(), cond, idx.clone())
+        if int(idx.min()) < 0 or int(idx.max()) >= len(self):
+            raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
+        emb = self._gather("embeddings", idx, dtype, (self.seq_len, self.dim))
+        cond = self._gather("conditions", idx, torch.float32, (self.condition_dim,)) if self.condition_dim else None
+        if check_finite:
+            self._check_finite(emb, idx)
+        return Batch(emb, self.labels[idx], cond, idx)
+
+    def read_conditions(self, indices: Tensor | Sequence[int]) -> Tensor:
+        """The ``conditions`` rows ``[n, C]`` (float32) of the given samples, without reading embeddings."""
+        if not self.condition_dim:
+            raise InputError(f"{self.path}: holds no 'conditions' tensor")
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0:
+            return torch.empty(0, self.condition_dim)
+        out = self._gather("conditions", idx, torch.float32, (self.condition_dim,))
+        if not bool(torch.isfinite(out).all()):
+            raise InputError(f"{self.path}: 'conditions' contain NaN or inf values")
+        return out
+
+    def _gather(self, name: str, idx: Tensor, dtype: torch.dtype, row_shape: tuple[int, ...]) -> Tensor:
+        """Rows ``idx`` (any order, repeats allowed) of tensor ``name`` as ``dtype``: each contiguous run of
+        the sorted distinct indices is one slice, copied straight into the output."""
+        unique, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        runs = list(self._runs(unique.tolist()))
+        if len(runs) == 1:
+            source, lo, hi = runs[0]
+            out = source.read(name, lo, hi).to(dtype)
+        else:
+            out = torch.empty(unique.numel(), *row_shape, dtype=dtype)
+            pos = 0
+            for source, lo, hi in runs:
+                out[pos:pos + hi - lo].copy_(source.read(name, lo, hi))
+                pos += hi - lo
+        in_order = unique.numel() == idx.numel() and torch.equal(unique, idx)
+        return out if in_order else out[inverse]
+
+    def batches(self, batch_size: int, indices: Tensor | Sequence[int] | None = None, *,
+                dtype: torch.dtype = torch.float32, check_finite: bool = True) -> Iterator[Batch]:
+        """Stream batches of at most ``batch_size`` rows, in the given order (default: all, in order)."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        idx = torch.arange(len(self)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        for start in range(0, idx.numel(), batch_size):
+            yield self.read(idx[start:start + batch_size], dtype=dtype, check_finite=check_finite)
+
+    def _runs(self, values: list[int]) -> Iterator[tuple[_Source, int, int]]:
+        """Yield ``(source, lo, hi)`` slices covering sorted, unique global indices."""
+        i, src_i = 0, 0
+        while i < len(values):
+            while values[i] >= self.sources[src_i].start + self.sources[src_i].count:
+                src_i += 1
+            src = self.sources[src_i]
+            end = src.start + src.count
+            j = i
+            while j + 1 < len(values) and values[j + 1] == values[j] + 1 and values[j + 1] < end:
+                j += 1
+            yield src, values[i] - src.start, values[j] - src.start + 1
+            i = j + 1
+
+    def _check_finite(self, emb: Tensor, idx: Tensor) -> None:
+        if bool(torch.isfinite(emb.sum())):  # NaN or inf anywhere makes the sum non-finite
+            return
+        bad = ~torch.isfinite(emb).all(dim=2).all(dim=1)
+        if bool(bad.any()):
+            first = int(idx[bad.nonzero()[0, 0]])
+            raise InputError(f"{self._file_of(first)}: sample {first} contains NaN or inf values")
+
+    def _file_of(self, index: int) -> Path:
+        for src in self.sources:
+            if src.start <= index < src.start + src.count:
+                return src.path
+        return self.path
