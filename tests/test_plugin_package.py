@@ -218,7 +218,7 @@ def test_train_generate_and_inspect_with_the_plugin_generator_reducer_and_upsamp
     text = venv.run("inspect", "flow.safetensors").stdout
     assert "realnvp" in text and "feda2v-tk-flow" in text
     venv.run("generate", "flow.safetensors", "-o", "samples", "--seed", "1")
-    code = ("import sys, json; from feda2v_toolkit.data.dataset import open_dataset; ds = open_dataset(sys.argv[1]); "
+    code = ("import sys, json; from feda2v_toolkit.data import open_dataset; ds = open_dataset(sys.argv[1]); "
             "print(json.dumps([len(ds), ds.seq_len, ds.dim, ds.class_names]))")
     n, length, dim, classes = json.loads(venv.python_run("-c", code, str(venv.work / "samples")).stdout)
     assert (length, dim) == (40, 8) and n == 2 * len(classes)
