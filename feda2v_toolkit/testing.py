@@ -232,24 +232,32 @@ def _toy_sequences(n: int, length: int, dim: int, seed: int, num_classes: int = 
 
 def _train_steps(gen: Any, cfg: Mapping[str, Any], x: Any, labels: Any, conditions: Any, steps: int,
                  batch_size: int, seed: int, what: str) -> list[dict[str, float]]:
+    """``steps`` optimisation steps through the training pipeline's step loop (the loop every site runs)."""
     import torch
 
     from feda2v_toolkit.components import TrainContext
+    from feda2v_toolkit.training.loop import DivergedError, run_steps
 
     torch.manual_seed(seed)
     optimizers = gen.configure_optimizers(cfg)
     _expect(isinstance(optimizers, Mapping) and optimizers and all(isinstance(k, str) for k in optimizers),
             f"{what}: configure_optimizers() must return a non-empty dict of named optimisers")
-    gen.train()
-    history = []
-    for step in range(steps):
-        rows = slice((step * batch_size) % x.shape[0], (step * batch_size) % x.shape[0] + batch_size)
-        ctx = TrainContext(epoch=0, total_epochs=1, step=step, progress=step / steps, config=cfg)
-        terms = gen.training_step(x[rows], labels=labels[rows],
-                                  conditions=conditions[rows] if conditions is not None else None,
-                                  optimizers=optimizers, ctx=ctx)
+    starts = [(step * batch_size) % x.shape[0] for step in range(steps)]
+    batches = ((x[s:s + batch_size], labels[s:s + batch_size],
+                conditions[s:s + batch_size] if conditions is not None else None) for s in starts)
+    history: list[dict[str, float]] = []
+
+    def check(terms: dict[str, float], _n: int) -> None:
         _check_terms(terms, f"{what}: training_step")
         history.append(terms)
+
+    def context(step: int) -> TrainContext:
+        return TrainContext(epoch=0, total_epochs=1, step=step, progress=step / steps, config=cfg)
+
+    try:
+        run_steps(gen, optimizers, batches, context, on_step=check, check=False)
+    except DivergedError as exc:  # pragma: no cover - _check_terms reports non-finite terms first
+        raise ConformanceError(f"{what}: {exc}") from None
     return history
 
 

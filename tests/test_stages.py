@@ -55,7 +55,7 @@ def test_lstsq_upsampler_from_two_sites_equals_the_centralised_fit():
 
 
 def test_normalisation_from_two_sites_equals_the_centralised_statistics():
-    from feda2v_toolkit.training.pipeline import standardization
+    from feda2v_toolkit.training.stages import standardization
 
     x = _data(20, 4)
     idx_a, idx_b = torch.arange(0, 7), torch.arange(7, 20)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import feda2v_toolkit.training.pipeline as training
+import feda2v_toolkit.training.streams as streams
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.data.writer import write_dataset
@@ -16,7 +17,9 @@ from feda2v_toolkit.model.file import _write_sorted as real_write
 from feda2v_toolkit.model.file import load_model
 from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
 from feda2v_toolkit.training.checkpoint import load_checkpoint
-from feda2v_toolkit.training.pipeline import generator_groups, stratified_split, train
+from feda2v_toolkit.data.split import stratified_split
+from feda2v_toolkit.training.pipeline import train
+from feda2v_toolkit.training.spec import generator_groups
 
 
 def _train_interrupted_after_epoch(epoch, config, data, checkpoint_dir, monkeypatch):
@@ -73,7 +76,7 @@ def test_every_sequence_is_reduced_exactly_once_however_many_epochs(tiny_data, t
 
 
 def test_full_sequences_are_read_in_bounded_chunks(tiny_data, tiny_config, monkeypatch):
-    monkeypatch.setattr(training, "READ_CHUNK_BYTES", 50 * 16 * 4 * 3)  # three sequences at a time
+    monkeypatch.setattr(streams, "READ_CHUNK_BYTES", 50 * 16 * 4 * 3)  # three sequences at a time
     sizes = []
     original = Dataset.read
 

@@ -47,10 +47,12 @@ from feda2v_toolkit.analysis.plan import resolve_config
 from feda2v_toolkit.components import Reducer, Upsampler
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.open import open_dataset
+from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.reducers.pca import PCAReducer
 from feda2v_toolkit.reducers.position_moments import PositionMoments, PositionPCA
-from feda2v_toolkit.training.pipeline import full_batches, read_chunk_rows, stratified_split, upsampler_pairs
+from feda2v_toolkit.runtime.seeds import derive_seed
+from feda2v_toolkit.training.streams import full_batches, read_chunk_rows, upsampler_pairs
 
 OPTIMUM = "linear optimum"
 DEFAULT_UPSAMPLER_EPOCHS = 1
@@ -131,7 +133,7 @@ def _check_lengths(ds: Dataset, lengths: Sequence[int]) -> list[int]:
 def _split(ds: Dataset, holdout: float, seed: int) -> tuple[Tensor, Tensor]:
     if not 0 < holdout < 1:
         raise UsageError(f"--holdout must be between 0 and 1, got {holdout}")
-    train_idx, test_idx = stratified_split(ds.labels, holdout, seed)
+    train_idx, test_idx = stratified_split(ds.labels, holdout, derive_seed(seed, "analyze-split"))
     classes = torch.unique(ds.labels[train_idx]).numel()
     if test_idx.numel() == 0 or classes < 2:
         raise InputError(f"{ds.path}: too little data to analyse: need at least 2 classes with 2+ samples each "
@@ -258,7 +260,7 @@ class _Run:
     def pairs(self, reduced: Tensor) -> Callable[[], Any]:
         """(reduced, full) training pairs in chunks, the chunk order reshuffled on every call (seeded):
         the stream ``train`` fits a trainable upsampler on."""
-        return upsampler_pairs(self.ds, self.train_idx, reduced, self.rows, self.seed)
+        return upsampler_pairs(self.ds, self.train_idx, reduced, self.rows, self.seed, "analyze")
 
     def _reconstruct(self, key: tuple[str, int, str], rows: Tensor) -> Tensor:
         rname, length, _ = key

@@ -58,10 +58,12 @@ from feda2v_toolkit.analysis.metrics import (
 )
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.open import open_dataset
+from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.model.generate import DEFAULT_BATCH, is_class_agnostic, sample_class_reduced
-from feda2v_toolkit.training.pipeline import read_chunk_rows, stratified_split
+from feda2v_toolkit.runtime.seeds import derive_seed, scheme_seed
+from feda2v_toolkit.training.streams import read_chunk_rows
 
 MAX_SAMPLES_PER_CLASS = 10_000
 SPLITS = ("all", "heldout")
@@ -225,7 +227,7 @@ def _real_indices(model: GenerativeModel, ds: Dataset, split: str) -> Tensor:
     if model.seed is None:
         raise UsageError("--split heldout: the model file records no training seed")
     fraction = float(model.setting("generator_validation_split"))
-    _, val_idx = stratified_split(ds.labels, fraction, int(model.seed))
+    _, val_idx = stratified_split(ds.labels, fraction, scheme_seed(model.seed_scheme, int(model.seed), "split", 0))
     if val_idx.numel() == 0:
         raise UsageError("--split heldout: the model was trained without a held-out split "
                          "(generator_validation_split = 0); evaluate against other real data")
@@ -379,7 +381,7 @@ def _downstream(ds: Dataset, classes: list[str], labels: Tensor, real_feats: Ten
     """Real-only, TSTR and augmented accuracy on the real test part (labels re-indexed over ``classes``)."""
     index = {ds.class_names.index(c): i for i, c in enumerate(classes)}
     y_real = torch.tensor([index[int(v)] for v in labels.tolist()], dtype=torch.long)
-    train_idx, test_idx = stratified_split(y_real, test_fraction, seed)
+    train_idx, test_idx = stratified_split(y_real, test_fraction, derive_seed(seed, "evaluate-split"))
     if test_idx.numel() == 0:
         raise InputError(f"{ds.path}: too few real sequences for a train/test split")
     x_syn = torch.cat([synth_feats[c] for c in classes])

@@ -41,7 +41,7 @@ from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.model.generate import DEFAULT_BATCH
-from feda2v_toolkit.training.pipeline import chunk_rows
+from feda2v_toolkit.training.streams import chunk_rows
 
 #: the writer's worst moment: queued batches, their concatenation into the next shard, the shard in flight
 WRITER_BUFFER = 3 * DEFAULT_SHARD_BYTES
@@ -141,10 +141,10 @@ def runtime_bytes() -> int:
 
 
 def _generator_count(cfg: Mapping[str, Any], num_classes: int, class_names: Sequence[str] | None = None) -> int:
-    """How many generators training builds (:func:`~feda2v_toolkit.training.pipeline.generator_groups`): for the
+    """How many generators training builds (:func:`~feda2v_toolkit.training.spec.generator_groups`): for the
     data's ``class_names`` when known, else for ``num_classes`` classes -- those the groups name, then
     unnamed ones."""
-    from feda2v_toolkit.training.pipeline import generator_groups
+    from feda2v_toolkit.training.spec import generator_groups
 
     if class_names is None:
         grouped = [c for members in (cfg.get("generator_class_groups") or {}).values() for c in members]

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from feda2v_toolkit.commands._warnings import warnings_as_messages
+from feda2v_toolkit.commands.train import training_options
 from feda2v_toolkit.errors import UsageError
 
 FLOWER_MISSING = 'federated training needs Flower: pip install "feda2v-tk[federated]"'
@@ -22,8 +23,6 @@ def require_flower() -> None:
 
 
 @click.command("federate")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Experiment config (JSON), as for train; federated_* keys set the rounds and privacy.")
 @click.option("-n", "--node", "nodes", multiple=True, type=click.Path(path_type=Path),
               help="One node's dataset (repeat per node): it is read only by that node's ClientApp.")
 @click.option("--superlink", metavar="HOST:PORT",
@@ -37,80 +36,82 @@ def require_flower() -> None:
               help="Model file to write (.safetensors), written only when the run completes.")
 @click.option("--rounds", type=click.IntRange(min=1), help="Overrides federated_rounds.")
 @click.option("--local-epochs", type=click.IntRange(min=1), help="Overrides federated_local_epochs.")
-@click.option("--granularity", type=click.Choice(["unified", "per_class", "per_group"]),
-              help="Overrides generator_granularity.")
-@click.option("--generator-type", help="Overrides generator_type.")
-@click.option("--dp-noise", type=click.FloatRange(min=0), help="Overrides federated_dp_noise_multiplier (0 = off).")
-@click.option("--dp-clip", type=click.FloatRange(min=0, min_open=True), help="Overrides federated_dp_clipping_norm.")
+@click.option("--dp-noise", type=click.FloatRange(min=0, max=1e6),
+              help="Node-level DP: overrides federated_dp_noise_multiplier (0 = off).")
+@click.option("--dp-clip", type=click.FloatRange(min=0, min_open=True, max=1e12),
+              help="Node-level DP: overrides federated_dp_clipping_norm.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for the nodes in each stage (overrides federated_round_timeout).")
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), help="Random seed (overrides generator_seed).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@training_options(epochs=False)
 def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: str | None, min_nodes: int,
-                 wait_s: float, out_path: Path, rounds: int | None,
-                 local_epochs: int | None, granularity: str | None, generator_type: str | None,
-                 dp_noise: float | None, dp_clip: float | None, timeout: float | None,
-                 seed: int | None, overwrite: bool, as_json: bool, quiet: bool) -> None:
-    """Train one model over several nodes' datasets with the Flower app; only weights and sums move.
+                 wait_s: float, out_path: Path, rounds: int | None, local_epochs: int | None,
+                 dp_noise: float | None, dp_clip: float | None, timeout: float | None, seed: int | None,
+                 overwrite: bool, device: str, resume: bool, checkpoint_dir: Path | None, metrics_path: Path | None,
+                 progress: bool | None, as_json: bool, quiet: bool, learned_upsampling: bool | None,
+                 **options: Any) -> None:
+    """Train one model over several nodes' datasets with the Flower app; only releases move, never clips.
 
-    Every --node is one site, run in this process; or, with --superlink, the SuperNodes of a running
-    Flower Deployment engine are the sites (docs/federated.md). The run prints a progress line per round
-    and writes one model file in the same format as train (inspect shows the nodes, rounds and privacy).
+    The same training pipeline as train: every --node is one site, run in this process on Flower's
+    in-process engine; or, with --superlink, the SuperNodes of a running Flower Deployment engine are the
+    sites (docs/federated.md). Prints a line per round, checkpoints after every round (--resume continues
+    a killed run exactly) and writes one model file in the same format as train.
     """
+    from feda2v_toolkit.commands.train import collect_overrides, report
     from feda2v_toolkit.errors import InputError
     from feda2v_toolkit.runtime.atomic import check_output_path
 
     require_flower()
-    if superlink is not None:
-        if nodes:
-            raise UsageError("--superlink runs on the SuperNodes' own data: drop --node")
-        _federate_deployed(superlink, config_path, out_path, min_nodes, wait_s, seed, timeout, overwrite, quiet,
-                           as_json, {"federated_rounds": rounds, "federated_local_epochs": local_epochs,
-                                     "generator_granularity": granularity, "generator_type": generator_type,
-                                     "federated_dp_noise_multiplier": dp_noise,
-                                     "federated_dp_clipping_norm": dp_clip})
-        return
-    if len(nodes) < 1:
-        raise UsageError("give at least one --node (or --superlink)")
-    for p in nodes:
-        if not p.exists():
-            raise InputError(f"{p}: no such dataset")
-    check_output_path(out_path, nodes, role="node dataset")
-    if out_path.exists() and not overwrite:
+    overrides: dict[str, Any] = {k: v for k, v in {
+        "federated_rounds": rounds, "federated_local_epochs": local_epochs,
+        "federated_dp_noise_multiplier": dp_noise, "federated_dp_clipping_norm": dp_clip}.items() if v is not None}
+    overrides.update(collect_overrides(options, learned_upsampling=learned_upsampling))
+    if out_path.exists() and not overwrite and not resume:
         raise UsageError(f"{out_path}: exists; pass --overwrite to replace it")
 
     def say(msg: str) -> None:
         if not quiet:
             click.echo(f"feda2v-tk: {msg}", err=True)
 
-    overrides: dict[str, Any] = {k: v for k, v in {
-        "federated_rounds": rounds, "federated_local_epochs": local_epochs, "generator_granularity": granularity,
-        "generator_type": generator_type, "federated_dp_noise_multiplier": dp_noise,
-        "federated_dp_clipping_norm": dp_clip}.items() if v is not None}
+    if superlink is not None:
+        if nodes:
+            raise UsageError("--superlink runs on the SuperNodes' own data: drop --node")
+        _federate_deployed(superlink, config_path, out_path, min_nodes, wait_s, seed, timeout, quiet, as_json,
+                           overrides, resume, checkpoint_dir, metrics_path)
+        return
+    if len(nodes) < 1:
+        raise UsageError("give at least one --node (or --superlink)")
+    seen: dict[Path, Path] = {}
+    for p in nodes:
+        if not p.exists():
+            raise InputError(f"{p}: no such dataset")
+        real = p.resolve()
+        if real in seen:
+            raise UsageError(f"{p}: the same dataset as {seen[real]} (given twice); every node holds its own data")
+        seen[real] = p
+    check_output_path(out_path, nodes, role="node dataset")
+    if metrics_path is None:
+        metrics_path = out_path.with_name(out_path.stem + ".metrics.jsonl")
     config: Any = config_path if config_path is not None else {}
     with warnings_as_messages():
         from feda2v_toolkit.federated.engine import federate_local
 
-        model = federate_local(config, nodes, out=out_path, seed=seed, overrides=overrides, timeout=timeout, log=say)
-    fed = model.metrics["federated"]
-    if as_json:
-        click.echo(json.dumps({"out": str(out_path), **{k: v for k, v in fed.items() if k != "history"},
-                               "history": fed.get("history", [])}, default=float))
+        model = federate_local(config, nodes, out=out_path, seed=seed, overrides=overrides, timeout=timeout,
+                               resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
+                               progress=progress, device=device, log=say)
+    report(model, out_path, say, as_json)
 
 
 def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path, min_nodes: int, wait_s: float,
-                       seed: int | None, timeout: float | None, overwrite: bool, quiet: bool, as_json: bool,
-                       overrides: dict[str, Any]) -> None:
+                       seed: int | None, timeout: float | None, quiet: bool, as_json: bool,
+                       overrides: dict[str, Any], resume: bool, checkpoint_dir: Path | None,
+                       metrics_path: Path | None) -> None:
     """``federate --superlink``: submit the app to a running SuperLink and wait for the run to finish."""
     from feda2v_toolkit.errors import InputError
     from feda2v_toolkit.federated.deploy import submit_and_wait
 
     if config_path is not None and not config_path.exists():
         raise InputError(f"{config_path}: no such config file")
-    if out_path.exists() and not overwrite:
-        raise UsageError(f"{out_path}: exists; pass --overwrite to replace it")
 
     def say(msg: str) -> None:
         if not quiet:
@@ -119,7 +120,9 @@ def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path,
     run_config: dict[str, Any] = {
         "config": str(config_path.resolve()) if config_path is not None else "", "out": str(out_path.resolve()),
         "seed": "" if seed is None else str(seed), "timeout": float(timeout or 0.0), "nodes": min_nodes,
-        "overrides": json.dumps({k: v for k, v in overrides.items() if v is not None})}
+        "overrides": json.dumps({k: v for k, v in overrides.items() if v is not None}), "resume": resume,
+        "checkpoint-dir": str(checkpoint_dir.resolve()) if checkpoint_dir else "",
+        "metrics": str((metrics_path or out_path.with_name(out_path.stem + ".metrics.jsonl")).resolve())}
     result = submit_and_wait(superlink, run_config, wait=wait_s, log=say)
     for line in result["log"]:
         say(line[len("feda2v-tk: "):])

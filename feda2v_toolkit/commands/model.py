@@ -171,16 +171,22 @@ def _show(model_path: Path, info: dict[str, Any], *, as_json: bool, quiet: bool)
                        + "".join(f", {k} {v:.4g}" for k, v in train.items()))
         if val:
             click.echo("held out:    " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
-        fed = metrics.get("federated")
-        if fed:
-            privacy = fed.get("privacy") or {}
-            dp = (f"DP epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} (noise "
-                  f"{privacy['noise_multiplier']:g}, clip {privacy['clipping_norm']:g})"
-                  if privacy.get("mechanism") else "no differential privacy")
-            how = ("generators fitted from merged statistics" if fed.get("generators_fitted")
-                   else f"{fed['rounds']} rounds x {fed['local_epochs']} local epochs")
-            click.echo(f"federated:   {len(fed['nodes'])} nodes ({', '.join(n['name'] for n in fed['nodes'])}), "
-                       f"{how}, {fed['engine']} engine, {dp}")
+        sites = metrics.get("sites") or []
+        fed = metrics.get("federated")  # model files of earlier versions
+        if len(sites) > 1 or fed:
+            cfg = info.get("config") or {}
+            names = [s["name"] for s in sites] or [n["name"] for n in fed["nodes"]]
+            how = ("generators fitted from merged statistics" if fits else
+                   f"{cfg.get('federated_rounds')} rounds x {cfg.get('federated_local_epochs')} local epochs")
+            click.echo(f"federated:   {len(names)} sites ({', '.join(names)}), {how}")
+        elif sites:
+            click.echo(f"data:        {sites[0]['name']}")
+        privacy = metrics.get("privacy") or (fed or {}).get("privacy") or {}
+        if privacy.get("mechanism"):
+            click.echo(f"privacy:     {privacy['mechanism']}; epsilon {privacy['epsilon']:.3g} at delta "
+                       f"{privacy['delta']:g}")
+        else:
+            click.echo("privacy:     no differential privacy (evaluate --train-data audits membership)")
         ups = metrics.get("upsampler") or {}
         if "heldout_mse" in ups:
             click.echo(f"upsampling:  held-out MSE {ups['heldout_mse']:.5g} ({ups['name']}) vs "

@@ -38,46 +38,64 @@ def collect_overrides(options: dict[str, Any], *, learned_upsampling: bool | Non
     return out
 
 
+def training_options(*, epochs: bool) -> Any:
+    """The options ``train`` and ``federate`` share: config overrides, seed, device, checkpoints, metrics, progress
+    (``epochs``: with ``--epochs``; federate counts rounds instead)."""
+    options = [
+        click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Experiment config (JSON); without it, the schema defaults are used."),
+        click.option("--generator-type", help="Overrides generator_type."),
+        *([click.option("--epochs", type=click.IntRange(min=1), help="Overrides generator_training_epochs.")]
+          if epochs else []),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Overrides generator_batch_size."),
+        click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
+                     help="Overrides generator_learning_rate."),
+        click.option("--training-length", type=click.IntRange(min=1),
+                     help="Overrides generator_training_sequence_length."),
+        click.option("--output-length", type=click.IntRange(min=1), help="Overrides generator_output_sequence_length."),
+        click.option("--granularity", type=click.Choice(["unified", "per_class", "per_group"]),
+                     help="Overrides generator_granularity."),
+        click.option("--reducer", help="Overrides generator_reducer."),
+        click.option("--upsampler", help="Overrides generator_upsampler."),
+        click.option("--learned-upsampling/--no-learned-upsampling", default=None,
+                     help="Overrides use_learned_upsampling."),
+        click.option("--hidden-dim", type=click.IntRange(min=1), help="Overrides generator_hidden_dim."),
+        click.option("--latent-dim", type=click.IntRange(min=1), help="Overrides generator_latent_dim."),
+        click.option("--autocast", type=click.Choice(["float32", "bfloat16"]), help="Overrides generator_autocast."),
+        click.option("--seed", type=SEED, help="Random seed (overrides generator_seed; drawn at random and "
+                                                "reported when neither is set)."),
+        click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"])),
+        click.option("--resume", is_flag=True, help="Continue from the last checkpoint if there is one."),
+        click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Where checkpoints go [default: beside OUT, in OUT-without-suffix.checkpoints/]."),
+        click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="One JSON line of metrics per epoch here [default: OUT with .metrics.jsonl]."),
+        click.option("--progress/--no-progress", default=None, help="Progress bar [default: when on a terminal]."),
+        click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON on stdout."),
+        click.option("-q", "--quiet", is_flag=True, help="No status messages."),
+    ]
+
+    def decorate(func: Any) -> Any:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 @click.command("train")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Experiment config (JSON); without it, the schema defaults are used.")
 @click.option("-d", "--data", "data_path", required=True, type=click.Path(path_type=Path),
               help="Dataset: a .safetensors file, a directory of shards, or a legacy .pt cache.")
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (.safetensors).")
-@click.option("--generator-type", help="Overrides generator_type.")
-@click.option("--epochs", type=click.IntRange(min=1), help="Overrides generator_training_epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Overrides generator_batch_size.")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
-              help="Overrides generator_learning_rate.")
-@click.option("--training-length", type=click.IntRange(min=1),
-              help="Overrides generator_training_sequence_length.")
-@click.option("--output-length", type=click.IntRange(min=1), help="Overrides generator_output_sequence_length.")
-@click.option("--granularity", type=click.Choice(["unified", "per_class", "per_group"]),
-              help="Overrides generator_granularity.")
-@click.option("--reducer", help="Overrides generator_reducer.")
-@click.option("--upsampler", help="Overrides generator_upsampler.")
-@click.option("--learned-upsampling/--no-learned-upsampling", default=None,
-              help="Overrides use_learned_upsampling.")
-@click.option("--hidden-dim", type=click.IntRange(min=1), help="Overrides generator_hidden_dim.")
-@click.option("--latent-dim", type=click.IntRange(min=1), help="Overrides generator_latent_dim.")
-@click.option("--autocast", type=click.Choice(["float32", "bfloat16"]), help="Overrides generator_autocast.")
-@click.option("--seed", type=SEED, help="Random seed (overrides generator_seed).")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint if there is one.")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Overrides generator_checkpoint_dir.")
-@click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Append one JSON line of metrics per epoch here [default: OUT with .metrics.jsonl].")
-@click.option("--progress/--no-progress", default=None, help="Progress bar [default: when on a terminal].")
-@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No status messages.")
+@training_options(epochs=True)
 def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: int | None, device: str,
               resume: bool, checkpoint_dir: Path | None, metrics_path: Path | None, progress: bool | None,
               as_json: bool, quiet: bool, learned_upsampling: bool | None, **options: Any) -> None:
     """Reduce sequences, train a generator, and export it as one safetensors file.
 
     The config is migrated in memory and validated first; command-line options override its keys.
+    Training is the pipeline federate runs, over one site holding all of DATA.
     """
     from feda2v_toolkit.training.pipeline import train
 
@@ -93,9 +111,17 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
         model = train(config, data_path, out=out_path, overrides=overrides, seed=seed, device=device,
                       resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
                       progress=progress, log=say)
+    report(model, out_path, say, as_json)
+
+
+def report(model: Any, out_path: Path, say: Any, as_json: bool) -> None:
+    """The summary line and the ``--json`` document of a finished training run (train and federate)."""
     final = model.metrics
     val = final.get("val") or {}
+    sites = final.get("sites") or []
     summary = f"trained {len(model.generators)} {model.generator_type} generator(s), {final['epochs']} epochs"
+    if len(sites) > 1:
+        summary += f" over {len(sites)} sites"
     if val:
         summary += f", held-out loss {val.get('loss', float('nan')):.5g}"
     say(summary)

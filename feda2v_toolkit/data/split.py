@@ -1,4 +1,5 @@
-"""Partition a dataset into one dataset per node: class ownership or Dirichlet label skew (no Flower needed)."""
+"""Splitting datasets: a site's stratified train / held-out split, and partitions into one dataset per node (class
+ownership or Dirichlet label skew; no Flower needed)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,24 @@ from typing import Any
 import torch
 
 from feda2v_toolkit.errors import InputError, UsageError
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, held-out)`` indices: ``round(fraction * n_c)`` of each class held out (at least one clip of a class
+    is always trained on; none is held out of a class with one clip), drawn with ``seed`` (a derived seed:
+    :func:`feda2v_toolkit.runtime.seeds.derive_seed` ``(run seed, "split", site)``)."""
+    g = torch.Generator().manual_seed(int(seed))
+    train_parts, val_parts = [], []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_val = min(int(round(fraction * idx.numel())), idx.numel() - 1) if idx.numel() > 1 else 0
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    if not train_parts:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, empty
+    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
 
 
 def assign(labels: torch.Tensor, num_classes: int, nodes: int, *, how: str, alpha: float = 0.3,

@@ -1,18 +1,20 @@
-"""The Flower app: a ServerApp and a ClientApp over the Message API (``flwr>=1.42,<1.43``).
+"""The Flower app: a ServerApp and a ClientApp over the Message API (``flwr>=1.42,<1.43``) that run the one
+training pipeline (:mod:`feda2v_toolkit.training.pipeline`) with Flower moving its requests and replies.
 
-Every stage is one message type: ``query.describe|reducer|normalization|upsampler|generator_statistics``
-(exact statistics) and ``train.upsampler_round|generators`` (rounds). A message carries an ``ArrayRecord`` ``arrays`` (tensors)
-and a ``ConfigRecord`` ``meta`` (``{"json": ...}``); the reply has the same two records. The server loop is
-a hand-written loop over the Grid (:func:`feda2v_toolkit.training.federation.run_federation`): the built-in
-FedAvg refuses replies whose keys differ, and per-class generators are averaged only among their owners.
+Every stage of the pipeline's protocol (:data:`feda2v_toolkit.training.site.STAGES`) is one message type,
+``query.<stage>`` or ``train.<stage>``. A message carries an ``ArrayRecord`` ``arrays`` (tensors) and a
+``ConfigRecord`` ``meta`` (``{"json": ...}``); the reply has the same two records. The ClientApp answers with
+:func:`feda2v_toolkit.training.site.handle` -- exactly what ``train`` calls in-process -- and the ServerApp runs
+:func:`feda2v_toolkit.federated.run.federate` over the Grid: the built-in FedAvg refuses replies whose keys
+differ, and per-class generators are averaged only among their owners, so the pipeline merges itself.
 
 Settings:
 
 * node: ``node_config["data"]`` -- the node's dataset path (``flower-supernode --node-config 'data="..."'``);
 * server: ``run_config`` ``config`` (experiment config path), ``out`` (model file), ``seed`` (optional),
   ``timeout`` (seconds per stage, overrides ``federated_round_timeout``), ``nodes`` (how many to wait for),
-  ``node-wait`` (seconds), ``overrides`` (JSON object of config keys); see
-  :data:`feda2v_toolkit.federated.deploy.RUN_CONFIG`.
+  ``node-wait`` (seconds), ``overrides`` (JSON object of config keys), ``resume``, ``checkpoint-dir``,
+  ``metrics``; see :data:`feda2v_toolkit.federated.deploy.RUN_CONFIG`.
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from feda2v_toolkit.training.federation import FederationError, run_federation
-from feda2v_toolkit.training.site import Arrays, Meta, Site, handle
+from feda2v_toolkit.training.pipeline import SiteError
+from feda2v_toolkit.training.site import STAGES, Arrays, Meta, Site, handle
+from feda2v_toolkit.training.spec import RunSpec
 
-MESSAGE_TYPES = {"describe": "query.describe", "reducer": "query.reducer", "normalization": "query.normalization",
-                 "upsampler": "query.upsampler", "upsampler_round": "train.upsampler_round",
-                 "generators": "train.generators", "generator_statistics": "query.generator_statistics"}
+#: pipeline stage -> Flower message type
+MESSAGE_TYPES = {stage: f"{kind}.{stage}" for stage, kind in STAGES.items()}
 
 # -- encoding -------------------------------------------------------------------------------------
 
@@ -73,7 +75,8 @@ def _answer(stage: str, msg: Message, context: Context) -> Message:
         data = context.node_config.get("data")
         if not data:
             raise ValueError("this SuperNode has no data: start it with --node-config 'data=\"PATH\"'")
-        site = Site(str(data), meta["config"])
+        spec = RunSpec.from_section(meta["config"])
+        site = Site(str(data), spec, int(meta.get("site", 0)), device=str(context.node_config.get("device", "cpu")))
         stored = context.state.array_records.get("feda2v")
         if stored is not None and len(stored):
             site.store = dict(stored.to_torch_state_dict())
@@ -86,83 +89,72 @@ def _answer(stage: str, msg: Message, context: Context) -> Message:
     return Message(encode(out_arrays, out_meta), reply_to=msg)
 
 
-@client_app.query("describe")
-def _describe(msg: Message, context: Context) -> Message:
-    return _answer("describe", msg, context)
-
-
-@client_app.query("reducer")
-def _reducer(msg: Message, context: Context) -> Message:
-    return _answer("reducer", msg, context)
-
-
-@client_app.query("normalization")
-def _normalization(msg: Message, context: Context) -> Message:
-    return _answer("normalization", msg, context)
-
-
-@client_app.query("upsampler")
-def _upsampler(msg: Message, context: Context) -> Message:
-    return _answer("upsampler", msg, context)
-
-
-@client_app.train("upsampler_round")
-def _upsampler_round(msg: Message, context: Context) -> Message:
-    return _answer("upsampler_round", msg, context)
-
-
 def dp_clipping_mod(msg: Message, context: Context, call_next: Any) -> Message:
     """Flower's ``fixedclipping_mod`` (the node clips its whole update -- every generator it trained, jointly --
-    to the clipping norm the server sent) when the server asks for differential privacy; else a no-op."""
+    to the clipping norm the server sent) when the server asks for node-level differential privacy; else a no-op."""
     config = msg.content.config_records.get("meta")
     if config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
-@client_app.train("generators", mods=[dp_clipping_mod])
-def _generators(msg: Message, context: Context) -> Message:
-    return _answer("generators", msg, context)
+def _register(stage: str, kind: str) -> None:
+    def handler(msg: Message, context: Context) -> Message:
+        return _answer(stage, msg, context)
+
+    handler.__name__ = f"_{stage}"
+    decorate = getattr(client_app, kind)
+    decorate(stage, mods=[dp_clipping_mod] if stage == "generator_round" else None)(handler)
 
 
-@client_app.query("generator_statistics")
-def _generator_statistics(msg: Message, context: Context) -> Message:
-    return _answer("generator_statistics", msg, context)
+for _stage, _kind in STAGES.items():
+    _register(_stage, _kind)
 
 
 # -- server ---------------------------------------------------------------------------------------
 
-def grid_exchange(grid: Grid, timeout: float | None, node_names: dict[int, str] | None = None) -> Any:
-    """An ``exchange`` for :func:`run_federation` over a Flower Grid: one message per node, all replies or
-    a :class:`FederationError` (a node's error reply, or no reply within ``timeout`` seconds)."""
-    rounds = {"n": 0}
+class FlowerTransport:
+    """The pipeline's transport over a Flower Grid: one message per site and stage, all replies or a
+    :class:`SiteError` naming the site (its dataset) that failed or did not answer within ``timeout``."""
 
-    def exchange(stage: str, requests: Mapping[int, tuple[Arrays, Meta]]) -> dict[int, tuple[Arrays, Meta]]:
-        rounds["n"] += 1
-        wait = timeout
+    streams_steps = False
+
+    def __init__(self, grid: Grid, nodes: list[int], timeout: float | None) -> None:
+        self.grid, self.nodes, self.timeout = grid, list(nodes), timeout
+        self.names: dict[int, str] = {}
+        self.count = 0
+
+    def sites(self) -> list[int]:
+        return list(self.nodes)
+
+    def _name(self, node: int) -> str:
+        if node in self.names:
+            return self.names[node]
+        where = f"the site at position {self.nodes.index(node)}, " if node in self.nodes else "the site at "
+        return f"{where}Flower node {node}"
+
+    def exchange(self, stage: str, requests: Mapping[int, tuple[Arrays, Meta]]) -> dict[int, tuple[Arrays, Meta]]:
+        self.count += 1
+        wait = self.timeout
         if wait is None:
             first = next(iter(requests.values()))[1]
             wait = float(first["config"].get("federated_round_timeout", 600))
         messages = [Message(encode(a, m), dst_node_id=n, message_type=MESSAGE_TYPES[stage],
-                            group_id=f"{stage}.{rounds['n']}") for n, (a, m) in requests.items()]
-        replies: Iterable[Message] = grid.send_and_receive(messages, timeout=wait)
+                            group_id=f"{stage}.{self.count}") for n, (a, m) in requests.items()]
+        replies: Iterable[Message] = self.grid.send_and_receive(messages, timeout=wait)
         out: dict[int, tuple[Arrays, Meta]] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                name = (node_names or {}).get(node, f"node {node}")
-                raise FederationError(f"{name} failed in stage {stage!r}: {reply.error.reason}")
+                raise SiteError(f"{self._name(node)} failed in stage {stage!r}: {reply.error.reason}")
             out[node] = decode(reply.content)
-            if stage == "describe" and node_names is not None:
-                node_names[node] = f"node {out[node][1].get('name', node)}"
+            if stage == "describe":
+                self.names[node] = str(out[node][1].get("name", node))
         missing = [n for n in requests if n not in out]
         if missing:
-            names = ", ".join((node_names or {}).get(n, f"node {n}") for n in missing)
-            raise FederationError(f"no reply from {names} in stage {stage!r} within {wait:g}s "
-                                  f"(federated_round_timeout); nothing was written")
+            raise SiteError(f"no reply from {', '.join(self._name(n) for n in missing)} in stage {stage!r} within "
+                            f"{wait:g}s (federated_round_timeout); nothing was written")
         return out
-
-    return exchange
 
 
 server_app = ServerApp()
@@ -179,16 +171,19 @@ def _wait_for_nodes(grid: Grid, expected: int, wait: float) -> list[int]:
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
+    from feda2v_toolkit.federated.run import federate
+
     rc = context.run_config
     timeout = float(rc["timeout"]) if rc.get("timeout") else None
     expected = int(rc.get("nodes", 1) or 1)
     nodes = _wait_for_nodes(grid, expected, float(rc.get("node-wait", 60)))
     if len(nodes) < expected:
-        raise FederationError(f"only {len(nodes)} of {expected} nodes connected within {rc.get('node-wait', 60)}s")
+        raise SiteError(f"only {len(nodes)} of {expected} nodes connected within {rc.get('node-wait', 60)}s")
     seed = int(rc["seed"]) if rc.get("seed") not in (None, "") else None
     config = str(rc.get("config") or "") or {}
     out = str(rc.get("out") or "") or None
     overrides = json.loads(str(rc.get("overrides") or "{}"))
-    names: dict[int, str] = {}
-    run_federation(grid_exchange(grid, timeout, names), nodes, config, out=out, seed=seed, overrides=overrides,
-                   log=lambda m: print(f"feda2v-tk: {m}", flush=True), engine=str(rc.get("engine", "deployment")))
+    federate(config, FlowerTransport(grid, nodes, timeout), out=out, seed=seed, overrides=overrides,
+             engine=str(rc.get("engine", "deployment")), resume=bool(rc.get("resume", False)),
+             checkpoint_dir=str(rc.get("checkpoint-dir") or "") or None, metrics_path=str(rc.get("metrics") or "") or None,
+             log=lambda m: print(f"feda2v-tk: {m}", flush=True))

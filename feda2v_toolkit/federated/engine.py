@@ -2,7 +2,7 @@
 
 The engine here is ``inprocess``: a :class:`LocalGrid` -- Flower's ``Grid`` interface implemented in this
 process -- delivers each Message to the ClientApp of each node (one ``Context`` per node, with
-``node_config["data"]`` its dataset), one node at a time on a worker thread, with the stage timeout. No Ray,
+``node_config["data"]`` its dataset), one node at a time in the calling thread, with the stage timeout. No Ray,
 no sockets: fast and robust on two cores; the messages are the real Flower ``Message``/``RecordDict``
 objects and the apps are the ones real sites run with a SuperLink and SuperNodes (docs/federated.md).
 """
@@ -10,7 +10,7 @@ objects and the apps are the ones real sites run with a SuperLink and SuperNodes
 from __future__ import annotations
 
 import secrets
-import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +22,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from feda2v_toolkit.federated.app import client_app as default_client_app
-from feda2v_toolkit.federated.app import grid_exchange
 
 #: Flower's error code for an exception in a ClientApp
 CLIENT_APP_RAISED_EXCEPTION = 300
@@ -80,34 +79,31 @@ class LocalGrid(Grid):
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Deliver the messages one after another on a worker thread; return the replies that came back
-        within ``timeout`` seconds (a node still working then is left behind, as a dropped node is)."""
-        messages = list(messages)
+        """Deliver the messages one after another in this thread; return the replies that came back within
+        ``timeout`` seconds (a node whose reply comes later is left out, as a dropped node is). Running in the
+        caller's thread keeps Ctrl-C and SIGTERM clean: nothing is left running in a thread of its own."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        abandoned = threading.Event()
-
-        def work() -> None:
-            for msg in messages:
-                if abandoned.is_set():  # the round timed out: deliver nothing more
-                    return
-                ids = self.push_messages([msg])
+        for msg in messages:
+            if deadline is not None and time.monotonic() > deadline:
+                break  # the stage timed out: deliver nothing more
+            ids = self.push_messages([msg])
+            if deadline is None or time.monotonic() <= deadline:
                 replies.extend(self.pull_messages(ids))
-
-        worker = threading.Thread(target=work, daemon=True, name="feda2v-local-grid")
-        worker.start()
-        worker.join(timeout)
-        abandoned.set()
-        return list(replies)
+            else:
+                self.pull_messages(ids)
+        return replies
 
 
 def federate_local(config: Any, data: Sequence[str | Path], *, out: str | Path | None = None, seed: int | None = None,
-                   overrides: Mapping[str, Any] | None = None, timeout: float | None = None,
-                   log: Any = None) -> Any:
-    """Train over ``data`` (one dataset per node) with the Flower app on the in-process engine."""
-    from feda2v_toolkit.training.federation import run_federation
+                   overrides: Mapping[str, Any] | None = None, timeout: float | None = None, resume: bool = False,
+                   checkpoint_dir: str | Path | None = None, metrics_path: str | Path | None = None,
+                   progress: bool | None = None, device: str = "cpu", log: Any = None) -> Any:
+    """Train over ``data`` (one dataset per node, in this order) with the Flower app on the in-process engine."""
+    from feda2v_toolkit.federated.app import FlowerTransport
+    from feda2v_toolkit.federated.run import federate
 
-    grid = LocalGrid([{"data": str(p)} for p in data])
-    names: dict[int, str] = {}
-    model = run_federation(grid_exchange(grid, timeout, names), sorted(grid.get_node_ids()), config, out=out,
-                           seed=seed, overrides=overrides, log=log, engine="inprocess")
-    return model
+    grid = LocalGrid([{"data": str(p), "device": device} for p in data])
+    return federate(config, FlowerTransport(grid, sorted(grid.get_node_ids()), timeout), out=out, seed=seed,
+                    overrides=overrides, engine="inprocess", resume=resume, checkpoint_dir=checkpoint_dir,
+                    metrics_path=metrics_path, progress=progress, log=log)

@@ -43,6 +43,8 @@ class GenerativeModel:
         seed: the training seed; metrics: final metrics (JSON-serialisable).
         data_dtype: storage dtype of the training data (``"float16"`` ...); ``generate`` writes it by
             default. ``None`` for models that do not record it (float32 then).
+        seed_scheme: how the model's random streams derive from its seed
+            (:mod:`feda2v_toolkit.runtime.seeds`); ``None`` for files written before the scheme was recorded.
     """
 
     generator_type: str
@@ -65,6 +67,7 @@ class GenerativeModel:
     seed: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     data_dtype: str | None = None
+    seed_scheme: int | None = None
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:

@@ -181,6 +181,7 @@ def model_tensors_and_metadata(model: GenerativeModel) -> tuple[dict[str, Tensor
         "normalized": bool(model.normalization),
         "seed": model.seed,
         "data_dtype": model.data_dtype,
+        **({"seed_scheme": model.seed_scheme} if model.seed_scheme is not None else {}),
         "metrics": model.metrics,
         "config": model.config,
     }
@@ -192,9 +193,10 @@ def file_metadata(kind: str, doc: Mapping[str, Any]) -> dict[str, str]:
             kind: json.dumps(doc, sort_keys=True, default=_json_default)}
 
 
-#: metric keys that hold wall-clock measurements: kept out of model files, so that the same seed and data
-#: give byte-identical files (they stay in the run's metrics JSON lines and in the returned model)
-VOLATILE_METRICS = frozenset({"train_seconds", "seconds", "fit_seconds", "samples_per_s"})
+#: metric keys that hold wall-clock measurements or how a run was executed (``run``: engine, traffic, rounds):
+#: kept out of model files, so that the same seed, data and config give byte-identical files on any engine
+#: (they stay in the run's metrics JSON lines and in the returned model)
+VOLATILE_METRICS = frozenset({"train_seconds", "seconds", "fit_seconds", "samples_per_s", "run"})
 
 
 def _without_timings(obj: Any) -> Any:
@@ -364,6 +366,7 @@ def build_model(tensors: Mapping[str, Tensor], doc: Mapping[str, Any], path: Pat
             seed=doc.get("seed"),
             metrics=dict(doc.get("metrics", {})),
             data_dtype=doc.get("data_dtype") if doc.get("data_dtype") in ("float32", "float16", "bfloat16") else None,
+            seed_scheme=doc.get("seed_scheme") if isinstance(doc.get("seed_scheme"), int) else None,
         )
     except ToolkitError:
         raise

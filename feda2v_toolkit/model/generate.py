@@ -24,6 +24,7 @@ from feda2v_toolkit.data.writer import DatasetWriter, _resolve_dtype
 from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.runtime.progress import Progress
+from feda2v_toolkit.runtime.seeds import SEED_SCHEME, scheme_seed
 
 #: samples drawn per model call; part of what determines the samples (see :func:`sample_class`)
 DEFAULT_BATCH = 64
@@ -76,9 +77,10 @@ def _conditions_by_class(path: str | os.PathLike[str], model: GenerativeModel) -
     return {ds.class_names[c]: conditions[ds.labels == c] for c in torch.unique(ds.labels).tolist()}
 
 
-def class_seed(seed: int, label: int) -> int:
-    """The RNG seed of one class's sample stream (independent of the other classes)."""
-    return seed * 1_000_003 + label
+def class_seed(seed: int, label: int, scheme: int | None = SEED_SCHEME) -> int:
+    """The RNG seed of one class's sample stream (independent of the other classes): ``derive_seed(seed,
+    "sample", label)``, or the arithmetic of model files written before seed schemes (``scheme`` None/1)."""
+    return scheme_seed(scheme, seed, "sample", label)
 
 
 def sample_class_reduced(model: GenerativeModel, class_name: str, n: int, *, seed: int,
@@ -91,7 +93,7 @@ def sample_class_reduced(model: GenerativeModel, class_name: str, n: int, *, see
     condition rows) are used in order and cycled.
     """
     label = model.class_index(class_name)
-    g = torch.Generator(device=model.device).manual_seed(class_seed(seed, label))
+    g = torch.Generator(device=model.device).manual_seed(class_seed(seed, label, model.seed_scheme))
     done = 0
     while done < n:
         b = min(batch_size, n - done)

@@ -1,11 +1,13 @@
-"""Training checkpoints: the model so far, optimiser and RNG state, in one safetensors file.
+"""Training checkpoints: the model so far and the merged optimiser state, in one safetensors file.
 
-A checkpoint is a model file (see :mod:`feda2v_toolkit.model.file`) of kind ``checkpoint`` with extra
-tensors ``optim.<generator index>.<optimiser name>.<param id>.<state key>`` and ``rng.torch``
-(``rng.cuda`` on GPU), and a ``checkpoint`` metadata document holding the model document, the epoch
-reached, the global step, the optimisers' non-tensor state, the metric history and fingerprints of
-the config and data it was made from. Written atomically, so a kill at any moment leaves the previous
-checkpoint intact.
+The pipeline writes one after every round (``train``: every ``generator_checkpoint_frequency`` epochs;
+``federate``: every round), on the side that merges: the state of the run is the merged state. A
+checkpoint is a model file (see :mod:`feda2v_toolkit.model.file`) of kind ``checkpoint`` with extra tensors
+``optim.<generator index>.<optimiser name>.<param id>.<state key>``, and a ``checkpoint`` metadata document
+holding the model document, the epochs and rounds completed, the global step, the optimisers' non-tensor
+state, the metric history and fingerprints of the config and data it was made from. No RNG state is
+needed: every epoch seeds its own streams (:mod:`feda2v_toolkit.runtime.seeds`). Written atomically, so a
+kill at any moment leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from feda2v_toolkit.model.bundle import GenerativeModel
@@ -37,6 +38,7 @@ class TrainingState:
 
     epoch: int  # epochs completed
     step: int
+    round: int = 0  # rounds completed (merges of trained generators)
     history: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     upsampler_metrics: dict[str, Any] | None = None  # set once the upsampler is fitted
@@ -68,20 +70,18 @@ def unflatten_optimizer(prefix: str, tensors: Mapping[str, Tensor], doc: Mapping
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: GenerativeModel,
-                    optimizers: Mapping[str, Mapping[str, torch.optim.Optimizer]], state: TrainingState) -> Path:
-    """Write a checkpoint atomically. ``optimizers`` maps generator key -> named optimisers."""
+                    optimizers: Mapping[str, tuple[Mapping[str, Tensor], Mapping[str, Any]]], state: TrainingState) -> Path:
+    """Write a checkpoint atomically. ``optimizers`` maps generator key -> the merged optimiser state as
+    flattened tensors and their JSON documents (:func:`feda2v_toolkit.training.site.flatten_optimizers`)."""
     tensors, model_doc = model_tensors_and_metadata(model)
-    optim_docs: dict[str, dict[str, Any]] = {}
+    optim_docs: dict[str, Any] = {}
     for i, key in enumerate(model.generators):
-        for name, opt in optimizers.get(key, {}).items():
-            t, doc = flatten_optimizer(f"optim.{i}.{name}", opt.state_dict())
-            tensors.update(t)
-            optim_docs[f"{i}.{name}"] = doc
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    doc = {"model": model_doc, "epoch": state.epoch, "step": state.step, "history": state.history,
-           "fingerprint": state.fingerprint, "upsampler_metrics": state.upsampler_metrics,
+        if key in optimizers:
+            flat, docs = optimizers[key]
+            tensors.update({f"optim.{i}.{k}": v for k, v in flat.items()})
+            optim_docs[str(i)] = dict(docs)
+    doc = {"model": model_doc, "epoch": state.epoch, "round": state.round, "step": state.step,
+           "history": state.history, "fingerprint": state.fingerprint, "upsampler_metrics": state.upsampler_metrics,
            "optimizers": optim_docs}
     return write_safetensors(path, tensors, file_metadata(CHECKPOINT_FORMAT, doc))
 
@@ -92,18 +92,12 @@ class LoadedCheckpoint:
     doc: dict[str, Any]
     state: TrainingState
 
-    def restore_optimizers(self, model: GenerativeModel,
-                           optimizers: Mapping[str, Mapping[str, torch.optim.Optimizer]]) -> None:
-        for i, key in enumerate(model.generators):
-            for name, opt in optimizers.get(key, {}).items():
-                doc = self.doc["optimizers"].get(f"{i}.{name}")
-                if doc is not None:
-                    opt.load_state_dict(unflatten_optimizer(f"optim.{i}.{name}", self.tensors, doc))
-
-    def restore_rng(self) -> None:
-        torch.set_rng_state(self.tensors["rng.torch"])
-        if "rng.cuda" in self.tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(self.tensors["rng.cuda"])
+    def optimizer_state(self, index: int) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """The flattened optimiser state of the ``index``-th generator, if the checkpoint holds one."""
+        docs = self.doc.get("optimizers", {}).get(str(index))
+        if docs is None:
+            return None
+        return unprefixed(self.tensors, f"optim.{index}"), docs
 
 
 def checkpoint_epoch(path: str | os.PathLike[str]) -> int:
@@ -115,6 +109,7 @@ def checkpoint_epoch(path: str | os.PathLike[str]) -> int:
 def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
     tensors, meta = read_safetensors(path, expect=CHECKPOINT_FORMAT)
     doc = meta[CHECKPOINT_FORMAT]
-    state = TrainingState(epoch=int(doc["epoch"]), step=int(doc["step"]), history=list(doc["history"]),
-                          fingerprint=dict(doc["fingerprint"]), upsampler_metrics=doc.get("upsampler_metrics"))
+    state = TrainingState(epoch=int(doc["epoch"]), step=int(doc["step"]), round=int(doc.get("round", 0)),
+                          history=list(doc["history"]), fingerprint=dict(doc["fingerprint"]),
+                          upsampler_metrics=doc.get("upsampler_metrics"))
     return LoadedCheckpoint(tensors, doc, state)

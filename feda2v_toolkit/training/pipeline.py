@@ -1,20 +1,25 @@
-"""Training: reduce once, normalise, train generators per granularity, fit the upsampler, export.
+"""The one training pipeline: stages whose site releases merge, over one in-memory site or many.
 
-:func:`train` is what ``feda2v-tk train`` runs. The steps:
+:func:`run_pipeline` is the side that merges. It talks to the sites only through a :class:`Transport`
+(``exchange(stage, requests) -> replies``): :class:`LocalTransport` calls :func:`~.site.handle` of sites in
+this process (``train`` is the pipeline over one of them); the Flower app (:mod:`feda2v_toolkit.federated`)
+moves the same requests as Flower messages (``federate``). The stages, in order:
 
-1. read the config through the config layer (migrated in memory, validated, defaults from the schema);
-2. open the dataset lazily and split off a stratified held-out set (``generator_validation_split``);
-3. fit the reducer if it is a fitted one, then reduce every sequence **once**, streaming, into an
-   ``[N, l, D]`` cache (the full sequences are never all in memory);
-4. standardise the reduced sequences per position and feature (statistics go into the model file);
-5. fit the upsampler on (reduced, full) training pairs if it is trainable, and measure it next to
-   linear interpolation on the held-out set;
-6. train one generator per granularity key, epoch by epoch, with validation, progress, JSON-lines
-   metrics, and atomic checkpoints every ``generator_checkpoint_frequency`` epochs;
-7. write the model file atomically.
+1. ``describe``: class names and counts, sequence shape (:class:`~.stages.ClassesStage`);
+2. the reducer: fitted from merged statistics (``pca``), fitted at the one site (a fitted reducer without
+   statistics), or nothing to fit (``adaptive_avg``);
+3. ``reduce``: every site reduces each of its sequences once and releases its normalisation sums;
+4. the upsampler: merged statistics (``lstsq``) or rounds of local fits (``learned``), then its held-out
+   reconstruction error next to linear interpolation;
+5. the generators: closed-form types from merged statistics in one exchange (``gaussian``), trained types
+   in rounds of local epochs merged per generator among the sites holding its classes, with a checkpoint
+   after every round;
+6. the model file, written atomically once everything is done.
 
-Same seed, same data, same config -> the same weights on the same machine, and ``resume=True``
-continues from the last checkpoint to exactly the weights of an uninterrupted run.
+Same seed, data and config -> the same model file, byte for byte, on any engine: every random stream is
+derived from the run seed and what it serves (:mod:`feda2v_toolkit.runtime.seeds`), optimiser state travels
+with the weights, and merging one site's part returns it unchanged. ``resume=True`` continues from the last
+checkpoint to exactly the result of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -23,37 +28,140 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.components import Generator, Reducer, TrainContext, Upsampler
-from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.data.dataset import Dataset
-from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.errors import InputError, UsageError, short_list
-from feda2v_toolkit.model.bundle import UNIFIED_KEY, GenerativeModel
-from feda2v_toolkit.model.file import unprefixed
+from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.runtime.atomic import check_output_path, check_writable
 from feda2v_toolkit.runtime.progress import Progress
+from feda2v_toolkit.runtime.seeds import SEED_SCHEME, derive_seed
 from feda2v_toolkit.training.checkpoint import (
     TrainingState,
     checkpoint_epoch,
     load_checkpoint,
     save_checkpoint,
 )
-from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
+from feda2v_toolkit.training.loop import check_finite, mean_terms
+from feda2v_toolkit.training.site import (
+    Arrays,
+    Meta,
+    Site,
+    handle,
+    merge_epoch_records,
+    pack,
+    refuse_multi_site,
+    unpack,
+)
+from feda2v_toolkit.training.spec import RunSpec, Schedule
+from feda2v_toolkit.training.stages import (
+    ClassesStage,
+    DataSummary,
+    FittedStatisticsStage,
+    GeneratorStatisticsStage,
+    NormalizationStage,
+    WeightsPart,
+    WeightsStage,
+    average_state,
+    has_statistics,
+    sum_parts,
+)
+from feda2v_toolkit.training.streams import reconstruction_metrics
 
-#: rows of full-length sequences read per chunk while reducing (bounded memory)
-READ_CHUNK_BYTES = 32 * 2**20
-OTHER_GROUP = "other"
+Requests = Mapping[int, tuple[Arrays, Meta]]
+Replies = dict[int, tuple[Arrays, Meta]]
+
+
+class SiteError(InputError):
+    """A site failed, did not answer in time, or disagrees with the others."""
+
+
+class Transport(Protocol):
+    """How the pipeline reaches its sites: their ids, and one exchange of requests and replies per stage."""
+
+    def sites(self) -> list[int]: ...
+
+    def exchange(self, stage: str, requests: Requests) -> Replies: ...
+
+
+class LocalTransport:
+    """Sites in this process, answered by direct calls (no copies, no serialisation)."""
+
+    streams_steps = True
+
+    def __init__(self, sites: list[Site]) -> None:
+        self._sites = {i: s for i, s in enumerate(sites)}
+
+    def sites(self) -> list[int]:
+        return list(self._sites)
+
+    def set_progress(self, on_step: Callable[[int], None] | None) -> None:
+        for site in self._sites.values():
+            site.on_step = on_step
+
+    def exchange(self, stage: str, requests: Requests) -> Replies:
+        return {i: handle(self._sites[i], stage, arrays, meta) for i, (arrays, meta) in requests.items()}
+
+
+class WeightsMerger(Protocol):
+    """How a round's weights merge (default: :class:`~.stages.WeightsStage`); node-level DP replaces it."""
+
+    sends_optimizers: bool
+
+    def round_meta(self) -> Meta: ...
+
+    def merge(self, base: Mapping[str, Mapping[str, Tensor]], parts: list[WeightsPart], names: list[str]) -> WeightsPart: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+
+class PlainAveraging:
+    """Example-weighted averaging among the holders of each generator; optimiser state averaged alike."""
+
+    sends_optimizers = True
+
+    def round_meta(self) -> Meta:
+        return {}
+
+    def merge(self, base: Mapping[str, Mapping[str, Tensor]], parts: list[WeightsPart], names: list[str]) -> WeightsPart:
+        return WeightsStage().merge(parts)
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class RunReport:
+    """What a run did besides the model: per-stage traffic and time, per-round records (not in the model file)."""
+
+    engine: str
+    sites: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    truncated: dict[str, dict[str, Any]] = field(default_factory=dict)  # closed-form factors cut at the rank
+
+    def add(self, stage: str, sent: int, received: int, seconds: float) -> None:
+        s = self.stages.setdefault(stage, {"sent": 0, "received": 0, "seconds": 0.0, "exchanges": 0})
+        s["sent"] += sent
+        s["received"] += received
+        s["seconds"] += seconds
+        s["exchanges"] += 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"engine": self.engine, "sites": self.sites, "stages": self.stages, "rounds": self.rounds,
+                "truncated": self.truncated}
+
+
+def nbytes(arrays: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in arrays.values())
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -69,73 +177,33 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def chunk_rows(seq_len: int, dim: int) -> int:
-    """Full sequences ``[seq_len, dim]`` (float32) per read chunk of :data:`READ_CHUNK_BYTES`."""
-    return max(1, READ_CHUNK_BYTES // (seq_len * dim * 4))
+# -- checkpoints and resume ----------------------------------------------------------------------------
 
-
-def read_chunk_rows(ds: Dataset) -> int:
-    return chunk_rows(ds.seq_len, ds.dim)
-
-
-def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Held-out indices: ``round(fraction * n_c)`` per class (none for classes with < 2 samples)."""
-    g = torch.Generator().manual_seed(seed + 17)
-    train_parts, val_parts = [], []
-    for c in torch.unique(labels).tolist():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=g)]
-        n_val = min(int(round(fraction * idx.numel())), idx.numel() - 1) if idx.numel() > 1 else 0
-        val_parts.append(idx[:n_val])
-        train_parts.append(idx[n_val:])
-    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
-
-
-def generator_groups(cfg: Mapping[str, Any], class_names: list[str], present: list[str]) -> dict[str, list[str]]:
-    """Generator key -> the classes it serves, for the configured granularity."""
-    granularity = cfg["generator_granularity"]
-    if granularity == "unified":
-        return {UNIFIED_KEY: list(present)}
-    if granularity == "per_class":
-        return {c: [c] for c in present}
-    groups = cfg.get("generator_class_groups") or {}
-    if not groups:
-        raise InputError("generator_granularity is 'per_group' but generator_class_groups is empty")
-    out: dict[str, list[str]] = {}
-    seen: dict[str, str] = {}
-    for group, members in groups.items():
-        for c in members:
-            if c not in class_names:
-                raise InputError(f"generator_class_groups[{group!r}] names class {c!r}, which is not in the data "
-                                 f"(classes: {', '.join(class_names)})")
-            if c in seen:
-                raise InputError(f"class {c!r} is in groups {seen[c]!r} and {group!r}")
-            seen[c] = group
-        out[group] = [c for c in members if c in present]
-    rest = [c for c in present if c not in seen]
-    if rest:  # as the original code did: ungrouped classes share one more generator
-        if OTHER_GROUP in out:
-            raise InputError(f"classes {rest} are in no group and the group name {OTHER_GROUP!r} is taken")
-        out[OTHER_GROUP] = rest
-    return {g: members for g, members in out.items() if members}
-
-
-def _fingerprint(cfg: Mapping[str, Any], ds: Dataset, seed: int, reduced: Tensor) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the training-relevant config (epochs included), the
-    data (its reduced cache, bit for bit, and its labels) and the seed."""
-    relevant = {k: v for k, v in sorted(cfg.items()) if k not in _RESUME_IGNORED}
-    data = hashlib.sha256(ds.labels.numpy().tobytes())
-    data.update(memoryview(reduced.contiguous().numpy()).cast("B"))
-    return {"config": hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "data": f"{_data_shape(ds)}:{data.hexdigest()[:16]}", "seed": seed,
-            "epochs": int(cfg["generator_training_epochs"])}
-
-
+_DEFAULT_CHECKPOINT_DIR = "checkpoints"
 #: config keys a resumed run may change (where checkpoints go, what is generated afterwards, ...)
 _RESUME_IGNORED = frozenset({
     "generator_checkpoint_dir", "generator_checkpoint_base_name", "generator_save_checkpoint",
     "generator_load_checkpoint", "generator_checkpoint_frequency", "synthetic_samples_per_class",
-    "generator_output_sequence_length", "pretrained_generator_path", "generator_seed", "generator_training_epochs"})
+    "generator_output_sequence_length", "pretrained_generator_path", "generator_seed", "generator_training_epochs",
+    "federated_rounds", "federated_round_timeout"})
+_FINGERPRINT_WORDS = {"config": "config", "data": "dataset", "seed": "seed", "epochs": "epoch count"}
+
+
+def default_checkpoint_dir(out: str | os.PathLike[str]) -> Path:
+    """Where a run writing model ``out`` keeps its checkpoints when no directory is configured:
+    ``<out without suffix>.checkpoints`` beside it (each model its own, so runs never collide)."""
+    o = Path(out)
+    return o.with_name(f"{o.stem}.checkpoints")
+
+
+def checkpoint_path(spec: RunSpec, checkpoint_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where training checkpoints of this run go."""
+    return Path(checkpoint_dir or spec.checkpoint_dir) / f"{spec.checkpoint_base_name}.checkpoint.safetensors"
+
+
+def _config_hash(cfg: Mapping[str, Any]) -> str:
+    relevant = {k: v for k, v in sorted(cfg.items()) if k not in _RESUME_IGNORED}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _config_changes(saved: Any, cfg: Mapping[str, Any]) -> str:
@@ -147,426 +215,474 @@ def _config_changes(saved: Any, cfg: Mapping[str, Any]) -> str:
                        for k in keys), 3, sep="; ")
 
 
-def _data_shape(ds: Dataset) -> str:
-    return f"{len(ds)}x{ds.seq_len}x{ds.dim}"
-
-
-_FINGERPRINT_WORDS = {"config": "config", "data": "dataset", "seed": "seed", "epochs": "epoch count"}
-
-
 def _refuse_resume(ckpt_path: Path, differ: list[str], changes: str = "") -> UsageError:
     detail = f" ({changes})" if changes else ""
     return UsageError(f"{ckpt_path}: checkpoint was made with another {' and '.join(differ)}{detail} "
                       f"(cannot resume it exactly); remove it, or set another generator_checkpoint_dir")
 
 
-def _check_resumable_early(ckpt_path: Path, loaded: Any, cfg: Mapping[str, Any], ds: Dataset, seed: int) -> None:
-    """What can be compared before the data is reduced (config, data shape, seed, epochs): refuse a
-    checkpoint of another run before its fitted reducer is loaded into a reducer of another shape,
-    naming the config keys that differ."""
-    saved = loaded.state.fingerprint
-    now = _fingerprint(cfg, ds, seed, torch.empty(0))
-    differ = [_FINGERPRINT_WORDS[k] for k in ("config", "seed", "epochs") if saved.get(k) != now[k]]
-    saved_shape = str(saved.get("data", "")).split(":", 1)[0]
-    if saved_shape != _data_shape(ds):
-        differ.insert(1 if "config" in differ else 0, "dataset")
-    if differ:
-        changes = []
-        if "config" in differ:
-            changes.append(_config_changes(loaded.doc.get("model", {}).get("config"), cfg))
-        if "dataset" in differ:
-            changes.append(f"data {saved_shape.replace('x', ' x ')} -> {_data_shape(ds).replace('x', ' x ')}")
-        raise _refuse_resume(ckpt_path, differ, "; ".join(c for c in changes if c))
-
-
-_DEFAULT_CHECKPOINT_DIR = "checkpoints"
-
-
-def default_checkpoint_dir(out: str | os.PathLike[str]) -> Path:
-    """Where a run writing model ``out`` keeps its checkpoints when no directory is configured:
-    ``<out without suffix>.checkpoints`` beside it (each model its own, so runs never collide)."""
-    o = Path(out)
-    return o.with_name(f"{o.stem}.checkpoints")
-
-
-def checkpoint_path(cfg: Mapping[str, Any], checkpoint_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where training checkpoints of this config go."""
-    return Path(checkpoint_dir or cfg["generator_checkpoint_dir"]) / \
-        f"{cfg['generator_checkpoint_base_name']}.checkpoint.safetensors"
-
+# -- the pipeline ------------------------------------------------------------------------------------------
 
 @dataclass
 class _Run:
-    """Everything a training run holds while it goes."""
+    spec: RunSpec
+    transport: Transport
+    sites: list[int]
+    say: Callable[[str], None]
+    report: RunReport
+    names: dict[int, str] = field(default_factory=dict)
+    described: dict[int, Meta] = field(default_factory=dict)
 
-    cfg: dict[str, Any]
-    ds: Dataset
-    device: torch.device
-    seed: int
-    train_idx: Tensor
-    val_idx: Tensor
-    reduced: Tensor  # [N, l, D] on CPU: raw until the upsampler is fitted, then standardised in place
-    model: GenerativeModel
-    optimizers: dict[str, dict[str, torch.optim.Optimizer]]
-    members: dict[str, Tensor]  # generator key -> label values it serves
+    def ask(self, stage: str, requests: Requests) -> Replies:
+        t0 = time.perf_counter()
+        full = {n: (a, {"config": self.spec.config, "site": self.sites.index(n), **m}) for n, (a, m) in requests.items()}
+        replies = self.transport.exchange(stage, full)
+        missing = [n for n in requests if n not in replies]
+        if missing:
+            raise SiteError(f"no reply from {', '.join(self.names.get(n, f'site {n}') for n in missing)} "
+                            f"in stage {stage!r}")
+        self.report.add(stage, sum(nbytes(a) for a, _ in requests.values()),
+                        sum(nbytes(a) for a, _ in replies.values()), time.perf_counter() - t0)
+        return replies
+
+    def everyone(self, arrays: Arrays | None = None, meta: Meta | None = None) -> dict[int, tuple[Arrays, Meta]]:
+        return {n: (arrays or {}, meta or {}) for n in self.sites}
+
+    def parts(self, replies: Replies) -> list[Arrays]:
+        return [replies[n][0] for n in self.sites]
 
 
-def reduce_dataset(ds: Dataset, reducer: Reducer, indices: Tensor | None = None, *,
-                   device: torch.device | str = "cpu") -> Tensor:
-    """Reduce every (or the given) sequence once, streaming: ``[n, l, D]`` float32 on CPU."""
-    idx = torch.arange(len(ds)) if indices is None else indices
-    out = torch.empty(idx.numel(), reducer.length, ds.dim)
-    pos = 0
-    with torch.no_grad():
-        for batch in ds.batches(read_chunk_rows(ds), idx):
-            r = reducer(batch.embeddings.to(device))
-            out[pos:pos + r.shape[0]] = r.to("cpu", torch.float32)
-            pos += r.shape[0]
-    return out
+def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, engine: str = "local",
+                 out: str | os.PathLike[str] | None = None, checkpoint: Path | None = None, resume: bool = False,
+                 metrics_path: str | os.PathLike[str] | None = None, progress: bool | None = None,
+                 log: Callable[[str], None] | None = None, merger: WeightsMerger | None = None) -> GenerativeModel:
+    """Train one model over ``transport``'s sites (module docstring); write it to ``out`` if given.
 
-
-def standardization(reduced: Tensor, indices: Tensor, rows: int = 4096) -> dict[str, Tensor]:
-    """Per position and feature mean and std ``[l, D]`` over ``reduced[indices]``, in chunks (float64 sums).
-
-    The single-site form of :class:`feda2v_toolkit.training.stages.NormalizationStage` (federated runs merge the sums).
+    ``checkpoint``: the checkpoint file (written after every round when ``spec.save_checkpoints``, read when
+    ``resume``). ``merger`` replaces the plain averaging of trained weights (node-level DP). Returns the
+    :class:`GenerativeModel`; ``model.metrics["run"]`` holds the :class:`RunReport` (not written to the file).
     """
-    from feda2v_toolkit.training.stages import NormalizationStage
-
-    stage = NormalizationStage()
-    return stage.finish(stage.local(reduced, indices, rows))
-
-
-def full_batches(ds: Dataset, indices: Tensor, rows: int | None = None) -> Callable[[], Iterator[Tensor]]:
-    """A re-iterable stream of full-length float32 batches ``[B, L, D]`` over ``indices``."""
-    rows = rows or read_chunk_rows(ds)
-
-    def batches() -> Iterator[Tensor]:
-        for batch in ds.batches(rows, indices):
-            yield batch.embeddings
-
-    return batches
-
-
-def upsampler_pairs(ds: Dataset, indices: Tensor, reduced: Tensor, rows: int,
-                    seed: int) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
-    """(reduced, full) float32 pairs over ``indices`` in chunks, chunk order reshuffled per call.
-
-    ``reduced`` holds the (un-normalised) reduced sequences of the whole dataset, by global index.
-    """
-    calls = [0]
-
-    def pairs() -> Iterator[tuple[Tensor, Tensor]]:
-        g = torch.Generator().manual_seed(seed * 7919 + calls[0])
-        calls[0] += 1
-        starts = torch.arange(0, indices.numel(), rows)
-        for s in starts[torch.randperm(starts.numel(), generator=g)].tolist():
-            chunk = indices[s:s + rows]
-            yield reduced[chunk], ds.read(chunk).embeddings
-
-    return pairs
-
-
-def heldout_upsampling_error(ds: Dataset, indices: Tensor, reduced: Tensor, upsampler: Upsampler,
-                             device: torch.device) -> dict[str, float]:
-    """MSE and R^2 of reconstructing held-out full sequences: the upsampler vs linear interpolation.
-
-    ``reduced`` holds the un-normalised reduced sequences by global index. R^2 is about the held-out
-    set's per-position mean (:class:`~feda2v_toolkit.analysis.metrics.ReconstructionStats`).
-    """
-    from feda2v_toolkit.analysis.metrics import ReconstructionStats
-
-    up_stats, lin_stats = ReconstructionStats(), ReconstructionStats()
-    rows = read_chunk_rows(ds)
-    upsampler.eval()
-    with torch.no_grad():
-        for s in range(0, indices.numel(), rows):
-            chunk = indices[s:s + rows]
-            full = ds.read(chunk).embeddings.to(device)
-            red = reduced[chunk].to(device)
-            up_stats.add(full, upsampler(red, ds.seq_len), sst=0.0)
-            lin_stats.add(full, interpolate_sequence(red, ds.seq_len, "linear"), sst=0.0)
-    if up_stats.count == 0:
-        return {}
-    elements = up_stats.count * ds.seq_len * ds.dim
-    return {"heldout_mse": up_stats.sse / elements, "heldout_mse_linear": lin_stats.sse / elements,
-            "heldout_r2": up_stats.r2, "heldout_r2_linear": lin_stats.r2}
-
-
-def _mean_terms(rows: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
-    total = sum(weights)
-    keys = list(rows[0]) if rows else []
-    return {k: sum(r[k] * w for r, w in zip(rows, weights, strict=True)) / total for k in keys}
-
-
-def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.PathLike[str] | None = None,
-          overrides: Mapping[str, Any] | None = None, seed: int | None = None, device: str | torch.device = "cpu",
-          resume: bool = False, checkpoint_dir: str | os.PathLike[str] | None = None,
-          metrics_path: str | os.PathLike[str] | None = None, progress: bool | None = None,
-          log: Callable[[str], None] | None = None) -> GenerativeModel:
-    """Train a generator model on ``data`` as ``config`` says; write it to ``out`` if given.
-
-    Args:
-        config: a config file path, a full experiment config or a generator section (mapping); read
-            through :func:`feda2v_toolkit.config.load_config` (migrated, validated, defaults filled).
-        data: a dataset path (file, shard directory, legacy ``.pt``) or an open :class:`Dataset`.
-        overrides: generator-section keys that take precedence over the config (CLI options).
-        seed: overrides ``generator_seed``; if both are unset a random seed is drawn and recorded.
-        device: ``cpu``, ``cuda`` or ``auto``.
-        resume: continue from the checkpoint in the checkpoint directory, if there is one (also
-            when the config sets ``generator_load_checkpoint``).
-        checkpoint_dir: overrides ``generator_checkpoint_dir``.
-        metrics_path: append one JSON line per epoch here.
-        progress: show a progress bar (default: only when stderr is a terminal).
-        log: called with one-line status messages (default: silent).
-    """
-    from feda2v_toolkit.config import load_config
     from feda2v_toolkit.plugins import get_registry
 
-    say = log or (lambda _msg: None)
-    cfg = dict(load_config(config, overrides=overrides))
-    dev = resolve_device(device)
-    data_paths = [] if isinstance(data, Dataset) else [data]
-    if checkpoint_dir is None and out is not None and cfg["generator_checkpoint_dir"] == _DEFAULT_CHECKPOINT_DIR:
-        checkpoint_dir = default_checkpoint_dir(out)  # beside the model, not a shared ./checkpoints
-    ckpt_path = checkpoint_path(cfg, checkpoint_dir)
-    for target in (out, metrics_path, ckpt_path if cfg["generator_save_checkpoint"] else None):
-        if target is not None:
-            check_output_path(target, data_paths, role="input dataset")
-            check_writable(target)  # before training, not after it
-    ds = data if isinstance(data, Dataset) else open_dataset(data)
-    length = int(cfg["generator_training_sequence_length"])
-    if ds.seq_len < length:
-        raise InputError(f"{ds.path}: sequences have {ds.seq_len} tokens, fewer than "
+    say = log or (lambda _m: None)
+    merger = merger or PlainAveraging()
+    sites = sorted(transport.sites())
+    if not sites:
+        raise SiteError("no sites to train on")
+    run = _Run(spec, transport, sites, say, RunReport(engine))
+
+    # -- classes and shapes ----------------------------------------------------------------------
+    described = run.ask("describe", run.everyone())
+    run.names = {n: str(described[n][1]["name"]) for n in sites}
+    run.described = {n: described[n][1] for n in sites}
+    summaries = [DataSummary.from_json(described[n][1]["summary"]) for n in sites]
+    try:
+        summary = ClassesStage().merge(summaries, [run.names[n] for n in sites])
+    except ValueError as e:
+        raise SiteError(str(e)) from None
+    length = spec.training_length
+    where = run.names[sites[0]] if len(sites) == 1 else "the sites"
+    if summary.seq_len < length:
+        raise InputError(f"{where}: sequences have {summary.seq_len} tokens, fewer than "
                          f"generator_training_sequence_length = {length}")
-    counts = ds.class_counts()
-    empty = [c for c, n in counts.items() if n == 0]
+    class_names = summary.class_names
+    empty = [c for c, k in summary.class_counts.items() if k == 0]
     if empty:
-        raise InputError(f"{ds.path}: class(es) {short_list(map(repr, empty))} have no samples; "
+        raise InputError(f"{where}: class(es) {short_list(map(repr, empty))} have no samples; "
                          f"remove them from the class names or add samples")
-    registry = get_registry()
+    dtypes = {str(described[n][1].get("dtype")) for n in sites}
+    data_dtype = dtypes.pop() if len(dtypes) == 1 else None  # what generate writes by default
+    train_count = sum(int(described[n][1]["train"]) for n in sites)
+    heldout_count = sum(int(described[n][1]["heldout"]) for n in sites)
+    site_word = f"{len(sites)} sites ({', '.join(run.names[n] for n in sites)}): " if len(sites) > 1 else ""
+    say(f"data: {site_word}{sum(summary.class_counts.values())} sequences [{summary.seq_len}, {summary.dim}]"
+        + (f" {data_dtype}" if data_dtype else "") + f", {len(class_names)} classes; {train_count} train / "
+        f"{heldout_count} held out")
+
     loaded = None
-    if resume or cfg.get("generator_load_checkpoint"):
-        if ckpt_path.exists():
-            loaded = load_checkpoint(ckpt_path)
+    if checkpoint is not None and (resume or spec.load_checkpoint):
+        if checkpoint.exists():
+            loaded = load_checkpoint(checkpoint)
+            _check_resumable_early(checkpoint, loaded, spec, summaries, schedule)
         else:
-            say(f"no checkpoint at {ckpt_path}; starting from scratch")
-    if seed is None:
-        seed = cfg.get("generator_seed")
-    if seed is None and loaded is not None:
-        seed = loaded.state.fingerprint.get("seed")  # a run that drew its seed resumes with it
-    if seed is None:
-        seed = secrets.randbits(31)
-        say(f"seed: {seed} (drawn at random; pass --seed to reproduce)")
-    cfg["generator_seed"] = seed
-    torch.manual_seed(seed)
+            say(f"no checkpoint at {checkpoint}; starting from scratch")
+    if checkpoint is not None and spec.save_checkpoints:
+        say(f"checkpoints: {checkpoint.parent}/ (--checkpoint-dir to change)")
 
-    train_idx, val_idx = stratified_split(ds.labels, float(cfg["generator_validation_split"]), seed)
-    say(f"data: {len(ds)} sequences [{ds.seq_len}, {ds.dim}] {str(ds.storage_dtype).replace('torch.', '')}, "
-        f"{ds.num_classes} classes; {train_idx.numel()} train / {val_idx.numel()} held out")
-    if cfg["generator_save_checkpoint"]:
-        say(f"checkpoints: {ckpt_path.parent}/ (--checkpoint-dir to change)")
-
-    # -- reducer: fit (if needed) and reduce every sequence once ---------------------------------
-    reducer_name = cfg["generator_reducer"]
-    reducer = registry.load("reducer", reducer_name).from_config(cfg, length=length, full_length=ds.seq_len,
-                                                                 dim=ds.dim).to(dev)
+    registry = get_registry()
+    # -- reducer ------------------------------------------------------------------------------------
+    reducer = registry.load("reducer", spec.reducer).from_config(spec.config, length=length,
+                                                                 full_length=summary.seq_len, dim=summary.dim)
     if loaded is not None:
-        _check_resumable_early(ckpt_path, loaded, cfg, ds, seed)
         try:
-            reducer.load_state_dict(unprefixed(loaded.tensors, "reducer"))
+            reducer.load_state_dict(unpack("reducer.", loaded.tensors))
         except RuntimeError:
-            raise _refuse_resume(ckpt_path, ["reducer state"]) from None
+            raise _refuse_resume(checkpoint, ["reducer state"]) from None  # type: ignore[arg-type]
     elif type(reducer).fitted:
-        say(f"fitting reducer {reducer_name} on {train_idx.numel()} sequences")
-        reducer.fit(full_batches(ds, train_idx))
+        say(f"fitting reducer {spec.reducer} on {train_count} sequences")
+        if has_statistics(reducer):
+            stage = FittedStatisticsStage()
+            stage.finish(reducer, stage.merge(run.parts(run.ask("reducer", run.everyone()))))
+        else:
+            refuse_multi_site(f"reducer {spec.reducer!r}", len(sites))
+            reducer.load_state_dict(unpack("reducer.", run.ask("reducer_fit", run.everyone())[sites[0]][0]))
     reducer.eval()
+
+    # -- reduce once; normalisation ---------------------------------------------------------------
     t0 = time.perf_counter()
-    reduced_raw = reduce_dataset(ds, reducer, device=dev)
-    say(f"reduced {len(ds)} sequences to {length} tokens in {time.perf_counter() - t0:.1f}s")
-    fingerprint = _fingerprint(cfg, ds, seed, reduced_raw)
+    replies = run.ask("reduce", run.everyone(pack("reducer.", reducer.state_dict()), {"class_names": class_names}))
+    say(f"reduced {sum(summary.class_counts.values())} sequences to {length} tokens in {time.perf_counter() - t0:.1f}s")
+    fingerprint = {"config": _config_hash(spec.config), "seed": spec.seed, "epochs": schedule.epochs,
+                   "data": ";".join(f"{_shape(summaries[i])}:{replies[n][1]['fingerprint']}" for i, n in enumerate(sites))}
+    state = TrainingState(epoch=0, step=0, fingerprint=fingerprint)
     if loaded is not None:
         differ = [_FINGERPRINT_WORDS[k] for k in fingerprint if loaded.state.fingerprint.get(k) != fingerprint[k]]
         if differ:
-            raise _refuse_resume(ckpt_path, differ)
-        say(f"resuming from {ckpt_path} after epoch {loaded.state.epoch}")
-
-    normalization = standardization(reduced_raw, train_idx) if cfg["generator_normalize"] else {}
-
-    # -- generators --------------------------------------------------------------------------
-    groups = generator_groups(cfg, ds.class_names, ds.class_names)  # every class has samples (checked above)
-    gen_cls = registry.load("generator", cfg["generator_type"])
-    _require_training_memory(gen_cls, cfg, length, ds, len(groups))
-    generators: dict[str, Generator] = {}
-    for key in groups:
-        generators[key] = gen_cls.from_config(cfg, seq_len=length, dim=ds.dim, num_classes=ds.num_classes,
-                                              condition_dim=ds.condition_dim).to(dev)
-    class_to_generator = {c: key for key, members in groups.items() for c in members}
-
-    # -- upsampler ---------------------------------------------------------------------------
-    upsampler_name = configured_upsampler(cfg)
-    upsampler = registry.load("upsampler", upsampler_name).from_config(
-        cfg, reduced_length=length, full_length=ds.seq_len, dim=ds.dim).to(dev)
-
-    model = GenerativeModel(
-        generator_type=cfg["generator_type"], generators=generators, granularity=cfg["generator_granularity"],
-        class_names=list(ds.class_names), class_to_generator=class_to_generator, reducer=reducer,
-        reducer_name=reducer_name, upsampler=upsampler, upsampler_name=upsampler_name, full_length=ds.seq_len,
-        training_length=length, output_length=cfg["generator_output_sequence_length"], dim=ds.dim,
-        normalization=normalization, condition_dim=ds.condition_dim, class_counts=counts, config=cfg, seed=seed,
-        data_dtype=str(ds.storage_dtype).replace("torch.", ""))
-    optimizers = {key: gen.configure_optimizers(cfg) for key, gen in generators.items()}
-    state = TrainingState(epoch=0, step=0, fingerprint=fingerprint)
-    if loaded is not None:
-        for i, gen in enumerate(generators.values()):
-            gen.load_state_dict(unprefixed(loaded.tensors, f"generators.{i}"))
-        upsampler.load_state_dict(unprefixed(loaded.tensors, "upsampler"))
-        loaded.restore_optimizers(model, optimizers)
+            raise _refuse_resume(checkpoint, differ)  # type: ignore[arg-type]
         state = loaded.state
+        say(f"resuming from {checkpoint} after epoch {state.epoch}")
+    normalization: dict[str, Tensor] = {}
+    if spec.normalize:
+        stage_n = NormalizationStage()
+        normalization = stage_n.finish(stage_n.merge(run.parts(replies)))
 
-    run = _Run(cfg, ds, dev, seed, train_idx, val_idx, reduced_raw, model, optimizers,
-               {key: torch.tensor([ds.class_names.index(c) for c in members]) for key, members in groups.items()})
+    # -- upsampler ----------------------------------------------------------------------------------
+    upsampler = registry.load("upsampler", spec.upsampler).from_config(
+        spec.config, reduced_length=length, full_length=summary.seq_len, dim=summary.dim)
+    if loaded is not None and state.upsampler_metrics is not None:
+        upsampler.load_state_dict(unpack("upsampler.", loaded.tensors))
+    else:
+        state.upsampler_metrics = _fit_upsampler(run, upsampler, summary, heldout_count)
+    upsampler.eval()
+    norm_arrays = pack("norm.", normalization)
 
-    if state.upsampler_metrics is None:
-        state.upsampler_metrics = _fit_upsampler(run, say)
-        if loaded is None:
-            torch.manual_seed(seed)  # generator training starts from the same RNG state either way
-    if normalization:  # from here on the cache holds standardised sequences (no second copy)
-        reduced_raw.sub_(normalization["mean"]).div_(normalization["std"])
-    if loaded is not None:
-        loaded.restore_rng()
+    # -- generators ---------------------------------------------------------------------------------
+    groups = spec.generator_groups(class_names, class_names)
+    keys = list(groups)
+    gen_cls = registry.load("generator", spec.generator_type)
+    _require_training_memory(gen_cls, spec, summary, len(groups))
+    held = {n: {c for c, k in summaries[i].class_counts.items() if k > 0} for i, n in enumerate(sites)}
+    holders = {n: [k for k in keys if set(groups[k]) & held[n]] for n in sites}
+    generators: dict[str, Any] = {}
+    for key in keys:
+        torch.manual_seed(derive_seed(spec.seed, "init", key))
+        generators[key] = gen_cls.from_config(spec.config, seq_len=length, dim=summary.dim,
+                                              num_classes=len(class_names), condition_dim=summary.condition_dim)
+    fitted = bool(getattr(gen_cls, "fitted", False))
+    common = {"keys": keys, "groups": groups, "class_names": class_names}
+    generator_fit: dict[str, dict[str, float]] = {}
+    if fitted:
+        generator_fit = _fit_generators(run, generators, gen_cls, holders, common, norm_arrays)
+        state.history = [_heldout_record(run, generators, common, norm_arrays, heldout_count, generator_fit)]
+        state.epoch = 1
+    else:
+        _train_rounds(run, generators, holders, common, norm_arrays, schedule, state, loaded, merger,
+                      checkpoint, metrics_path, progress, summary, class_names, reducer, upsampler, normalization)
 
-    try:
-        _train_generators(run, state, ckpt_path, metrics_path, progress, say)
-    except KeyboardInterrupt:
-        if cfg["generator_save_checkpoint"] and ckpt_path.exists():
-            say(f"interrupted; the last checkpoint ({ckpt_path}, epoch {checkpoint_epoch(ckpt_path)}) "
-                f"is intact: run the same command with --resume to continue")
-        else:
-            say("interrupted before the first checkpoint; nothing to resume")
-        raise
-
-    model.metrics = _final_metrics(state)
+    # -- the model ----------------------------------------------------------------------------------
+    model = _assemble(spec, summary, class_names, groups, generators, reducer, upsampler, normalization, data_dtype)
+    site_docs = [{"name": run.names[n], "classes": {c: k for c, k in summaries[i].class_counts.items() if k > 0},
+                  "generators": holders[n]} for i, n in enumerate(sites)]
+    run.report.sites = site_docs
+    model.metrics = _final_metrics(state, generator_fit, site_docs, merger.report(), run.report)
+    if fitted and metrics_path is not None:
+        _write_metrics_lines(metrics_path, state.history, 0)
     if out is not None:
         from feda2v_toolkit.model.file import save_model
 
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         save_model(model.to("cpu"), out)
         say(f"wrote {out}")
     return model
 
 
-def _fit_upsampler(run: _Run, say: Callable[[str], None]) -> dict[str, Any]:
-    """Fit a trainable upsampler on (reduced, full) training pairs; score it on the held-out split.
+def _shape(summary: DataSummary) -> str:
+    return f"{sum(summary.class_counts.values())}x{summary.seq_len}x{summary.dim}"
 
-    Runs while ``run.reduced`` still holds the raw (un-standardised) reduced sequences.
-    """
-    ups = run.model.upsampler
-    metrics: dict[str, Any] = {"name": run.model.upsampler_name}
-    if type(ups).trainable:
+
+def _check_resumable_early(ckpt_path: Path, loaded: Any, spec: RunSpec, summaries: list[DataSummary],
+                           schedule: Schedule) -> None:
+    """What can be compared before the data is reduced (config, data shape, seed, epochs): refuse a checkpoint
+    of another run before its fitted reducer is loaded into a reducer of another shape, naming what differs."""
+    saved = loaded.state.fingerprint
+    differ = [_FINGERPRINT_WORDS[k] for k, now in (("config", _config_hash(spec.config)), ("seed", spec.seed),
+                                                   ("epochs", schedule.epochs)) if saved.get(k) != now]
+    saved_shapes = [s.split(":", 1)[0] for s in str(saved.get("data", "")).split(";")]
+    now_shapes = [_shape(s) for s in summaries]
+    if saved_shapes != now_shapes:
+        differ.insert(1 if "config" in differ else 0, "dataset")
+    if differ:
+        changes = []
+        if "config" in differ:
+            changes.append(_config_changes(loaded.doc.get("model", {}).get("config"), spec.config))
+        if "dataset" in differ:
+            old = ", ".join(s.replace("x", " x ") for s in saved_shapes)
+            changes.append(f"data {old} -> {', '.join(s.replace('x', ' x ') for s in now_shapes)}")
+        raise _refuse_resume(ckpt_path, differ, "; ".join(c for c in changes if c))
+
+
+def _fit_upsampler(run: _Run, upsampler: Any, summary: DataSummary, heldout: int) -> dict[str, Any]:
+    """Fit a trainable upsampler from the sites' pairs; score it on their held-out sequences."""
+    spec = run.spec
+    metrics: dict[str, Any] = {"name": spec.upsampler}
+    if type(upsampler).trainable:
         t0 = time.perf_counter()
-        say(f"training upsampler {run.model.upsampler_name} on {run.train_idx.numel()} (reduced, full) pairs")
-        rows = max(1, min(run.cfg["generator_batch_size"], read_chunk_rows(run.ds)))
-        pairs = upsampler_pairs(run.ds, run.train_idx, run.reduced, rows, run.seed)
-        ups.train()
-        fit_metrics = ups.fit(pairs, config=run.cfg)
-        ups.eval()
-        metrics["fit"] = fit_metrics
+        run.say(f"fitting upsampler {spec.upsampler} on (reduced, full) training pairs")
+        if has_statistics(upsampler):
+            stage = FittedStatisticsStage()
+            metrics["fit"] = stage.finish(upsampler, stage.merge(run.parts(run.ask("upsampler", run.everyone()))))
+        else:
+            rounds = spec.upsampler_rounds if len(run.sites) > 1 else 1
+            for r in range(rounds):
+                replies = run.ask("upsampler_round", run.everyone(pack("upsampler.", upsampler.state_dict()),
+                                                                  {"round": r}))
+                states = [unpack("upsampler.", replies[n][0]) for n in run.sites]
+                weights = [int(replies[n][1]["examples"]) for n in run.sites]
+                upsampler.load_state_dict(average_state(states, weights))
+                fits = [replies[n][1]["metrics"] for n in run.sites]
+                metrics["fit"] = fits[0] if len(fits) == 1 else {"sites": fits}
+                if rounds > 1:
+                    run.say(f"upsampler round {r + 1}/{rounds}: averaged {len(run.sites)} fits")
         metrics["fit_seconds"] = time.perf_counter() - t0
-    if run.val_idx.numel() and run.ds.seq_len != run.model.training_length:
-        metrics.update(heldout_upsampling_error(run.ds, run.val_idx, run.reduced, ups, run.device))
+    if heldout and summary.seq_len != spec.training_length:
+        sums = sum_parts(run.parts(run.ask("upsampler_heldout", run.everyone(pack("upsampler.", upsampler.state_dict())))))
+        metrics.update(reconstruction_metrics(sums, summary.seq_len, summary.dim))
         if "heldout_mse" in metrics:
-            say(f"upsampler {run.model.upsampler_name}: held-out MSE {metrics['heldout_mse']:.5g} "
-                f"(linear interpolation {metrics['heldout_mse_linear']:.5g})")
+            run.say(f"upsampler {spec.upsampler}: held-out MSE {metrics['heldout_mse']:.5g} "
+                    f"(linear interpolation {metrics['heldout_mse_linear']:.5g})")
     return metrics
 
 
-def _batches_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))
+def _fit_generators(run: _Run, generators: dict[str, Any], gen_cls: Any, holders: Mapping[int, list[str]],
+                    common: Meta, norm_arrays: Arrays) -> dict[str, dict[str, float]]:
+    """Closed-form generators: one exchange of sufficient statistics, merged per key among its holders (or,
+    for a type without mergeable statistics, fitted at the one site)."""
+    spec, keys = run.spec, common["keys"]
+    t0 = time.perf_counter()
+    probe = generators[keys[0]]
+    mergeable = has_statistics(probe) and callable(getattr(gen_cls, "merge_statistics", None)) and \
+        probe.conditioning != "embedding"
+    fit: dict[str, dict[str, float]] = {}
+    if not mergeable:
+        what = (f"a {spec.generator_type} generator conditioned on condition embeddings" if
+                probe.conditioning == "embedding" else f"generator type {spec.generator_type!r}")
+        refuse_multi_site(what, len(run.sites))
+        arrays, meta = run.ask("generator_fit", run.everyone(norm_arrays, common))[run.sites[0]]
+        for i, key in enumerate(keys):
+            state = unpack(f"g{i}.", arrays)
+            if state:
+                generators[key].load_state_dict(state)
+        fit = dict(meta["fit"])
+    else:
+        replies = run.ask("generator_statistics", run.everyone(norm_arrays, common))
+        stage = GeneratorStatisticsStage()
+        for i, key in enumerate(keys):
+            parts = [p for p in (unpack(f"g{i}.", replies[n][0]) for n in run.sites if key in holders[n]) if p]
+            if not parts:
+                continue
+            try:
+                fit[key] = stage.finish(generators[key], stage.merge(gen_cls, parts))
+            except ValueError as e:
+                raise SiteError(f"generator {key!r}: {e}") from None
+        for n in run.sites:
+            for key, info in replies[n][1].get("truncated", {}).items():
+                run.report.truncated.setdefault(key, {})[run.names[n]] = info
+                run.say(f"{run.names[n]}: generator {key!r}: classes {', '.join(map(str, info['classes']))} have more "
+                        f"sequences than the rank; kept their top directions ({100 * info['variance_left_out']:.2g}% "
+                        f"of the variance left out of the factors, kept in the totals)")
+    for key, f in fit.items():
+        check_finite(f, f"fitting generator {key!r}")
+        run.say(f"fitted generator {key!r} on {int(f.get('sequences', 0))} sequences")
+    how = f" from {len(run.sites)} sites' merged statistics (exact)" if len(run.sites) > 1 else ""
+    run.say(f"fitted {len(fit)} {'generator' if len(fit) == 1 else 'generators'} in closed form{how} "
+            f"in {time.perf_counter() - t0:.2f}s")
+    return fit
 
 
-def _train_generators(run: _Run, state: TrainingState, ckpt_path: Path, metrics_path: Any,
-                      progress: bool | None, say: Callable[[str], None]) -> None:
-    cfg, model, ds = run.cfg, run.model, run.ds
-    trained = {key: gen for key, gen in model.generators.items() if not type(gen).fitted}
-    # closed-form generators are fitted once; a model of only those runs one pass (for validation)
-    epochs = int(cfg["generator_training_epochs"]) if trained else 1
-    batch_size = int(cfg["generator_batch_size"])
-    autocast_dtype = torch.bfloat16 if cfg.get("generator_autocast") == "bfloat16" else None
-    labels_all = ds.labels
-    conditions_all = ds.read_conditions(range(len(ds))) if ds.condition_dim else None
-    train_sets = {key: run.train_idx[torch.isin(labels_all[run.train_idx], m)] for key, m in run.members.items()}
-    val_sets = {key: run.val_idx[torch.isin(labels_all[run.val_idx], m)] for key, m in run.members.items()}
-    fit_metrics = _fit_generators(run, train_sets, conditions_all, say) if state.epoch == 0 else {}
-    steps_per_epoch = sum(_batches_per_epoch(idx.numel(), batch_size) for key, idx in train_sets.items()
-                          if idx.numel() and key in trained)
-    bar = Progress(epochs * steps_per_epoch, state.epoch * steps_per_epoch, progress)
+def _heldout_record(run: _Run, generators: dict[str, Any], common: Meta, norm_arrays: Arrays, heldout: int,
+                    fit: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The metrics record of a closed-form fit: its fit numbers and the held-out loss of the fitted generators."""
+    record: dict[str, Any] = {"epoch": 1, "epochs": 1, "step": 0, "train": {}, "fit": fit}
+    if heldout:
+        arrays = dict(norm_arrays)
+        for i, key in enumerate(common["keys"]):
+            arrays.update(pack(f"g{i}.", generators[key].state_dict()))
+        replies = run.ask("generator_heldout", run.everyone(arrays, common))
+        scored = [(replies[n][1]["val"], int(replies[n][1]["count"])) for n in run.sites if replies[n][1]["count"]]
+        if scored:
+            record["val"] = mean_terms([v for v, _ in scored], [c for _, c in scored])
+    return record
+
+
+def _train_rounds(run: _Run, generators: dict[str, Any], holders: Mapping[int, list[str]], common: Meta,
+                  norm_arrays: Arrays, schedule: Schedule, state: TrainingState, loaded: Any, merger: WeightsMerger,
+                  checkpoint: Path | None, metrics_path: Any, progress: bool | None, summary: DataSummary,
+                  class_names: list[str], reducer: Any, upsampler: Any, normalization: dict[str, Tensor]) -> None:
+    """Rounds of local epochs, merged per generator among its holders, checkpointed after each round."""
+    spec, keys = run.spec, common["keys"]
+    states = {key: {k: v.detach().clone() for k, v in gen.state_dict().items()} for key, gen in generators.items()}
+    optim: dict[str, tuple[Arrays, Meta]] = {}
+    if loaded is not None and state.round:
+        for i, key in enumerate(keys):
+            saved = unpack(f"generators.{i}.", loaded.tensors)
+            if saved:
+                states[key] = saved
+            opt = loaded.optimizer_state(i)
+            if opt is not None:
+                optim[key] = opt
+    rounds = schedule.rounds
+    steps_per_epoch = _steps_per_epoch(run, holders, common)
+    bar = Progress(schedule.epochs * steps_per_epoch, state.epoch * steps_per_epoch, progress)
+    streamed = bool(getattr(run.transport, "streams_steps", False))
+    if streamed:
+        run.transport.set_progress(bar.update)  # type: ignore[attr-defined]
     metrics_file = _open_metrics(metrics_path, state.epoch) if metrics_path else nullcontext()
-    val_every = int(cfg["generator_validation_frequency"])
-    save_every = int(cfg["generator_checkpoint_frequency"]) if cfg["generator_save_checkpoint"] else 0
+    model_for_checkpoint = None
     try:
         with metrics_file as mf:
-            for epoch in range(state.epoch, epochs):
+            for r in range(state.round, rounds):
+                epochs = list(schedule.round_epochs(r))
+                if not epochs:
+                    continue
                 t0 = time.perf_counter()
-                epoch_terms, weights, seen = [], [], 0
-                for gi, (key, gen) in enumerate(model.generators.items()):
-                    idx = train_sets[key]
-                    if idx.numel() == 0 or key not in trained:
+                requests = {}
+                for n in run.sites:
+                    arrays = dict(norm_arrays)
+                    docs: Meta = {}
+                    for i, key in enumerate(keys):
+                        if key in holders[n]:
+                            arrays.update(pack(f"g{i}.", states[key]))
+                            if merger.sends_optimizers and key in optim:
+                                arrays.update(pack(f"o{i}.", optim[key][0]))
+                                docs[key] = optim[key][1]
+                    requests[n] = (arrays, {**common, "epochs": epochs, "total_epochs": schedule.epochs,
+                                            "optimizers": docs, "return_optimizers": merger.sends_optimizers,
+                                            **merger.round_meta()})
+                replies = run.ask("generator_round", requests)
+                parts, records, opt_docs = [], [], {}
+                for n in run.sites:
+                    arrays, meta = replies[n]
+                    examples = {k: int(v) for k, v in meta["examples"].items()}
+                    weights = {key: unpack(f"g{i}.", arrays) for i, key in enumerate(keys) if key in examples}
+                    opts = {key: unpack(f"o{i}.", arrays) for i, key in enumerate(keys)
+                            if key in examples and merger.sends_optimizers}
+                    parts.append(WeightsPart(weights, examples, {}, opts))
+                    records.append(meta["records"])
+                    for key, d in meta.get("optimizers", {}).items():
+                        opt_docs.setdefault(key, d)
+                merged = merger.merge(states, parts, [run.names[n] for n in run.sites])
+                for key, w in merged.weights.items():
+                    states[key] = w
+                    if key in merged.optimizers and key in opt_docs:
+                        optim[key] = (merged.optimizers[key], opt_docs[key])
+                seconds = time.perf_counter() - t0
+                for e in epochs:
+                    same = [rec for site_records in records for rec in site_records if rec["epoch"] == e + 1]
+                    if not same:
                         continue
-                    g = torch.Generator().manual_seed(run.seed * 1_000_003 + epoch * 1009 + gi)
-                    perm = idx[torch.randperm(idx.numel(), generator=g)]
-                    nb = _batches_per_epoch(perm.numel(), batch_size)
-                    gen.train()
-                    for b in range(nb):
-                        rows = perm[b * batch_size:(b + 1) * batch_size]
-                        x = run.reduced[rows].to(run.device, non_blocking=True)
-                        labels = labels_all[rows].to(run.device)
-                        cond = conditions_all[rows].to(run.device) if conditions_all is not None else None
-                        ctx = TrainContext(epoch=epoch, total_epochs=epochs, step=state.step,
-                                           progress=(epoch + b / nb) / epochs, config=cfg,
-                                           autocast_dtype=autocast_dtype, device=run.device)
-                        terms = gen.training_step(x, labels=labels, conditions=cond,
-                                                  optimizers=run.optimizers[key], ctx=ctx)
-                        _check_finite_terms(terms, epoch, key)
-                        epoch_terms.append(terms)
-                        weights.append(int(rows.numel()))
-                        seen += int(rows.numel())
-                        state.step += 1
-                        bar.update()
-                elapsed = time.perf_counter() - t0
-                record: dict[str, Any] = {"epoch": epoch + 1, "epochs": epochs, "step": state.step,
-                                          "train": _mean_terms(epoch_terms, weights),
-                                          "samples_per_s": seen / elapsed if elapsed > 0 else None,
-                                          "seconds": elapsed}
-                if fit_metrics and epoch == 0:
-                    record["fit"] = fit_metrics
-                if run.val_idx.numel() and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
-                    record["val"] = _validate(run, val_sets, epoch, epochs, autocast_dtype, conditions_all)
-                state.history.append(record)
-                state.epoch = epoch + 1
-                bar.postfix(epoch=f"{epoch + 1}/{epochs}", **record["train"],
-                            **({"val_loss": record["val"]["loss"]} if "val" in record else {}),
-                            samples_s=record["samples_per_s"] or 0.0)
-                if mf is not None:
-                    mf.write(json.dumps(record) + "\n")
-                    mf.flush()
-                if save_every and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs):
-                    save_checkpoint(ckpt_path, model, run.optimizers, state)
+                    epoch_record = merge_epoch_records(same)
+                    state.step += epoch_record["steps"]
+                    record = {"epoch": e + 1, "epochs": schedule.epochs, "step": state.step,
+                              "train": epoch_record["train"],
+                              "samples_per_s": epoch_record["examples"] / seconds * len(epochs) if seconds > 0 else None,
+                              "seconds": seconds / len(epochs)}
+                    if len(run.sites) > 1 or rounds > 1 and run.report.engine != "local":
+                        record["round"] = r + 1
+                    if "val" in epoch_record:
+                        record["val"] = epoch_record["val"]
+                    state.history.append(record)
+                    if mf is not None:
+                        mf.write(json.dumps(record) + "\n")
+                        mf.flush()
+                    if not streamed:
+                        bar.update(epoch_record["steps"])
+                    bar.postfix(epoch=f"{e + 1}/{schedule.epochs}", **record["train"],
+                                **({"val_loss": record["val"]["loss"]} if "val" in record else {}))
+                state.epoch, state.round = epochs[-1] + 1, r + 1
+                last = state.history[-1] if state.history else {}
+                run.report.rounds.append({"round": r + 1, "rounds": rounds, "epochs": [epochs[0] + 1, epochs[-1] + 1],
+                                          "train": last.get("train", {}), "val": last.get("val"), "seconds": seconds,
+                                          "bytes": run.report.stages.get("generator_round", {}).get("sent", 0)})
+                if len(run.sites) > 1 or run.report.engine != "local":
+                    loss = last.get("train", {}).get("loss", float("nan"))
+                    val = (last.get("val") or {}).get("loss")
+                    run.say(f"round {r + 1}/{rounds}: {len(run.sites)} site{'s' if len(run.sites) > 1 else ''}, "
+                            f"loss {loss:.5g}" + (f", held-out loss {val:.5g}" if val is not None else "")
+                            + f", {seconds:.1f}s")
+                if checkpoint is not None and spec.save_checkpoints:
+                    for key, w in states.items():
+                        generators[key].load_state_dict(w)
+                    if model_for_checkpoint is None:
+                        model_for_checkpoint = _assemble(spec, summary, class_names, common["groups"], generators,
+                                                         reducer, upsampler, normalization, None)
+                    save_checkpoint(checkpoint, model_for_checkpoint, optim, state)
+    except KeyboardInterrupt:
+        if checkpoint is not None and spec.save_checkpoints and checkpoint.exists():
+            run.say(f"interrupted; the last checkpoint ({checkpoint}, epoch {checkpoint_epoch(checkpoint)}) "
+                    f"is intact: run the same command with --resume to continue")
+        else:
+            run.say("interrupted before the first checkpoint; nothing to resume")
+        raise
     finally:
         bar.close()
+        if streamed:
+            run.transport.set_progress(None)  # type: ignore[attr-defined]
+    for key, w in states.items():
+        generators[key].load_state_dict(w)
 
 
-def _require_training_memory(gen_cls: type, cfg: Mapping[str, Any], length: int, ds: Dataset, count: int) -> None:
+def _steps_per_epoch(run: _Run, holders: Mapping[int, list[str]], common: Meta) -> int:
+    """Optimisation steps of one epoch over every site and generator (for the progress bar)."""
+    total = 0
+    for n in run.sites:
+        counts = run.described[n]["train_counts"]
+        for key in holders[n]:
+            rows = sum(int(counts.get(c, 0)) for c in common["groups"][key])
+            total += math.ceil(rows / run.spec.batch_size) if rows else 0
+    return total
+
+
+def _assemble(spec: RunSpec, summary: DataSummary, class_names: list[str], groups: Mapping[str, list[str]],
+              generators: dict[str, Any], reducer: Any, upsampler: Any, normalization: dict[str, Tensor],
+              data_dtype: str | None) -> GenerativeModel:
+    """The one place a trained :class:`GenerativeModel` is built from the pipeline's parts."""
+    return GenerativeModel(
+        generator_type=spec.generator_type, generators=generators, granularity=spec.granularity,
+        class_names=list(class_names), class_to_generator={c: key for key, members in groups.items() for c in members},
+        reducer=reducer, reducer_name=spec.reducer, upsampler=upsampler, upsampler_name=spec.upsampler,
+        full_length=summary.seq_len, training_length=spec.training_length, output_length=spec.output_length,
+        dim=summary.dim, normalization=normalization, condition_dim=summary.condition_dim,
+        class_counts=dict(summary.class_counts), config=spec.config, seed=spec.seed, data_dtype=data_dtype,
+        seed_scheme=SEED_SCHEME)
+
+
+def _final_metrics(state: TrainingState, generator_fit: dict[str, Any], sites: list[dict[str, Any]],
+                   privacy: dict[str, Any], report: RunReport) -> dict[str, Any]:
+    last = state.history[-1] if state.history else {}
+    last_val = next((r["val"] for r in reversed(state.history) if "val" in r), None)
+    samples = [r["samples_per_s"] for r in state.history if r.get("samples_per_s")]
+    return {"epochs": state.epoch, "steps": state.step, "train": last.get("train", {}), "val": last_val,
+            **({"generator_fit": generator_fit} if generator_fit else {}),
+            "train_seconds": sum(r.get("seconds", 0.0) for r in state.history),
+            "samples_per_s": sum(samples) / len(samples) if samples else None,
+            "upsampler": state.upsampler_metrics, "sites": sites,
+            "privacy": privacy or {"mechanism": None},
+            "run": report.to_json()}
+
+
+def _require_training_memory(gen_cls: type, spec: RunSpec, summary: DataSummary, count: int) -> None:
     """Refuse generators that cannot fit (e.g. ``--hidden-dim 1000000000``) before building them: count
     their parameters on the meta device; weights, gradients and two Adam moments take 4 floats each."""
     try:
         with torch.device("meta"):
-            probe = gen_cls.from_config(cfg, seq_len=length, dim=ds.dim, num_classes=ds.num_classes,
-                                        condition_dim=ds.condition_dim)
+            probe = gen_cls.from_config(spec.config, seq_len=spec.training_length, dim=summary.dim,
+                                        num_classes=len(summary.class_counts), condition_dim=summary.condition_dim)
         params = sum(p.numel() for p in probe.parameters())
     except Exception:  # a generator that cannot be built on meta: no estimate
         return
     from feda2v_toolkit.runtime.resources import require_memory
 
-    require_memory(params * 4 * 4 * count, f"training {count} {cfg['generator_type']} generator(s) of "
+    require_memory(params * 4 * 4 * count, f"training {count} {spec.generator_type} generator(s) of "
                    f"{params:,} parameters", hint="lower generator_hidden_dim / --hidden-dim (see feda2v-tk plan)")
 
 
@@ -590,61 +706,62 @@ def _open_metrics(path: str | os.PathLike[str], done_epochs: int) -> Any:
     return open(p, "a", encoding="utf-8")  # noqa: SIM115 - closed by the caller's with
 
 
-def _fit_generators(run: _Run, train_sets: Mapping[str, Tensor], conditions_all: Tensor | None,
-                    say: Callable[[str], None]) -> dict[str, dict[str, float]]:
-    """Fit every closed-form generator (``fitted = True``) once on all of its training sequences."""
-    out: dict[str, dict[str, float]] = {}
-    for gi, (key, gen) in enumerate(run.model.generators.items()):
-        idx = train_sets[key]
-        if not type(gen).fitted or idx.numel() == 0:
-            continue
-        t0 = time.perf_counter()
-        cond = conditions_all[idx].to(run.device) if conditions_all is not None else None
-        metrics = gen.fit(run.reduced[idx].to(run.device), labels=run.ds.labels[idx].to(run.device),
-                          conditions=cond, seed=run.seed * 1_000_003 + gi)
-        _check_finite_terms({k: float(v) for k, v in metrics.items()}, 0, key)
-        out[key] = {k: float(v) for k, v in metrics.items()}
-        say(f"fitted generator {key!r} on {idx.numel()} sequences in {time.perf_counter() - t0:.2f}s")
-    return out
+def _write_metrics_lines(path: str | os.PathLike[str], records: list[dict[str, Any]], done: int) -> None:
+    with _open_metrics(path, done) as mf:
+        for record in records:
+            mf.write(json.dumps(record, default=float) + "\n")
 
 
-def _check_finite_terms(terms: Mapping[str, float], epoch: int, key: str) -> None:
-    bad = [k for k, v in terms.items() if not math.isfinite(v)]
-    if bad:
-        raise InputError(f"training diverged at epoch {epoch + 1} (generator {key!r}): "
-                         f"{', '.join(bad)} became NaN/inf; lower generator_learning_rate")
+# -- train: the pipeline over one site in this process ----------------------------------------------------
+
+def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.PathLike[str] | None = None,
+          overrides: Mapping[str, Any] | None = None, seed: int | None = None, device: str | torch.device = "cpu",
+          resume: bool = False, checkpoint_dir: str | os.PathLike[str] | None = None,
+          metrics_path: str | os.PathLike[str] | None = None, progress: bool | None = None,
+          log: Callable[[str], None] | None = None) -> GenerativeModel:
+    """Train a generator model on ``data`` as ``config`` says; write it to ``out`` if given.
+
+    The pipeline (module docstring) over one site holding all of ``data``.
+
+    Args:
+        config: a config file path, a full experiment config or a generator section (mapping); read
+            through :func:`feda2v_toolkit.config.load_config` (migrated, validated, defaults filled).
+        data: a dataset path (file, shard directory, legacy ``.pt``) or an open :class:`Dataset`.
+        overrides: generator-section keys that take precedence over the config (CLI options).
+        seed: overrides ``generator_seed``; if both are unset a random seed is drawn and recorded.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        resume: continue from the checkpoint in the checkpoint directory, if there is one (also
+            when the config sets ``generator_load_checkpoint``).
+        checkpoint_dir: overrides ``generator_checkpoint_dir``.
+        metrics_path: one JSON line of metrics per epoch here.
+        progress: show a progress bar (default: only when stderr is a terminal).
+        log: called with one-line status messages (default: silent).
+    """
+    say = log or (lambda _msg: None)
+    dev = resolve_device(device)
+    data_paths = [] if isinstance(data, Dataset) else [data]
+
+    def checkpoint_seed() -> int | None:  # a run that drew its seed resumes with it
+        spec0 = RunSpec.resolve(config, overrides=overrides, seed=0)
+        path = checkpoint_path(spec0, _checkpoint_dir(spec0, out, checkpoint_dir))
+        if (resume or spec0.load_checkpoint) and path.exists():
+            return load_checkpoint(path).state.fingerprint.get("seed")
+        return None
+
+    spec = RunSpec.resolve(config, overrides=overrides, seed=seed, fallback_seed=checkpoint_seed)
+    ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
+    for target in (out, metrics_path, ckpt if spec.save_checkpoints else None):
+        if target is not None:
+            check_output_path(target, data_paths, role="input dataset")
+            check_writable(target)  # before training, not after it
+    site = Site(data, spec, 0, device=dev)
+    if spec.seed_drawn:
+        say(f"seed: {spec.seed} (drawn at random; pass --seed to reproduce)")
+    return run_pipeline(spec, LocalTransport([site]), schedule=spec.single_site_schedule(), engine="local", out=out,
+                        checkpoint=ckpt, resume=resume, metrics_path=metrics_path, progress=progress, log=say)
 
 
-def _validate(run: _Run, val_sets: Mapping[str, Tensor], epoch: int, epochs: int,
-              autocast_dtype: torch.dtype | None, conditions_all: Tensor | None) -> dict[str, float]:
-    rows_out, weights = [], []
-    batch_size = int(run.cfg["generator_batch_size"])
-    for key, gen in run.model.generators.items():
-        idx = val_sets[key]
-        if idx.numel() == 0:
-            continue
-        gen.eval()
-        with torch.no_grad():
-            for s in range(0, idx.numel(), batch_size):
-                rows = idx[s:s + batch_size]
-                ctx = TrainContext(epoch=epoch, total_epochs=epochs, step=0, progress=(epoch + 1) / epochs,
-                                   config=run.cfg, autocast_dtype=autocast_dtype, device=run.device)
-                terms = gen.loss_terms(run.reduced[rows].to(run.device), labels=run.ds.labels[rows].to(run.device),
-                                       conditions=conditions_all[rows].to(run.device)
-                                       if conditions_all is not None else None, ctx=ctx)
-                rows_out.append(terms)
-                weights.append(int(rows.numel()))
-        gen.train()
-    return _mean_terms(rows_out, weights) if rows_out else {}
-
-
-def _final_metrics(state: TrainingState) -> dict[str, Any]:
-    last = state.history[-1] if state.history else {}
-    last_val = next((r["val"] for r in reversed(state.history) if "val" in r), None)
-    total_seconds = sum(r.get("seconds", 0.0) for r in state.history)
-    samples = [r["samples_per_s"] for r in state.history if r.get("samples_per_s")]
-    fitted = next((r["fit"] for r in state.history if "fit" in r), None)
-    return {"epochs": state.epoch, "steps": state.step, "train": last.get("train", {}), "val": last_val,
-            **({"generator_fit": fitted} if fitted else {}),
-            "train_seconds": total_seconds, "samples_per_s": sum(samples) / len(samples) if samples else None,
-            "upsampler": state.upsampler_metrics}
+def _checkpoint_dir(spec: RunSpec, out: Any, checkpoint_dir: Any) -> Any:
+    if checkpoint_dir is None and out is not None and spec.checkpoint_dir == _DEFAULT_CHECKPOINT_DIR:
+        return default_checkpoint_dir(out)  # beside the model, not a shared ./checkpoints
+    return checkpoint_dir

@@ -1,8 +1,10 @@
-"""What a federated node does with its own data, stage by stage (no engine here: the Flower app calls it).
+"""A site: one holder of clips and its part of every stage (no engine here).
 
-A :class:`Site` holds one node's dataset, its stratified train/held-out split, the reduced cache and the
-generators it trains. Every request names a stage and carries tensors (``arrays``) and JSON (``meta``);
-:func:`handle` answers it with the node's part. Only weights and sums leave the node.
+A :class:`Site` holds one dataset -- all of it for ``train``, one node's for ``federate``, one rank's slice for
+data-parallel runs -- its stratified train / held-out split, the reduced cache and whatever it trains. Every
+request of the pipeline names a stage (:data:`STAGES`) and carries tensors (``arrays``) and JSON (``meta``);
+:func:`handle` answers it with the site's release for that stage. Only releases leave a site: sums,
+statistics, weights and optimiser state, never clips.
 """
 
 from __future__ import annotations
@@ -11,32 +13,46 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.components import Generator, TrainContext
-from feda2v_toolkit.config import configured_upsampler
+from feda2v_toolkit.components import TrainContext
 from feda2v_toolkit.data.dataset import Dataset
-from feda2v_toolkit.data.open import open_dataset
+from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.runtime.seeds import derive_seed
+from feda2v_toolkit.training.loop import EpochData, mean_terms, train_epochs, validate
+from feda2v_toolkit.training.spec import RunSpec
 from feda2v_toolkit.training.stages import (
     ClassesStage,
     FittedStatisticsStage,
+    GeneratorStatisticsStage,
     NormalizationStage,
-    WeightsStage,
-    has_statistics,
+    WeightsPart,
+)
+from feda2v_toolkit.training.streams import (
+    ReducedCache,
+    full_batches,
+    heldout_reconstruction,
+    read_chunk_rows,
+    reduce_dataset,
+    upsampler_pairs,
 )
 
 Arrays = dict[str, Tensor]
 Meta = dict[str, Any]
 
-#: stage names of the protocol between the server and the nodes
-STAGES = ("describe", "reducer", "normalization", "upsampler", "upsampler_round", "generators",
-          "generator_statistics")
+#: the stages of the protocol between the pipeline and the sites: name -> "query" (statistics, one exchange)
+#: or "train" (a round of local training); engines name their messages after these (one place)
+STAGES: dict[str, str] = {
+    "describe": "query", "reducer": "query", "reducer_fit": "query", "reduce": "query", "upsampler": "query",
+    "upsampler_round": "train", "upsampler_heldout": "query", "generator_statistics": "query",
+    "generator_fit": "query", "generator_heldout": "query", "generator_round": "train",
+}
 
 
 def pack(prefix: str, state: Mapping[str, Tensor]) -> Arrays:
@@ -47,133 +63,171 @@ def unpack(prefix: str, arrays: Mapping[str, Tensor]) -> Arrays:
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
-class Site:
-    """One node's data and training state. ``cfg`` is the resolved generator config (seed included)."""
+def flatten_optimizers(optimizers: Mapping[str, torch.optim.Optimizer]) -> tuple[Arrays, Meta]:
+    """Named optimisers -> tensors ``<name>.<param id>.<state key>`` (CPU) and a JSON document."""
+    from feda2v_toolkit.training.checkpoint import flatten_optimizer
 
-    def __init__(self, data: str | os.PathLike[str] | Dataset, cfg: Mapping[str, Any]) -> None:
-        from feda2v_toolkit.training.pipeline import stratified_split
+    tensors: Arrays = {}
+    docs: Meta = {}
+    for name, opt in optimizers.items():
+        t, doc = flatten_optimizer(name, opt.state_dict())
+        tensors.update({k: v.detach().to("cpu") for k, v in t.items()})
+        docs[name] = doc
+    return tensors, docs
+
+
+def restore_optimizers(optimizers: Mapping[str, torch.optim.Optimizer], tensors: Mapping[str, Tensor],
+                       docs: Mapping[str, Any]) -> None:
+    from feda2v_toolkit.training.checkpoint import unflatten_optimizer
+
+    for name, opt in optimizers.items():
+        if name in docs:
+            opt.load_state_dict(unflatten_optimizer(name, tensors, docs[name]))
+
+
+class Site:
+    """One site's data and training state (module docstring).
+
+    ``index`` is the site's position in the run (0 for ``train``): it enters every seed the site derives,
+    so the same data at the same position trains the same way on any engine.
+    """
+
+    def __init__(self, data: str | os.PathLike[str] | Dataset, spec: RunSpec, index: int = 0, *,
+                 name: str | None = None, device: str | torch.device = "cpu") -> None:
+        from feda2v_toolkit.data.open import open_dataset
 
         self.ds = data if isinstance(data, Dataset) else open_dataset(data)
-        self.cfg = dict(cfg)
-        self.seed = int(cfg["generator_seed"])
-        self.length = int(cfg["generator_training_sequence_length"])
-        self.train_idx, self.val_idx = stratified_split(self.ds.labels, float(cfg["generator_validation_split"]),
-                                                        self.seed)
-        self.reduced: Tensor | None = None  # raw reduced cache, standardised in place by set_normalization
-        self.normalized = False
-        self.generators: dict[str, Generator] = {}
-        self.optimizers: dict[str, Any] = {}
+        self.spec = spec
+        self.index = int(index)
+        self.name = name or Path(self.ds.path).name
+        self.device = torch.device(device)
+        self.train_idx, self.val_idx = stratified_split(self.ds.labels, spec.validation_split,
+                                                        derive_seed(spec.seed, "split", self.index))
+        self.cache: ReducedCache | None = None
         self.store: Arrays = {}  # what must survive the site being rebuilt (reducer state, normalisation)
-        self.step = 0
+        self.on_step: Callable[[int], None] | None = None  # progress of in-process engines
 
     @property
-    def name(self) -> str:
-        return Path(self.ds.path).name
+    def cfg(self) -> dict[str, Any]:
+        return self.spec.config
 
-    # -- components built from the shared config ---------------------------------------------------
+    # -- components built from the run's config ----------------------------------------------------
     def _reducer(self) -> Any:
         from feda2v_toolkit.plugins import get_registry
 
-        return get_registry().load("reducer", self.cfg["generator_reducer"]).from_config(
-            self.cfg, length=self.length, full_length=self.ds.seq_len, dim=self.ds.dim)
+        return get_registry().load("reducer", self.spec.reducer).from_config(
+            self.cfg, length=self.spec.training_length, full_length=self.ds.seq_len, dim=self.ds.dim)
 
     def _upsampler(self) -> Any:
         from feda2v_toolkit.plugins import get_registry
 
-        return get_registry().load("upsampler", configured_upsampler(self.cfg)).from_config(
-            self.cfg, reduced_length=self.length, full_length=self.ds.seq_len, dim=self.ds.dim)
+        return get_registry().load("upsampler", self.spec.upsampler).from_config(
+            self.cfg, reduced_length=self.spec.training_length, full_length=self.ds.seq_len, dim=self.ds.dim)
+
+    def _generator(self, class_names: list[str]) -> Any:
+        from feda2v_toolkit.plugins import get_registry
+
+        gen_cls = get_registry().load("generator", self.spec.generator_type)
+        return gen_cls.from_config(self.cfg, seq_len=self.spec.training_length, dim=self.ds.dim,
+                                   num_classes=len(class_names), condition_dim=self.ds.condition_dim)
 
     # -- stages --------------------------------------------------------------------------------------
     def describe(self) -> Meta:
+        counts = torch.bincount(self.ds.labels[self.train_idx], minlength=self.ds.num_classes).tolist()
         return {"summary": ClassesStage().local(self.ds).to_json(), "name": self.name,
-                "train": int(self.train_idx.numel()), "heldout": int(self.val_idx.numel())}
+                "train": int(self.train_idx.numel()), "heldout": int(self.val_idx.numel()),
+                "train_counts": {c: int(k) for c, k in zip(self.ds.class_names, counts, strict=True) if k},
+                "dtype": str(self.ds.storage_dtype).replace("torch.", "")}
 
     def reducer_statistics(self) -> Arrays:
-        from feda2v_toolkit.training.pipeline import full_batches
-
         reducer = self._reducer()
-        if not has_statistics(reducer):
-            raise InputError(f"reducer {self.cfg['generator_reducer']!r} cannot be fitted federatedly "
-                             f"(it has no fit_statistics/fit_from_statistics)")
         return FittedStatisticsStage().local(reducer, full_batches(self.ds, self.train_idx))
 
-    def set_reducer(self, state: Mapping[str, Tensor]) -> None:
-        """Load the merged reducer and reduce every local sequence once (raw cache)."""
-        from feda2v_toolkit.training.pipeline import reduce_dataset
+    def reducer_fit(self) -> Arrays:
+        """A fitted reducer without mergeable statistics, fitted here (one site only)."""
+        reducer = self._reducer().to(self.device)
+        reducer.fit(full_batches(self.ds, self.train_idx))
+        return dict(reducer.state_dict())
 
+    def reduce(self, state: Mapping[str, Tensor], class_names: list[str]) -> tuple[Arrays, Meta]:
+        """Load the run's reducer, reduce every local sequence once (raw cache); release the normalisation sums."""
         reducer = self._reducer()
         reducer.load_state_dict(dict(state))
-        reducer.eval()
-        self.reduced = reduce_dataset(self.ds, reducer)
-        self.normalized = False
+        reducer.to(self.device).eval()
+        to_global = torch.tensor([class_names.index(c) for c in self.ds.class_names], dtype=torch.long)
+        conditions = self.ds.read_conditions(range(len(self.ds))) if self.ds.condition_dim else None
+        t0 = time.perf_counter()
+        self.cache = ReducedCache(reduce_dataset(self.ds, reducer, device=self.device), to_global[self.ds.labels],
+                                  conditions)
+        seconds = time.perf_counter() - t0
         self.store.update(pack("reducer.", state))
         self.store["reduced"] = torch.ones(())  # marks a reducer as set (a reducer may have no state at all)
+        self.store["classes"] = torch.tensor([ord(ch) for ch in json.dumps(class_names)], dtype=torch.int32)
+        part = NormalizationStage().local(self.cache.values, self.train_idx) if self.spec.normalize else {}
+        return part, {"fingerprint": self.cache.fingerprint(), "seconds": seconds}
 
-    def normalization_part(self) -> Arrays:
-        assert self.reduced is not None
-        return NormalizationStage().local(self.reduced, self.train_idx)
+    def _raw(self) -> Tensor:
+        assert self.cache is not None and not self.cache.standardized, "the upsampler needs the raw cache"
+        return self.cache.values
+
+    def _pairs(self, *ids: Any) -> Any:
+        rows = max(1, min(self.spec.batch_size, read_chunk_rows(self.ds)))
+        return upsampler_pairs(self.ds, self.train_idx, self._raw(), rows, self.spec.seed, self.index, *ids)
 
     def upsampler_statistics(self) -> Arrays:
         return FittedStatisticsStage().local(self._upsampler(), self._pairs())
 
-    def upsampler_round(self, state: Mapping[str, Tensor]) -> tuple[Arrays, int, Meta]:
-        ups = self._upsampler()
+    def upsampler_round(self, state: Mapping[str, Tensor], round_index: int) -> tuple[Arrays, int, Meta]:
+        ups = self._upsampler().to(self.device)
         ups.load_state_dict(dict(state))
         ups.train()
-        metrics = ups.fit(self._pairs(), config=self.cfg) or {}
-        return ups.state_dict(), int(self.train_idx.numel()), metrics
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.spec.seed, "upsampler", self.index, round_index))
+            metrics = ups.fit(self._pairs(round_index), config=self.cfg) or {}
+        return {k: v.detach().cpu() for k, v in ups.state_dict().items()}, int(self.train_idx.numel()), metrics
 
-    def _pairs(self) -> Any:
-        from feda2v_toolkit.training.pipeline import read_chunk_rows, upsampler_pairs
-
-        assert self.reduced is not None and not self.normalized
-        rows = max(1, min(int(self.cfg["generator_batch_size"]), read_chunk_rows(self.ds)))
-        return upsampler_pairs(self.ds, self.train_idx, self.reduced, rows, self.seed)
+    def upsampler_heldout(self, state: Mapping[str, Tensor]) -> Arrays:
+        ups = self._upsampler().to(self.device)
+        ups.load_state_dict(dict(state))
+        return heldout_reconstruction(self.ds, self.val_idx, self._raw(), ups, self.device)
 
     def set_normalization(self, norm: Mapping[str, Tensor]) -> None:
-        assert self.reduced is not None
-        if norm and not self.normalized:
-            self.reduced.sub_(norm["mean"]).div_(norm["std"])
-            self.normalized = True
+        assert self.cache is not None
+        if not self.cache.standardized:
+            self.cache.standardize(dict(norm))
             self.store.update(pack("norm.", norm))
+            self.store["standardized"] = torch.ones(())
 
-    def restore(self, store: Mapping[str, Tensor]) -> None:
+    def restore(self) -> None:
         """Rebuild the reduced (and standardised) cache from what an earlier message left in ``store``."""
-        if "reduced" in store and self.reduced is None:
-            self.set_reducer(unpack("reducer.", store))
-            norm = unpack("norm.", store)
-            if norm:
-                self.set_normalization(norm)
+        if "reduced" in self.store and self.cache is None:
+            classes = json.loads("".join(chr(int(c)) for c in self.store["classes"].tolist()))
+            self.reduce(unpack("reducer.", self.store), classes)
+            if "standardized" in self.store:
+                self.set_normalization(unpack("norm.", self.store))
 
-    def _global_labels(self, class_names: list[str]) -> tuple[Tensor, Tensor | None]:
-        to_global = torch.tensor([class_names.index(c) for c in self.ds.class_names], dtype=torch.long)
-        conditions = self.ds.read_conditions(range(len(self.ds))) if self.ds.condition_dim else None
-        return to_global[self.ds.labels], conditions
+    def _rows_of(self, members: list[str], class_names: list[str], rows: Tensor) -> Tensor:
+        assert self.cache is not None
+        ids = torch.tensor([class_names.index(c) for c in members], dtype=torch.long)
+        return rows[torch.isin(self.cache.labels[rows], ids)]
 
     def generator_statistics(self, keys: list[str], groups: Mapping[str, list[str]],
                              class_names: list[str]) -> tuple[Arrays, Meta]:
-        """Closed-form generators (``fitted = True``): each held key's ``fit_statistics`` on this node's
-        training sequences of its classes, as ``g{i}.``-prefixed arrays; the meta says which directions of the
-        within-class scatter were left out (each class's factor keeps at most the generator's rank)."""
-        from feda2v_toolkit.plugins import get_registry
-
-        assert self.reduced is not None
-        gen_cls = get_registry().load("generator", self.cfg["generator_type"])
-        labels, conditions = self._global_labels(class_names)
+        """Closed-form generators: each held key's statistics of its training sequences here, as ``g{i}.``-prefixed
+        arrays; the meta says which directions of the within-class scatter were left out (each class's factor
+        keeps at most the generator's rank)."""
+        assert self.cache is not None and self.cache.standardized
         out: Arrays = {}
         examples: dict[str, int] = {}
-        truncated: dict[str, dict[str, float]] = {}
+        truncated: dict[str, dict[str, Any]] = {}
+        stage = GeneratorStatisticsStage()
         for i, key in enumerate(keys):
-            members = torch.tensor([class_names.index(c) for c in groups[key]], dtype=torch.long)
-            idx = self.train_idx[torch.isin(labels[self.train_idx], members)]
+            idx = self._rows_of(groups[key], class_names, self.train_idx)
             if idx.numel() == 0:
                 continue
-            gen = gen_cls.from_config(self.cfg, seq_len=self.length, dim=self.ds.dim, num_classes=len(class_names),
-                                      condition_dim=self.ds.condition_dim)
-            rank = getattr(gen, "rank", None)
-            stats = gen.fit_statistics(self.reduced[idx], labels=labels[idx],
-                                       conditions=conditions[idx] if conditions is not None else None,
-                                       max_rank=rank)
+            gen = self._generator(class_names)
+            x, labels, conditions = self.cache.reader(torch.device("cpu"))(idx)
+            stats = stage.local(gen, x, labels, conditions)
             counts, rows = stats["counts"], stats["factor_rows"]
             short = (rows < (counts - 1).clamp(min=0)).nonzero().flatten().tolist()
             if short:  # a class with more sequences than the rank: its factor keeps the top `rank` directions
@@ -184,107 +238,163 @@ class Site:
             examples[key] = int(idx.numel())
         return out, {"examples": examples, "truncated": truncated}
 
-    def train_generators(self, states: Mapping[str, Mapping[str, Tensor]], groups: Mapping[str, list[str]],
-                         class_names: list[str], round_index: int, rounds: int) -> Any:
-        """Local epochs of every generator this node holds data for, from ``states``; a :class:`WeightsPart`."""
-        from feda2v_toolkit.plugins import get_registry
-
-        assert self.reduced is not None
-        cfg = self.cfg
-        epochs = int(cfg["federated_local_epochs"])
-        gen_cls = get_registry().load("generator", cfg["generator_type"])
-        labels, conditions = self._global_labels(class_names)
-        batch_size = int(cfg["generator_batch_size"])
-        autocast = torch.bfloat16 if cfg.get("generator_autocast") == "bfloat16" else None
-        total_epochs = rounds * epochs
-        salt = int.from_bytes(self.name.encode()[:6].ljust(6, b"\0"), "little") % 100_003
-
-        def train(key: str, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int, dict[str, float]]:
-            members = torch.tensor([class_names.index(c) for c in groups[key]], dtype=torch.long)
-            idx = self.train_idx[torch.isin(labels[self.train_idx], members)]
+    def generator_fit(self, keys: list[str], groups: Mapping[str, list[str]],
+                      class_names: list[str]) -> tuple[Arrays, Meta]:
+        """Closed-form generators without mergeable statistics (e.g. conditioned on condition embeddings),
+        fitted here on all of each key's training sequences (one site only)."""
+        assert self.cache is not None and self.cache.standardized
+        out: Arrays = {}
+        fits: dict[str, dict[str, float]] = {}
+        for i, key in enumerate(keys):
+            idx = self._rows_of(groups[key], class_names, self.train_idx)
             if idx.numel() == 0:
-                return {}, 0, {}
-            gen = self.generators.get(key)
-            if gen is None:
-                gen = self.generators[key] = gen_cls.from_config(
-                    cfg, seq_len=self.length, dim=self.ds.dim, num_classes=len(class_names),
-                    condition_dim=self.ds.condition_dim)
-                self.optimizers[key] = gen.configure_optimizers(cfg)
-            gen.load_state_dict(dict(state))
-            gen.train()
-            losses: list[float] = []
-            nb = max(1, math.ceil(idx.numel() / batch_size))
-            for e in range(epochs):
-                epoch = round_index * epochs + e
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + salt + len(key))
-                perm = idx[torch.randperm(idx.numel(), generator=g)]
-                for b in range(nb):
-                    rows = perm[b * batch_size:(b + 1) * batch_size]
-                    ctx = TrainContext(epoch=epoch, total_epochs=total_epochs, step=self.step,
-                                       progress=(epoch + b / nb) / total_epochs, config=cfg, autocast_dtype=autocast)
-                    terms = gen.training_step(self.reduced[rows], labels=labels[rows],
-                                              conditions=conditions[rows] if conditions is not None else None,
-                                              optimizers=self.optimizers[key], ctx=ctx)
-                    if not all(math.isfinite(v) for v in terms.values()):
-                        raise InputError(f"{self.name}: training diverged in round {round_index + 1} (generator "
-                                         f"{key!r}); lower generator_learning_rate")
-                    losses.append(float(terms["loss"]))
-                    self.step += 1
-            metrics = {"loss": sum(losses) / len(losses)}
-            val = self.val_idx[torch.isin(labels[self.val_idx], members)]
-            if val.numel():
-                gen.eval()
-                with torch.no_grad():
-                    ctx = TrainContext(epoch=total_epochs - 1, total_epochs=total_epochs, step=0,
-                                       progress=(round_index + 1) / rounds, config=cfg, autocast_dtype=autocast)
-                    terms = gen.loss_terms(self.reduced[val], labels=labels[val],
-                                           conditions=conditions[val] if conditions is not None else None, ctx=ctx)
-                metrics["val_loss"] = float(terms["loss"])
-            return {k: v.detach().clone() for k, v in gen.state_dict().items()}, int(idx.numel()), metrics
+                continue
+            gen = self._generator(class_names).to(self.device)
+            x, labels, conditions = self.cache.reader(self.device)(idx)
+            fits[key] = {k: float(v) for k, v in gen.fit(x, labels=labels, conditions=conditions,
+                                                         seed=derive_seed(self.spec.seed, "fit", key)).items()}
+            out.update(pack(f"g{i}.", gen.state_dict()))
+        return out, {"fit": fits}
 
-        return WeightsStage().local(states, train, [k for k in groups if k in states])
+    def generator_heldout(self, keys: list[str], groups: Mapping[str, list[str]], class_names: list[str],
+                          states: Mapping[str, Arrays]) -> tuple[dict[str, float], int]:
+        """Held-out loss terms of the given (fitted) generators over this site's held-out rows."""
+        assert self.cache is not None and self.cache.standardized
+        rows, weights = [], []
+        read = self.cache.reader(self.device)
+        for key in keys:
+            if key not in states:
+                continue
+            val = self._rows_of(groups[key], class_names, self.val_idx)
+            if val.numel() == 0:
+                continue
+            gen = self._generator(class_names).to(self.device)
+            gen.load_state_dict(dict(states[key]))
+            ctx = TrainContext(epoch=0, total_epochs=1, step=0, progress=1.0, config=self.cfg,
+                               autocast_dtype=self.spec.autocast_dtype, device=self.device)
+            terms, count = validate(gen, EpochData(read, val[:0], val), self.spec.batch_size, ctx)
+            rows.append(terms)
+            weights.append(count)
+        return mean_terms(rows, weights), int(sum(weights))
+
+    def generator_round(self, keys: list[str], groups: Mapping[str, list[str]], class_names: list[str],
+                        states: Mapping[str, Arrays], optim: Mapping[str, tuple[Arrays, Meta]], epochs: list[int],
+                        total_epochs: int) -> tuple[WeightsPart, list[dict[str, Any]], dict[str, Meta]]:
+        """Local epochs ``epochs`` of every generator this site holds data for, from ``states`` (and optimiser
+        state ``optim``). Returns the :class:`WeightsPart` (weights and optimiser tensors per key), the
+        per-epoch records (merged over keys) and the optimisers' JSON documents per key."""
+        assert self.cache is not None and self.cache.standardized
+        spec = self.spec
+        weights: dict[str, Arrays] = {}
+        optimizers: dict[str, Arrays] = {}
+        docs: dict[str, Meta] = {}
+        examples: dict[str, int] = {}
+        per_epoch: dict[int, list[tuple[dict[str, Any], str]]] = {}
+        read = self.cache.reader(self.device)
+        for key in keys:
+            if key not in states:
+                continue
+            data = EpochData(read, self._rows_of(groups[key], class_names, self.train_idx),
+                             self._rows_of(groups[key], class_names, self.val_idx))
+            if data.train.numel() == 0:
+                continue
+            gen = self._generator(class_names).to(self.device)
+            gen.load_state_dict(dict(states[key]))
+            opts = gen.configure_optimizers(self.cfg)
+            if key in optim:
+                restore_optimizers(opts, *optim[key])
+            per = math.ceil(data.train.numel() / spec.batch_size)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                records = train_epochs(
+                    gen, opts, data, epochs=epochs, total_epochs=total_epochs, batch_size=spec.batch_size,
+                    epoch_seed=lambda e, key=key: derive_seed(spec.seed, "epoch", self.index, key, e),
+                    step=epochs[0] * per if epochs else 0, config=self.cfg,
+                    validation_frequency=spec.validation_frequency, autocast_dtype=spec.autocast_dtype,
+                    device=self.device, where=f", generator {key!r}" + (f", {self.name}" if self.index else ""),
+                    on_step=(lambda _t, n: self.on_step(n)) if self.on_step else None)
+            weights[key] = {k: v.detach().to("cpu") for k, v in gen.state_dict().items()}
+            optimizers[key], docs[key] = flatten_optimizers(opts)
+            examples[key] = int(data.train.numel())
+            for r in records:
+                per_epoch.setdefault(r["epoch"], []).append((r, key))
+            del gen, opts
+        merged = [merge_epoch_records([r for r, _ in rows]) for _, rows in sorted(per_epoch.items())]
+        return WeightsPart(weights, examples, {}, optimizers), merged, docs
+
+
+def merge_epoch_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One epoch's records of several generators (or sites) as one: terms weighted by examples."""
+    out: dict[str, Any] = {"epoch": records[0]["epoch"],
+                           "train": mean_terms([r["train"] for r in records], [r["examples"] for r in records]),
+                           "examples": sum(r["examples"] for r in records),
+                           "steps": sum(r["steps"] for r in records),
+                           "seconds": sum(r.get("seconds", 0.0) for r in records)}
+    vals = [r for r in records if r.get("val")]
+    if vals:
+        out["val"] = mean_terms([r["val"] for r in vals], [r["val_examples"] for r in vals])
+        out["val_examples"] = sum(r["val_examples"] for r in vals)
+    return out
 
 
 def handle(site: Site, stage: str, arrays: Mapping[str, Tensor], meta: Mapping[str, Any]) -> tuple[Arrays, Meta]:
-    """Answer one request of the server: the node's part of ``stage``."""
+    """Answer one request of the pipeline: the site's release for ``stage``."""
     if stage == "describe":
         return {}, site.describe()
-    site.restore(site.store)
+    site.restore()
+    t0 = time.perf_counter()
     if stage == "reducer":
         return site.reducer_statistics(), {}
-    if stage == "normalization":
-        site.set_reducer(unpack("reducer.", arrays))
-        return site.normalization_part(), {}
+    if stage == "reducer_fit":
+        return pack("reducer.", site.reducer_fit()), {}
+    if stage == "reduce":
+        return site.reduce(unpack("reducer.", arrays), list(meta["class_names"]))
     if stage == "upsampler":
         return site.upsampler_statistics(), {}
     if stage == "upsampler_round":
-        state, n, metrics = site.upsampler_round(unpack("upsampler.", arrays))
+        state, n, metrics = site.upsampler_round(unpack("upsampler.", arrays), int(meta["round"]))
         return pack("upsampler.", state), {"examples": n, "metrics": _jsonable(metrics)}
-    if stage in ("generators", "generator_statistics"):
-        norm = unpack("norm.", arrays)
-        if norm:
-            site.set_normalization(norm)
+    if stage == "upsampler_heldout":
+        return site.upsampler_heldout(unpack("upsampler.", arrays)), {}
+    norm = unpack("norm.", arrays)
+    if site.cache is not None and not site.cache.standardized:
+        site.set_normalization(norm)
+    keys, groups, classes = list(meta["keys"]), meta["groups"], list(meta["class_names"])
     if stage == "generator_statistics":
-        t0 = time.perf_counter()
-        out, info = site.generator_statistics(list(meta["keys"]), meta["groups"], list(meta["class_names"]))
+        out, info = site.generator_statistics(keys, groups, classes)
         return out, {**info, "seconds": time.perf_counter() - t0}
-    if stage == "generators":
-        keys = list(meta["keys"])
+    if stage == "generator_fit":
+        out, info = site.generator_fit(keys, groups, classes)
+        return out, {**info, "seconds": time.perf_counter() - t0}
+    if stage == "generator_heldout":
         states = {key: unpack(f"g{i}.", arrays) for i, key in enumerate(keys)}
-        states = {k: v for k, v in states.items() if v}
-        t0 = time.perf_counter()
-        part = site.train_generators(states, meta["groups"], list(meta["class_names"]), int(meta["round"]),
-                                     int(meta["rounds"]))
-        seconds = time.perf_counter() - t0
+        val, count = site.generator_heldout(keys, groups, classes, {k: v for k, v in states.items() if v})
+        return {}, {"val": val, "count": count}
+    if stage == "generator_round":
+        states = {key: unpack(f"g{i}.", arrays) for i, key in enumerate(keys)}
+        optim = {key: (unpack(f"o{i}.", arrays), meta["optimizers"][key])
+                 for i, key in enumerate(keys) if key in meta.get("optimizers", {})}
+        part, records, docs = site.generator_round(keys, groups, classes, {k: v for k, v in states.items() if v},
+                                                   optim, list(meta["epochs"]), int(meta["total_epochs"]))
+        send_optimizers = bool(meta.get("return_optimizers", True))
         # the reply carries every array of the request, in its order (what it did not train unchanged), as
         # Flower's fixedclipping_mod requires: the update it clips is reply minus request
-        out: Arrays = {k: v for k, v in arrays.items()}
+        out: Arrays = dict(arrays)
         for i, key in enumerate(keys):
             if key in part.weights:
                 out.update(pack(f"g{i}.", part.weights[key]))
-        return out, {"examples": part.examples, "metrics": part.metrics, "seconds": seconds}
+                if send_optimizers:
+                    out.update(pack(f"o{i}.", part.optimizers[key]))
+        return out, {"examples": part.examples, "records": _jsonable(records),
+                     "optimizers": docs if send_optimizers else {},
+                     "seconds": time.perf_counter() - t0}
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def _jsonable(metrics: Mapping[str, Any]) -> dict[str, Any]:
+def _jsonable(metrics: Any) -> Any:
     return json.loads(json.dumps(metrics, default=float))
+
+
+def refuse_multi_site(what: str, sites: int) -> None:
+    if sites > 1:
+        raise InputError(f"{what} cannot be trained over {sites} sites (it has no mergeable statistics); "
+                         f"use one site or another component")

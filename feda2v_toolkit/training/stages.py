@@ -1,18 +1,19 @@
-"""Training as stages with mergeable state: ``local(data) -> part``, ``merge(parts) -> part``, ``finish(part)``.
+"""Training as stages with one protocol: ``local(site data) -> part``, ``merge(parts) -> part``, ``finish(part)``.
 
-One process trains with ``finish(local(all_data))``; several sites (federated nodes, later data-parallel
-processes) each compute ``local`` on their own data, the parts are merged, and ``finish`` turns the merged
-part into state. Parts are dicts of tensors (and, for :class:`ClassesStage`, JSON values), so any engine
-can move them; this module never imports an engine (the Flower adaptation is in
-:mod:`feda2v_toolkit.federated`).
+Every ``local`` is a **release**: numbers derived from a site's clips that leave the code holding them. One
+process trains with ``finish(merge([local(all data)]))``; federated sites (Flower) and data-parallel ranks each
+compute ``local`` on their own data, an engine moves the parts, and the same ``merge``/``finish`` runs over
+them. Each stage declares what it releases (:class:`Release`: tensor names, which records contribute, whether
+the merge is exact) -- the one place where privacy mechanisms, secure aggregation or compression attach.
+This module never imports an engine.
 
-| stage | a site computes | parts combine by | exact? |
+| stage | a site releases | parts combine by | exact? |
 |---|---|---|---|
 | :class:`ClassesStage` | class names, counts, shapes | union, sum | yes |
-| :class:`FittedStatisticsStage` (reducer, upsampler) | the component's ``fit_statistics`` sums | sum | yes |
-| :class:`NormalizationStage` | per-position sums and sums of squares | sum | yes |
-| closed-form generators (``gaussian``; driven by :mod:`feda2v_toolkit.training.federation`) | the generator's ``fit_statistics`` (class sums, moments, low-rank scatter factors) | the type's ``merge_statistics`` (parallel-axis corrections, not plain sums) | yes |
-| :class:`WeightsStage` (generators, trainable upsamplers) | local epochs from the current weights | weighted average among the sites holding each key | no: rounds |
+| :class:`FittedStatisticsStage` (``pca`` reducer, ``lstsq`` upsampler) | the component's ``fit_statistics`` sums | sum | yes |
+| :class:`NormalizationStage` | per-position sums and sums of squares of the reduced training sequences | sum | yes |
+| :class:`GeneratorStatisticsStage` (closed-form generators, ``gaussian``) | per generator key, the type's ``fit_statistics`` | the type's ``merge_statistics`` | yes |
+| :class:`WeightsStage` (trained generators, trainable upsamplers without statistics) | local epochs from the current weights: weights and optimiser state | example-weighted average among the sites holding each key | no: rounds |
 
 A fitted component federates exactly when it implements ``fit_statistics(stream) -> dict[str, Tensor]``
 (sums over the data) and ``fit_from_statistics(stats)``, as ``pca`` and ``lstsq`` do.
@@ -28,6 +29,28 @@ import torch
 from torch import Tensor
 
 Part = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Release:
+    """What one stage's ``local`` releases from a site: ``tensors`` (name -> shape), the ``records`` whose values
+    enter it, whether it is ``data_dependent`` at all (a data-independent choice releases nothing) and whether
+    merging parts is ``exact``."""
+
+    stage: str
+    tensors: dict[str, tuple[int, ...]]
+    records: str
+    data_dependent: bool = True
+    exact: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "tensors": {k: list(v) for k, v in self.tensors.items()},
+                "records": self.records, "data_dependent": self.data_dependent, "exact": self.exact}
+
+
+def declare(stage: str, part: Mapping[str, Tensor], records: str, *, exact: bool = True) -> Release:
+    """The declaration of a part as released (its tensor names and shapes)."""
+    return Release(stage, {k: tuple(v.shape) for k, v in part.items()}, records, bool(part), exact)
 
 
 def sum_parts(parts: Sequence[Mapping[str, Tensor]]) -> Part:
@@ -76,8 +99,13 @@ class DataSummary:
 class ClassesStage:
     """Union of class names (in order of first appearance over the sites), sum of counts; shapes must agree."""
 
+    name = "classes"
+
     def local(self, ds: Any) -> DataSummary:
         return DataSummary(dict(ds.class_counts()), int(ds.seq_len), int(ds.dim), int(ds.condition_dim))
+
+    def declare(self, summary: DataSummary) -> Release:
+        return Release(self.name, {"class_counts": (len(summary.class_counts),)}, "every clip of the site")
 
     def merge(self, parts: Sequence[DataSummary], names: Sequence[str] | None = None) -> DataSummary:
         """``names`` label the sites in error messages. Raises ``ValueError`` on mismatched shapes."""
@@ -112,6 +140,8 @@ def has_statistics(component: Any) -> bool:
 class FittedStatisticsStage:
     """A fitted reducer or upsampler: each site sums its statistics, the sums add, the component solves."""
 
+    name = "fitted_statistics"
+
     def local(self, component: Any, stream: Callable[[], Iterable[Any]]) -> Part:
         return {k: v.to(torch.float64) for k, v in component.fit_statistics(stream).items()}
 
@@ -126,6 +156,8 @@ class FittedStatisticsStage:
 
 class NormalizationStage:
     """Per position and feature mean and std ``[l, D]`` of reduced training sequences, from float64 sums."""
+
+    name = "normalization"
 
     def local(self, reduced: Tensor, indices: Tensor, rows: int = 4096) -> Part:
         total = torch.zeros(reduced.shape[1:], dtype=torch.float64)
@@ -147,15 +179,43 @@ class NormalizationStage:
         return {"mean": mean.float(), "std": std.float()}
 
 
+def standardization(reduced: Tensor, indices: Tensor, rows: int = 4096) -> dict[str, Tensor]:
+    """Per position and feature mean and std of ``reduced[indices]``: the single-site form of
+    :class:`NormalizationStage`."""
+    stage = NormalizationStage()
+    return stage.finish(stage.merge([stage.local(reduced, indices, rows)]))
+
+
+# -- closed-form generators ------------------------------------------------------------------------
+
+class GeneratorStatisticsStage:
+    """Closed-form generators (``fitted = True`` with ``fit_statistics``/``merge_statistics``/
+    ``fit_from_statistics``): each site releases, per generator key it holds data for, the type's statistics
+    of those training sequences; the type merges them exactly; the generator is fitted from the merge."""
+
+    name = "generator_statistics"
+
+    def local(self, gen: Any, x: Tensor, labels: Tensor, conditions: Tensor | None) -> Part:
+        return dict(gen.fit_statistics(x, labels=labels, conditions=conditions, max_rank=getattr(gen, "rank", None)))
+
+    def merge(self, gen_cls: Any, parts: Sequence[Part]) -> Part:
+        return dict(gen_cls.merge_statistics(list(parts)))
+
+    def finish(self, gen: Any, part: Part) -> dict[str, float]:
+        return {k: float(v) for k, v in gen.fit_from_statistics(part).items()}
+
+
 # -- weights trained by rounds ---------------------------------------------------------------------
 
 @dataclass
 class WeightsPart:
-    """One site's reply in a round: per key (e.g. generator key) its weights and how many examples trained them."""
+    """One site's reply in a round: per key (e.g. generator key) its weights and how many examples trained them;
+    ``optimizers``: per key, the flattened optimiser state (tensors), averaged like the weights."""
 
     weights: dict[str, dict[str, Tensor]]
     examples: dict[str, int]
     metrics: dict[str, float] = field(default_factory=dict)
+    optimizers: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
 
 class WeightsStage:
@@ -163,8 +223,11 @@ class WeightsStage:
 
     A unified generator is one key every site holds; per-class (per-group) generators are keyed by class
     (group) and averaged only over the sites that own that class, never across classes. Floating tensors are
-    averaged with weights ``examples``; integer tensors (counters) take the first holder's value.
+    averaged with weights ``examples``; integer tensors (counters) take the first holder's value. With one
+    site the merge returns its weights unchanged (bit for bit).
     """
+
+    name = "weights"
 
     def local(self, weights: Mapping[str, Mapping[str, Tensor]],
               train: Callable[[str, Mapping[str, Tensor]], tuple[dict[str, Tensor], int, dict[str, float]]],
@@ -188,13 +251,18 @@ class WeightsStage:
         for p in parts:
             keys += [k for k in p.weights if k not in keys]
         merged: dict[str, dict[str, Tensor]] = {}
+        optimizers: dict[str, dict[str, Tensor]] = {}
         examples: dict[str, int] = {}
         for key in keys:
             holders = [p for p in parts if key in p.weights and p.examples.get(key, 0) > 0]
             if not holders:
                 continue
-            merged[key] = average_state([p.weights[key] for p in holders], [p.examples[key] for p in holders])
-            examples[key] = sum(p.examples[key] for p in holders)
+            counts = [p.examples[key] for p in holders]
+            merged[key] = average_state([p.weights[key] for p in holders], counts)
+            states = [p.optimizers[key] for p in holders if key in p.optimizers]
+            if len(states) == len(holders) and states:
+                optimizers[key] = average_state(states, counts)
+            examples[key] = sum(counts)
         total: dict[str, float] = {}
         weight_sum = 0.0
         for p in parts:  # metrics: example-weighted over sites
@@ -203,18 +271,21 @@ class WeightsStage:
             for k, v in p.metrics.items():
                 total[k] = total.get(k, 0.0) + w * float(v)
         metrics = {k: v / weight_sum for k, v in total.items()} if weight_sum else {}
-        return WeightsPart(merged, examples, metrics)
+        return WeightsPart(merged, examples, metrics, optimizers)
 
     def finish(self, part: WeightsPart) -> dict[str, dict[str, Tensor]]:
         return part.weights
 
 
 def average_state(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
-    """Weighted average of state dicts with identical keys and shapes (float64 accumulation)."""
+    """Weighted average of state dicts with identical keys and shapes (float64 accumulation); a single state
+    is returned as it is."""
     keys = list(states[0])
     for i, s in enumerate(states[1:], start=1):
         if list(s) != keys:
             raise ValueError(f"state {i} has other keys than state 0")
+    if len(states) == 1:
+        return dict(states[0])
     total = float(sum(weights))
     out: dict[str, Tensor] = {}
     for k in keys:

@@ -25,9 +25,9 @@ def test_split_then_federate_then_inspect_generate_evaluate(tiny_data, tmp_path)
               "-o", "fed.safetensors", "--granularity", "per_class", "--seed", "0", "--json", cwd=tmp_path)
     assert "round 1/2" in fed.stderr and "round 2/2" in fed.stderr
     summary = json.loads(fed.stdout)
-    assert summary["rounds"] == 2 and len(summary["nodes"]) == 2
+    assert len(summary["metrics"]["run"]["rounds"]) == 2 and len(summary["metrics"]["sites"]) == 2
     info = run("inspect", "fed.safetensors", cwd=tmp_path).stdout
-    assert "federated:   2 nodes (node0.safetensors, node1.safetensors), 2 rounds x 1 local epochs" in info
+    assert "federated:   2 sites (node0.safetensors, node1.safetensors), 2 rounds x 1 local epochs" in info
     run("generate", "fed.safetensors", "-o", "syn", "--samples-per-class", "2", cwd=tmp_path)
     run("evaluate", "fed.safetensors", "--data", str(tiny_data), cwd=tmp_path)
     again = run("federate", "-c", "cfg.json", "--node", "nodes/node0.safetensors", "-o", "fed.safetensors",
@@ -58,4 +58,4 @@ def test_a_closed_form_generator_federates_in_one_exchange_and_inspect_says_so(t
               "-o", "fed.safetensors", "--generator-type", "gaussian", "--seed", "0", cwd=tmp_path)
     assert "statistics (exact)" in fed.stderr and "round 1/" not in fed.stderr
     info = run("inspect", "fed.safetensors", cwd=tmp_path).stdout
-    assert "generators fitted from merged statistics, inprocess engine, no differential privacy" in info
+    assert "generators fitted from merged statistics" in info and "no differential privacy" in info

@@ -96,16 +96,15 @@ def test_the_documented_commands_train_over_two_supernodes(tiny_data, two_nodes,
             log.close()
     assert all(p.poll() is not None for p in procs)
     assert json.loads(fed.stdout)["run"]["status"] == "finished:completed"
-    assert "fitted 1 generator from 2 nodes' statistics (exact)" in fed.stderr, fed.stderr
+    assert "fitted 1 generator in closed form from 2 sites' merged statistics (exact)" in fed.stderr, fed.stderr
     from feda2v_toolkit.model.file import load_model
 
     model = load_model(out)
-    assert model.metrics["federated"]["engine"] == "deployment"
-    assert sorted(n["name"] for n in model.metrics["federated"]["nodes"]) == ["node0.safetensors", "node1.safetensors"]
+    assert sorted(s["name"] for s in model.metrics["sites"]) == ["node0.safetensors", "node1.safetensors"]
     assert model.sample(2, class_name="bird").shape[0] == 2
     info = subprocess.run([str(BIN / "feda2v-tk"), "inspect", str(out)], capture_output=True, text=True,
                           timeout=120, check=True).stdout
-    assert "generators fitted from merged statistics, deployment engine" in info
+    assert "2 sites (node0.safetensors, node1.safetensors), generators fitted from merged statistics" in info
     assert seconds < 150
 
 

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("flwr")
 
 from feda2v_toolkit.federated.engine import LocalGrid, federate_local  # noqa: E402
-from feda2v_toolkit.training.federation import FederationError, dp_epsilon  # noqa: E402
+from feda2v_toolkit.federated.node_dp import dp_epsilon  # noqa: E402
+from feda2v_toolkit.training.pipeline import SiteError as FederationError  # noqa: E402
 
 
 def _cfg(tiny_config, **extra):
@@ -45,7 +46,7 @@ def test_closed_form_generators_federate_exactly(tiny_data, two_nodes, tiny_conf
                generator_validation_split=0, generator_latent_dim=64)  # rank above every node's class size
     central = train(cfg, tiny_data)
     fed = federate_local(cfg, two_nodes, seed=0)
-    assert fed.metrics["federated"]["rounds"] == 0 and fed.metrics["federated"]["history"][0]["fit"]
+    assert not fed.metrics["run"]["rounds"] and fed.metrics["generator_fit"]
     assert set(fed.generators) == set(central.generators)
     for key, want in central.generators.items():
         got = fed.generators[key]
@@ -54,7 +55,7 @@ def test_closed_form_generators_federate_exactly(tiny_data, two_nodes, tiny_conf
             torch.testing.assert_close(got.state_dict()[k], want.state_dict()[k], rtol=1e-4, atol=1e-5)
         cov = [g.components.double().T @ g.components.double() for g in (got, want)]
         torch.testing.assert_close(cov[0], cov[1], rtol=1e-4, atol=1e-4)
-    assert not fed.metrics["federated"]["history"][0]["truncated"]
+    assert not fed.metrics["run"]["truncated"]
     for c in central.class_names:  # component signs are canonical: the same seed draws the same samples
         draws = [m.sample(3, class_name=c, generator=torch.Generator().manual_seed(0)) for m in (fed, central)]
         torch.testing.assert_close(draws[0], draws[1], rtol=1e-3, atol=1e-3)
@@ -64,7 +65,7 @@ def test_a_class_larger_than_the_rank_sends_its_top_directions_and_says_so(two_n
     logs: list[str] = []
     fed = federate_local(_cfg(tiny_config, generator_type="gaussian", generator_latent_dim=2), two_nodes, seed=0,
                          log=logs.append)
-    truncated = fed.metrics["federated"]["history"][0]["truncated"]["all"]
+    truncated = fed.metrics["run"]["truncated"]["all"]
     assert set(truncated) == {"node0.safetensors", "node1.safetensors"}
     assert any("more sequences than the rank" in m for m in logs)
 
@@ -72,14 +73,14 @@ def test_a_class_larger_than_the_rank_sends_its_top_directions_and_says_so(two_n
 def test_per_class_generators_are_trained_and_averaged_only_by_their_owners(two_nodes, tiny_config, tmp_path):
     out = tmp_path / "fed.safetensors"
     model = federate_local(_cfg(tiny_config, generator_granularity="per_class"), two_nodes, out=out, seed=0)
-    nodes = model.metrics["federated"]["nodes"]
+    nodes = model.metrics["sites"]
     assert nodes[0]["generators"] == ["engine", "drum", "whistle"]
     assert nodes[1]["generators"] == ["whistle", "bird"]
     assert set(model.generators) == {"engine", "drum", "whistle", "bird"}
     from feda2v_toolkit.model.file import load_model
 
     loaded = load_model(out)
-    assert loaded.metrics["federated"]["rounds"] == 2
+    assert loaded.metrics["epochs"] == 2 and len(model.metrics["run"]["rounds"]) == 2
     assert loaded.sample(2, class_name="bird").shape[0] == 2
 
 
@@ -115,7 +116,7 @@ class _FailingGrid(LocalGrid):
         self.stall = stall
 
     def _deliver(self, msg):
-        if msg.metadata.dst_node_id == 3 and msg.metadata.message_type == "train.generators":
+        if msg.metadata.dst_node_id == 3 and msg.metadata.message_type == "train.generator_round":
             from flwr.app import Message
             from flwr.app.error import Error
 
@@ -125,16 +126,16 @@ class _FailingGrid(LocalGrid):
 
 
 def _run(grid, cfg, out, timeout=None):
-    from feda2v_toolkit.federated.app import grid_exchange
-    from feda2v_toolkit.training.federation import run_federation
+    from feda2v_toolkit.federated.app import FlowerTransport
+    from feda2v_toolkit.federated.run import federate
 
-    return run_federation(grid_exchange(grid, timeout, {}), sorted(grid.get_node_ids()), cfg, out=out, seed=0)
+    return federate(cfg, FlowerTransport(grid, sorted(grid.get_node_ids()), timeout), out=out, seed=0)
 
 
 def test_a_node_failing_mid_run_fails_the_run_and_writes_nothing(two_nodes, tiny_config, tmp_path):
     out = tmp_path / "fed.safetensors"
     grid = _FailingGrid([{"data": str(p)} for p in two_nodes])
-    with pytest.raises(FederationError, match=r"node node1.safetensors failed in stage 'generators'.*went away"):
+    with pytest.raises(FederationError, match=r"node1.safetensors failed in stage 'generator_round'.*went away"):
         _run(grid, _cfg(tiny_config), out)
     assert not out.exists()
 
@@ -143,7 +144,7 @@ def test_a_node_that_does_not_answer_in_time_fails_the_run(two_nodes, tiny_confi
     out = tmp_path / "fed.safetensors"
     grid = _FailingGrid([{"data": str(p)} for p in two_nodes], stall=8.0)
     t0 = time.monotonic()
-    with pytest.raises(FederationError, match=r"no reply from node node1.safetensors in stage 'generators' within"):
+    with pytest.raises(FederationError, match=r"no reply from node1.safetensors in stage 'generator_round' within"):
         _run(grid, _cfg(tiny_config), out, timeout=4.0)
     assert time.monotonic() - t0 < 30
     assert not out.exists()
@@ -167,13 +168,13 @@ def test_differential_privacy_reports_epsilon_and_stores_it(two_nodes, tiny_conf
     out = tmp_path / "dp.safetensors"
     cfg = _cfg(tiny_config, federated_dp_noise_multiplier=1.0, federated_dp_clipping_norm=0.5)
     model = federate_local(cfg, two_nodes, out=out, seed=0)
-    privacy = model.metrics["federated"]["privacy"]
+    privacy = model.metrics["privacy"]
     assert privacy["epsilon"] == pytest.approx(dp_epsilon(1.0, 2, 1e-5, nodes=2))
     assert privacy["releases"] == 2 and privacy["accountant"].startswith("Flower")
     assert 0 < privacy["epsilon"] < float("inf")
     from feda2v_toolkit.model.file import load_model
 
-    assert load_model(out).metrics["federated"]["privacy"]["noise_multiplier"] == 1.0
+    assert load_model(out).metrics["privacy"]["noise_multiplier"] == 1.0
 
 
 def test_epsilon_falls_with_more_noise_and_rises_with_more_rounds():
@@ -194,13 +195,13 @@ def test_nodes_clip_their_whole_update_with_flowers_fixedclipping_mod():
         arrays, _ = decode(msg.content)
         return Message(encode({k: v + 1 for k, v in arrays.items()}, {}), reply_to=msg)
 
-    msg = Message(encode(sent, {"dp_clipping_norm": 0.5}), dst_node_id=1, message_type="train.generators")
+    msg = Message(encode(sent, {"dp_clipping_norm": 0.5}), dst_node_id=1, message_type="train.generator_round")
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     assert KEY_CLIPPING_NORM in msg.content.config_records["meta"]
     out, _ = decode(dp_clipping_mod(msg, context, train).content)
     assert list(out) == list(sent)
     norm = torch.cat([v.flatten() for v in out.values()]).norm()
     assert float(norm) == pytest.approx(0.5, rel=1e-5)
-    plain, _ = decode(dp_clipping_mod(Message(encode(sent, {}), dst_node_id=1, message_type="train.generators"),
+    plain, _ = decode(dp_clipping_mod(Message(encode(sent, {}), dst_node_id=1, message_type="train.generator_round"),
                                       context, train).content)
     assert float(torch.cat([v.flatten() for v in plain.values()]).norm()) == pytest.approx(7 ** 0.5)
