@@ -11,13 +11,13 @@ import feda2v_toolkit.training.pipeline as training
 import feda2v_toolkit.training.streams as streams
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.open import open_dataset
+from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.data.writer import write_dataset
 from feda2v_toolkit.errors import InputError, ToolkitError
 from feda2v_toolkit.model.file import _write_sorted as real_write
 from feda2v_toolkit.model.file import load_model
 from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
 from feda2v_toolkit.training.checkpoint import load_checkpoint
-from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.training.pipeline import train
 from feda2v_toolkit.training.spec import generator_groups
 
