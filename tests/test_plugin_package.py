@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.venv
+pytestmark = [pytest.mark.venv, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW = REPO / "plugins" / "feda2v-tk-flow"

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from feda2v_toolkit.commands._options import SEED
 from feda2v_toolkit.commands._warnings import warnings_as_messages
 from feda2v_toolkit.commands.train import training_options
 from feda2v_toolkit.errors import UsageError
@@ -32,6 +33,17 @@ def require_flower() -> None:
               help="With --superlink: wait for this many SuperNodes before starting.")
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0, min_open=True), default=86_400.0,
               show_default=True, help="With --superlink: give up (and stop the run) after this many seconds.")
+@click.option("--simulate", "simulate", type=click.IntRange(min=1, max=10_000), metavar="N",
+              help="Run N virtual sites on Flower's Simulation Engine (Ray), dealing the clips of --data over "
+                   "them (--by, --alpha); no --node.")
+@click.option("-d", "--data", "sim_data", type=click.Path(path_type=Path), help="With --simulate: the dataset to deal.")
+@click.option("--by", "sim_by", default="dirichlet", show_default=True, type=click.Choice(["class", "dirichlet"]),
+              help="With --simulate: class ownership or Dirichlet(alpha) label skew (as split --by).")
+@click.option("--alpha", "sim_alpha", default=0.3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="With --simulate --by dirichlet: concentration (small = more skew).")
+@click.option("--split-seed", default=0, show_default=True, type=SEED, help="With --simulate: seed of the deal.")
+@click.option("--cpus-per-site", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="With --simulate: CPU cores Ray reserves for each running ClientApp.")
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (.safetensors), written only when the run completes.")
 @click.option("--rounds", type=click.IntRange(min=1), help="Overrides federated_rounds.")
@@ -45,7 +57,8 @@ def require_flower() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @training_options(epochs=False)
 def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: str | None, min_nodes: int,
-                 wait_s: float, out_path: Path, rounds: int | None, local_epochs: int | None,
+                 wait_s: float, simulate: int | None, sim_data: Path | None, sim_by: str, sim_alpha: float,
+                 split_seed: int, cpus_per_site: float, out_path: Path, rounds: int | None, local_epochs: int | None,
                  dp_noise: float | None, dp_clip: float | None, timeout: float | None, seed: int | None,
                  overwrite: bool, device: str, resume: bool, checkpoint_dir: Path | None, metrics_path: Path | None,
                  progress: bool | None, as_json: bool, quiet: bool, learned_upsampling: bool | None,
@@ -53,8 +66,8 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
     """Train one model over several nodes' datasets with the Flower app; only releases move, never clips.
 
     The same training pipeline as train: every --node is one site, run in this process on Flower's
-    in-process engine; or, with --superlink, the SuperNodes of a running Flower Deployment engine are the
-    sites (docs/federated.md). Prints a line per round, checkpoints after every round (--resume continues
+    in-process engine; with --simulate N, N virtual sites share --data on Flower's Simulation Engine; with
+    --superlink, the SuperNodes of a running Flower Deployment engine are the sites (docs/federated.md). Prints a line per round, checkpoints after every round (--resume continues
     a killed run exactly) and writes one model file in the same format as train.
     """
     from feda2v_toolkit.commands.train import collect_overrides, report
@@ -73,6 +86,27 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
         if not quiet:
             click.echo(f"feda2v-tk: {msg}", err=True)
 
+    if simulate is not None:
+        if nodes or superlink:
+            raise UsageError("--simulate deals --data over virtual sites: drop --node and --superlink")
+        if sim_data is None:
+            raise UsageError("--simulate needs --data DATA (the dataset to deal over the virtual sites)")
+        if not sim_data.exists():
+            raise InputError(f"{sim_data}: no such dataset")
+        check_output_path(out_path, [sim_data], role="dataset")
+        from feda2v_toolkit.federated.simulation import federate_simulation
+
+        with warnings_as_messages():
+            model = federate_simulation(config_path if config_path is not None else {}, sim_data, sites=simulate,
+                                        how=sim_by, alpha=sim_alpha, split_seed=split_seed, out=out_path, seed=seed,
+                                        overrides=overrides, timeout=timeout, cpus_per_site=cpus_per_site,
+                                        resume=resume, checkpoint_dir=checkpoint_dir,
+                                        metrics_path=metrics_path or out_path.with_name(out_path.stem + ".metrics.jsonl"),
+                                        log=say)
+        report(model, out_path, say, as_json)
+        return
+    if sim_data is not None:
+        raise UsageError("--data is for --simulate; real sites are given with --node")
     if superlink is not None:
         if nodes:
             raise UsageError("--superlink runs on the SuperNodes' own data: drop --node")

@@ -207,3 +207,32 @@ class Dataset:
             if src.start <= index < src.start + src.count:
                 return src.path
         return self.path
+
+    def subset(self, rows: Tensor | Sequence[int], name: str | None = None) -> Dataset:
+        """Rows ``rows`` of this dataset as a dataset of their own, read lazily from the same files (a federated
+        site's part, a rank's slice). ``name`` replaces the path's name in messages."""
+        return DatasetView(self, rows, name)
+
+
+class DatasetView(Dataset):
+    """Rows of a :class:`Dataset` (see :meth:`Dataset.subset`): index ``i`` is row ``rows[i]`` of ``base``."""
+
+    def __init__(self, base: Dataset, rows: Tensor | Sequence[int], name: str | None = None) -> None:
+        idx = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(base)):
+            raise UsageError(f"{base.path}: subset rows out of range (dataset has {len(base)} samples)")
+        super().__init__(base.path.with_name(name) if name else base.path, base.sources, seq_len=base.seq_len,
+                         dim=base.dim, storage_dtype=base.storage_dtype, labels=base.labels[idx],
+                         class_names=base.class_names, condition_dim=base.condition_dim)
+        self.base, self.rows = base, idx
+
+    def read(self, indices: Tensor | Sequence[int], *, dtype: torch.dtype = torch.float32,
+             check_finite: bool = True) -> Batch:
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
+        batch = self.base.read(self.rows[idx], dtype=dtype, check_finite=check_finite)
+        return Batch(batch.embeddings, batch.labels, batch.conditions, idx)
+
+    def read_conditions(self, indices: Tensor | Sequence[int]) -> Tensor:
+        return self.base.read_conditions(self.rows[torch.as_tensor(indices, dtype=torch.long).reshape(-1)])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -67,25 +67,43 @@ client_app = ClientApp()
 _SITES: dict[tuple[int, int], Site] = {}
 
 
-def _answer(stage: str, msg: Message, context: Context) -> Message:
+def site_index(meta: Meta) -> int | None:
+    """The site's position in the run, once the pipeline has ordered the sites (``None`` before)."""
+    index = int(meta.get("site", -1))
+    return index if index >= 0 else None
+
+
+def node_site(meta: Meta, context: Context) -> Site:
+    """The site of a SuperNode: its dataset is ``node_config["data"]`` (and its device ``node_config["device"]``)."""
+    data = context.node_config.get("data")
+    if not data:
+        raise ValueError("this SuperNode has no data: start it with --node-config 'data=\"PATH\"'")
+    return Site(str(data), RunSpec.from_section(meta["config"]), site_index(meta),
+                device=str(context.node_config.get("device", "cpu")))
+
+
+def answer(stage: str, msg: Message, context: Context, make_site: Callable[[Meta, Context], Site] = node_site) -> Message:
+    """A ClientApp's reply to one stage's message: the site's release (:func:`~feda2v_toolkit.training.site.handle`)."""
     arrays, meta = decode(msg.content)
     key = (msg.metadata.run_id, context.node_id)
+    generation = int(context.state.config_records["feda2v-generation"]["generation"]) if "feda2v-generation" in \
+        context.state.config_records else 0
     site = _SITES.get(key)
-    if site is None:
-        data = context.node_config.get("data")
-        if not data:
-            raise ValueError("this SuperNode has no data: start it with --node-config 'data=\"PATH\"'")
-        spec = RunSpec.from_section(meta["config"])
-        site = Site(str(data), spec, int(meta.get("site", 0)), device=str(context.node_config.get("device", "cpu")))
+    if site is None or site.generation != generation:  # new here, or this node's last message went elsewhere
+        site = make_site(meta, context)
         stored = context.state.array_records.get("feda2v")
         if stored is not None and len(stored):
             site.store = dict(stored.to_torch_state_dict())
+        site.generation = generation
         for old in [k for k in _SITES if k[0] != key[0]]:  # one run at a time per process: drop other runs
             del _SITES[old]
         _SITES[key] = site
+    before = dict(site.store)
     out_arrays, out_meta = handle(site, stage, arrays, meta)
-    if site.store:
+    if site.store.keys() != before.keys() or any(site.store[k] is not before[k] for k in before):
+        site.generation = generation + 1  # the node's state changed: a site elsewhere must rebuild from it
         context.state["feda2v"] = ArrayRecord(torch_state_dict=dict(site.store))
+        context.state["feda2v-generation"] = ConfigRecord({"generation": site.generation})
     return Message(encode(out_arrays, out_meta), reply_to=msg)
 
 
@@ -98,17 +116,18 @@ def dp_clipping_mod(msg: Message, context: Context, call_next: Any) -> Message:
     return call_next(msg, context)
 
 
-def _register(stage: str, kind: str) -> None:
-    def handler(msg: Message, context: Context) -> Message:
-        return _answer(stage, msg, context)
+def register_stages(app: ClientApp, make_site: Callable[[Meta, Context], Site] = node_site) -> ClientApp:
+    """Register a handler for every stage of the pipeline's protocol on ``app`` (sites made by ``make_site``)."""
+    for stage, kind in STAGES.items():
+        def handler(msg: Message, context: Context, stage: str = stage) -> Message:
+            return answer(stage, msg, context, make_site)
 
-    handler.__name__ = f"_{stage}"
-    decorate = getattr(client_app, kind)
-    decorate(stage, mods=[dp_clipping_mod] if stage == "generator_round" else None)(handler)
+        handler.__name__ = f"_{stage}"
+        getattr(app, kind)(stage, mods=[dp_clipping_mod] if stage == "generator_round" else None)(handler)
+    return app
 
 
-for _stage, _kind in STAGES.items():
-    _register(_stage, _kind)
+register_stages(client_app)
 
 
 # -- server ---------------------------------------------------------------------------------------
@@ -160,7 +179,7 @@ class FlowerTransport:
 server_app = ServerApp()
 
 
-def _wait_for_nodes(grid: Grid, expected: int, wait: float) -> list[int]:
+def wait_for_nodes(grid: Grid, expected: int, wait: float) -> list[int]:
     deadline = time.monotonic() + wait
     while True:
         nodes = sorted(grid.get_node_ids())
@@ -176,7 +195,7 @@ def _main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     timeout = float(rc["timeout"]) if rc.get("timeout") else None
     expected = int(rc.get("nodes", 1) or 1)
-    nodes = _wait_for_nodes(grid, expected, float(rc.get("node-wait", 60)))
+    nodes = wait_for_nodes(grid, expected, float(rc.get("node-wait", 60)))
     if len(nodes) < expected:
         raise SiteError(f"only {len(nodes)} of {expected} nodes connected within {rc.get('node-wait', 60)}s")
     seed = int(rc["seed"]) if rc.get("seed") not in (None, "") else None

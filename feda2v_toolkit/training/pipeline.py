@@ -232,10 +232,12 @@ class _Run:
     report: RunReport
     names: dict[int, str] = field(default_factory=dict)
     described: dict[int, Meta] = field(default_factory=dict)
+    ordered: bool = False  # sites are in their final order (by name) once described
 
     def ask(self, stage: str, requests: Requests) -> Replies:
         t0 = time.perf_counter()
-        full = {n: (a, {"config": self.spec.config, "site": self.sites.index(n), **m}) for n, (a, m) in requests.items()}
+        full = {n: (a, {"config": self.spec.config, "site": self.sites.index(n) if self.ordered else -1, **m})
+                for n, (a, m) in requests.items()}
         replies = self.transport.exchange(stage, full)
         missing = [n for n in requests if n not in replies]
         if missing:
@@ -274,6 +276,8 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     # -- classes and shapes ----------------------------------------------------------------------
     described = run.ask("describe", run.everyone())
     run.names = {n: str(described[n][1]["name"]) for n in sites}
+    sites = run.sites = sorted(sites, key=lambda n: (run.names[n], n))  # positions do not depend on engine ids
+    run.ordered = True
     run.described = {n: described[n][1] for n in sites}
     summaries = [DataSummary.from_json(described[n][1]["summary"]) for n in sites]
     try:
@@ -292,12 +296,9 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
                          f"remove them from the class names or add samples")
     dtypes = {str(described[n][1].get("dtype")) for n in sites}
     data_dtype = dtypes.pop() if len(dtypes) == 1 else None  # what generate writes by default
-    train_count = sum(int(described[n][1]["train"]) for n in sites)
-    heldout_count = sum(int(described[n][1]["heldout"]) for n in sites)
     site_word = f"{len(sites)} sites ({', '.join(run.names[n] for n in sites)}): " if len(sites) > 1 else ""
     say(f"data: {site_word}{sum(summary.class_counts.values())} sequences [{summary.seq_len}, {summary.dim}]"
-        + (f" {data_dtype}" if data_dtype else "") + f", {len(class_names)} classes; {train_count} train / "
-        f"{heldout_count} held out")
+        + (f" {data_dtype}" if data_dtype else "") + f", {len(class_names)} classes")
 
     loaded = None
     if checkpoint is not None and (resume or spec.load_checkpoint):
@@ -319,7 +320,7 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
         except RuntimeError:
             raise _refuse_resume(checkpoint, ["reducer state"]) from None  # type: ignore[arg-type]
     elif type(reducer).fitted:
-        say(f"fitting reducer {spec.reducer} on {train_count} sequences")
+        say(f"fitting reducer {spec.reducer} on the training sequences")
         if has_statistics(reducer):
             stage = FittedStatisticsStage()
             stage.finish(reducer, stage.merge(run.parts(run.ask("reducer", run.everyone()))))
@@ -331,7 +332,12 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     # -- reduce once; normalisation ---------------------------------------------------------------
     t0 = time.perf_counter()
     replies = run.ask("reduce", run.everyone(pack("reducer.", reducer.state_dict()), {"class_names": class_names}))
-    say(f"reduced {sum(summary.class_counts.values())} sequences to {length} tokens in {time.perf_counter() - t0:.1f}s")
+    for n in sites:
+        run.described[n].update({k: replies[n][1][k] for k in ("train", "heldout", "train_counts")})
+    train_count = sum(int(run.described[n]["train"]) for n in sites)
+    heldout_count = sum(int(run.described[n]["heldout"]) for n in sites)
+    say(f"{train_count} train / {heldout_count} held out; reduced {sum(summary.class_counts.values())} sequences "
+        f"to {length} tokens in {time.perf_counter() - t0:.1f}s")
     fingerprint = {"config": _config_hash(spec.config), "seed": spec.seed, "epochs": schedule.epochs,
                    "data": ";".join(f"{_shape(summaries[i])}:{replies[n][1]['fingerprint']}" for i, n in enumerate(sites))}
     state = TrainingState(epoch=0, step=0, fingerprint=fingerprint)

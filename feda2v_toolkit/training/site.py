@@ -88,28 +88,53 @@ def restore_optimizers(optimizers: Mapping[str, torch.optim.Optimizer], tensors:
 class Site:
     """One site's data and training state (module docstring).
 
-    ``index`` is the site's position in the run (0 for ``train``): it enters every seed the site derives,
-    so the same data at the same position trains the same way on any engine.
+    ``index`` is the site's position in the run (0 for ``train``; the pipeline orders sites by name): it enters
+    every seed the site derives, so the same data at the same position trains the same way on any engine. A
+    site made before the pipeline has ordered the sites (``index=None``) gets its position with the next
+    request.
     """
 
-    def __init__(self, data: str | os.PathLike[str] | Dataset, spec: RunSpec, index: int = 0, *,
+    def __init__(self, data: str | os.PathLike[str] | Dataset, spec: RunSpec, index: int | None = 0, *,
                  name: str | None = None, device: str | torch.device = "cpu") -> None:
         from feda2v_toolkit.data.open import open_dataset
 
         self.ds = data if isinstance(data, Dataset) else open_dataset(data)
         self.spec = spec
-        self.index = int(index)
+        self.index = index
         self.name = name or Path(self.ds.path).name
         self.device = torch.device(device)
-        self.train_idx, self.val_idx = stratified_split(self.ds.labels, spec.validation_split,
-                                                        derive_seed(spec.seed, "split", self.index))
+        self._split: tuple[Tensor, Tensor] | None = None
         self.cache: ReducedCache | None = None
         self.store: Arrays = {}  # what must survive the site being rebuilt (reducer state, normalisation)
         self.on_step: Callable[[int], None] | None = None  # progress of in-process engines
+        self.generation = 0  # how many times an engine saved ``store`` for this site (see federated.app)
 
     @property
     def cfg(self) -> dict[str, Any]:
         return self.spec.config
+
+    def set_index(self, index: int) -> None:
+        if index != self.index:
+            if self._split is not None:
+                raise InputError(f"{self.name}: the pipeline moved this site from position {self.index} to {index} "
+                                 f"after its split was drawn")
+            self.index = index
+
+    def _split_rows(self) -> tuple[Tensor, Tensor]:
+        if self._split is None:
+            if self.index is None:
+                raise RuntimeError("the site's position in the run is not known yet")
+            self._split = stratified_split(self.ds.labels, self.spec.validation_split,
+                                           derive_seed(self.spec.seed, "split", self.index))
+        return self._split
+
+    @property
+    def train_idx(self) -> Tensor:
+        return self._split_rows()[0]
+
+    @property
+    def val_idx(self) -> Tensor:
+        return self._split_rows()[1]
 
     # -- components built from the run's config ----------------------------------------------------
     def _reducer(self) -> Any:
@@ -133,11 +158,14 @@ class Site:
 
     # -- stages --------------------------------------------------------------------------------------
     def describe(self) -> Meta:
-        counts = torch.bincount(self.ds.labels[self.train_idx], minlength=self.ds.num_classes).tolist()
         return {"summary": ClassesStage().local(self.ds).to_json(), "name": self.name,
-                "train": int(self.train_idx.numel()), "heldout": int(self.val_idx.numel()),
-                "train_counts": {c: int(k) for c, k in zip(self.ds.class_names, counts, strict=True) if k},
                 "dtype": str(self.ds.storage_dtype).replace("torch.", "")}
+
+    def split_counts(self) -> Meta:
+        """How many clips the site trains on and holds out, per class (after its split)."""
+        counts = torch.bincount(self.ds.labels[self.train_idx], minlength=self.ds.num_classes).tolist()
+        return {"train": int(self.train_idx.numel()), "heldout": int(self.val_idx.numel()),
+                "train_counts": {c: int(k) for c, k in zip(self.ds.class_names, counts, strict=True) if k}}
 
     def reducer_statistics(self) -> Arrays:
         reducer = self._reducer()
@@ -164,7 +192,7 @@ class Site:
         self.store["reduced"] = torch.ones(())  # marks a reducer as set (a reducer may have no state at all)
         self.store["classes"] = torch.tensor([ord(ch) for ch in json.dumps(class_names)], dtype=torch.int32)
         part = NormalizationStage().local(self.cache.values, self.train_idx) if self.spec.normalize else {}
-        return part, {"fingerprint": self.cache.fingerprint(), "seconds": seconds}
+        return part, {"fingerprint": self.cache.fingerprint(), "seconds": seconds, **self.split_counts()}
 
     def _raw(self) -> Tensor:
         assert self.cache is not None and not self.cache.standardized, "the upsampler needs the raw cache"
@@ -340,6 +368,8 @@ def handle(site: Site, stage: str, arrays: Mapping[str, Tensor], meta: Mapping[s
     """Answer one request of the pipeline: the site's release for ``stage``."""
     if stage == "describe":
         return {}, site.describe()
+    if int(meta.get("site", -1)) >= 0:
+        site.set_index(int(meta["site"]))
     site.restore()
     t0 = time.perf_counter()
     if stage == "reducer":

@@ -17,6 +17,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
+pytestmark = pytest.mark.slow  # a real SuperLink and two SuperNodes
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "federated.md"
 MARKER = "<!-- deployment-commands"
 BIN = Path(sys.executable).parent
