@@ -61,7 +61,13 @@ def main() -> None:
     ap.add_argument("--dp", nargs="*", type=float, default=[], help="noise multipliers for the DP curve")
     ap.add_argument("--dp-clip", type=float, default=1.0)
     ap.add_argument("--dp-only", action="store_true", help="only the DP curve (and its centralised reference)")
+    ap.add_argument("--simulate", type=int, default=0, metavar="N",
+                    help="only: N virtual sites on Flower's Simulation Engine (Ray), Dirichlet(--alpha) deal; wall "
+                         "time, peak memory of the process tree, and the model against the centralised one")
+    ap.add_argument("--alpha", type=float, default=0.3)
     args = ap.parse_args()
+    if args.simulate:
+        return simulate(args)
     from feda2v_toolkit.analysis.evaluate import evaluate
     from feda2v_toolkit.data.split import split_dataset
     from feda2v_toolkit.federated.engine import federate_local
@@ -106,17 +112,18 @@ def main() -> None:
                 fed = federate_local(cfg, nodes, seed=0)
                 fed_s = time.perf_counter() - t0
                 f_eval = evaluate(fed, test, seed=0)
-                hist = fed.metrics["federated"]["history"]
-                overhead = [h["seconds"] - h["local_seconds"] for h in hist]  # the in-process grid runs nodes in turn
+                report = fed.metrics["run"]
+                rounds = report["rounds"] or [{"seconds": sum(s["seconds"] for s in report["stages"].values())}]
+                stages = report["stages"]
                 print(json.dumps({
                     "data": source, "type": gen_type, "granularity": granularity, "split": name,
-                    "nodes": args.nodes, "rounds": fed.metrics["federated"]["rounds"],
+                    "nodes": args.nodes, "rounds": len(report["rounds"]),
                     "tstr_central": c_eval.downstream.tstr, "tstr_federated": f_eval.downstream.tstr,
                     "ratio": f_eval.downstream.tstr / c_eval.downstream.tstr if c_eval.downstream.tstr else None,
                     "real_only": c_eval.downstream.real_only, "max_abs_diff_exact": exactness(fed, central),
-                    "truncated": bool(hist and hist[0].get("truncated")),
-                    "overhead_s_per_round": sum(overhead) / len(overhead),
-                    "bytes_per_round": sum(h["bytes"] for h in hist) / len(hist),
+                    "truncated": bool(report["truncated"]),
+                    "seconds_per_round": sum(r["seconds"] for r in rounds) / len(rounds),
+                    "bytes_by_stage": {k: v["sent"] + v["received"] for k, v in stages.items()},
                     "central_s": central_s, "federated_s": fed_s}), flush=True)
     trained = [t for t in args.types if t != "gaussian"]
     if args.dp and trained:
@@ -127,7 +134,8 @@ def main() -> None:
             centrals[(gen_type, granularity)] = (central, evaluate(central, test, seed=0))
         c_eval = centrals[(gen_type, granularity)][1]
         nodes = [n["path"] for n in splits["dirichlet0.3"]["nodes"]]
-        from feda2v_toolkit.training.federation import FederationError, dp_epsilon
+        from feda2v_toolkit.federated.node_dp import dp_epsilon
+        from feda2v_toolkit.training.pipeline import SiteError as FederationError
 
         for noise in args.dp:
             row = {"data": source, "type": gen_type, "granularity": granularity, "split": "dirichlet0.3", "dp": True,
@@ -141,10 +149,53 @@ def main() -> None:
                 print(json.dumps({**row, "failed": str(e)}), flush=True)
                 continue
             f_eval = evaluate(fed, test, seed=0)
-            row["epsilon"] = fed.metrics["federated"]["privacy"]["epsilon"]
+            row["epsilon"] = fed.metrics["privacy"]["epsilon"]
             print(json.dumps({**row, "tstr_federated": f_eval.downstream.tstr,
                               "ratio": f_eval.downstream.tstr / c_eval.downstream.tstr if c_eval.downstream.tstr
                               else None}), flush=True)
+
+
+def simulate(args: argparse.Namespace) -> None:
+    """``--simulate N``: the closed-form default over N virtual sites vs one process, on the corpus or demo data."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _memory import TreePeak
+
+    from feda2v_toolkit.analysis.evaluate import evaluate
+    from feda2v_toolkit.federated.simulation import federate_simulation
+    from feda2v_toolkit.training.pipeline import train
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sim-"))
+    if args.corpus:
+        from corpus import ensure_corpus
+
+        data = ensure_corpus(per_class=args.per_class or 200, seed=0)
+        test = ensure_corpus(per_class=16, seed=0, first_clip=10_000)
+    else:
+        from feda2v_toolkit.data.demo import write_demo_dataset
+
+        data = write_demo_dataset(tmp / "train.safetensors", args.per_class or 100, seq_len=242, dim=64, seed=0)
+        test = write_demo_dataset(tmp / "test.safetensors", 16, seq_len=242, dim=64, seed=0, first_clip=10_000)
+    cfg = {"generator_training_sequence_length": 16, "generator_save_checkpoint": False, "generator_validation_split": 0,
+           "generator_seed": 0}
+    t0 = time.perf_counter()
+    with TreePeak() as central_peak:
+        central = train(cfg, data)
+    central_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with TreePeak() as sim_peak:
+        fed = federate_simulation(cfg, data, sites=args.simulate, how="dirichlet", alpha=args.alpha, split_seed=0,
+                                  seed=0)
+    sim_s = time.perf_counter() - t0
+    c_eval, f_eval = evaluate(central, test, seed=0), evaluate(fed, test, seed=0)
+    sizes = sorted(sum(s["classes"].values()) for s in fed.metrics["sites"])
+    print(json.dumps({"data": "corpus" if args.corpus else "demo", "sites": args.simulate, "alpha": args.alpha,
+                      "clips": sum(sizes), "site_clips_min_median_max": [sizes[0], sizes[len(sizes) // 2], sizes[-1]],
+                      "simulation_s": sim_s, "central_s": central_s,
+                      "peak_rss_tree_gb": sim_peak.peak / 2**30, "central_peak_rss_gb": central_peak.peak / 2**30,
+                      "tstr_central": c_eval.downstream.tstr, "tstr_simulation": f_eval.downstream.tstr,
+                      "max_abs_diff_exact": exactness(fed, central),
+                      "bytes_by_stage": {k: v["sent"] + v["received"] for k, v in fed.metrics["run"]["stages"].items()}}),
+          flush=True)
 
 
 if __name__ == "__main__":

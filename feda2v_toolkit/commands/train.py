@@ -24,7 +24,17 @@ OVERRIDE_OPTIONS: dict[str, str] = {
     "hidden_dim": "generator_hidden_dim",
     "latent_dim": "generator_latent_dim",
     "autocast": "generator_autocast",
+    "classes": "generator_classes",
 }
+
+
+def _class_list(_ctx: Any, _param: Any, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [c.strip() for c in value.split(",") if c.strip()]
+    if not names:
+        raise click.BadParameter("name at least one class")
+    return names
 
 
 def collect_overrides(options: dict[str, Any], *, learned_upsampling: bool | None) -> dict[str, Any]:
@@ -55,6 +65,8 @@ def training_options(*, epochs: bool) -> Any:
         click.option("--output-length", type=click.IntRange(min=1), help="Overrides generator_output_sequence_length."),
         click.option("--granularity", type=click.Choice(["unified", "per_class", "per_group"]),
                      help="Overrides generator_granularity."),
+        click.option("--classes", metavar="A,B,...", callback=_class_list,
+                     help="Train on these classes only (overrides generator_classes)."),
         click.option("--reducer", help="Overrides generator_reducer."),
         click.option("--upsampler", help="Overrides generator_upsampler."),
         click.option("--learned-upsampling/--no-learned-upsampling", default=None,

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.errors import InputError, UsageError, short_list
 
 FORMAT = "dataset"
 FORMAT_VERSION = 1
@@ -208,22 +208,38 @@ class Dataset:
                 return src.path
         return self.path
 
-    def subset(self, rows: Tensor | Sequence[int], name: str | None = None) -> Dataset:
+    def subset(self, rows: Tensor | Sequence[int], name: str | None = None,
+               classes: Sequence[str] | None = None) -> Dataset:
         """Rows ``rows`` of this dataset as a dataset of their own, read lazily from the same files (a federated
-        site's part, a rank's slice). ``name`` replaces the path's name in messages."""
-        return DatasetView(self, rows, name)
+        site's part, a rank's slice). ``name`` replaces the path's name in messages; ``classes`` (names of this
+        dataset's classes, covering every row's class) become the view's class list, labels renumbered."""
+        return DatasetView(self, rows, name, classes)
 
 
 class DatasetView(Dataset):
     """Rows of a :class:`Dataset` (see :meth:`Dataset.subset`): index ``i`` is row ``rows[i]`` of ``base``."""
 
-    def __init__(self, base: Dataset, rows: Tensor | Sequence[int], name: str | None = None) -> None:
+    def __init__(self, base: Dataset, rows: Tensor | Sequence[int], name: str | None = None,
+                 classes: Sequence[str] | None = None) -> None:
         idx = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(base)):
             raise UsageError(f"{base.path}: subset rows out of range (dataset has {len(base)} samples)")
+        labels = base.labels[idx]
+        names = list(base.class_names)
+        if classes is not None:
+            unknown = [c for c in classes if c not in base.class_names]
+            if unknown:
+                raise InputError(f"{base.path}: no class(es) {short_list(map(repr, unknown))} (classes: "
+                                 f"{short_list(base.class_names, 10)})")
+            mapping = torch.full((len(base.class_names),), -1, dtype=torch.long)
+            mapping[torch.tensor([base.class_names.index(c) for c in classes], dtype=torch.long)] = \
+                torch.arange(len(classes))
+            labels, names = mapping[labels], list(classes)
+            if labels.numel() and int(labels.min()) < 0:
+                raise ValueError("subset rows of classes outside `classes`")
         super().__init__(base.path.with_name(name) if name else base.path, base.sources, seq_len=base.seq_len,
-                         dim=base.dim, storage_dtype=base.storage_dtype, labels=base.labels[idx],
-                         class_names=base.class_names, condition_dim=base.condition_dim)
+                         dim=base.dim, storage_dtype=base.storage_dtype, labels=labels, class_names=names,
+                         condition_dim=base.condition_dim)
         self.base, self.rows = base, idx
 
     def read(self, indices: Tensor | Sequence[int], *, dtype: torch.dtype = torch.float32,
@@ -232,7 +248,7 @@ class DatasetView(Dataset):
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
         batch = self.base.read(self.rows[idx], dtype=dtype, check_finite=check_finite)
-        return Batch(batch.embeddings, batch.labels, batch.conditions, idx)
+        return Batch(batch.embeddings, self.labels[idx], batch.conditions, idx)
 
     def read_conditions(self, indices: Tensor | Sequence[int]) -> Tensor:
         return self.base.read_conditions(self.rows[torch.as_tensor(indices, dtype=torch.long).reshape(-1)])

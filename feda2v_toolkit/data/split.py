@@ -34,7 +34,8 @@ def assign(labels: torch.Tensor, num_classes: int, nodes: int, *, how: str, alph
            seed: int = 0) -> torch.Tensor:
     """Node index per sequence. ``class``: class ``c`` goes to node ``c mod nodes`` (every node gets a class
     when there are at least as many classes as nodes); ``dirichlet``: each class's sequences are dealt to
-    nodes in Dirichlet(``alpha``) proportions."""
+    nodes in Dirichlet(``alpha``) proportions, the whole deal drawn again (from the same generator) while a node
+    would get no sequence at all -- as NIID-Bench does -- up to :data:`DIRICHLET_TRIES` times."""
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(labels.numel(), dtype=torch.long)
     if how == "class":
@@ -47,6 +48,19 @@ def assign(labels: torch.Tensor, num_classes: int, nodes: int, *, how: str, alph
     if how != "dirichlet":
         raise UsageError(f"unknown split {how!r}; use class or dirichlet")
     conc = torch.full((nodes,), float(alpha))
+    for _ in range(DIRICHLET_TRIES):
+        _deal(labels, num_classes, nodes, conc, g, out)
+        if len(labels) < nodes or bool((torch.bincount(out, minlength=nodes) > 0).all()):
+            break
+    return out
+
+
+#: how many Dirichlet deals :func:`assign` draws before it accepts one that leaves a node empty
+DIRICHLET_TRIES = 1000
+
+
+def _deal(labels: torch.Tensor, num_classes: int, nodes: int, conc: torch.Tensor, g: torch.Generator,
+          out: torch.Tensor) -> None:
     for c in range(num_classes):
         idx = (labels == c).nonzero().flatten()
         idx = idx[torch.randperm(idx.numel(), generator=g)]
@@ -58,7 +72,6 @@ def assign(labels: torch.Tensor, num_classes: int, nodes: int, *, how: str, alph
         for node, end in enumerate(cuts.tolist()):
             out[idx[start:end]] = node
             start = end
-    return out
 
 
 def split_dataset(data: str | os.PathLike[str], out_dir: str | os.PathLike[str], nodes: int, *, how: str = "class",

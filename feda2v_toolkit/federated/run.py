@@ -41,9 +41,15 @@ def federate(config: Any, transport: Transport, *, out: str | os.PathLike[str] |
     if spec.seed_drawn:
         say(f"seed: {spec.seed} (drawn at random; pass --seed to reproduce)")
     merger = None
+    gen_cls = get_registry().load("generator", spec.generator_type)
+    fitted = bool(getattr(gen_cls, "fitted", False))
+    if fitted and any(k in (overrides or {}) for k in ("federated_rounds", "federated_local_epochs")):
+        import warnings
+
+        warnings.warn(f"--rounds and --local-epochs have no effect: the {spec.generator_type} generator is fitted in "
+                      f"closed form, in one exchange of statistics", UserWarning, stacklevel=2)
     if spec.node_dp_noise > 0:
-        gen_cls = get_registry().load("generator", spec.generator_type)
-        if getattr(gen_cls, "fitted", False):
+        if fitted:
             raise UsageError(f"node-level differential privacy protects generator weight updates; the "
                              f"{spec.generator_type} generator is fitted from statistics, which it does not cover: "
                              f"set federated_dp_noise_multiplier to 0 (use --dp-epsilon for record-level DP) or use "

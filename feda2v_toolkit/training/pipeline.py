@@ -292,8 +292,9 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     class_names = summary.class_names
     empty = [c for c, k in summary.class_counts.items() if k == 0]
     if empty:
-        raise InputError(f"{where}: class(es) {short_list(map(repr, empty))} have no samples; "
-                         f"remove them from the class names or add samples")
+        raise InputError(f"{where}: class(es) {short_list(map(repr, empty))} have no samples"
+                         + (" on any site" if len(sites) > 1 else "") + "; train on the others with "
+                         "generator_classes (--classes) or add samples")
     dtypes = {str(described[n][1].get("dtype")) for n in sites}
     data_dtype = dtypes.pop() if len(dtypes) == 1 else None  # what generate writes by default
     site_word = f"{len(sites)} sites ({', '.join(run.names[n] for n in sites)}): " if len(sites) > 1 else ""

@@ -23,7 +23,7 @@ from torch import Tensor
 from feda2v_toolkit.components import TrainContext
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.split import stratified_split
-from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.errors import InputError, short_list
 from feda2v_toolkit.runtime.seeds import derive_seed
 from feda2v_toolkit.training.loop import EpochData, mean_terms, train_epochs, validate
 from feda2v_toolkit.training.spec import RunSpec
@@ -99,6 +99,13 @@ class Site:
         from feda2v_toolkit.data.open import open_dataset
 
         self.ds = data if isinstance(data, Dataset) else open_dataset(data)
+        if spec.classes is not None:  # generator_classes: this run trains on these classes' clips only
+            keep = torch.tensor([self.ds.class_names.index(c) for c in spec.classes if c in self.ds.class_names])
+            missing = [c for c in spec.classes if c not in self.ds.class_names]
+            if missing:
+                raise InputError(f"{self.ds.path}: generator_classes names {short_list(map(repr, missing))}, which "
+                                 f"the data does not have (classes: {short_list(self.ds.class_names, 10)})")
+            self.ds = self.ds.subset(torch.isin(self.ds.labels, keep).nonzero().flatten(), classes=spec.classes)
         self.spec = spec
         self.index = index
         self.name = name or Path(self.ds.path).name

@@ -70,6 +70,7 @@ class RunSpec:
     local_epochs: int
     upsampler_rounds: int
     round_timeout: float
+    classes: list[str] | None
     node_dp_noise: float
     node_dp_clip: float
     node_dp_delta: float
@@ -115,6 +116,7 @@ class RunSpec:
             load_checkpoint=cfg["generator_load_checkpoint"], epochs=cfg["generator_training_epochs"],
             rounds=cfg["federated_rounds"], local_epochs=cfg["federated_local_epochs"],
             upsampler_rounds=cfg["federated_upsampler_rounds"], round_timeout=float(cfg["federated_round_timeout"]),
+            classes=list(cfg["generator_classes"]) if cfg.get("generator_classes") else None,
             node_dp_noise=float(cfg["federated_dp_noise_multiplier"]),
             node_dp_clip=float(cfg["federated_dp_clipping_norm"]), node_dp_delta=float(cfg["federated_dp_delta"]))
 
