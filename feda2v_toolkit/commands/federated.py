@@ -157,7 +157,8 @@ def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path,
         "overrides": json.dumps({k: v for k, v in overrides.items() if v is not None}), "resume": resume,
         "checkpoint-dir": str(checkpoint_dir.resolve()) if checkpoint_dir else "",
         "metrics": str((metrics_path or out_path.with_name(out_path.stem + ".metrics.jsonl")).resolve())}
-    result = submit_and_wait(superlink, run_config, wait=wait_s, log=say)
+    result = submit_and_wait(superlink, run_config, wait=wait_s, log=say,
+                             progress=lambda line: say(line[len("feda2v-tk: "):]))
     for line in result["log"]:
         say(line[len("feda2v-tk: "):])
     if as_json:

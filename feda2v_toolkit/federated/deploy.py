@@ -100,10 +100,13 @@ def run_config_string(values: Mapping[str, Any]) -> str:
 
 def submit_and_wait(superlink: str, run_config: Mapping[str, Any], *, wait: float, poll: float = 2.0,
                     log: Callable[[str], None] | None = None, insecure: bool = True,
-                    root_certificates: str | None = None) -> dict[str, Any]:
+                    root_certificates: str | None = None, progress: Callable[[str], None] | None = None,
+                    log_every: float = 10.0) -> dict[str, Any]:
     """Submit the app to ``superlink`` with ``run_config``; poll until the run finished (at most ``wait``
-    seconds). Returns the run's ``flwr ls`` record and its ``feda2v-tk:`` log lines; raises
-    :class:`FederationError` when the SuperLink cannot be reached, the run fails, or time runs out."""
+    seconds). While it runs, every ``log_every`` seconds the ServerApp's new ``feda2v-tk:`` lines (a round's
+    line as it ends) go to ``progress``. Returns the run's ``flwr ls`` record and its ``feda2v-tk:`` log lines
+    not yet given to ``progress``; raises :class:`FederationError` when the SuperLink cannot be reached, the
+    run fails, or time runs out."""
     say = log or (lambda _m: None)
     unknown = set(run_config) - set(RUN_CONFIG)
     if unknown:
@@ -115,6 +118,8 @@ def submit_and_wait(superlink: str, run_config: Mapping[str, Any], *, wait: floa
         say(f"submitted run {run_id} to the SuperLink at {superlink}")
         deadline = time.monotonic() + wait
         status = ""
+        shown = 0
+        next_log = time.monotonic() + log_every
         while True:
             record = _flwr(["ls", CONNECTION, "--run-id", run_id], home, 30)["runs"][0]
             if record["status"] != status:
@@ -122,6 +127,12 @@ def submit_and_wait(superlink: str, run_config: Mapping[str, Any], *, wait: floa
                 say(f"run {run_id}: {status}")
             if status.startswith("finished"):
                 break
+            if progress is not None and status.startswith("running") and time.monotonic() >= next_log:
+                ours = [ln for ln in _log_lines(run_id, home) if ln.startswith("feda2v-tk: ")]
+                for line in ours[shown:]:
+                    progress(line)
+                shown = max(shown, len(ours))
+                next_log = time.monotonic() + log_every
             if time.monotonic() > deadline:
                 _stop(run_id, home)
                 raise FederationError(f"run {run_id} did not finish within {wait:g}s (--wait); stopped it")
@@ -131,7 +142,7 @@ def submit_and_wait(superlink: str, run_config: Mapping[str, Any], *, wait: floa
             tail = [ln for ln in lines if ln.strip()][-3:]
             raise FederationError(f"run {run_id} {status}: {record.get('status-details', '')}"
                                   + (f" ({' | '.join(tail)})" if tail else ""))
-        return {"run": record, "log": [ln for ln in lines if ln.startswith("feda2v-tk: ")]}
+        return {"run": record, "log": [ln for ln in lines if ln.startswith("feda2v-tk: ")][shown:]}
 
 
 def _stop(run_id: str, home: Path) -> None:
