@@ -118,7 +118,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_valid(tiny_d
             raise KeyboardInterrupt
         return real_write(filename, tensors, metadata)
 
-    monkeypatch.setattr("feda2v_toolkit.model.file._write_sorted", dies_on_second_checkpoint)
+    monkeypatch.setattr("feda2v_toolkit.runtime.tensorfile._write_sorted", dies_on_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck")
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())

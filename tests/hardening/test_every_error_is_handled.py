@@ -105,8 +105,8 @@ def _safetensors_disk_full(*args, **kwargs):
 
 
 def test_full_disks(model_file, tiny_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("feda2v_toolkit.model.file._write_sorted", _disk_full)
-    monkeypatch.setattr("feda2v_toolkit.data.writer.save_file", _safetensors_disk_full)
+    monkeypatch.setattr("feda2v_toolkit.runtime.tensorfile._write_sorted", _disk_full)
+    monkeypatch.setattr("feda2v_toolkit.data.writer.write_tensor_file", _safetensors_disk_full)
     for argv in (["train", "-d", str(tiny_data), "-o", str(tmp_path / "m.safetensors"), "--epochs", "1",
                   "--training-length", "4", "--hidden-dim", "8", "--latent-dim", "2", "--seed", "0", "-q"],
                  ["generate", str(model_file), "-o", str(tmp_path / "out"), "-k", "2"],
