@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "schema": "feda2v_toolkit.commands.config:schema_cmd",
     "train": "feda2v_toolkit.commands.train:train_cmd",
     "federate": "feda2v_toolkit.commands.federated:federate_cmd",
-    "split": "feda2v_toolkit.commands.federated:split_cmd",
+    "split": "feda2v_toolkit.commands.split:split_cmd",
     "generate": "feda2v_toolkit.commands.model:generate_cmd",
     "inspect": "feda2v_toolkit.commands.model:inspect_cmd",
     "convert": "feda2v_toolkit.commands.convert:convert_cmd",

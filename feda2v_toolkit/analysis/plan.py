@@ -92,6 +92,10 @@ class LengthPlan:
     fits: bool | None = None
 
 
+#: classes assumed when neither data nor a class count is given (per-class sizes depend on it)
+ASSUMED_CLASSES = 10
+
+
 @dataclass
 class PlanResult:
     generator_type: str
@@ -116,6 +120,7 @@ class PlanResult:
     largest_length: int | None = None
     largest_length_plan: LengthPlan | None = None
     notes: list[str] = field(default_factory=list)
+    classes_assumed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -357,7 +362,7 @@ def _describe_optimizers(opts: Mapping[str, torch.optim.Optimizer]) -> dict[str,
 
 
 def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_budget: int | None = None,
-         dim: int = 768, full_length: int = 1214, num_classes: int = 10, condition_dim: int = 0,
+         dim: int = 768, full_length: int = 1214, num_classes: int | None = None, condition_dim: int = 0,
          num_samples: int = 0, sample_batch: int | None = None, overrides: Mapping[str, Any] | None = None,
          runtime: int | None = None, class_names: Sequence[str] | None = None) -> PlanResult:
     """Parameters and memory of the configured generator at its training length and at ``lengths``.
@@ -366,11 +371,15 @@ def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_bud
     path, JSON text or mapping (``None`` = schema defaults); ``overrides`` set generator keys on top.
     ``runtime``: bytes of the Python/torch runtime to add (default: this process's resident memory now).
     ``class_names``: the data's classes (``per_group`` generator counts use them; default ``num_classes``
-    unnamed classes).
+    unnamed classes). Without either, :data:`ASSUMED_CLASSES` classes are assumed and the result says so
+    (``classes_assumed``).
     """
     cfg = resolve_config(config, overrides)
+    assumed = class_names is None and num_classes is None
     if class_names is not None:
         num_classes = len(class_names)
+    elif num_classes is None:
+        num_classes = ASSUMED_CLASSES
     configured = int(cfg["generator_training_sequence_length"])
     wanted = sorted(set(lengths or []) | {configured})
     for length in wanted:
@@ -389,7 +398,7 @@ def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_bud
         optimizers=planner.optimizers, configured_length=configured,
         output_length=planner.output_length or configured, output_length_set=bool(planner.output_length),
         runtime=planner.runtime, rows=rows,
-        budget=memory_budget, notes=planner.notes)
+        budget=memory_budget, notes=planner.notes, classes_assumed=assumed)
     if memory_budget is not None:
         best = _largest_fitting(planner, memory_budget, full_length, {r.length: r for r in rows})
         result.largest_length = best.length if best else None

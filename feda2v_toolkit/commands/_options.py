@@ -50,3 +50,7 @@ class SamplesPerClass(click.ParamType):
 
 #: the type of every ``-k/--samples-per-class`` option
 SAMPLES = SamplesPerClass()
+
+
+#: the type of every ``--test-fraction`` option: a share strictly between 0 and 1
+FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)

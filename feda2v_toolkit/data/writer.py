@@ -41,11 +41,14 @@ def dataset_metadata(class_names: Sequence[str], extra: dict[str, str] | None = 
 
 def write_dataset(path: str | os.PathLike[str], embeddings: Any, labels: Any, *,
                   class_names: Sequence[str] | None = None, conditions: Any = None,
-                  dtype: str | torch.dtype | None = None, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write one dataset file atomically from tensors or numpy arrays.
+                  dtype: str | torch.dtype | None = None, extra_metadata: dict[str, str] | None = None,
+                  display: str | os.PathLike[str] | None = None) -> Path:
+    """Write one dataset file atomically from tensors or numpy arrays (byte for byte the same for the same
+    input; a full disk is a one-line error naming ``path``, or ``display``, and leaves nothing).
 
     ``embeddings`` ``[N, S, D]``, ``labels`` ``[N]`` ints, ``conditions`` ``[N, C]`` or None; class
     names default to ``class_0..``; ``dtype`` converts the embeddings (default: keep a float dtype).
+    A low-level writer: it replaces ``path``; commands check the overwrite rule first.
     """
     emb = torch.as_tensor(embeddings)
     lab = torch.as_tensor(labels).to(torch.long)
@@ -64,7 +67,7 @@ def write_dataset(path: str | os.PathLike[str], embeddings: Any, labels: Any, *,
         if cond.dim() != 2 or cond.shape[0] != emb.shape[0]:
             raise ValueError(f"conditions must be [N, C], got {list(cond.shape)}")
         tensors["conditions"] = cond.contiguous()
-    return write_safetensors(Path(path), tensors, dataset_metadata(names, extra_metadata))
+    return write_safetensors(Path(path), tensors, dataset_metadata(names, extra_metadata), display=display)
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -43,11 +43,12 @@ def write_tensor_file(path: str | os.PathLike[str], tensors: Mapping[str, Tensor
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor],
-                      metadata: Mapping[str, str] | None = None) -> Path:
+                      metadata: Mapping[str, str] | None = None, *,
+                      display: str | os.PathLike[str] | None = None) -> Path:
     """:func:`write_tensor_file` atomically (temp file, fsync, rename; a full disk is a one-line error
-    naming ``path`` and leaves nothing)."""
+    naming ``path``, or ``display``, and leaves nothing)."""
     out = Path(path)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, display=display) as tmp:
         write_tensor_file(tmp, tensors, metadata)
     return out
 
