@@ -36,7 +36,6 @@ from feda2v_toolkit.audio.sources import (
 from feda2v_toolkit.errors import InputError, UsageError, spelled
 from feda2v_toolkit.runtime.atomic import (
     atomic_path,
-    atomic_write_text,
     check_output,
     default_mode,
     make_parents,
@@ -315,7 +314,8 @@ def _prepare_partial(out: Path, fingerprint: str, overwrite: bool) -> Path:
     make_parents(work)
     work.mkdir()
     try:
-        atomic_write_text(state, json.dumps({"fingerprint": fingerprint}) + "\n")
+        with atomic_path(state, display=out) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -61,6 +61,7 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
     """
     from feda2v_toolkit.audio.sources import ClipPolicy, open_source, require
 
+    policy = ClipPolicy(clip_seconds, crop)  # checked before anything is read
     require("transformers", "soundfile", "soxr")
     from feda2v_toolkit.audio.embed import embed, partial_dir
 
@@ -68,7 +69,7 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
                       audio_column=audio_column, audio_root=str(audio_root) if audio_root else None, split=split,
                       folds=[f.strip() for f in folds.split(",") if f.strip()] if folds else None)
     try:
-        report = embed(src, out, model=model, revision=revision, policy=ClipPolicy(clip_seconds, crop),
+        report = embed(src, out, model=model, revision=revision, policy=policy,
                        batch_size=batch_size, device=device, dtype=dtype, on_error=on_error, overwrite=overwrite,
                        read_workers=read_workers, progress=False if quiet and progress is None else progress)
     except KeyboardInterrupt:

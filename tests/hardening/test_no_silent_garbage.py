@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from feda2v_toolkit.errors import InputError, UsageError
 from tests.hardening.conftest import run_main
@@ -33,7 +32,7 @@ def clips(tmp_path_factory):
 
 def _variant(tiny_ast, tmp_path, name, config=None, weights=None):
     """A copy of the tiny AST with ``config.json`` keys changed and/or its weights edited."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     d = tmp_path / name
     shutil.copytree(tiny_ast, d)
