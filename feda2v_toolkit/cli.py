@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from feda2v_toolkit import __version__
-from feda2v_toolkit.errors import Terminated, ToolkitError, cli_caller, environment_error
+from feda2v_toolkit.errors import Terminated, ToolkitError, cli_caller, environment_error, plain
 
 #: command name -> "module:attribute" (imported on demand).
 COMMANDS: dict[str, str] = {
@@ -240,7 +240,7 @@ def _run(argv: list[str] | None) -> None:
             import traceback
 
             traceback.print_exc()
-        click.echo(f"feda2v-tk: error: {exc}", err=True)
+        click.echo(f"feda2v-tk: error: {plain(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         sys.stderr.close()
@@ -252,8 +252,8 @@ def _run(argv: list[str] | None) -> None:
         if handled is not None:
             click.echo(f"feda2v-tk: error: {handled}", err=True)
             sys.exit(handled.exit_code)
-        click.echo(f"feda2v-tk: internal error: {type(exc).__name__}: {exc} (run with --traceback for details)",
-                   err=True)
+        click.echo(f"feda2v-tk: internal error: {type(exc).__name__}: {plain(str(exc))} (run with --traceback for "
+                   "details)", err=True)
         sys.exit(1)
     except SystemExit:
         raise

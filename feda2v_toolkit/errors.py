@@ -103,6 +103,33 @@ def write_error(target: str | os.PathLike[str], exc: BaseException) -> UsageErro
     return UsageError(f"{target}: cannot write: {os.strerror(code)}; nothing was written")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """``text`` without ANSI escape sequences (libraries put bold text in their messages)."""
+    return _ANSI.sub("", text)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without ANSI codes (its type name when it has none)."""
+    text = plain(str(exc)).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def unpickling_refusal(exc: BaseException) -> str | None:
+    """For ``torch.load(weights_only=True)`` refusing a file that needs unpickling: one line saying so (with
+    the Python object it would have created), instead of torch's multi-line advice to set
+    ``weights_only=False``; ``None`` for any other error."""
+    text = plain(str(exc))
+    if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
+        return None
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    what = f" ({found.group(1)})" if found else ""
+    return (f"it holds pickled Python objects{what}, which feda2v-tk never unpickles (torch.load with "
+            "weights_only=True); re-save it with only tensors, dicts, lists and plain values")
+
+
 def short_list(items: Iterable[object], limit: int = 5, *, sep: str = ", ") -> str:
     """At most ``limit`` items joined by ``sep``, then how many more: error messages stay one short line."""
     items = list(items)

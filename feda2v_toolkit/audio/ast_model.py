@@ -43,8 +43,9 @@ _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    from feda2v_toolkit.errors import first_line
+
+    return first_line(exc)
 
 
 def _regular(path: Path, what: str) -> None:
@@ -122,11 +123,15 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                              f"{_first_line(exc)}") from None
     import torch
 
+    from feda2v_toolkit.errors import unpickling_refusal
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for corrupt files and files that need unpickling
-        raise InputError(f"{path}: cannot read as PyTorch weights with weights_only=True (a file that needs "
-                         f"unpickling is never loaded): {_first_line(exc)}") from None
+        raise InputError(f"{path}: cannot read as PyTorch weights: "
+                         f"{unpickling_refusal(exc) or _first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{path}: not a state dict of tensors")
     return {str(k): tuple(v.shape) for k, v in state.items()}

@@ -27,7 +27,15 @@ from feda2v_toolkit.data.dataset import (
     _Source,
     mmap_error,
 )
-from feda2v_toolkit.errors import InputError, NewerVersionError, ToolkitError, UsageError, short_list
+from feda2v_toolkit.errors import (
+    InputError,
+    NewerVersionError,
+    ToolkitError,
+    UsageError,
+    first_line,
+    short_list,
+    unpickling_refusal,
+)
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -60,28 +68,29 @@ def _is_regular(path: Path) -> bool:
 
 def _load_pt(path: Path) -> Any:
     """``torch.load`` a legacy cache with ``weights_only=True`` (memory-mapped when the format allows)."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "zipfile" not in str(exc):  # files from torch's legacy (non-zip) format cannot be memory-mapped
-                raise
-            from feda2v_toolkit.runtime.resources import require_memory
+    import warnings
 
-            require_memory(path.stat().st_size * 2, f"{path}: reading a legacy (non-zip) .pt cache whole",
-                           hint="convert it once on a larger machine with feda2v-tk convert-data")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "zipfile" not in str(exc):  # torch's legacy (non-zip) format cannot be memory-mapped
+                    raise
+                from feda2v_toolkit.runtime.resources import require_memory
+
+                require_memory(path.stat().st_size * 2, f"{path}: reading a legacy (non-zip) .pt cache whole",
+                               hint="convert it once on a larger machine with feda2v-tk convert-data")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except ToolkitError:
         raise
-    except (MemoryError, OSError, RuntimeError) as exc:
-        handled = mmap_error(path, exc)
+    except Exception as exc:  # torch raises many types for corrupt, pickled-object or unmappable files
+        refusal = unpickling_refusal(exc)
+        handled = mmap_error(path, exc) if refusal is None else None
         if handled is None:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            handled = InputError(f"{path}: cannot read as a PyTorch tensor cache (weights_only): {first}")
+            handled = InputError(f"{path}: cannot read as a PyTorch tensor cache: {refusal or first_line(exc)}")
         raise handled from None
-    except Exception as exc:  # torch raises many types for corrupt or pickled-object files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot read as a PyTorch tensor cache (weights_only): {first}") from None
     return obj
 
 

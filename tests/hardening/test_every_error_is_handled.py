@@ -237,3 +237,23 @@ def test_a_dataset_larger_than_the_address_space_is_a_usage_error(tmp_path):
         assert proc.returncode == 2, (argv, proc.stderr)
         assert "cannot memory-map the file" in proc.stderr and "internal error" not in proc.stderr, argv
     assert not (tmp_path / "out").exists()
+
+
+def test_files_that_need_unpickling_are_one_line_without_torchs_advice(tmp_path, capsys):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"embeddings": Payload()}))
+    saved = tmp_path / "saved.pt"
+    torch.save({"embeddings": Payload(), "labels": torch.zeros(2)}, saved)
+    for argv in (["plan", "-d", str(raw)], ["plan", "-d", str(saved)], ["convert-data", str(saved), "-o",
+                                                                         str(tmp_path / "o")],
+                 ["convert", str(saved), "-o", str(tmp_path / "m.safetensors")]):
+        code, out, err = run_main(argv, capsys)
+        _assert_handled(argv, code, out, err)
+        assert len(err.strip().splitlines()) == 1 and "never unpickles" in err, err
+        assert "weights_only=False" not in err and "\x1b[" not in err and "must never run" not in out + err
