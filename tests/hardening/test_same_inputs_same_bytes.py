@@ -44,7 +44,7 @@ def _digests(root):
 
 
 def test_every_writing_command_writes_the_same_bytes_twice(model_file, tiny_data, tmp_path, capsys):
-    from tests.test_convert import D, FULL, orig, save_unified
+    from tests.test_convert import FULL, D, orig, save_unified
 
     ckpt = save_unified(tmp_path / "ckpt.pt", orig(0), selected_classes=["dog", "cat"])
     commands = {
