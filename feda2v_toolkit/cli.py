@@ -47,7 +47,7 @@ SHORT_HELP: dict[str, str] = {
     "train": "Reduce sequences, train a generator, export it as safetensors.",
     "federate": "Train one model over several nodes' datasets with the Flower app.",
     "split": "Partition a dataset into one dataset per node (class or Dirichlet).",
-    "generate": "Sample a trained model and write full-length safetensors shards.",
+    "generate": "Sample a trained model and write the samples as safetensors shards.",
     "inspect": "Show a model file's metadata, parameter counts and metrics.",
     "convert": "Import a checkpoint of the original FedA2V code.",
     "demo-data": "Write the bundled AST-shaped demo dataset.",

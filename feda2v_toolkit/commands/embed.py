@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP
+
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"  # feda2v_toolkit.audio.embed.DEFAULT_MODEL, without importing it
 
 
@@ -25,8 +27,7 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"  # feda2v_toolkit.audi
 @click.option("--crop", default="start", show_default=True, type=click.Choice(["start", "center"]),
               help="Which part of a longer clip to keep.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-              help="Where the model runs (auto: cuda when available).")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--read-workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Threads reading and featurising the next batches while the model runs (more for a GPU).")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]),
