@@ -388,7 +388,15 @@ def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_bud
     planner = Planner(cfg, dim=dim, full_length=full_length, num_classes=num_classes, condition_dim=condition_dim,
                       num_samples=num_samples, sample_batch=sample_batch, class_names=class_names,
                       output_length=cfg.get("generator_output_sequence_length"), runtime=runtime)
-    rows = [planner.length_plan(length, memory_budget) for length in wanted]
+    from feda2v_toolkit.runtime.progress import activity
+
+    with activity("plan: simulating training steps", unit="length") as simulated:
+        rows = []
+        for length in wanted:
+            rows.append(planner.length_plan(length, memory_budget))
+            simulated.update()
+        best = (_largest_fitting(planner, memory_budget, full_length, {r.length: r for r in rows}, simulated.update)
+                if memory_budget is not None else None)
     result = PlanResult(
         generator_type=cfg["generator_type"], granularity=cfg["generator_granularity"],
         generators=planner.generators, reducer=planner.reducer_name, upsampler=planner.upsampler_name,
@@ -400,19 +408,20 @@ def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_bud
         runtime=planner.runtime, rows=rows,
         budget=memory_budget, notes=planner.notes, classes_assumed=assumed)
     if memory_budget is not None:
-        best = _largest_fitting(planner, memory_budget, full_length, {r.length: r for r in rows})
         result.largest_length = best.length if best else None
         result.largest_length_plan = best
     return result
 
 
-def _largest_fitting(planner: Planner, budget: int, full_length: int,
-                     known: dict[int, LengthPlan]) -> LengthPlan | None:
+def _largest_fitting(planner: Planner, budget: int, full_length: int, known: dict[int, LengthPlan],
+                     done: Any = None) -> LengthPlan | None:
     """Binary search for the largest length whose training total fits (memory grows with length)."""
 
     def at(length: int) -> LengthPlan:
         if length not in known:
             known[length] = planner.length_plan(length, budget)
+            if done is not None:
+                done()
         return known[length]
 
     if not at(1).fits:

@@ -76,6 +76,12 @@ class ASTEmbedder:
         level, bars = hf_logging.get_verbosity(), not hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # its load report (checked strictly by load_ast) and hub chatter
         hf_logging.disable_progress_bar()
+        import sys
+
+        if not sys.stderr.isatty():  # a download's bars only on a terminal: no \r-redrawn lines in logs
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
         try:
             self.extractor, self.model = load_ast(model, revision=revision)
         finally:

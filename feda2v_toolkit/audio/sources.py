@@ -254,6 +254,10 @@ def _hf_source(root: Path, *, audio_column: str, label_column: str, fold_column:
     except ImportError:
         raise UsageError(f'{root}: reading a saved Hugging Face dataset needs the datasets package; run: '
                          f'pip install "feda2v-tk[datasets]"') from None
+    import sys
+
+    if not sys.stderr.isatty() and datasets.is_progress_bar_enabled():  # no \r-redrawn bars in logs
+        datasets.disable_progress_bars()
     try:
         ds: Any = datasets.load_from_disk(str(root))
     except Exception as exc:  # datasets raises several types for a broken directory
