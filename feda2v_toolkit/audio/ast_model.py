@@ -128,7 +128,17 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "zipfile" not in str(exc):  # torch's legacy (non-zip) format cannot be memory-mapped
+                    raise
+                from feda2v_toolkit.runtime.resources import require_memory
+
+                require_memory(path.stat().st_size * 2, f"{path}: reading legacy-format weights whole")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except InputError:
+        raise
     except Exception as exc:  # torch raises many types for corrupt files and files that need unpickling
         raise InputError(f"{path}: cannot read as PyTorch weights: "
                          f"{unpickling_refusal(exc) or _first_line(exc)}") from None
