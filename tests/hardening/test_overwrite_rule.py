@@ -94,7 +94,7 @@ def test_convert_replaces_an_existing_model_only_with_overwrite(tmp_path, capsys
     code, _, err = run_main(["convert", str(ckpt), "-o", str(out), *args, "--overwrite"], capsys)
     assert code == 0, err
     code, _, err = run_main(["convert", str(ckpt), "-o", str(ckpt), *args, "--overwrite"], capsys)
-    assert code == 2 and "is also the input checkpoint" in err
+    assert code == 2 and "is also an input checkpoint" in err
 
 
 def test_the_python_api_follows_the_same_rule_and_speaks_python(model_file, tmp_path):
@@ -120,7 +120,7 @@ def test_check_output_is_the_one_rule(tmp_path):
         check_output(tmp_path, inputs=[tmp_path / "in" / "x.safetensors"])
     with pytest.raises(UsageError, match="is inside the input"):
         check_output(tmp_path / "in" / "out", inputs=[tmp_path / "in"], directory=True)
-    with pytest.raises(UsageError, match="is also the input"):
+    with pytest.raises(UsageError, match="is also an input"):
         check_output(tmp_path / "in" / "x.safetensors", inputs=[tmp_path / "in" / "x.safetensors"], overwrite=True)
     with pytest.raises(UsageError, match="is a directory"):
         check_output(tmp_path / "in", overwrite=True)
