@@ -45,7 +45,9 @@ def read_safetensors(path: str | os.PathLike[str], *, expect: str,
     """
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"{p}: no such file")
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{p}: not a regular file (a device, pipe or socket); a model is a .safetensors file")
+        raise UsageError(f"{p}: is a directory; give the model file" if p.is_dir() else f"{p}: no such file")
     try:
         with safe_open(str(p), framework="pt") as fh:
             header = _decode_header(p, fh.metadata() or {}, expect)
@@ -54,8 +56,11 @@ def read_safetensors(path: str | os.PathLike[str], *, expect: str,
                 contents = {name: list(fh.get_slice(name).get_shape()) for name in names}
             else:
                 contents = {name: fh.get_tensor(name) for name in names}
-    except SafetensorError as exc:
-        raise InputError(f"{p}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
+    except (SafetensorError, MemoryError) as exc:
+        from feda2v_toolkit.data.dataset import mmap_error
+
+        raise mmap_error(p, exc) or InputError(f"{p}: not a valid safetensors file (truncated or corrupt?): "
+                                               f"{exc}") from None
     except OSError as exc:
         raise UsageError(f"{p}: cannot read: {exc.strerror or exc}") from None
     return contents, header
