@@ -219,3 +219,11 @@ def test_embed_offline_says_at_once_to_pass_a_model_directory(tmp_path, capsys, 
     assert code == 2 and len(err.strip().splitlines()) == 1 and "pass --model DIR" in err
     data_md = (ROOT / "docs" / "data.md").read_text(encoding="utf-8")
     assert "--model ast-audioset" in data_md and "hf download MIT/ast-finetuned-audioset-10-10-0.4593" in data_md
+
+
+def test_the_demo_script_prints_no_ansi_codes_into_a_log():
+    import subprocess
+
+    step = next(line for line in (ROOT / "examples" / "demo.sh").read_text().splitlines() if "step()" in line)
+    out = subprocess.run(["bash", "-c", f"{step}\nstep 'Demo data'"], capture_output=True, text=True, check=True)
+    assert out.stdout == "\n==> Demo data\n"
