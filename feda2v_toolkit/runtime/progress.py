@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -106,8 +107,9 @@ class Progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, leave=True, desc=desc)
-        else:
-            self._thread = threading.Thread(target=self._tick, name=f"feda2v-progress-{desc}", daemon=True)
+        else:  # the thread holds only a weak reference: a bar dropped without close() falls silent
+            self._thread = threading.Thread(target=_tick, args=(weakref.ref(self), self._stop),
+                                            name=f"feda2v-progress-{desc}", daemon=True)
             self._thread.start()
 
     # -- plain lines ---------------------------------------------------------------------------------
@@ -129,11 +131,6 @@ class Progress:
         if self._values:
             text += " (" + ", ".join(f"{k} {v}" for k, v in self._values.items()) + ")"
         return text
-
-    def _tick(self) -> None:
-        while not self._stop.wait(interval()):
-            _emit(self.line())
-            self._lines += 1
 
     # -- the interface -------------------------------------------------------------------------------
     def update(self, n: int = 1) -> None:
@@ -170,6 +167,16 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _tick(ref: weakref.ReferenceType[Progress], stop: threading.Event) -> None:
+    while not stop.wait(interval()):
+        bar = ref()
+        if bar is None:
+            return
+        _emit(bar.line())
+        bar._lines += 1
+        del bar
 
 
 @contextlib.contextmanager
