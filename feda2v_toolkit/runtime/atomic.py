@@ -1,4 +1,6 @@
-"""Atomic file writes: a temp file in the target directory, fsync, then ``os.replace``.
+"""Atomic file writes (a temp file in the target directory, fsync, then ``os.replace``) and the one
+overwrite rule of every command and Python function that writes (:func:`check_output`,
+:func:`replace_directory`; docs/architecture.md, "Outputs"). No torch.
 
 A crash or Ctrl-C at any moment leaves either the old file or the new one, never half of one.
 """
@@ -197,8 +199,8 @@ def _inside(child: Path, parent: Path) -> bool:
 def check_inputs(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]], *,
                  role: str = "input") -> Path:
     """Refuse an output that is one of ``inputs``, contains one (a directory holding it) or lies inside an
-    input directory: a command never writes over, or next to inside, what it reads. Symbolic links and
-    ``./`` spellings are resolved first."""
+    input directory: a command never writes over, into or around what it reads. Symbolic links and ``./``
+    spellings are resolved first."""
     o = Path(out)
     real_o = _real(o)
     for p in inputs:
