@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 #: environment variable: seconds between plain progress lines when stderr is not a terminal
@@ -189,6 +189,13 @@ def activity(desc: str, total: int | None = None, *, unit: str = "step",
         yield bar
     finally:
         bar.close()
+
+
+def counted(items: Iterable[Any], bar: Progress, size: Callable[[Any], int] = lambda item: 1) -> Iterator[Any]:
+    """Yield ``items``, counting ``size(item)`` units of each on ``bar`` (e.g. the rows of each batch)."""
+    for item in items:
+        yield item
+        bar.update(size(item))
 
 
 def heartbeat(log: Callable[[str], None] | None, *, enabled: bool | None = None) -> tuple[Callable[[str], None], Callable[[], None]]:
