@@ -12,9 +12,9 @@ from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.data.writer import write_dataset
 from feda2v_toolkit.errors import InputError, ToolkitError
-from feda2v_toolkit.runtime.tensorfile import _write_sorted as real_write
 from feda2v_toolkit.model.file import load_model
 from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
+from feda2v_toolkit.runtime.tensorfile import _write_sorted as real_write
 from feda2v_toolkit.training.checkpoint import load_checkpoint
 from feda2v_toolkit.training.pipeline import generator_groups, stratified_split, train
 

@@ -52,5 +52,23 @@ class SamplesPerClass(click.ParamType):
 SAMPLES = SamplesPerClass()
 
 
+class Fraction(click.ParamType):
+    """A share strictly between 0 and 1; anything else is a one-line ``feda2v-tk: error:`` naming the option."""
+
+    name = "FRACTION"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        from feda2v_toolkit.errors import UsageError
+
+        option = param.opts[0] if param is not None and param.opts else "the fraction"
+        try:
+            share = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise UsageError(f"{option} must be a number between 0 and 1, got {value!r}") from None
+        if not 0 < share < 1:
+            raise UsageError(f"{option} must be between 0 and 1 (exclusive), got {value}")
+        return share
+
+
 #: the type of every ``--test-fraction`` option: a share strictly between 0 and 1
-FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
+FRACTION = Fraction()

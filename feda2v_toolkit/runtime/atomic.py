@@ -217,7 +217,7 @@ def check_inputs(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike
         if _inside(real_p, real_o):
             raise UsageError(f"{o}: contains the {role} {pp}; write to another path")
         if _inside(real_o, real_p):
-            raise UsageError(f"{o}: is inside the {role} {pp}; write to another path")
+            raise UsageError(f"{o}: is inside the {role} directory {pp}; write to another path")
     return o
 
 
