@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo-out}
 rm -rf "$OUT"
 mkdir -p "$OUT"
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+# bold headings on a terminal only: no ANSI codes in logs (CI, nohup, a file)
+if [ -t 1 ]; then step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }; else step() { printf '\n==> %s\n' "$*"; }; fi
 
 step "Demo data: 4 sound classes x 24 clips of AST-shaped [1214, 768] embeddings (+ 12 held-out clips per class)"
 feda2v-tk demo-data "$OUT/train.safetensors" --per-class 24

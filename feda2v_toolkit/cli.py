@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from feda2v_toolkit import __version__
-from feda2v_toolkit.errors import Terminated, ToolkitError, environment_error
+from feda2v_toolkit.errors import Terminated, ToolkitError, cli_caller, environment_error, plain
 
 #: command name -> "module:attribute" (imported on demand).
 COMMANDS: dict[str, str] = {
@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "schema": "feda2v_toolkit.commands.config:schema_cmd",
     "train": "feda2v_toolkit.commands.train:train_cmd",
     "federate": "feda2v_toolkit.commands.federated:federate_cmd",
-    "split": "feda2v_toolkit.commands.federated:split_cmd",
+    "split": "feda2v_toolkit.commands.split:split_cmd",
     "generate": "feda2v_toolkit.commands.model:generate_cmd",
     "inspect": "feda2v_toolkit.commands.model:inspect_cmd",
     "convert": "feda2v_toolkit.commands.convert:convert_cmd",
@@ -47,7 +47,7 @@ SHORT_HELP: dict[str, str] = {
     "train": "Reduce sequences, train a generator, export it as safetensors.",
     "federate": "Train one model over several nodes' datasets with the Flower app.",
     "split": "Partition a dataset into one dataset per node (class or Dirichlet).",
-    "generate": "Sample a trained model and write full-length safetensors shards.",
+    "generate": "Sample a trained model and write the samples as safetensors shards.",
     "inspect": "Show a model file's metadata, parameter counts and metrics.",
     "convert": "Import a checkpoint of the original FedA2V code.",
     "demo-data": "Write the bundled AST-shaped demo dataset.",
@@ -84,9 +84,10 @@ class LazyGroup(click.Group):
         target = COMMANDS.get(cmd_name)
         if target is not None:
             module_name, attr = target.split(":")
-            return getattr(importlib.import_module(module_name), attr)
+            return _progress_follows_options(getattr(importlib.import_module(module_name), attr))
         self.load_plugin_commands()
-        return self.commands.get(cmd_name)
+        cmd = self.commands.get(cmd_name)
+        return _progress_follows_options(cmd) if cmd is not None else None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
@@ -100,6 +101,27 @@ class LazyGroup(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+def _progress_follows_options(cmd: click.Command) -> click.Command:
+    """Run ``cmd`` with the process-wide progress default of its options: ``--no-progress`` or ``-q`` turn
+    off the progress of every phase inside it (component fits, plugins), ``--progress`` turns it on."""
+    if getattr(cmd, "_feda2v_progress", False):
+        return cmd
+    original = cmd.invoke
+
+    def invoke(ctx: click.Context) -> Any:
+        from feda2v_toolkit.runtime.progress import configured
+
+        shown = ctx.params.get("progress")
+        if shown is None and ctx.params.get("quiet"):
+            shown = False
+        with configured(shown if isinstance(shown, bool) else None):
+            return original(ctx)
+
+    cmd.invoke = invoke  # type: ignore[method-assign]
+    cmd._feda2v_progress = True  # type: ignore[attr-defined]
+    return cmd
 
 
 def _plugin_option(ctx: click.Context, param: click.Parameter, value: Any) -> None:
@@ -181,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = _show_warning
     previous = handle_sigterm()
     try:
-        _run(argv)
+        with cli_caller():  # messages name command-line options (--overwrite), not Python arguments
+            _run(argv)
     finally:  # main() may be called in-process (tests, notebooks): leave the host's handler as it was
         _restore_sigterm(previous)
 
@@ -201,6 +224,12 @@ def _run(argv: list[str] | None) -> None:
         if isinstance(exc.__cause__, Terminated):  # click turns KeyboardInterrupt into Abort
             click.echo("feda2v-tk: terminated", err=True)
             sys.exit(143)
+        if isinstance(exc.__cause__, EOFError):  # ... and EOFError too: a bug of ours, not the user's Ctrl-C
+            if _STATE["traceback"]:
+                raise exc.__cause__ from None
+            click.echo(f"feda2v-tk: internal error: EOFError: {exc.__cause__} (run with --traceback for details)",
+                       err=True)
+            sys.exit(1)
         click.echo("feda2v-tk: aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
@@ -211,7 +240,7 @@ def _run(argv: list[str] | None) -> None:
             import traceback
 
             traceback.print_exc()
-        click.echo(f"feda2v-tk: error: {exc}", err=True)
+        click.echo(f"feda2v-tk: error: {plain(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         sys.stderr.close()
@@ -223,7 +252,30 @@ def _run(argv: list[str] | None) -> None:
         if handled is not None:
             click.echo(f"feda2v-tk: error: {handled}", err=True)
             sys.exit(handled.exit_code)
-        click.echo(f"feda2v-tk: internal error: {type(exc).__name__}: {exc} (run with --traceback for details)",
+        click.echo(f"feda2v-tk: internal error: {type(exc).__name__}: {plain(str(exc))} (run with --traceback for "
+                   "details)", err=True)
+        sys.exit(1)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # GeneratorExit or a custom BaseException, raised by a plugin's code
+        if _STATE["traceback"]:
+            raise
+        click.echo(f"feda2v-tk: error: {_base_exception_origin(exc)} raised {type(exc).__name__}"
+                   f"{': ' + str(exc) if str(exc) else ''}; the command stopped (run with --traceback for details)",
                    err=True)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _base_exception_origin(exc: BaseException) -> str:
+    """Which code raised ``exc``: the module of the innermost frame outside feda2v_toolkit, click and Python."""
+    import traceback
+
+    origin = "code outside feda2v-tk"
+    for frame in traceback.extract_tb(exc.__traceback__):
+        module = frame.filename.replace(os.sep, "/")
+        stdlib = "/lib/python" in module and "site-packages" not in module
+        if "/feda2v_toolkit/" in module or "/click/" in module or stdlib:
+            continue
+        origin = f"{frame.filename}:{frame.lineno}"
+    return origin

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 
 class ToolkitError(Exception):
@@ -48,12 +49,85 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: every ``except KeyboardInterrupt`` / ``BaseException`` cleanup runs."""
 
 
+#: who is calling: ``"python"`` (the library, a notebook) or ``"cli"`` (set by ``feda2v_toolkit.cli.main`` for
+#: the duration of a command), so that a message names what the caller can change
+_CALLER = {"name": "python"}
+
+
+def spelled(cli: str, python: str) -> str:
+    """``cli`` when a ``feda2v-tk`` command is running, else ``python``: errors speak the caller's language
+    (``spelled("--overwrite", "overwrite=True")``)."""
+    return cli if _CALLER["name"] == "cli" else python
+
+
+@contextlib.contextmanager
+def cli_caller() -> Iterator[None]:
+    """Within the block, :func:`spelled` names command-line options (the CLI runs its commands in it)."""
+    before = _CALLER["name"]
+    _CALLER["name"] = "cli"
+    try:
+        yield
+    finally:
+        _CALLER["name"] = before
+
+
 #: errno values that mean "the environment", not a bug: permissions, full or read-only disks, bad paths
 ENVIRONMENT_ERRNOS = frozenset(
     getattr(errno, name) for name in ("EACCES", "EPERM", "ENOSPC", "EDQUOT", "EROFS", "EFBIG", "EISDIR", "ENOTDIR",
                                       "ENOENT", "ELOOP", "ENAMETOOLONG", "EMFILE", "ENFILE", "EIO", "ENXIO",
                                       "EEXIST", "ENOTEMPTY", "EBUSY", "ETXTBSY", "EXDEV")
     if hasattr(errno, name))
+
+
+#: errno values of a write that could not complete (full disk, quota, file too large, read-only, I/O error)
+WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO")
+                         if hasattr(errno, name))
+
+
+def os_error_code(exc: BaseException) -> int | None:
+    """The errno of an OS error, also when safetensors wraps it in a ``SafetensorError`` (``Os { code: 28 ..``)."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    if type(exc).__name__ == "SafetensorError":
+        match = re.search(r"Os \{ code: (\d+)", str(exc))
+        return int(match.group(1)) if match else None
+    return None
+
+
+def write_error(target: str | os.PathLike[str], exc: BaseException) -> UsageError | None:
+    """A one-line :class:`UsageError` naming ``target`` for a write that failed because of the environment
+    (full disk, quota, file size limit, read-only file system, I/O error); ``None`` for anything else."""
+    code = os_error_code(exc)
+    if code not in WRITE_ERRNOS:
+        return None
+    return UsageError(f"{target}: cannot write: {os.strerror(code)}; nothing was written")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """``text`` without ANSI escape sequences (libraries put bold text in their messages)."""
+    return _ANSI.sub("", text)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without ANSI codes (its type name when it has none)."""
+    text = plain(str(exc)).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def unpickling_refusal(exc: BaseException) -> str | None:
+    """For ``torch.load(weights_only=True)`` refusing a file that needs unpickling: one line saying so (with
+    the Python object it would have created), instead of torch's multi-line advice to set
+    ``weights_only=False``; ``None`` for any other error."""
+    text = plain(str(exc))
+    if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
+        return None
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    what = f" ({found.group(1)})" if found else ""
+    return (f"it holds pickled Python objects{what}, which feda2v-tk never unpickles (torch.load with "
+            "weights_only=True); re-save it with only tensors, dicts, lists and plain values")
 
 
 def short_list(items: Iterable[object], limit: int = 5, *, sep: str = ", ") -> str:

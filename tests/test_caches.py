@@ -114,9 +114,9 @@ def test_convert_data_writes_our_format(tmp_path):
     rows = write_ast_cache(tmp_path / "cache", {"dog": [3, 2], "cat": [1]})
     report = convert_dataset(tmp_path / "cache", tmp_path / "out", dtype="float16")
     ds = open_dataset(tmp_path / "out")
-    assert report["rows"] == 6 and ds.storage_dtype == torch.float16 and ds.class_names == ["cat", "dog"]
+    assert report["clips"] == 6 and ds.storage_dtype == torch.float16 and ds.class_names == ["cat", "dog"]
     np.testing.assert_allclose(ds.read(range(1, 6)).embeddings.numpy(), rows["dog"], atol=2e-3)
-    with pytest.raises(UsageError, match="--overwrite"):
+    with pytest.raises(UsageError, match="overwrite=True"):
         convert_dataset(tmp_path / "cache", tmp_path / "out")
     convert_dataset(tmp_path / "cache", tmp_path / "out", overwrite=True)
     assert open_dataset(tmp_path / "out").storage_dtype == torch.float32

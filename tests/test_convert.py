@@ -589,7 +589,7 @@ def test_failed_conversion_keeps_an_existing_output(tmp_path: Path, capsys: pyte
     assert run(["convert", str(good), "-o", str(out), "-q"], capsys)[0] == 0
     before = out.read_bytes()
     bad = _write(tmp_path, "gan.pt", {"generator_clip_state_dict": _gan_state()})
-    code, _, err = run(["convert", str(bad), "-o", str(out)], capsys)
+    code, _, err = run(["convert", str(bad), "-o", str(out), "--overwrite"], capsys)
     assert_one_line_error(code, err, "gan.pt")
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gan.pt", "m.safetensors", "u.pt"]

@@ -174,7 +174,7 @@ def test_existing_output_needs_overwrite(embedder, clips, tmp_path):
     import feda2v_toolkit as ftk
 
     ftk.embed_audio(str(clips), tmp_path / "out", policy=POLICY, embedder=embedder, progress=False)  # a path works
-    with pytest.raises(UsageError, match="--overwrite"):
+    with pytest.raises(UsageError, match="overwrite=True"):
         embed(open_source(clips), tmp_path / "out", policy=POLICY, embedder=embedder, progress=False)
     shutil.rmtree(clips / "engine")
     embed(open_source(clips), tmp_path / "out", policy=POLICY, embedder=embedder, overwrite=True, progress=False)

@@ -47,7 +47,10 @@ def test_a_class_gets_the_same_samples_whatever_else_is_generated(model, tmp_pat
 
 
 def test_output_length_dtype_and_shards(model, tmp_path):
-    generate(model, tmp_path / "o", samples=5, length=120, dtype="float16", shard_bytes=120 * 16 * 2 * 4)
+    from feda2v_toolkit.model.generate import OutputLengthWarning
+
+    with pytest.warns(OutputLengthWarning, match="longer than the training data's sequences"):
+        generate(model, tmp_path / "o", samples=5, length=120, dtype="float16", shard_bytes=120 * 16 * 2 * 4)
     ds = open_dataset(tmp_path / "o")
     assert ds.seq_len == 120 and ds.storage_dtype == torch.float16
     assert len(ds.sources) == 5  # 20 samples, 4 per shard
@@ -97,7 +100,7 @@ def test_an_embedding_conditioned_model_needs_conditions(tmp_path):
     cfg = {"generator_hidden_dim": 16, "generator_latent_dim": 4, "generator_training_epochs": 1,
            "use_conditioned_vae": True, "generator_checkpoint_dir": str(tmp_path / "ck")}
     model = train(cfg, data, seed=0)
-    with pytest.raises(UsageError, match="--conditions"):
+    with pytest.raises(UsageError, match="conditions=FILE"):
         generate(model, tmp_path / "out", samples=2)
     generate(model, tmp_path / "out", samples=8, conditions=data)
     out = open_dataset(tmp_path / "out")

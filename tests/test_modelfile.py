@@ -130,7 +130,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("feda2v_toolkit.model.file._write_sorted", crash)
+    monkeypatch.setattr("feda2v_toolkit.runtime.tensorfile._write_sorted", crash)
     with pytest.raises(KeyboardInterrupt):
         save_model(_model(), path)
     assert path.read_bytes() == before

@@ -14,9 +14,9 @@ from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.data.writer import write_dataset
 from feda2v_toolkit.errors import InputError, ToolkitError
-from feda2v_toolkit.model.file import _write_sorted as real_write
 from feda2v_toolkit.model.file import load_model
 from feda2v_toolkit.reducers.adaptive_avg import AdaptiveAvgReducer
+from feda2v_toolkit.runtime.tensorfile import _write_sorted as real_write
 from feda2v_toolkit.training.checkpoint import load_checkpoint
 from feda2v_toolkit.training.pipeline import train
 from feda2v_toolkit.training.spec import generator_groups
@@ -121,7 +121,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_valid(tiny_d
             raise KeyboardInterrupt
         return real_write(filename, tensors, metadata)
 
-    monkeypatch.setattr("feda2v_toolkit.model.file._write_sorted", dies_on_second_checkpoint)
+    monkeypatch.setattr("feda2v_toolkit.runtime.tensorfile._write_sorted", dies_on_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config, tiny_data, checkpoint_dir=tmp_path / "ck")
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())

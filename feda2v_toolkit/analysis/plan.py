@@ -92,6 +92,10 @@ class LengthPlan:
     fits: bool | None = None
 
 
+#: classes assumed when neither data nor a class count is given (per-class sizes depend on it)
+ASSUMED_CLASSES = 10
+
+
 @dataclass
 class PlanResult:
     generator_type: str
@@ -116,6 +120,7 @@ class PlanResult:
     largest_length: int | None = None
     largest_length_plan: LengthPlan | None = None
     notes: list[str] = field(default_factory=list)
+    classes_assumed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -357,7 +362,7 @@ def _describe_optimizers(opts: Mapping[str, torch.optim.Optimizer]) -> dict[str,
 
 
 def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_budget: int | None = None,
-         dim: int = 768, full_length: int = 1214, num_classes: int = 10, condition_dim: int = 0,
+         dim: int = 768, full_length: int = 1214, num_classes: int | None = None, condition_dim: int = 0,
          num_samples: int = 0, sample_batch: int | None = None, overrides: Mapping[str, Any] | None = None,
          runtime: int | None = None, class_names: Sequence[str] | None = None) -> PlanResult:
     """Parameters and memory of the configured generator at its training length and at ``lengths``.
@@ -366,11 +371,15 @@ def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_bud
     path, JSON text or mapping (``None`` = schema defaults); ``overrides`` set generator keys on top.
     ``runtime``: bytes of the Python/torch runtime to add (default: this process's resident memory now).
     ``class_names``: the data's classes (``per_group`` generator counts use them; default ``num_classes``
-    unnamed classes).
+    unnamed classes). Without either, :data:`ASSUMED_CLASSES` classes are assumed and the result says so
+    (``classes_assumed``).
     """
     cfg = resolve_config(config, overrides)
+    assumed = class_names is None and num_classes is None
     if class_names is not None:
         num_classes = len(class_names)
+    elif num_classes is None:
+        num_classes = ASSUMED_CLASSES
     configured = int(cfg["generator_training_sequence_length"])
     wanted = sorted(set(lengths or []) | {configured})
     for length in wanted:
@@ -379,7 +388,15 @@ def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_bud
     planner = Planner(cfg, dim=dim, full_length=full_length, num_classes=num_classes, condition_dim=condition_dim,
                       num_samples=num_samples, sample_batch=sample_batch, class_names=class_names,
                       output_length=cfg.get("generator_output_sequence_length"), runtime=runtime)
-    rows = [planner.length_plan(length, memory_budget) for length in wanted]
+    from feda2v_toolkit.runtime.progress import activity
+
+    with activity("plan: simulating training steps", unit="length") as simulated:
+        rows = []
+        for length in wanted:
+            rows.append(planner.length_plan(length, memory_budget))
+            simulated.update()
+        best = (_largest_fitting(planner, memory_budget, full_length, {r.length: r for r in rows}, simulated.update)
+                if memory_budget is not None else None)
     result = PlanResult(
         generator_type=cfg["generator_type"], granularity=cfg["generator_granularity"],
         generators=planner.generators, reducer=planner.reducer_name, upsampler=planner.upsampler_name,
@@ -389,21 +406,22 @@ def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_bud
         optimizers=planner.optimizers, configured_length=configured,
         output_length=planner.output_length or configured, output_length_set=bool(planner.output_length),
         runtime=planner.runtime, rows=rows,
-        budget=memory_budget, notes=planner.notes)
+        budget=memory_budget, notes=planner.notes, classes_assumed=assumed)
     if memory_budget is not None:
-        best = _largest_fitting(planner, memory_budget, full_length, {r.length: r for r in rows})
         result.largest_length = best.length if best else None
         result.largest_length_plan = best
     return result
 
 
-def _largest_fitting(planner: Planner, budget: int, full_length: int,
-                     known: dict[int, LengthPlan]) -> LengthPlan | None:
+def _largest_fitting(planner: Planner, budget: int, full_length: int, known: dict[int, LengthPlan],
+                     done: Any = None) -> LengthPlan | None:
     """Binary search for the largest length whose training total fits (memory grows with length)."""
 
     def at(length: int) -> LengthPlan:
         if length not in known:
             known[length] = planner.length_plan(length, budget)
+            if done is not None:
+                done()
         return known[length]
 
     if not at(1).fits:

@@ -44,6 +44,7 @@ def plan_text(result: Any) -> str:
     lines = [
         f"generator {r.generator_type} ({r.granularity}, {gens}); reducer {r.reducer}, upsampler {r.upsampler}",
         f"D = {r.dim}, full length {r.full_length}, {r.num_classes} classes"
+        + (" (assumed: --data or --num-classes gives the real count)" if getattr(r, "classes_assumed", False) else "")
         + (f", conditions [{r.condition_dim}]" if r.condition_dim else "")
         + f"; batch {r.batch_size}, {r.dtype}; optimiser {opts}",
         f"runtime (Python + torch, measured in this process): {format_bytes(r.runtime)}"

@@ -11,7 +11,6 @@ are fingerprinted: a partial run with other settings is never mixed in. See ``do
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,8 +33,14 @@ from feda2v_toolkit.audio.sources import (
     real_frames,
     require,
 )
-from feda2v_toolkit.errors import InputError, UsageError
-from feda2v_toolkit.runtime.atomic import atomic_path, atomic_write_text, default_mode
+from feda2v_toolkit.errors import InputError, UsageError, spelled
+from feda2v_toolkit.runtime.atomic import (
+    atomic_path,
+    check_output,
+    default_mode,
+    make_parents,
+    replace_directory,
+)
 
 #: the checkpoint FedA2V uses (1214 tokens of width 768)
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
@@ -58,24 +63,27 @@ class ASTEmbedder:
     def __init__(self, model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto") -> None:
         require("transformers", "soundfile", "soxr")
         import torch
-        from transformers import ASTFeatureExtractor, ASTModel
         from transformers.utils import logging as hf_logging
 
+        from feda2v_toolkit.audio.ast_model import load_ast
+
+        if device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"device must be auto, cpu or cuda, not {device!r}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available")
+            raise UsageError(f"{spelled('--device cuda', 'device=cuda')}: no CUDA device is available")
         level, bars = hf_logging.get_verbosity(), not hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()  # a classification checkpoint's unused head is expected
+        hf_logging.set_verbosity_error()  # its load report (checked strictly by load_ast) and hub chatter
         hf_logging.disable_progress_bar()
+        import sys
+
+        if not sys.stderr.isatty():  # a download's bars only on a terminal: no \r-redrawn lines in logs
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*mel filter has all zero values.*")
-                self.extractor = ASTFeatureExtractor.from_pretrained(model, revision=revision)
-            self.model = ASTModel.from_pretrained(model, revision=revision, dtype=torch.float32)
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"{model}: cannot load an AST model and feature extractor: {first}") from None
+            self.extractor, self.model = load_ast(model, revision=revision)
         finally:
             hf_logging.set_verbosity(level)
             if not bars:
@@ -131,8 +139,9 @@ class ASTEmbedder:
 
 @dataclass
 class EmbedReport:
-    """What a run did: clips in the source, rows written, clips skipped (id, path, reason), clips already
-    done by an earlier run, and timing (``model_seconds``: the forward passes alone)."""
+    """What a run did: clips in the source, clips written (``rows``), clips skipped (id, path, reason), clips
+    already done by an earlier run, classes left out because none of their clips could be read, and timing
+    (``model_seconds``: the forward passes alone)."""
 
     out: Path
     clips: int
@@ -143,6 +152,7 @@ class EmbedReport:
     model_seconds: float = 0.0
     computed: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    dropped_classes: list[str] = field(default_factory=list)
 
     @property
     def clips_per_second(self) -> float:
@@ -152,7 +162,7 @@ class EmbedReport:
         return {"out": str(self.out), "clips": self.clips, "rows": self.rows, "resumed": self.resumed,
                 "computed": self.computed, "skipped": self.skipped, "seconds": round(self.seconds, 3),
                 "model_seconds": round(self.model_seconds, 3), "clips_per_second": round(self.clips_per_second, 3),
-                "settings": self.settings}
+                "dropped_classes": self.dropped_classes, "settings": self.settings}
 
 
 def partial_dir(out: Path) -> Path:
@@ -175,7 +185,6 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     Raises UsageError / InputError for bad arguments or inputs.
     """
     import torch
-    from safetensors.torch import save_file
 
     from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
     from feda2v_toolkit.data.writer import _resolve_dtype
@@ -191,12 +200,14 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     if batch_size < 1:
         raise UsageError("batch_size must be >= 1")
     storage = _resolve_dtype(dtype) or torch.float16
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a directory; embed writes a shard directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out}: output directory exists and is not empty; use --overwrite to replace it")
+    out = check_output(out, inputs=source_paths(source), overwrite=overwrite, directory=True, role="audio source")
     emb = embedder or ASTEmbedder(model, revision=revision, device=device)
+    from feda2v_toolkit.runtime.resources import require_memory
+
+    # the waveforms of the batches being prepared, and their filterbank features
+    require_memory((max(1, read_workers) + 1) * batch_size * (policy.samples * 4 * 3 + emb.max_length * 128 * 4),
+                   f"reading batches of {batch_size} clips of {policy.seconds:g} s",
+                   hint=spelled("lower --clip-seconds or --batch-size", "lower the clip seconds or batch_size"))
     row_bytes = emb.tokens * emb.dim * storage.itemsize
     batches_per_shard = max(1, (shard_bytes or DEFAULT_SHARD_BYTES) // row_bytes // batch_size)
     shard_clips = batches_per_shard * batch_size
@@ -232,7 +243,7 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
         for k, clips, prepared in _prefetch(batches, lambda b: _prepare(source, b[1], policy, emb),
                                             max(1, read_workers)):
             if current is not None and k != current:
-                _finish_shard(work, current, buffer[:filled], parts, skipped, source, meta_common, save_file)
+                _finish_shard(work, current, buffer[:filled], parts, skipped, source, meta_common, out)
                 parts, skipped, filled = [], [], 0
             current = k
             feats, good, frames, bad = prepared
@@ -253,7 +264,7 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
             n_skipped += len(bad)
             bar.postfix(skipped=n_skipped)
         if current is not None:
-            _finish_shard(work, current, buffer[:filled], parts, skipped, source, meta_common, save_file)
+            _finish_shard(work, current, buffer[:filled], parts, skipped, source, meta_common, out)
     except BaseException:
         if not any(work.glob("done-*.json")):  # nothing worth resuming: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)
@@ -261,8 +272,17 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     finally:
         bar.close()
     report.seconds = time.perf_counter() - start
-    _assemble(work, out, len(shards), report)
+    _assemble(work, out, len(shards), report, source)
     return report
+
+
+def source_paths(source: ClipSource) -> list[Path]:
+    """What an embed run reads, which its output may not be, contain or lie inside: the source (a folder,
+    a manifest, a saved dataset) and, for a manifest, every clip it lists."""
+    paths = [Path(source.description["path"])]
+    if source.description.get("kind") == "manifest":
+        paths += [c.path for c in source.clips if c.path is not None]
+    return paths
 
 
 def _fingerprint(settings: dict[str, Any], source: ClipSource) -> str:
@@ -289,12 +309,22 @@ def _prepare_partial(out: Path, fingerprint: str, overwrite: bool) -> Path:
             old = None
         if old == fingerprint:
             return work
+        if old is None and any(work.iterdir()):
+            raise UsageError(f"{work}: is not the work directory of an embed run (no embed-state.json); not "
+                             "touching it: move it away")
         if old is not None and not overwrite:
             raise UsageError(f"{work}: an unfinished embed run with other settings or clips is there; re-run "
-                             f"it with the same settings to resume, or add --overwrite to start over")
+                             f"it with the same settings to resume, or add {spelled('--overwrite', 'overwrite=True')} "
+                             "to start over")
         shutil.rmtree(work)
-    work.mkdir(parents=True)
-    atomic_write_text(state, json.dumps({"fingerprint": fingerprint}) + "\n")
+    make_parents(work)
+    work.mkdir()
+    try:
+        with atomic_path(state, display=out) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return work
 
 
@@ -339,11 +369,12 @@ def _prefetch(batches: list[tuple[int, list[Clip]]], prepare: Any,
 
 def _finish_shard(work: Path, k: int, embeddings: Any, parts: list[tuple[list[Clip], list[int]]],
                   skipped: list[dict[str, str]], source: ClipSource, meta_common: dict[str, str],
-                  save_file: Any) -> None:
+                  out: Path) -> None:
     """Write shard ``k`` (if it has rows) and then its done marker, each atomically."""
     import torch
 
     from feda2v_toolkit.data.writer import dataset_metadata
+    from feda2v_toolkit.runtime.tensorfile import write_tensor_file
 
     clips = [c for good, _ in parts for c in good]
     if clips:
@@ -352,15 +383,19 @@ def _finish_shard(work: Path, k: int, embeddings: Any, parts: list[tuple[list[Cl
         if source.fold_names is not None:
             tensors["folds"] = torch.tensor([c.fold for c in clips], dtype=torch.long)
         meta = dataset_metadata(source.class_names, {**meta_common, "clip_ids": json.dumps([c.id for c in clips])})
-        with atomic_path(work / f"part-{k:05d}.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-    atomic_write_text(work / f"done-{k:05d}.json", json.dumps({"rows": len(clips), "skipped": skipped}) + "\n")
+        with atomic_path(work / f"part-{k:05d}.safetensors", display=out) as tmp:
+            write_tensor_file(tmp, tensors, meta)
+    with atomic_path(work / f"done-{k:05d}.json", display=out) as tmp:
+        tmp.write_text(json.dumps({"rows": len(clips), "skipped": skipped}) + "\n", encoding="utf-8")
 
 
-def _assemble(work: Path, out: Path, num_shards: int, report: EmbedReport) -> None:
-    """Check every shard is done, drop the markers and move the directory to ``out`` in one rename (a shard
-    whose clips were all skipped leaves a gap in the part numbers; readers take parts in name order)."""
+def _assemble(work: Path, out: Path, num_shards: int, report: EmbedReport, source: ClipSource) -> None:
+    """Check every shard is done, drop the classes no clip was written for, drop the markers and move the
+    directory to ``out`` in one rename (a shard whose clips were all skipped leaves a gap in the part numbers;
+    readers take parts in name order). An existing ``out`` (only dataset shards: the overwrite rule) is
+    replaced only then."""
     names = []
+    counts = [0] * len(source.class_names)
     for k in range(num_shards):
         done = _read_done(work / f"done-{k:05d}.json")
         if done is None:
@@ -369,18 +404,50 @@ def _assemble(work: Path, out: Path, num_shards: int, report: EmbedReport) -> No
         report.skipped += done["skipped"]
         if done["rows"]:
             names.append(f"part-{k:05d}.safetensors")
+            for label in _shard_labels(work / names[-1]):
+                if 0 <= label < len(counts):
+                    counts[label] += 1
     if not names:
         shutil.rmtree(work, ignore_errors=True)
         raise InputError(f"{report.settings['source']['path']}: none of the {report.clips} clips could be read")
+    empty = [c for c, n in zip(source.class_names, counts, strict=True) if n == 0]
+    if empty:
+        _drop_classes(work, names, source.class_names, empty)
+        report.dropped_classes = empty
     for extra in [*work.glob("done-*.json"), work / "embed-state.json"]:
         extra.unlink()
     os.chmod(work, default_mode(directory=True))
-    trash = None
-    if out.exists():
-        trash = out.parent / f".{out.name}.replaced"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out, trash)
-    os.replace(work, out)
-    if trash is not None:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(trash)
+    replace_directory(work, out)
+
+
+def _shard_labels(path: Path) -> list[int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.get_tensor("labels").tolist()
+
+
+def _drop_classes(work: Path, names: list[str], class_names: list[str], empty: list[str]) -> None:
+    """Rewrite the shards without the classes no clip was written for (labels renumbered, ``class_names``
+    shortened), each atomically; a shard already rewritten (an interrupted earlier assembly) is left."""
+    import torch
+    from safetensors import safe_open
+
+    from feda2v_toolkit.runtime.tensorfile import write_tensor_file
+
+    kept = [c for c in class_names if c not in empty]
+    new_label = torch.full((len(class_names),), -1, dtype=torch.long)
+    for i, c in enumerate(class_names):
+        if c in kept:
+            new_label[i] = kept.index(c)
+    for name in names:
+        path = work / name
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            if json.loads(meta.get("class_names", "[]")) == kept:
+                continue
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is not a dict
+        tensors["labels"] = new_label[tensors["labels"]]
+        meta["class_names"] = json.dumps(kept)
+        with atomic_path(path) as tmp:
+            write_tensor_file(tmp, tensors, meta)

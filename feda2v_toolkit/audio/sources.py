@@ -10,13 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.errors import InputError, UsageError, spelled
 
 #: the sample rate AST's feature extractor accepts
 SAMPLE_RATE = 16_000
@@ -25,6 +27,9 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
 #: largest manifest read into memory
 MAX_MANIFEST_BYTES = 256 * 2**20
 CROP_POLICIES = ("start", "center")
+#: the clip lengths a policy accepts (AST checkpoints see 10.24 s; an hour is far beyond any of them)
+MIN_CLIP_SECONDS = 0.03
+MAX_CLIP_SECONDS = 3600.0
 _INSTALL = 'pip install "feda2v-tk[audio]"  (transformers, soundfile, soxr)'
 
 
@@ -48,6 +53,14 @@ class ClipPolicy:
 
     seconds: float
     crop: str = "start"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.seconds, int | float) and math.isfinite(self.seconds)
+                and MIN_CLIP_SECONDS <= self.seconds <= MAX_CLIP_SECONDS):
+            raise UsageError(f"{spelled('--clip-seconds', 'clip seconds')} must be a number of seconds in "
+                             f"{MIN_CLIP_SECONDS}..{MAX_CLIP_SECONDS}, got {self.seconds!r}")
+        if self.crop not in CROP_POLICIES:
+            raise UsageError(f"crop must be one of {', '.join(CROP_POLICIES)}, not {self.crop!r}")
 
     @property
     def samples(self) -> int:
@@ -130,16 +143,52 @@ def _folder_source(root: Path) -> ClipSource:
     return ClipSource(clips, classes, {"kind": "folder", "path": str(root)})
 
 
-def _read_manifest_rows(path: Path) -> list[dict[str, Any]]:
-    size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise InputError(f"{path}: manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} read")
+def open_regular(path: str | os.PathLike[str], what: str = "file") -> Any:
+    """Open ``path`` for binary reading only if it is a regular file: opened without blocking and checked on
+    the open descriptor, so a FIFO never hangs the reader and a device is never read. Raises ``OSError``
+    (``ENOENT``...) or :class:`NotRegularFile`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read manifest: {exc}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path}: the {what} is not a regular file (a device, pipe or socket)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class NotRegularFile(ValueError):
+    """A path that should be a regular file is a device, FIFO, socket or directory."""
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (one-line errors otherwise)."""
+    try:
+        with open_regular(path, what) as fh:
+            data = fh.read(limit + 1)
+    except NotRegularFile as exc:
+        raise UsageError(str(exc)) from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: the {what} is a directory") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise InputError(f"{path}: the {what} is larger than the {limit} bytes read")
+    return data
+
+
+def _read_manifest_rows(path: Path) -> list[dict[str, Any]]:
+    data = read_bounded(path, MAX_MANIFEST_BYTES, "manifest")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: cannot read manifest: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if path.suffix.lower() == ".csv":
-        return list(csv.DictReader(io.StringIO(text)))
+        try:
+            return list(csv.DictReader(io.StringIO(text)))
+        except csv.Error as exc:
+            raise InputError(f"{path}: not a valid CSV manifest: {exc}") from None
     try:
         if path.suffix.lower() == ".jsonl":
             rows: Any = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -147,11 +196,25 @@ def _read_manifest_rows(path: Path) -> list[dict[str, Any]]:
             rows = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a manifest") from None
     if isinstance(rows, dict) and isinstance(rows.get("clips"), list):
         rows = rows["clips"]
     if not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows)):
         raise InputError(f"{path}: expected a list of objects (or {{\"clips\": [...]}})")
     return rows
+
+
+def _under_root(path: Path, row: int, rel: str, root: Path) -> Path:
+    """``root / rel`` if it stays under ``root`` (no ``..`` out of it, no absolute path elsewhere)."""
+    if "\0" in rel:
+        raise InputError(f"{path}: row {row} has a path with a NUL character")
+    root_abs = os.path.abspath(root)
+    joined = os.path.normpath(os.path.join(root_abs, rel))
+    if joined != root_abs and not joined.startswith(root_abs.rstrip(os.sep) + os.sep):
+        raise InputError(f"{path}: row {row}: {rel!r} is outside the audio root {root}; a manifest's paths stay "
+                         f"under {spelled('--audio-root', 'audio_root')} (default: the manifest's directory)")
+    return root / rel
 
 
 def _label_names(values: list[Any]) -> tuple[list[str], dict[str, int]]:
@@ -175,9 +238,9 @@ def _manifest_source(path: Path, *, path_column: str, label_column: str, fold_co
     has_folds = bool(rows) and all(r.get(fold_column) not in (None, "") for r in rows)
     fold_names, fold_index = _label_names([r[fold_column] for r in rows]) if has_folds else (None, {})
     clips = []
-    for r in rows:
+    for i, r in enumerate(rows):
         rel = str(r[path_column])
-        clips.append(Clip(id=rel, label=index[str(r[label_column])], path=base / rel,
+        clips.append(Clip(id=rel, label=index[str(r[label_column])], path=_under_root(path, i + 1, rel, base),
                           fold=fold_index[str(r[fold_column])] if has_folds else None))
     return ClipSource(clips, names, {"kind": "manifest", "path": str(path), "audio_root": str(base),
                                      "path_column": path_column, "label_column": label_column,
@@ -191,6 +254,10 @@ def _hf_source(root: Path, *, audio_column: str, label_column: str, fold_column:
     except ImportError:
         raise UsageError(f'{root}: reading a saved Hugging Face dataset needs the datasets package; run: '
                          f'pip install "feda2v-tk[datasets]"') from None
+    import sys
+
+    if not sys.stderr.isatty() and datasets.is_progress_bar_enabled():  # no \r-redrawn bars in logs
+        datasets.disable_progress_bars()
     try:
         ds: Any = datasets.load_from_disk(str(root))
     except Exception as exc:  # datasets raises several types for a broken directory
@@ -263,7 +330,11 @@ def load_clip(what: Any, policy: ClipPolicy) -> tuple[Any, int]:
     import soundfile as sf
     import soxr
 
+    opened = None
     try:
+        if isinstance(what, str | os.PathLike):
+            opened = open_regular(what, "audio file")  # a FIFO or device in a manifest: refused, never read
+            what = opened
         with sf.SoundFile(what) as fh:
             rate, total = fh.samplerate, fh.frames
             if total == 0:
@@ -276,8 +347,13 @@ def load_clip(what: Any, policy: ClipPolicy) -> tuple[Any, int]:
             data = fh.read(keep + 64, dtype="float32", always_2d=True)
     except AudioError:
         raise
+    except NotRegularFile:
+        raise AudioError("not a regular file (a device, pipe or socket)") from None
     except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as exc:
         raise AudioError(f"unreadable: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from None
+    finally:
+        if opened is not None:
+            opened.close()
     if data.shape[0] == 0:
         raise AudioError("empty: the file holds no audio samples")
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]

@@ -7,7 +7,11 @@ The convention (checked for every registered command, plugin commands included, 
 * ``--json`` prints a machine-readable report on stdout (every command that reports);
 * ``-q/--quiet`` silences status messages;
 * ``--overwrite`` replaces an existing output;
-* ``--seed`` takes an integer in ``[0, 2**31 - 1]`` (:data:`SEED`);
+* ``--seed`` takes an integer in ``[0, 2**31 - 1]`` (:data:`SEED`), default 0 where it is not drawn at random;
+* ``--device`` is ``auto|cpu|cuda``, default ``auto`` (:data:`DEVICE`);
+* ``-k/--samples-per-class`` is a number of samples per class or ``auto`` (:data:`SAMPLES`);
+* ``--full-length`` is the full sequence length L, ``--test-fraction`` the share of real clips held out for
+  testing, ``--progress/--no-progress`` shows progress on every long command (on unless ``-q``);
 * ``--traceback`` (on ``feda2v-tk`` itself) shows tracebacks; ``-v`` is not used for it.
 """
 
@@ -17,3 +21,54 @@ import click
 
 #: the range of every ``--seed`` option (what torch.manual_seed and numpy accept alike)
 SEED = click.IntRange(0, 2**31 - 1)
+
+
+#: the choices of every ``--device`` option (default ``auto``: cuda when available)
+DEVICE = click.Choice(["auto", "cpu", "cuda"])
+DEVICE_HELP = "Where the model runs: auto (cuda when available), cpu or cuda."
+
+
+class SamplesPerClass(click.ParamType):
+    """A positive number of samples per class, or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        text = str(value).strip()
+        if text == "auto":
+            return text
+        try:
+            n = int(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a positive integer or 'auto'", param, ctx)
+        if n < 1:
+            self.fail(f"must be >= 1 (or 'auto'), got {n}", param, ctx)
+        return n
+
+
+#: the type of every ``-k/--samples-per-class`` option
+SAMPLES = SamplesPerClass()
+
+
+class Fraction(click.ParamType):
+    """A share strictly between 0 and 1; anything else is a one-line ``feda2v-tk: error:`` naming the option."""
+
+    name = "FRACTION"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        from feda2v_toolkit.errors import UsageError
+
+        option = param.opts[0] if param is not None and param.opts else "the fraction"
+        try:
+            share = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise UsageError(f"{option} must be a number between 0 and 1, got {value!r}") from None
+        if not 0 < share < 1:
+            raise UsageError(f"{option} must be between 0 and 1 (exclusive), got {value}")
+        return share
+
+
+#: the type of every ``--test-fraction`` option: a share strictly between 0 and 1
+FRACTION = Fraction()

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from feda2v_toolkit.commands._options import SEED
+from feda2v_toolkit.commands._options import FRACTION, SAMPLES, SEED
 from feda2v_toolkit.errors import UsageError
 
 
@@ -60,11 +60,14 @@ def _no_warnings() -> Iterator[None]:
         yield
 
 
-def _check_plot(plot_path: Path | None) -> None:
-    """Fail before the work, not after it, if a plot is asked for and matplotlib is missing."""
+def _check_plot(plot_path: Path | None, inputs: list[Path | None], overwrite: bool) -> None:
+    """Fail before the work, not after it, if a plot is asked for and matplotlib is missing or the plot
+    file may not be written (the overwrite rule)."""
     if plot_path is not None:
         from feda2v_toolkit.analysis.plot import _pyplot
+        from feda2v_toolkit.runtime.atomic import check_output
 
+        check_output(plot_path, inputs=[p for p in inputs if p is not None], overwrite=overwrite)
         _pyplot()
 
 
@@ -103,7 +106,8 @@ def _say(quiet: bool) -> Callable[[str], None]:
 @click.option("--dim", type=click.IntRange(min=1), help="Embedding width D [default: 768].")
 @click.option("--full-length", type=click.IntRange(min=1), help="Full sequence length L [default: 1214].")
 @click.option("--num-classes", type=click.IntRange(min=0),
-              help="Classes (per_class generators, label conditioning) [default: 10].")
+              help="Classes (per_class generators, label conditioning) [default: the data's; without --data, 10 "
+                   "are assumed and the report says so].")
 @click.option("--condition-dim", type=click.IntRange(min=0), help="Width of per-sample condition embeddings [0].")
 @click.option("--num-samples", type=click.IntRange(min=0),
               help="Training sequences: adds the trainer's reduced-data cache [default: 0, not counted].")
@@ -123,7 +127,7 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
 
     wanted = _ints("--lengths", lengths)
     budget = parse_size(memory_budget, option="--memory-budget") if memory_budget is not None else None
-    shape: dict[str, Any] = {}  # what is not given: plan()'s defaults (the AST shape, 10 classes)
+    shape: dict[str, Any] = {}  # what is not given: plan()'s defaults (the AST shape, 10 classes assumed)
     if data_path is not None:
         from feda2v_toolkit.data.open import open_dataset
 
@@ -154,9 +158,11 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
 @click.option("--upsamplers", help="Comma-separated upsampler names [default: every registered one].")
 @click.option("--all-pairs", is_flag=True,
               help="Also pair non-positional reducers (pca) with interpolating upsamplers.")
-@click.option("--holdout", default=0.25, show_default=True, type=float,
-              help="Share of each class held out for measuring (the rest fits reducers and upsamplers).")
-@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--test-fraction", default=0.25, show_default=True, type=FRACTION,
+              help="Share of each class's clips held out for measuring (the rest fits reducers and upsamplers).")
+@click.option("--holdout", "holdout_alias", type=FRACTION, hidden=True, help="Deprecated spelling of --test-fraction.")
+@click.option("--seed", default=0, show_default=True, type=SEED,
+              help="Seeds the held-out split (not drawn at random: the same seed, the same report).")
 @click.option("--pool-positions", default=64, show_default=True, type=click.IntRange(min=1),
               help="Positions the classifier's features are pooled to.")
 @click.option("--upsampler-epochs", default=1, show_default=True, type=click.IntRange(min=0),
@@ -165,11 +171,16 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
               help="Config whose component settings to use [default: schema defaults].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG plot here (needs matplotlib: pip install 'feda2v-tk[plot]').")
+@click.option("--overwrite", is_flag=True, help="Replace the --plot file if it exists.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress: messages per phase, and off a terminal a line every 15 s while one runs "
+                   "[default: on unless -q].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers: str | None, all_pairs: bool,
-                holdout: float, seed: int, pool_positions: int, upsampler_epochs: int, config_path: Path | None,
-                plot_path: Path | None, as_json: bool, quiet: bool) -> None:
+                test_fraction: float, holdout_alias: float | None, seed: int, pool_positions: int,
+                upsampler_epochs: int, config_path: Path | None, plot_path: Path | None, overwrite: bool,
+                progress: bool | None, as_json: bool, quiet: bool) -> None:
     """Measure what each reducer/upsampler pair keeps, per training length, on held-out data.
 
     R^2 and cosine of the reconstruction, downstream accuracy, and the linear optimum (position PCA)
@@ -177,16 +188,22 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
     """
     wanted = _ints("--lengths", lengths)
     assert wanted is not None
-    _check_plot(plot_path)
+    _check_plot(plot_path, [data_path, config_path], overwrite)
     from feda2v_toolkit.analysis.analyze import analyze
     from feda2v_toolkit.analysis.tables import analyze_text
+    from feda2v_toolkit.runtime.progress import heartbeat
 
     say = _say(quiet)
-    with _no_warnings():
-        result = analyze(data_path, wanted, reducers=_names(reducers), upsamplers=_names(upsamplers),
-                         holdout=holdout, seed=seed, pool_positions=pool_positions,
-                         config=str(config_path) if config_path else None, upsampler_epochs=upsampler_epochs,
-                         all_pairs=all_pairs, log=say)
+    log, stop = heartbeat(say if progress is not False else None)
+    try:
+        with _no_warnings():
+            result = analyze(data_path, wanted, reducers=_names(reducers), upsamplers=_names(upsamplers),
+                             holdout=holdout_alias if holdout_alias is not None else test_fraction, seed=seed,
+                             pool_positions=pool_positions, config=str(config_path) if config_path else None,
+                             upsampler_epochs=upsampler_epochs, all_pairs=all_pairs,
+                             log=log)
+    finally:
+        stop()
     _report(result, analyze_text, as_json=as_json, plot_path=plot_path, plot="plot_analysis", say=say)
 
 
@@ -199,23 +216,28 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
                    "and only the sequences the trainer held out are used.")
 @click.option("--train-data", "train_path", type=click.Path(path_type=Path),
               help="The model's training data: measures privacy (distance to closest record) with --split all.")
-@click.option("--test-fraction", default=0.5, show_default=True, type=float,
-              help="Share of each class's real sequences the downstream classifiers are tested on.")
-@click.option("-k", "--samples-per-class", type=click.IntRange(min=1),
-              help="Synthetic samples per class [default: as many as the class has real sequences].")
+@click.option("--test-fraction", default=0.5, show_default=True, type=FRACTION,
+              help="Share of each class's real clips the downstream classifiers are tested on.")
+@click.option("-k", "--samples-per-class", type=SAMPLES,
+              help="Synthetic samples per class, or 'auto': as many as the class has real clips [default: auto].")
 @click.option("--seed", default=0, show_default=True, type=SEED,
-              help="Seeds the synthetic draws (as `generate --seed`) and the real train/test split.")
+              help="Seeds the synthetic draws (as `generate --seed`) and the real train/test split (not drawn "
+                   "at random).")
 @click.option("--neighbours", default=5, show_default=True, type=click.IntRange(min=1),
               help="k of precision/recall/density/coverage.")
 @click.option("--pool-positions", default=64, show_default=True, type=click.IntRange(min=1),
               help="Positions the classifier's features are pooled to.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG plot here (needs matplotlib: pip install 'feda2v-tk[plot]').")
+@click.option("--overwrite", is_flag=True, help="Replace the --plot file if it exists.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress: messages per phase, and off a terminal a line every 15 s while one runs "
+                   "[default: on unless -q].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
-def evaluate_cmd(model_path: Path, data_path: Path, split: str, train_path: Path | None, test_fraction: float, samples_per_class: int | None,
-                 seed: int, neighbours: int, pool_positions: int, plot_path: Path | None, as_json: bool,
-                 quiet: bool) -> None:
+def evaluate_cmd(model_path: Path, data_path: Path, split: str, train_path: Path | None, test_fraction: float,
+                 samples_per_class: int | str | None, seed: int, neighbours: int, pool_positions: int,
+                 plot_path: Path | None, overwrite: bool, progress: bool | None, as_json: bool, quiet: bool) -> None:
     """Measure a MODEL's synthetic samples against held-out real data of the same classes.
 
     Per class: Frechet distance, mean/covariance gaps, diversity, precision/recall, density/coverage;
@@ -223,13 +245,19 @@ def evaluate_cmd(model_path: Path, data_path: Path, split: str, train_path: Path
     synthetic samples to their closest training sequence against held-out real ones (needs the training
     data: --train-data, or --split heldout). See docs/evaluation.md.
     """
-    _check_plot(plot_path)
+    _check_plot(plot_path, [model_path, data_path, train_path], overwrite)
     from feda2v_toolkit.analysis.evaluate import evaluate
     from feda2v_toolkit.analysis.tables import evaluate_text
+    from feda2v_toolkit.runtime.progress import heartbeat
 
     say = _say(quiet)
-    with _no_warnings():
-        result = evaluate(model_path, data_path, split=split, train_data=train_path, test_fraction=test_fraction,
-                          samples_per_class=samples_per_class, seed=seed, neighbours=neighbours,
-                          pool_positions=pool_positions, log=say)
+    log, stop = heartbeat(say if progress is not False else None)
+    try:
+        with _no_warnings():
+            result = evaluate(model_path, data_path, split=split, train_data=train_path, test_fraction=test_fraction,
+                              samples_per_class=None if samples_per_class == "auto" else samples_per_class,
+                              seed=seed, neighbours=neighbours, pool_positions=pool_positions,
+                              log=log)
+    finally:
+        stop()
     _report(result, evaluate_text, as_json=as_json, plot_path=plot_path, plot="plot_evaluation", say=say)

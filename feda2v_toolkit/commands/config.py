@@ -175,13 +175,17 @@ def _write_backup(path: Path, data: bytes) -> Path:
     raise UsageError(f"{path}: cannot create a backup file")
 
 
-def _plan_outputs(items: list[_Input], output: Path, single: bool) -> dict[str, Path]:
+def _plan_outputs(items: list[_Input], output: Path, single: bool, overwrite: bool = False) -> dict[str, Path]:
     """Where ``-o OUT`` writes each input: OUT itself for one file, else OUT/<path under its directory>.
 
-    Checked before anything is written: no input is overwritten and no two inputs share a target.
+    Checked before anything is written: no input is overwritten, no two inputs share a target, and an
+    existing target needs ``--overwrite`` (the overwrite rule, ``runtime.atomic.check_output``).
     """
+    from feda2v_toolkit.runtime.atomic import check_output
+
     plan: dict[str, Path] = {}
     owners: dict[Path, str] = {}
+    inputs = [item.path for item in items if item.path is not None]
     for item in items:
         if item.path is None or (single and not output.is_dir() and not str(output).endswith(os.sep)):
             target = output
@@ -192,6 +196,7 @@ def _plan_outputs(items: list[_Input], output: Path, single: bool) -> dict[str, 
             raise UsageError(f"{item.name}: -o would overwrite the input; use --in-place")
         if target in owners:
             raise UsageError(f"{item.name} and {owners[target]} would both be written to {target}")
+        check_output(target, inputs=inputs, overwrite=overwrite, role="config")
         owners[target] = item.name
         plan[item.name] = target
     return plan
@@ -222,12 +227,13 @@ def _diff(name: str, old: str, new: str) -> str:
 @click.option("--keep-old-defaults", is_flag=True,
               help="Write the old values of defaults changed in schema version 3 (generator_type, "
                    "generator_upsampler) into sections that relied on them: the original behaviour.")
+@click.option("--overwrite", is_flag=True, help="With -o: replace files that exist there.")
 @click.option("--json", "as_json", is_flag=True,
               help="Report on stdout as JSON (per file: changed, changes, notes, error) instead of the config.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not list the changes.")
 def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: bool, output: Path | None,
-                output_alias: Path | None, training_length: int | None, keep_old_defaults: bool, as_json: bool,
-                quiet: bool) -> None:
+                output_alias: Path | None, training_length: int | None, keep_old_defaults: bool, overwrite: bool,
+                as_json: bool, quiet: bool) -> None:
     """Migrate configs to the current schema through the versioned migration chains.
 
     Read-only by default: prints the migrated config (or --diff) on stdout and the list of changes on
@@ -250,7 +256,7 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
     if in_place and any(item.path is None for item in items):
         raise UsageError("--in-place cannot rewrite standard input")
     options = {"training_length": training_length, "keep_old_defaults": keep_old_defaults}
-    targets = _plan_outputs(items, output, single) if output is not None else {}
+    targets = _plan_outputs(items, output, single, overwrite) if output is not None else {}
     catalog = None
     stdout = _BinaryOut()
     io_failed = failed = False
@@ -327,9 +333,15 @@ def migrate_cmd(paths: tuple[str, ...], show_diff: bool, check: bool, in_place: 
 @click.option("--indent", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the schema to this file (atomically) instead of stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace the -o file if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not report the file written with -o.")
-def schema_cmd(generator: str | None, section: bool, indent: int, out_path: Path | None, quiet: bool) -> None:
+def schema_cmd(generator: str | None, section: bool, indent: int, out_path: Path | None, overwrite: bool,
+               quiet: bool) -> None:
     """Print the combined JSON Schema (core plus loaded plugins), for editor autocompletion."""
+    if out_path is not None:
+        from feda2v_toolkit.runtime.atomic import check_output
+
+        check_output(out_path, overwrite=overwrite)
     catalog = _catalog()
     schema = catalog.section_schema(generator) if section else catalog.document_schema(generator)
     if section:

@@ -11,7 +11,7 @@ import click
 @click.command("convert")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Model file to write (.safetensors); replaced atomically if it exists.")
+              help="Model file to write (.safetensors); an existing one only with --overwrite.")
 @click.option("--dim", type=click.IntRange(min=1),
               help="Embedding width D, for files that store no sequence_length [default: 768]; checked "
                    "against the weights otherwise.")
@@ -26,11 +26,12 @@ import click
 @click.option("--upsampler", default="linear", show_default=True,
               help="Interpolating upsampler (linear is the original).")
 @click.option("--dry-run", is_flag=True, help="Check and report; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, once the model is built).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No status messages.")
 def convert_cmd(checkpoints: tuple[Path, ...], out_path: Path, dim: int | None, training_length: int | None,
                 full_length: int, output_length: int | None, classes: str | None, upsampler: str, dry_run: bool,
-                as_json: bool, quiet: bool) -> None:
+                overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Convert original FedA2V generator CHECKPOINTS (.pt) into one feda2v-tk model file.
 
     Accepts one unified checkpoint (client or server), a server file with prompt_generators, or the
@@ -42,10 +43,10 @@ def convert_cmd(checkpoints: tuple[Path, ...], out_path: Path, dim: int | None, 
     options = {"dim": dim, "training_length": training_length, "full_length": full_length,
                "output_length": output_length, "class_names": classes, "upsampler": upsampler}
     if dry_run:
-        check_output(out_path, checkpoints)
+        check_output(out_path, checkpoints, overwrite=overwrite)
         result = convert_checkpoints(checkpoints, **options)
     else:
-        result = convert(checkpoints, out_path, **options)
+        result = convert(checkpoints, out_path, overwrite=overwrite, **options)
     if not quiet:
         for note in result.notes:
             click.echo(f"feda2v-tk: {note}", err=True)

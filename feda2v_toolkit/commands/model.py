@@ -8,54 +8,54 @@ from typing import Any
 
 import click
 
-from feda2v_toolkit.commands._options import SEED
+from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, SAMPLES, SEED
 from feda2v_toolkit.commands._warnings import warnings_as_messages
-
-
-def _samples_option(value: str | None) -> int | str | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise click.BadParameter("a positive integer or 'auto'") from None
-    if n < 1:
-        raise click.BadParameter("must be >= 1")
-    return n
 
 
 @click.command("generate")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output directory for the safetensors shards (must be absent or empty).")
-@click.option("-k", "--samples-per-class", "samples", callback=lambda _c, _p, v: _samples_option(v),
-              help="Samples per class, or 'auto' (as many as in training) [default: the config's "
-                   "synthetic_samples_per_class].")
+              help="Output directory for the safetensors shards (absent or empty; --overwrite replaces one that "
+                   "holds only dataset shards).")
+@click.option("-k", "--samples-per-class", "samples", type=SAMPLES,
+              help="Samples per class, or 'auto' (as many as the class had training clips) [default: the "
+                   "config's synthetic_samples_per_class].")
 @click.option("--classes", help="Comma-separated class names [default: all].")
 @click.option("--output-length", type=click.IntRange(min=1),
-              help="Tokens per sample [default: generator_output_sequence_length, else the training length].")
+              help="Tokens per sample [default: the model's output length: generator_output_sequence_length, "
+                   "else the training length; `inspect` shows it]. The training data's full length (1214 for "
+                   "AST) gives full-length samples.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Sample dtype [default: the training data's dtype, else float32].")
-@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--seed", default=0, show_default=True, type=SEED,
+              help="Seeds the draws (not drawn at random: the same seed writes the same bytes).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Samples drawn per model call; with the seed, it determines the samples.")
 @click.option("--conditions", "conditions_path", type=click.Path(path_type=Path),
               help="Dataset file with 'conditions' (and 'labels') for embedding-conditioned models.")
 @click.option("--shard-size", "shard_mb", default=256, show_default=True, type=click.IntRange(min=1),
               help="Approximate shard size in MiB.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
-@click.option("--progress/--no-progress", default=None, help="Progress bar [default: when on a terminal].")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds shards already (once the new ones are done).")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@click.option("--progress/--no-progress", default=None,
+              help="Progress: a bar on a terminal, else a line every 15 s [default: on unless -q].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds only dataset shards (once the new ones "
+                                                "are done).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No status messages.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or status messages.")
 def generate_cmd(model_path: Path, out_dir: Path, samples: int | str | None, classes: str | None,
                  output_length: int | None, dtype: str | None, seed: int, batch_size: int,
                  conditions_path: Path | None, shard_mb: int, device: str, progress: bool | None, overwrite: bool,
                  as_json: bool, quiet: bool) -> None:
-    """Sample a trained MODEL and write full-length safetensors shards to OUT.
+    """Sample a trained MODEL and write the samples to OUT as safetensors shards.
 
-    The shards use the dataset format, so they feed straight back into train, analyze or evaluate.
+    Samples have the model's output length (generator_output_sequence_length, else the training length:
+    `inspect` shows it; --output-length to choose). The shards use the dataset format, so they feed
+    straight back into train, analyze or evaluate.
     """
+    from feda2v_toolkit.runtime.atomic import check_output
+
+    inputs = [model_path] + ([conditions_path] if conditions_path is not None else [])
+    check_output(out_dir, inputs=inputs, overwrite=overwrite, directory=True)
     from feda2v_toolkit.model.file import load_model
     from feda2v_toolkit.model.generate import generate
     from feda2v_toolkit.runtime.malloc import reuse_freed_memory
@@ -67,7 +67,7 @@ def generate_cmd(model_path: Path, out_dir: Path, samples: int | str | None, cla
     with warnings_as_messages():
         report = generate(model, out_dir, samples=samples, classes=names, length=output_length, dtype=dtype,
                           seed=seed, batch_size=batch_size, conditions=conditions_path, shard_bytes=shard_mb * 2**20,
-                          progress=progress, overwrite=overwrite,
+                          progress=False if quiet and progress is None else progress, overwrite=overwrite,
                           log=None if quiet else lambda m: click.echo(f"feda2v-tk: {m}", err=True))
     if as_json:
         click.echo(json.dumps({"directory": str(report.directory), "samples": report.samples,

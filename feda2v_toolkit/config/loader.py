@@ -98,6 +98,20 @@ def _error_text(name: str, errors: list[Finding]) -> str:
                       *(f"  {problem(f)}" for f in errors)])
 
 
+def resolve_upsampler(section: dict[str, Any]) -> None:
+    """Make a loaded section say the upsampler it selects, in both keys: the original flag
+    ``use_learned_upsampling: true`` selects ``learned`` whatever ``generator_upsampler`` says
+    (:func:`~feda2v_toolkit.config.configured_upsampler`, the one place that decides), so a section shows
+    ``generator_upsampler: "learned"`` with the flag true, and any other upsampler with it false."""
+    from feda2v_toolkit.config import configured_upsampler
+
+    chosen = configured_upsampler(section)
+    if chosen is None:
+        return
+    section["generator_upsampler"] = chosen
+    section["use_learned_upsampling"] = chosen == "learned"
+
+
 def load_experiment(source: ConfigSource, overrides: Mapping[str, Any] | None = None, *,
                     registry: Any = None, _stacklevel: int = 1) -> LoadedConfig:
     """Load a config (path, JSON text, or mapping) the way :func:`load_config` does, keeping everything.
@@ -152,11 +166,13 @@ def load_experiment(source: ConfigSource, overrides: Mapping[str, Any] | None = 
     if not section_path and isinstance(section.get(NODES_KEY), (dict, list)):
         del section[NODES_KEY]
     _coerce(catalog, section)
+    resolve_upsampler(section)
     nodes: dict[str, dict[str, Any]] = {}
     for loc in layout.nodes:
         node = {**copy.deepcopy(section), **{k: copy.deepcopy(v) for k, v in loc.data.items()
                                              if k in catalog.keys or k in catalog.node_keys}}
         _coerce(catalog, node)
+        resolve_upsampler(node)
         nodes[loc.node_id or ""] = node
     return LoadedConfig(name, doc, section, nodes, warned)
 
@@ -175,7 +191,8 @@ def load_config(source: ConfigSource, overrides: Mapping[str, Any] | None = None
     Deprecated keys are migrated in memory with one ``DeprecationWarning`` each, naming the replacement
     and the ``feda2v-tk migrate`` command that fixes the file. Validation warnings are emitted as
     :class:`ConfigWarning`. Non-generator keys of the section are kept; defaults come only from the
-    registered schema fragments.
+    registered schema fragments. The upsampler is shown as used: ``use_learned_upsampling: true`` gives
+    ``generator_upsampler: "learned"`` (:func:`resolve_upsampler`).
     """
     return load_experiment(source, overrides, registry=registry, _stacklevel=2).section
 

@@ -39,6 +39,22 @@ _LEGACY_EMBEDDING_KEYS = ("embeddings", "audio_embeddings", "features", "x")
 _LEGACY_LABEL_KEYS = ("labels", "targets", "y")
 
 
+def mmap_error(path: Path, exc: BaseException) -> UsageError | None:
+    """A one-line :class:`UsageError` when a file cannot be memory-mapped because it is larger than the
+    process's address space (``ulimit -v``), which safetensors reports as ``unable to mmap``, an ``ENOMEM``
+    OS error or a ``MemoryError``; ``None`` for anything else."""
+    text = str(exc).lower()
+    if not ("mmap" in text or isinstance(exc, MemoryError) or getattr(exc, "errno", None) == 12
+            or "os error 12" in text):
+        return None
+    try:
+        size = f" ({path.stat().st_size / 2**30:.1f} GiB)"
+    except OSError:
+        size = ""
+    return UsageError(f"{path}: cannot memory-map the file{size}: it is larger than this process may map "
+                      "(ulimit -v); raise the virtual memory limit or split the dataset into shards")
+
+
 @dataclass
 class Batch:
     """A batch read from a dataset: float32 embeddings, long labels, optional float32 conditions."""
@@ -64,8 +80,8 @@ class _Source:
         try:
             with safe_open(str(self.path), framework="pt") as fh:
                 return fh.get_slice(name)[lo:hi]
-        except (SafetensorError, OSError) as exc:
-            raise InputError(f"{self.path}: cannot read {name!r}: {exc}") from None
+        except (SafetensorError, OSError, MemoryError) as exc:
+            raise mmap_error(self.path, exc) or InputError(f"{self.path}: cannot read {name!r}: {exc}") from None
 
 
 def _class_names_from_metadata(path: Path, meta: dict[str, str] | None) -> list[str] | None:

@@ -196,8 +196,11 @@ def write_demo_dataset(path: str | os.PathLike[str], num_per_class: int = 24, *,
                        shard_bytes: int | None = None, first_clip: int = 0, overwrite: bool = False) -> Path:
     """Write the demo dataset: one ``.safetensors`` file, or a shard directory (streamed, bounded memory).
 
-    ``overwrite`` replaces an existing shard directory (a file is always replaced atomically)."""
-    out = Path(path)
+    An existing output is replaced only with ``overwrite`` (the overwrite rule,
+    :func:`~feda2v_toolkit.runtime.atomic.check_output`; a directory only if it holds nothing but shards)."""
+    from feda2v_toolkit.runtime.atomic import check_output
+
+    out = check_output(path, overwrite=overwrite, directory=Path(path).suffix != ".safetensors")
     meta = {"source": "feda2v-tk demo"}
     if out.suffix == ".safetensors":
         emb, labels, names = make_demo_dataset(num_per_class, seq_len=seq_len, dim=dim, num_classes=num_classes,

@@ -25,8 +25,17 @@ from feda2v_toolkit.data.dataset import (
     _checked_class_names,
     _class_names_from_metadata,
     _Source,
+    mmap_error,
 )
-from feda2v_toolkit.errors import InputError, NewerVersionError, UsageError, short_list
+from feda2v_toolkit.errors import (
+    InputError,
+    NewerVersionError,
+    ToolkitError,
+    UsageError,
+    first_line,
+    short_list,
+    unpickling_refusal,
+)
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -59,16 +68,29 @@ def _is_regular(path: Path) -> bool:
 
 def _load_pt(path: Path) -> Any:
     """``torch.load`` a legacy cache with ``weights_only=True`` (memory-mapped when the format allows)."""
+    import warnings
+
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):  # files from torch's legacy (non-zip) format cannot be memory-mapped
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or pickled-object files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot read as a PyTorch tensor cache (weights_only): {first}") from None
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "zipfile" not in str(exc):  # torch's legacy (non-zip) format cannot be memory-mapped
+                    raise
+                from feda2v_toolkit.runtime.resources import require_memory
+
+                require_memory(path.stat().st_size * 2, f"{path}: reading a legacy (non-zip) .pt cache whole",
+                               hint="convert it once on a larger machine with feda2v-tk convert-data")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except ToolkitError:
+        raise
+    except Exception as exc:  # torch raises many types for corrupt, pickled-object or unmappable files
+        refusal = unpickling_refusal(exc)
+        handled = mmap_error(path, exc) if refusal is None else None
+        if handled is None:
+            handled = InputError(f"{path}: cannot read as a PyTorch tensor cache: {refusal or first_line(exc)}")
+        raise handled from None
     return obj
 
 
@@ -154,13 +176,10 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
                     _require_label_memory(file, fh.get_slice("labels").get_shape())
                     labels = fh.get_tensor("labels")
                     cond_shape = tuple(fh.get_slice("conditions").get_shape()) if "conditions" in keys else None
-            except SafetensorError as exc:
-                if "mmap" in str(exc).lower():  # the file is fine; the address space (ulimit -v) is not
-                    raise UsageError(f"{file}: cannot memory-map the file ({exc}); raise the virtual memory "
-                                     "limit (ulimit -v) or split the dataset into shards") from None
-                raise InputError(f"{file}: not a valid safetensors file ({exc})") from None
+            except (SafetensorError, MemoryError) as exc:  # the file may be fine and the address space not
+                raise mmap_error(file, exc) or InputError(f"{file}: not a valid safetensors file ({exc})") from None
             except OSError as exc:
-                raise UsageError(f"{file}: cannot read: {exc.strerror or exc}") from None
+                raise mmap_error(file, exc) or UsageError(f"{file}: cannot read: {exc.strerror or exc}") from None
             _check_format(file, meta)
             names = _class_names_from_metadata(file, meta)
         if len(emb_shape) != 3:

@@ -14,6 +14,8 @@ Both give a :class:`~feda2v_toolkit.data.dataset.Dataset`, so ``train``, ``analy
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +42,46 @@ class _Rows:
         return self.tensor[index].clone()
 
 
+def _class_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def is_ast_cache(path: Path) -> bool:
     """Whether ``path`` is a directory in the original code's cache layout (class dirs with a manifest)."""
     if not path.is_dir():
         return False
-    if (path / MANIFEST).is_file():
+    if os.path.lexists(path / MANIFEST):
         return True
-    return any(p.is_dir() and (p / MANIFEST).is_file() for p in path.iterdir())
+    return any(os.path.lexists(p / MANIFEST) for p in _class_dirs(path))
 
 
 def _manifest(path: Path) -> dict[str, Any]:
-    size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise InputError(f"{path}: manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} read")
+    from feda2v_toolkit.errors import UsageError
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the cache manifest: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"{path}: the cache manifest is not a regular file (a device, pipe, socket or "
+                             "directory)")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise InputError(f"{path}: manifest is {info.st_size} bytes, more than the {MAX_MANIFEST_BYTES} read")
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise InputError(f"{path}: manifest is more than the {MAX_MANIFEST_BYTES} bytes read")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: cannot read the cache manifest: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{path}: cannot read the cache manifest: JSON nested too deeply") from None
     if not isinstance(data, dict) or not isinstance(data.get("chunks"), list):
         raise InputError(f"{path}: not an AST cache manifest (no 'chunks' list)")
     return data
@@ -65,13 +90,20 @@ def _manifest(path: Path) -> dict[str, Any]:
 def _chunk(path: Path, expected_rows: Any) -> Tensor:
     import numpy as np
 
-    if not path.is_file():
-        raise InputError(f"{path}: chunk listed in the manifest is missing")
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        raise InputError(f"{path}: chunk listed in the manifest is missing") from None
+    if not regular:
+        raise InputError(f"{path}: chunk listed in the manifest is not a regular file")
     try:
         # copy-on-write map: even a stray write never reaches the file
         arr = np.load(path, mmap_mode="c", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read as a .npy array: {exc}") from None
+    except EOFError:
+        raise InputError(f"{path}: empty or truncated .npy chunk") from None
+    except Exception as exc:  # numpy raises ValueError, OSError, OverflowError... for corrupt headers
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot read as a .npy array: {first}") from None
     if arr.ndim != 3 or arr.dtype not in (np.float32, np.float16):
         raise InputError(f"{path}: expected a float32 [n, S, D] array, found {arr.dtype} {list(arr.shape)}")
     if isinstance(expected_rows, int) and expected_rows != arr.shape[0]:
@@ -83,8 +115,11 @@ def open_ast_cache(root: Path) -> Any:
     """Open a cache directory of the original code as a :class:`~feda2v_toolkit.data.dataset.Dataset` (streaming)."""
     from feda2v_toolkit.data.dataset import Dataset, _Source
 
-    class_dirs = [root] if (root / MANIFEST).is_file() else sorted(
-        p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    class_dirs = [root] if os.path.lexists(root / MANIFEST) else _class_dirs(root)
+    for d in class_dirs:  # a class without its manifest would silently go missing
+        if not os.path.lexists(d / MANIFEST):
+            raise InputError(f"{d}: class directory of the AST cache {root} has no {MANIFEST}; restore it or move "
+                             "the directory out of the cache")
     entries: list[tuple[str, Path, dict[str, Any]]] = []
     for d in class_dirs:
         manifest = _manifest(d / MANIFEST)

@@ -79,33 +79,68 @@ def split_dataset(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     """Write ``out_dir/node<i>.safetensors`` for every node; returns per-node paths and class counts.
 
     Every node file keeps the full class-name list (so labels mean the same everywhere); a node may hold
-    no sequences of some classes. A node that would get no sequences at all is an error.
+    no clips of some classes. A node that would get no clips at all is an error. The overwrite rule
+    (:func:`~feda2v_toolkit.runtime.atomic.check_output`): ``out_dir`` is not, nor inside, nor holding the
+    data; existing node files are replaced only with ``overwrite`` (other files in ``out_dir`` are left
+    alone). All node files are written to a hidden staging directory first and moved into place together:
+    a failure (a full disk) leaves nothing, not even a new empty ``out_dir``.
     """
+    import shutil
+    import tempfile
+
     from feda2v_toolkit.data.open import open_dataset
     from feda2v_toolkit.data.writer import write_dataset
+    from feda2v_toolkit.errors import write_error
+    from feda2v_toolkit.runtime.atomic import (
+        check_inputs,
+        check_output,
+        make_parents,
+        remove_created,
+        remove_stale_temporaries,
+        temp_prefix,
+    )
 
-    ds = open_dataset(data)
-    out = Path(out_dir)
+    out = check_inputs(out_dir, [data], role="input dataset")
+    if os.path.lexists(out) and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory; split writes node files into a directory")
     paths = [out / f"node{i}.safetensors" for i in range(nodes)]
-    if not overwrite:
-        existing = [p for p in paths if p.exists()]
-        if existing:
-            raise UsageError(f"{existing[0]}: exists; pass --overwrite to replace the node files")
+    for path in paths:
+        check_output(path, overwrite=overwrite)
+    ds = open_dataset(data)
     node_of = assign(ds.labels, ds.num_classes, nodes, how=how, alpha=alpha, seed=seed)
     empty = [i for i in range(nodes) if not bool((node_of == i).any())]
     if empty:
-        raise InputError(f"{ds.path}: node(s) {', '.join(map(str, empty))} would get no sequences "
-                         f"({len(ds)} sequences over {nodes} nodes); use fewer nodes or a larger alpha")
-    out.mkdir(parents=True, exist_ok=True)
+        raise InputError(f"{ds.path}: node(s) {', '.join(map(str, empty))} would get no clips "
+                         f"({len(ds)} clips over {nodes} nodes); use fewer nodes or a larger alpha")
     result: dict[str, Any] = {"source": str(ds.path), "by": how, "seed": seed, "nodes": []}
     if how == "dirichlet":
         result["alpha"] = alpha
-    for i, path in enumerate(paths):
-        idx = (node_of == i).nonzero().flatten()
-        batch = ds.read(idx, dtype=ds.storage_dtype)
-        conditions = ds.read_conditions(idx) if ds.condition_dim else None
-        write_dataset(path, batch.embeddings, batch.labels, class_names=ds.class_names, conditions=conditions)
-        counts = torch.bincount(batch.labels, minlength=ds.num_classes).tolist()
-        result["nodes"].append({"path": str(path), "sequences": int(idx.numel()),
-                                "classes": {c: n for c, n in zip(ds.class_names, counts, strict=True) if n}})
+    created = make_parents(out / "node0.safetensors")
+    staging: Path | None = None
+    try:
+        if not out.is_dir():
+            out.mkdir()
+            created.append(out)
+        remove_stale_temporaries(out, ".partial")
+        staging = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".partial", dir=out.parent))
+        for i, path in enumerate(paths):
+            idx = (node_of == i).nonzero().flatten()
+            batch = ds.read(idx, dtype=ds.storage_dtype)
+            conditions = ds.read_conditions(idx) if ds.condition_dim else None
+            write_dataset(staging / path.name, batch.embeddings, batch.labels, class_names=ds.class_names,
+                          conditions=conditions, display=path)
+            counts = torch.bincount(batch.labels, minlength=ds.num_classes).tolist()
+            result["nodes"].append({"path": str(path), "clips": int(idx.numel()),
+                                    "classes": {c: n for c, n in zip(ds.class_names, counts, strict=True) if n}})
+        for path in paths:
+            os.replace(staging / path.name, path)
+        staging.rmdir()
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        remove_created(created)
+        handled = write_error(out, exc) if isinstance(exc, Exception) else None
+        if handled is not None:
+            raise handled from None
+        raise
     return result

@@ -14,13 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from feda2v_toolkit import __version__
 from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES, DTYPES, FLOAT_DTYPES, FORMAT, FORMAT_VERSION
-from feda2v_toolkit.errors import UsageError, short_list
-from feda2v_toolkit.runtime.atomic import atomic_path, default_mode, remove_stale_temporaries, temp_prefix
+from feda2v_toolkit.errors import UsageError, write_error
+from feda2v_toolkit.runtime.atomic import (
+    check_output,
+    default_mode,
+    make_parents,
+    remove_created,
+    remove_stale_temporaries,
+    replace_directory,
+    temp_prefix,
+)
+from feda2v_toolkit.runtime.tensorfile import write_safetensors, write_tensor_file
 
 
 def dataset_metadata(class_names: Sequence[str], extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -33,11 +41,14 @@ def dataset_metadata(class_names: Sequence[str], extra: dict[str, str] | None = 
 
 def write_dataset(path: str | os.PathLike[str], embeddings: Any, labels: Any, *,
                   class_names: Sequence[str] | None = None, conditions: Any = None,
-                  dtype: str | torch.dtype | None = None, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write one dataset file atomically from tensors or numpy arrays.
+                  dtype: str | torch.dtype | None = None, extra_metadata: dict[str, str] | None = None,
+                  display: str | os.PathLike[str] | None = None) -> Path:
+    """Write one dataset file atomically from tensors or numpy arrays (byte for byte the same for the same
+    input; a full disk is a one-line error naming ``path``, or ``display``, and leaves nothing).
 
     ``embeddings`` ``[N, S, D]``, ``labels`` ``[N]`` ints, ``conditions`` ``[N, C]`` or None; class
     names default to ``class_0..``; ``dtype`` converts the embeddings (default: keep a float dtype).
+    A low-level writer: it replaces ``path``; commands check the overwrite rule first.
     """
     emb = torch.as_tensor(embeddings)
     lab = torch.as_tensor(labels).to(torch.long)
@@ -56,10 +67,7 @@ def write_dataset(path: str | os.PathLike[str], embeddings: Any, labels: Any, *,
         if cond.dim() != 2 or cond.shape[0] != emb.shape[0]:
             raise ValueError(f"conditions must be [N, C], got {list(cond.shape)}")
         tensors["conditions"] = cond.contiguous()
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=dataset_metadata(names, extra_metadata))
-    return out
+    return write_safetensors(Path(path), tensors, dataset_metadata(names, extra_metadata), display=display)
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -70,43 +78,37 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def _check_replaceable(directory: Path) -> None:
-    """``--overwrite`` replaces a dataset directory, never anything else: only ``*.safetensors`` shards."""
-    if not directory.is_dir() or directory.is_symlink():
-        raise UsageError(f"{directory}: exists and is not a directory; --overwrite replaces shard directories only")
-    others = [p.name for p in directory.iterdir() if p.suffix != ".safetensors" or not p.is_file()]
-    if others:
-        raise UsageError(f"{directory}: holds files that are not dataset shards ({short_list(others, 3)}); "
-                         "not replacing it -- remove it yourself or choose another output directory")
-
-
 class DatasetWriter:
     """Stream rows into a shard directory with bounded memory; all-or-nothing.
 
     Shards (``part-00000.safetensors``, ...) are written, by one background thread so that writing
     overlaps producing the next shard, into a hidden staging directory next to
-    ``directory``; :meth:`close` moves them into place (``directory`` must be absent or empty). If the
-    ``with`` block raises (including KeyboardInterrupt) nothing is left behind.
+    ``directory``; :meth:`close` moves them into place. ``directory`` must be absent or empty, or, with
+    ``overwrite``, hold only dataset shards (the overwrite rule, :func:`~feda2v_toolkit.runtime.atomic.check_output`),
+    which are replaced once the new ones are complete. If the ``with`` block raises (including
+    KeyboardInterrupt) nothing is left behind; a full disk is a one-line error naming ``directory``.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, class_names: Sequence[str],
                  dtype: str | torch.dtype = torch.float32, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  extra_metadata: dict[str, str] | None = None, overwrite: bool = False) -> None:
-        self.directory = Path(directory)
+        self.directory = check_output(directory, overwrite=overwrite, directory=True)
         self.overwrite = overwrite
-        if self.directory.exists() and (not self.directory.is_dir() or any(self.directory.iterdir())):
-            if not overwrite:
-                raise UsageError(f"{self.directory}: output directory exists and is not empty (--overwrite "
-                                 "replaces it)")
-            _check_replaceable(self.directory)
         self.class_names = list(class_names)
         self.dtype = _resolve_dtype(dtype) or torch.float32
         self.shard_bytes = int(shard_bytes)
         self.extra_metadata = extra_metadata or {}
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        self._created = make_parents(self.directory)
         remove_stale_temporaries(self.directory, ".partial")
-        self._staging = Path(tempfile.mkdtemp(prefix=temp_prefix(self.directory), suffix=".partial",
-                                              dir=self.directory.parent))
+        try:
+            self._staging = Path(tempfile.mkdtemp(prefix=temp_prefix(self.directory), suffix=".partial",
+                                                  dir=self.directory.parent))
+        except BaseException as exc:
+            remove_created(self._created)
+            handled = write_error(self.directory, exc) if isinstance(exc, Exception) else None
+            if handled is not None:
+                raise handled from None
+            raise
         self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._pending_rows = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feda2v-writer")
@@ -166,9 +168,15 @@ class DatasetWriter:
 
     def _write_shard(self, shard: Path, tensors: dict[str, Tensor]) -> None:
         """Write and fsync one shard (runs on the writer thread, overlapping the next shard's production)."""
-        save_file(tensors, str(shard), metadata=dataset_metadata(self.class_names, self.extra_metadata))
-        with open(shard, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            write_tensor_file(shard, tensors, dataset_metadata(self.class_names, self.extra_metadata))
+            with open(shard, "rb") as fh:
+                os.fsync(fh.fileno())
+        except Exception as exc:
+            handled = write_error(self.directory, exc)
+            if handled is not None:
+                raise handled from None
+            raise
         self.bytes_written += shard.stat().st_size
 
     def _wait(self) -> None:
@@ -191,18 +199,12 @@ class DatasetWriter:
             for shard in self.shards:
                 os.chmod(shard, file_mode)
             os.chmod(self._staging, default_mode(directory=True))
-            old = None
-            if self.directory.exists():
-                if self.overwrite and any(self.directory.iterdir()):
-                    old = self.directory.with_name(f"{temp_prefix(self.directory)}old.partial")
-                    os.replace(self.directory, old)  # moved aside, removed once the new one is in place
-                else:
-                    self.directory.rmdir()  # empty (checked at construction)
-            os.replace(self._staging, self.directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
+            replace_directory(self._staging, self.directory)  # the old shards go once the new ones are in place
+        except BaseException as exc:
             self.abort()
+            handled = write_error(self.directory, exc) if isinstance(exc, Exception) else None
+            if handled is not None:
+                raise handled from None
             raise
         self.shards = [self.directory / s.name for s in self.shards]
         return self.directory
@@ -215,6 +217,7 @@ class DatasetWriter:
             self._wait()
         self._pool.shutdown(wait=True)
         shutil.rmtree(self._staging, ignore_errors=True)
+        remove_created(self._created)
 
     def __enter__(self) -> DatasetWriter:
         return self

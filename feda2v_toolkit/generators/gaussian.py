@@ -162,7 +162,14 @@ class GaussianGenerator(Generator):
         """Fit on every training sequence of this generator at once: ``x [n, seq_len, dim]`` (standardised).
 
         Returns JSON-serialisable fit metrics (rank used, shrinkage, share of variance in the components).
+        A fit that runs long says so (:func:`feda2v_toolkit.runtime.progress.activity`).
         """
+        from feda2v_toolkit.runtime.progress import activity
+
+        with activity("fitting the gaussian generator"):
+            return self._fit(x, labels=labels, conditions=conditions, seed=seed)
+
+    def _fit(self, x: Tensor, *, labels: Tensor | None, conditions: Tensor | None, seed: int) -> dict[str, float]:
         n = x.shape[0]
         if n < 1:
             raise ValueError("the gaussian generator needs at least one training sequence")

@@ -76,6 +76,22 @@ class GenerativeModel:
         if unknown:
             raise ValueError(f"class_to_generator refers to missing generators: {sorted(unknown)}")
 
+    def __repr__(self) -> str:
+        """A few lines: type and granularity, classes, lengths, components (not the weights)."""
+        from feda2v_toolkit.errors import short_list
+
+        params = sum(p.numel() for g in self.generators.values() for p in g.parameters())
+        params += sum(b.numel() for g in self.generators.values() if getattr(type(g), "fitted", False)
+                      for b in g.buffers())
+        conditions = f", conditions [{self.condition_dim}]" if self.condition_dim else ""
+        return (f"GenerativeModel({self.generator_type}, {self.granularity}, {len(self.generators)} generator(s), "
+                f"{params:,} parameters\n"
+                f"  classes: {short_list(self.class_names, 8)}\n"
+                f"  lengths: {self.full_length} -> {self.training_length} (training) -> {self.default_length} "
+                f"(output), D = {self.dim}{conditions}\n"
+                f"  reducer: {self.reducer_name}, upsampler: {self.upsampler_name}, "
+                f"{'normalised' if self.normalization else 'not normalised'}, seed {self.seed})")
+
     @property
     def default_length(self) -> int:
         """Length of samples when none is asked for: the output length, else the training length."""

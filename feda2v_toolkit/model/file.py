@@ -19,65 +19,21 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from feda2v_toolkit import __version__
 from feda2v_toolkit.errors import InputError, NewerVersionError, ToolkitError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
-from feda2v_toolkit.runtime.atomic import atomic_path
+from feda2v_toolkit.runtime.tensorfile import write_safetensors  # noqa: F401 - re-exported (checkpoints)
 
 MODEL_FORMAT = "model"
 FORMAT_VERSION = 1
-
-
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
-def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write tensors + string metadata atomically (temp file, fsync, rename), byte for byte the same for
-    the same tensors and metadata: the header's keys are sorted (``safetensors.save_file`` writes the
-    metadata in a random order), so two identical runs give files with the same sha256."""
-    out = Path(path)
-    flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    with atomic_path(out) as tmp:
-        if sys.byteorder == "little" and all(t.dtype in _ST_DTYPES for t in flat.values()):
-            _write_sorted(tmp, flat, metadata)
-        else:  # pragma: no cover - big-endian hosts, exotic dtypes
-            save_file(flat, str(tmp), metadata=dict(metadata))
-    return out
-
-
-def _write_sorted(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
-    """The safetensors format, deterministically: 8-byte header length, JSON header with sorted keys
-    (padded with spaces to 8 bytes), then the tensors' bytes (widest dtype first, for alignment)."""
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for name in order:
-            t = tensors[name]
-            if t.numel():
-                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def read_safetensors(path: str | os.PathLike[str], *, expect: str,
@@ -89,7 +45,9 @@ def read_safetensors(path: str | os.PathLike[str], *, expect: str,
     """
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"{p}: no such file")
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{p}: not a regular file (a device, pipe or socket); a model is a .safetensors file")
+        raise UsageError(f"{p}: is a directory; give the model file" if p.is_dir() else f"{p}: no such file")
     try:
         with safe_open(str(p), framework="pt") as fh:
             header = _decode_header(p, fh.metadata() or {}, expect)
@@ -98,8 +56,11 @@ def read_safetensors(path: str | os.PathLike[str], *, expect: str,
                 contents = {name: list(fh.get_slice(name).get_shape()) for name in names}
             else:
                 contents = {name: fh.get_tensor(name) for name in names}
-    except SafetensorError as exc:
-        raise InputError(f"{p}: not a valid safetensors file (truncated or corrupt?): {exc}") from None
+    except (SafetensorError, MemoryError) as exc:
+        from feda2v_toolkit.data.dataset import mmap_error
+
+        raise mmap_error(p, exc) or InputError(f"{p}: not a valid safetensors file (truncated or corrupt?): "
+                                               f"{exc}") from None
     except OSError as exc:
         raise UsageError(f"{p}: cannot read: {exc.strerror or exc}") from None
     return contents, header
@@ -121,9 +82,12 @@ def _decode_header(path: Path, meta: Mapping[str, str], expect: str) -> dict[str
             f"{path}: {expect} format version {version} was written by feda2v-tk "
             f"{meta.get('toolkit_version', '?')}; this feda2v-tk ({__version__}) reads up to version "
             f"{FORMAT_VERSION}: upgrade feda2v-tk")
+    if expect not in meta:
+        raise InputError(f"{path}: malformed {expect} file: no {expect!r} metadata document (the file was cut "
+                         f"down or written by another program)")
     try:
         return {k: (json.loads(v) if k == expect else v) for k, v in meta.items()}
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: metadata {expect!r} is not valid JSON: {exc}") from None
 
 

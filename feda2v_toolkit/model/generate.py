@@ -21,7 +21,7 @@ from torch import Tensor
 from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
 from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.data.writer import DatasetWriter, _resolve_dtype
-from feda2v_toolkit.errors import InputError, UsageError, short_list
+from feda2v_toolkit.errors import InputError, UsageError, short_list, spelled
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.runtime.progress import Progress
 from feda2v_toolkit.runtime.seeds import SEED_SCHEME, scheme_seed
@@ -32,6 +32,10 @@ DEFAULT_BATCH = 64
 
 class ClassAgnosticWarning(UserWarning):
     """The model's samples do not depend on the class (unified granularity, unconditioned)."""
+
+
+class OutputLengthWarning(UserWarning):
+    """Samples are asked for at a length longer than the training data's sequences."""
 
 
 @dataclass
@@ -126,9 +130,17 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     ``conditions`` is a dataset file whose ``conditions`` rows (per label) condition an
     embedding-conditioned model; they are used in order and cycled if more samples are asked for.
     Samples depend on the model, ``seed``, the class and ``batch_size`` (see :func:`sample_class`).
-    ``dtype`` defaults to the training data's storage dtype (float32 for models that do not record it);
-    ``overwrite`` replaces an existing shard directory ``out`` (only once the new one is complete).
+    ``length`` defaults to the model's output length (``generator_output_sequence_length``, else the
+    training length); a length beyond the training data's warns (:class:`OutputLengthWarning`).
+    ``dtype`` defaults to the training data's storage dtype (float32 for models that do not record it).
+    An existing ``out`` is refused unless ``overwrite``, and then replaced only if it holds nothing but
+    dataset shards, once the new ones are complete (the overwrite rule,
+    :func:`~feda2v_toolkit.runtime.atomic.check_output`; checked before anything is sampled).
+    ``progress``: a bar on a terminal, else a plain line every 15 s (``None``: on; ``False``: off).
     """
+    from feda2v_toolkit.runtime.atomic import check_output
+
+    check_output(out, inputs=[conditions] if conditions is not None else [], overwrite=overwrite, directory=True)
     import time
 
     say = log or (lambda _msg: None)
@@ -149,12 +161,17 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     require_memory(batch_size * out_len * model.dim * (8 + out_dtype.itemsize) + 2 * min(
         shard_bytes, max(1, sum(counts.values())) * out_len * model.dim * out_dtype.itemsize),
         f"generating batches of {batch_size} x [{out_len}, {model.dim}]",
-        hint="lower --output-length or --batch-size")
+        hint=spelled("lower --output-length or --batch-size", "lower length or batch_size"))
+    if out_len > model.full_length:
+        warnings.warn(f"output length {out_len} is longer than the training data's sequences ({model.full_length} "
+                      f"tokens): every token past {model.full_length} is extrapolated, not learned",
+                      OutputLengthWarning, stacklevel=2)
     cond_by_class = _conditions_by_class(conditions, model) if conditions is not None else None
     needs = [c for c in names if model.needs_condition(c)]
     if needs and cond_by_class is None:
         raise UsageError(f"the model is conditioned on per-sample condition embeddings [{model.condition_dim}]; "
-                         f"pass --conditions FILE (a dataset file with 'conditions' and 'labels')")
+                         f"pass {spelled('--conditions FILE', 'conditions=FILE')} (a dataset file with "
+                         "'conditions' and 'labels')")
     if cond_by_class is not None:
         missing = [c for c in needs if c not in cond_by_class]
         if missing:

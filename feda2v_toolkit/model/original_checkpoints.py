@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from feda2v_toolkit.errors import InputError, ToolkitError, UsageError
 from feda2v_toolkit.model.bundle import UNIFIED_KEY, GenerativeModel
-from feda2v_toolkit.runtime.atomic import check_output_path
+from feda2v_toolkit.runtime.atomic import check_output as check_output_rule
 
 DEFAULT_DIM = 768
 DEFAULT_FULL_LENGTH = 1214
@@ -151,7 +152,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     except OSError as exc:
         raise UsageError(f"{p}: cannot read: {exc.strerror or exc}") from None
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if found or "Weights only load failed" in str(exc):
@@ -710,18 +713,20 @@ def convert_checkpoints(paths: Sequence[str | os.PathLike[str]], *, dim: int | N
     return ConversionResult(model, sources, gen_info, notes)
 
 
-def check_output(out: str | os.PathLike[str], paths: Sequence[str | os.PathLike[str]]) -> Path:
-    """Refuse an output path that is a directory or one of the inputs (overwriting anything else is
-    safe: the write is atomic)."""
-    return check_output_path(out, paths, role="input checkpoint")
+def check_output(out: str | os.PathLike[str], paths: Sequence[str | os.PathLike[str]], *,
+                 overwrite: bool = False) -> Path:
+    """The overwrite rule (:func:`~feda2v_toolkit.runtime.atomic.check_output`): ``out`` is not one of the
+    checkpoints, nor inside or holding one; an existing ``out`` only with ``overwrite``."""
+    return check_output_rule(out, inputs=paths, overwrite=overwrite, role="input checkpoint")
 
 
-def convert(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+def convert(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *, overwrite: bool = False,
             **options: Any) -> ConversionResult:
-    """:func:`convert_checkpoints`, then write the model to ``out`` atomically (nothing on failure)."""
+    """:func:`convert_checkpoints`, then write the model to ``out`` atomically (nothing on failure). An
+    existing ``out`` is replaced only with ``overwrite``."""
     from feda2v_toolkit.model.file import save_model
 
-    target = check_output(out, paths)
+    target = check_output(out, paths, overwrite=overwrite)
     result = convert_checkpoints(paths, **options)
     try:
         save_model(result.model, target)
@@ -730,4 +735,3 @@ def convert(paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
     except OSError as exc:
         raise UsageError(f"{target}: cannot write: {exc.strerror or exc}") from None
     return result
-

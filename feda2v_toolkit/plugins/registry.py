@@ -289,17 +289,29 @@ def _dist_text(p: Provenance) -> str:
 
 
 class PluginAbort(Exception):
-    """A plugin called ``sys.exit()`` or raised ``KeyboardInterrupt`` while being imported or registered."""
+    """A plugin called ``sys.exit()`` or raised ``KeyboardInterrupt``, ``GeneratorExit`` or another
+    ``BaseException`` while being imported or registered."""
 
 
 @contextlib.contextmanager
 def _guarded(what: str) -> Iterator[None]:
     """Run plugin code so that it cannot take the CLI down: anything it prints goes to stderr (stdout
-    carries JSON), and ``sys.exit()`` or ``KeyboardInterrupt`` become an ordinary failure."""
+    carries JSON), and ``sys.exit()``, ``KeyboardInterrupt``, ``GeneratorExit`` or any other
+    ``BaseException`` become an ordinary failure (only SIGTERM, :class:`~feda2v_toolkit.errors.Terminated`,
+    still stops the process)."""
+    from feda2v_toolkit.errors import Terminated
+
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield
+    except Terminated:
+        raise
     except SystemExit as exc:
         raise PluginAbort(f"{what} called sys.exit({exc.code!r})") from None
     except KeyboardInterrupt:
         raise PluginAbort(f"{what} raised KeyboardInterrupt") from None
+    except Exception:
+        raise
+    except BaseException as exc:
+        detail = f": {exc}" if str(exc) else ""
+        raise PluginAbort(f"{what} raised {type(exc).__name__}{detail}") from None

@@ -52,7 +52,10 @@ class PCAReducer(Reducer):
 
     def fit(self, batches: Callable[[], Iterable[Tensor]]) -> None:
         """One streaming pass over ``batches()`` (float32 ``[B, L, D]``), then an eigen-decomposition."""
-        self.fit_from_statistics(self.fit_statistics(batches))
+        from feda2v_toolkit.runtime.progress import activity, counted
+
+        with activity("fitting the pca reducer", unit="sequence") as bar:
+            self.fit_from_statistics(self.fit_statistics(lambda: counted(batches(), bar, lambda x: x.shape[0])))
 
     def fit_statistics(self, batches: Callable[[], Iterable[Tensor]]) -> dict[str, Tensor]:
         """The position moments of ``batches()`` as float64 sums: sums over parts of the data add up exactly."""

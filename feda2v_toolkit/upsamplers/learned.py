@@ -150,10 +150,18 @@ class LearnedUpsampler(Upsampler):
         lr = float(config["generator_upsampler_learning_rate"])
         fraction = float(config["generator_validation_split"])
 
+        from feda2v_toolkit.runtime.progress import activity
+
+        with activity("fitting the learned upsampler", epochs + 2, unit="pass") as passes:
+            return self._fit(pairs, epochs, lr, fraction, passes)
+
+    def _fit(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]], epochs: int, lr: float, fraction: float,
+             passes: Any) -> dict[str, float]:
         moments, groups = self._pass0(pairs, fraction)
         if groups["train"].n == 0 and groups["heldout"].n > 0:  # tiny data, every sample hashed out
             fraction = 0.0
             moments, groups = self._pass0(pairs, fraction)
+        passes.update()
         if groups["train"].n == 0:
             raise ValueError("no training pairs to fit the learned upsampler on")
         prefix = "heldout" if groups["heldout"].n > 0 else "train"  # nothing held out: select on train
@@ -184,6 +192,7 @@ class LearnedUpsampler(Upsampler):
                     opt.step()
             if sse / scored.elements < best_score:  # strictly better: ties keep the simpler state
                 best_name, best_score, best_state = f"epoch_{epoch}", sse / scored.elements, snapshot
+            passes.update()
         self.load_state_dict(best_state)
         metrics = {
             f"{prefix}_mse_linear": linear_score,

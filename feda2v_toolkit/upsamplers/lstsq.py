@@ -63,7 +63,10 @@ class LeastSquaresUpsampler(Upsampler):
     def fit(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]], *,
             config: Mapping[str, Any] | None = None) -> dict[str, float]:
         """One pass over ``pairs()``; returns the training R^2 (about the mean sequence) and the ridge."""
-        return self.fit_from_statistics(self.fit_statistics(pairs))
+        from feda2v_toolkit.runtime.progress import activity, counted
+
+        with activity("fitting the lstsq upsampler", unit="sequence") as bar:
+            return self.fit_from_statistics(self.fit_statistics(lambda: counted(pairs(), bar, lambda p: p[0].shape[0])))
 
     def fit_statistics(self, pairs: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> dict[str, Tensor]:
         """The normal-equation sums over ``pairs()`` (float64): sums of parts of the data add up exactly."""

@@ -36,7 +36,8 @@ def test_embed_a_folder_into_a_dataset(tiny_ast, tmp_path, capsys):
     assert f"wrote 6 of 6 clips [{TINY_TOKENS}, 64] float16" in err
     assert open_dataset(tmp_path / "ds").class_names == ["bird", "engine"]
     code, _, err = cli(capsys, *args)
-    assert code == 2 and err.strip().endswith("is not empty; use --overwrite to replace it")
+    assert code == 2 and err.strip().endswith("is not empty; choose another path, or pass --overwrite to replace its "
+                                              "dataset shards")
 
 
 def test_an_unreadable_file_is_one_line_and_names_the_file(tiny_ast, tmp_path, capsys):
@@ -77,7 +78,7 @@ def test_convert_data_from_an_original_cache(tmp_path, capsys):
     torch.save({"embeddings": {f"v{i}:{c}": torch.randn(6, 4) for i, c in enumerate("abab")}}, tmp_path / "c.pt")
     code, out, err = cli(capsys, "convert-data", str(tmp_path / "c.pt"), "-o", str(tmp_path / "ds"), "--json")
     assert code == 0, err
-    assert json.loads(out)["rows"] == 4 and "wrote 4 rows [6, 4] float32, 2 classes" in err
+    assert json.loads(out)["clips"] == 4 and "wrote 4 clips [6, 4] float32, 2 classes" in err
     assert open_dataset(tmp_path / "ds").class_names == ["a", "b"]
 
 

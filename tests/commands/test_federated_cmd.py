@@ -19,7 +19,7 @@ def test_split_then_federate_then_inspect_generate_evaluate(tiny_data, tmp_path)
     split = run("split", str(tiny_data), "-o", "nodes", "--nodes", "2", "--by", "class", "--seed", "0", "--json",
                 cwd=tmp_path)
     nodes = json.loads(split.stdout)["nodes"]
-    assert [sorted(n["classes"]) for n in nodes] and sum(n["sequences"] for n in nodes) == 40
+    assert [sorted(n["classes"]) for n in nodes] and sum(n["clips"] for n in nodes) == 40
     assert not set(nodes[0]["classes"]) & set(nodes[1]["classes"])  # class ownership
     fed = run("federate", "-c", "cfg.json", "--node", "nodes/node0.safetensors", "--node", "nodes/node1.safetensors",
               "-o", "fed.safetensors", "--granularity", "per_class", "--seed", "0", "--json", cwd=tmp_path)
@@ -39,7 +39,7 @@ def test_split_by_dirichlet_deals_every_class_over_the_nodes(tiny_data, tmp_path
     out = run("split", str(tiny_data), "-o", "nodes", "--nodes", "3", "--by", "dirichlet", "--alpha", "0.5",
               "--seed", "1", "--json", cwd=tmp_path)
     nodes = json.loads(out.stdout)["nodes"]
-    assert len(nodes) == 3 and sum(n["sequences"] for n in nodes) == 40
+    assert len(nodes) == 3 and sum(n["clips"] for n in nodes) == 40
     again = run("split", str(tiny_data), "-o", "nodes", "--nodes", "3", "--by", "dirichlet", "--alpha", "0.5",
                 "--seed", "1", "--json", cwd=tmp_path, check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr

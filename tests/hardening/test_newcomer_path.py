@@ -148,3 +148,82 @@ def test_the_plan_figures_quoted_in_the_docs_are_what_plan_prints(capsys, tmp_pa
     fresh, docs = rows(out), rows(quoted)
     for length in ("4", "8", "16"):
         assert fresh[length] == docs[length][:len(fresh[length])], length
+
+
+def test_the_readme_python_snippet_does_not_replace_what_the_quick_start_wrote():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("The same operations from Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    quick = [arg for argv in _quick_start() for i, arg in enumerate(argv)
+             if i > 0 and (argv[i - 1] in ("-o", "--out") or (argv[1] == "demo-data" and i == 2))]
+    written = re.findall(r'out="([^"]+)"|generate\(model, "([^"]+)"', snippet)
+    assert written, snippet
+    for names in written:
+        for name in filter(None, names):
+            assert name.rstrip("/") not in {q.rstrip("/") for q in quick}, name
+    assert "overwrite=True" in readme.split("The same operations from Python", 1)[1].split("## ", 1)[0]
+
+
+def test_the_readme_installs_the_cpu_build_of_torch_on_linux():
+    install = (ROOT / "README.md").read_text(encoding="utf-8").split("## Install", 1)[1].split("## ", 1)[0]
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in install
+
+
+def test_repr_of_a_model_is_a_few_lines(model_file):
+    import feda2v_toolkit as ftk
+
+    text = repr(ftk.load_model(model_file))
+    assert len(text.splitlines()) <= 5 and len(text) < 600, text
+    assert "vae" in text and "classes: a, b" in text and "30 -> 4 (training) -> 30 (output)" in text
+
+
+def test_generate_promises_the_length_it_writes_and_warns_beyond_the_data(model_file, tmp_path, capsys):
+    code, out, _ = run_main(["generate", "--help"], capsys)
+    assert code == 0 and "full-length safetensors" not in out and "output length" in out
+    code, _, err = run_main(["generate", str(model_file), "-o", str(tmp_path / "s"), "-k", "1",
+                             "--output-length", "60"], capsys)
+    assert code == 0 and "warning: output length 60 is longer than the training data's sequences (30" in err
+
+
+def test_plan_without_data_says_the_class_count_is_assumed(capsys, tiny_data):
+    code, out, _ = run_main(["plan", "--lengths", "4"], capsys)
+    assert code == 0 and "10 classes (assumed: --data or --num-classes gives the real count)" in out
+    code, out, _ = run_main(["plan", "--lengths", "4", "-d", str(tiny_data)], capsys)
+    assert code == 0 and "4 classes" in out and "assumed" not in out
+
+
+def test_list_describes_the_gaussians_latent_dim_as_its_rank(capsys):
+    code, out, _ = run_main(["list", "generators", "--json"], capsys)
+    gaussian = next(g for g in json.loads(out) if g["name"] == "gaussian")
+    latent = next(s for s in gaussian["settings"] if s["key"] == "generator_latent_dim")
+    assert "the gaussian's rank" in latent["description"]
+
+
+def test_embed_offline_says_at_once_to_pass_a_model_directory(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    import time
+
+    from tests.audio_fakes import make_class_folders
+
+    clips = make_class_folders(tmp_path / "clips")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: no network
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    uncached = ["--model", "nobody/an-ast-in-no-cache"]  # (the hub library reads its cache path once, at import)
+    t0 = time.perf_counter()
+    code, _, err = run_main(["embed", str(clips), "-o", str(tmp_path / "out"), *uncached], capsys)
+    assert code == 2 and time.perf_counter() - t0 < 30
+    assert len(err.strip().splitlines()) == 1 and "pass --model DIR" in err, err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_main(["embed", str(clips), "-o", str(tmp_path / "out"), *uncached], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pass --model DIR" in err
+    data_md = (ROOT / "docs" / "data.md").read_text(encoding="utf-8")
+    assert "--model ast-audioset" in data_md and "hf download MIT/ast-finetuned-audioset-10-10-0.4593" in data_md
+
+
+def test_the_demo_script_prints_no_ansi_codes_into_a_log():
+    import subprocess
+
+    step = next(line for line in (ROOT / "examples" / "demo.sh").read_text().splitlines() if "step()" in line)
+    out = subprocess.run(["bash", "-c", f"{step}\nstep 'Demo data'"], capture_output=True, text=True, check=True)
+    assert out.stdout == "\n==> Demo data\n"

@@ -75,3 +75,52 @@ def test_old_spellings_still_work_as_hidden_aliases(tmp_path, capsys):
     assert code == 0 and out == ""
     code, out, _ = run_main(["validate", str(cfg), "--json"], capsys)
     assert code == 1 and out.startswith("{")
+
+
+#: commands that run long enough to need --progress/--no-progress
+LONG = {"train", "generate", "embed", "convert-data", "analyze", "evaluate"}
+#: left to the training/federation branch, which owns these commands: train's --device default (cpu), and
+#: the random --seed of train and federate
+OWNED_ELSEWHERE = {"train", "federate"}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_one_spelling_for_devices_samples_lengths_fractions_progress_and_seeds(name):
+    from feda2v_toolkit.commands._options import DEVICE, FRACTION, SAMPLES
+
+    cmd = _commands()[name]
+    options = {opt: p for p in _visible(cmd) for opt in p.opts + p.secondary_opts}
+    problems = []
+    device = options.get("--device")
+    if device is not None and name not in OWNED_ELSEWHERE and (device.type is not DEVICE or device.default != "auto"):
+        problems.append("--device is DEVICE (auto|cpu|cuda), default auto")
+    if "-k" in options and options["-k"].type is not SAMPLES:
+        problems.append("-k is -k/--samples-per-class of type SAMPLES (N or auto)")
+    for spelling, better in (("--seq-len", "--full-length"), ("--holdout", "--test-fraction")):
+        if spelling in options:
+            problems.append(f"{spelling} is spelled {better} (the old spelling may stay as a hidden alias)")
+    if "--test-fraction" in options and options["--test-fraction"].type is not FRACTION:
+        problems.append("--test-fraction is of type FRACTION")
+    if name in LONG and "--progress" not in options:
+        problems.append("a long command has --progress/--no-progress")
+    seed = options.get("--seed")
+    if seed is not None and name not in OWNED_ELSEWHERE and (seed.default != 0 or "random" not in (seed.help or "")):
+        problems.append("--seed defaults to 0 and says that it is not drawn at random")
+    assert not problems, f"{name}: " + "; ".join(problems)
+
+
+def test_the_old_spellings_of_lengths_and_fractions_still_work(tmp_path, capsys):
+    from tests.hardening.conftest import run_main
+
+    code, _, err = run_main(["demo-data", str(tmp_path / "d.safetensors"), "--per-class", "4", "--seq-len", "12",
+                             "--dim", "4", "-q"], capsys)
+    assert code == 0, err
+    from feda2v_toolkit.data.open import open_dataset
+
+    assert open_dataset(tmp_path / "d.safetensors").seq_len == 12
+    code, out, err = run_main(["analyze", "-d", str(tmp_path / "d.safetensors"), "--lengths", "2", "--reducers",
+                               "adaptive_avg", "--upsamplers", "linear", "--holdout", "0.5", "--json", "-q"], capsys)
+    assert code == 0, err
+    import json
+
+    assert json.loads(out)["heldout"] == 8

@@ -3,6 +3,7 @@ loops are refused with one line (never read until memory runs out, never a hang)
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -48,3 +49,61 @@ def test_a_symlink_loop_is_a_one_line_error(symlink_loop, tmp_path, capsys):
         code, out, err = run_main(argv, capsys)
         assert code == 2, argv
         assert "internal error" not in err and ("loop" in err + out or "Too many levels" in err + out), argv
+
+
+@pytest.fixture
+def audio_world(tmp_path):
+    """A tiny AST, a good clip and a FIFO posing as a clip, under one audio root."""
+    pytest.importorskip("transformers")
+    from tests.audio_fakes import save_tiny_ast, tone, write_audio
+
+    ast = save_tiny_ast(tmp_path / "ast")
+    root = tmp_path / "audio"
+    write_audio(root / "good.wav", tone(440, 1.0, 16000), 16000)
+    os.mkfifo(root / "fifo.wav")
+    return ast, root
+
+
+def test_a_fifo_listed_in_a_manifest_is_skipped_without_blocking(audio_world, tmp_path):
+    ast, root = audio_world
+    manifest = root / "m.csv"
+    manifest.write_text("path,label\ngood.wav,a\nfifo.wav,b\n")
+    # a subprocess with a timeout: a regression would hang here (and ignore SIGTERM), not fail
+    result = run_cli("embed", str(manifest), "-o", str(tmp_path / "out"), "--model", str(ast), "--clip-seconds", "1",
+                     "--device", "cpu", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {root / 'fifo.wav'}: not a regular file" in result.stderr
+    assert "internal error" not in result.stderr
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_a_manifest_that_is_a_device_or_a_fifo_is_refused_at_once(target, tmp_path):
+    manifest = tmp_path / "m.csv"
+    if target == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to(target)
+    result = run_cli("embed", str(manifest), "-o", str(tmp_path / "out"), timeout=60)
+    assert result.returncode == 2 and "the manifest is not a regular file" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_manifest_is_read_bounded(tmp_path, monkeypatch):
+    from feda2v_toolkit.audio import sources
+    from feda2v_toolkit.errors import InputError
+
+    monkeypatch.setattr(sources, "MAX_MANIFEST_BYTES", 64)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "a.wav,x\n" * 20)
+    with pytest.raises(InputError, match="larger than the 64 bytes read"):
+        sources.open_source(manifest)
+
+
+def test_a_cache_manifest_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    from tests.test_caches import write_ast_cache
+
+    write_ast_cache(tmp_path / "cache", {"dog": [2]})
+    (tmp_path / "cache" / "dog" / "manifest.json").unlink()
+    os.mkfifo(tmp_path / "cache" / "dog" / "manifest.json")
+    result = run_cli("plan", "-d", str(tmp_path / "cache"), timeout=60)
+    assert result.returncode == 2 and "not a regular file" in result.stderr, result.stderr

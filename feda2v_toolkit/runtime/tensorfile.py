@@ -1,0 +1,73 @@
+"""Safetensors files written byte for byte the same for the same tensors and metadata (imports torch).
+
+``safetensors.save_file`` writes the metadata in a random order (a hash map), so two identical runs give
+files with different sha256. :func:`write_tensor_file` writes the format itself: the 8-byte header length,
+the JSON header with sorted keys (padded with spaces to 8 bytes), then the tensors' bytes, widest dtype
+first (for alignment), by name. Every writer of the toolkit (models, checkpoints, dataset files and shards,
+``embed``) goes through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from feda2v_toolkit.runtime.atomic import atomic_path
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_tensor_file(path: str | os.PathLike[str], tensors: Mapping[str, Tensor],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` and string ``metadata`` to ``path`` (not atomically: for files inside a staging
+    directory), deterministically. Tensors are moved to the CPU and made contiguous first."""
+    out = Path(path)
+    flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    if sys.byteorder == "little" and all(t.dtype in _ST_DTYPES for t in flat.values()):
+        _write_sorted(out, flat, metadata or {})
+    else:  # pragma: no cover - big-endian hosts, exotic dtypes
+        from safetensors.torch import save_file
+
+        save_file(flat, str(out), metadata=dict(metadata or {}))
+    return out
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor],
+                      metadata: Mapping[str, str] | None = None, *,
+                      display: str | os.PathLike[str] | None = None) -> Path:
+    """:func:`write_tensor_file` atomically (temp file, fsync, rename; a full disk is a one-line error
+    naming ``path``, or ``display``, and leaves nothing)."""
+    out = Path(path)
+    with atomic_path(out, display=display) as tmp:
+        write_tensor_file(tmp, tensors, metadata)
+    return out
+
+
+def _write_sorted(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in order:
+            t = tensors[name]
+            if t.numel():
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
