@@ -54,13 +54,13 @@ def require_flower() -> None:
               help="Node-level DP: overrides federated_dp_clipping_norm.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for the nodes in each stage (overrides federated_round_timeout).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @training_options(epochs=False)
 def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: str | None, min_nodes: int,
                  wait_s: float, simulate: int | None, sim_data: Path | None, sim_by: str, sim_alpha: float,
                  split_seed: int, cpus_per_site: float, out_path: Path, rounds: int | None, local_epochs: int | None,
                  dp_noise: float | None, dp_clip: float | None, timeout: float | None, seed: int | None,
-                 overwrite: bool, device: str, resume: bool, checkpoint_dir: Path | None, metrics_path: Path | None,
+                 overwrite: bool, device: str, resume: bool, checkpoint_dir: Path | None, keep_checkpoints: bool,
+                 metrics_path: Path | None,
                  progress: bool | None, as_json: bool, quiet: bool, learned_upsampling: bool | None,
                  **options: Any) -> None:
     """Train one model over several nodes' datasets with the Flower app; only releases move, never clips.
@@ -72,15 +72,13 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
     """
     from feda2v_toolkit.commands.train import collect_overrides, report
     from feda2v_toolkit.errors import InputError
-    from feda2v_toolkit.runtime.atomic import check_output_path
+    from feda2v_toolkit.runtime.atomic import check_output
 
     require_flower()
     overrides: dict[str, Any] = {k: v for k, v in {
         "federated_rounds": rounds, "federated_local_epochs": local_epochs,
         "federated_dp_noise_multiplier": dp_noise, "federated_dp_clipping_norm": dp_clip}.items() if v is not None}
     overrides.update(collect_overrides(options, learned_upsampling=learned_upsampling))
-    if out_path.exists() and not overwrite and not resume:
-        raise UsageError(f"{out_path}: exists; pass --overwrite to replace it")
 
     def say(msg: str) -> None:
         if not quiet:
@@ -93,7 +91,6 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
             raise UsageError("--simulate needs --data DATA (the dataset to deal over the virtual sites)")
         if not sim_data.exists():
             raise InputError(f"{sim_data}: no such dataset")
-        check_output_path(out_path, [sim_data], role="dataset")
         from feda2v_toolkit.federated.simulation import federate_simulation
 
         with warnings_as_messages():
@@ -102,7 +99,7 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
                                         overrides=overrides, timeout=timeout, cpus_per_site=cpus_per_site,
                                         resume=resume, checkpoint_dir=checkpoint_dir,
                                         metrics_path=metrics_path or out_path.with_name(out_path.stem + ".metrics.jsonl"),
-                                        log=say)
+                                        log=say, overwrite=overwrite, keep_checkpoints=keep_checkpoints)
         report(model, out_path, say, as_json)
         return
     if sim_data is not None:
@@ -110,6 +107,7 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
     if superlink is not None:
         if nodes:
             raise UsageError("--superlink runs on the SuperNodes' own data: drop --node")
+        check_output(out_path, overwrite=overwrite)
         _federate_deployed(superlink, config_path, out_path, min_nodes, wait_s, seed, timeout, quiet, as_json,
                            overrides, resume, checkpoint_dir, metrics_path)
         return
@@ -123,7 +121,6 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
         if real in seen:
             raise UsageError(f"{p}: the same dataset as {seen[real]} (given twice); every node holds its own data")
         seen[real] = p
-    check_output_path(out_path, nodes, role="node dataset")
     if metrics_path is None:
         metrics_path = out_path.with_name(out_path.stem + ".metrics.jsonl")
     config: Any = config_path if config_path is not None else {}
@@ -132,7 +129,8 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
 
         model = federate_local(config, nodes, out=out_path, seed=seed, overrides=overrides, timeout=timeout,
                                resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
-                               progress=progress, device=device, log=say)
+                               progress=progress, device=device, log=say, overwrite=overwrite,
+                               keep_checkpoints=keep_checkpoints)
     report(model, out_path, say, as_json)
 
 
@@ -163,31 +161,3 @@ def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path,
         say(line[len("feda2v-tk: "):])
     if as_json:
         click.echo(json.dumps({"out": run_config["out"], "run": result["run"]}, default=str))
-
-
-@click.command("split")
-@click.argument("data", type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory for the node datasets (node0.safetensors, node1.safetensors, ...).")
-@click.option("--nodes", "num_nodes", required=True, type=click.IntRange(min=1), help="Number of nodes.")
-@click.option("--by", "how", default="class", show_default=True, type=click.Choice(["class", "dirichlet"]),
-              help="class: each class lives on one node (round-robin, as FedA2V's nodes had); dirichlet: every "
-                   "class spread over the nodes with Dirichlet(alpha) proportions (label skew).")
-@click.option("--alpha", default=0.3, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Concentration of --by dirichlet (small = more skew).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1))
-@click.option("--overwrite", is_flag=True, help="Replace existing node files in OUT.")
-@click.option("--json", "as_json", is_flag=True, help="Print per-node class counts as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="Do not report what was written.")
-def split_cmd(data: Path, out_dir: Path, num_nodes: int, how: str, alpha: float, seed: int, overwrite: bool,
-              as_json: bool, quiet: bool) -> None:
-    """Partition dataset DATA into one dataset per node, for federated experiments."""
-    from feda2v_toolkit.data.split import split_dataset
-
-    result = split_dataset(data, out_dir, num_nodes, how=how, alpha=alpha, seed=seed, overwrite=overwrite)
-    if as_json:
-        click.echo(json.dumps(result))
-    elif not quiet:
-        for node in result["nodes"]:
-            counts = ", ".join(f"{c} {n}" for c, n in node["classes"].items())
-            click.echo(f"feda2v-tk: {node['path']}: {node['sequences']} sequences ({counts})", err=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from feda2v_toolkit.commands._options import SEED
+from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, SEED
 from feda2v_toolkit.commands._warnings import warnings_as_messages
 
 #: CLI option -> generator-section key it overrides
@@ -76,10 +76,13 @@ def training_options(*, epochs: bool) -> Any:
         click.option("--autocast", type=click.Choice(["float32", "bfloat16"]), help="Overrides generator_autocast."),
         click.option("--seed", type=SEED, help="Random seed (overrides generator_seed; drawn at random and "
                                                 "reported when neither is set)."),
-        click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"])),
+        click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP),
+        click.option("--overwrite", is_flag=True, help="Replace OUT (and its metrics file) if they exist."),
         click.option("--resume", is_flag=True, help="Continue from the last checkpoint if there is one."),
         click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Where checkpoints go [default: beside OUT, in OUT-without-suffix.checkpoints/]."),
+        click.option("--keep-checkpoints", is_flag=True,
+                     help="Keep the last checkpoint once the model is written (default: removed)."),
         click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False, path_type=Path),
                      help="One JSON line of metrics per epoch here [default: OUT with .metrics.jsonl]."),
         click.option("--progress/--no-progress", default=None, help="Progress bar [default: when on a terminal]."),
@@ -102,8 +105,10 @@ def training_options(*, epochs: bool) -> Any:
               help="Model file to write (.safetensors).")
 @training_options(epochs=True)
 def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: int | None, device: str,
-              resume: bool, checkpoint_dir: Path | None, metrics_path: Path | None, progress: bool | None,
-              as_json: bool, quiet: bool, learned_upsampling: bool | None, **options: Any) -> None:
+              overwrite: bool, resume: bool, checkpoint_dir: Path | None, keep_checkpoints: bool,
+              metrics_path: Path | None,
+              progress: bool | None, as_json: bool, quiet: bool, learned_upsampling: bool | None,
+              **options: Any) -> None:
     """Reduce sequences, train a generator, and export it as one safetensors file.
 
     The config is migrated in memory and validated first; command-line options override its keys.
@@ -122,7 +127,7 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
     with warnings_as_messages():
         model = train(config, data_path, out=out_path, overrides=overrides, seed=seed, device=device,
                       resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
-                      progress=progress, log=say)
+                      progress=progress, log=say, overwrite=overwrite, keep_checkpoints=keep_checkpoints)
     report(model, out_path, say, as_json)
 
 

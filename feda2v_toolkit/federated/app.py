@@ -31,7 +31,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from feda2v_toolkit.training.pipeline import SiteError
+from feda2v_toolkit.training.pipeline import SiteError, resolve_device
 from feda2v_toolkit.training.site import STAGES, Arrays, Meta, Site, handle
 from feda2v_toolkit.training.spec import RunSpec
 
@@ -79,7 +79,7 @@ def node_site(meta: Meta, context: Context) -> Site:
     if not data:
         raise ValueError("this SuperNode has no data: start it with --node-config 'data=\"PATH\"'")
     return Site(str(data), RunSpec.from_section(meta["config"]), site_index(meta),
-                device=str(context.node_config.get("device", "cpu")))
+                device=resolve_device(str(context.node_config.get("device", "cpu"))))
 
 
 def answer(stage: str, msg: Message, context: Context, make_site: Callable[[Meta, Context], Site] = node_site) -> Message:

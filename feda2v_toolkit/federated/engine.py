@@ -98,12 +98,16 @@ class LocalGrid(Grid):
 def federate_local(config: Any, data: Sequence[str | Path], *, out: str | Path | None = None, seed: int | None = None,
                    overrides: Mapping[str, Any] | None = None, timeout: float | None = None, resume: bool = False,
                    checkpoint_dir: str | Path | None = None, metrics_path: str | Path | None = None,
-                   progress: bool | None = None, device: str = "cpu", log: Any = None) -> Any:
+                   progress: bool | None = None, device: str = "cpu", log: Any = None, overwrite: bool = False,
+                   keep_checkpoints: bool = False) -> Any:
     """Train over ``data`` (one dataset per node, in this order) with the Flower app on the in-process engine."""
     from feda2v_toolkit.federated.app import FlowerTransport
     from feda2v_toolkit.federated.run import federate
+    from feda2v_toolkit.training.pipeline import resolve_device
 
+    device = str(resolve_device(device))
     grid = LocalGrid([{"data": str(p), "device": device} for p in data])
     return federate(config, FlowerTransport(grid, sorted(grid.get_node_ids()), timeout), out=out, seed=seed,
                     overrides=overrides, engine="inprocess", resume=resume, checkpoint_dir=checkpoint_dir,
-                    metrics_path=metrics_path, progress=progress, log=log)
+                    metrics_path=metrics_path, progress=progress, log=log, overwrite=overwrite, inputs=list(data),
+                    keep_checkpoints=keep_checkpoints)

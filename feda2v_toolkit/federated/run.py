@@ -10,16 +10,25 @@ from typing import Any
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.training.checkpoint import load_checkpoint
-from feda2v_toolkit.training.pipeline import Transport, checkpoint_path, default_checkpoint_dir, run_pipeline
+from feda2v_toolkit.training.pipeline import (
+    Transport,
+    check_outputs,
+    checkpoint_path,
+    default_checkpoint_dir,
+    run_pipeline,
+)
 from feda2v_toolkit.training.spec import RunSpec
 
 
 def federate(config: Any, transport: Transport, *, out: str | os.PathLike[str] | None = None, seed: int | None = None,
              overrides: Mapping[str, Any] | None = None, engine: str = "inprocess", resume: bool = False,
              checkpoint_dir: str | os.PathLike[str] | None = None, metrics_path: str | os.PathLike[str] | None = None,
-             progress: bool | None = None, log: Callable[[str], None] | None = None) -> GenerativeModel:
+             progress: bool | None = None, log: Callable[[str], None] | None = None, overwrite: bool = False,
+             inputs: list[Any] | None = None, keep_checkpoints: bool = False) -> GenerativeModel:
     """Train one model over ``transport``'s sites: ``federated_rounds`` rounds of ``federated_local_epochs``
-    (closed-form generators: one exchange of statistics), checkpointed beside ``out`` after every round."""
+    (closed-form generators: one exchange of statistics), checkpointed beside ``out`` after every round.
+    ``inputs``: the sites' dataset paths where known here (outputs may not be or hold them); ``overwrite``:
+    replace an existing ``out`` and metrics file."""
     from feda2v_toolkit.plugins import get_registry
 
     say = log or (lambda _m: None)
@@ -38,6 +47,8 @@ def federate(config: Any, transport: Transport, *, out: str | os.PathLike[str] |
         return None
 
     spec = RunSpec.resolve(config, overrides=overrides, seed=seed, fallback_seed=checkpoint_seed)
+    check_outputs(out, metrics_path, where(spec) if spec.save_checkpoints else None, inputs=list(inputs or []),
+                  overwrite=overwrite, resume=resume)
     if spec.seed_drawn:
         say(f"seed: {spec.seed} (drawn at random; pass --seed to reproduce)")
     merger = None
@@ -60,7 +71,7 @@ def federate(config: Any, transport: Transport, *, out: str | os.PathLike[str] |
                              spec.rounds)
     model = run_pipeline(spec, transport, schedule=spec.federated_schedule(), engine=engine, out=out,
                          checkpoint=where(spec), resume=resume, metrics_path=metrics_path, progress=progress,
-                         log=say, merger=merger)
+                         log=say, merger=merger, keep_checkpoints=keep_checkpoints)
     privacy = model.metrics.get("privacy") or {}
     if privacy.get("epsilon") is not None:
         say(f"node-level differential privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g}")

@@ -58,7 +58,8 @@ def federate_simulation(config: Any, data: str | os.PathLike[str], *, sites: int
                         timeout: float | None = None, cpus_per_site: float = 1.0, resume: bool = False,
                         checkpoint_dir: str | os.PathLike[str] | None = None,
                         metrics_path: str | os.PathLike[str] | None = None,
-                        log: Callable[[str], None] | None = None) -> Any:
+                        log: Callable[[str], None] | None = None, overwrite: bool = False,
+                        keep_checkpoints: bool = False) -> Any:
     """Train over ``sites`` virtual sites holding a split of ``data`` on Flower's Simulation Engine; returns the
     model (written to ``out`` when given)."""
     try:
@@ -72,7 +73,9 @@ def federate_simulation(config: Any, data: str | os.PathLike[str], *, sites: int
     from feda2v_toolkit.errors import InputError
     from feda2v_toolkit.federated.app import FlowerTransport, wait_for_nodes
     from feda2v_toolkit.federated.run import federate
+    from feda2v_toolkit.training.pipeline import check_outputs
 
+    check_outputs(out, metrics_path, None, inputs=[data], overwrite=overwrite, resume=resume)  # before Ray starts
     ds = open_dataset(data)  # fail here, in one line, rather than in every virtual site
     owner = assign(ds.labels, ds.num_classes, sites, how=how, alpha=alpha, seed=split_seed)
     empty = [i for i in range(sites) if not bool((owner == i).any())]
@@ -90,7 +93,8 @@ def federate_simulation(config: Any, data: str | os.PathLike[str], *, sites: int
                 raise UsageError(f"only {len(nodes)} of {sites} virtual sites started")
             result["model"] = federate(config, FlowerTransport(grid, nodes, timeout), out=out, seed=seed,
                                        overrides=overrides, engine="simulation", resume=resume,
-                                       checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, log=log)
+                                       checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, log=log,
+                                       overwrite=overwrite, inputs=[data], keep_checkpoints=keep_checkpoints)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             result["error"] = exc
 

@@ -41,7 +41,7 @@ from torch import Tensor
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
-from feda2v_toolkit.runtime.atomic import check_output_path, check_writable
+from feda2v_toolkit.runtime.atomic import check_output, check_output_path, check_writable
 from feda2v_toolkit.runtime.progress import Progress
 from feda2v_toolkit.runtime.seeds import SEED_SCHEME, derive_seed
 from feda2v_toolkit.training.checkpoint import (
@@ -257,11 +257,12 @@ class _Run:
 def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, engine: str = "local",
                  out: str | os.PathLike[str] | None = None, checkpoint: Path | None = None, resume: bool = False,
                  metrics_path: str | os.PathLike[str] | None = None, progress: bool | None = None,
-                 log: Callable[[str], None] | None = None, merger: WeightsMerger | None = None) -> GenerativeModel:
+                 log: Callable[[str], None] | None = None, merger: WeightsMerger | None = None,
+                 keep_checkpoints: bool = False) -> GenerativeModel:
     """Train one model over ``transport``'s sites (module docstring); write it to ``out`` if given.
 
     ``checkpoint``: the checkpoint file (written after every round when ``spec.save_checkpoints``, read when
-    ``resume``). ``merger`` replaces the plain averaging of trained weights (node-level DP). Returns the
+    ``resume``; removed once the model file is written, unless ``keep_checkpoints``). ``merger`` replaces the plain averaging of trained weights (node-level DP). Returns the
     :class:`GenerativeModel`; ``model.metrics["run"]`` holds the :class:`RunReport` (not written to the file).
     """
     from feda2v_toolkit.plugins import get_registry
@@ -308,10 +309,12 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
             _check_resumable_early(checkpoint, loaded, spec, summaries, schedule)
         else:
             say(f"no checkpoint at {checkpoint}; starting from scratch")
-    if checkpoint is not None and spec.save_checkpoints:
-        say(f"checkpoints: {checkpoint.parent}/ (--checkpoint-dir to change)")
-
     registry = get_registry()
+    trained = not getattr(registry.load("generator", spec.generator_type), "fitted", False)
+    if checkpoint is not None and spec.save_checkpoints and trained:
+        say(f"checkpoints: {checkpoint.parent}/ (--checkpoint-dir to change; removed when the model is written"
+            f"{'' if keep_checkpoints else ', --keep-checkpoints keeps them'})")
+
     # -- reducer ------------------------------------------------------------------------------------
     reducer = registry.load("reducer", spec.reducer).from_config(spec.config, length=length,
                                                                  full_length=summary.seq_len, dim=summary.dim)
@@ -400,7 +403,19 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         save_model(model.to("cpu"), out)
         say(f"wrote {out}")
+        if checkpoint is not None and not keep_checkpoints:
+            _remove_checkpoint(checkpoint)
     return model
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """A finished run's checkpoint is not needed any more: remove it, and its directory when that is now empty."""
+    import contextlib
+
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # only when empty: a directory holding anything else stays
 
 
 def _shape(summary: DataSummary) -> str:
@@ -725,7 +740,8 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
           overrides: Mapping[str, Any] | None = None, seed: int | None = None, device: str | torch.device = "cpu",
           resume: bool = False, checkpoint_dir: str | os.PathLike[str] | None = None,
           metrics_path: str | os.PathLike[str] | None = None, progress: bool | None = None,
-          log: Callable[[str], None] | None = None) -> GenerativeModel:
+          log: Callable[[str], None] | None = None, overwrite: bool = False,
+          keep_checkpoints: bool = False) -> GenerativeModel:
     """Train a generator model on ``data`` as ``config`` says; write it to ``out`` if given.
 
     The pipeline (module docstring) over one site holding all of ``data``.
@@ -743,6 +759,9 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
         metrics_path: one JSON line of metrics per epoch here.
         progress: show a progress bar (default: only when stderr is a terminal).
         log: called with one-line status messages (default: silent).
+        keep_checkpoints: keep the last checkpoint after the model file is written (default: removed).
+        overwrite: replace an existing ``out`` (and ``metrics_path``); without it they are refused, before any
+            work, as every command refuses an existing output (:func:`~feda2v_toolkit.runtime.atomic.check_output`).
     """
     say = log or (lambda _msg: None)
     dev = resolve_device(device)
@@ -757,15 +776,28 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
 
     spec = RunSpec.resolve(config, overrides=overrides, seed=seed, fallback_seed=checkpoint_seed)
     ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
-    for target in (out, metrics_path, ckpt if spec.save_checkpoints else None):
-        if target is not None:
-            check_output_path(target, data_paths, role="input dataset")
-            check_writable(target)  # before training, not after it
+    check_outputs(out, metrics_path, ckpt if spec.save_checkpoints else None, inputs=data_paths,
+                  overwrite=overwrite, resume=resume)
     site = Site(data, spec, 0, device=dev)
     if spec.seed_drawn:
         say(f"seed: {spec.seed} (drawn at random; pass --seed to reproduce)")
     return run_pipeline(spec, LocalTransport([site]), schedule=spec.single_site_schedule(), engine="local", out=out,
-                        checkpoint=ckpt, resume=resume, metrics_path=metrics_path, progress=progress, log=say)
+                        checkpoint=ckpt, resume=resume, metrics_path=metrics_path, progress=progress, log=say,
+                        keep_checkpoints=keep_checkpoints)
+
+
+def check_outputs(out: Any, metrics_path: Any, checkpoint: Any, *, inputs: list[Any], overwrite: bool,
+                  resume: bool) -> None:
+    """The overwrite rule for a training run, before any work: the model file and the metrics file are replaced
+    only with ``overwrite`` (a resumed run continues its own metrics file), none of them may be or hold an
+    input, and every place must be writable."""
+    if out is not None:
+        check_output(out, inputs=inputs, overwrite=overwrite, role="input dataset")
+    if metrics_path is not None:
+        check_output(metrics_path, inputs=inputs, overwrite=overwrite or resume, role="input dataset")
+    if checkpoint is not None:
+        check_output_path(checkpoint, inputs, role="input dataset")
+        check_writable(checkpoint)
 
 
 def _checkpoint_dir(spec: RunSpec, out: Any, checkpoint_dir: Any) -> Any:

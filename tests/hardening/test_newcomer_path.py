@@ -53,7 +53,7 @@ def test_the_quick_start_runs_from_an_arbitrary_directory(tmp_path, capsys, monk
         code, out, err = run_main([*argv, *tiny.get(argv[0], [])], capsys)
         assert code == 0, (argv, err)
     assert (tmp_path / "old-config.json").read_bytes() == legacy_config_bytes()
-    assert (tmp_path / "model.checkpoints").is_dir() and not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "model.checkpoints").exists() and not (tmp_path / "checkpoints").exists()
     from feda2v_toolkit import open_dataset
 
     assert open_dataset(tmp_path / "synthetic").storage_dtype == torch.float16  # follows the float16 data

@@ -79,9 +79,8 @@ def test_old_spellings_still_work_as_hidden_aliases(tmp_path, capsys):
 
 #: commands that run long enough to need --progress/--no-progress
 LONG = {"train", "generate", "embed", "convert-data", "analyze", "evaluate"}
-#: left to the training/federation branch, which owns these commands: train's --device default (cpu), and
-#: the random --seed of train and federate
-OWNED_ELSEWHERE = {"train", "federate"}
+#: commands whose --seed is drawn at random when omitted (and recorded in the model file), as their help says
+RANDOM_SEED = {"train", "federate"}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -92,7 +91,7 @@ def test_one_spelling_for_devices_samples_lengths_fractions_progress_and_seeds(n
     options = {opt: p for p in _visible(cmd) for opt in p.opts + p.secondary_opts}
     problems = []
     device = options.get("--device")
-    if device is not None and name not in OWNED_ELSEWHERE and (device.type is not DEVICE or device.default != "auto"):
+    if device is not None and (device.type is not DEVICE or device.default != "auto"):
         problems.append("--device is DEVICE (auto|cpu|cuda), default auto")
     if "-k" in options and options["-k"].type is not SAMPLES:
         problems.append("-k is -k/--samples-per-class of type SAMPLES (N or auto)")
@@ -104,8 +103,10 @@ def test_one_spelling_for_devices_samples_lengths_fractions_progress_and_seeds(n
     if name in LONG and "--progress" not in options:
         problems.append("a long command has --progress/--no-progress")
     seed = options.get("--seed")
-    if seed is not None and name not in OWNED_ELSEWHERE and (seed.default != 0 or "random" not in (seed.help or "")):
+    if seed is not None and name not in RANDOM_SEED and (seed.default != 0 or "random" not in (seed.help or "")):
         problems.append("--seed defaults to 0 and says that it is not drawn at random")
+    if seed is not None and name in RANDOM_SEED and (isinstance(seed.default, int) or "random" not in (seed.help or "")):
+        problems.append("--seed of a training command is drawn at random when omitted, and says so")
     assert not problems, f"{name}: " + "; ".join(problems)
 
 

@@ -115,7 +115,7 @@ def test_the_metrics_file_has_each_epoch_once_across_runs_and_kill_plus_resume(t
     metrics = tmp_path / "m.metrics.jsonl"
     tiny_config.update(generator_training_epochs=4, generator_checkpoint_frequency=1)
     train(tiny_config, tiny_data, metrics_path=metrics)
-    train(tiny_config, tiny_data, metrics_path=metrics)  # a separate run to the same output starts it anew
+    train(tiny_config, tiny_data, metrics_path=metrics, overwrite=True)  # another run to the same output: anew
     assert _epochs(metrics) == [1, 2, 3, 4]
 
     save = training.save_checkpoint
@@ -128,7 +128,7 @@ def test_the_metrics_file_has_each_epoch_once_across_runs_and_kill_plus_resume(t
     with monkeypatch.context() as patch:
         patch.setattr(training, "save_checkpoint", killed_after_epoch_3)
         with pytest.raises(KeyboardInterrupt):
-            train(tiny_config, tiny_data, metrics_path=metrics)
+            train(tiny_config, tiny_data, metrics_path=metrics, overwrite=True)
     assert _epochs(metrics) == [1, 2, 3]
     train(tiny_config, tiny_data, metrics_path=metrics, resume=True)  # resumes after epoch 2
     assert _epochs(metrics) == [1, 2, 3, 4]
@@ -142,9 +142,18 @@ def test_train_checks_its_outputs_before_training(tiny_data, not_a_dir, tmp_path
 
 def test_checkpoints_go_beside_the_model_and_train_says_where(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_main(["train", "-d", str(tiny_data), "-o", "m.safetensors", "--epochs", "1",
-                             "--training-length", "4", "--hidden-dim", "16", "--latent-dim", "4", "--seed", "0"],
-                            capsys)
+    argv = ["train", "-d", str(tiny_data), "-o", "m.safetensors", "--generator-type", "vae", "--epochs", "1",
+            "--training-length", "4", "--hidden-dim", "16", "--latent-dim", "4", "--seed", "0"]
+    code, _, err = run_main([*argv, "--keep-checkpoints"], capsys)
     assert code == 0, err
     assert "checkpoints: m.checkpoints/" in err
     assert (tmp_path / "m.checkpoints").is_dir() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_finished_run_removes_its_checkpoints(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(["train", "-d", str(tiny_data), "-o", "m.safetensors", "--generator-type", "vae",
+                             "--epochs", "2", "--training-length", "4", "--hidden-dim", "16", "--latent-dim", "4",
+                             "--seed", "0"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "m.safetensors").is_file() and not (tmp_path / "m.checkpoints").exists()
