@@ -119,3 +119,31 @@ def test_an_unreachable_superlink_is_one_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "flwr run" in proc.stderr
     assert not out.exists()
+
+
+def test_the_serverapps_lines_are_printed_as_the_rounds_end_not_after_the_run(monkeypatch):
+    """federate --superlink polls the run's log while it runs: a round's line reaches the user when it ends."""
+    from feda2v_toolkit.federated import deploy
+
+    statuses = iter(["starting", "running", "running", "running", "finished:completed"])
+    log = ["feda2v-tk: data: 2 sites"]
+    seen: list[tuple[str, str]] = []
+
+    def flwr(args, home, timeout):
+        if args[0] == "run":
+            return {"success": True, "run-id": 7}
+        status = next(statuses)
+        if status == "running":
+            log.append(f"feda2v-tk: round {len(log)}/3: 2 sites, loss 1.0")
+        return {"success": True, "runs": [{"status": status}]}
+
+    monkeypatch.setattr(deploy, "_flwr", flwr)
+    monkeypatch.setattr(deploy, "_log_lines", lambda run_id, home: list(log))
+    monkeypatch.setattr(deploy.time, "sleep", lambda s: None)
+    result = deploy.submit_and_wait("127.0.0.1:1", {}, wait=60, log=lambda m: seen.append(("status", m)),
+                                    progress=lambda m: seen.append(("line", m)), log_every=0)
+    lines = [m for kind, m in seen if kind == "line"]
+    assert lines[:2] == ["feda2v-tk: data: 2 sites", "feda2v-tk: round 1/3: 2 sites, loss 1.0"]
+    finished = seen.index(("status", "run 7: finished:completed"))
+    assert seen.index(("line", "feda2v-tk: round 1/3: 2 sites, loss 1.0")) < finished
+    assert all(line not in result["log"] for line in lines)  # nothing printed twice
