@@ -11,7 +11,7 @@ import pytest
 
 from feda2v_toolkit.errors import InputError, UsageError
 from tests.hardening.conftest import run_main
-from tests.test_caches import write_ast_cache
+from tests.data.test_original_caches import write_ast_cache
 
 transformers = pytest.importorskip("transformers")
 
