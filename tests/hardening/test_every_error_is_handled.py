@@ -131,7 +131,7 @@ def hostile_cache(tmp_path):
     """AST caches of the original code with a 0-byte chunk, and with a chunk whose header has a negative shape."""
     import struct
 
-    from tests.test_caches import write_ast_cache
+    from tests.data.test_original_caches import write_ast_cache
 
     caches = {}
     for name in ("empty-chunk", "negative-shape"):

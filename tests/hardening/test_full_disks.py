@@ -59,7 +59,7 @@ def full_disk(tmp_path, monkeypatch):
 @pytest.fixture
 def inputs(tmp_path, model_file, capsys):
     """Inputs outside the full file system: a dataset, an original checkpoint, a legacy config."""
-    from tests.test_convert import orig, save_unified
+    from tests.model.test_original_checkpoints import orig, save_unified
 
     data = write_dataset(tmp_path / "data.safetensors", torch.randn(400, 30, 8), torch.arange(400) % 2,
                          class_names=["a", "b"])

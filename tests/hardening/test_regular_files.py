@@ -100,7 +100,7 @@ def test_a_manifest_is_read_bounded(tmp_path, monkeypatch):
 
 
 def test_a_cache_manifest_that_is_a_fifo_is_refused_without_blocking(tmp_path):
-    from tests.test_caches import write_ast_cache
+    from tests.data.test_original_caches import write_ast_cache
 
     write_ast_cache(tmp_path / "cache", {"dog": [2]})
     (tmp_path / "cache" / "dog" / "manifest.json").unlink()

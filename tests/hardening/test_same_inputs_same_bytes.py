@@ -44,7 +44,7 @@ def _digests(root):
 
 
 def test_every_writing_command_writes_the_same_bytes_twice(model_file, tiny_data, tmp_path, capsys):
-    from tests.test_convert import FULL, D, orig, save_unified
+    from tests.model.test_original_checkpoints import FULL, D, orig, save_unified
 
     ckpt = save_unified(tmp_path / "ckpt.pt", orig(0), selected_classes=["dog", "cat"])
     commands = {
@@ -72,7 +72,7 @@ def test_embed_writes_the_same_bytes_twice_and_when_resumed(tmp_path, capsys):
     from feda2v_toolkit.audio.embed import embed
     from feda2v_toolkit.audio.sources import ClipPolicy, open_source
     from tests.audio_fakes import TINY_TOKENS, make_class_folders, save_tiny_ast
-    from tests.test_embed import _Interrupting
+    from tests.audio.test_embed import _Interrupting
 
     ast = save_tiny_ast(tmp_path / "ast")
     clips = make_class_folders(tmp_path / "clips")
