@@ -91,7 +91,10 @@ from feda2v_toolkit.errors import UsageError
 CORPUS_VERSION = 1
 SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
 APT_PACKAGES = ("fluidsynth", "fluid-soundfont-gm")
+#: where ``ensure_corpus`` keeps built corpora; ``FEDA2V_BENCH_CACHE`` overrides it (read at each call) so
+#: that several worktrees can share one directory
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+CACHE_ENV = "FEDA2V_BENCH_CACHE"
 
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 10.0
@@ -467,12 +470,23 @@ def build_corpus(out: Path, per_class: int = 32, seed: int = 0, first_clip: int 
     return out
 
 
+def cache_dir() -> Path:
+    """``$FEDA2V_BENCH_CACHE`` when set (and not empty), else ``bench/.cache/``."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    return Path(env).expanduser() if env else CACHE_DIR
+
+
+def corpus_path(per_class: int = 32, seed: int = 0, first_clip: int = 0) -> Path:
+    """Where :func:`ensure_corpus` keeps this corpus (the name holds the corpus version)."""
+    return cache_dir() / f"corpus-v{CORPUS_VERSION}-s{seed}-n{per_class}-f{first_clip}"
+
+
 def ensure_corpus(per_class: int = 32, seed: int = 0, first_clip: int = 0, *, quiet: bool = False) -> Path:
-    """The corpus's cached shard directory under ``bench/.cache/``, built on first use (atomically)."""
-    path = CACHE_DIR / f"corpus-v{CORPUS_VERSION}-s{seed}-n{per_class}-f{first_clip}"
+    """The corpus's cached shard directory under :func:`cache_dir`, built on first use (atomically)."""
+    path = corpus_path(per_class, seed, first_clip)
     if path.is_dir() and any(path.glob("*.safetensors")):
         return path
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         return build_corpus(path, per_class, seed, first_clip, quiet=quiet)
     except (OSError, UsageError):
@@ -484,8 +498,32 @@ def ensure_corpus(per_class: int = 32, seed: int = 0, first_clip: int = 0, *, qu
 # ----------------------------------------------------------------------------- sanity check
 
 
+def neighbours(feats: Tensor, labels: Tensor, *, duplicate: float = 0.25) -> dict[str, float]:
+    """Near-duplicate check: each clip's Euclidean distance to its nearest other clip of its own class
+    ("within") and of any other class ("between"), on the classifier's features.
+
+    Returned: the medians of both and their ratio (near 1: a class's clips are no closer to each other than
+    to other classes' clips; far below 1 would mean clusters of copies); the smallest within-class distance
+    over the median one; the number of clips whose nearest same-class clip lies closer than ``duplicate``
+    times that median ("near-duplicates"); and the 1-nearest-neighbour accuracy (leave one out).
+    """
+    x = feats.float() - feats.float().mean(0)
+    sq = x.square().sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * (x @ x.T)).double().clamp(min=0)
+    d2.fill_diagonal_(math.inf)
+    same = labels[:, None] == labels[None, :]
+    within = d2.masked_fill(~same, math.inf).min(1).values.sqrt()
+    between = d2.masked_fill(same, math.inf).min(1).values.sqrt()
+    med_w, med_b = float(within.median()), float(between.median())
+    return {"nn_within_median": med_w, "nn_between_median": med_b, "nn_within_over_between": med_w / med_b,
+            "nn_within_min_over_median": float(within.min()) / med_w,
+            "near_duplicates": float((within < duplicate * med_w).sum()),
+            "nn1_accuracy": float((within < between).double().mean())}
+
+
 def check(path: Path, *, length: int = 16, positions: int = 64) -> dict[str, float]:
-    """Real-only ridge accuracy (half of each class trains, half tests) and the adaptive_avg -> linear loss."""
+    """Real-only ridge accuracy (half of each class trains, half tests), the adaptive_avg -> linear loss and
+    the near-duplicate check (:func:`neighbours`)."""
     from feda2v_toolkit.analysis.classifier import RidgeClassifier, pooled_features
     from feda2v_toolkit.data import open_dataset
     from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
@@ -508,12 +546,14 @@ def check(path: Path, *, length: int = 16, positions: int = 64) -> dict[str, flo
     clf_i = RidgeClassifier(ds.num_classes).fit(ifeats[tr], y[tr])
     return {"chance": 1.0 / ds.num_classes, "real_accuracy": clf.accuracy(feats[te], y[te]),
             f"adaptive_avg{length}_linear_accuracy": clf_i.accuracy(feats[te], y[te]),
-            f"adaptive_avg{length}_linear_on_interpolated": clf_i.accuracy(ifeats[te], y[te])}
+            f"adaptive_avg{length}_linear_on_interpolated": clf_i.accuracy(ifeats[te], y[te]),
+            **neighbours(feats, y)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-o", "--out", type=Path, help="output shard directory (default: the bench/.cache/ corpus)")
+    ap.add_argument("-o", "--out", type=Path,
+                    help=f"output shard directory (default: the cached corpus under ${CACHE_ENV}, else bench/.cache/)")
     ap.add_argument("--per-class", type=int, default=32, help="clips per class (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--first-clip", type=int, default=0, help="index of the first clip of each class")
@@ -537,7 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         t1 = time.perf_counter()
         figures = check(path)
-        print("check: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
+        print("check: " + ", ".join(f"{k} {v:.0f}" if k == "near_duplicates" else f"{k} {v:.3f}"
+                                    for k, v in figures.items())
               + f" ({time.perf_counter() - t1:.1f}s)")
     if not args.quiet:
         print(f"path: {path}\ntotal time {time.perf_counter() - t0:.1f}s")
