@@ -1,7 +1,7 @@
 """The peer's DP-CVAE (federated-dp-cvae, MICCAI 2025), re-implemented, correctly accounted and scored on our corpus.
 
     pip install -e '.[privacy]'       # opacus 1.6 and dp-accounting 0.6
-    FEDA2V_BENCH_CACHE=/work/bench-cache nice -n 10 python bench/peer_dpcvae.py [--epochs 30] [--seeds 0,1,2]
+    FEDA2V_BENCH_CACHE=/work/bench-cache nice -n 10 python bench/peer_dpcvae.py [--epochs 100] [--seeds 0,1,2]
         [--settings inf:1e-5,1:1e-5,1:1e-4] [--corpus PATH] [--train-per-class 100] [--json OUT.json]
 
 What the peer trains ("Embedding-Based Federated Data Sharing via Differentially Private Conditional
@@ -272,19 +272,56 @@ def train_and_sample(data: dict[str, Any], epsilon: float, delta: float, epochs:
     # samples: as many per class as the class has training clips, z ~ N(0, I), un-scaled, upsampled
     model.eval()
     counts = torch.bincount(y, minlength=classes)
-    feats, labels = [], []
+    feats, labels, samples = [], [], []
     with torch.no_grad():
         for c in range(classes):
             n = int(counts[c])
             z = torch.randn(n, LATENT)
             s = model.decode(z, F.one_hot(torch.full((n,), c), classes).float()) * span + lo
+            samples.append(s)
             full = data["upsampler"](s.reshape(n, REDUCED, ds.dim), ds.seq_len)
             feats.append(pooled_features(full, POOL))
             labels.append(torch.full((n,), c))
     te = data["test"]
     clf = RidgeClassifier(classes).fit(torch.cat(feats), torch.cat(labels))
     out["synthetic_accuracy"] = clf.accuracy(data["pooled"][te], ds.labels[te])
+    out.update(sample_diagnostics(samples, x, y))
     return out
+
+
+def sample_diagnostics(samples: list[Tensor], x: Tensor, y: Tensor) -> dict[str, float]:
+    """In the flattened reduced space: how varied the samples of a class are and where their mean lies.
+
+    ``spread_ratio``: mean within-class RMS deviation of the samples / that of the real training clips
+    (0: every sample of a class is the same; 1: as varied as real clips). ``class_mean_error``: distance
+    of the samples' class mean from the real class mean / distance of the real class mean from the real
+    overall mean, averaged over classes (0: class means right; about 1 or more: the class information is lost).
+    """
+    overall = x.mean(0)
+    spread, err = [], []
+    for c, s in enumerate(samples):
+        real = x[y == c]
+        real_mean = real.mean(0)
+        spread.append(float((s - s.mean(0)).square().sum(1).mean().sqrt())
+                      / float((real - real_mean).square().sum(1).mean().sqrt()))
+        err.append(float((s.mean(0) - real_mean).norm()) / float((real_mean - overall).norm()))
+    return {"spread_ratio": statistics.fmean(spread), "class_mean_error": statistics.fmean(err)}
+
+
+def class_mean_accuracy(data: dict[str, Any]) -> float:
+    """Reference: a classifier trained on each class's real training mean (upsampled; as many copies as
+    the class has clips) -- what a generator that returns its class's mean would score at best."""
+    ds, tr, te = data["ds"], data["train"], data["test"]
+    y = ds.labels[tr]
+    feats, labels = [], []
+    with torch.no_grad():
+        for c in range(ds.num_classes):
+            n = int((y == c).sum())
+            mean = data["reduced"][tr][y == c].mean(0, keepdim=True)
+            feats.append(pooled_features(data["upsampler"](mean, ds.seq_len), POOL).expand(n, -1))
+            labels.append(torch.full((n,), c))
+    clf = RidgeClassifier(ds.num_classes).fit(torch.cat(feats), torch.cat(labels))
+    return clf.accuracy(data["pooled"][te], ds.labels[te])
 
 
 # -- main -------------------------------------------------------------------------------------------------
@@ -313,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", type=Path, help="shard directory (default: bench/corpus.py's 200-per-class corpus)")
     ap.add_argument("--per-class", type=int, default=200, help="clips per class of the default corpus")
     ap.add_argument("--train-per-class", type=int, default=100, help="first clips of each class that train")
-    ap.add_argument("--epochs", type=int, default=30, help="epochs trained (and calibrated for)")
+    ap.add_argument("--epochs", type=int, default=PEER_TRAINED_EPOCHS,
+                    help="epochs trained and calibrated for (default 100, as the peer trains)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--settings", default="inf:1e-5,1:1e-5,1:1e-4",
                     help="comma-separated EPSILON:DELTA (inf = no DP)")
@@ -330,17 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     ds, tr, te = data["ds"], data["train"], data["test"]
     real = RidgeClassifier(ds.num_classes).fit(data["pooled"][tr], ds.labels[tr])
     real_acc = real.accuracy(data["pooled"][te], ds.labels[te])
+    mean_acc = class_mean_accuracy(data)
     print(f"corpus {args.corpus}: {len(ds)} clips, {ds.num_classes} classes; train {tr.numel()}, held out "
           f"{te.numel()}; reduced + pooled + lstsq fit in {data['read_seconds']:.0f}s "
           f"(lstsq round trip, held-out R^2 {data['upsampler_heldout_r2']:.3f}); real-only accuracy {real_acc:.3f} "
-          f"(chance {1 / ds.num_classes:.3f}); torch threads {torch.get_num_threads()}", flush=True)
+          f"(chance {1 / ds.num_classes:.3f}); trained on the class means alone {mean_acc:.3f}; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
     steps_per_epoch = math.ceil(tr.numel() / BATCH)
     q = 1.0 / steps_per_epoch
     results: dict[str, Any] = {
         "corpus": str(args.corpus), "clips": len(ds), "train_clips": int(tr.numel()), "heldout_clips": int(te.numel()),
         "reduced_length": REDUCED, "reducer": "adaptive_avg", "upsampler": "lstsq", "pool_positions": POOL,
         "upsampler_heldout_r2": data["upsampler_heldout_r2"],
-        "real_accuracy": real_acc, "chance": 1 / ds.num_classes, "epochs": args.epochs, "seeds": seeds,
+        "real_accuracy": real_acc, "class_mean_accuracy": mean_acc, "chance": 1 / ds.num_classes, "epochs": args.epochs, "seeds": seeds,
         "batch": BATCH, "sample_rate": q, "steps_per_epoch": steps_per_epoch, "max_grad_norm": MAX_GRAD_NORM,
         "lr": LR, "non_private": NON_PRIVATE, "runs": [], "summary": {},
         "peer_miscalibration": [peer_miscalibration(q, steps_per_epoch, eps, d)
@@ -363,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             "epsilon_target": eps, "delta": delta,
             "ratio_mean": statistics.fmean(r["ratio"] for r in runs), "ratio_min": min(r["ratio"] for r in runs),
             "synthetic_accuracy_mean": statistics.fmean(r["synthetic_accuracy"] for r in runs),
+            "spread_ratio_mean": statistics.fmean(r["spread_ratio"] for r in runs),
+            "class_mean_error_mean": statistics.fmean(r["class_mean_error"] for r in runs),
             "epsilon_spent_max": max(r["epsilon_spent"] for r in runs),
             "noise_multiplier": runs[0].get("noise_multiplier"),
             "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs)}
@@ -372,8 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, s in results["summary"].items():
         noise = f"noise {s['noise_multiplier']:.3f}, " if s["noise_multiplier"] else ""
         print(f"  {key:22s} ratio {s['ratio_mean']:.3f} (min {s['ratio_min']:.3f}); {noise}eps spent "
-              f"{s['epsilon_spent_max']:.3f}; {s['seconds_per_epoch']:.1f} s/epoch")
-    print(json.dumps(jsonable(results["summary"] | {"real_accuracy": real_acc, "epochs": args.epochs,
+              f"{s['epsilon_spent_max']:.3f}; spread {s['spread_ratio_mean']:.3f}, class-mean error "
+              f"{s['class_mean_error_mean']:.2f}; {s['seconds_per_epoch']:.1f} s/epoch")
+    print(json.dumps(jsonable(results["summary"] | {"real_accuracy": real_acc, "class_mean_accuracy": mean_acc,
+                                                    "epochs": args.epochs,
                                                     "peer_miscalibration": results["peer_miscalibration"]})))
     if args.json:
         args.json.write_text(json.dumps(jsonable(results), indent=1))
