@@ -44,6 +44,9 @@ come with it: the real-only accuracy, and a classifier trained on each class's m
 in the reduced space, the samples' within-class spread relative to the real clips' and how far the
 samples' class means lie from the real ones.
 
+Known limit: large target epsilons (10, 1000 tried) stall in Opacus' PRV calibration (overflow, 7 GB,
+no result in 20 minutes); the script is meant for epsilon around 1 and for no DP.
+
 Results are recorded in docs/performance.md ("Peer: DP-CVAE").
 """
 
