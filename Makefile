@@ -31,7 +31,8 @@ lint: setup
 bench: setup
 	for script in bench/bench_*.py; do $(BIN)/python $$script || exit 1; done
 
-# The realistic benchmark corpus (12 instrument families x 32 clips, AST-shaped) into bench/.cache/;
+# The realistic benchmark corpus (12 instrument families x 32 clips, AST-shaped) into bench/.cache/
+# (or $FEDA2V_BENCH_CACHE, a cache directory that several worktrees can share);
 # installs fluidsynth + fluid-soundfont-gm with apt when missing (as root). Prints the sanity check.
 corpus: setup
 	$(BIN)/python bench/corpus.py --check

@@ -77,3 +77,26 @@ def test_noise_is_added_at_a_finite_level(corpus):
     audio[:8000] = 0.1 * np.sin(np.arange(8000) * 0.1)
     out = corpus.add_noise(corpus.clip_rng(0, 0, 0), audio)
     assert out.dtype == np.float32 and np.isfinite(out).all() and np.abs(out[8000:]).max() > 0
+
+
+def test_cache_directory_follows_the_environment_variable(corpus, tmp_path, monkeypatch):
+    monkeypatch.delenv(corpus.CACHE_ENV, raising=False)
+    assert corpus.cache_dir() == corpus.CACHE_DIR
+    monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path / "shared"))
+    path = corpus.corpus_path(per_class=200, seed=0)
+    assert path == tmp_path / "shared" / f"corpus-v{corpus.CORPUS_VERSION}-s0-n200-f0"
+    # a corpus already in the shared directory is reused, never rebuilt (building would need fluidsynth)
+    path.mkdir(parents=True)
+    (path / "part-00000.safetensors").write_bytes(b"")
+    assert corpus.ensure_corpus(per_class=200, seed=0) == path
+
+
+def test_neighbour_check_finds_planted_near_duplicates(corpus):
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(40, 50, generator=g)
+    labels = torch.arange(40) % 2
+    clean = corpus.neighbours(feats, labels)
+    assert clean["near_duplicates"] == 0 and 0.8 < clean["nn_within_over_between"] < 1.25
+    feats[2] = feats[0] + 1e-3 * torch.randn(50, generator=g)  # clip 2 copies clip 0 (same class)
+    dup = corpus.neighbours(feats, labels)
+    assert dup["near_duplicates"] == 2 and dup["nn_within_min_over_median"] < 0.01
