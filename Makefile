@@ -14,7 +14,7 @@ $(BIN)/feda2v-tk: pyproject.toml
 	# Pin torch first: here it resolves to a local CPU wheel (an open range pulls GBs of CUDA packages).
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	# The audio extras (transformers, soundfile, soxr, datasets) for `embed` and its tests; torch stays pinned.
-	$(BIN)/pip install --quiet -e ".[test,plot,audio,datasets,federated,simulation]" ruff $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e ".[test,plot,audio,datasets,federated,simulation,privacy]" ruff $(TORCH_PIN)
 	touch $(BIN)/feda2v-tk
 
 setup: $(BIN)/feda2v-tk
