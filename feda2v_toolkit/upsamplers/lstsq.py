@@ -78,17 +78,17 @@ class LeastSquaresUpsampler(Upsampler):
         sxx = 0.0
         n = 0
         for reduced, full in pairs():
-            r = reduced.to(self.weight.device, torch.float32)
-            x = full.to(self.weight.device, torch.float32)
+            r = reduced.to(self.weight.device, torch.float64)  # float64 products: the sums are then centred, and
+            x = full.to(self.weight.device, torch.float64)  # a shared positional pattern dwarfs the rest
             if r.shape[1:] != (short, D) or x.shape[1:] != (L, D) or r.shape[0] != x.shape[0]:
                 raise ValueError(f"expected pairs [B, {short}, {D}] and [B, {L}, {D}], got {tuple(r.shape)} "
                                  f"and {tuple(x.shape)}")
             xc = x.permute(1, 0, 2).reshape(L, -1)  # [L, B*D]
             rc = r.permute(1, 0, 2).reshape(short, -1)  # [short, B*D]
-            sxr += (xc @ rc.T).double().cpu()
-            srr += (rc @ rc.T).double().cpu()
-            sum_x += x.sum(0).double().cpu()
-            sum_r += r.sum(0).double().cpu()
+            sxr += (xc @ rc.T).cpu()
+            srr += (rc @ rc.T).cpu()
+            sum_x += x.sum(0).cpu()
+            sum_r += r.sum(0).cpu()
             sxx += float(torch.linalg.vector_norm(x)) ** 2
             n += x.shape[0]
         return {"sxr": sxr, "srr": srr, "sum_x": sum_x, "sum_r": sum_r, "sxx": torch.tensor(sxx, dtype=torch.float64),
@@ -108,9 +108,9 @@ class LeastSquaresUpsampler(Upsampler):
         u = torch.linalg.solve(crr + lam * eye, cxr.T).T  # [L, short]
         b = (sum_x - u @ sum_r) / n  # [L, D]
         sst = sxx - float(sum_x.square().sum()) / n  # about the per-position mean sequence
-        # training SSE from the accumulated sums: sum ||x - U r - b||^2
-        sse = (sxx - 2 * float((u * sxr).sum()) - 2 * float((b * sum_x).sum()) + float((u @ srr * u).sum())
-               + 2 * float((b * (u @ sum_r)).sum()) + n * float(b.square().sum()))
+        # training SSE from the centred sums (b is the mean residual): sum ||(x - mean) - U (r - mean)||^2; the
+        # uncentred expansion cancels catastrophically when a shared pattern dominates (as in AST embeddings)
+        sse = max(sst - 2 * float((u * cxr).sum()) + float((u @ crr * u).sum()), 0.0)
         with torch.no_grad():
             self.weight.copy_(u.to(self.weight))
             self.bias.copy_(b.to(self.bias))
