@@ -114,11 +114,12 @@ def run(name: str, train_path: Path, test_path: Path, length: int, seed: int, va
         "usefulness": {"protocol": u.protocol, "seeds": u.seeds,
                        "summary": {"real": u.summary.real_accuracy, "synthetic": u.summary.synthetic_accuracy,
                                    "ratio_mean": u.summary.ratio_mean, "ratio_min": u.summary.ratio_min,
-                                   "ratio_max": u.summary.ratio_max},
+                                   "ratio_max": u.summary.ratio_max,
+                                   "reduced_upsampled": u.summary.reconstructed_accuracy},
                        "pooled": None if u.pooled is None else {
                            "real": u.pooled.real_accuracy, "synthetic": u.pooled.synthetic_accuracy,
                            "ratio_mean": u.pooled.ratio_mean, "ratio_min": u.pooled.ratio_min,
-                           "ratio_max": u.pooled.ratio_max}},
+                           "ratio_max": u.pooled.ratio_max, "reduced_upsampled": u.pooled.reconstructed_accuracy}},
         "split_protocol_tstr_ratio": (r.downstream.tstr / r.downstream.real_only if r.downstream.real_only
                                       else None),
         "dcr_ratio": r.privacy["(all)"].ratio if "(all)" in r.privacy else None,
@@ -160,9 +161,11 @@ def main() -> int:
         s, p = u["summary"], u["pooled"]
         print(f"   {'LEAKS MEMBERSHIP' if res['leaking'] else 'no leak flagged'}; usefulness ({u['protocol']}, "
               f"draws {u['seeds']}): AST head {s['ratio_mean']:.3f} (min {s['ratio_min']:.3f}, max "
-              f"{s['ratio_max']:.3f}; real {s['real']:.3f})"
-              + (f"; pooled {p['ratio_mean']:.3f} (min {p['ratio_min']:.3f}; real {p['real']:.3f})" if p else "")
-              + f"; split-protocol TSTR ratio {res['split_protocol_tstr_ratio']:.3f}; DCR {res['dcr_ratio']:.3f}",
+              f"{s['ratio_max']:.3f}; real {s['real']:.3f}, reduced+upsampled real {s['reduced_upsampled']:.3f})"
+              + (f"; pooled {p['ratio_mean']:.3f} (min {p['ratio_min']:.3f}, max {p['ratio_max']:.3f}; real "
+                 f"{p['real']:.3f}, reduced+upsampled real {p['reduced_upsampled']:.3f})" if p else "")
+              + f"; split-protocol TSTR ratio {res['split_protocol_tstr_ratio']:.3f}; DCR {res['dcr_ratio']:.3f}"
+              + ("; COLLAPSED" if res["collapsed"] else ""),
               flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))

@@ -20,20 +20,41 @@ The Frechet distance is also computed on the pooled full-length features of the 
 (``frechet_pooled``): that space is the same for every model, so it compares models with different
 reducers or training lengths.
 
-Privacy (``privacy``), when the training data is known (``split="heldout"``, or ``train_data``): the
-**distance to the closest record** (DCR) in the model's normalised reduced space (the space the generator
-was trained in, flattened). Per class, the median distance from each synthetic sample to its nearest
-training sequence of that class, divided by the same median for the held-out real sequences: about 1
-when synthetic samples are as far from the training clips as new real clips are, well below 1 when the
-generator copies or interpolates training rows (or collapses onto their mean). ``close_share`` is the share of synthetic samples nearer
-to a training sequence than 95% of the held-out ones are (about 0.05 for a generator that does not
-memorise). A ratio below :data:`MEMORISATION_RATIO` is flagged (``memorising``).
+Collapse: samples whose recall is below :data:`COLLAPSE_RECALL` or whose diversity is below
+:data:`COLLAPSE_DIVERSITY` of the real one's (over all classes or per class) are flagged (``collapsed``).
 
-Downstream, with the classifier of ``analyze`` on pooled full-length features (synthetic samples
-upsampled by the model's upsampler to the real length): the real data are split per class into a train
-part and a test part (``test_fraction``, default 0.5, stratified by ``seed``), and the classifier is
-trained on (a) the real train part -- ``real_only`` --, (b) all synthetic samples -- ``tstr``
-(train on synthetic, test on real) --, (c) both -- ``augmented`` --, each tested on the real test part.
+With the training data (``split="heldout"``, or ``train_data``), the *members* are the rows the generators
+fitted on (:func:`feda2v_toolkit.model.split.model_split`: the trainer's train split, not its validation
+rows) and the held-out real sequences are the non-members:
+
+* ``membership``: the membership-inference audit of :mod:`.membership` -- white-box attacks through
+  :meth:`Generator.membership_scores`, black-box ones from the synthetic samples; AUC and TPR at FPR 1% and
+  0.1% with bootstrap intervals; the strongest attack as the headline; ``leaking`` above AUC 0.6;
+* ``privacy``: copy detection, the **distance to the closest record** (DCR) in the model's normalised
+  reduced space: per class, the median distance from each synthetic sample to its nearest training
+  sequence, divided by the same median for the held-out real sequences (about 1 when synthetic samples
+  are as far from the training clips as new real clips are; well below 1 when the generator copies or
+  interpolates training rows, or collapses onto their mean); ``close_share`` is the share of synthetic
+  samples nearer to a training sequence than 95% of the held-out ones. A ratio below
+  :data:`MEMORISATION_RATIO` is flagged (``memorising``). DCR detects copies; it does not measure privacy.
+
+Usefulness (``usefulness``), the headline of the downstream section: train-on-synthetic / train-on-real
+accuracy of the ridge classifier on held-out real clips, over ``usefulness_seeds`` synthetic draws. The
+standard protocol (training data known): trained on the model's training clips vs on as many synthetic
+clips per class, both tested on the held-out real clips; the fallback (no training data): the real data
+split into a train part and a test part. Features: the mean of the two summary tokens of the full-length
+sequence (AST's classification head); a second view on pooled features; next to each, the classifier
+trained on the training clips after the model's reducer and upsampler (what the reduction keeps).
+
+Downstream detail (``downstream``), the split protocol on pooled features (synthetic samples upsampled by
+the model's upsampler to the real length): the real data are split per class into a train part and a test
+part (``test_fraction``, default 0.5, stratified by ``seed``), and the classifier is trained on (a) the
+real train part -- ``real_only`` --, (b) all synthetic samples -- ``tstr`` --, (c) both -- ``augmented``
+--, each tested on the real test part.
+
+Memory: real and training sequences are read once, streaming; only a seeded uniform subset of at most
+:func:`row_caps` rows per class is kept (the output says when it subsamples), so memory does not grow with
+the data.
 """
 
 from __future__ import annotations

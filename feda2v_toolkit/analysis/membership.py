@@ -381,8 +381,11 @@ def _white_box(model: Any, x: Tensor, classes: Sequence[str], conditions: Tensor
                     out.setdefault(name, torch.full((n,), float("nan"), dtype=torch.float64))[part] = \
                         v.detach().double().cpu().reshape(-1)
                     names.setdefault(name, kind)
-        except NotImplementedError as exc:
-            unavailable.append(f"white-box: {kind} cannot score records ({exc})")
+        except (NotImplementedError, RuntimeError, ValueError) as exc:  # e.g. a plugin loss that needs a batch
+            unavailable.append(f"white-box: {kind} could not score records ({type(exc).__name__}: {exc})")
+            for name in [k for k, v in names.items() if v == kind]:
+                out.pop(name, None)
+                names.pop(name, None)
             out.pop(main, None)
     return out, names, unavailable
 

@@ -155,12 +155,15 @@ def test_privacy_flags_a_generator_that_copies_its_training_data(trained, tiny_d
     assert copier.privacy["(all)"].ratio < honest.privacy["(all)"].ratio
 
 
-def test_privacy_needs_the_training_data(capsys, trained, tiny_data):
+def test_privacy_needs_the_training_data(capsys, trained, tiny_data, tmp_path):
+    pytest.importorskip("matplotlib")
     model, real = trained
     doc = run_json(capsys, "evaluate", str(model), "--data", str(real), "-q")
     assert doc["privacy"] == {} and any("--train-data" in n for n in doc["notes"])
     doc = run_json(capsys, "evaluate", str(model), "--data", str(tiny_data), "--split", "heldout", "-q")
     assert doc["privacy"]["(all)"]["training"] == 32  # 40 sequences, 2 per class held out by the trainer
+    png = tmp_path / "audit.png"  # with the ROC panel of the membership audit
     code, out, _ = run_main(capsys, "evaluate", str(model), "--data", str(real), "--train-data", str(tiny_data),
-                            "-q")
+                            "-q", "--plot", str(png))
     assert code == 0 and "distance to the closest training sequence" in out and "membership inference" in out
+    assert "TPR at FPR 0.1%" in out and png.read_bytes()[:4] == b"\x89PNG"

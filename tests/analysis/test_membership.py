@@ -105,7 +105,7 @@ def test_dp_auc_bound():
 
 
 def test_every_attack_detects_the_gaussian_that_memorises(gaussian, sets):
-    r = evaluate(gaussian, sets["C"], train_data=sets["A"], bootstrap=200)
+    r = evaluate(gaussian, sets["C"], train_data=sets["A"], bootstrap=200, usefulness_seeds=1)
     a = r.membership
     assert a is not None
     names = [x.name for x in a.attacks]
@@ -123,7 +123,7 @@ def test_every_attack_detects_the_gaussian_that_memorises(gaussian, sets):
 
 def test_no_attack_tells_records_the_model_never_saw(gaussian, sets):
     """'Members' from B (disjoint from A, same class counts, so the trainer's split is recomputed on it)."""
-    r = evaluate(gaussian, sets["C"], train_data=sets["B"], bootstrap=300)
+    r = evaluate(gaussian, sets["C"], train_data=sets["B"], bootstrap=300, usefulness_seeds=1)
     a = r.membership
     for x in a.attacks:
         assert x.auc_low < 0.5 < x.auc_high, (x.name, x.auc, x.auc_low, x.auc_high)
@@ -154,7 +154,7 @@ def _replay(model, data, *, shift: int = 0, mean: bool = False):
 
 def test_black_box_attack_detects_a_generator_that_replays_its_training_rows(gaussian, sets):
     model = _replay(load_model(gaussian), sets["A"])
-    r = evaluate(model, sets["C"], train_data=sets["A"], samples_per_class=16, bootstrap=200)
+    r = evaluate(model, sets["C"], train_data=sets["A"], samples_per_class=16, bootstrap=100, usefulness_seeds=1)
     nearest = r.membership.attack("black-box: nearest sample")
     assert nearest.auc == pytest.approx(1.0)
     assert nearest.tpr_at[0].tpr == pytest.approx(1.0)
@@ -302,7 +302,7 @@ def test_standard_usefulness_of_a_generator_replaying_its_training_clips_is_one(
     assert exact.usefulness.protocol == "standard"
     assert exact.usefulness.summary.ratio == pytest.approx([1.0, 1.0])
     wrong = evaluate(_replay(load_model(path), sets["A"], shift=1), sets["C"], train_data=sets["A"],
-                     usefulness_seeds=2, bootstrap=50)
+                     usefulness_seeds=1, bootstrap=50)
     assert wrong.usefulness.summary.ratio_max < 0.5
 
 
@@ -335,6 +335,6 @@ def test_model_split_is_the_trainers_split(gaussian, sets):
 def test_dp_record_and_bound_note(gaussian, sets):
     model = load_model(gaussian)
     model.metrics = {**model.metrics, "privacy": {"total": {"epsilon": 1.0, "delta": 1e-5}}}
-    r = evaluate(model, sets["C"], train_data=sets["A"], usefulness_seeds=1, bootstrap=100)
+    r = evaluate(model, sets["C"], train_data=sets["A"], usefulness_seeds=1, bootstrap=50)
     assert r.membership.dp["epsilon"] == 1.0 and r.membership.dp["auc_bound"] == pytest.approx(0.731, abs=1e-3)
     assert any("the recorded guarantee does not hold" in n for n in r.membership.notes)
