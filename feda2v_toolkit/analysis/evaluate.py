@@ -103,8 +103,10 @@ MAX_ROWS_PER_CLASS = 2000
 MAX_ROWS = 4096
 MIN_ROWS_PER_CLASS = 32
 #: the same for the pooled full-length features (64 x 768 numbers a row: 16 times the reduced ones at l = 16)
-MAX_POOLED_ROWS = 1024
+MAX_POOLED_ROWS = 512
 MIN_POOLED_ROWS_PER_CLASS = 16
+#: synthetic samples upsampled to full length at once (a [16, 1214, 768] float32 batch is 60 MB)
+UPSAMPLE_ROWS = 16
 #: synthetic draws (seeds SEED .. SEED + n - 1) the usefulness ratio is measured over
 USEFULNESS_SEEDS = 5
 #: collapse: recall below this, or synthetic / real diversity below COLLAPSE_DIVERSITY
@@ -384,14 +386,15 @@ def _synthetic(model: GenerativeModel, c: str, n: int, *, seed: int, seq_len: in
     red, summ, pool = [], [], []
     done = 0
     for r, _ in sample_class_reduced(model, c, n, seed=seed, batch_size=DEFAULT_BATCH, conditions=conditions):
-        full = model.upsample(r, seq_len)
         if reduced:
             red.append(r.float())
-        summ.append(summary_features(full))
-        k = max(0, min(r.shape[0], pooled - done))
-        if k:
-            pool.append(pooled_features(full[:k], pool_positions))
-        done += r.shape[0]
+        for s in range(0, r.shape[0], UPSAMPLE_ROWS):  # full-length sequences: a few at a time
+            full = model.upsample(r[s:s + UPSAMPLE_ROWS], seq_len)
+            summ.append(summary_features(full))
+            k = max(0, min(full.shape[0], pooled - done))
+            if k:
+                pool.append(pooled_features(full[:k], pool_positions))
+            done += full.shape[0]
     width = min(pool_positions, seq_len) * model.dim
     return (torch.cat(red) if reduced else None, torch.cat(summ),
             torch.cat(pool) if pool else torch.empty(0, width))
@@ -635,10 +638,10 @@ def _reconstructed(model: GenerativeModel, reduced: Tensor, pooled_mask: Tensor,
     """AST-head features of raw reduced sequences upsampled to ``seq_len``, and pooled features of the
     ``pooled_mask`` rows among them."""
     summ, pool = [], []
-    for s in range(0, reduced.shape[0], DEFAULT_BATCH):
-        full = model.upsample(reduced[s:s + DEFAULT_BATCH], seq_len)
+    for s in range(0, reduced.shape[0], UPSAMPLE_ROWS):
+        full = model.upsample(reduced[s:s + UPSAMPLE_ROWS], seq_len)
         summ.append(summary_features(full))
-        sel = pooled_mask[s:s + DEFAULT_BATCH]
+        sel = pooled_mask[s:s + UPSAMPLE_ROWS]
         if bool(sel.any()):
             pool.append(pooled_features(full[sel], pool_positions))
     width = min(pool_positions, seq_len) * model.dim
