@@ -400,7 +400,6 @@ def _synthetic(model: GenerativeModel, c: str, n: int, *, seed: int, seq_len: in
             torch.cat(pool) if pool else torch.empty(0, width))
 
 
-
 def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.PathLike[str] | Dataset, *,
              split: str = "all", train_data: str | os.PathLike[str] | Dataset | None = None,
              test_fraction: float = 0.5, samples_per_class: int | None = None, seed: int = 0,
