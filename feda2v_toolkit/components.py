@@ -83,6 +83,11 @@ class Generator(Component, abc.ABC):
     #: True when the type is fitted in closed form by :meth:`fit` (the trainer then runs no epochs for it,
     #: and :meth:`configure_optimizers` may return no optimiser).
     fitted: ClassVar[bool] = False
+    #: False when the type cannot score records for the membership-inference audit (:meth:`membership_scores`);
+    #: ``evaluate`` then says so and runs only the black-box attacks.
+    membership_scores_available: ClassVar[bool] = True
+    #: what :meth:`membership_scores` computes, as the audit names it
+    membership_score_name: ClassVar[str] = "negative loss"
 
     def __init__(self, *, seq_len: int, dim: int, num_classes: int = 0, condition_dim: int = 0) -> None:
         super().__init__()
@@ -145,6 +150,44 @@ class Generator(Component, abc.ABC):
         ``labels`` ``[n]`` (long) and ``conditions`` ``[n, condition_dim]`` are given when the model
         is conditioned; all randomness comes from ``generator``.
         """
+
+    @torch.no_grad()
+    def membership_scores(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+                          config: Mapping[str, Any] | None = None) -> Tensor:
+        """Per-record membership score ``[n]`` (float64) of the normalised sequences ``x [n, seq_len, dim]``:
+        higher = more likely one of this generator's training records (the white-box attack of ``evaluate``'s
+        membership-inference audit, docs/evaluation.md).
+
+        Default: the negative :meth:`loss_terms` ``"loss"`` of each record alone (one call per row, with
+        ``config`` -- the resolved generator config -- and ``progress = 1``), computed under a fixed RNG
+        seed so that stochastic losses give the same scores every time (the global RNG is restored).
+        Types override it with something exact (the gaussian's log-likelihood, the VAE's ELBO, the GAN's
+        discriminator); a type that cannot score records sets :attr:`membership_scores_available` to False.
+        """
+        if not type(self).membership_scores_available:
+            raise NotImplementedError(f"{type(self).__name__} cannot score records for membership inference")
+        n = x.shape[0]
+        ctx = TrainContext(epoch=0, total_epochs=1, step=0, progress=1.0, config=dict(config or {}),
+                           device=x.device)
+        out = torch.empty(n, dtype=torch.float64)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                for i in range(n):
+                    torch.manual_seed(i)
+                    terms = self.loss_terms(x[i:i + 1], labels=None if labels is None else labels[i:i + 1],
+                                            conditions=None if conditions is None else conditions[i:i + 1], ctx=ctx)
+                    out[i] = -float(terms["loss"])
+        finally:
+            self.train(was_training)
+        return out
+
+    def extra_membership_scores(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+                                config: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+        """Further white-box attacks this type offers, by name (each ``[n]``, higher = more likely a
+        member); the audit runs them next to :meth:`membership_scores`. Default: none."""
+        return {}
 
 
 class Reducer(Component, abc.ABC):

@@ -36,6 +36,16 @@ def pooled_features(x: Tensor, positions: int = DEFAULT_POOL_POSITIONS) -> Tenso
     return pooled.reshape(x.shape[0], -1)
 
 
+def summary_features(x: Tensor) -> Tensor:
+    """``[B, L, D] -> [B, D]`` float32: the clip feature AST's own classification head reads -- the mean of
+    the two summary tokens (positions 0 and 1: cls and distillation), as ``ASTForAudioClassification``
+    pools ``(h[:, 0] + h[:, 1]) / 2``. Sequences of one token give that token."""
+    if x.dim() != 3:
+        raise ValueError(f"expected [B, L, D], got shape {tuple(x.shape)}")
+    x = x.float()
+    return (x[:, 0] + x[:, 1]) / 2 if x.shape[1] > 1 else x[:, 0].clone()
+
+
 @dataclass
 class RidgeClassifier:
     """Multi-class ridge classifier with leave-one-out choice of the penalty (see the module docstring)."""

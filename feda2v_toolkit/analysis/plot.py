@@ -79,7 +79,8 @@ def plot_evaluation(result: Any, path: str | os.PathLike[str]) -> Path:
     names = [*result.per_class, "(all)"]
     metrics = [*result.per_class.values(), result.overall]
     x = np.arange(len(names))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    audit = getattr(result, "membership", None)
+    fig, axes = plt.subplots(1, 4 if audit is not None else 3, figsize=(21 if audit is not None else 16, 5))
     ax = axes[0]
     ax.bar(x - 0.2, [m.frechet_pooled or 0 for m in metrics], 0.4, label="synthetic vs real")
     ax.bar(x + 0.2, [m.frechet_pooled_real_halves or 0 for m in metrics], 0.4, label="real half vs half")
@@ -102,10 +103,46 @@ def plot_evaluation(result: Any, path: str | os.PathLike[str]) -> Path:
         ax.bar(xc + (i - 1) * 0.27, vals, 0.27, label=key.replace("_", "-"))
     ax.set_xticks(xc, [*classes, "(all)"], rotation=30)
     ax.set_ylim(0, 1.05)
-    ax.set_title("downstream accuracy on real test data")
+    ax.set_title("downstream accuracy on real test data (split protocol)")
     ax.legend(fontsize=8)
-    fig.suptitle(f"{Path(result.model).name} vs {Path(result.data).name} (split {result.split})")
+    if audit is not None:
+        _roc_panel(axes[3], audit, np)
+    title = f"{Path(result.model).name} vs {Path(result.data).name} (split {result.split})"
+    u = getattr(result, "usefulness", None)
+    if u is not None:
+        title += (f"; usefulness ({u.protocol} protocol) {u.summary.ratio_mean:.2f} "
+                  f"(min {u.summary.ratio_min:.2f})")
+    if audit is not None and audit.headline is not None:
+        title += f"; membership AUC {audit.auc:.2f}" + (" LEAKS" if audit.leaking else "")
+    fig.suptitle(title)
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+def _roc_panel(ax: Any, audit: Any, np: Any) -> None:
+    """The membership-inference ROC curves on a log FPR axis: the headline attack bold, chance dotted, and the
+    DP bound ``TPR = e^eps FPR + delta`` dashed when the model records a DP guarantee."""
+    floor = 1.0 / max(audit.non_members, 1)
+    lo = min(1e-3, floor) / 2
+    for a in audit.attacks:
+        fpr, tpr = np.asarray(a.roc_fpr), np.asarray(a.roc_tpr)
+        head = a.name == audit.headline
+        ax.plot(np.clip(fpr, lo, 1), tpr, lw=2.5 if head else 1.2, label=f"{a.name} (AUC {a.auc:.2f})"
+                + (" *" if head else ""))
+    grid = np.logspace(np.log10(lo), 0, 200)
+    ax.plot(grid, grid, "k:", lw=1, label="chance")
+    if audit.dp:
+        eps, delta = audit.dp["epsilon"], audit.dp["delta"]
+        ax.plot(grid, np.minimum(1, np.exp(eps) * grid + delta), "r--", lw=1,
+                label=f"DP bound (eps {eps:g}, delta {delta:g})")
+    ax.axvline(floor, color="grey", lw=0.8, alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlim(lo, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"false-positive rate (log; grey: 1 / {audit.non_members} non-members)")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(f"membership inference: {audit.members} members vs {audit.non_members} held out")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, alpha=0.3, which="both")

@@ -169,22 +169,97 @@ def evaluate_text(result: Any) -> str:
                  f"classifier's {r.pool_positions} pooled positions (comparable across models); diversity: mean "
                  "pairwise distance of synthetic / real samples; precision, recall, density, coverage with "
                  f"k = {r.overall.k} neighbours.")
-    d = r.downstream
-    lines += ["", f"downstream (ridge on {r.pool_positions} pooled positions, tested on {d.real_test} real "
-                  f"sequences): real-only {_pct(d.real_only)} ({d.real_train} real), train-on-synthetic "
-                  f"{_pct(d.tstr)} ({d.synthetic} synthetic), real+synthetic {_pct(d.augmented)}"]
-    rows = [[c, _pct(v.get("real_only")), _pct(v.get("tstr")), _pct(v.get("augmented"))]
-            for c, v in d.per_class.items()]
-    lines.append(table(["class", "real-only", "TSTR", "augmented"], rows))
+    lines += _usefulness_lines(r)
+    if r.membership is not None:
+        lines += _membership_lines(r.membership)
     if r.privacy:
-        lines += ["", f"privacy: distance to the closest training sequence (DCR) in the model's normalised reduced "
-                      f"space; training data {r.train_data}"]
+        lines += ["", f"copy detection: distance to the closest training sequence (DCR) in the model's normalised "
+                      f"reduced space; training data {r.train_data}"]
         rows = [[c, m.training, _num(m.synthetic_dcr), _num(m.real_dcr), _num(m.ratio), _pct(m.close_share),
-                 "MEMORISES" if m.memorising else "ok"] for c, m in r.privacy.items()]
+                 "COPIES" if m.memorising else "no copies"] for c, m in r.privacy.items()]
         lines.append(table(["class", "train", "synthetic DCR", "held-out DCR", "ratio", "close", "verdict"], rows,
                            align="lrrrrrl"))
         lines.append("DCR: median distance to the nearest training sequence of the class; ratio: synthetic / "
                      "held-out real (about 1: as far from the training clips as new clips are; well below 1: "
-                     "copies or interpolations); close: share of synthetic samples nearer than 95% of held-out ones.")
+                     "copies or interpolations); close: share of synthetic samples nearer than 95% of held-out ones. "
+                     "It detects copies; it does not measure privacy (a model can leak membership with a DCR "
+                     "ratio above 1: see the membership inference section).")
+    verdicts = []
+    if r.collapsed:
+        verdicts.append("COLLAPSED")
+    if any(m.memorising for m in r.privacy.values()):
+        verdicts.append("COPIES TRAINING DATA")
+    if r.membership is not None and r.membership.leaking:
+        verdicts.append("LEAKS MEMBERSHIP")
+    lines += ["", "verdict: " + (", ".join(verdicts) if verdicts else
+                                 "no collapse, no copies" + (", no membership leak flagged" if r.membership
+                                                             else " (membership not audited)"))]
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def _ci(value: float, low: float, high: float) -> str:
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _usefulness_lines(r: Any) -> list[str]:
+    lines: list[str] = []
+    u = r.usefulness
+    if u is not None:
+        v = u.summary
+        how = ("standard protocol: trained on the model's training clips vs on as many synthetic clips per class, "
+               "both tested on the held-out real clips" if u.protocol == "standard" else
+               "FALLBACK protocol (no training data): the real data split into a train and a test part; pass "
+               "--train-data for the standard protocol")
+        lines += ["", f"usefulness (train-on-synthetic / train-on-real accuracy): {_num(v.ratio_mean)} "
+                      f"(min {_num(v.ratio_min)}, max {_num(v.ratio_max)} over synthetic draws "
+                      f"{', '.join(map(str, u.seeds))})",
+                  f"  {how}; features: {v.features}; classifier: {u.classifier}",
+                  f"  real-trained {_pct(v.real_accuracy)} ({v.real_train} clips), synthetic-trained "
+                  + ", ".join(_pct(a) for a in v.synthetic_accuracy) + f" ({v.synthetic_train} each); "
+                  f"tested on {v.test} real clips; reference: trained on the same real clips after the model's "
+                  f"reducer and upsampler (what the reduction alone keeps) {_pct(v.reconstructed_accuracy)}"]
+        p = u.pooled
+        if p is not None:
+            lines.append(f"  second view, {p.features}: ratio {_num(p.ratio_mean)} (min {_num(p.ratio_min)}, max "
+                         f"{_num(p.ratio_max)}); real-trained {_pct(p.real_accuracy)} ({p.real_train} clips, "
+                         f"tested on {p.test}); reduced and upsampled {_pct(p.reconstructed_accuracy)}")
+    d = r.downstream
+    lines += ["", f"split protocol, detail (ridge on {r.pool_positions} pooled positions, tested on {d.real_test} "
+                  f"real sequences of the data): real-only {_pct(d.real_only)} ({d.real_train} real), "
+                  f"train-on-synthetic {_pct(d.tstr)} ({d.synthetic} synthetic), real+synthetic {_pct(d.augmented)}"]
+    rows = [[c, _pct(v.get("real_only")), _pct(v.get("tstr")), _pct(v.get("augmented"))]
+            for c, v in d.per_class.items()]
+    lines.append(table(["class", "real-only", "TSTR", "augmented"], rows))
+    return lines
+
+
+def _membership_lines(a: Any) -> list[str]:
+    lines = ["", f"membership inference: {a.members} members ({a.member_source}) vs {a.non_members} held-out "
+                 f"non-members of the same classes, scored together; 95% intervals from {a.bootstrap} bootstrap "
+                 f"resamples"]
+    rows = []
+    for x in a.attacks:
+        cells = [("* " if x.name == a.headline else "  ") + x.name, _ci(x.auc, x.auc_low, x.auc_high)]
+        for t in x.tpr_at:
+            cells.append(_ci(t.tpr, t.low, t.high) + ("" if t.reliable else " ~"))
+        rows.append(cells)
+    fprs = [t.fpr for t in a.attacks[0].tpr_at] if a.attacks else []
+    if rows:
+        lines.append(table(["attack", "AUC [95%]", *[f"TPR at FPR {f:.1%} [95%]" for f in fprs]], rows,
+                           align="l" + "r" * (1 + len(fprs))))
+    if a.headline is not None:
+        best = a.attack(a.headline)
+        verdict = "LEAKS MEMBERSHIP" if a.leaking else "no leak flagged"
+        lines.append(f"headline (*, the highest AUC lower bound): {a.headline}, AUC {best.auc:.3f}: {verdict} "
+                     f"(flagged above {a.threshold}; 0.5 = the attacker cannot tell)")
+        shown = {c: v for c, v in best.per_class_auc.items() if v is not None}
+        if shown:
+            lines.append("  per class (detail; small classes are noisy): "
+                         + ", ".join(f"{c} {v:.2f}" for c, v in shown.items()))
+    if a.dp:
+        lines.append(f"the model records (epsilon {a.dp['epsilon']:g}, delta {a.dp['delta']:g})-DP: no attack can "
+                     f"exceed AUC {a.dp['auc_bound']:.3f}")
+    lines += [f"  not run: {u}" for u in a.unavailable]
+    lines += [f"  {n}" for n in a.notes]
+    return lines

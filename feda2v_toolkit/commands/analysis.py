@@ -215,7 +215,8 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
               help="all: every sequence of DATA is held-out real data; heldout: DATA is the training data "
                    "and only the sequences the trainer held out are used.")
 @click.option("--train-data", "train_path", type=click.Path(path_type=Path),
-              help="The model's training data: measures privacy (distance to closest record) with --split all.")
+              help="The model's training data (with --split all): runs the membership-inference audit and copy "
+                   "detection, and measures usefulness by the standard protocol.")
 @click.option("--test-fraction", default=0.5, show_default=True, type=FRACTION,
               help="Share of each class's real clips the downstream classifiers are tested on.")
 @click.option("-k", "--samples-per-class", type=SAMPLES,
@@ -227,6 +228,11 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
               help="k of precision/recall/density/coverage.")
 @click.option("--pool-positions", default=64, show_default=True, type=click.IntRange(min=1),
               help="Positions the classifier's features are pooled to.")
+@click.option("--usefulness-draws", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Synthetic draws (seeds SEED, SEED+1, ...) the usefulness ratio is measured over.")
+@click.option("--max-per-class", type=click.IntRange(min=2),
+              help="Real sequences kept per class (a seeded uniform subset beyond) [default: 2000 per class, "
+                   "4096 in all, at least 32 per class].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG plot here (needs matplotlib: pip install 'feda2v-tk[plot]').")
 @click.option("--overwrite", is_flag=True, help="Replace the --plot file if it exists.")
@@ -237,13 +243,15 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def evaluate_cmd(model_path: Path, data_path: Path, split: str, train_path: Path | None, test_fraction: float,
                  samples_per_class: int | str | None, seed: int, neighbours: int, pool_positions: int,
-                 plot_path: Path | None, overwrite: bool, progress: bool | None, as_json: bool, quiet: bool) -> None:
+                 usefulness_draws: int, max_per_class: int | None, plot_path: Path | None, overwrite: bool,
+                 progress: bool | None, as_json: bool, quiet: bool) -> None:
     """Measure a MODEL's synthetic samples against held-out real data of the same classes.
 
     Per class: Frechet distance, mean/covariance gaps, diversity, precision/recall, density/coverage;
-    downstream: train-on-synthetic and real+synthetic accuracy next to real-only; privacy: distance of
-    synthetic samples to their closest training sequence against held-out real ones (needs the training
-    data: --train-data, or --split heldout). See docs/evaluation.md.
+    usefulness: train-on-synthetic / train-on-real accuracy (the standard protocol with the training data,
+    over several synthetic draws); with the training data (--train-data, or --split heldout): a
+    membership-inference audit (white-box and black-box attacks, AUC and TPR at low FPR) and copy detection
+    (distance to the closest training record). See docs/evaluation.md.
     """
     _check_plot(plot_path, [model_path, data_path, train_path], overwrite)
     from feda2v_toolkit.analysis.evaluate import evaluate
@@ -257,7 +265,7 @@ def evaluate_cmd(model_path: Path, data_path: Path, split: str, train_path: Path
             result = evaluate(model_path, data_path, split=split, train_data=train_path, test_fraction=test_fraction,
                               samples_per_class=None if samples_per_class == "auto" else samples_per_class,
                               seed=seed, neighbours=neighbours, pool_positions=pool_positions,
-                              log=log)
+                              usefulness_seeds=usefulness_draws, max_per_class=max_per_class, log=log)
     finally:
         stop()
     _report(result, evaluate_text, as_json=as_json, plot_path=plot_path, plot="plot_evaluation", say=say)

@@ -29,7 +29,7 @@ does not depend on ``D``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,8 @@ class _Discriminator(nn.Module):
 
 class GANGenerator(ConditionedMLPGenerator):
     """MLP GAN (non-saturating or hinge loss, R1 penalty, projection discriminator); see the module docstring."""
+
+    membership_score_name: ClassVar[str] = "discriminator"
 
     def __init__(self, *, seq_len: int, dim: int, hidden_dim: int, latent_dim: int, num_classes: int = 0,
                  condition_dim: int = 0, conditioning: str | None = None,
@@ -223,6 +225,19 @@ class GANGenerator(ConditionedMLPGenerator):
         finally:
             self.train(was_training)
         return self._report(g_loss, d_terms, x, fake)
+
+    @torch.no_grad()
+    def membership_scores(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+                          config: Mapping[str, Any] | None = None) -> Tensor:
+        """The discriminator's score of each record ``[n]`` (float64; no instance noise, eval mode): the
+        discriminator saw the training records as "real" at every step, so it may score them higher."""
+        was_training = self.training
+        self.eval()
+        try:
+            _, cd = self._conds(labels, conditions, x.shape[0])
+            return self.discriminator(x.reshape(x.shape[0], -1), cd).double().cpu()
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def sample(self, n: int, *, labels: Tensor | None = None, conditions: Tensor | None = None,

@@ -102,6 +102,8 @@ class GaussianGenerator(Generator):
     supports_conditioning: ClassVar[bool] = True
     #: fitted in closed form by :meth:`fit`; the trainer runs no epochs for it
     fitted: ClassVar[bool] = True
+    #: what :meth:`membership_scores` computes
+    membership_score_name: ClassVar[str] = "log-likelihood"
 
     def __init__(self, *, seq_len: int, dim: int, rank: int, num_classes: int = 0, condition_dim: int = 0,
                  conditioning: str | None = None, shrinkage: float | str = "auto") -> None:
@@ -439,10 +441,9 @@ class GaussianGenerator(Generator):
                       optimizers: Mapping[str, torch.optim.Optimizer], ctx: TrainContext) -> dict[str, float]:
         raise RuntimeError("the gaussian generator is fitted in closed form: call fit(), not training_step()")
 
-    @torch.no_grad()
-    def loss_terms(self, x: Tensor, *, labels: Tensor | None, conditions: Tensor | None,
-                   ctx: TrainContext) -> dict[str, float]:
-        """Negative log-likelihood per element (``loss``) and mean squared distance to the mean (``mse``)."""
+    def _nll_per_record(self, x: Tensor, labels: Tensor | None, conditions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Exact negative log-likelihood per element of each record ``[n]`` (float64; Woodbury identity)
+        and the deviations from the means ``[n, F]``."""
         n = x.shape[0]
         d = x.reshape(n, -1).double() - self._means_for(n, labels, conditions).double()
         features = d.shape[1]
@@ -450,11 +451,44 @@ class GaussianGenerator(Generator):
         s2 = a * float(self.scale) + (1 - a) * float(self.residual)
         low = math.sqrt(1 - a) * self.components.double()  # Sigma = low^T low + s2 I
         if s2 <= 0:
-            return {"loss": float("inf"), "mse": float(d.square().mean())}
+            return torch.full((n,), float("inf"), dtype=torch.float64, device=d.device), d
         inner = torch.eye(low.shape[0], dtype=torch.float64, device=low.device) + low @ low.T / s2
         chol = torch.linalg.cholesky(inner)
         proj = torch.cholesky_solve((d @ low.T).T, chol).T  # [n, r]
         quad = (d.square().sum(1) - (d @ low.T * proj).sum(1) / s2) / s2
         logdet = features * math.log(s2) + 2 * float(torch.log(torch.diagonal(chol)).sum())
-        nll = 0.5 * (quad + logdet + features * LOG_2PI) / features
+        return 0.5 * (quad + logdet + features * LOG_2PI) / features, d
+
+    @torch.no_grad()
+    def loss_terms(self, x: Tensor, *, labels: Tensor | None, conditions: Tensor | None,
+                   ctx: TrainContext) -> dict[str, float]:
+        """Negative log-likelihood per element (``loss``) and mean squared distance to the mean (``mse``)."""
+        nll, d = self._nll_per_record(x, labels, conditions)
         return {"loss": float(nll.mean()), "mse": float(d.square().mean())}
+
+    @torch.no_grad()
+    def membership_scores(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+                          config: Mapping[str, Any] | None = None) -> Tensor:
+        """The exact log-likelihood per element of each record ``[n]`` (float64): the model's own density."""
+        if not self.is_fitted:
+            raise RuntimeError("the gaussian generator is not fitted: train it first")
+        return -self._nll_per_record(x, labels, conditions)[0].cpu()
+
+    @torch.no_grad()
+    def extra_membership_scores(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+                                config: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+        """``span residual``: minus the share of each record's deviation from its mean ``|d|^2`` that lies
+        outside the span of the stored components. With ``rank >=`` the training clips the components span
+        exactly the training deviations, so a training record has (almost) nothing outside them."""
+        if not self.is_fitted:
+            raise RuntimeError("the gaussian generator is not fitted: train it first")
+        n = x.shape[0]
+        d = x.reshape(n, -1).double() - self._means_for(n, labels, conditions).double()
+        comps = self.components.double()
+        comps = comps[comps.square().sum(1) > 0]
+        total = d.square().sum(1).clamp(min=1e-300)
+        if comps.shape[0] == 0:
+            return {"span residual": torch.full((n,), -1.0, dtype=torch.float64)}
+        q = torch.linalg.qr(comps.T).Q  # [F, r]: orthonormal basis of the components' span
+        inside = (d @ q).square().sum(1)
+        return {"span residual": (-(1 - inside / total).clamp(0, 1)).cpu()}

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from itertools import islice
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,14 @@ def _run(net: nn.Sequential, cond: nn.Linear | None, x: Tensor, c: Tensor | None
     return h
 
 
+#: latent draws per record of :meth:`VAEGenerator.membership_scores` (seeded: the scores are deterministic)
+ELBO_DRAWS = 8
+
+
 class VAEGenerator(ConditionedMLPGenerator):
     """The FedA2V VAE (see the module docstring for the architecture and loss)."""
+
+    membership_score_name: ClassVar[str] = "ELBO"
 
     def __init__(self, *, seq_len: int, dim: int, hidden_dim: int, latent_dim: int, dropout: float,
                  num_classes: int = 0, condition_dim: int = 0, conditioning: str | None = None,
@@ -166,6 +172,32 @@ class VAEGenerator(ConditionedMLPGenerator):
         self.eval()
         try:
             return self._terms(x, labels, conditions, ctx, augment=False)[1]
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def membership_scores(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+                          config: Mapping[str, Any] | None = None) -> Tensor:
+        """The ELBO per element of each record ``[n]`` (float64, higher = better explained): ``-(mse +
+        kl / F)`` with ``kl`` the record's KL divergence to ``N(0, I)`` (``beta = 1``: the exact ELBO of the
+        Gaussian decoder, up to constants) and ``mse`` averaged over :data:`ELBO_DRAWS` latent draws from a
+        generator seeded with 0 -- deterministic, the global RNG untouched. Dropout off, no augmentation."""
+        was_training = self.training
+        self.eval()
+        try:
+            n = x.shape[0]
+            c = self._cond(labels, conditions, n)
+            mu, logvar = self.encode(x, c)
+            mu, logvar = mu.float(), logvar.float()
+            flat = self.seq_len * self.dim
+            kl = -0.5 * torch.sum(1 + logvar - mu.square() - logvar.exp(), dim=1) / flat
+            g = torch.Generator(device=x.device).manual_seed(0)
+            mse = torch.zeros(n, dtype=torch.float64, device=x.device)
+            for _ in range(ELBO_DRAWS):
+                eps = torch.randn(mu.shape, generator=g, device=x.device, dtype=mu.dtype)
+                recon = self.decode(mu + eps * torch.exp(0.5 * logvar), c).float()
+                mse += (recon - x.float()).square().reshape(n, -1).mean(1).double()
+            return -(mse / ELBO_DRAWS + kl.double()).cpu()
         finally:
             self.train(was_training)
 

@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from feda2v_toolkit.errors import InputError, UsageError
-from tests.hardening.conftest import run_main
 from tests.data.test_original_caches import write_ast_cache
+from tests.hardening.conftest import run_main
 
 transformers = pytest.importorskip("transformers")
 

@@ -83,7 +83,12 @@ def test_every_writing_command_refuses_an_existing_output_without_overwrite(data
 
 
 def test_convert_replaces_an_existing_model_only_with_overwrite(tmp_path, capsys):
-    from tests.model.test_original_checkpoints import FULL, D, orig, save_unified  # the original code's checkpoint layout
+    from tests.model.test_original_checkpoints import (  # the original code's checkpoint layout
+        FULL,
+        D,
+        orig,
+        save_unified,
+    )
 
     ckpt = save_unified(tmp_path / "ckpt.pt", orig(0), selected_classes=["dog", "cat"])
     args = ["--dim", str(D), "--full-length", str(FULL), "-q"]

@@ -71,8 +71,8 @@ def test_embed_writes_the_same_bytes_twice_and_when_resumed(tmp_path, capsys):
     pytest.importorskip("transformers")
     from feda2v_toolkit.audio.embed import embed
     from feda2v_toolkit.audio.sources import ClipPolicy, open_source
-    from tests.audio_fakes import TINY_TOKENS, make_class_folders, save_tiny_ast
     from tests.audio.test_embed import _Interrupting
+    from tests.audio_fakes import TINY_TOKENS, make_class_folders, save_tiny_ast
 
     ast = save_tiny_ast(tmp_path / "ast")
     clips = make_class_folders(tmp_path / "clips")
