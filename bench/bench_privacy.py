@@ -44,6 +44,9 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gaussian-per-class": ("gaussian", "per_class", {}),
     "gaussian-conditioned": ("gaussian", "unified", {}),  # gaussian_conditioned defaults to true
     "vae-per-class": ("vae", "per_class", {}),
+    # AST's summary tokens kept through the reduction (generator_reducer_keep_tokens = 2)
+    "gaussian-per-class-keep2": ("gaussian", "per_class", {"generator_reducer_keep_tokens": 2}),
+    "gaussian-conditioned-keep2": ("gaussian", "unified", {"generator_reducer_keep_tokens": 2}),
 }
 
 

@@ -11,7 +11,7 @@ def feda2v_register_reducers(register):
         name="adaptive_avg",
         description="Adaptive average pooling along the sequence (the original FedA2V reduction).",
         factory="feda2v_toolkit.reducers.adaptive_avg:AdaptiveAvgReducer",
-        settings=("generator_training_sequence_length",),
+        settings=("generator_training_sequence_length", "generator_reducer_keep_tokens"),
     ))
     register(ReducerSpec(
         name="pca",
