@@ -221,11 +221,18 @@ def fit_nonprivate(red: Tensor, y: Tensor, keys: list[list[int]], ds: Dataset, t
 
 def dp_specs(args: argparse.Namespace, classes: int, length: int, dim: int,
              upsampler: str) -> tuple[list[Any], DPClassCounts, DPNormalization, DPGaussian, DPLeastSquares]:
-    counts = DPClassCounts(classes)
-    normal = DPNormalization(args.normalization, clip=args.norm_clip)
+    w: dict[str, dict[str, float]] = {}
+    for item in filter(None, args.weights.split(",")):
+        name, value = item.split("=")
+        stage, key = name.split(".")
+        w.setdefault(stage, {})[key] = float(value)
+    counts = DPClassCounts(classes, weight=w.get("classes", {}).get("counts", 0.5))
+    normal = DPNormalization(args.normalization, clip=args.norm_clip, scale=args.norm_scale,
+                             weights=w.get("normalization"))
     gauss = DPGaussian(length, dim, clip=args.clip, max_features=args.max_features,
-                       shared_scatter=args.shared_scatter, normalized=args.normalization == "dp")
-    lsq = DPLeastSquares(clip=args.lstsq_clip)
+                       shared_scatter=args.shared_scatter, normalized=args.normalization == "dp",
+                       weights=w.get("gaussian"))
+    lsq = DPLeastSquares(clip=args.lstsq_clip, weights=w.get("lstsq"))
     specs = counts.releases() + normal.releases() + gauss.releases() + (lsq.releases() if upsampler == "dp" else [])
     return specs, counts, normal, gauss, lsq
 
@@ -316,9 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--upsampler", choices=["dp", "exact"], default="dp")
     ap.add_argument("--clip", type=float, default=1.0, help="gaussian clip, times the typical norm")
     ap.add_argument("--norm-clip", type=float, default=1.5)
+    ap.add_argument("--norm-scale", choices=DPNormalization.SCALES, default="global")
     ap.add_argument("--lstsq-clip", type=float, default=1.2)
     ap.add_argument("--max-features", type=int, default=32)
     ap.add_argument("--shared-scatter", action="store_true")
+    ap.add_argument("--weights", default="", help="budget weights, e.g. normalization.sum=3,gaussian.sums=4")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--exact-releases", default="", help="diagnosis: comma-separated releases left without noise "
                     "(the run is then NOT private; the ledger says inf)")

@@ -21,7 +21,7 @@ What each releases (``C`` a clip norm; add/remove-one sensitivities):
 | ``classes.counts`` | one-hot of its class | 1 |
 | ``<name>.norm_histogram`` (:class:`DPNormQuantile`) | one-hot of its ``log2`` norm bin | 1 |
 | ``normalization.sum`` | ``clip(x_i, C)`` ``[l, D]`` | ``C`` |
-| ``normalization.sum_sq`` | ``clip(x_i - mean, C)^2`` (element-wise) | ``C^2`` (``|d^2|_2 <= |d|^2``) |
+| ``normalization.sum_sq`` | ``clip(x_i - mean, C)^2`` summed per scale group (all, per feature, per element) | ``C^2`` (``|d^2|_2 <= |d|^2``) |
 | ``gaussian.basis`` | ``sum_t z_it z_it^T`` ``[D, D]`` of its clipped tokens | ``C^2`` (``|.|_F <= |z_i|^2``) |
 | ``gaussian.sums`` | ``clip(u_i, C_u)`` in its class's row ``[C, k]`` | ``C_u`` |
 | ``gaussian.scatter`` | ``u_i u_i^T`` in its generator's block ``[G, k, k]`` | ``C_u^2`` |
@@ -165,29 +165,45 @@ class DPNormQuantile:
 # -- normalisation -----------------------------------------------------------------------------------
 
 class DPNormalization:
-    """Per position and feature mean and std ``[l, D]`` of the reduced training sequences.
+    """The mean and std ``[l, D]`` of the reduced training sequences under differential privacy.
 
-    ``mode="dp"``: four releases, in order -- ``normalization.norm_histogram`` (a DP median of the records'
-    norms, ``R``), ``normalization.sum`` (records clipped to ``clip * R``; the mean is the noisy sum over the
-    noisy count), ``normalization.deviation_histogram`` (a DP median ``R_d`` of ``|x_i - mean|``) and
-    ``normalization.sum_sq`` (``(x_i - mean)^2`` with ``x_i - mean`` clipped to ``clip * R_d``). The std is
-    taken about the *noisy* mean, so it includes the mean's error: the normalised records then have a
-    typical norm of about ``sqrt(l * D)`` whatever the noise, which is what later clip norms rely on.
+    ``mode="dp"``: four releases, in order -- ``normalization.norm_histogram`` (a DP median ``R`` of the
+    records' norms), ``normalization.sum`` (records clipped to ``clip * R``: the per position and feature
+    mean is the noisy sum over the noisy count), ``normalization.deviation_histogram`` (a DP median ``R_d``
+    of ``|x_i - mean|``) and ``normalization.sum_sq`` (``(x_i - mean)^2`` with ``x_i - mean`` clipped to
+    ``clip * R_d``, summed over what shares one scale). ``scale`` says what shares one std:
+
+    * ``"global"`` (default): one std for every element: ``sum_sq`` is a scalar, whose noise is negligible.
+    * ``"feature"``: one per feature (pooled over positions): ``sum_sq`` is ``[D]``.
+    * ``"element"``: one per position and feature, as without privacy: ``sum_sq`` is ``[l, D]``.
+
+    A variance estimate is floored at twice its noise's std (below that it is indistinguishable from noise).
+    Why ``global`` is the default: AST-like embeddings' per-element variances span three decades and the
+    clip norm is set by the few high-gain dimensions, so per-element (and most per-feature) variances drown
+    in the noise of ``sum_sq`` at thousands of clips (``docs/privacy.md``: measured). The std is taken about
+    the *noisy* mean, so it includes the mean's error, and the normalised records have a typical norm of
+    about ``sqrt(l * D)`` whatever the noise -- what later clip norms rely on; the mean's error that the
+    generator's components do not absorb lands in its isotropic variance, so synthetic samples carry the
+    uncertainty of the released mean (a classifier trained on them does not rely on what it cannot know).
 
     ``mode="fixed"``: mean 0, std 1 (data-independent): spends nothing.
     """
 
     stage = "normalization"
+    SCALES = ("global", "feature", "element")
 
-    def __init__(self, mode: str = "dp", *, clip: float = 1.5, weights: Mapping[str, float] | None = None,
-                 floor: float = 1e-3) -> None:
+    def __init__(self, mode: str = "dp", *, clip: float = 1.5, scale: str = "global",
+                 weights: Mapping[str, float] | None = None, floor: float = 1e-3) -> None:
         if mode not in ("dp", "fixed"):
             raise PrivacyError(f"normalisation mode must be 'dp' or 'fixed' (got {mode!r})")
+        if scale not in self.SCALES:
+            raise PrivacyError(f"normalisation scale must be one of {', '.join(self.SCALES)} (got {scale!r})")
         if not clip > 0:
             raise PrivacyError(f"normalisation clip multiplier must be > 0 (got {clip})")
         self.mode = mode
+        self.scale = scale
         self.clip = float(clip)
-        self.weights = {"sum": 2.0, "sum_sq": 1.0, "norm_histogram": 0.1, "deviation_histogram": 0.1,
+        self.weights = {"sum": 3.0, "sum_sq": 0.2, "norm_histogram": 0.1, "deviation_histogram": 0.1,
                         **(weights or {})}
         self.floor = float(floor)
         self.norms = DPNormQuantile("normalization", weight=self.weights["norm_histogram"])
@@ -225,14 +241,26 @@ class DPNormalization:
 
     # pass 4 ------------------------------------------------------------------------------------------
     def local_sum_sq(self, x: Tensor, mean: Tensor, clip_norm: float) -> Part:
-        return {"sum_sq": clip_rows(x.double() - mean, clip_norm).square().sum(0)}
+        sq = clip_rows(x.double() - mean, clip_norm).square().sum(0)  # [l, D]
+        if self.scale == "feature":
+            sq = sq.sum(0)
+        elif self.scale == "global":
+            sq = sq.sum()
+        return {"sum_sq": sq}
 
-    def finish(self, mean: Tensor, merged_sum_sq: Mapping[str, Tensor], count: float) -> dict[str, Tensor]:
-        var = merged_sum_sq["sum_sq"] / max(count, 1.0)
+    def finish(self, mean: Tensor, merged_sum_sq: Mapping[str, Tensor], count: float,
+               noise_std: float = 0.0) -> dict[str, Tensor]:
+        """``noise_std``: the std of the noise on each entry of the merged ``sum_sq``."""
+        seq_len, dim = mean.shape
+        per_entry = {"global": seq_len * dim, "feature": seq_len, "element": 1}[self.scale]
+        n = max(count, 1.0)
+        var = merged_sum_sq["sum_sq"].to(torch.float64) / (n * per_entry)
         positive = var[var > 0]
-        floor = (float(positive.mean()) if positive.numel() else 1.0) * self.floor ** 2
-        std = var.clamp(min=max(floor, 1e-16)).sqrt()
-        return {"mean": mean.float(), "std": std.float()}
+        floor = max((float(positive.mean()) if positive.numel() else 1.0) * self.floor ** 2,
+                    2.0 * noise_std / (n * per_entry), 1e-16)
+        std = var.clamp(min=floor).sqrt()
+        std = std.unsqueeze(0).expand(seq_len, dim) if std.dim() == 1 else std.expand(seq_len, dim)
+        return {"mean": mean.float(), "std": std.contiguous().float()}
 
     def fixed(self, seq_len: int, dim: int) -> dict[str, Tensor]:
         return {"mean": torch.zeros(seq_len, dim), "std": torch.ones(seq_len, dim)}
@@ -250,7 +278,7 @@ class DPNormalization:
         c2 = self.deviation_clip_norm(privatize(self.local_deviation_norms(x, mean), plan, self.stage, rng, ledger))
         sq = privatize(self.local_sum_sq(x, mean, c2), plan, self.stage, rng, ledger,
                        sensitivities={"sum_sq": c2 * c2})
-        return self.finish(mean, sq, n)
+        return self.finish(mean, sq, n, plan.noise_std("normalization.sum_sq", c2 * c2))
 
 
 # -- the closed-form gaussian generator -------------------------------------------------------------
