@@ -53,6 +53,26 @@ def test_without_noise_and_clipping_a_private_step_is_the_plain_step(make, cfg):
     assert torch.allclose(weights(plain), weights(private), atol=1e-6)
 
 
+@pytest.mark.parametrize("make,cfg", [(vae, {}), (gan, {"gan_r1_weight": 0.0, "gan_critic_steps": 2})])
+def test_ghost_engine_equals_opacus_per_sample_gradients(make, cfg):
+    """Book-keeping clipping (no per-sample gradients formed) gives Opacus' clipped sums, clipping active."""
+    config = tiny_config(**cfg)
+    x, y, _ = two_class_data(8)
+    out = []
+    for engine in ("opacus", "ghost"):
+        gen = make()
+        opts = {k: torch.optim.SGD([p for g in o.param_groups for p in g["params"]], lr=0.5)
+                for k, o in gen.configure_optimizers(config).items()}
+        run = make_private(gen, opts, 0.0, 0.05, expected_batch_size=16, config=config, engine=engine)
+        assert run.engine == engine
+        for step in range(2):
+            torch.manual_seed(step)
+            run.step(x, labels=y, conditions=None, ctx=ctx(config))
+        run.close()
+        out.append(weights(gen))
+    assert torch.allclose(out[0], out[1], atol=1e-5)
+
+
 def test_clipping_bounds_one_clips_influence():
     """Batches differing in one clip (replaced by a wild one; same shapes, so the same random draws) move
     the weights by at most 2 C / B with clipping, and far more without."""
