@@ -310,6 +310,68 @@ def membership(gens: list[GaussianGenerator], keys: list[list[int]], norm: dict[
     return out
 
 
+# -- DP-SGD cost -------------------------------------------------------------------------------------
+
+def sgd_cost(args: argparse.Namespace, red: Tensor, y: Tensor) -> list[dict[str, Any]]:
+    """Seconds per epoch of the built-in trained generators with and without DP-SGD, same config and data:
+    without = shuffled batches of ``generator_batch_size``; with = as many Poisson batches of that expected
+    size (ghost engine; Opacus' engine too, where it fits in memory)."""
+    from feda2v_toolkit.components import TrainContext
+    from feda2v_toolkit.config import schema_defaults
+    from feda2v_toolkit.generators.gan import GANGenerator
+    from feda2v_toolkit.generators.vae import VAEGenerator
+    from feda2v_toolkit.privacy.sgd import PoissonSampler, make_private
+    from feda2v_toolkit.training.stages import NormalizationStage
+
+    stage = NormalizationStage()
+    norm = stage.finish(stage.local(red, torch.arange(red.shape[0])))
+    z = (red - norm["mean"]) / norm["std"]
+    out = []
+    for gtype, cls, extra in (("vae", VAEGenerator, {"use_conditioned_vae": True}),
+                              ("gan", GANGenerator, {"gan_r1_weight": 0.0, "gan_conditioned": True})):
+        for hidden in (int(h) for h in args.sgd_hidden.split(",")):
+            cfg = schema_defaults() | {"generator_training_sequence_length": z.shape[1], "generator_hidden_dim": hidden,
+                                       **extra}
+            batch = int(cfg["generator_batch_size"])
+            n = z.shape[0]
+            steps = math.ceil(n / batch)
+            row: dict[str, Any] = {"generator": gtype, "hidden": hidden, "batch": batch, "clips": n, "steps": steps}
+            for mode in ("plain", "ghost", "opacus"):
+                if mode == "opacus" and hidden > args.sgd_opacus_max_hidden:
+                    continue
+                torch.manual_seed(0)
+                gen = cls.from_config(cfg, seq_len=z.shape[1], dim=z.shape[2], num_classes=int(y.max()) + 1)
+                opts = gen.configure_optimizers(cfg)
+                run = make_private(gen, opts, 1.0, 1.0, batch, config=cfg, engine=mode) if mode != "plain" else None
+                times = []
+                for epoch in range(args.sgd_epochs + 1):  # the first epoch warms up
+                    t0 = time.perf_counter()
+                    if run is None:
+                        perm = torch.randperm(n)
+                        batches = [perm[i:i + batch] for i in range(0, n, batch)]
+                    else:
+                        batches = list(PoissonSampler(torch.arange(n), batch / n, steps))
+                    for b, idx in enumerate(batches):
+                        ctx = TrainContext(epoch=epoch, total_epochs=args.sgd_epochs + 1, step=b,
+                                           progress=(epoch + b / steps) / (args.sgd_epochs + 1), config=cfg)
+                        if run is None:
+                            gen.training_step(z[idx], labels=y[idx], conditions=None, optimizers=opts, ctx=ctx)
+                        else:
+                            run.step(z[idx], labels=y[idx], conditions=None, ctx=ctx)
+                    if epoch:
+                        times.append(time.perf_counter() - t0)
+                if run is not None:
+                    run.close()
+                row[f"{mode}_s_per_epoch"] = sum(times) / len(times)
+            for mode in ("ghost", "opacus"):
+                if f"{mode}_s_per_epoch" in row:
+                    row[f"{mode}_ratio"] = row[f"{mode}_s_per_epoch"] / row["plain_s_per_epoch"]
+            print("  " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
+                  flush=True)
+            out.append(row)
+    return out
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,8 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--exact-releases", default="", help="diagnosis: comma-separated releases left without noise "
                     "(the run is then NOT private; the ledger says inf)")
+    ap.add_argument("--only", default="tradeoff,sgd", help="tradeoff (usefulness/AUC per epsilon), sgd (cost)")
+    ap.add_argument("--sgd-hidden", default="1024,256", help="generator_hidden_dim values for the DP-SGD cost")
+    ap.add_argument("--sgd-epochs", type=int, default=2)
+    ap.add_argument("--sgd-opacus-max-hidden", type=int, default=256,
+                    help="Opacus' engine forms B copies of every gradient: only up to this hidden size")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    only = set(args.only.split(","))
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
     ds = open_dataset(corpus_path(PER_CLASS))
@@ -343,7 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     grans = args.granularity.split(",")
     results: list[dict[str, Any]] = []
     timing: dict[str, float] = {}
-    for seed in (int(s) for s in args.seeds.split(",")):
+    sgd: list[dict[str, Any]] = []
+    if "sgd" in only:
+        tr, _ = split(y_all, args.train, 0)
+        print(f"DP-SGD cost per epoch ({tr.numel()} clips, length {args.length}):", flush=True)
+        sgd = sgd_cost(args, real["reduced"][tr], y_all[tr])
+    for seed in (int(s) for s in args.seeds.split(",")) if "tradeoff" in only else ():
         tr, te = split(y_all, args.train, seed)
         red, y = real["reduced"][tr], y_all[tr]
         num = classes
@@ -382,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("timing (s):", json.dumps({k: round(v, 2) for k, v in timing.items()}))
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results,
-                                         "timing": timing}, indent=1, default=str))
+                                         "timing": timing, "sgd": sgd}, indent=1, default=str))
     return 0
 
 
