@@ -58,7 +58,8 @@ from feda2v_toolkit.analysis.classifier import RidgeClassifier, pooled_features 
 from feda2v_toolkit.data import open_dataset  # noqa: E402
 from feda2v_toolkit.data.dataset import Dataset  # noqa: E402
 from feda2v_toolkit.generators.gaussian import GaussianGenerator  # noqa: E402
-from feda2v_toolkit.privacy import PrivacyLedger, plan_budget, row_norms, secret_generator  # noqa: E402
+from feda2v_toolkit.privacy import PrivacyError, PrivacyLedger, plan_budget, row_norms, secret_generator  # noqa: E402
+from feda2v_toolkit.privacy.audit import gaussian_scores  # noqa: E402
 from feda2v_toolkit.privacy.statistics import (  # noqa: E402
     DPClassCounts,
     DPGaussian,
@@ -158,30 +159,6 @@ def attack_report(members: Tensor, non_members: Tensor) -> dict[str, float]:
             "tpr@0.1%": tpr_at(members, non_members, 0.001)}
 
 
-def gaussian_scores(gen: GaussianGenerator, z: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """Per clip (higher = "member"): log-likelihood, and minus the share of ``z - mu`` outside the components."""
-    n = z.shape[0]
-    mu = gen.means[labels.long()] if gen.conditioning == "label" else gen.means[0].expand(n, -1)
-    d = z.reshape(n, -1).double() - mu.double()
-    a = float(gen.shrinkage)
-    s2 = a * float(gen.scale) + (1 - a) * float(gen.residual)
-    s2 = max(s2, 1e-9 * max(float(gen.scale), 1e-12))
-    low = math.sqrt(1 - a) * gen.components.double()
-    low = low[low.norm(dim=1) > 0]
-    inner = torch.eye(low.shape[0], dtype=torch.float64) + low @ low.T / s2
-    chol = torch.linalg.cholesky(inner)
-    proj = torch.cholesky_solve((d @ low.T).T, chol).T
-    quad = (d.square().sum(1) - (d @ low.T * proj).sum(1) / s2) / s2
-    loglik = -0.5 * quad  # the log-determinant is the same for every clip of one generator
-    if low.shape[0]:
-        q, _ = torch.linalg.qr(low.T)
-        inside = (d @ q).square().sum(1)
-    else:
-        inside = torch.zeros(n, dtype=torch.float64)
-    share_out = 1 - inside / d.square().sum(1).clamp(min=1e-300)
-    return {"loglik": loglik, "span": -share_out}
-
-
 def usefulness(synth_pooled: Tensor, synth_tokens: Tensor, synth_y: Tensor, real: dict[str, Tensor],
                tr: Tensor, te: Tensor, reference: dict[str, float]) -> dict[str, float]:
     y = real["labels"]
@@ -226,11 +203,11 @@ def dp_specs(args: argparse.Namespace, classes: int, length: int, dim: int,
         name, value = item.split("=")
         stage, key = name.split(".")
         w.setdefault(stage, {})[key] = float(value)
-    counts = DPClassCounts(classes, weight=w.get("classes", {}).get("counts", 0.5))
+    counts = DPClassCounts(classes, **({"weight": w["classes"]["counts"]} if "counts" in w.get("classes", {}) else {}))
     normal = DPNormalization(args.normalization, clip=args.norm_clip, scale=args.norm_scale,
                              weights=w.get("normalization"))
     gauss = DPGaussian(length, dim, clip=args.clip, max_features=args.max_features,
-                       shared_scatter=args.shared_scatter, normalized=args.normalization == "dp",
+                       shared_scatter=not args.own_scatter, normalized=args.normalization == "dp",
                        weights=w.get("gaussian"))
     lsq = DPLeastSquares(clip=args.lstsq_clip, weights=w.get("lstsq"))
     specs = counts.releases() + normal.releases() + gauss.releases() + (lsq.releases() if upsampler == "dp" else [])
@@ -256,7 +233,8 @@ def fit_dp(args: argparse.Namespace, epsilon: float, red: Tensor, y: Tensor, key
     fits, info = gauss.run(z, y, counts, keys, plan, rng, ledger, conditioned=True, class_names=names)
     gens = new_generators(keys, length, red.shape[2], classes)
     for gen, fit in zip(gens, fits, strict=True):
-        gen.set_parameters(fit.means, fit.counts, fit.directions, fit.variances, fit.total)
+        if fit is not None:  # else all its classes were dropped by the noisy counts
+            gen.set_parameters(fit.means, fit.counts, fit.directions, fit.variances, fit.total)
     ups = LeastSquaresUpsampler(reduced_length=length, full_length=ds.seq_len, dim=ds.dim)
     if upsampler == "dp":
         full_norms = lstsq_cache["full_norms"]
@@ -388,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--norm-scale", choices=DPNormalization.SCALES, default="global")
     ap.add_argument("--lstsq-clip", type=float, default=1.2)
     ap.add_argument("--max-features", type=int, default=32)
-    ap.add_argument("--shared-scatter", action="store_true")
+    ap.add_argument("--own-scatter", action="store_true", help="per-class generators' scatter from their own "
+                    "class only (default: pooled over every class, like the unified model's)")
     ap.add_argument("--weights", default="", help="budget weights, e.g. normalization.sum=3,gaussian.sums=4")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--exact-releases", default="", help="diagnosis: comma-separated releases left without noise "
@@ -435,7 +414,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = [("non-private", math.inf, norm, gens, ups, None, {})]
             for eps in epsilons:
                 t0 = time.perf_counter()
-                fitted = fit_dp(args, eps, red, y, keys, ds, tr, args.length, args.upsampler, lstsq_cache)
+                try:
+                    fitted = fit_dp(args, eps, red, y, keys, ds, tr, args.length, args.upsampler, lstsq_cache)
+                except PrivacyError as exc:  # refused up front (e.g. too few clips per class at this epsilon)
+                    print(f"  {gran:9s} dp             eps {eps:>4g}: refused: {exc}", flush=True)
+                    results.append({"seed": seed, "granularity": gran, "model": "dp", "epsilon": eps,
+                                    "refused": str(exc)})
+                    continue
                 timing.setdefault(f"fit_dp_{gran}_eps{eps:g}", time.perf_counter() - t0)
                 rows.append(("dp" if math.isfinite(eps) else "dp, noise off", eps, *fitted[:3], fitted[3], fitted[4]))
             for label, eps, norm_, gens_, ups_, ledger, info in rows:

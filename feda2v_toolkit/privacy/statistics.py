@@ -101,17 +101,19 @@ class DPClassCounts:
     """``classes.counts``: noisy per-class counts (sensitivity 1; class names are public).
 
     Tiny classes: their noisy count can be small or negative, and their statistics would be mostly noise. A
-    class is kept iff its noisy count is at least ``max(min_clips, 3 * noise std)`` (post-processing, so the
-    decision costs nothing and reveals nothing beyond the noisy count); a dropped class gets count 0, its
-    generator rows cannot be sampled, and the model file says so.
+    class is kept iff its noisy count is at least ``max(min_clips, noise_floor * noise std)`` (2 by default;
+    post-processing, so the decision costs nothing and reveals nothing beyond the noisy count); a dropped
+    class gets count 0, its generator rows cannot be sampled, and the model file says so.
     """
 
     stage = "classes"
 
-    def __init__(self, num_classes: int, *, weight: float = 0.5, min_clips: int = 2) -> None:
+    def __init__(self, num_classes: int, *, weight: float = 1.0, min_clips: int = 2,
+                 noise_floor: float = 2.0) -> None:
         self.num_classes = int(num_classes)
         self.weight = float(weight)
         self.min_clips = int(min_clips)
+        self.noise_floor = float(noise_floor)
 
     def releases(self) -> list[ReleaseSpec]:
         return [ReleaseSpec("classes.counts", 1.0, weight=self.weight)]
@@ -123,7 +125,7 @@ class DPClassCounts:
     def finish(self, merged: Mapping[str, Tensor], plan: BudgetPlan, sites: int = 1) -> NoisyCounts:
         std = plan.noise_std("classes.counts") * math.sqrt(sites)
         noisy = merged["counts"].to(torch.float64)
-        threshold = max(float(self.min_clips), 3.0 * std)
+        threshold = max(float(self.min_clips), self.noise_floor * std)
         kept = torch.where(noisy >= threshold, noisy.round(), torch.zeros_like(noisy))
         return NoisyCounts(noisy, kept, threshold, std)
 
@@ -326,7 +328,7 @@ class DPGaussian:
     stage = "gaussian"
 
     def __init__(self, seq_len: int, dim: int, *, clip: float = 1.0, max_features: int = 32,
-                 shared_scatter: bool = False, weights: Mapping[str, float] | None = None,
+                 shared_scatter: bool = True, weights: Mapping[str, float] | None = None,
                  normalized: bool = True) -> None:
         if not clip > 0:
             raise PrivacyError(f"gaussian clip multiplier must be > 0 (got {clip})")
@@ -431,9 +433,10 @@ class DPGaussian:
         return {"sums": sums, "scatter": scatter, "square": square}
 
     def finish(self, merged: Mapping[str, Tensor], v: Tensor, counts: Tensor, key_rows: Sequence[Sequence[int]],
-               *, conditioned: bool, scatter_noise_std: float = 0.0) -> list[GaussianDPFit]:
+               *, conditioned: bool, scatter_noise_std: float = 0.0) -> list[GaussianDPFit | None]:
         """One fit per generator key. ``counts`` ``[C]``: the kept noisy counts; ``key_rows[g]``: the class rows
-        of key ``g``; ``conditioned``: one mean per class (else one per key, from its classes' sums);
+        of key ``g`` (``None`` for a key whose classes were all dropped by the noisy counts);
+        ``conditioned``: one mean per class (else one per key, from its classes' sums);
         ``scatter_noise_std``: the std of the noise on each entry of the merged scatter -- eigenvalues of the
         within-class covariance below the noise's expected spectral norm ``2 sigma sqrt(k) / (n - rows)`` are
         indistinguishable from noise and set to 0 (their variance goes to the isotropic residual)."""
@@ -453,9 +456,9 @@ class DPGaussian:
             shared_within = (scatter[0] - between) / max(n_all - rows_all, 1.0)
         for g, r in enumerate(key_rows):
             n = float(counts[list(r)].sum())
-            if n <= 0:
-                raise PrivacyError("every class of a generator fell below the noise floor of its count: "
-                                   "raise epsilon or gather more clips")
+            if n <= 0:  # every class of this key was dropped by the noisy counts: nothing to fit
+                out.append(None)
+                continue
             row_means = self._row_means(sums, counts, r, conditioned)
             between = sum((nn * torch.outer(m, m) for m, nn in row_means), torch.zeros(k, k, dtype=torch.float64))
             groups = len(row_means)
@@ -493,7 +496,7 @@ class DPGaussian:
 
     def run(self, z: Tensor, labels: Tensor, counts: NoisyCounts, key_rows: Sequence[Sequence[int]],
             plan: BudgetPlan, rng: torch.Generator, ledger: PrivacyLedger, *, conditioned: bool,
-            class_names: Sequence[str] | None = None) -> tuple[list[GaussianDPFit], dict[str, Any]]:
+            class_names: Sequence[str] | None = None) -> tuple[list[GaussianDPFit | None], dict[str, Any]]:
         """Every pass on one site. ``z`` ``[n, l, D]`` normalised training sequences, ``labels`` their classes.
         Records of dropped classes (kept count 0) are left out of every release."""
         keep = counts.kept[labels.long()] > 0
@@ -628,3 +631,32 @@ class DPPositionPCA:
         outer = merged["outer"].to(torch.float64)
         return {"sum": merged["sum"].to(torch.float64), "outer": (outer + outer.T) / 2,
                 "count": torch.tensor(max(round(count), 1), dtype=torch.float64)}
+
+
+# -- one site, end to end ------------------------------------------------------------------------------
+
+def fit_private_gaussians(x: Tensor, labels: Tensor, counts: NoisyCounts, key_rows: Sequence[Sequence[int]],
+                          plan: BudgetPlan, rng: torch.Generator, ledger: PrivacyLedger, *,
+                          normalization: DPNormalization, gaussian: DPGaussian, rank: int,
+                          conditioned: bool = True, class_names: Sequence[str] | None = None
+                          ) -> tuple[dict[str, Tensor], list[Any], dict[str, Any]]:
+    """The closed-form path on one site: the normalisation's and the gaussian's releases on the reduced
+    training sequences ``x`` ``[n, l, D]`` (after the class counts), then one
+    :class:`~feda2v_toolkit.generators.gaussian.GaussianGenerator` per key of ``key_rows`` (label-conditioned
+    over all ``counts`` rows when ``conditioned``) set from the noisy statistics. Returns the normalisation
+    (``mean``, ``std``), the generators and what was chosen (basis size, clip norms)."""
+    from feda2v_toolkit.generators.gaussian import GaussianGenerator
+
+    norm = normalization.run(x, counts, plan, rng, ledger)
+    z = (x - norm["mean"]) / norm["std"]
+    fits, info = gaussian.run(z, labels, counts, key_rows, plan, rng, ledger, conditioned=conditioned,
+                              class_names=class_names)
+    gens = []
+    for fit in fits:
+        gen = GaussianGenerator(seq_len=x.shape[1], dim=x.shape[2], rank=rank,
+                                num_classes=counts.kept.numel() if conditioned else 0,
+                                conditioning="label" if conditioned else None)
+        if fit is not None:  # else every class of the key was dropped: the generator stays unfitted
+            gen.set_parameters(fit.means, fit.counts, fit.directions, fit.variances, fit.total)
+        gens.append(gen)
+    return norm, gens, info
