@@ -56,6 +56,8 @@ from feda2v_toolkit.privacy.mechanism import (
 from feda2v_toolkit.privacy.spec import PrivacyError, ReleaseSpec, data_independent
 
 Part = dict[str, Tensor]
+#: relative margin below a clip norm for records clipped in float32 (rounding stays within the bound)
+FLOAT32_MARGIN = 1e-5
 
 
 def privatize(part: Mapping[str, Tensor], plan: BudgetPlan, stage: str, rng: torch.Generator,
@@ -571,16 +573,19 @@ class DPLeastSquares:
         out = {"sxr": torch.zeros(L, short, dtype=torch.float64), "srr": torch.zeros(short, short, dtype=torch.float64),
                "sum_x": torch.zeros(L, D, dtype=torch.float64), "sum_r": torch.zeros(short, D, dtype=torch.float64),
                "sxx": torch.zeros((), dtype=torch.float64)}
+        # float32 products accumulated in float64, as the non-private fit does; clipped a hair below the bound
+        # so that float32 rounding cannot push a record over it
+        cx, cr = clip_full * (1 - FLOAT32_MARGIN), clip_reduced * (1 - FLOAT32_MARGIN)
         for reduced, full in pairs():
-            x = full.double()
-            r = reduced.double()
-            x = x * clip_factors(row_norms(x), clip_full).view(-1, 1, 1)
-            r = r * clip_factors(row_norms(r), clip_reduced).view(-1, 1, 1)
-            out["sxr"] += torch.einsum("bld,bkd->lk", x, r)
-            out["srr"] += torch.einsum("bld,bkd->lk", r, r)
-            out["sum_x"] += x.sum(0)
-            out["sum_r"] += r.sum(0)
-            out["sxx"] += x.square().sum()
+            x = full.float() * clip_factors(row_norms(full), cx).float().view(-1, 1, 1)
+            r = reduced.float() * clip_factors(row_norms(reduced), cr).float().view(-1, 1, 1)
+            xc = x.permute(1, 0, 2).reshape(L, -1)
+            rc = r.permute(1, 0, 2).reshape(short, -1)
+            out["sxr"] += (xc @ rc.T).double()
+            out["srr"] += (rc @ rc.T).double()
+            out["sum_x"] += x.sum(0).double()
+            out["sum_r"] += r.sum(0).double()
+            out["sxx"] += float(torch.linalg.vector_norm(x)) ** 2
         return out
 
     @staticmethod
