@@ -350,6 +350,34 @@ def sgd_cost(args: argparse.Namespace, red: Tensor, y: Tensor) -> list[dict[str,
     return out
 
 
+# -- closed-form fit time ------------------------------------------------------------------------------
+
+def fit_time(args: argparse.Namespace, ds: Dataset, real: dict[str, Tensor], repeats: int = 3) -> dict[str, Any]:
+    """Median seconds of the closed-form fit (normalisation + gaussian per key + lstsq, the full sequences
+    streamed from the dataset as the pipeline does) without and with DP, alternating runs."""
+    y_all = real["labels"]
+    tr, _ = split(y_all, args.train, 0)
+    red, y = real["reduced"][tr], y_all[tr]
+    classes = int(y.max()) + 1
+    out: dict[str, Any] = {}
+    for gran in args.granularity.split(","):
+        keys = generator_keys(gran, classes)
+        times: dict[str, list[float]] = {"nonprivate": [], "dp": []}
+        cache = {"full_norms": real["full_norms"][tr]}
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fit_nonprivate(red, y, keys, ds, tr, args.length)
+            times["nonprivate"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fit_dp(args, 1.0, red, y, keys, ds, tr, args.length, "dp", cache)
+            times["dp"].append(time.perf_counter() - t0)
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        out[gran] = {**{f"{k}_s": v for k, v in med.items()}, "ratio": med["dp"] / med["nonprivate"], "runs": times}
+        print(f"  fit time {gran}: non-private {med['nonprivate']:.1f}s, DP {med['dp']:.1f}s, "
+              f"ratio {med['dp'] / med['nonprivate']:.2f} (median of {repeats}, alternating)", flush=True)
+    return out
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -372,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--exact-releases", default="", help="diagnosis: comma-separated releases left without noise "
                     "(the run is then NOT private; the ledger says inf)")
-    ap.add_argument("--only", default="tradeoff,sgd", help="tradeoff (usefulness/AUC per epsilon), sgd (cost)")
+    ap.add_argument("--only", default="tradeoff,fit-time,sgd",
+                    help="tradeoff (usefulness/AUC per epsilon), fit-time (closed-form fit), sgd (DP-SGD cost)")
     ap.add_argument("--sgd-hidden", default="1024,256", help="generator_hidden_dim values for the DP-SGD cost")
     ap.add_argument("--sgd-epochs", type=int, default=2)
     ap.add_argument("--sgd-opacus-max-hidden", type=int, default=256,
@@ -391,6 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     timing: dict[str, float] = {}
     sgd: list[dict[str, Any]] = []
+    fit: dict[str, Any] = {}
+    if "fit-time" in only:
+        print("closed-form fit time (streaming the full sequences for lstsq, as the pipeline does):", flush=True)
+        fit = fit_time(args, ds, real)
     if "sgd" in only:
         tr, _ = split(y_all, args.train, 0)
         print(f"DP-SGD cost per epoch ({tr.numel()} clips, length {args.length}):", flush=True)
@@ -440,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("timing (s):", json.dumps({k: round(v, 2) for k, v in timing.items()}))
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results,
-                                         "timing": timing, "sgd": sgd}, indent=1, default=str))
+                                         "timing": timing, "sgd": sgd, "fit_time": fit}, indent=1, default=str))
     return 0
 
 
