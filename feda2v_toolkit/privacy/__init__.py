@@ -7,7 +7,17 @@ See ``docs/privacy.md``. Modules: :mod:`~feda2v_toolkit.privacy.spec` (what a ru
 statistics) and :mod:`~feda2v_toolkit.privacy.sgd` (DP-SGD with Opacus for trained generators).
 """
 
-from feda2v_toolkit.privacy.accounting import (
+from feda2v_toolkit.privacy.spec import PrivacyError, ReleaseSpec, data_independent
+
+try:
+    import dp_accounting  # noqa: F401
+except ImportError as exc:  # pragma: no cover - the extra is installed by make setup
+    from feda2v_toolkit.errors import UsageError
+
+    raise UsageError("differential privacy needs the privacy extra: pip install 'feda2v-tk[privacy]' "
+                     "(dp-accounting, opacus)") from exc
+
+from feda2v_toolkit.privacy.accounting import (  # noqa: E402
     BudgetPlan,
     PlannedRelease,
     PrivacyLedger,
@@ -16,7 +26,7 @@ from feda2v_toolkit.privacy.accounting import (
     epsilon_of,
     plan_budget,
 )
-from feda2v_toolkit.privacy.mechanism import (
+from feda2v_toolkit.privacy.mechanism import (  # noqa: E402
     add_noise,
     add_symmetric_noise,
     clip_factors,
@@ -24,7 +34,6 @@ from feda2v_toolkit.privacy.mechanism import (
     row_norms,
     secret_generator,
 )
-from feda2v_toolkit.privacy.spec import PrivacyError, ReleaseSpec, data_independent
 
 __all__ = [
     "BudgetPlan", "PlannedRelease", "PrivacyError", "PrivacyLedger", "ReleaseSpec", "add_noise",

@@ -361,8 +361,6 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
     Raises :class:`PrivacyError` up front when the type declares no private modules, refuses the
     configuration, or its declaration does not match its optimisers. ``engine``: ``"ghost"``, ``"opacus"``
     or ``"auto"`` (ghost when every private layer allows it; module docstring)."""
-    from opacus.optimizers import DPOptimizer
-
     name = type(generator).__name__
     if getattr(type(generator), "fitted", False):
         raise PrivacyError(f"{name} is fitted in closed form: privatise its statistics "
@@ -425,6 +423,11 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
                 wrapped[opt_name] = _GhostOptimizer(opt, recorder, step_multiplier, max_grad_norm,
                                                     expected_batch_size, rng)
                 continue
+            try:
+                from opacus.optimizers import DPOptimizer
+            except ImportError:
+                raise PrivacyError("per-sample gradients for these layers need Opacus: pip install "
+                                   "'feda2v-tk[privacy]'") from None
             for m in modules:
                 hooks.append(_grad_sample_module(m))
             wrapped[opt_name] = DPOptimizer(opt, noise_multiplier=step_multiplier,
