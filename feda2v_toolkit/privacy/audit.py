@@ -29,7 +29,7 @@ def gaussian_scores(gen: object, z: Tensor, labels: Tensor | None) -> dict[str, 
     n = z.shape[0]
     means = gen.means  # type: ignore[attr-defined]
     mu = means[labels.long()] if getattr(gen, "conditioning", None) == "label" else means[0].expand(n, -1)
-    d = z.reshape(n, -1).double() - mu.double()
+    d = z.reshape(n, means.shape[1]).double() - mu.double()
     a = float(gen.shrinkage)  # type: ignore[attr-defined]
     s2 = a * float(gen.scale) + (1 - a) * float(gen.residual)  # type: ignore[attr-defined]
     s2 = max(s2, 1e-9 * max(float(gen.scale), 1e-12))  # type: ignore[attr-defined]
