@@ -239,10 +239,11 @@ def fit_dp(args: argparse.Namespace, epsilon: float, red: Tensor, y: Tensor, key
     if upsampler == "dp":
         full_norms = lstsq_cache["full_norms"]
         reduced_norms = row_norms(red)
-        clips = lsq.clip_norms(privatize(lsq.local_norms(full_norms, reduced_norms), plan, "lstsq", rng, ledger))
+        clips = lsq.clip_norms(privatize(lsq.local_norms(full_norms, reduced_norms), plan, "lstsq", rng, ledger),
+                               max(plan.noise_std("lstsq.full_histogram"), plan.noise_std("lstsq.reduced_histogram")))
         part = lsq.local_stats(pairs_stream(ds, tr, length), clips[0], clips[1], length, ds.seq_len, ds.dim)
         noisy = privatize(part, plan, "lstsq", rng, ledger, sensitivities=lsq.sensitivities(*clips))
-        ups.fit_from_statistics(lsq.statistics(noisy, counts.total))
+        ups.fit_from_statistics(lsq.statistics(noisy, counts.records))
         info["lstsq_clip"] = list(clips)
     else:
         ups.load_state_dict(lstsq_cache["exact"].state_dict())

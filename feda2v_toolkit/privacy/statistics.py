@@ -95,8 +95,13 @@ class NoisyCounts:
 
     @property
     def total(self) -> float:
-        """The count used as ``N`` by the other statistics: the sum of the kept counts (at least 1)."""
+        """``N`` of the statistics over the kept classes' clips (the gaussian's): the kept counts' sum (>= 1)."""
         return max(float(self.kept.sum()), 1.0)
+
+    @property
+    def records(self) -> float:
+        """``N`` of the statistics over every clip (normalisation, lstsq, pca): the noisy counts' sum (>= 1)."""
+        return max(float(self.noisy.sum()), 1.0)
 
 
 class DPClassCounts:
@@ -135,11 +140,17 @@ class DPClassCounts:
 # -- a DP quantile of record norms (clip norms relative to the data's typical norm) -----------------
 
 class DPNormQuantile:
-    """``<name>.norm_histogram``: a noisy histogram of ``log2 |x_i|`` over fixed public bins (sensitivity 1),
-    from which a quantile of the records' norms is read (post-processing). Used to set clip norms relative to
-    the data's typical norm where no public scale exists (raw embeddings)."""
+    """``<name>.norm_histogram``: a noisy histogram of ``log2 |x_i|`` over fixed public bins (a quarter octave,
+    ``2^-24 .. 2^40``; sensitivity 1), from which a quantile of the records' norms is read (post-processing).
+    Used to set clip norms relative to the data's typical norm where no public scale exists (raw embeddings).
 
-    LOW, HIGH, PER_OCTAVE = -24.0, 40.0, 8
+    Every empty bin carries noise too, and 256 bins of clamped noise would outweigh a thousand records: bins
+    below ``3`` noise std are read as empty (a bin of records is a few hundred; pure noise exceeds 3 std in
+    one bin of 740), and the quantile is taken over what is left."""
+
+    LOW, HIGH, PER_OCTAVE = -24.0, 40.0, 4
+    #: bins whose noisy count is below this many noise std are read as empty
+    NOISE_FLOOR = 3.0
 
     def __init__(self, name: str, *, weight: float = 0.1) -> None:
         self.name = name
@@ -154,12 +165,15 @@ class DPNormQuantile:
         idx = torch.bucketize(logs, self.edges[1:-1])
         return {"norm_histogram": torch.bincount(idx, minlength=self.edges.numel() - 1).to(torch.float64)}
 
-    def finish(self, merged: Mapping[str, Tensor], quantile: float = 0.5) -> float:
-        """The upper edge of the bin where the noisy cumulative count first reaches ``quantile`` of the total."""
-        hist = merged["norm_histogram"].to(torch.float64).clamp(min=0)
+    def finish(self, merged: Mapping[str, Tensor], quantile: float = 0.5, noise_std: float = 0.0) -> float:
+        """The upper edge of the bin where the cumulative count (bins above the noise floor only) first
+        reaches ``quantile`` of their total; ``noise_std``: the std of the noise on each merged bin."""
+        hist = merged["norm_histogram"].to(torch.float64)
+        hist = torch.where(hist > self.NOISE_FLOOR * noise_std, hist, torch.zeros_like(hist)).clamp(min=0)
         total = float(hist.sum())
         if total <= 0:
-            raise PrivacyError(f"{self.name}: the noisy norm histogram is empty (too few clips for this epsilon)")
+            raise PrivacyError(f"{self.name}: no bin of the noisy norm histogram stands above its noise (too few "
+                               "clips for this epsilon)")
         cum = hist.cumsum(0)
         i = int(torch.searchsorted(cum, torch.tensor(quantile * total, dtype=torch.float64)))
         i = min(i, hist.numel() - 1)
@@ -226,8 +240,9 @@ class DPNormalization:
     def local_norms(self, x: Tensor) -> Part:
         return self.norms.local(row_norms(x))
 
-    def clip_norm(self, merged_norms: Mapping[str, Tensor]) -> float:
-        return self.clip * self.norms.finish(merged_norms)
+    def clip_norm(self, merged_norms: Mapping[str, Tensor], noise_std: float = 0.0) -> float:
+        """``noise_std``: of each merged bin (``plan.noise_std("normalization.norm_histogram")`` x sqrt(sites))."""
+        return self.clip * self.norms.finish(merged_norms, noise_std=noise_std)
 
     # pass 2 ------------------------------------------------------------------------------------------
     def local_sum(self, x: Tensor, clip_norm: float) -> Part:
@@ -240,8 +255,9 @@ class DPNormalization:
     def local_deviation_norms(self, x: Tensor, mean: Tensor) -> Part:
         return {"deviation_histogram": self.deviations.local(row_norms(x.double() - mean))["norm_histogram"]}
 
-    def deviation_clip_norm(self, merged: Mapping[str, Tensor]) -> float:
-        return self.clip * self.deviations.finish({"norm_histogram": merged["deviation_histogram"]})
+    def deviation_clip_norm(self, merged: Mapping[str, Tensor], noise_std: float = 0.0) -> float:
+        return self.clip * self.deviations.finish({"norm_histogram": merged["deviation_histogram"]},
+                                                  noise_std=noise_std)
 
     # pass 4 ------------------------------------------------------------------------------------------
     def local_sum_sq(self, x: Tensor, mean: Tensor, clip_norm: float) -> Part:
@@ -275,11 +291,13 @@ class DPNormalization:
         if self.mode == "fixed":
             ledger.record("normalization.fixed", 0.0, data_dependent=False)
             return self.fixed(x.shape[1], x.shape[2])
-        n = counts.total
-        c1 = self.clip_norm(privatize(self.local_norms(x), plan, self.stage, rng, ledger))
+        n = counts.records
+        c1 = self.clip_norm(privatize(self.local_norms(x), plan, self.stage, rng, ledger),
+                            plan.noise_std("normalization.norm_histogram"))
         mean = self.mean(privatize(self.local_sum(x, c1), plan, self.stage, rng, ledger,
                                    sensitivities={"sum": c1}), n)
-        c2 = self.deviation_clip_norm(privatize(self.local_deviation_norms(x, mean), plan, self.stage, rng, ledger))
+        c2 = self.deviation_clip_norm(privatize(self.local_deviation_norms(x, mean), plan, self.stage, rng, ledger),
+                                      plan.noise_std("normalization.deviation_histogram"))
         sq = privatize(self.local_sum_sq(x, mean, c2), plan, self.stage, rng, ledger,
                        sensitivities={"sum_sq": c2 * c2})
         return self.finish(mean, sq, n, plan.noise_std("normalization.sum_sq", c2 * c2))
@@ -507,7 +525,8 @@ class DPGaussian:
             clip_norm = self.public_clip_norm()
         else:
             clip_norm = self.clip * self.norms.finish(privatize(self.norms.local(row_norms(z)), plan, self.stage,
-                                                                rng, ledger))
+                                                                rng, ledger),
+                                                      noise_std=plan.noise_std("gaussian.norm_histogram"))
         basis = privatize(self.local_basis(z, clip_norm), plan, self.stage, rng, ledger,
                           sensitivities={"basis": clip_norm ** 2})
         v, evals = self.finish_basis(basis, plan.noise_std("gaussian.basis", clip_norm ** 2), counts.total)
@@ -561,9 +580,11 @@ class DPLeastSquares:
         return {"full_histogram": self.full.local(full_norms)["norm_histogram"],
                 "reduced_histogram": self.reduced.local(reduced_norms)["norm_histogram"]}
 
-    def clip_norms(self, merged: Mapping[str, Tensor]) -> tuple[float, float]:
-        return (self.clip * self.full.finish({"norm_histogram": merged["full_histogram"]}),
-                self.clip * self.reduced.finish({"norm_histogram": merged["reduced_histogram"]}))
+    def clip_norms(self, merged: Mapping[str, Tensor], noise_std: float = 0.0) -> tuple[float, float]:
+        """``noise_std``: of each merged bin (the two histograms have the same weight by default; pass the
+        larger if not)."""
+        return (self.clip * self.full.finish({"norm_histogram": merged["full_histogram"]}, noise_std=noise_std),
+                self.clip * self.reduced.finish({"norm_histogram": merged["reduced_histogram"]}, noise_std=noise_std))
 
     @staticmethod
     def local_stats(pairs: Any, clip_full: float, clip_reduced: float, reduced_length: int, full_length: int,

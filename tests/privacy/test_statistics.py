@@ -150,6 +150,12 @@ def test_quantile_is_read_from_the_noisy_histogram():
     assert 100.0 <= value <= 100.0 * 2 ** (1 / hist.PER_OCTAVE) + 1e-9
     with pytest.raises(PrivacyError, match="too few clips"):
         hist.finish({"norm_histogram": -torch.ones(hist.edges.numel() - 1)})
+    # noise on every bin: hundreds of noisy empty bins must not drag the median away
+    g = torch.Generator().manual_seed(0)
+    norms = 250.0 * (1 + 0.05 * torch.randn(1200, generator=g))
+    noisy = {"norm_histogram": hist.local(norms)["norm_histogram"] + 40.0 * torch.randn(hist.edges.numel() - 1,
+                                                                                        generator=g)}
+    assert 200.0 <= hist.finish(noisy, noise_std=40.0) <= 320.0
 
 
 def test_closed_form_fit_end_to_end_spends_exactly_its_budget_and_refuses_tiny_classes():
