@@ -413,9 +413,15 @@ class DPGaussian:
 
     # pass 1: the basis -----------------------------------------------------------------------------------
     def local_basis(self, z: Tensor, clip_norm: float) -> Part:
-        zc = clip_rows(z.reshape(z.shape[0], self.seq_len, self.dim), clip_norm)
-        tokens = zc.reshape(-1, self.dim)
-        return {"basis": tokens.T @ tokens}
+        """The token scatter of the clipped records: float32 products (clipped a hair below the bound so that
+        rounding stays within it), summed in float64 per chunk."""
+        flat = z.reshape(z.shape[0], -1)
+        f = clip_factors(row_norms(flat), clip_norm * (1 - FLOAT32_MARGIN)).float()
+        out = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        for s in range(0, flat.shape[0], 1024):
+            tokens = (flat[s:s + 1024].float() * f[s:s + 1024, None]).reshape(-1, self.dim)
+            out += (tokens.T @ tokens).double()
+        return {"basis": out}
 
     def finish_basis(self, merged: Mapping[str, Tensor], noise_std: float, count: float) -> tuple[Tensor, Tensor]:
         """``(V [D, k_f], eigenvalues [k_f])``: the noisy token scatter's top directions above the noise floor."""
@@ -643,7 +649,7 @@ class DPPositionPCA:
     def local_stats(batches: Any, clip_norm: float) -> Part:
         out: Part = {}
         for x in batches():
-            xc = x.double() * clip_factors(row_norms(x), clip_norm).view(-1, 1, 1)
+            xc = x.double() * clip_factors(row_norms(x), clip_norm * (1 - FLOAT32_MARGIN)).view(-1, 1, 1)
             cols = xc.permute(1, 0, 2).reshape(xc.shape[1], -1)
             if not out:
                 out = {"sum": torch.zeros(xc.shape[1:], dtype=torch.float64),
