@@ -220,11 +220,13 @@ class _GhostRecorder:
     def norms_sq(self, n: int) -> Tensor:
         """Per-sample squared gradient norms ``[n]`` over every recorded layer (gradients of the per-sample
         losses: the batch-mean loss's output gradients times ``n``)."""
-        total = torch.zeros(n, dtype=torch.float64)
+        total: Tensor | None = None
         for m in self.layers:
             if not m._dp_pairs:
                 continue
             a, g = self._rows(m._dp_pairs, n)
+            if total is None:
+                total = torch.zeros(n, dtype=torch.float64, device=g.device)
             g = g * n
             gg = g @ g.transpose(1, 2)  # [n, R, R]
             if isinstance(m, nn.Linear):
@@ -235,7 +237,7 @@ class _GhostRecorder:
             else:  # embedding rows: gradients of equal ids add up
                 same = (a.unsqueeze(2) == a.unsqueeze(1)).float()
                 total += (same * gg).sum((1, 2)).double()
-        return total
+        return torch.zeros(n, dtype=torch.float64) if total is None else total
 
     def clipped_sums(self, factors: Tensor) -> dict[nn.Parameter, Tensor]:
         """``sum_i c_i grad_i`` per parameter, without forming the per-sample gradients."""
