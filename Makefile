@@ -13,7 +13,8 @@ $(BIN)/feda2v-tk: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# Pin torch first: here it resolves to a local CPU wheel (an open range pulls GBs of CUDA packages).
 	$(BIN)/pip install --quiet $(TORCH_PIN)
-	# The audio extras (transformers, soundfile, soxr, datasets) for `embed` and its tests; torch stays pinned.
+	# The audio extras (transformers, soundfile, soxr, datasets) for `embed` and its tests, privacy (opacus,
+	# dp-accounting) for differential privacy; torch stays pinned.
 	$(BIN)/pip install --quiet -e ".[test,plot,audio,datasets,federated,simulation,privacy]" ruff $(TORCH_PIN)
 	touch $(BIN)/feda2v-tk
 

@@ -88,6 +88,11 @@ class Generator(Component, abc.ABC):
     membership_scores_available: ClassVar[bool] = True
     #: what :meth:`membership_scores` computes, as the audit names it
     membership_score_name: ClassVar[str] = "negative loss"
+    #: Set by :func:`feda2v_toolkit.privacy.sgd.make_private` while the type trains by DP-SGD: the (public)
+    #: expected batch size. Poisson batches vary in size, and their size is not protected: a step must not
+    #: use it outside the private modules' per-sample loss (e.g. a GAN draws this many fake samples for its
+    #: generator step, not as many as the batch holds).
+    private_batch_size: int | None = None
 
     def __init__(self, *, seq_len: int, dim: int, num_classes: int = 0, condition_dim: int = 0) -> None:
         super().__init__()
@@ -141,6 +146,24 @@ class Generator(Component, abc.ABC):
         """Closed-form types (``fitted = True``): fit on all of this generator's training sequences
         ``[n, seq_len, dim]`` at once, deterministically for ``seed``; return JSON-serialisable metrics."""
         raise NotImplementedError(f"{type(self).__name__} is trained by training_step, not fit")
+
+    def private_modules(self, config: Mapping[str, Any]) -> Mapping[str, list[nn.Module]] | None:
+        """Differentially private training by DP-SGD (:mod:`feda2v_toolkit.privacy.sgd`): for each optimiser
+        (by its :meth:`configure_optimizers` name) whose update reads the training batch, the modules whose
+        parameters it updates -- exactly that optimiser's parameters. Opacus computes per-sample gradients
+        for them (``nn.Linear``, ``nn.Embedding``, norms, DP recurrent layers...; no buffers, nothing that
+        mixes samples such as batch norm), each clipped and noised. Optimisers not named must only
+        post-process the private ones (a GAN's generator learns only through its discriminator).
+
+        ``training_step`` must then reduce its loss as a mean over the batch of per-sample terms, and use the
+        batch only through the named modules. Return ``None`` (the default) when the type cannot be trained
+        this way; raise ``ValueError`` with the reason for a configuration it cannot train privately."""
+        return None
+
+    def private_steps_per_batch(self, config: Mapping[str, Any]) -> int:
+        """How many private optimiser steps one :meth:`training_step` makes on the same batch (a GAN's critic
+        steps): each is accounted (they share one Poisson sample)."""
+        return 1
 
     @abc.abstractmethod
     def sample(self, n: int, *, labels: Tensor | None = None, conditions: Tensor | None = None,

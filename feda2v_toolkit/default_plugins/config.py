@@ -1,6 +1,6 @@
 """Built-in schema fragment and migration chain, registered through the public hooks like a plugin's."""
 
-from feda2v_toolkit.config import core_schema
+from feda2v_toolkit.config import core_schema, package_schema
 from feda2v_toolkit.hookspecs import hookimpl
 from feda2v_toolkit.specs import SchemaFragment
 
@@ -9,6 +9,8 @@ from feda2v_toolkit.specs import SchemaFragment
 def feda2v_register_schema_fragments(register):
     register(SchemaFragment(name="core", schema=core_schema(),
                             description="Core generator-section keys of FedA2V configs."))
+    register(SchemaFragment(name="privacy", schema=package_schema("privacy.schema.json"),
+                            description="Keys of record-level differential privacy (docs/privacy.md)."))
 
 
 @hookimpl

@@ -131,6 +131,20 @@ class GANGenerator(ConditionedMLPGenerator):
                 "discriminator": adamw(fan_in_groups([self.discriminator, self.d_condition], lr=d_lr, reference=h),
                                        lr=d_lr, weight_decay=wd, betas=betas)}
 
+    def private_modules(self, config: Mapping[str, Any]) -> dict[str, list[nn.Module]]:
+        """DP-SGD: only the discriminator (and its condition embedding) reads real data; the generator learns
+        through it (post-processing) from ``private_batch_size`` fake samples with uniformly drawn labels."""
+        if float(cfg(config, "gan_r1_weight")) > 0:
+            raise ValueError("the gan's R1 penalty needs a double backward that per-sample gradients (Opacus) do "
+                             "not support: set gan_r1_weight to 0 for differentially private training")
+        if self.conditioning == "embedding":
+            raise ValueError("a gan conditioned on per-sample condition embeddings cannot train privately: its "
+                             "generator step would read the clips' conditions; use label conditioning or none")
+        return {"discriminator": [self.discriminator] + ([self.d_condition] if self.d_condition is not None else [])}
+
+    def private_steps_per_batch(self, config: Mapping[str, Any]) -> int:
+        return int(cfg(config, "gan_critic_steps"))
+
     # -- model ------------------------------------------------------------------------------------
     def _conds(self, labels: Tensor | None, conditions: Tensor | None,
                n: int) -> tuple[Tensor | None, Tensor | None]:
@@ -194,12 +208,17 @@ class GANGenerator(ConditionedMLPGenerator):
             d_opt.step()
 
         g_opt.zero_grad(set_to_none=True)
+        g_labels, g_n = labels, x.shape[0]
+        if self.private_batch_size is not None:  # DP-SGD: nothing of the batch (not even its size) reaches G
+            g_n = int(self.private_batch_size)
+            g_labels = (torch.randint(self.num_classes, (g_n,), device=x.device)
+                        if self.conditioning == "label" else None)
         for p in d_params:  # G's backward goes through D; no weight gradients needed there
             p.requires_grad_(False)
         try:
             with ctx.autocast():
-                cg, cd = self._conds(labels, conditions, x.shape[0])
-                fake = self._fake(x.shape[0], cg, x)
+                cg, cd = self._conds(g_labels, conditions if self.private_batch_size is None else None, g_n)
+                fake = self._fake(g_n, cg, x)
                 g_loss = g_loss_fn(cfg(config, "gan_loss"), self.score(fake, cd, config, noisy=True).float())
             g_loss.backward()
         finally:
@@ -207,6 +226,9 @@ class GANGenerator(ConditionedMLPGenerator):
                 p.requires_grad_(True)
         clip(self.generator_parameters(), clip_at)
         g_opt.step()
+        if self.private_batch_size is not None:  # the moment gap would read the private batch
+            terms = {"loss": g_loss.item(), "g_loss": g_loss.item()}
+            return terms | {k: float(d_terms[k].detach()) for k in ("d_loss", "r1", "d_accuracy")}
         return self._report(g_loss, d_terms, x, fake)
 
     @torch.no_grad()

@@ -381,6 +381,28 @@ class GaussianGenerator(Generator):
             a = float(self.shrinkage_setting)
         return self._set(means, counts, comps, lam, keep, total, a, n)
 
+    @torch.no_grad()
+    def set_parameters(self, means: Tensor, counts: Tensor, directions: Tensor, variances: Tensor, total: float,
+                       shrinkage: float = 0.0) -> dict[str, float]:
+        """Set the model from estimates made elsewhere (e.g. differentially private statistics,
+        :mod:`feda2v_toolkit.privacy.statistics`): ``means [rows, F]``, ``counts [rows]`` (0 = the row cannot
+        be sampled), the within-class covariance's top ``directions [r, F]`` (orthonormal rows, by decreasing
+        variance) with ``variances [r]`` (only the first ``rank`` are kept), its trace ``total`` (the rest is
+        spread evenly over the elements) and the shrinkage intensity. Returns what :meth:`fit` returns."""
+        rows, features = self.means.shape
+        if tuple(means.shape) != (rows, features) or counts.shape != (rows,):
+            raise ValueError(f"means must be [{rows}, {features}] and counts [{rows}], got "
+                             f"{tuple(means.shape)} and {tuple(counts.shape)}")
+        if directions.dim() != 2 or directions.shape[1] != features or variances.shape != directions.shape[:1]:
+            raise ValueError(f"directions must be [r, {features}] with variances [r]")
+        if not 0 <= shrinkage <= 1:
+            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+        keep = int(min(self.rank, directions.shape[0]))
+        lam = variances.to("cpu", torch.float64).clamp(min=0)[:keep]
+        n = int(round(float(counts.to(torch.float64).clamp(min=0).sum())))
+        return self._set(means.to("cpu", torch.float64), counts.to(torch.float64).clamp(min=0).round(),
+                         directions.to("cpu", torch.float64)[:keep], lam, keep, float(total), float(shrinkage), n)
+
     def _set(self, means: Tensor, counts: Tensor, comps: Tensor, lam: Tensor, keep: int, total: float, a: float,
              n: int) -> dict[str, float]:
         features = self.means.shape[1]

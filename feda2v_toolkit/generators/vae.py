@@ -115,6 +115,11 @@ class VAEGenerator(ConditionedMLPGenerator):
         return {"vae": adamw(fan_in_groups(self, lr=lr, reference=self.hidden_dim), lr=lr,
                              weight_decay=cfg(config, "generator_weight_decay"))}
 
+    def private_modules(self, config: Mapping[str, Any]) -> dict[str, list[nn.Module]]:
+        """DP-SGD: the whole model learns from the batch through the one optimiser ``vae`` (every loss term is
+        a batch mean of per-sample terms; dropout and the reparameterisation noise are per sample)."""
+        return {"vae": [self]}
+
     # -- model ------------------------------------------------------------------------------------
     def _cond(self, labels: Tensor | None, conditions: Tensor | None, n: int) -> Tensor | None:
         if self.condition is None:
