@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "config": 3,
     "components": 4, "default_plugins": 4,
     "generators": 5, "reducers": 5, "upsamplers": 5, "data": 5,
-    "model": 6, "audio": 6,
+    "model": 6, "audio": 6, "privacy": 6,
     "training": 7,
     "federated": 8, "analysis": 8,
     "testing": 9, "commands": 9,
