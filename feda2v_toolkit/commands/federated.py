@@ -49,7 +49,8 @@ def require_flower() -> None:
 @click.option("--rounds", type=click.IntRange(min=1), help="Overrides federated_rounds.")
 @click.option("--local-epochs", type=click.IntRange(min=1), help="Overrides federated_local_epochs.")
 @click.option("--dp-noise", type=click.FloatRange(min=0, max=1e6),
-              help="Node-level DP: overrides federated_dp_noise_multiplier (0 = off).")
+              help="Node-level DP (a whole site is the unit; weight updates only): overrides "
+                   "federated_dp_noise_multiplier (0 = off). For a clip's privacy use --dp-epsilon.")
 @click.option("--dp-clip", type=click.FloatRange(min=0, min_open=True, max=1e12),
               help="Node-level DP: overrides federated_dp_clipping_norm.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),

@@ -25,6 +25,8 @@ OVERRIDE_OPTIONS: dict[str, str] = {
     "latent_dim": "generator_latent_dim",
     "autocast": "generator_autocast",
     "classes": "generator_classes",
+    "dp_epsilon": "generator_dp_epsilon",
+    "dp_delta": "generator_dp_delta",
 }
 
 
@@ -74,6 +76,11 @@ def training_options(*, epochs: bool) -> Any:
         click.option("--hidden-dim", type=click.IntRange(min=1), help="Overrides generator_hidden_dim."),
         click.option("--latent-dim", type=click.IntRange(min=1), help="Overrides generator_latent_dim."),
         click.option("--autocast", type=click.Choice(["float32", "bfloat16"]), help="Overrides generator_autocast."),
+        click.option("--dp-epsilon", type=click.FloatRange(min=0, min_open=True),
+                     help="Record-level differential privacy: the target epsilon for everything the run releases "
+                          "(overrides generator_dp_epsilon; docs/privacy.md)."),
+        click.option("--dp-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+                     help="Its delta, below 1/N for N training clips (overrides generator_dp_delta, default 1e-5)."),
         click.option("--seed", type=SEED, help="Random seed (overrides generator_seed; drawn at random and "
                                                 "reported when neither is set)."),
         click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP),

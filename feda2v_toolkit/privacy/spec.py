@@ -20,7 +20,10 @@ from feda2v_toolkit.errors import InputError
 
 
 class PrivacyError(InputError):
-    """A differentially private run refused up front (impossible target, bad settings, an unprotected release)."""
+    """A differentially private run refused up front (impossible target, bad settings, an unprotected release):
+    exit code 2, as for any setting the run cannot honour."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

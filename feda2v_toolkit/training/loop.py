@@ -24,6 +24,7 @@ from feda2v_toolkit.runtime.seeds import derive_seed
 
 #: ``(x [B, l, D], labels [B] or None, conditions [B, C] or None)``
 Batch = tuple[Tensor, Tensor | None, Tensor | None]
+StepFn = Callable[[Tensor, Tensor | None, Tensor | None, TrainContext], dict[str, float]]
 
 
 class DivergedError(InputError):
@@ -40,14 +41,18 @@ def check_finite(terms: Mapping[str, float], where: str) -> None:
 def run_steps(gen: Generator, optimizers: Mapping[str, torch.optim.Optimizer], batches: Iterable[Batch],
               context: Callable[[int], TrainContext], *, where: Callable[[], str] = lambda: "",
               on_step: Callable[[dict[str, float], int], None] | None = None,
-              check: bool = True) -> list[tuple[dict[str, float], int]]:
+              check: bool = True, step: StepFn | None = None) -> list[tuple[dict[str, float], int]]:
     """One ``training_step`` per batch; ``context(i)`` gives batch ``i``'s :class:`TrainContext`. Returns
     ``(terms, batch size)`` per step; a NaN/inf term raises :class:`DivergedError` naming ``where()`` (``check``;
-    the conformance kit checks the terms itself, in ``on_step``)."""
+    the conformance kit checks the terms itself, in ``on_step``). ``step(x, labels, conditions, ctx)`` replaces
+    ``training_step`` (DP-SGD: :class:`feda2v_toolkit.privacy.sgd.PrivateTraining`)."""
     out = []
     gen.train()
     for i, (x, labels, conditions) in enumerate(batches):
-        terms = gen.training_step(x, labels=labels, conditions=conditions, optimizers=optimizers, ctx=context(i))
+        if step is None:
+            terms = gen.training_step(x, labels=labels, conditions=conditions, optimizers=optimizers, ctx=context(i))
+        else:
+            terms = step(x, labels, conditions, context(i))
         if check:
             check_finite(terms, where())
         out.append((terms, int(x.shape[0])))
@@ -58,10 +63,11 @@ def run_steps(gen: Generator, optimizers: Mapping[str, torch.optim.Optimizer], b
 
 def mean_terms(rows: Sequence[Mapping[str, float]], weights: Sequence[float]) -> dict[str, float]:
     """Weighted mean of loss-term dicts (keys of the first row, in its order)."""
-    total = float(sum(weights))
-    if not rows or total <= 0:
+    pairs = [(r, w) for r, w in zip(rows, weights, strict=True) if w > 0 and r]  # empty (Poisson) batches: none
+    total = float(sum(w for _, w in pairs))
+    if not pairs or total <= 0:
         return {}
-    return {k: sum(float(r[k]) * w for r, w in zip(rows, weights, strict=True)) / total for k in rows[0]}
+    return {k: sum(float(r[k]) * w for r, w in pairs) / total for k in pairs[0][0]}
 
 
 @dataclass
@@ -94,11 +100,13 @@ def train_epochs(gen: Generator, optimizers: Mapping[str, torch.optim.Optimizer]
                  step: int, config: Mapping[str, Any], validation_frequency: int,
                  autocast_dtype: torch.dtype | None = None, device: torch.device | None = None,
                  where: str = "", on_step: Callable[[dict[str, float], int], None] | None = None,
-                 batch_rows: Callable[[Tensor, torch.Generator], list[Tensor]] | None = None) -> list[dict[str, Any]]:
+                 batch_rows: Callable[[Tensor, torch.Generator], list[Tensor]] | None = None,
+                 step_fn: StepFn | None = None) -> list[dict[str, Any]]:
     """Train ``gen`` for the given epochs; one record per epoch (``train`` terms, ``val`` terms when due,
     ``examples``, ``steps``, ``seconds``). ``epoch_seed(e)`` seeds epoch ``e``'s batch order and the global
     torch RNG the generator draws from (dropout, noise), so an epoch is the same wherever it runs.
-    ``batch_rows(rows, generator)`` replaces the default shuffled fixed-size batches (e.g. Poisson sampling)."""
+    ``batch_rows(rows, generator)`` replaces the default shuffled fixed-size batches (e.g. Poisson sampling),
+    ``step_fn`` the generator's ``training_step`` (:func:`run_steps`)."""
     device = device or torch.device("cpu")
     records = []
     n = data.train.numel()
@@ -123,7 +131,7 @@ def train_epochs(gen: Generator, optimizers: Mapping[str, torch.optim.Optimizer]
                                 autocast_dtype=autocast_dtype, device=device)
 
         steps = run_steps(gen, optimizers, (data.read(rows) for rows in chunks), context,
-                          where=lambda epoch=epoch: f"epoch {epoch + 1}{where}", on_step=on_step)
+                          where=lambda epoch=epoch: f"epoch {epoch + 1}{where}", on_step=on_step, step=step_fn)
         step += len(steps)
         record: dict[str, Any] = {"epoch": epoch + 1, "train": mean_terms([t for t, _ in steps], [w for _, w in steps]),
                                   "examples": sum(w for _, w in steps), "steps": step - steps_before}

@@ -266,9 +266,16 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     :class:`GenerativeModel`; ``model.metrics["run"]`` holds the :class:`RunReport` (not written to the file).
     """
     from feda2v_toolkit.plugins import get_registry
+    from feda2v_toolkit.training.private import settings_of
 
     say = log or (lambda _m: None)
     merger = merger or PlainAveraging()
+    settings = settings_of(spec)  # record-level DP (training.private); bad settings are refused before any work
+    private = settings is not None
+    if private and checkpoint is not None and (resume or spec.load_checkpoint) and checkpoint.exists():
+        from feda2v_toolkit.training.private import refuse_resume
+
+        raise refuse_resume()
     sites = sorted(transport.sites())
     if not sites:
         raise SiteError("no sites to train on")
@@ -292,15 +299,23 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
                          f"generator_training_sequence_length = {length}")
     class_names = summary.class_names
     empty = [c for c, k in summary.class_counts.items() if k == 0]
-    if empty:
+    if empty and not private:
         raise InputError(f"{where}: class(es) {short_list(map(repr, empty))} have no samples"
                          + (" on any site" if len(sites) > 1 else "") + "; train on the others with "
                          "generator_classes (--classes) or add samples")
     dtypes = {str(described[n][1].get("dtype")) for n in sites}
     data_dtype = dtypes.pop() if len(dtypes) == 1 else None  # what generate writes by default
     site_word = f"{len(sites)} sites ({', '.join(run.names[n] for n in sites)}): " if len(sites) > 1 else ""
-    say(f"data: {site_word}{sum(summary.class_counts.values())} sequences [{summary.seq_len}, {summary.dim}]"
-        + (f" {data_dtype}" if data_dtype else "") + f", {len(class_names)} classes")
+    dp = None
+    if private:
+        dp = _private_pipeline(run, spec, settings, summary, class_names, schedule)
+        counts = dp.counts_step()
+        summary.class_counts = {c: int(counts.kept[i]) for i, c in enumerate(class_names)}
+        say(f"privacy: record-level DP, target epsilon {settings.epsilon:g} at delta {settings.delta:g} "
+            f"({dp.plan.plan.accountant.upper()} accountant); every release below is clipped and noised at "
+            f"{'each site' if len(sites) > 1 else 'the site'}; noisy class counts: {counts.kept.sum():.0f} clips")
+    say(f"data: {site_word}{'~' if private else ''}{sum(summary.class_counts.values())} sequences "
+        f"[{summary.seq_len}, {summary.dim}]" + (f" {data_dtype}" if data_dtype else "") + f", {len(class_names)} classes")
 
     loaded = None
     if checkpoint is not None and (resume or spec.load_checkpoint):
@@ -325,7 +340,9 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
             raise _refuse_resume(checkpoint, ["reducer state"]) from None  # type: ignore[arg-type]
     elif type(reducer).fitted:
         say(f"fitting reducer {spec.reducer} on the training sequences")
-        if has_statistics(reducer):
+        if dp is not None:
+            dp.fit_pca(reducer)
+        elif has_statistics(reducer):
             stage = FittedStatisticsStage()
             stage.finish(reducer, stage.merge(run.parts(run.ask("reducer", run.everyone()))))
         else:
@@ -340,8 +357,13 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
         run.described[n].update({k: replies[n][1][k] for k in ("train", "heldout", "train_counts")})
     train_count = sum(int(run.described[n]["train"]) for n in sites)
     heldout_count = sum(int(run.described[n]["heldout"]) for n in sites)
-    say(f"{train_count} train / {heldout_count} held out; reduced {sum(summary.class_counts.values())} sequences "
-        f"to {length} tokens in {time.perf_counter() - t0:.1f}s")
+    if dp is not None:
+        train_count, heldout_count = round(dp.records), 0
+        say(f"reduced the sequences to {length} tokens in "
+            f"{time.perf_counter() - t0:.1f}s")
+    else:
+        say(f"{train_count} train / {heldout_count} held out; reduced {sum(summary.class_counts.values())} sequences "
+            f"to {length} tokens in {time.perf_counter() - t0:.1f}s")
     fingerprint = {"config": _config_hash(spec.config), "seed": spec.seed, "epochs": schedule.epochs,
                    "data": ";".join(f"{_shape(summaries[i])}:{replies[n][1]['fingerprint']}" for i, n in enumerate(sites))}
     state = TrainingState(epoch=0, step=0, fingerprint=fingerprint)
@@ -352,7 +374,9 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
         state = loaded.state
         say(f"resuming from {checkpoint} after epoch {state.epoch}")
     normalization: dict[str, Tensor] = {}
-    if spec.normalize:
+    if spec.normalize and dp is not None:
+        normalization = dp.normalization()
+    elif spec.normalize:
         stage_n = NormalizationStage()
         normalization = stage_n.finish(stage_n.merge(run.parts(replies)))
 
@@ -362,7 +386,7 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     if loaded is not None and state.upsampler_metrics is not None:
         upsampler.load_state_dict(unpack("upsampler.", loaded.tensors))
     else:
-        state.upsampler_metrics = _fit_upsampler(run, upsampler, summary, heldout_count)
+        state.upsampler_metrics = _fit_upsampler(run, upsampler, summary, heldout_count, dp)
     upsampler.eval()
     norm_arrays = pack("norm.", normalization)
 
@@ -373,6 +397,8 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     _require_training_memory(gen_cls, spec, summary, len(groups))
     held = {n: {c for c, k in summaries[i].class_counts.items() if k > 0} for i, n in enumerate(sites)}
     holders = {n: [k for k in keys if set(groups[k]) & held[n]] for n in sites}
+    if dp is not None:  # which site holds which class is not released: every site answers for every key
+        holders = {n: list(keys) for n in sites}
     generators: dict[str, Any] = {}
     for key in keys:
         torch.manual_seed(derive_seed(spec.seed, "init", key))
@@ -381,7 +407,14 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     fitted = bool(getattr(gen_cls, "fitted", False))
     common = {"keys": keys, "groups": groups, "class_names": class_names}
     generator_fit: dict[str, dict[str, float]] = {}
-    if fitted:
+    if fitted and dp is not None:
+        t0 = time.perf_counter()
+        generator_fit = dp.fit_gaussians(generators)
+        say(f"fitted {len(generator_fit)} {'generator' if len(generator_fit) == 1 else 'generators'} from noisy "
+            f"statistics in {time.perf_counter() - t0:.2f}s")
+        state.history = [{"epoch": 1, "epochs": 1, "step": 0, "train": {}, "fit": generator_fit}]
+        state.epoch = 1
+    elif fitted:
         generator_fit = _fit_generators(run, generators, gen_cls, holders, common, norm_arrays)
         state.history = [_heldout_record(run, generators, common, norm_arrays, heldout_count, generator_fit)]
         state.epoch = 1
@@ -393,8 +426,17 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     model = _assemble(spec, summary, class_names, groups, generators, reducer, upsampler, normalization, data_dtype)
     site_docs = [{"name": run.names[n], "classes": {c: k for c, k in summaries[i].class_counts.items() if k > 0},
                   "generators": holders[n]} for i, n in enumerate(sites)]
+    if dp is not None:  # per-site counts are not released
+        site_docs = [{"name": run.names[n], "classes": {}, "generators": holders[n]} for n in sites]
     run.report.sites = site_docs
-    model.metrics = _final_metrics(state, generator_fit, site_docs, merger.report(), run.report)
+    privacy = merger.report()
+    if privacy:  # node-level DP protects a site's weight updates, not a clip: not a record-level guarantee
+        privacy = {"mechanism": None, "node_level": privacy}
+    if dp is not None:
+        privacy = {**dp.summary(), **({"node_level": privacy["node_level"]} if privacy else {})}
+        say(f"privacy: spent epsilon {privacy['epsilon'] if privacy['epsilon'] is not None else 'inf'} at delta "
+            f"{privacy['delta']:g} (target {settings.epsilon:g}; largest over {len(sites)} site(s))")
+    model.metrics = _final_metrics(state, generator_fit, site_docs, privacy, run.report)
     if fitted and metrics_path is not None:
         _write_metrics_lines(metrics_path, state.history, 0)
     if out is not None:
@@ -406,6 +448,34 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
         if checkpoint is not None and not keep_checkpoints:
             _remove_checkpoint(checkpoint)
     return model
+
+
+def _private_pipeline(run: _Run, spec: RunSpec, settings: Any, summary: DataSummary, class_names: list[str],
+                      schedule: Schedule) -> Any:
+    """The pipeline's side of record-level DP (:mod:`feda2v_toolkit.training.private`) over ``run``'s sites."""
+    from feda2v_toolkit.training.private import PrivatePipeline, make_plan, summarise
+
+    groups = spec.generator_groups(class_names, class_names)
+    plan = make_plan(spec, settings, full_length=summary.seq_len, dim=summary.dim, class_names=class_names,
+                     groups=groups, condition_dim=summary.condition_dim, epochs=schedule.epochs)
+    plan_meta = {"class_names": class_names, "groups": groups, "epochs": schedule.epochs}
+    ledgers: dict[str, Any] = {}
+
+    def ask(step: str, arrays: Arrays, meta: Meta) -> Arrays:
+        replies = run.ask("private", run.everyone(arrays, {"step": step, "plan": plan_meta, **meta}))
+        for n in run.sites:
+            if replies[n][1].get("ledger") is not None:
+                ledgers[run.names[n]] = replies[n][1]["ledger"]
+        return sum_parts(run.parts(replies)) if step != "ledger" else {}
+
+    pipe = PrivatePipeline(plan, ask, len(run.sites), run.say)
+
+    def summary_now() -> dict[str, Any]:
+        ask("ledger", {}, {})  # the sites' ledgers as they stand (DP-SGD steps included)
+        return summarise(plan, ledgers, pipe.counts)
+
+    pipe.summary = summary_now  # type: ignore[attr-defined]
+    return pipe
 
 
 def _remove_checkpoint(path: Path) -> None:
@@ -443,14 +513,17 @@ def _check_resumable_early(ckpt_path: Path, loaded: Any, spec: RunSpec, summarie
         raise _refuse_resume(ckpt_path, differ, "; ".join(c for c in changes if c))
 
 
-def _fit_upsampler(run: _Run, upsampler: Any, summary: DataSummary, heldout: int) -> dict[str, Any]:
-    """Fit a trainable upsampler from the sites' pairs; score it on their held-out sequences."""
+def _fit_upsampler(run: _Run, upsampler: Any, summary: DataSummary, heldout: int, dp: Any = None) -> dict[str, Any]:
+    """Fit a trainable upsampler from the sites' pairs; score it on their held-out sequences (not in a private
+    run: the held-out error is a function of the clips)."""
     spec = run.spec
     metrics: dict[str, Any] = {"name": spec.upsampler}
     if type(upsampler).trainable:
         t0 = time.perf_counter()
         run.say(f"fitting upsampler {spec.upsampler} on (reduced, full) training pairs")
-        if has_statistics(upsampler):
+        if dp is not None:
+            metrics["fit"] = dp.fit_lstsq(upsampler, summary.seq_len)
+        elif has_statistics(upsampler):
             stage = FittedStatisticsStage()
             metrics["fit"] = stage.finish(upsampler, stage.merge(run.parts(run.ask("upsampler", run.everyone()))))
         else:
@@ -466,7 +539,7 @@ def _fit_upsampler(run: _Run, upsampler: Any, summary: DataSummary, heldout: int
                 if rounds > 1:
                     run.say(f"upsampler round {r + 1}/{rounds}: averaged {len(run.sites)} fits")
         metrics["fit_seconds"] = time.perf_counter() - t0
-    if heldout and summary.seq_len != spec.training_length:
+    if heldout and dp is None and summary.seq_len != spec.training_length:
         sums = sum_parts(run.parts(run.ask("upsampler_heldout", run.everyone(pack("upsampler.", upsampler.state_dict())))))
         metrics.update(reconstruction_metrics(sums, summary.seq_len, summary.dim))
         if "heldout_mse" in metrics:

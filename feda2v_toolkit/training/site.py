@@ -24,6 +24,7 @@ from feda2v_toolkit.components import TrainContext
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.errors import InputError, short_list
+from feda2v_toolkit.privacy.spec import PrivacyError
 from feda2v_toolkit.runtime.seeds import derive_seed
 from feda2v_toolkit.training.loop import EpochData, mean_terms, train_epochs, validate
 from feda2v_toolkit.training.spec import RunSpec
@@ -51,7 +52,7 @@ Meta = dict[str, Any]
 STAGES: dict[str, str] = {
     "describe": "query", "reducer": "query", "reducer_fit": "query", "reduce": "query", "upsampler": "query",
     "upsampler_round": "train", "upsampler_heldout": "query", "generator_statistics": "query",
-    "generator_fit": "query", "generator_heldout": "query", "generator_round": "train",
+    "generator_fit": "query", "generator_heldout": "query", "generator_round": "train", "private": "query",
 }
 
 
@@ -115,6 +116,8 @@ class Site:
         self.store: Arrays = {}  # what must survive the site being rebuilt (reducer state, normalisation)
         self.on_step: Callable[[int], None] | None = None  # progress of in-process engines
         self.generation = 0  # how many times an engine saved ``store`` for this site (see federated.app)
+        self.private = spec.config.get("generator_dp_epsilon") is not None  # record-level DP (training.private)
+        self.privacy: Any = None  # its SitePrivacy, made with the first private request
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -165,11 +168,16 @@ class Site:
 
     # -- stages --------------------------------------------------------------------------------------
     def describe(self) -> Meta:
-        return {"summary": ClassesStage().local(self.ds).to_json(), "name": self.name,
+        summary = ClassesStage().local(self.ds)
+        if self.private:  # the counts leave only noised (the "private" stage); the class names are public
+            summary.class_counts = dict.fromkeys(summary.class_counts, 0)
+        return {"summary": summary.to_json(), "name": self.name, "private": self.private,
                 "dtype": str(self.ds.storage_dtype).replace("torch.", "")}
 
     def split_counts(self) -> Meta:
         """How many clips the site trains on and holds out, per class (after its split)."""
+        if self.private:  # withheld: the pipeline works from the noisy class counts
+            return {"train": 0, "heldout": 0, "train_counts": {}}
         counts = torch.bincount(self.ds.labels[self.train_idx], minlength=self.ds.num_classes).tolist()
         return {"train": int(self.train_idx.numel()), "heldout": int(self.val_idx.numel()),
                 "train_counts": {c: int(k) for c, k in zip(self.ds.class_names, counts, strict=True) if k}}
@@ -198,7 +206,8 @@ class Site:
         self.store.update(pack("reducer.", state))
         self.store["reduced"] = torch.ones(())  # marks a reducer as set (a reducer may have no state at all)
         self.store["classes"] = torch.tensor([ord(ch) for ch in json.dumps(class_names)], dtype=torch.int32)
-        part = NormalizationStage().local(self.cache.values, self.train_idx) if self.spec.normalize else {}
+        part = NormalizationStage().local(self.cache.values, self.train_idx) \
+            if self.spec.normalize and not self.private else {}
         return part, {"fingerprint": self.cache.fingerprint(), "seconds": seconds, **self.split_counts()}
 
     def _raw(self) -> Tensor:
@@ -240,6 +249,44 @@ class Site:
             self.reduce(unpack("reducer.", self.store), classes)
             if "standardized" in self.store:
                 self.set_normalization(unpack("norm.", self.store))
+
+    # -- record-level differential privacy (training.private) ----------------------------------------------
+    def private_release(self, arrays: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Arrays:
+        """One noisy release of a private run (:class:`feda2v_toolkit.training.private.SitePrivacy`)."""
+        from feda2v_toolkit.training.private import SitePrivacy, make_plan, settings_of
+
+        if not self.private:
+            raise InputError(f"{self.name}: a private release was asked of a site whose config sets no "
+                             "generator_dp_epsilon")
+        if self.privacy is None:
+            p = meta["plan"]
+            settings = settings_of(self.spec)
+            assert settings is not None
+            plan = make_plan(self.spec, settings, full_length=self.ds.seq_len, dim=self.ds.dim,
+                             class_names=list(p["class_names"]), groups=p["groups"],
+                             condition_dim=self.ds.condition_dim, epochs=int(p["epochs"]),
+                             n_records=int(self.train_idx.numel()))
+            self.privacy = SitePrivacy(plan, int(self.train_idx.numel()), str(self.ds.path))
+            self.privacy.load_store(self.store)
+        step = str(meta["step"])
+        if step == "ledger":
+            return {}
+        names = list(meta["plan"]["class_names"])
+        to_global = torch.tensor([names.index(c) for c in self.ds.class_names], dtype=torch.long)
+        labels = to_global[self.ds.labels[self.train_idx]]
+        x = None
+        if self.cache is not None:
+            x = self.cache.values[self.train_idx]
+            labels = self.cache.labels[self.train_idx]
+        out = self.privacy.answer(step, x, labels, arrays, meta, full=full_batches(self.ds, self.train_idx),
+                                  pairs=self._pairs() if self.cache is not None else None)
+        if step == "counts":
+            from feda2v_toolkit.privacy.statistics import DPClassCounts
+
+            stage: DPClassCounts = self.privacy.plan.stages.counts
+            self.privacy.counts = stage.finish(out, self.privacy.plan.plan)  # its own noisy counts (DP-SGD)
+        self.store.update(self.privacy.to_store())
+        return out
 
     def _rows_of(self, members: list[str], class_names: list[str], rows: Tensor) -> Tensor:
         assert self.cache is not None
@@ -339,6 +386,17 @@ class Site:
             if key in optim:
                 restore_optimizers(opts, *optim[key])
             per = math.ceil(data.train.numel() / spec.batch_size)
+            if self.private:
+                if not self.privacy.trains(key):  # post-processing of its own noisy counts: nothing to train
+                    continue
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    records = self._private_epochs(key, gen, opts, data, epochs, total_epochs)
+                weights[key] = {k: v.detach().to("cpu") for k, v in gen.state_dict().items()}
+                optimizers[key], docs[key] = flatten_optimizers(opts)
+                examples[key] = max(1, round(self.privacy.key_records()[key]))  # noisy: FedAvg weights
+                for r in records:
+                    per_epoch.setdefault(r["epoch"], []).append((r, key))
+                continue
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 records = train_epochs(
                     gen, opts, data, epochs=epochs, total_epochs=total_epochs, batch_size=spec.batch_size,
@@ -346,7 +404,7 @@ class Site:
                     step=epochs[0] * per if epochs else 0, config=self.cfg,
                     validation_frequency=spec.validation_frequency, autocast_dtype=spec.autocast_dtype,
                     device=self.device, where=f", generator {key!r}" + (f", {self.name}" if self.index else ""),
-                    on_step=(lambda _t, n: self.on_step(n)) if self.on_step else None)
+                    on_step=(lambda _t, _n: self.on_step(1)) if self.on_step else None)  # one tick a step
             weights[key] = {k: v.detach().to("cpu") for k, v in gen.state_dict().items()}
             optimizers[key], docs[key] = flatten_optimizers(opts)
             examples[key] = int(data.train.numel())
@@ -355,6 +413,50 @@ class Site:
             del gen, opts
         merged = [merge_epoch_records([r for r, _ in rows]) for _, rows in sorted(per_epoch.items())]
         return WeightsPart(weights, examples, {}, optimizers), merged, docs
+
+
+    def _private_epochs(self, key: str, gen: Any, opts: Mapping[str, torch.optim.Optimizer], data: EpochData,
+                        epochs: list[int], total_epochs: int) -> list[dict[str, Any]]:
+        """DP-SGD epochs of generator ``key`` (docs/privacy.md): Poisson batches at the planned rate from secret
+        randomness, per-clip gradients clipped and noised, each step recorded in the site's ledger. Records
+        carry no loss terms (functions of the clips) and no held-out loss."""
+        from feda2v_toolkit.privacy.sgd import make_private
+
+        pv, spec = self.privacy, self.spec
+        if pv is None:
+            raise InputError(f"{self.name}: DP-SGD before the run's private releases")
+        steps_per_batch = int(gen.private_steps_per_batch(self.cfg))
+        plan = pv.sgd(total_epochs, spec.batch_size, steps_per_batch)
+        planned = plan[f"generator.{key}.sgd"]
+        q = float(planned.spec.sampling_rate)
+        per_epoch = planned.spec.compositions // max(total_epochs, 1)
+        entry = pv.ledger.entries.get(planned.spec.name)
+        done = entry.compositions if entry is not None else 0
+        if done + per_epoch * len(epochs) > planned.spec.compositions:
+            raise PrivacyError(f"{self.name}: generator {key!r}: {len(epochs)} more epochs of DP-SGD would exceed the "
+                               f"planned {planned.spec.compositions} steps (the privacy budget); refusing")
+        pt = make_private(gen, opts, planned.noise_multiplier, pv.plan.settings.max_grad_norm, spec.batch_size,
+                          config=self.cfg, rng=pv.rng)
+
+        def poisson(rows: Tensor, _g: torch.Generator) -> list[Tensor]:
+            return [rows[torch.rand(rows.numel(), generator=pv.rng) < q] for _ in range(per_epoch)]
+
+        def step(x: Tensor, labels: Tensor | None, conditions: Tensor | None, ctx: TrainContext) -> dict[str, float]:
+            return pt.step(x, labels=labels, conditions=conditions, ctx=ctx, ledger=pv.ledger,
+                           release=planned.spec.name, sampling_rate=q, group=planned.spec.group)
+
+        try:
+            records = train_epochs(
+                gen, pt.optimizers, EpochData(data.read, data.train, data.train[:0]), epochs=epochs,
+                total_epochs=total_epochs, batch_size=spec.batch_size,
+                epoch_seed=lambda e: derive_seed(spec.seed, "epoch", self.index, key, e), step=0, config=self.cfg,
+                validation_frequency=spec.validation_frequency, autocast_dtype=spec.autocast_dtype,
+                device=self.device, where=f", generator {key!r}", batch_rows=poisson, step_fn=step,
+                on_step=(lambda _t, n: self.on_step(1)) if self.on_step else None)
+        finally:
+            pt.close()
+            self.store.update(pv.to_store())
+        return [{**r, "train": {}, "examples": 0} for r in records]
 
 
 def merge_epoch_records(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -392,6 +494,9 @@ def handle(site: Site, stage: str, arrays: Mapping[str, Tensor], meta: Mapping[s
         return pack("upsampler.", state), {"examples": n, "metrics": _jsonable(metrics)}
     if stage == "upsampler_heldout":
         return site.upsampler_heldout(unpack("upsampler.", arrays)), {}
+    if stage == "private":
+        out = site.private_release(arrays, meta)
+        return out, {"ledger": site.privacy.ledger.to_json() if site.privacy is not None else None}
     norm = unpack("norm.", arrays)
     if site.cache is not None and not site.cache.standardized:
         site.set_normalization(norm)
