@@ -149,7 +149,7 @@ def main() -> None:
                 print(json.dumps({**row, "failed": str(e)}), flush=True)
                 continue
             f_eval = evaluate(fed, test, seed=0)
-            row["epsilon"] = fed.metrics["privacy"]["epsilon"]
+            row["epsilon"] = fed.metrics["privacy"]["node_level"]["epsilon"]
             print(json.dumps({**row, "tstr_federated": f_eval.downstream.tstr,
                               "ratio": f_eval.downstream.tstr / c_eval.downstream.tstr if c_eval.downstream.tstr
                               else None}), flush=True)

@@ -91,15 +91,27 @@ def write_subset(source: Path, out: Path, first: int, count: int) -> Path:
 
 
 def run(name: str, train_path: Path, test_path: Path, length: int, seed: int, vae_epochs: int,
-        workdir: Path) -> dict[str, Any]:
+        workdir: Path, epsilon: float | None = None, delta: float = 1e-5, sites: int = 1,
+        by: str = "class") -> dict[str, Any]:
     gen_type, granularity, extra = CONFIGS[name]
     cfg = {"generator_type": gen_type, "generator_granularity": granularity,
            "generator_training_sequence_length": length, "generator_output_sequence_length": FULL,
            "generator_save_checkpoint": False, "generator_checkpoint_dir": str(workdir / "ck"), **extra}
     if gen_type == "vae":
         cfg["generator_training_epochs"] = vae_epochs
+    if epsilon is not None:  # record-level DP (inf: the DP machinery, clipping included, without noise)
+        cfg["generator_dp_epsilon"], cfg["generator_dp_delta"] = epsilon, delta
     t0 = time.perf_counter()
-    model = train(cfg, train_path, seed=seed)
+    if sites > 1:
+        from feda2v_toolkit.data.split import split_dataset
+        from feda2v_toolkit.federated.engine import federate_local
+
+        how = "class" if by == "class" else "dirichlet"
+        split = split_dataset(train_path, workdir / f"sites-{sites}-{by}", sites, how=how, alpha=0.3, seed=0,
+                              overwrite=True)
+        model = federate_local(cfg, [n["path"] for n in split["nodes"]], seed=seed)
+    else:
+        model = train(cfg, train_path, seed=seed)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     r = evaluate(model, test_path, train_data=train_path, seed=seed)
@@ -107,8 +119,11 @@ def run(name: str, train_path: Path, test_path: Path, length: int, seed: int, va
     a = r.membership
     assert a is not None and r.usefulness is not None
     u = r.usefulness
+    privacy = model.metrics.get("privacy") or {}
     return {
-        "config": cfg, "fit_seconds": fit_s, "evaluate_seconds": eval_s,
+        "config": cfg, "fit_seconds": fit_s, "sites": sites, "by": by if sites > 1 else None,
+        "epsilon_spent": privacy.get("epsilon"), "target_epsilon": privacy.get("target_epsilon"),
+        "classes_dropped": privacy.get("classes_dropped"), "evaluate_seconds": eval_s,
         "members": a.members, "non_members": a.non_members, "headline": a.headline, "headline_auc": a.auc,
         "leaking": a.leaking, "unavailable": a.unavailable,
         "attacks": {x.name: {"auc": x.auc, "auc_ci": [x.auc_low, x.auc_high],
@@ -139,6 +154,11 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--vae-epochs", type=int, default=10)
     ap.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".cache" / "privacy")
+    ap.add_argument("--epsilons", default="", help="record-level DP targets, e.g. 1,4,none (none: without DP, "
+                    "the in-run reference); empty: no DP")
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--sites", type=int, default=1, help="federate over this many sites (split of the training clips)")
+    ap.add_argument("--by", choices=["class", "dirichlet"], default="class", help="how --sites splits (dirichlet: 0.3)")
     ap.add_argument("--json", type=Path, help="write all results here")
     args = ap.parse_args()
     corpus = find_corpus(args.per_class + args.non_members)
@@ -149,11 +169,16 @@ def main() -> int:
           f"per class ({test_path}); torch threads {torch.get_num_threads()}", flush=True)
     results: dict[str, Any] = {"corpus": str(corpus), "per_class": args.per_class, "non_members": args.non_members,
                                "length": args.length, "seed": args.seed, "runs": {}}
-    for name in [c for c in args.configs.split(",") if c]:
-        res = run(name, train_path, test_path, args.length, args.seed, args.vae_epochs, base)
-        results["runs"][name] = res
-        print(f"\n== {name}: fit {res['fit_seconds']:.0f}s, evaluate {res['evaluate_seconds']:.0f}s; "
-              f"{res['members']} members vs {res['non_members']} non-members", flush=True)
+    epsilons: list[float | None] = [None if e == "none" else float(e) for e in args.epsilons.split(",") if e] or [None]
+    for name, eps in [(c, e) for c in args.configs.split(",") if c for e in epsilons]:
+        label = name + ("" if eps is None else f"@eps{eps:g}") + (f"@{args.sites}{args.by}" if args.sites > 1 else "")
+        res = run(name, train_path, test_path, args.length, args.seed, args.vae_epochs, base, eps, args.delta,
+                  args.sites, args.by)
+        results["runs"][label] = res
+        print(f"\n== {label}: fit {res['fit_seconds']:.0f}s, evaluate {res['evaluate_seconds']:.0f}s; "
+              f"{res['members']} members vs {res['non_members']} non-members"
+              + ("" if eps is None else f"; epsilon spent {res['epsilon_spent']} (dropped classes: "
+                 f"{res['classes_dropped'] or 'none'})"), flush=True)
         for attack, v in res["attacks"].items():
             mark = "*" if attack == res["headline"] else " "
             tprs = "  ".join(f"TPR@{k[4:]} {d['tpr']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]"

@@ -227,8 +227,8 @@ def dp_record(metrics: Mapping[str, Any]) -> dict[str, float] | None:
     """``{"epsilon", "delta"}`` of a model that records a DP guarantee in ``metrics["privacy"]`` (the total
     spend: ``{"epsilon": .., "delta": ..}`` at the top or under ``"total"``), else None."""
     privacy = metrics.get("privacy") if isinstance(metrics, Mapping) else None
-    if not isinstance(privacy, Mapping):
-        return None
+    if not isinstance(privacy, Mapping) or privacy.get("unit") == "a whole node (site)":
+        return None  # node-level DP (older files kept it here) bounds a site's weight updates, not a clip
     for doc in (privacy.get("total"), privacy):
         if isinstance(doc, Mapping):
             eps, delta = doc.get("epsilon"), doc.get("delta", 0.0)

@@ -182,10 +182,21 @@ def _show(model_path: Path, info: dict[str, Any], *, as_json: bool, quiet: bool)
         elif sites:
             click.echo(f"data:        {sites[0]['name']}")
         privacy = metrics.get("privacy") or (fed or {}).get("privacy") or {}
-        if privacy.get("mechanism"):
-            click.echo(f"privacy:     {privacy['mechanism']}; epsilon {privacy['epsilon']:.3g} at delta "
-                       f"{privacy['delta']:g}")
-        else:
+        node = privacy.get("node_level") or (privacy if privacy.get("unit") == "a whole node (site)" else {})
+        if privacy.get("unit") == "one clip (record-level)":
+            eps = privacy.get("epsilon")
+            click.echo(f"privacy:     record-level DP: epsilon {eps:.3g} at delta {privacy['delta']:g} spent (target "
+                       f"{privacy.get('target_epsilon')}, {privacy.get('accountant')}); "
+                       f"{len(privacy.get('releases') or {})} releases"
+                       if eps is not None else "privacy:     record-level DP machinery with epsilon inf (no noise, "
+                       "no guarantee)")
+            dropped = privacy.get("classes_dropped") or []
+            if dropped:
+                click.echo(f"             classes dropped by the noisy counts: {', '.join(dropped)}")
+        if node:
+            click.echo(f"privacy:     node-level DP (a whole site is the unit, weight updates only): epsilon "
+                       f"{node['epsilon']:.3g} at delta {node['delta']:g}")
+        if privacy.get("unit") != "one clip (record-level)" and not node:
             click.echo("privacy:     no differential privacy (evaluate --train-data audits membership)")
         ups = metrics.get("upsampler") or {}
         if "heldout_mse" in ups:

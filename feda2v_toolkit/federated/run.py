@@ -72,7 +72,8 @@ def federate(config: Any, transport: Transport, *, out: str | os.PathLike[str] |
     model = run_pipeline(spec, transport, schedule=spec.federated_schedule(), engine=engine, out=out,
                          checkpoint=where(spec), resume=resume, metrics_path=metrics_path, progress=progress,
                          log=say, merger=merger, keep_checkpoints=keep_checkpoints)
-    privacy = model.metrics.get("privacy") or {}
-    if privacy.get("epsilon") is not None:
-        say(f"node-level differential privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g}")
+    node = (model.metrics.get("privacy") or {}).get("node_level") or {}
+    if node.get("epsilon") is not None:
+        say(f"node-level differential privacy (a whole site is the unit): epsilon {node['epsilon']:.3g} at delta "
+            f"{node['delta']:g}")
     return model

@@ -44,7 +44,12 @@ def model_split(model: GenerativeModel, dataset: Dataset) -> tuple[Tensor, Tenso
         view = dataset.subset(rows, classes=list(chosen))
     counts = {c: n for c, n in view.class_counts().items() if n}
     trained = {c: n for c, n in model.class_counts.items() if n}
-    if not trained or counts != trained:
+    if (model.metrics.get("privacy") or {}).get("unit") == "one clip (record-level)":
+        # a private model records noisy counts only: the class names must agree
+        if sorted(counts) != sorted(model.class_names):
+            raise UsageError(f"{dataset.path}: not the dataset the model was trained on (classes {sorted(counts)} "
+                             f"differ from the model's {sorted(model.class_names)})")
+    elif not trained or counts != trained:
         raise UsageError(f"{dataset.path}: not the dataset the model was trained on (class counts {counts} differ "
                          f"from the model's {trained or 'unrecorded ones'})")
     if model.seed is None:

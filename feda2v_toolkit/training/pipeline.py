@@ -423,6 +423,8 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
                       checkpoint, metrics_path, progress, summary, class_names, reducer, upsampler, normalization)
 
     # -- the model ----------------------------------------------------------------------------------
+    if dp is not None:  # classes dropped by the noisy counts cannot be sampled: no generator answers for them
+        groups = {k: [c for c in members if summary.class_counts.get(c, 0) > 0] for k, members in groups.items()}
     model = _assemble(spec, summary, class_names, groups, generators, reducer, upsampler, normalization, data_dtype)
     site_docs = [{"name": run.names[n], "classes": {c: k for c, k in summaries[i].class_counts.items() if k > 0},
                   "generators": holders[n]} for i, n in enumerate(sites)]

@@ -143,6 +143,9 @@ class SitePrivacy:
         self.plan = plan
         self.rng = secret_generator()
         self.ledger = PrivacyLedger(plan.settings.delta)
+        for spec in plan.specs:  # choices made without the clips: in the ledger, spending nothing
+            if not spec.data_dependent:
+                self.ledger.record(spec.name, 0.0, data_dependent=False)
         self.counts: NoisyCounts | None = None
         self.sgd_plan: BudgetPlan | None = None
         self.where = where

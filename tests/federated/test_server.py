@@ -168,13 +168,14 @@ def test_differential_privacy_reports_epsilon_and_stores_it(two_nodes, tiny_conf
     out = tmp_path / "dp.safetensors"
     cfg = _cfg(tiny_config, federated_dp_noise_multiplier=1.0, federated_dp_clipping_norm=0.5)
     model = federate_local(cfg, two_nodes, out=out, seed=0)
-    privacy = model.metrics["privacy"]
+    assert model.metrics["privacy"]["mechanism"] is None  # node-level DP is no record-level guarantee
+    privacy = model.metrics["privacy"]["node_level"]
     assert privacy["epsilon"] == pytest.approx(dp_epsilon(1.0, 2, 1e-5, nodes=2))
     assert privacy["releases"] == 2 and privacy["accountant"].startswith("Flower")
     assert 0 < privacy["epsilon"] < float("inf")
     from feda2v_toolkit.model.file import load_model
 
-    assert load_model(out).metrics["privacy"]["noise_multiplier"] == 1.0
+    assert load_model(out).metrics["privacy"]["node_level"]["noise_multiplier"] == 1.0
 
 
 def test_epsilon_falls_with_more_noise_and_rises_with_more_rounds():

@@ -1,0 +1,143 @@
+"""Record-level differential privacy in the one pipeline (feda2v_toolkit/training/private.py, docs/privacy.md):
+one switch on train and federate; every release clipped and noised at its site; the spend recorded per
+release; nothing exact leaves a site; impossible or unprotectable runs refused before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from feda2v_toolkit.cli import cli
+from feda2v_toolkit.privacy.spec import PrivacyError
+from feda2v_toolkit.training.pipeline import LocalTransport, run_pipeline, train
+from feda2v_toolkit.training.site import Site
+from feda2v_toolkit.training.spec import RunSpec
+
+#: 4 classes x 60 clips of [12, 8]: enough clips for the noisy histograms at epsilon 8
+SHAPE = {"seq_len": 12, "dim": 8}
+GAUSSIAN = {"generator_type": "gaussian", "generator_training_sequence_length": 4,
+            "generator_save_checkpoint": False}
+
+
+@pytest.fixture(scope="module")
+def dp_data(tmp_path_factory):
+    from feda2v_toolkit.data.demo import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("dp") / "dp.safetensors", 60, **SHAPE)
+
+
+def dp(epsilon: float, delta: float = 1e-3, **extra):
+    return {**GAUSSIAN, "generator_dp_epsilon": epsilon, "generator_dp_delta": delta, **extra}
+
+
+class Recording(LocalTransport):
+    """Sites in this process; keeps every stage asked and every reply that left a site."""
+
+    def __init__(self, sites):
+        super().__init__(sites)
+        self.log = []
+
+    def exchange(self, stage, requests):
+        replies = super().exchange(stage, requests)
+        self.log.append((stage, requests, replies))
+        return replies
+
+
+def test_the_spend_meets_the_target_and_is_recorded_per_release(dp_data):
+    model = train(dp(8.0), dp_data, seed=0)
+    p = model.metrics["privacy"]
+    assert p["unit"] == "one clip (record-level)" and p["target_epsilon"] == 8.0 and p["delta"] == 1e-3
+    assert p["epsilon"] <= 8.0 * (1 + 1e-9) and p["epsilon"] > 7.9  # calibrated to spend the budget, not more
+    spent = {n: r for n, r in p["releases"].items() if r["data_dependent"]}
+    assert {"classes.counts", "normalization.sum", "lstsq.sxr", "gaussian.basis", "gaussian.sums",
+            "gaussian.scatter"} <= set(spent)
+    assert all(0 < r["epsilon"] < 8.0 for r in spent.values())  # each release alone spends less than the total
+    free = {n for n, r in p["releases"].items() if not r["data_dependent"]}
+    assert "reducer.AdaptiveAvgReducer" in free  # adaptive_avg is chosen without the clips: it spends nothing
+
+
+def test_a_private_model_records_no_exact_counts_or_losses(dp_data):
+    model = train(dp(8.0), dp_data, seed=0)
+    assert all(s["classes"] == {} for s in model.metrics["sites"])
+    assert model.metrics["val"] is None and model.metrics["upsampler"].get("heldout_mse") is None
+    assert set(model.metrics["privacy"]["noisy_class_counts"]) == set(model.class_names)
+
+
+def test_nothing_exact_leaves_a_site(dp_data, tmp_path):
+    from feda2v_toolkit.data.split import split_dataset
+
+    nodes = [n["path"] for n in split_dataset(dp_data, tmp_path / "nodes", 2, how="class", seed=0)["nodes"]]
+    spec = RunSpec.resolve(dp(8.0), seed=0)
+    transport = Recording([Site(path, spec, None) for path in nodes])
+    model = run_pipeline(spec, transport, schedule=spec.federated_schedule(), engine="local")
+    stages = [s for s, _, _ in transport.log]
+    assert "upsampler_heldout" not in stages and "generator_heldout" not in stages
+    assert "generator_statistics" not in stages and "upsampler" not in stages  # the exact statistics
+    for stage, _, replies in transport.log:
+        for arrays, meta in replies.values():
+            if stage == "describe":
+                assert set(meta["summary"]["class_counts"].values()) == {0}  # withheld
+            if stage == "reduce":
+                assert arrays == {} and meta["train"] == 0 and meta["train_counts"] == {}
+    p = model.metrics["privacy"]
+    assert set(p["sites"]) == {"node0.safetensors", "node1.safetensors"}
+    assert max(s["epsilon"] for s in p["sites"].values()) == pytest.approx(p["epsilon"])
+
+
+def test_dp_sgd_trains_a_vae_and_accounts_every_step(dp_data):
+    cfg = dp(8.0, generator_type="vae", generator_training_epochs=2, generator_hidden_dim=16,
+             generator_latent_dim=4, generator_batch_size=32, generator_upsampler="linear")
+    model = train(cfg, dp_data, seed=0)
+    p = model.metrics["privacy"]
+    sgd = p["releases"]["generator.all.sgd"]
+    assert sgd["compositions"] >= 2 and 0 < sgd["events"][0][2] < 1  # Poisson-sampled steps, each accounted
+    assert p["epsilon"] <= 8.0 * (1 + 1e-6)
+    assert model.metrics["train"] == {}  # losses are functions of the clips: not released
+    assert model.sample(3, class_name=model.sampleable_classes[0]).isfinite().all()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"generator_upsampler": "learned"}, "no differentially private version"),
+    ({"generator_type": "gan"}, "R1 penalty"),
+    ({"generator_dp_clip": -1.0}, None),  # the schema refuses it
+])
+def test_unprotectable_runs_are_refused_before_anything_is_written(dp_data, tmp_path, extra, message):
+    out = tmp_path / "m.safetensors"
+    from feda2v_toolkit.errors import ToolkitError
+
+    with pytest.raises(ToolkitError) as err:
+        train(dp(1.0, **extra), dp_data, out=out, seed=0)
+    if message:
+        assert isinstance(err.value, PrivacyError) and message in str(err.value)
+    assert not out.exists()
+
+
+def test_the_cli_refuses_bad_targets_with_one_line(dp_data, tmp_path, capsys):
+    from feda2v_toolkit.cli import main
+
+    out = tmp_path / "m.safetensors"
+    for args, needle in ([["--dp-epsilon", "0"], "--dp-epsilon"], [["--dp-epsilon", "-1"], "--dp-epsilon"],
+                         [["--dp-epsilon", "1", "--dp-delta", "0.5"], "1/N"],
+                         [["--dp-epsilon", "1", "--dp-delta", "1"], "--dp-delta"]):
+        with pytest.raises(SystemExit) as done:
+            main(["train", "-d", str(dp_data), "-o", str(out), "--generator-type", "gaussian", "--seed", "0", *args])
+        err = capsys.readouterr().err
+        assert done.value.code == 2, err
+        assert needle in err and "Traceback" not in err
+        assert not out.exists()
+
+
+def test_a_private_run_does_not_resume(dp_data, tmp_path):
+    cfg = dp(8.0, generator_type="vae", generator_training_epochs=1, generator_hidden_dim=16,
+             generator_latent_dim=4, generator_upsampler="linear", generator_save_checkpoint=True)
+    out = tmp_path / "m.safetensors"
+    train(cfg, dp_data, out=out, seed=0, keep_checkpoints=True)
+    with pytest.raises(PrivacyError, match="spend the budget twice"):
+        train(cfg, dp_data, out=out, seed=0, resume=True, overwrite=True)
+
+
+def test_inspect_shows_the_spend(dp_data, tmp_path):
+    out = tmp_path / "m.safetensors"
+    train(dp(8.0), dp_data, out=out, seed=0)
+    r = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert r.exit_code == 0 and "record-level DP: epsilon 8 at delta 0.001 spent" in r.output
