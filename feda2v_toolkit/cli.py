@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "plan": "feda2v_toolkit.commands.analysis:plan_cmd",
     "analyze": "feda2v_toolkit.commands.analysis:analyze_cmd",
     "evaluate": "feda2v_toolkit.commands.analysis:evaluate_cmd",
+    "privacy-tradeoff": "feda2v_toolkit.commands.analysis:privacy_tradeoff_cmd",
     "plugins": "feda2v_toolkit.commands.plugins:plugins_cmd",
     "list": "feda2v_toolkit.commands.plugins:list_cmd",
 }
@@ -56,6 +57,7 @@ SHORT_HELP: dict[str, str] = {
     "plan": "Exact parameter counts and memory for training lengths.",
     "analyze": "Measure information kept by reducer/upsampler pairs per length.",
     "evaluate": "Measure synthetic samples against held-out real data.",
+    "privacy-tradeoff": "Train at several DP epsilons; usefulness vs membership leakage.",
     "plugins": "List plugins, what they register and load failures.",
     "list": "List registered generators, reducers or upsamplers.",
 }

@@ -10,12 +10,14 @@ Modules:
 * :mod:`.classifier` -- the one downstream classifier (ridge on pooled features, LOO-chosen penalty);
 * :mod:`.linear_optimum` -- position PCA: the best linear reduction to ``l`` positions;
 * :mod:`.plan`, :mod:`.analyze`, :mod:`.evaluate` -- the three measurements, returning dataclasses;
+* :mod:`.membership` -- the membership-inference audit of ``evaluate``;
+* :mod:`.tradeoff` -- ``privacy-tradeoff``: ``train`` and ``evaluate`` per target epsilon of differential privacy;
 * :mod:`.plot` -- optional PNG plots (needs the ``plot`` extra, matplotlib);
 * :mod:`.tables` -- plain-text tables.
 
 The entry points are re-exported lazily (importing this package does not import torch)::
 
-    from feda2v_toolkit.analysis import plan, analyze, evaluate
+    from feda2v_toolkit.analysis import plan, analyze, evaluate, privacy_tradeoff
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _LAZY = {
     "plan": "feda2v_toolkit.analysis.plan:plan",
     "analyze": "feda2v_toolkit.analysis.analyze:analyze",
     "evaluate": "feda2v_toolkit.analysis.evaluate:evaluate",
+    "privacy_tradeoff": "feda2v_toolkit.analysis.tradeoff:privacy_tradeoff",
 }
 
 __all__ = list(_LAZY)

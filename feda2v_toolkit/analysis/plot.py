@@ -146,3 +146,84 @@ def _roc_panel(ax: Any, audit: Any, np: Any) -> None:
     ax.set_title(f"membership inference: {audit.members} members vs {audit.non_members} held out")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, alpha=0.3, which="both")
+
+
+def plot_tradeoff(result: Any, path: str | os.PathLike[str]) -> Path:
+    """Usefulness and the membership audit's headline AUC against the target epsilon (log axis; no DP at the
+    right end), and usefulness against AUC; the AUC panel has the chance line (0.5) and the largest AUC
+    (epsilon, delta)-DP allows."""
+    plt = _pyplot()
+    import numpy as np
+
+    from feda2v_toolkit.analysis.membership import LEAK_AUC, dp_auc_bound
+    from feda2v_toolkit.analysis.tradeoff import epsilon_label
+
+    points = [p for p in result.points if p.runs]
+    finite = sorted(p.epsilon for p in result.points if p.epsilon is not None)
+    lo = finite[0] if finite else 1.0
+    hi = finite[-1] if finite else 1.0
+    no_dp_x = hi * 4 if finite else 1.0  # "no DP" two octaves right of the largest epsilon
+
+    def x_of(eps: float | None) -> float:
+        return no_dp_x if eps is None else eps
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    panels = [(axes[0], "usefulness", "usefulness_low", "usefulness_high",
+               "usefulness (train-on-synthetic / train-on-real)"),
+              (axes[1], "auc", "auc_low", "auc_high", "membership AUC (strongest attack)")]
+    for ax, key, low, high, title in panels:
+        for part in ([p for p in points if p.epsilon is not None], [p for p in points if p.epsilon is None]):
+            if not part:
+                continue
+            xs = np.array([x_of(p.epsilon) for p in part])
+            ys = np.array([np.nan if getattr(p, key) is None else getattr(p, key) for p in part], dtype=float)
+            los = np.array([np.nan if getattr(p, low) is None else getattr(p, low) for p in part], dtype=float)
+            his = np.array([np.nan if getattr(p, high) is None else getattr(p, high) for p in part], dtype=float)
+            err = np.vstack([np.nan_to_num(ys - los), np.nan_to_num(his - ys)]).clip(min=0)
+            no_dp = part[0].epsilon is None
+            ax.errorbar(xs, ys, yerr=err, marker="s" if no_dp else "o", color="tab:grey" if no_dp else "tab:blue",
+                        capsize=3, linestyle="none" if no_dp else "-", label="no DP" if no_dp else "DP target epsilon")
+        ax.set_xscale("log")
+        ticks = [*finite, no_dp_x] if finite else [no_dp_x]
+        ax.set_xticks(ticks, [*(epsilon_label(e) for e in finite), "no DP"])
+        ax.minorticks_off()
+        if finite:
+            ax.axvline(np.sqrt(hi * no_dp_x), color="grey", lw=0.6, linestyle=":")
+            ax.set_xlim(lo / 1.6, no_dp_x * 1.6)
+        ax.set_xlabel("target epsilon")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax = axes[0]
+    ax.axhline(1.0, color="grey", lw=0.8, linestyle=":", label="as useful as the real clips")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.axhline(0.5, color="k", lw=1, linestyle=":", label="0.5: the attacker cannot tell")
+    ax.axhline(LEAK_AUC, color="tab:orange", lw=0.8, linestyle="--", label=f"{LEAK_AUC}: flagged as leaking")
+    if finite:
+        grid = np.logspace(np.log10(lo / 1.6), np.log10(hi * 1.6), 100)
+        ax.plot(grid, [dp_auc_bound(float(e), result.delta) for e in grid], "r--", lw=1,
+                label=f"largest AUC under DP (delta {result.delta:g})")
+    ax.set_ylim(0.4, 1.02)
+    ax.legend(fontsize=8, loc="lower right")
+    ax = axes[2]
+    for p in points:
+        if p.auc is None or p.usefulness is None:
+            continue
+        ax.plot(p.auc, p.usefulness, "s" if p.epsilon is None else "o",
+                color="tab:grey" if p.epsilon is None else "tab:blue")
+        ax.annotate(epsilon_label(p.epsilon), (p.auc, p.usefulness), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.axvline(0.5, color="k", lw=1, linestyle=":")
+    ax.set_xlabel("membership AUC (lower: more private)")
+    ax.set_ylabel("usefulness (higher: more useful)")
+    ax.set_title("the trade-off (labels: target epsilon)")
+    ax.grid(True, alpha=0.3)
+    seeds = len(result.seeds)
+    fig.suptitle(f"{Path(result.data).name}: {result.generator_type}, {len(result.train_clips)} classes, "
+                 f"{sum(result.train_clips.values())} training / {sum(result.heldout_clips.values())} held-out clips, "
+                 f"delta {result.delta:g}, {seeds} seed{'s' if seeds != 1 else ''}")
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

@@ -263,3 +263,63 @@ def _membership_lines(a: Any) -> list[str]:
     lines += [f"  not run: {u}" for u in a.unavailable]
     lines += [f"  {n}" for n in a.notes]
     return lines
+
+
+# -- privacy-tradeoff ---------------------------------------------------------------------------------
+
+def tradeoff_text(result: Any) -> str:
+    """Per target epsilon: the spend, usefulness and the audit's headline side by side."""
+    from feda2v_toolkit.analysis.tradeoff import epsilon_label
+
+    r = result
+    several = len(r.seeds) > 1
+
+    def clips(counts: dict[str, int]) -> str:
+        values = sorted(set(counts.values()))
+        return f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+    lines = [
+        f"privacy trade-off of {r.generator_type} (config: {r.config}) on {r.data}: {len(r.train_clips)} classes, "
+        f"{clips(r.train_clips)} training clips and {clips(r.heldout_clips)} held-out clips per class "
+        f"(test fraction {r.test_fraction:g}); delta {r.delta:g}; seed{'s' if several else ''} "
+        f"{', '.join(map(str, r.seeds))}",
+        "",
+    ]
+    rows = []
+    for p in r.points:
+        if not p.runs:
+            rows.append([epsilon_label(p.epsilon), "refused", "-", "-", "-", "-", "-", "see below"])
+            continue
+        spent = (f"{p.spent_epsilon:.3g}" if p.spent_epsilon is not None else
+                 "-" if p.epsilon is None else "NOT RECORDED")
+        use = _num(p.usefulness) + (f" [{_num(p.usefulness_low)}, {_num(p.usefulness_high)}]"
+                                     if p.usefulness_low is not None else "")
+        auc = _num(p.auc) + (f" [{_num(p.auc_low)}, {_num(p.auc_high)}]" if p.auc_low is not None else "")
+        note = f"{p.refused} of {p.runs + p.refused} refused" if p.refused else ""
+        rough = any(x.tpr_reliable is False for x in r.runs if x.epsilon == p.epsilon and not x.refused)
+        rows.append([epsilon_label(p.epsilon), spent, use, auc, _pct(p.tpr_at_1pct) + (" ~" if rough else ""),
+                     _num(p.auc_bound),
+                     f"{p.train_seconds:.1f}" if p.train_seconds is not None else "-", note])
+    headers = ["epsilon", "spent", "usefulness [range]", "membership AUC [95%]", "TPR at FPR 1%", "DP AUC bound",
+               "train s", "refused"]
+    if not any(p.refused for p in r.points):
+        headers, rows = headers[:-1], [row[:-1] for row in rows]
+    lines.append(table(headers, rows, align="lrrrrrrl"[:len(headers)]))
+    attacks = sorted({x.attack for x in r.runs if x.attack})
+    lines += [
+        f"usefulness: train-on-synthetic / train-on-real accuracy ({r.classifier.split(',')[0]}, AST-head features, "
+        f"tested on the held-out clips), mean over {r.usefulness_draws} synthetic draws"
+        + (f" and {len(r.seeds)} seeds" if several else "") + "; range: lowest and highest draw.",
+        "membership AUC: the audit's strongest attack (members: the training clips; non-members: the held-out "
+        "ones), 95% bootstrap interval" + (" (from the lowest to the highest bound over the seeds)" if several else "")
+        + "; 0.5 = the attacker cannot tell, above 0.6 flagged; headline attack(s): "
+        + (", ".join(attacks) or "-") + ".",
+        "TPR at FPR 1%: the headline attack's true-positive rate at 1% false positives (~: fewer than 100 held-out "
+        "clips, interpolated towards the first false positive).",
+        "DP AUC bound: the largest AUC any attack can reach against an (epsilon, delta)-DP model; spent: the epsilon "
+        "the model file records.",
+    ]
+    refused = [x for x in r.runs if x.refused]
+    lines += [f"refused: epsilon {epsilon_label(x.epsilon)}, seed {x.seed}: {x.refused}" for x in refused]
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""``feda2v-tk plan``, ``analyze`` and ``evaluate``: measured answers (a thin layer over
+"""``feda2v-tk plan``, ``analyze``, ``evaluate`` and ``privacy-tradeoff``: measured answers (a thin layer over
 :mod:`feda2v_toolkit.analysis`). torch is imported only when a command runs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from feda2v_toolkit.commands._options import FRACTION, SAMPLES, SEED
+from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, FRACTION, SAMPLES, SEED
 from feda2v_toolkit.errors import UsageError
 
 
@@ -269,3 +269,77 @@ def evaluate_cmd(model_path: Path, data_path: Path, split: str, train_path: Path
     finally:
         stop()
     _report(result, evaluate_text, as_json=as_json, plot_path=plot_path, plot="plot_evaluation", say=say)
+
+
+@click.command("privacy-tradeoff")
+@click.argument("data_path", metavar="DATA", type=click.Path(path_type=Path))
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Experiment config (JSON) to train with [default: schema defaults].")
+@click.option("--epsilons", default="0.5,1,2,4,8,inf", show_default=True,
+              help="Comma-separated target epsilons of record-level DP; 'inf' trains without DP.")
+@click.option("--delta", "delta_text", metavar="DELTA",
+              help="Target delta of every DP run, in (0, 1) [default: the config's generator_dp_delta, 1e-5].")
+@click.option("--seeds", default=1, show_default=True, type=int,
+              help="Models per epsilon (seeds SEED, SEED+1, ...: training, split and synthetic draws).")
+@click.option("--seed", default=0, show_default=True, type=SEED,
+              help="The first seed (not drawn at random: the same seed, the same split and training seeds).")
+@click.option("--test-fraction", default=0.5, show_default=True, type=FRACTION,
+              help="Share of each class's clips held out: the audit's non-members and the usefulness test clips.")
+@click.option("--usefulness-draws", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Synthetic draws each usefulness ratio is averaged over.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the JSON report here (atomically).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a PNG plot here (needs matplotlib: pip install 'feda2v-tk[plot]').")
+@click.option("--overwrite", is_flag=True, help="Replace the --out and --plot files if they exist.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress: a line per epsilon and seed, and off a terminal a line every 15 s while one runs "
+                   "[default: on unless -q].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def privacy_tradeoff_cmd(data_path: Path, config_path: Path | None, epsilons: str, delta_text: str | None,
+                         seeds: int, seed: int, test_fraction: float, usefulness_draws: int, device: str,
+                         out_path: Path | None, plot_path: Path | None, overwrite: bool, progress: bool | None,
+                         as_json: bool, quiet: bool) -> None:
+    """Train at each target epsilon and report usefulness and membership leakage side by side.
+
+    DATA is split per class into a training part and a held-out part (--test-fraction); per epsilon (and
+    seed) a model is trained with the config and record-level DP at that target (generator_dp_epsilon;
+    'inf': none), then evaluated: usefulness (train-on-synthetic / train-on-real, standard protocol), the
+    membership audit's strongest attack (AUC, TPR at FPR 1%), the spent epsilon the model records and
+    the largest AUC the guarantee allows. See docs/privacy.md, "The trade-off on your data".
+    """
+    from feda2v_toolkit.analysis.tradeoff import check_delta, parse_epsilons
+
+    targets = parse_epsilons(epsilons)
+    delta = check_delta(delta_text) if delta_text is not None else None
+    if seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {seeds}")
+    inputs = [data_path, config_path]
+    if out_path is not None and plot_path is not None and Path(out_path).resolve() == Path(plot_path).resolve():
+        raise UsageError(f"{out_path}: --out and --plot name the same file")
+    if out_path is not None:
+        from feda2v_toolkit.runtime.atomic import check_output
+
+        check_output(out_path, inputs=[p for p in inputs if p is not None], overwrite=overwrite)
+    _check_plot(plot_path, inputs, overwrite)
+    from feda2v_toolkit.analysis.tables import tradeoff_text
+    from feda2v_toolkit.analysis.tradeoff import privacy_tradeoff
+    from feda2v_toolkit.runtime.progress import heartbeat
+
+    say = _say(quiet)
+    log, stop = heartbeat(say if progress is not False else None)
+    try:
+        with _no_warnings():
+            result = privacy_tradeoff(str(config_path) if config_path else None, data_path, targets, delta=delta,
+                                      seeds=seeds, seed=seed, test_fraction=test_fraction,
+                                      usefulness_draws=usefulness_draws, device=device, log=log)
+    finally:
+        stop()
+    _report(result, tradeoff_text, as_json=as_json, plot_path=plot_path, plot="plot_tradeoff", say=say)
+    if out_path is not None:
+        from feda2v_toolkit.runtime.atomic import atomic_write_text
+
+        atomic_write_text(out_path, json.dumps(_clean(result.to_json()), indent=2, allow_nan=False) + "\n")
+        say(f"wrote {out_path}")

@@ -78,7 +78,7 @@ def test_old_spellings_still_work_as_hidden_aliases(tmp_path, capsys):
 
 
 #: commands that run long enough to need --progress/--no-progress
-LONG = {"train", "generate", "embed", "convert-data", "analyze", "evaluate"}
+LONG = {"train", "generate", "embed", "convert-data", "analyze", "evaluate", "privacy-tradeoff"}
 #: commands whose --seed is drawn at random when omitted (and recorded in the model file), as their help says
 RANDOM_SEED = {"train", "federate"}
 
