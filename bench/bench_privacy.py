@@ -47,6 +47,15 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # AST's summary tokens kept through the reduction (generator_reducer_keep_tokens = 2)
     "gaussian-per-class-keep2": ("gaussian", "per_class", {"generator_reducer_keep_tokens": 2}),
     "gaussian-conditioned-keep2": ("gaussian", "unified", {"generator_reducer_keep_tokens": 2}),
+    # the same with the data-independent pseudo-inverse of adaptive_avg (free under DP; docs/privacy.md)
+    "gaussian-per-class-keep2-expand": ("gaussian", "per_class", {"generator_reducer_keep_tokens": 2,
+                                                                   "generator_upsampler": "expand"}),
+    "gaussian-conditioned-keep2-expand": ("gaussian", "unified", {"generator_reducer_keep_tokens": 2,
+                                                                   "generator_upsampler": "expand"}),
+    "vae-per-class-keep2-expand": ("vae", "per_class", {"generator_reducer_keep_tokens": 2,
+                                                         "generator_upsampler": "expand"}),
+    "vae-conditioned-keep2-expand": ("vae", "unified", {"generator_reducer_keep_tokens": 2,
+                                                         "generator_upsampler": "expand"}),
 }
 
 

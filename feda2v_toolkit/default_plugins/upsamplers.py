@@ -19,6 +19,13 @@ def feda2v_register_upsamplers(register):
         settings=("generator_output_sequence_length",),
     ))
     register(UpsamplerSpec(
+        name="expand",
+        description="Each reduced token over the positions adaptive_avg pooled into it, kept tokens in place "
+                    "(its pseudo-inverse; nothing fitted: free under differential privacy).",
+        factory="feda2v_toolkit.upsamplers.expand:ExpandUpsampler",
+        settings=("generator_output_sequence_length", "generator_reducer_keep_tokens"),
+    ))
+    register(UpsamplerSpec(
         name="cubic",
         description="Bicubic interpolation along the sequence (smoother than linear, may overshoot).",
         factory="feda2v_toolkit.upsamplers.interpolate:CubicUpsampler",

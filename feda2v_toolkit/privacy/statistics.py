@@ -146,7 +146,8 @@ class DPNormQuantile:
 
     Every empty bin carries noise too, and 256 bins of clamped noise would outweigh a thousand records: bins
     below ``3`` noise std are read as empty (a bin of records is a few hundred; pure noise exceeds 3 std in
-    one bin of 740), and the quantile is taken over what is left."""
+    one bin of 740), and the quantile is taken over what is left. When no bin stands above that floor (a few
+    dozen clips at a small epsilon), the bin with the largest noisy count stands in for the quantile."""
 
     LOW, HIGH, PER_OCTAVE = -24.0, 40.0, 4
     #: bins whose noisy count is below this many noise std are read as empty
@@ -168,12 +169,14 @@ class DPNormQuantile:
     def finish(self, merged: Mapping[str, Tensor], quantile: float = 0.5, noise_std: float = 0.0) -> float:
         """The upper edge of the bin where the cumulative count (bins above the noise floor only) first
         reaches ``quantile`` of their total; ``noise_std``: the std of the noise on each merged bin."""
-        hist = merged["norm_histogram"].to(torch.float64)
-        hist = torch.where(hist > self.NOISE_FLOOR * noise_std, hist, torch.zeros_like(hist)).clamp(min=0)
+        raw = merged["norm_histogram"].to(torch.float64)
+        hist = torch.where(raw > self.NOISE_FLOOR * noise_std, raw, torch.zeros_like(raw)).clamp(min=0)
         total = float(hist.sum())
-        if total <= 0:
-            raise PrivacyError(f"{self.name}: no bin of the noisy norm histogram stands above its noise (too few "
-                               "clips for this epsilon)")
+        if total <= 0:  # few clips for this epsilon: the bin with the largest noisy count (post-processing too)
+            if not bool((raw > 0).any()):
+                raise PrivacyError(f"{self.name}: every bin of the noisy norm histogram is empty (too few clips for "
+                                   "this epsilon)")
+            return float(2.0 ** self.edges[int(raw.argmax()) + 1])
         cum = hist.cumsum(0)
         i = int(torch.searchsorted(cum, torch.tensor(quantile * total, dtype=torch.float64)))
         i = min(i, hist.numel() - 1)
