@@ -110,7 +110,7 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
             raise UsageError("--superlink runs on the SuperNodes' own data: drop --node")
         check_output(out_path, overwrite=overwrite)
         _federate_deployed(superlink, config_path, out_path, min_nodes, wait_s, seed, timeout, quiet, as_json,
-                           overrides, resume, checkpoint_dir, metrics_path)
+                           overrides, resume, checkpoint_dir, metrics_path, overwrite, keep_checkpoints)
         return
     if len(nodes) < 1:
         raise UsageError("give at least one --node (or --superlink)")
@@ -138,7 +138,7 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
 def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path, min_nodes: int, wait_s: float,
                        seed: int | None, timeout: float | None, quiet: bool, as_json: bool,
                        overrides: dict[str, Any], resume: bool, checkpoint_dir: Path | None,
-                       metrics_path: Path | None) -> None:
+                       metrics_path: Path | None, overwrite: bool = False, keep_checkpoints: bool = False) -> None:
     """``federate --superlink``: submit the app to a running SuperLink and wait for the run to finish."""
     from feda2v_toolkit.errors import InputError
     from feda2v_toolkit.federated.deploy import submit_and_wait
@@ -154,7 +154,8 @@ def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path,
         "config": str(config_path.resolve()) if config_path is not None else "", "out": str(out_path.resolve()),
         "seed": "" if seed is None else str(seed), "timeout": float(timeout or 0.0), "nodes": min_nodes,
         "overrides": json.dumps({k: v for k, v in overrides.items() if v is not None}), "resume": resume,
-        "checkpoint-dir": str(checkpoint_dir.resolve()) if checkpoint_dir else "",
+        "checkpoint-dir": str(checkpoint_dir.resolve()) if checkpoint_dir else "", "overwrite": overwrite,
+        "keep-checkpoints": keep_checkpoints,
         "metrics": str((metrics_path or out_path.with_name(out_path.stem + ".metrics.jsonl")).resolve())}
     result = submit_and_wait(superlink, run_config, wait=wait_s, log=say,
                              progress=lambda line: say(line[len("feda2v-tk: "):]))

@@ -1,6 +1,8 @@
-"""Federated training: the engine-agnostic server loop and node handler, and their Flower adaptation.
+"""Federated training on Flower: the engine that moves the one training pipeline's messages.
 
-``site`` (what a node computes) and ``server`` (what the server merges) never import Flower; ``app`` is the
-Flower ServerApp/ClientApp pair and ``engine`` runs it on one machine. Install with
+The pipeline and what a site computes live in :mod:`feda2v_toolkit.training` and never import Flower; here
+``app`` is the Flower ServerApp/ClientApp pair (:class:`~feda2v_toolkit.federated.app.FlowerTransport`),
+``engine`` runs it in this process, ``simulation`` on Flower's Simulation Engine, ``deploy`` submits it to a
+SuperLink, ``run`` is :func:`~feda2v_toolkit.federated.run.federate` and ``node_dp`` node-level DP. Install with
 ``pip install "feda2v-tk[federated]"``.
 """

@@ -13,7 +13,8 @@ Settings:
 * node: ``node_config["data"]`` -- the node's dataset path (``flower-supernode --node-config 'data="..."'``);
 * server: ``run_config`` ``config`` (experiment config path), ``out`` (model file), ``seed`` (optional),
   ``timeout`` (seconds per stage, overrides ``federated_round_timeout``), ``nodes`` (how many to wait for),
-  ``node-wait`` (seconds), ``overrides`` (JSON object of config keys), ``resume``, ``checkpoint-dir``,
+  ``node-wait`` (seconds), ``overrides`` (JSON object of config keys), ``resume``, ``overwrite``,
+  ``keep-checkpoints``, ``checkpoint-dir``,
   ``metrics``; see :data:`feda2v_toolkit.federated.deploy.RUN_CONFIG`.
 """
 
@@ -205,4 +206,5 @@ def _main(grid: Grid, context: Context) -> None:
     federate(config, FlowerTransport(grid, nodes, timeout), out=out, seed=seed, overrides=overrides,
              engine=str(rc.get("engine", "deployment")), resume=bool(rc.get("resume", False)),
              checkpoint_dir=str(rc.get("checkpoint-dir") or "") or None, metrics_path=str(rc.get("metrics") or "") or None,
+             overwrite=bool(rc.get("overwrite", False)), keep_checkpoints=bool(rc.get("keep-checkpoints", False)),
              log=lambda m: print(f"feda2v-tk: {m}", flush=True))

@@ -97,6 +97,14 @@ class NodeLevelDP:
     def round_meta(self) -> dict[str, Any]:
         return {"dp_clipping_norm": self.clip}
 
+    def resumed(self, rounds_done: int) -> None:
+        """A run resumed after ``rounds_done`` rounds: those releases were made and stay spent."""
+        from flwr.serverapp import GaussianPrivacyEvent
+
+        for _ in range(max(0, int(rounds_done)) - self.releases):
+            self.accountant.compose(GaussianPrivacyEvent(self.noise, self.nodes, self.nodes))
+            self.releases += 1
+
     def merge(self, base: Mapping[str, Mapping[str, Tensor]], parts: list[WeightsPart], names: list[str]) -> WeightsPart:
         from flwr.serverapp import GaussianPrivacyEvent
 

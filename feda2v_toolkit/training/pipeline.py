@@ -628,6 +628,8 @@ def _train_rounds(run: _Run, generators: dict[str, Any], holders: Mapping[int, l
             if opt is not None:
                 optim[key] = opt
     rounds = schedule.rounds
+    if loaded is not None and state.round and callable(getattr(merger, "resumed", None)):
+        merger.resumed(state.round)  # type: ignore[attr-defined]  # e.g. node-level DP: earlier rounds stay spent
     steps_per_epoch = _steps_per_epoch(run, holders, common)
     bar = Progress(schedule.epochs * steps_per_epoch, state.epoch * steps_per_epoch, progress)
     streamed = bool(getattr(run.transport, "streams_steps", False))
