@@ -206,3 +206,14 @@ def test_nodes_clip_their_whole_update_with_flowers_fixedclipping_mod():
     plain, _ = decode(dp_clipping_mod(Message(encode(sent, {}), dst_node_id=1, message_type="train.generator_round"),
                                       context, train).content)
     assert float(torch.cat([v.flatten() for v in plain.values()]).norm()) == pytest.approx(7 ** 0.5)
+
+
+def test_node_level_dp_counts_the_rounds_a_resumed_run_already_made():
+    from feda2v_toolkit.federated.node_dp import NodeLevelDP
+
+    merger = NodeLevelDP(1.0, 0.5, 1e-5, nodes=2, rounds=5)
+    merger.resumed(3)  # a checkpoint after round 3: those releases stay spent
+    report = merger.report()
+    assert report["rounds"] == 3 and report["epsilon"] == pytest.approx(dp_epsilon(1.0, 3, 1e-5, nodes=2))
+    merger.resumed(3)  # idempotent
+    assert merger.report()["rounds"] == 3
