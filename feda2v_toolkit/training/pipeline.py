@@ -409,7 +409,7 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     generator_fit: dict[str, dict[str, float]] = {}
     if fitted and dp is not None:
         t0 = time.perf_counter()
-        generator_fit = dp.fit_gaussians(generators)
+        generator_fit = dp.fit_gaussians(generators, normalization)
         say(f"fitted {len(generator_fit)} {'generator' if len(generator_fit) == 1 else 'generators'} from noisy "
             f"statistics in {time.perf_counter() - t0:.2f}s")
         state.history = [{"epoch": 1, "epochs": 1, "step": 0, "train": {}, "fit": generator_fit}]

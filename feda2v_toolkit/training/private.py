@@ -317,23 +317,27 @@ class PrivatePipeline:
         merged = self.ask("lstsq.stats", {}, {"clip_full": cx, "clip_reduced": cr, "full_length": full_length})
         return upsampler.fit_from_statistics(st.statistics(merged, self.records)) or {}
 
-    def fit_gaussians(self, generators: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-        """Set every closed-form generator from the noisy statistics; returns what each fit says."""
+    def fit_gaussians(self, generators: Mapping[str, Any], normalization: Mapping[str, Tensor]
+                      ) -> dict[str, dict[str, float]]:
+        """Set every closed-form generator from the noisy statistics of the clips normalised by
+        ``normalization`` (sent along: the sites standardise their reduced clips first); returns what each
+        fit says."""
         from feda2v_toolkit.generators.gaussian import GaussianGenerator
 
         assert self.counts is not None
         st, counts, plan = self.plan.stages.gaussian, self.counts, self.plan.plan
         kept = {"kept": counts.kept.tolist()}
+        norm = {f"norm.{k}": v for k, v in normalization.items()}
         if st.normalized:
             clip = st.public_clip_norm()
         else:
-            clip = st.clip * st.norms.finish(self.ask("gaussian.norms", {}, kept),
+            clip = st.clip * st.norms.finish(self.ask("gaussian.norms", norm, kept),
                                              noise_std=self._std("gaussian.norm_histogram"))
-        basis = self.ask("gaussian.basis", {}, {**kept, "clip": clip})
+        basis = self.ask("gaussian.basis", norm, {**kept, "clip": clip})
         v, evals = st.finish_basis(basis, self._std("gaussian.basis", clip * clip), counts.total)
         v, evals = st.fit_basis_to_classes(v, evals, counts, plan)
         clip_u = st.basis_clip_norm(evals)
-        merged = self.ask("gaussian.stats", {"v": v}, {**kept, "clip": clip, "clip_u": clip_u})
+        merged = self.ask("gaussian.stats", {**norm, "v": v}, {**kept, "clip": clip, "clip_u": clip_u})
         fits = st.finish(merged, v, counts.kept, self.plan.key_rows, conditioned=self.plan.conditioned,
                          scatter_noise_std=self._std("gaussian.scatter", clip_u ** 2))
         out: dict[str, dict[str, float]] = {}

@@ -271,6 +271,9 @@ class Site:
         step = str(meta["step"])
         if step == "ledger":
             return {}
+        norm = unpack("norm.", arrays)
+        if norm and self.cache is not None and not self.cache.standardized:
+            self.set_normalization(norm)  # the gaussian's statistics are taken in the normalised space
         names = list(meta["plan"]["class_names"])
         to_global = torch.tensor([names.index(c) for c in self.ds.class_names], dtype=torch.long)
         labels = to_global[self.ds.labels[self.train_idx]]
@@ -279,7 +282,7 @@ class Site:
             x = self.cache.values[self.train_idx]
             labels = self.cache.labels[self.train_idx]
         out = self.privacy.answer(step, x, labels, arrays, meta, full=full_batches(self.ds, self.train_idx),
-                                  pairs=self._pairs() if self.cache is not None else None)
+                                  pairs=(lambda: self._pairs()()) if self.cache is not None else None)
         if step == "counts":
             from feda2v_toolkit.privacy.statistics import DPClassCounts
 

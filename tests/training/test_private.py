@@ -141,3 +141,20 @@ def test_inspect_shows_the_spend(dp_data, tmp_path):
     train(dp(8.0), dp_data, out=out, seed=0)
     r = CliRunner().invoke(cli, ["inspect", str(out)])
     assert r.exit_code == 0 and "record-level DP: epsilon 8 at delta 0.001 spent" in r.output
+
+
+def test_at_a_weak_epsilon_the_private_gaussian_matches_the_data(dp_data):
+    """The gaussian's private statistics are taken in the normalised space (the sites standardise first):
+    with little noise its samples sit where the clips are."""
+    from feda2v_toolkit.data import open_dataset
+    from feda2v_toolkit.training.streams import reduce_dataset
+
+    model = train(dp(1e4, generator_granularity="per_class", generator_upsampler="linear"), dp_data, seed=0)
+    ds = open_dataset(dp_data)
+    reduced = reduce_dataset(ds, model.reducer).double()
+    for c in model.sampleable_classes:
+        real = reduced[ds.labels == ds.class_names.index(c)]
+        syn = model.sample_reduced(400, class_name=c).double()
+        spread = float(real.std(0).norm())
+        assert float((syn.mean(0) - real.mean(0)).norm()) < 0.5 * spread
+        assert 0.3 < float(syn.std(0).norm()) / spread < 3
