@@ -27,6 +27,7 @@ OVERRIDE_OPTIONS: dict[str, str] = {
     "classes": "generator_classes",
     "dp_epsilon": "generator_dp_epsilon",
     "dp_delta": "generator_dp_delta",
+    "dp_public_data": "generator_dp_public_data",
 }
 
 
@@ -81,6 +82,9 @@ def training_options(*, epochs: bool) -> Any:
                           "(overrides generator_dp_epsilon; docs/privacy.md)."),
         click.option("--dp-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
                      help="Its delta, below 1/N for N training clips (overrides generator_dp_delta, default 1e-5)."),
+        click.option("--dp-public-data", type=click.Path(exists=True), metavar="PATH",
+                     help="Public clips (never trained on, not protected) that fit the normalisation, upsampler and "
+                          "basis under DP (overrides generator_dp_public_data)."),
         click.option("--seed", type=SEED, help="Random seed (overrides generator_seed; drawn at random and "
                                                 "reported when neither is set)."),
         click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP),

@@ -53,6 +53,8 @@ class DPSettings:
     shared_scatter: bool = True
     max_grad_norm: float = 1.0
     weights: dict[str, float] = field(default_factory=dict)
+    #: a public dataset (``generator_dp_public_data``) that fits what needs no privacy (docs/privacy.md)
+    public_data: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> DPSettings | None:
@@ -65,7 +67,8 @@ class DPSettings:
                 str(cfg.get("generator_dp_normalization_scale", "global")),
                 int(cfg.get("generator_dp_basis_features", 32)), bool(cfg.get("generator_dp_shared_scatter", True)),
                 float(cfg.get("generator_dp_max_grad_norm", 1.0)),
-                {str(k): float(v) for k, v in (cfg.get("generator_dp_budget_weights") or {}).items()})
+                {str(k): float(v) for k, v in (cfg.get("generator_dp_budget_weights") or {}).items()},
+                str(cfg["generator_dp_public_data"]) if cfg.get("generator_dp_public_data") else None)
         s.check()
         return s
 
@@ -91,11 +94,12 @@ class DPSettings:
                                                if "counts" in w.get("classes", {}) else {}))
         return PrivateStages(
             counts=counts,
-            normalization=DPNormalization(self.normalization, scale=self.normalization_scale,
-                                          weights=w.get("normalization")),
+            normalization=DPNormalization("public" if self.public_data else self.normalization,
+                                          scale=self.normalization_scale, weights=w.get("normalization")),
             gaussian=DPGaussian(seq_len, dim, clip=self.clip, max_features=self.basis_features,
                                 shared_scatter=self.shared_scatter, weights=w.get("gaussian"),
-                                normalized=self.normalization == "dp"),
+                                normalized=self.normalization == "dp" or bool(self.public_data),
+                                public_basis=bool(self.public_data)),
             lstsq=DPLeastSquares(weights=w.get("lstsq")), pca=DPPositionPCA(weights=w.get("pca")))
 
 
@@ -126,8 +130,11 @@ def declare_releases(settings: DPSettings, stages: PrivateStages, *, reducer: An
     A trained generator's DP-SGD releases are provisional here (sampling rate from ``records / len(keys)``
     clips per key); :func:`replan_sgd` fixes them from the noisy counts before training."""
     specs = list(stages.counts.releases())
+    public = bool(settings.public_data)
     # the reducer
-    if not getattr(reducer, "fitted", False):
+    if public and getattr(reducer, "fitted", False):
+        specs.append(data_independent(f"reducer.{_name(reducer)}.public_data"))  # fitted on public clips only
+    elif not getattr(reducer, "fitted", False):
         specs.append(data_independent(f"reducer.{type(reducer).__name__ if not isinstance(reducer, type) else reducer.__name__}"))
     elif _is(reducer, "feda2v_toolkit.reducers.pca.PCAReducer"):
         specs += stages.pca.releases()
@@ -137,7 +144,9 @@ def declare_releases(settings: DPSettings, stages: PrivateStages, *, reducer: An
     # normalisation
     specs += stages.normalization.releases() if normalize else [data_independent("normalization.off")]
     # the upsampler
-    if not getattr(upsampler, "trainable", False):
+    if public and getattr(upsampler, "trainable", False):
+        specs.append(data_independent(f"upsampler.{_name(upsampler)}.public_data"))  # fitted on public clips only
+    elif not getattr(upsampler, "trainable", False):
         specs.append(data_independent(f"upsampler.{_name(upsampler)}"))
     elif _is(upsampler, "feda2v_toolkit.upsamplers.lstsq.LeastSquaresUpsampler"):
         specs += stages.lstsq.releases()

@@ -215,8 +215,8 @@ class DPNormalization:
 
     def __init__(self, mode: str = "dp", *, clip: float = 1.5, scale: str = "global",
                  weights: Mapping[str, float] | None = None, floor: float = 1e-3) -> None:
-        if mode not in ("dp", "fixed"):
-            raise PrivacyError(f"normalisation mode must be 'dp' or 'fixed' (got {mode!r})")
+        if mode not in ("dp", "fixed", "public"):
+            raise PrivacyError(f"normalisation mode must be 'dp', 'fixed' or 'public' (got {mode!r})")
         if scale not in self.SCALES:
             raise PrivacyError(f"normalisation scale must be one of {', '.join(self.SCALES)} (got {scale!r})")
         if not clip > 0:
@@ -231,8 +231,8 @@ class DPNormalization:
         self.deviations = DPNormQuantile("normalization", weight=self.weights["deviation_histogram"])
 
     def releases(self) -> list[ReleaseSpec]:
-        if self.mode == "fixed":
-            return [data_independent("normalization.fixed")]
+        if self.mode in ("fixed", "public"):  # public: fitted on public clips (generator_dp_public_data)
+            return [data_independent(f"normalization.{'fixed' if self.mode == 'fixed' else 'public_data'}")]
         w = self.weights
         return [ReleaseSpec("normalization.norm_histogram", 1.0, weight=w["norm_histogram"]),
                 ReleaseSpec("normalization.sum", None, weight=w["sum"]),
@@ -352,7 +352,7 @@ class DPGaussian:
 
     def __init__(self, seq_len: int, dim: int, *, clip: float = 1.0, max_features: int = 32,
                  shared_scatter: bool = True, weights: Mapping[str, float] | None = None,
-                 normalized: bool = True) -> None:
+                 normalized: bool = True, public_basis: bool = False) -> None:
         if not clip > 0:
             raise PrivacyError(f"gaussian clip multiplier must be > 0 (got {clip})")
         if max_features < 1:
@@ -363,6 +363,7 @@ class DPGaussian:
         self.max_features = int(min(max_features, dim))
         self.shared_scatter = bool(shared_scatter)
         self.normalized = bool(normalized)
+        self.public_basis = bool(public_basis)  # the feature basis comes from public clips: not released
         self.weights = {"basis": 1.0, "sums": 4.0, "scatter": 1.0, "square": 0.05, "norm_histogram": 0.1,
                         **(weights or {})}
         self.norms = DPNormQuantile("gaussian", weight=self.weights["norm_histogram"])
@@ -370,7 +371,9 @@ class DPGaussian:
     def releases(self) -> list[ReleaseSpec]:
         w = self.weights
         specs = [] if self.normalized else self.norms.releases()
-        return specs + [ReleaseSpec("gaussian.basis", None, weight=w["basis"], symmetric=True),
+        specs += [data_independent("gaussian.basis.public_data")] if self.public_basis else \
+            [ReleaseSpec("gaussian.basis", None, weight=w["basis"], symmetric=True)]
+        return specs + [
                         ReleaseSpec("gaussian.sums", None, weight=w["sums"]),
                         ReleaseSpec("gaussian.scatter", None, weight=w["scatter"], symmetric=True),
                         ReleaseSpec("gaussian.square", None, weight=w["square"])]

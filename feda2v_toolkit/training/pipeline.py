@@ -341,7 +341,7 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     elif type(reducer).fitted:
         say(f"fitting reducer {spec.reducer} on the training sequences")
         if dp is not None:
-            dp.fit_pca(reducer)
+            dp.fit_reducer(reducer)
         elif has_statistics(reducer):
             stage = FittedStatisticsStage()
             stage.finish(reducer, stage.merge(run.parts(run.ask("reducer", run.everyone()))))
@@ -374,8 +374,10 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
         state = loaded.state
         say(f"resuming from {checkpoint} after epoch {state.epoch}")
     normalization: dict[str, Tensor] = {}
+    if dp is not None:
+        dp.reducer = reducer
     if spec.normalize and dp is not None:
-        normalization = dp.normalization()
+        normalization = dp.normalization(reducer)
     elif spec.normalize:
         stage_n = NormalizationStage()
         normalization = stage_n.finish(stage_n.merge(run.parts(replies)))
@@ -470,7 +472,14 @@ def _private_pipeline(run: _Run, spec: RunSpec, settings: Any, summary: DataSumm
                 ledgers[run.names[n]] = replies[n][1]["ledger"]
         return sum_parts(run.parts(replies)) if step != "ledger" else {}
 
-    pipe = PrivatePipeline(plan, ask, len(run.sites), run.say)
+    public = None
+    if settings.public_data:
+        from feda2v_toolkit.training.private import PublicReference
+
+        public = PublicReference(settings.public_data, spec, summary.seq_len, summary.dim)
+        run.say(f"privacy: public data {settings.public_data} ({len(public.ds)} clips) fits the reducer, the "
+                "normalisation, the upsampler and the gaussian's basis (they spend nothing)")
+    pipe = PrivatePipeline(plan, ask, len(run.sites), run.say, public)
 
     def summary_now() -> dict[str, Any]:
         ask("ledger", {}, {})  # the sites' ledgers as they stand (DP-SGD steps included)
@@ -524,7 +533,7 @@ def _fit_upsampler(run: _Run, upsampler: Any, summary: DataSummary, heldout: int
         t0 = time.perf_counter()
         run.say(f"fitting upsampler {spec.upsampler} on (reduced, full) training pairs")
         if dp is not None:
-            metrics["fit"] = dp.fit_lstsq(upsampler, summary.seq_len)
+            metrics["fit"] = dp.fit_upsampler(upsampler, summary.seq_len, dp.reducer)
         elif has_statistics(upsampler):
             stage = FittedStatisticsStage()
             metrics["fit"] = stage.finish(upsampler, stage.merge(run.parts(run.ask("upsampler", run.everyone()))))

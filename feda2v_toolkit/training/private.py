@@ -262,14 +262,82 @@ def _histogram(q: DPNormQuantile, full: Any) -> Tensor:
     return q.local(torch.cat(norms) if norms else torch.zeros(0, dtype=torch.float64))["norm_histogram"]
 
 
+# -- public data -------------------------------------------------------------------------------------
+
+class PublicReference:
+    """Clips that are public (``generator_dp_public_data``): the pipeline fits on them what needs no privacy --
+    a fitted reducer, the normalisation, a trainable upsampler, the gaussian's feature basis -- so those
+    spend nothing. Read by the pipeline only; what it fits travels as any public parameter does."""
+
+    def __init__(self, path: str, spec: RunSpec, full_length: int, dim: int) -> None:
+        from feda2v_toolkit.data.open import open_dataset
+
+        self.ds = open_dataset(path)
+        if (self.ds.seq_len, self.ds.dim) != (full_length, dim):
+            raise InputError(f"{path}: generator_dp_public_data has sequences [{self.ds.seq_len}, {self.ds.dim}], "
+                             f"the training data [{full_length}, {dim}]")
+        if len(self.ds) < 2:
+            raise InputError(f"{path}: generator_dp_public_data needs at least 2 clips")
+        self.spec = spec
+        self.rows = torch.arange(len(self.ds))
+        self.reduced: Tensor | None = None
+        self.norm: dict[str, Tensor] | None = None
+
+    def fit_reducer(self, reducer: Any) -> None:
+        from feda2v_toolkit.training.stages import FittedStatisticsStage, has_statistics
+        from feda2v_toolkit.training.streams import full_batches
+
+        if has_statistics(reducer):
+            stage = FittedStatisticsStage()
+            stage.finish(reducer, stage.local(reducer, full_batches(self.ds, self.rows)))
+        else:
+            reducer.fit(full_batches(self.ds, self.rows))
+
+    def reduce(self, reducer: Any) -> Tensor:
+        from feda2v_toolkit.training.streams import reduce_dataset
+
+        if self.reduced is None:
+            self.reduced = reduce_dataset(self.ds, reducer)
+        return self.reduced
+
+    def normalization(self, reducer: Any) -> dict[str, Tensor]:
+        from feda2v_toolkit.training.stages import NormalizationStage
+
+        stage = NormalizationStage()
+        self.norm = stage.finish(stage.local(self.reduce(reducer), self.rows))
+        return self.norm
+
+    def fit_upsampler(self, upsampler: Any, reducer: Any) -> dict[str, Any]:
+        from feda2v_toolkit.training.stages import FittedStatisticsStage, has_statistics
+        from feda2v_toolkit.training.streams import read_chunk_rows, upsampler_pairs
+
+        rows = max(1, min(self.spec.batch_size, read_chunk_rows(self.ds)))
+        pairs = upsampler_pairs(self.ds, self.rows, self.reduce(reducer), rows, self.spec.seed, 0)
+        if has_statistics(upsampler):
+            stage = FittedStatisticsStage()
+            return stage.finish(upsampler, stage.local(upsampler, pairs)) or {}
+        return upsampler.fit(pairs, config=self.spec.config) or {}
+
+    def basis(self, normalization: Mapping[str, Tensor], reducer: Any, features: int) -> tuple[Tensor, Tensor]:
+        """The top ``features`` directions of the public clips' token scatter in the normalised space, with
+        their variance per clip."""
+        z = ((self.reduce(reducer).double() - normalization["mean"].double()) / normalization["std"].double())
+        tokens = z.reshape(-1, z.shape[-1])
+        evals, evecs = torch.linalg.eigh(tokens.T @ tokens)
+        k = max(1, min(int(features), z.shape[-1]))
+        return evecs.flip(1)[:, :k], (evals.flip(0)[:k] / z.shape[0]).clamp(min=0)
+
+
 # -- the pipeline ---------------------------------------------------------------------------------------
 
 class PrivatePipeline:
     """The pipeline's side: one exchange per private step, the noisy parts summed and post-processed."""
 
-    def __init__(self, plan: PrivatePlan, ask: Any, sites: int, say: Any) -> None:
-        self.plan, self.ask, self.sites, self.say = plan, ask, sites, say
+    def __init__(self, plan: PrivatePlan, ask: Any, sites: int, say: Any,
+                 public: PublicReference | None = None) -> None:
+        self.plan, self.ask, self.sites, self.say, self.public = plan, ask, sites, say, public
         self.counts: NoisyCounts | None = None
+        self.reducer: Any = None
 
     def _std(self, name: str, sensitivity: float | None = None) -> float:
         return self.plan.noise_std(name, sensitivity, self.sites)
@@ -293,15 +361,21 @@ class PrivatePipeline:
         assert self.counts is not None
         return self.counts.records
 
-    def fit_pca(self, reducer: Any) -> None:
+    def fit_reducer(self, reducer: Any) -> None:
+        """A fitted reducer: on the public clips if there are any, else ``pca``'s private statistics."""
+        if self.public is not None:
+            self.public.fit_reducer(reducer)
+            return
         st = self.plan.stages.pca
         hist = self.ask("pca.norms", {}, {})
         clip = st.clip * st.norms.finish(hist, noise_std=self._std("pca.norm_histogram"))
         stats = st.statistics(self.ask("pca.stats", {}, {"clip": clip}), self.records)
         reducer.fit_from_statistics(stats)
 
-    def normalization(self) -> dict[str, Tensor]:
+    def normalization(self, reducer: Any) -> dict[str, Tensor]:
         st = self.plan.stages.normalization
+        if self.public is not None:
+            return self.public.normalization(reducer)
         if st.mode == "fixed":
             return st.fixed(self.plan.seq_len, self.plan.dim)
         c1 = st.clip_norm(self.ask("normalization.norms", {}, {}), self._std("normalization.norm_histogram"))
@@ -311,7 +385,10 @@ class PrivatePipeline:
         sq = self.ask("normalization.sum_sq", {"mean": mean}, {"clip": c2})
         return st.finish(mean, sq, self.records, self._std("normalization.sum_sq", c2 * c2))
 
-    def fit_lstsq(self, upsampler: Any, full_length: int) -> dict[str, Any]:
+    def fit_upsampler(self, upsampler: Any, full_length: int, reducer: Any) -> dict[str, Any]:
+        """A trainable upsampler: on the public clips if there are any, else ``lstsq``'s private statistics."""
+        if self.public is not None:
+            return self.public.fit_upsampler(upsampler, reducer)
         st = self.plan.stages.lstsq
         cx, cr = st.clip_norms(self.ask("lstsq.norms", {}, {}), self._std("lstsq.full_histogram"))
         merged = self.ask("lstsq.stats", {}, {"clip_full": cx, "clip_reduced": cr, "full_length": full_length})
@@ -333,8 +410,11 @@ class PrivatePipeline:
         else:
             clip = st.clip * st.norms.finish(self.ask("gaussian.norms", norm, kept),
                                              noise_std=self._std("gaussian.norm_histogram"))
-        basis = self.ask("gaussian.basis", norm, {**kept, "clip": clip})
-        v, evals = st.finish_basis(basis, self._std("gaussian.basis", clip * clip), counts.total)
+        if self.public is not None:
+            v, evals = self.public.basis(normalization, self.reducer, st.max_features)
+        else:
+            basis = self.ask("gaussian.basis", norm, {**kept, "clip": clip})
+            v, evals = st.finish_basis(basis, self._std("gaussian.basis", clip * clip), counts.total)
         v, evals = st.fit_basis_to_classes(v, evals, counts, plan)
         clip_u = st.basis_clip_norm(evals)
         merged = self.ask("gaussian.stats", {**norm, "v": v}, {**kept, "clip": clip, "clip_u": clip_u})
