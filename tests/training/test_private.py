@@ -158,3 +158,26 @@ def test_at_a_weak_epsilon_the_private_gaussian_matches_the_data(dp_data):
         spread = float(real.std(0).norm())
         assert float((syn.mean(0) - real.mean(0)).norm()) < 0.5 * spread
         assert 0.3 < float(syn.std(0).norm()) / spread < 3
+
+
+def test_public_data_fits_what_needs_no_privacy_and_spends_nothing(dp_data, tmp_path):
+    from feda2v_toolkit.data.demo import write_demo_dataset
+
+    public = write_demo_dataset(tmp_path / "public.safetensors", 8, **SHAPE, seed=7)
+    model = train(dp(8.0, generator_dp_public_data=str(public)), dp_data, seed=0)
+    releases = model.metrics["privacy"]["releases"]
+    for name in ("normalization.public_data", "upsampler.LeastSquaresUpsampler.public_data",
+                 "gaussian.basis.public_data"):
+        assert releases[name]["data_dependent"] is False and releases[name]["epsilon"] == 0.0
+    assert "normalization.sum" not in releases and "lstsq.sxr" not in releases and "gaussian.basis" not in releases
+    assert {"classes.counts", "gaussian.sums", "gaussian.scatter"} <= set(releases)  # the budget goes here
+    assert model.metrics["privacy"]["epsilon"] <= 8.0 * (1 + 1e-9)
+
+
+def test_public_data_of_another_shape_is_refused(dp_data, tmp_path):
+    from feda2v_toolkit.data.demo import write_demo_dataset
+    from feda2v_toolkit.errors import InputError
+
+    public = write_demo_dataset(tmp_path / "public.safetensors", 4, seq_len=10, dim=8)
+    with pytest.raises(InputError, match="generator_dp_public_data has sequences"):
+        train(dp(8.0, generator_dp_public_data=str(public)), dp_data, seed=0)
