@@ -52,6 +52,7 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                                                                    "generator_upsampler": "expand"}),
     "gaussian-conditioned-keep2-expand": ("gaussian", "unified", {"generator_reducer_keep_tokens": 2,
                                                                    "generator_upsampler": "expand"}),
+    "vae-conditioned-keep2": ("vae", "unified", {"generator_reducer_keep_tokens": 2}),
     "vae-per-class-keep2-expand": ("vae", "per_class", {"generator_reducer_keep_tokens": 2,
                                                          "generator_upsampler": "expand"}),
     "vae-conditioned-keep2-expand": ("vae", "unified", {"generator_reducer_keep_tokens": 2,
@@ -101,7 +102,7 @@ def write_subset(source: Path, out: Path, first: int, count: int) -> Path:
 
 def run(name: str, train_path: Path, test_path: Path, length: int, seed: int, vae_epochs: int,
         workdir: Path, epsilon: float | None = None, delta: float = 1e-5, sites: int = 1,
-        by: str = "class") -> dict[str, Any]:
+        by: str = "class", public_data: Path | None = None) -> dict[str, Any]:
     gen_type, granularity, extra = CONFIGS[name]
     cfg = {"generator_type": gen_type, "generator_granularity": granularity,
            "generator_training_sequence_length": length, "generator_output_sequence_length": FULL,
@@ -110,6 +111,8 @@ def run(name: str, train_path: Path, test_path: Path, length: int, seed: int, va
         cfg["generator_training_epochs"] = vae_epochs
     if epsilon is not None:  # record-level DP (inf: the DP machinery, clipping included, without noise)
         cfg["generator_dp_epsilon"], cfg["generator_dp_delta"] = epsilon, delta
+        if public_data is not None:
+            cfg["generator_dp_public_data"] = str(public_data)
     t0 = time.perf_counter()
     if sites > 1:
         from feda2v_toolkit.data.split import split_dataset
@@ -166,6 +169,8 @@ def main() -> int:
     ap.add_argument("--epsilons", default="", help="record-level DP targets, e.g. 1,4,none (none: without DP, "
                     "the in-run reference); empty: no DP")
     ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--public-data", type=Path, help="generator_dp_public_data for the DP runs (e.g. the corpus "
+                    "built from other renderings: corpus-v1-s0-n16-f10000)")
     ap.add_argument("--sites", type=int, default=1, help="federate over this many sites (split of the training clips)")
     ap.add_argument("--by", choices=["class", "dirichlet"], default="class", help="how --sites splits (dirichlet: 0.3)")
     ap.add_argument("--json", type=Path, help="write all results here")
@@ -182,7 +187,7 @@ def main() -> int:
     for name, eps in [(c, e) for c in args.configs.split(",") if c for e in epsilons]:
         label = name + ("" if eps is None else f"@eps{eps:g}") + (f"@{args.sites}{args.by}" if args.sites > 1 else "")
         res = run(name, train_path, test_path, args.length, args.seed, args.vae_epochs, base, eps, args.delta,
-                  args.sites, args.by)
+                  args.sites, args.by, args.public_data)
         results["runs"][label] = res
         print(f"\n== {label}: fit {res['fit_seconds']:.0f}s, evaluate {res['evaluate_seconds']:.0f}s; "
               f"{res['members']} members vs {res['non_members']} non-members"

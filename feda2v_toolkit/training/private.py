@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +99,7 @@ def make_plan(spec: RunSpec, settings: DPSettings, *, full_length: int, dim: int
                                                                        full_length=full_length, dim=dim)
     gen_cls = registry.load("generator", spec.generator_type)
     fitted = bool(getattr(gen_cls, "fitted", False))
-    with torch.device("meta") if not fitted else _nothing():
+    with torch.device("meta") if not fitted else nullcontext():
         generator = gen_cls.from_config(spec.config, seq_len=length, dim=dim, num_classes=len(class_names),
                                         condition_dim=condition_dim)
     conditioning = getattr(generator, "conditioning", None)
@@ -119,14 +120,6 @@ def make_plan(spec: RunSpec, settings: DPSettings, *, full_length: int, dim: int
                        list(class_names), conditioning == "label", fitted,
                        bool(getattr(reducer, "fitted", False)), bool(getattr(upsampler, "trainable", False)),
                        length, dim)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 # -- a site -------------------------------------------------------------------------------------------
