@@ -49,7 +49,7 @@ class DPSettings:
     clip: float = 1.0
     normalization: str = "dp"
     normalization_scale: str = "global"
-    basis_features: int = 32
+    basis_features: int = 128
     shared_scatter: bool = True
     max_grad_norm: float = 1.0
     weights: dict[str, float] = field(default_factory=dict)
@@ -65,7 +65,7 @@ class DPSettings:
         s = cls(float(eps), float(cfg.get("generator_dp_delta", 1e-5)), float(cfg.get("generator_dp_clip", 1.0)),
                 str(cfg.get("generator_dp_normalization", "dp")),
                 str(cfg.get("generator_dp_normalization_scale", "global")),
-                int(cfg.get("generator_dp_basis_features", 32)), bool(cfg.get("generator_dp_shared_scatter", True)),
+                int(cfg.get("generator_dp_basis_features", 128)), bool(cfg.get("generator_dp_shared_scatter", True)),
                 float(cfg.get("generator_dp_max_grad_norm", 1.0)),
                 {str(k): float(v) for k, v in (cfg.get("generator_dp_budget_weights") or {}).items()},
                 str(cfg["generator_dp_public_data"]) if cfg.get("generator_dp_public_data") else None)
