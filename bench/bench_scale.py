@@ -17,8 +17,9 @@ with ``posix_fadvise(DONTNEED)``), then runs each command in a fresh child proce
 
 Before each command the data's pages are dropped from the page cache (``posix_fadvise(DONTNEED)``), so
 every command reads from the disk ("cold-ish": the host's own cache below the virtual disk is beyond
-reach). Per command: peak RSS (the larger of the child's ``ru_maxrss`` from ``wait4`` and the sampled
-RSS of its whole process tree, every 0.25 s; also the tree's peak *anonymous* RSS, ``RssAnon``: memory-mapped
+reach). Per command: peak RSS (the larger of the child's ``VmHWM`` and the RSS of its whole process tree,
+both sampled every 0.25 s -- not ``wait4``'s ``ru_maxrss``, which inherits the benchmark's own peak across
+fork + exec; also the tree's peak *anonymous* RSS, ``RssAnon``: memory-mapped
 data pages count in RSS but are file-backed and droppable), wall time (process start to exit, start-up included) and
 throughput (input clips/s and MB/s of input data), and the 1-minute load average at its end (the machine
 may be shared). A command is killed after ``--timeout`` seconds or
@@ -189,12 +190,24 @@ def tree_anon(pid: int) -> int:
     return total
 
 
+def vm_hwm(pid: int) -> int:
+    """``VmHWM`` (peak RSS of the process's current address space, bytes) of ``pid``; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class _Watch:
     """Samples the RSS of a child's process tree; kills the tree (its session) above ``cap`` bytes."""
 
     def __init__(self, pid: int, cap: int, interval: float = 0.25) -> None:
         self.pid, self.cap, self.interval = pid, cap, interval
-        self.peak, self.anon_peak, self.capped = 0, 0, False
+        self.peak, self.anon_peak, self.hwm, self.capped = 0, 0, 0, False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -204,6 +217,7 @@ class _Watch:
             rss = tree_rss(self.pid)
             self.peak = max(self.peak, rss)
             self.anon_peak = max(self.anon_peak, tree_anon(self.pid))
+            self.hwm = max(self.hwm, vm_hwm(self.pid))
             if rss > self.cap and not self.capped:
                 self.capped = True
                 kill_session(self.pid)
@@ -244,10 +258,13 @@ def run_command(argv: list[str], logdir: Path, name: str, timeout: float, cap: i
         proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting again
     code = proc.returncode
     load = os.getloadavg()[0]
-    peak = max(usage.ru_maxrss * 1024, watch.peak)
+    # Not wait4's ru_maxrss: Linux carries the *parent's* peak into a child across fork/vfork + exec
+    # (exec records the old address space's high-water mark), so a child of a big parent reads big.
+    peak = max(watch.hwm, watch.peak)
     lines = [x for x in err.read_text(errors="replace").splitlines() if x.strip()]
     result = {"argv": argv, "returncode": code, "seconds": seconds, "peak_rss": peak,
-              "maxrss_self": usage.ru_maxrss * 1024, "tree_peak_sampled": watch.peak, "anon_peak_sampled": watch.anon_peak,
+              "maxrss_wait4_unreliable": usage.ru_maxrss * 1024, "hwm_sampled": watch.hwm,
+              "tree_peak_sampled": watch.peak, "anon_peak_sampled": watch.anon_peak,
               "load1": load,
               "status": "ok"}
     if timed_out:
@@ -257,7 +274,8 @@ def run_command(argv: list[str], logdir: Path, name: str, timeout: float, cap: i
     elif code != 0:
         result["status"] = f"exit {code}"
     if result["status"] != "ok":
-        result["error"] = lines[-1] if lines else "(no stderr)"
+        killed = "killed (SIGKILL) by the benchmark" if (timed_out or watch.capped) else "no stderr"
+        result["error"] = lines[-1] if lines else f"({killed}; no error line)"
     return result
 
 
@@ -303,7 +321,8 @@ def bench_size(n: int, commands: list[str], root: Path, args, save=lambda r: Non
     try:
         gen = result["data"] = make_data(data, n, args.distinct)
         print(f"[{label(n)}] wrote {gen['clips']} clips, {gen['bytes'] / 1e9:.2f} GB in {gen['shards']} shards "
-              f"in {gen['seconds']:.0f}s ({gen['bytes'] / gen['seconds'] / 1e6:.0f} MB/s; {gen['distinct']} distinct clips)",
+              f"in {gen['seconds']:.0f}s ({gen['bytes'] / gen['seconds'] / 1e6:.0f} MB/s; "
+              f"{gen['distinct']} distinct clips)",
               flush=True)
         save(result)
         disk = result["disk_read"] = disk_read_rate(data, args.read_limit)
@@ -317,7 +336,8 @@ def bench_size(n: int, commands: list[str], root: Path, args, save=lambda r: Non
                 continue
             free = shutil.disk_usage(work).free
             if name in WRITES_COPY and free < gen["bytes"] + 3 * 10**9:
-                why = (f"its output (~{gen['bytes'] / 1e9:.0f} GB, a copy of the data) + 3 GB headroom (the disk is shared) does not fit: "
+                why = (f"its output (~{gen['bytes'] / 1e9:.0f} GB, a copy of the data) + 3 GB headroom "
+                       f"(the disk is shared) does not fit: "
                        f"{free / 1e9:.0f} GB free")
                 result["commands"][name] = {"status": "skipped", "error": why, "seconds": None, "peak_rss": None}
                 print(f"[{label(n)}] {name}: skipped: {why}", flush=True)
@@ -334,10 +354,21 @@ def bench_size(n: int, commands: list[str], root: Path, args, save=lambda r: Non
             extra = f" -- {r['error']}" if r["status"] != "ok" else ""
             print(f"[{label(n)}] {name}: {r['status']}, {r['seconds']:.1f}s, peak RSS {r['peak_rss'] / 1e9:.2f} GB "
                   f"(anonymous {r['anon_peak_sampled'] / 1e9:.2f} GB), "
-                  f"{r['clips_per_s']:.0f} clips/s = {r['MBps']:.0f} MB/s of input, load {r['load1']:.1f}{extra}", flush=True)
+                  f"{r['clips_per_s']:.0f} clips/s = {r['MBps']:.0f} MB/s of input, load {r['load1']:.1f}{extra}",
+                  flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the data and every output of this size
     return result
+
+
+def peak_of(c: dict) -> float | None:
+    """A command's peak RSS; for JSON written before ``hwm_sampled`` existed, the sampled tree peak (those
+    files' ``peak_rss`` included wait4's ru_maxrss, which can carry the benchmark's own peak)."""
+    if c.get("seconds") is None:
+        return None
+    if "hwm_sampled" in c:
+        return c["peak_rss"]
+    return c.get("tree_peak_sampled", c["peak_rss"])
 
 
 def fmt_gb(v: float | None) -> str:
@@ -346,7 +377,8 @@ def fmt_gb(v: float | None) -> str:
 
 def summary(results: list[dict], commands: list[str]) -> str:
     done = [r for r in results if "commands" in r]
-    rows = ["| command | N | status | wall (s) | peak RSS (GB) | of it anonymous (GB) | clips/s | MB/s of input | load |",
+    rows = ["| command | N | status | wall (s) | peak RSS (GB) | of it anonymous (GB) | clips/s | MB/s of input "
+            "| load |",
             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for name in commands:
         for r in done:
@@ -359,7 +391,8 @@ def summary(results: list[dict], commands: list[str]) -> str:
             mbps = "—" if c["seconds"] is None else f"{c['MBps']:.0f}"
             load = f"{c['load1']:.1f}" if "load1" in c else "—"
             anon = fmt_gb(c.get("anon_peak_sampled"))
-            rows.append(f"| `{name}` | {label(r['n'])} | {status} | {secs} | {fmt_gb(c['peak_rss'])} | {anon} | {rate} | {mbps} "
+            rows.append(f"| `{name}` | {label(r['n'])} | {status} | {secs} | {fmt_gb(peak_of(c))} | {anon} | {rate} "
+                        f"| {mbps} "
                         f"| {load} |")
     lines = ["\n".join(rows), ""]
     lines.append("| N | data (GB) | written in (s) | disk read (MB/s) | train MB/s | train / disk read |")
@@ -383,9 +416,9 @@ def summary(results: list[dict], commands: list[str]) -> str:
             if not a or not b or a["status"] != "ok":
                 continue
             if b["status"] == "ok":
-                mem, tim = f"{b['peak_rss'] / a['peak_rss']:.2f}x", f"{b['seconds'] / a['seconds']:.1f}x"
+                mem, tim = f"{peak_of(b) / peak_of(a):.2f}x", f"{b['seconds'] / a['seconds']:.1f}x"
             elif b["seconds"] is not None:  # killed: lower bounds
-                mem = f">= {b['peak_rss'] / a['peak_rss']:.2f}x ({b['status']})"
+                mem = f">= {peak_of(b) / peak_of(a):.2f}x ({b['status']})"
                 tim = f">= {b['seconds'] / a['seconds']:.1f}x ({b['status']})"
             else:
                 mem = tim = b["status"]
