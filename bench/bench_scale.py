@@ -8,7 +8,7 @@ with ``posix_fadvise(DONTNEED)``), then runs each command in a fresh child proce
 
 * ``train``      -- default generator (gaussian, closed form) at ``generator_training_sequence_length`` 16
 * ``generate``   -- the trained model, ``-k auto`` (as many samples as training clips per class) at the
-  full length 1214, float16: it writes as many bytes as the input holds
+  full length 1214, float16: about as many bytes as the input (its training clips)
 * ``evaluate``   -- the trained model against the same data (defaults: ``--split all``, ``-k auto``)
 * ``analyze``    -- ``--lengths 16``, every registered pair (the defaults)
 * ``plan``       -- ``--data``
