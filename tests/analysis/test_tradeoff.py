@@ -51,8 +51,11 @@ def test_each_target_epsilon_and_seed_is_one_model_trained_on_the_seeds_split(ti
     assert result.train_clips == result.heldout_clips == {"engine": 5, "drum": 5, "whistle": 5, "bird": 5}
     assert [(r.epsilon, r.seed) for r in result.runs] == [(1.0, 0), (1.0, 1), (None, 0), (None, 1)]
     for run in result.runs:
-        if run.epsilon is not None:  # 5 clips per class cannot meet epsilon 1: a row with the trainer's reason
-            assert run.refused is not None and "clips" in run.refused and run.auc is None
+        if run.epsilon is not None:  # 5 clips per class rarely meet epsilon 1 (the noise is secret: it varies)
+            if run.refused is not None:  # then a row with the trainer's reason
+                assert "clips" in run.refused and run.auc is None
+            else:
+                assert run.spent_epsilon is not None and run.spent_epsilon <= 1.0 * (1 + 1e-6)
             continue
         assert run.refused is None
         assert run.usefulness is not None and run.usefulness > 0
@@ -60,9 +63,9 @@ def test_each_target_epsilon_and_seed_is_one_model_trained_on_the_seeds_split(ti
         assert 0 <= run.tpr_at_1pct <= 1 and run.tpr_reliable is False  # 20 non-members: too few for FPR 1%
         assert run.train_seconds > 0
     dp_run, no_dp_run = result.runs[0], result.runs[2]
-    assert dp_run.delta == 1e-5 and dp_run.auc_bound is None  # refused: no model, no bound to compare with
+    assert dp_run.delta == 1e-5 and (dp_run.auc_bound is None) == (dp_run.refused is not None)
     assert no_dp_run.delta is None and no_dp_run.auc_bound is None and no_dp_run.spent_epsilon is None
-    assert (result.points[0].runs, result.points[0].refused) == (0, 2)
+    assert result.points[0].runs + result.points[0].refused == 2
     point = result.points[1]
     assert point.runs == 2 and point.auc == pytest.approx((result.runs[2].auc + result.runs[3].auc) / 2)
     assert point.usefulness_low <= point.usefulness <= point.usefulness_high
@@ -123,7 +126,8 @@ def test_cli_prints_the_table_and_writes_the_report_and_the_plot(capsys, tiny_da
     doc = json.loads(report.read_text())
     assert doc["epsilons"] == [1.0, None] and doc["delta"] == 1e-6
     assert [r["epsilon"] for r in doc["runs"]] == [1.0, None]
-    assert "clips" in doc["runs"][0]["refused"]  # 5 clips per class cannot meet epsilon 1: a row with the reason
+    first = doc["runs"][0]  # 5 clips per class rarely meet epsilon 1: a row with the reason, or a measured one
+    assert ("clips" in first["refused"]) if first["refused"] else first["spent_epsilon"] <= 1.0 * (1 + 1e-6)
     assert png.read_bytes()[:4] == b"\x89PNG"
     code, out, err = run_main(capsys, "privacy-tradeoff", str(tiny_data), "-c", str(cfg), "--epsilons", "inf",
                               "--usefulness-draws", "1", "--json", "-q")
