@@ -26,7 +26,8 @@ from feda2v_toolkit.training.pipeline import SiteError as FederationError
 
 #: the run config keys of the ServerApp (``feda2v_toolkit.federated.app``) and their defaults
 RUN_CONFIG = {"config": "", "out": "", "seed": "", "timeout": 0.0, "nodes": 1, "node-wait": 60.0,
-              "overrides": "{}", "engine": "deployment", "resume": False, "checkpoint-dir": "", "metrics": ""}
+              "overrides": "{}", "engine": "deployment", "resume": False, "overwrite": False, "keep-checkpoints": False,
+              "checkpoint-dir": "", "metrics": ""}
 CONNECTION = "feda2v"
 LICENSE = "Apache-2.0"
 
