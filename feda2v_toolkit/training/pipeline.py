@@ -438,7 +438,7 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
         privacy = {"mechanism": None, "node_level": privacy}
     if dp is not None:
         privacy = {**dp.summary(), **({"node_level": privacy["node_level"]} if privacy else {})}
-        say(f"privacy: spent epsilon {privacy['epsilon'] if privacy['epsilon'] is not None else 'inf'} at delta "
+        say(f"privacy: spent epsilon {format(privacy['epsilon'], '.4g') if privacy['epsilon'] is not None else 'inf'} at delta "
             f"{privacy['delta']:g} (target {settings.epsilon:g}; largest over {len(sites)} site(s))")
     model.metrics = _final_metrics(state, generator_fit, site_docs, privacy, run.report)
     if fitted and metrics_path is not None:
@@ -866,7 +866,9 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
                   overwrite=overwrite, resume=resume)
     site = Site(data, spec, 0, device=dev)
     if spec.seed_drawn:
-        say(f"seed: {spec.seed} (drawn at random; pass --seed to reproduce)")
+        say(f"seed: {spec.seed} (drawn at random; " + ("the DP noise is secret: no seed reproduces a private run)"
+                                                        if spec.config.get("generator_dp_epsilon") is not None
+                                                        else "pass --seed to reproduce)"))
     return run_pipeline(spec, LocalTransport([site]), schedule=spec.single_site_schedule(), engine="local", out=out,
                         checkpoint=ckpt, resume=resume, metrics_path=metrics_path, progress=progress, log=say,
                         keep_checkpoints=keep_checkpoints)

@@ -48,8 +48,8 @@ Meta = dict[str, Any]
 #: before the noisy counts are known, DP-SGD is planned as if every generator had this many batches of clips
 #: per epoch (public); each site then re-calibrates its DP-SGD noise from its own noisy counts
 PROVISIONAL_BATCHES = 8
-#: the mechanism as the model file names it
-MECHANISM = "record-level (epsilon, delta)-DP: Gaussian mechanism on clipped per-clip contributions, DP-SGD"
+#: the mechanism as the model file names it (closed-form statistics; trained types add DP-SGD)
+MECHANISM = "record-level (epsilon, delta)-DP: Gaussian mechanism on clipped per-clip contributions"
 
 
 @dataclass
@@ -436,7 +436,8 @@ def summarise(plan: PrivatePlan, ledgers: Mapping[str, Mapping[str, Any]], count
     spent = {name: led.summary() for name, led in sites.items()}
     worst = max(spent, key=lambda n: _num(spent[n]["epsilon"])) if spent else None
     eps = _num(spent[worst]["epsilon"]) if worst else 0.0
-    return {"mechanism": MECHANISM, "unit": "one clip (record-level)", "epsilon": eps if math.isfinite(eps) else None,
+    return {"mechanism": MECHANISM + ("" if plan.fitted else ", DP-SGD (Poisson sampling, per-clip clipping)"),
+            "unit": "one clip (record-level)", "epsilon": eps if math.isfinite(eps) else None,
             "delta": plan.settings.delta, "target_epsilon": plan.epsilon if math.isfinite(plan.epsilon) else None,
             "noise": "off (epsilon inf: clipping only, no guarantee)" if math.isinf(plan.epsilon) else "on",
             "accountant": "PLD (dp-accounting)", "rdp_epsilon": _num(spent[worst]["rdp_epsilon"]) if worst else None,
