@@ -135,12 +135,13 @@ def declare_releases(settings: DPSettings, stages: PrivateStages, *, reducer: An
     if public and getattr(reducer, "fitted", False):
         specs.append(data_independent(f"reducer.{_name(reducer)}.public_data"))  # fitted on public clips only
     elif not getattr(reducer, "fitted", False):
-        specs.append(data_independent(f"reducer.{type(reducer).__name__ if not isinstance(reducer, type) else reducer.__name__}"))
+        specs.append(data_independent(f"reducer.{_name(reducer)}"))
     elif _is(reducer, "feda2v_toolkit.reducers.pca.PCAReducer"):
         specs += stages.pca.releases()
     else:
         raise PrivacyError(f"the fitted reducer {_name(reducer)} has no differentially private version: it would "
-                           "release statistics of the clips unprotected; use adaptive_avg (data-independent) or pca")
+                           "release statistics of the clips unprotected; use adaptive_avg (data-independent) or pca, or fit it on "
+                           "public clips (generator_dp_public_data)")
     # normalisation
     specs += stages.normalization.releases() if normalize else [data_independent("normalization.off")]
     # the upsampler
@@ -152,7 +153,8 @@ def declare_releases(settings: DPSettings, stages: PrivateStages, *, reducer: An
         specs += stages.lstsq.releases()
     else:
         raise PrivacyError(f"the trainable upsampler {_name(upsampler)} has no differentially private version: its "
-                           "weights would be fitted on the clips unprotected; use lstsq, linear or nearest")
+                           "weights would be fitted on the clips unprotected; use lstsq, expand, linear or nearest, or fit it on "
+                           "public clips (generator_dp_public_data)")
     # the generator
     if getattr(generator_cls, "fitted", False):
         if not _is(generator_cls, "feda2v_toolkit.generators.gaussian.GaussianGenerator"):
