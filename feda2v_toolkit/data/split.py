@@ -4,12 +4,16 @@ ownership or Dirichlet label skew; no Flower needed)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from feda2v_toolkit.errors import InputError, UsageError
+
+#: ``split`` copies a node's clips in reads of about this many bytes (float32): memory flat in N
+SPLIT_CHUNK_BYTES = 64 * 2**20
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +93,7 @@ def split_dataset(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     import tempfile
 
     from feda2v_toolkit.data.open import open_dataset
-    from feda2v_toolkit.data.writer import write_dataset
+    from feda2v_toolkit.data.writer import dataset_metadata
     from feda2v_toolkit.errors import write_error
     from feda2v_toolkit.runtime.atomic import (
         check_inputs,
@@ -99,6 +103,7 @@ def split_dataset(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         remove_stale_temporaries,
         temp_prefix,
     )
+    from feda2v_toolkit.runtime.tensorfile import StreamedTensor, write_streamed_file
 
     out = check_inputs(out_dir, [data], role="input dataset")
     if os.path.lexists(out) and not out.is_dir():
@@ -123,13 +128,22 @@ def split_dataset(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
             created.append(out)
         remove_stale_temporaries(out, ".partial")
         staging = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".partial", dir=out.parent))
+        rows = max(1, SPLIT_CHUNK_BYTES // (ds.seq_len * ds.dim * 4))
         for i, path in enumerate(paths):
             idx = (node_of == i).nonzero().flatten()
-            batch = ds.read(idx, dtype=ds.storage_dtype)
-            conditions = ds.read_conditions(idx) if ds.condition_dim else None
-            write_dataset(staging / path.name, batch.embeddings, batch.labels, class_names=ds.class_names,
-                          conditions=conditions, display=path)
-            counts = torch.bincount(batch.labels, minlength=ds.num_classes).tolist()
+            labels = ds.labels[idx].to(torch.long)
+
+            def chunks(idx: torch.Tensor = idx) -> Iterator[torch.Tensor]:  # memory: one chunk, not the node
+                for s in range(0, idx.numel(), rows):
+                    yield ds.read(idx[s:s + rows], dtype=ds.storage_dtype).embeddings
+
+            tensors = {"embeddings": StreamedTensor(ds.storage_dtype, (idx.numel(), ds.seq_len, ds.dim), chunks),
+                       "labels": StreamedTensor(torch.long, (idx.numel(),), lambda labels=labels: iter([labels]))}
+            if ds.condition_dim:
+                cond = ds.read_conditions(idx).to(torch.float32)
+                tensors["conditions"] = StreamedTensor(torch.float32, tuple(cond.shape), lambda cond=cond: iter([cond]))
+            write_streamed_file(staging / path.name, tensors, dataset_metadata(ds.class_names), display=path)
+            counts = torch.bincount(labels, minlength=ds.num_classes).tolist()
             result["nodes"].append({"path": str(path), "clips": int(idx.numel()),
                                     "classes": {c: n for c, n in zip(ds.class_names, counts, strict=True) if n}})
         for path in paths:

@@ -54,20 +54,61 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor
 
 
 def _write_sorted(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    _write_streamed(path, {name: StreamedTensor(t.dtype, tuple(t.shape), lambda t=t: iter([t]))
+                           for name, t in tensors.items()}, metadata)
+
+
+class StreamedTensor:
+    """A tensor of known ``dtype`` and ``shape`` whose rows arrive in chunks (``chunks()``: row blocks, in order)."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], chunks: Any) -> None:
+        self.dtype, self.shape, self.chunks = dtype, tuple(int(s) for s in shape), chunks
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_streamed_file(path: str | os.PathLike[str], tensors: Mapping[str, StreamedTensor],
+                        metadata: Mapping[str, str] | None = None, *,
+                        display: str | os.PathLike[str] | None = None) -> Path:
+    """:func:`write_safetensors` for tensors that arrive in chunks (memory bounded by one chunk): the same
+    bytes as writing the whole tensors. A chunk of the wrong dtype or a total of the wrong size raises."""
+    out = Path(path)
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        whole = {n: torch.cat([c.to("cpu") for c in t.chunks()]).reshape(t.shape) for n, t in tensors.items()}
+        return write_safetensors(out, whole, metadata, display=display)
+    with atomic_path(out, display=display) as tmp:
+        _write_streamed(tmp, tensors, metadata or {})
+    return out
+
+
+def _write_streamed(path: Path, tensors: Mapping[str, StreamedTensor], metadata: Mapping[str, str]) -> None:
+    sizes = {name: torch.empty((), dtype=t.dtype).element_size() for name, t in tensors.items()}
+    order = sorted(tensors, key=lambda n: (-sizes[n], n))
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for name in order:
         t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for name in order:
-            t = tensors[name]
-            if t.numel():
-                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            t, written = tensors[name], 0
+            for chunk in t.chunks():
+                chunk = chunk.detach().to("cpu").contiguous()
+                if chunk.dtype != t.dtype:
+                    raise ValueError(f"{name}: a chunk of dtype {chunk.dtype}, expected {t.dtype}")
+                if chunk.numel():
+                    data = chunk.reshape(-1).view(torch.uint8).numpy().data
+                    fh.write(data)
+                    written += len(data)
+            if written != t.nbytes:
+                raise ValueError(f"{name}: {written} bytes written, the shape {list(t.shape)} needs {t.nbytes}")
