@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from feda2v_toolkit.runtime.linalg import eigh
 from feda2v_toolkit.runtime.threads import few_threads
 
 DEFAULT_POOL_POSITIONS = 64
@@ -71,7 +72,7 @@ class RidgeClassifier:
         yc = y - y_mean
         kernel = (xc @ xc.T).double()
         with few_threads():
-            evals, evecs = torch.linalg.eigh(kernel)
+            evals, evecs = eigh(kernel)
         evals = evals.clamp(min=0)
         scale = float(evals.mean()) or 1.0
         qty = evecs.T @ yc  # [n, C]

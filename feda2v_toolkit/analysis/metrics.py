@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from feda2v_toolkit.runtime.linalg import eigh, eigvalsh
 from feda2v_toolkit.runtime.threads import few_threads
 
 # -- reconstruction --------------------------------------------------------------------------------
@@ -143,9 +144,9 @@ def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Ten
     """The same distance from means and (symmetric PSD) covariances, via the symmetric product
     ``S1^(1/2) S2 S1^(1/2)`` and its eigenvalues (for small ``F``; tests use it as the closed form)."""
     c1, c2 = cov1.double(), cov2.double()
-    w, v = torch.linalg.eigh(c1)
+    w, v = eigh(c1)
     root = (v * w.clamp(min=0).sqrt()) @ v.T
-    inner = torch.linalg.eigvalsh(root @ c2 @ root).clamp(min=0).sqrt().sum()
+    inner = eigvalsh(root @ c2 @ root).clamp(min=0).sqrt().sum()
     return float((mu1.double() - mu2.double()).square().sum() + c1.trace() + c2.trace() - 2 * inner)
 
 

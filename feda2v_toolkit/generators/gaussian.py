@@ -44,6 +44,7 @@ from torch import Tensor
 
 from feda2v_toolkit.components import Generator, TrainContext
 from feda2v_toolkit.generators._common import cfg, conditioning_kind, noise_like
+from feda2v_toolkit.runtime.linalg import eigh
 
 #: fits up to this many sequences work on the exact n x n Gram matrix
 GRAM_ROWS = 8192
@@ -86,7 +87,7 @@ def low_rank_factor(d: Tensor, max_rank: int | None = None) -> Tensor:
     if n == 0:
         return d.new_zeros(0, features)
     by_rows = n <= features
-    evals, evecs = torch.linalg.eigh(d @ d.T if by_rows else d.T @ d)
+    evals, evecs = eigh(d @ d.T if by_rows else d.T @ d)
     evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
     keep = int((evals > evals[0] * 1e-12).sum()) if evals[0] > 0 else 0
     if max_rank is not None:
@@ -227,7 +228,7 @@ class GaussianGenerator(Generator):
             # eigen-decomposition of the smaller of the two scatter matrices (same non-zero spectrum)
             by_rows = n <= features
             scatter = dev @ dev.T if by_rows else dev.T @ dev
-            evals, evecs = torch.linalg.eigh(scatter)
+            evals, evecs = eigh(scatter)
             evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
             keep = int(min(self.rank, int((evals > evals[0] * 1e-12).sum()) if evals[0] > 0 else 0))
             if by_rows:
@@ -367,7 +368,7 @@ class GaussianGenerator(Generator):
             by_rows = low.shape[0] <= features
             gram = low @ low.T if by_rows else low.T @ low
             scatter_norm2 = float(gram.square().sum())
-            evals, evecs = torch.linalg.eigh(gram)
+            evals, evecs = eigh(gram)
             evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
             keep = int(min(self.rank, int((evals > evals[0] * 1e-12).sum()) if evals[0] > 0 else 0))
             if by_rows:

@@ -54,6 +54,7 @@ from feda2v_toolkit.privacy.mechanism import (
     row_norms,
 )
 from feda2v_toolkit.privacy.spec import PrivacyError, ReleaseSpec, data_independent
+from feda2v_toolkit.runtime.linalg import eigh
 
 Part = dict[str, Tensor]
 #: relative margin below a clip norm for records clipped in float32 (rounding stays within the bound)
@@ -432,7 +433,7 @@ class DPGaussian:
     def finish_basis(self, merged: Mapping[str, Tensor], noise_std: float, count: float) -> tuple[Tensor, Tensor]:
         """``(V [D, k_f], eigenvalues [k_f])``: the noisy token scatter's top directions above the noise floor."""
         m = merged["basis"]
-        evals, evecs = torch.linalg.eigh((m + m.T) / 2)
+        evals, evecs = eigh((m + m.T) / 2)
         evals, evecs = evals.flip(0), evecs.flip(1)
         floor = 2.0 * noise_std * math.sqrt(self.dim)
         k_f = int((evals > floor).sum()) if noise_std > 0 else int((evals > evals[0] * 1e-12).sum())
@@ -496,7 +497,7 @@ class DPGaussian:
             groups = len(row_means)
             within = shared_within if shared_within is not None else (scatter[g] - between) / max(n - groups, 1.0)
             within = (within + within.T) / 2
-            evals, evecs = torch.linalg.eigh(within)
+            evals, evecs = eigh(within)
             evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
             dof = (n_all - rows_all) if shared_within is not None else (n - groups)
             floor = 2.0 * scatter_noise_std * math.sqrt(k) / max(dof, 1.0)

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from feda2v_toolkit.runtime.linalg import eigh
+
 
 class PositionMoments:
     """Streaming first and second moments over positions of ``[B, L, D]`` batches (float64 sums)."""
@@ -59,7 +61,7 @@ class PositionPCA:
     """Eigen-decomposition of the position covariance, shared by every reduced length."""
 
     def __init__(self, moments: PositionMoments) -> None:
-        evals, evecs = torch.linalg.eigh(moments.covariance())
+        evals, evecs = eigh(moments.covariance())
         order = torch.argsort(evals, descending=True, stable=True)
         self.eigenvalues = evals[order].clamp(min=0)
         vecs = evecs[:, order]

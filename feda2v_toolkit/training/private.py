@@ -40,6 +40,7 @@ from feda2v_toolkit.privacy.mechanism import row_norms, secret_generator
 from feda2v_toolkit.privacy.run import DPSettings, PrivateStages, declare_releases, replan_sgd
 from feda2v_toolkit.privacy.spec import PrivacyError
 from feda2v_toolkit.privacy.statistics import DPNormQuantile, NoisyCounts, privatize
+from feda2v_toolkit.runtime.linalg import eigh
 from feda2v_toolkit.training.spec import RunSpec
 
 Arrays = dict[str, Tensor]
@@ -316,7 +317,7 @@ class PublicReference:
         their variance per clip."""
         z = ((self.reduce(reducer).double() - normalization["mean"].double()) / normalization["std"].double())
         tokens = z.reshape(-1, z.shape[-1])
-        evals, evecs = torch.linalg.eigh(tokens.T @ tokens)
+        evals, evecs = eigh(tokens.T @ tokens)
         k = max(1, min(int(features), z.shape[-1]))
         return evecs.flip(1)[:, :k], (evals.flip(0)[:k] / z.shape[0]).clamp(min=0)
 
