@@ -65,12 +65,16 @@ class RidgeClassifier:
         n = x.shape[0]
         if n < 2:
             raise ValueError("the classifier needs at least 2 training samples")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("the classifier's training features are not finite (NaN or inf samples)")
         y = F.one_hot(labels.long(), self.num_classes).double()
         self._mean = (x.sum(0, dtype=torch.float64) / n).float()
         xc = x - self._mean  # float32: the kernel's float32 products over F features are exact to ~1e-6
         y_mean = y.mean(0)
         yc = y - y_mean
         kernel = (xc @ xc.T).double()
+        if not bool(torch.isfinite(kernel).all()):  # float32 products overflow on huge (e.g. very noisy) samples
+            kernel = xc.double() @ xc.double().T
         with few_threads():
             evals, evecs = eigh(kernel)
         evals = evals.clamp(min=0)

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from feda2v_toolkit.errors import UsageError
+from feda2v_toolkit.errors import InputError, UsageError
 
 #: the headline TPR is read at this false-positive rate
 TPR_FPR = 0.01
@@ -246,8 +246,16 @@ def privacy_tradeoff(config: Any, data: str | os.PathLike[str] | Any, epsilons: 
             say(f"{name}, seed {s}: trained in {run.train_seconds:.1f}s; evaluating on {len(test_part)} held-out "
                 f"clips")
             t0 = time.perf_counter()
-            result = evaluate(model, test_part, train_data=train_part, seed=s, usefulness_seeds=usefulness_draws,
-                              bootstrap=bootstrap if bootstrap is not None else BOOTSTRAP)
+            try:
+                result = evaluate(model, test_part, train_data=train_part, seed=s, usefulness_seeds=usefulness_draws,
+                                  bootstrap=bootstrap if bootstrap is not None else BOOTSTRAP)
+            except (ValueError, InputError) as exc:  # e.g. a degenerate model's samples: a row with the reason
+                run.refused = f"evaluation failed: {exc}"
+                run.evaluate_seconds = time.perf_counter() - t0
+                _fill_spend(run, model, private, eps, target_delta)
+                say(f"{name}, seed {s}: {run.refused}")
+                runs.append(run)
+                continue
             run.evaluate_seconds = time.perf_counter() - t0
             _fill(run, model, result, private, eps, target_delta)
             runs.append(run)
@@ -278,8 +286,7 @@ def privacy_tradeoff(config: Any, data: str | os.PathLike[str] | Any, epsilons: 
         classifier=CLASSIFIER, runs=runs, points=points, seconds=time.perf_counter() - t_start, notes=notes)
 
 
-def _fill(run: TradeoffRun, model: Any, result: Any, private: bool, eps: float, delta: float) -> None:
-    """Copy the figures of one evaluation into ``run``."""
+def _fill_spend(run: TradeoffRun, model: Any, private: bool, eps: float, delta: float) -> None:
     from feda2v_toolkit.analysis.membership import dp_auc_bound, dp_record
 
     spent = dp_record(model.metrics)
@@ -287,6 +294,11 @@ def _fill(run: TradeoffRun, model: Any, result: Any, private: bool, eps: float, 
         run.spent_epsilon, run.spent_delta = spent["epsilon"], spent["delta"]
     if private:
         run.auc_bound = dp_auc_bound(eps, delta)
+
+
+def _fill(run: TradeoffRun, model: Any, result: Any, private: bool, eps: float, delta: float) -> None:
+    """Copy the figures of one evaluation into ``run``."""
+    _fill_spend(run, model, private, eps, delta)
     u = result.usefulness
     if u is not None:
         run.usefulness = _finite(u.summary.ratio_mean)

@@ -52,8 +52,8 @@ def test_each_target_epsilon_and_seed_is_one_model_trained_on_the_seeds_split(ti
     assert [(r.epsilon, r.seed) for r in result.runs] == [(1.0, 0), (1.0, 1), (None, 0), (None, 1)]
     for run in result.runs:
         if run.epsilon is not None:  # 5 clips per class rarely meet epsilon 1 (the noise is secret: it varies)
-            if run.refused is not None:  # then a row with the trainer's reason
-                assert "clips" in run.refused and run.auc is None
+            if run.refused is not None:  # then a row with the reason (the trainer's, or a degenerate model's)
+                assert ("clips" in run.refused or "evaluation failed" in run.refused) and run.auc is None
             else:
                 assert run.spent_epsilon is not None and run.spent_epsilon <= 1.0 * (1 + 1e-6)
             continue
@@ -63,7 +63,7 @@ def test_each_target_epsilon_and_seed_is_one_model_trained_on_the_seeds_split(ti
         assert 0 <= run.tpr_at_1pct <= 1 and run.tpr_reliable is False  # 20 non-members: too few for FPR 1%
         assert run.train_seconds > 0
     dp_run, no_dp_run = result.runs[0], result.runs[2]
-    assert dp_run.delta == 1e-5 and (dp_run.auc_bound is None) == (dp_run.refused is not None)
+    assert dp_run.delta == 1e-5
     assert no_dp_run.delta is None and no_dp_run.auc_bound is None and no_dp_run.spent_epsilon is None
     assert result.points[0].runs + result.points[0].refused == 2
     point = result.points[1]
@@ -127,7 +127,8 @@ def test_cli_prints_the_table_and_writes_the_report_and_the_plot(capsys, tiny_da
     assert doc["epsilons"] == [1.0, None] and doc["delta"] == 1e-6
     assert [r["epsilon"] for r in doc["runs"]] == [1.0, None]
     first = doc["runs"][0]  # 5 clips per class rarely meet epsilon 1: a row with the reason, or a measured one
-    assert ("clips" in first["refused"]) if first["refused"] else first["spent_epsilon"] <= 1.0 * (1 + 1e-6)
+    assert ("clips" in first["refused"] or "evaluation failed" in first["refused"]) if first["refused"] else \
+        first["spent_epsilon"] <= 1.0 * (1 + 1e-6)
     assert png.read_bytes()[:4] == b"\x89PNG"
     code, out, err = run_main(capsys, "privacy-tradeoff", str(tiny_data), "-c", str(cfg), "--epsilons", "inf",
                               "--usefulness-draws", "1", "--json", "-q")
@@ -171,3 +172,14 @@ def test_too_few_clips_to_hold_out_is_one_line(capsys, tmp_path):
     data = write_demo_dataset(tmp_path / "small.safetensors", 2, seq_len=50, dim=16)
     code, line = one_line_error(capsys, "privacy-tradeoff", str(data), "--epsilons", "inf")
     assert code == 2 and "fewer than 2 held-out clips" in line
+
+
+def test_a_model_whose_evaluation_fails_is_a_row_with_the_reason(tiny_data, monkeypatch):
+    from feda2v_toolkit.analysis import evaluate as evaluate_module
+
+    def failing(*_a, **_k):
+        raise ValueError("the classifier's training features are not finite (NaN or inf samples)")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", failing)
+    result = privacy_tradeoff(FAST, tiny_data, [None], usefulness_draws=1, bootstrap=20)
+    assert result.runs[0].refused.startswith("evaluation failed: the classifier's training features")
