@@ -374,8 +374,6 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
         state = loaded.state
         say(f"resuming from {checkpoint} after epoch {state.epoch}")
     normalization: dict[str, Tensor] = {}
-    if dp is not None:
-        dp.reducer = reducer
     if spec.normalize and dp is not None:
         normalization = dp.normalization(reducer)
     elif spec.normalize:
@@ -388,7 +386,7 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     if loaded is not None and state.upsampler_metrics is not None:
         upsampler.load_state_dict(unpack("upsampler.", loaded.tensors))
     else:
-        state.upsampler_metrics = _fit_upsampler(run, upsampler, summary, heldout_count, dp)
+        state.upsampler_metrics = _fit_upsampler(run, upsampler, summary, heldout_count, dp, reducer)
     upsampler.eval()
     norm_arrays = pack("norm.", normalization)
 
@@ -411,7 +409,7 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     generator_fit: dict[str, dict[str, float]] = {}
     if fitted and dp is not None:
         t0 = time.perf_counter()
-        generator_fit = dp.fit_gaussians(generators, normalization)
+        generator_fit = dp.fit_gaussians(generators, normalization, reducer)
         say(f"fitted {len(generator_fit)} {'generator' if len(generator_fit) == 1 else 'generators'} from noisy "
             f"statistics in {time.perf_counter() - t0:.2f}s")
         state.history = [{"epoch": 1, "epochs": 1, "step": 0, "train": {}, "fit": generator_fit}]
@@ -457,20 +455,17 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
 def _private_pipeline(run: _Run, spec: RunSpec, settings: Any, summary: DataSummary, class_names: list[str],
                       schedule: Schedule) -> Any:
     """The pipeline's side of record-level DP (:mod:`feda2v_toolkit.training.private`) over ``run``'s sites."""
-    from feda2v_toolkit.training.private import PrivatePipeline, make_plan, summarise
+    from feda2v_toolkit.training.private import PrivatePipeline, make_plan
 
     groups = spec.generator_groups(class_names, class_names)
     plan = make_plan(spec, settings, full_length=summary.seq_len, dim=summary.dim, class_names=class_names,
                      groups=groups, condition_dim=summary.condition_dim, epochs=schedule.epochs)
     plan_meta = {"class_names": class_names, "groups": groups, "epochs": schedule.epochs}
-    ledgers: dict[str, Any] = {}
 
-    def ask(step: str, arrays: Arrays, meta: Meta) -> Arrays:
+    def exchange(step: str, arrays: Arrays, meta: Meta) -> tuple[Arrays, dict[str, Any]]:
         replies = run.ask("private", run.everyone(arrays, {"step": step, "plan": plan_meta, **meta}))
-        for n in run.sites:
-            if replies[n][1].get("ledger") is not None:
-                ledgers[run.names[n]] = replies[n][1]["ledger"]
-        return sum_parts(run.parts(replies)) if step != "ledger" else {}
+        ledgers = {run.names[n]: replies[n][1]["ledger"] for n in run.sites if replies[n][1].get("ledger") is not None}
+        return (sum_parts(run.parts(replies)) if step != "ledger" else {}), ledgers
 
     public = None
     if settings.public_data:
@@ -479,14 +474,7 @@ def _private_pipeline(run: _Run, spec: RunSpec, settings: Any, summary: DataSumm
         public = PublicReference(settings.public_data, spec, summary.seq_len, summary.dim)
         run.say(f"privacy: public data {settings.public_data} ({len(public.ds)} clips) fits the reducer, the "
                 "normalisation, the upsampler and the gaussian's basis (they spend nothing)")
-    pipe = PrivatePipeline(plan, ask, len(run.sites), run.say, public)
-
-    def summary_now() -> dict[str, Any]:
-        ask("ledger", {}, {})  # the sites' ledgers as they stand (DP-SGD steps included)
-        return summarise(plan, ledgers, pipe.counts)
-
-    pipe.summary = summary_now  # type: ignore[attr-defined]
-    return pipe
+    return PrivatePipeline(plan, exchange, len(run.sites), run.say, public)
 
 
 def _remove_checkpoint(path: Path) -> None:
@@ -524,7 +512,8 @@ def _check_resumable_early(ckpt_path: Path, loaded: Any, spec: RunSpec, summarie
         raise _refuse_resume(ckpt_path, differ, "; ".join(c for c in changes if c))
 
 
-def _fit_upsampler(run: _Run, upsampler: Any, summary: DataSummary, heldout: int, dp: Any = None) -> dict[str, Any]:
+def _fit_upsampler(run: _Run, upsampler: Any, summary: DataSummary, heldout: int, dp: Any = None,
+                   reducer: Any = None) -> dict[str, Any]:
     """Fit a trainable upsampler from the sites' pairs; score it on their held-out sequences (not in a private
     run: the held-out error is a function of the clips)."""
     spec = run.spec
@@ -533,7 +522,7 @@ def _fit_upsampler(run: _Run, upsampler: Any, summary: DataSummary, heldout: int
         t0 = time.perf_counter()
         run.say(f"fitting upsampler {spec.upsampler} on (reduced, full) training pairs")
         if dp is not None:
-            metrics["fit"] = dp.fit_upsampler(upsampler, summary.seq_len, dp.reducer)
+            metrics["fit"] = dp.fit_upsampler(upsampler, summary.seq_len, reducer)
         elif has_statistics(upsampler):
             stage = FittedStatisticsStage()
             metrics["fit"] = stage.finish(upsampler, stage.merge(run.parts(run.ask("upsampler", run.everyone()))))

@@ -157,7 +157,9 @@ class SitePrivacy:
         st = self.plan.stages
         if step == "counts":
             assert labels is not None
-            return self.release(st.counts.local(labels), "classes")
+            noisy = self.release(st.counts.local(labels), "classes")
+            self.counts = st.counts.finish(noisy, self.plan.plan)  # its own noisy counts: DP-SGD plans from them
+            return noisy
         assert x is not None or step.startswith(("pca.", "lstsq.")) or step == "ledger"
         if step == "pca.norms":
             return self.release({"norm_histogram": _histogram(st.pca.norms, full)}, "pca")
@@ -327,11 +329,22 @@ class PublicReference:
 class PrivatePipeline:
     """The pipeline's side: one exchange per private step, the noisy parts summed and post-processed."""
 
-    def __init__(self, plan: PrivatePlan, ask: Any, sites: int, say: Any,
+    def __init__(self, plan: PrivatePlan, exchange: Any, sites: int, say: Any,
                  public: PublicReference | None = None) -> None:
-        self.plan, self.ask, self.sites, self.say, self.public = plan, ask, sites, say, public
+        """``exchange(step, arrays, meta) -> (merged part, {site name: ledger JSON})`` asks every site."""
+        self.plan, self.exchange, self.sites, self.say, self.public = plan, exchange, sites, say, public
         self.counts: NoisyCounts | None = None
-        self.reducer: Any = None
+        self.ledgers: dict[str, Any] = {}  # each site's ledger as its last reply carried it
+
+    def ask(self, step: str, arrays: Arrays, meta: Meta) -> Arrays:
+        merged, ledgers = self.exchange(step, arrays, meta)
+        self.ledgers.update(ledgers)
+        return merged
+
+    def summary(self) -> dict[str, Any]:
+        """``metrics["privacy"]`` from the sites' ledgers as they stand now (DP-SGD steps included)."""
+        self.ask("ledger", {}, {})
+        return summarise(self.plan, self.ledgers, self.counts)
 
     def _std(self, name: str, sensitivity: float | None = None) -> float:
         return self.plan.noise_std(name, sensitivity, self.sites)
@@ -388,7 +401,7 @@ class PrivatePipeline:
         merged = self.ask("lstsq.stats", {}, {"clip_full": cx, "clip_reduced": cr, "full_length": full_length})
         return upsampler.fit_from_statistics(st.statistics(merged, self.records)) or {}
 
-    def fit_gaussians(self, generators: Mapping[str, Any], normalization: Mapping[str, Tensor]
+    def fit_gaussians(self, generators: Mapping[str, Any], normalization: Mapping[str, Tensor], reducer: Any
                       ) -> dict[str, dict[str, float]]:
         """Set every closed-form generator from the noisy statistics of the clips normalised by
         ``normalization`` (sent along: the sites standardise their reduced clips first); returns what each
@@ -405,7 +418,7 @@ class PrivatePipeline:
             clip = st.clip * st.norms.finish(self.ask("gaussian.norms", norm, kept),
                                              noise_std=self._std("gaussian.norm_histogram"))
         if self.public is not None:
-            v, evals = self.public.basis(normalization, self.reducer, st.max_features)
+            v, evals = self.public.basis(normalization, reducer, st.max_features)
         else:
             basis = self.ask("gaussian.basis", norm, {**kept, "clip": clip})
             v, evals = st.finish_basis(basis, self._std("gaussian.basis", clip * clip), counts.total)

@@ -274,20 +274,14 @@ class Site:
         norm = unpack("norm.", arrays)
         if norm and self.cache is not None and not self.cache.standardized:
             self.set_normalization(norm)  # the gaussian's statistics are taken in the normalised space
-        names = list(meta["plan"]["class_names"])
-        to_global = torch.tensor([names.index(c) for c in self.ds.class_names], dtype=torch.long)
-        labels = to_global[self.ds.labels[self.train_idx]]
-        x = None
-        if self.cache is not None:
-            x = self.cache.values[self.train_idx]
-            labels = self.cache.labels[self.train_idx]
+        if self.cache is not None:  # reduced: the cache holds the run's class indices
+            x, labels = self.cache.values[self.train_idx], self.cache.labels[self.train_idx]
+        else:  # before the reduction (counts, a pca reducer's statistics)
+            names = list(meta["plan"]["class_names"])
+            to_global = torch.tensor([names.index(c) for c in self.ds.class_names], dtype=torch.long)
+            x, labels = None, to_global[self.ds.labels[self.train_idx]]
         out = self.privacy.answer(step, x, labels, arrays, meta, full=full_batches(self.ds, self.train_idx),
                                   pairs=(lambda: self._pairs()()) if self.cache is not None else None)
-        if step == "counts":
-            from feda2v_toolkit.privacy.statistics import DPClassCounts
-
-            stage: DPClassCounts = self.privacy.plan.stages.counts
-            self.privacy.counts = stage.finish(out, self.privacy.plan.plan)  # its own noisy counts (DP-SGD)
         self.store.update(self.privacy.to_store())
         return out
 
