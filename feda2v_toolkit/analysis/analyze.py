@@ -260,7 +260,7 @@ class _Run:
     def pairs(self, reduced: Tensor) -> Callable[[], Any]:
         """(reduced, full) training pairs in chunks, the chunk order reshuffled on every call (seeded):
         the stream ``train`` fits a trainable upsampler on."""
-        return upsampler_pairs(self.ds, self.train_idx, reduced, self.rows, self.seed, "analyze")
+        return upsampler_pairs(self.ds, self.train_idx, reduced.__getitem__, self.rows, self.seed, "analyze")
 
     def _reconstruct(self, key: tuple[str, int, str], rows: Tensor) -> Tensor:
         rname, length, _ = key

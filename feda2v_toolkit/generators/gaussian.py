@@ -302,9 +302,14 @@ class GaussianGenerator(Generator):
         return out
 
     @staticmethod
-    def merge_statistics(parts: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    def merge_statistics(parts: list[Mapping[str, Tensor]], *, max_rank: int | None = None,
+                         compact: bool = False) -> dict[str, Tensor]:
         """Statistics of the union of the parts' data, exactly (parallel-axis corrections of the parts' row
-        means to the merged means; the stacked factors are re-factored). Same form as :meth:`fit_statistics`."""
+        means to the merged means; the stacked factors are re-factored). Same form as :meth:`fit_statistics`.
+
+        With ``max_rank`` (streaming merges, one part at a time): a row's stacked factor is kept as it is (still
+        exact) until it has more than ``2 * max_rank`` rows, then re-factored to its top ``max_rank`` directions
+        (``compact``: always re-factored to them)."""
         if not parts:
             raise ValueError("no statistics to merge")
         shapes = {tuple(p["sums"].shape) for p in parts}
@@ -338,8 +343,14 @@ class GaussianGenerator(Generator):
                 out["cubic"][c] += t + 2 * se + s2 * e + nk * e2 * e
                 out["quartic"][c] += (float(p["quartic"][c]) + 4 * float(e @ se) + nk * e2 * e2
                                       + 4 * float(t @ e) + 2 * e2 * s2)
-                stacked += [low, (math.sqrt(nk) * e).unsqueeze(0)]
-            f = low_rank_factor(torch.cat(stacked))
+                stacked += [low] if max_rank is not None and e2 == 0 else [low, (math.sqrt(nk) * e).unsqueeze(0)]
+            both = torch.cat(stacked) if stacked else torch.zeros(0, features, dtype=torch.float64)
+            if max_rank is None:
+                f = low_rank_factor(both)
+            elif compact or both.shape[0] > 2 * max_rank:
+                f = low_rank_factor(both, max_rank)
+            else:
+                f = both
             out["factor_rows"][c] = f.shape[0]
             factors.append(f)
         out["factors"] = torch.cat(factors) if factors else torch.zeros(0, features, dtype=torch.float64)

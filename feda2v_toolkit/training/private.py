@@ -308,7 +308,7 @@ class PublicReference:
         from feda2v_toolkit.training.streams import read_chunk_rows, upsampler_pairs
 
         rows = max(1, min(self.spec.batch_size, read_chunk_rows(self.ds)))
-        pairs = upsampler_pairs(self.ds, self.rows, self.reduce(reducer), rows, self.spec.seed, 0)
+        pairs = upsampler_pairs(self.ds, self.rows, self.reduce(reducer).__getitem__, rows, self.spec.seed, 0)
         if has_statistics(upsampler):
             stage = FittedStatisticsStage()
             return stage.finish(upsampler, stage.local(upsampler, pairs)) or {}

@@ -9,6 +9,7 @@ statistics, weights and optimiser state, never clips.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -27,20 +28,28 @@ from feda2v_toolkit.errors import InputError, short_list
 from feda2v_toolkit.privacy.spec import PrivacyError
 from feda2v_toolkit.runtime.seeds import derive_seed
 from feda2v_toolkit.training.loop import EpochData, mean_terms, train_epochs, validate
+from feda2v_toolkit.training.ranks import (
+    Ranks,
+    add_parts,
+    block_count,
+    block_range,
+    data_parallel_step,
+    in_block,
+)
 from feda2v_toolkit.training.spec import RunSpec
 from feda2v_toolkit.training.stages import (
     ClassesStage,
     FittedStatisticsStage,
-    GeneratorStatisticsStage,
-    NormalizationStage,
     WeightsPart,
+    has_statistics,
 )
 from feda2v_toolkit.training.streams import (
     ReducedCache,
+    block_digest,
+    cache_fingerprint,
     full_batches,
     heldout_reconstruction,
     read_chunk_rows,
-    reduce_dataset,
     upsampler_pairs,
 )
 
@@ -96,7 +105,7 @@ class Site:
     """
 
     def __init__(self, data: str | os.PathLike[str] | Dataset, spec: RunSpec, index: int | None = 0, *,
-                 name: str | None = None, device: str | torch.device = "cpu") -> None:
+                 name: str | None = None, device: str | torch.device = "cpu", ranks: Ranks | None = None) -> None:
         from feda2v_toolkit.data.open import open_dataset
 
         self.ds = data if isinstance(data, Dataset) else open_dataset(data)
@@ -118,6 +127,8 @@ class Site:
         self.generation = 0  # how many times an engine saved ``store`` for this site (see federated.app)
         self.private = spec.config.get("generator_dp_epsilon") is not None  # record-level DP (training.private)
         self.privacy: Any = None  # its SitePrivacy, made with the first private request
+        self.ranks = ranks or Ranks()  # data-parallel ranks sharing this site's blocks (training.ranks)
+        self._upsampler_sums: Arrays | None = None  # a closed-form upsampler's statistics, taken while reducing
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -193,32 +204,84 @@ class Site:
         return dict(reducer.state_dict())
 
     def reduce(self, state: Mapping[str, Tensor], class_names: list[str]) -> tuple[Arrays, Meta]:
-        """Load the run's reducer, reduce every local sequence once (raw cache); release the normalisation sums."""
+        """Load the run's reducer, reduce every local sequence once (raw cache); release the normalisation sums.
+
+        One read of the data, block by block (:mod:`feda2v_toolkit.training.ranks`): each block's sequences are
+        reduced into the cache, and the block's normalisation sums and -- for a closed-form upsampler such as
+        ``lstsq`` -- its (reduced, full) statistics are taken from the same read; the blocks' parts add up in
+        block order (on every rank, whatever the number of ranks)."""
+        from feda2v_toolkit.runtime.resources import cache_in_memory
+
         reducer = self._reducer()
         reducer.load_state_dict(dict(state))
         reducer.to(self.device).eval()
         to_global = torch.tensor([class_names.index(c) for c in self.ds.class_names], dtype=torch.long)
         conditions = self.ds.read_conditions(range(len(self.ds))) if self.ds.condition_dim else None
+        n, length, dim = len(self.ds), self.spec.training_length, self.ds.dim
+        if self.cache is not None:
+            self.cache.close()
+        self.cache = ReducedCache(n, length, dim, to_global[self.ds.labels], conditions,
+                                  in_memory=cache_in_memory(n * length * dim * 4))
+        ups = self._upsampler()
+        fuse = has_statistics(ups) and bool(getattr(ups, "trainable", False)) and not self.private
+        is_train = torch.zeros(n, dtype=torch.bool)
+        is_train[self.train_idx] = True
+        chunk = read_chunk_rows(self.ds)
+        digests: list[bytes] = []
+
+        def block(b: int) -> Arrays:
+            lo, hi = block_range(b, n)
+            values = torch.empty(hi - lo, length, dim)
+            part: Arrays = {}
+            with torch.no_grad():
+                for s in range(lo, hi, chunk):
+                    full = self.ds.read(torch.arange(s, min(s + chunk, hi))).embeddings
+                    r = reducer(full.to(self.device)).to("cpu", torch.float32)
+                    values[s - lo:s - lo + r.shape[0]] = r
+                    tr = is_train[s:s + r.shape[0]]
+                    if fuse and bool(tr.any()):
+                        sums = ups.fit_statistics(lambda r=r, full=full, tr=tr: [(r[tr], full[tr])])
+                        part = add_parts(part or None, pack("ups.", sums))
+            x = values[is_train[lo:hi]].double()
+            part.update({"norm.sum": x.sum(0), "norm.sum_sq": x.pow(2).sum(0),
+                         "norm.count": torch.tensor(float(x.shape[0]), dtype=torch.float64)})
+            part["block"] = torch.tensor([b, lo])
+            part["digest"] = torch.frombuffer(bytearray(block_digest(values)), dtype=torch.uint8)
+            part["values"] = values
+            return part
+
+        def merge(acc: Arrays | None, part: Arrays) -> Arrays:
+            assert self.cache is not None
+            self.cache.write(int(part["block"][1]), part.pop("values"))
+            digests.append(bytes(part.pop("digest").numpy().tobytes()))
+            part.pop("block")
+            return add_parts(acc, part)
+
         t0 = time.perf_counter()
-        self.cache = ReducedCache(reduce_dataset(self.ds, reducer, device=self.device), to_global[self.ds.labels],
-                                  conditions)
+        sums = self.ranks.combine(block_count(n), block, merge) or {}
         seconds = time.perf_counter() - t0
+        self._upsampler_sums = unpack("ups.", sums) if fuse and any(k.startswith("ups.") for k in sums) else None
         self.store.update(pack("reducer.", state))
         self.store["reduced"] = torch.ones(())  # marks a reducer as set (a reducer may have no state at all)
         self.store["classes"] = torch.tensor([ord(ch) for ch in json.dumps(class_names)], dtype=torch.int32)
-        part = NormalizationStage().local(self.cache.values, self.train_idx) \
+        part = {k[len("norm."):]: v for k, v in sums.items() if k.startswith("norm.")} \
             if self.spec.normalize and not self.private else {}
-        return part, {"fingerprint": self.cache.fingerprint(), "seconds": seconds, **self.split_counts()}
+        if part and "count" not in part:
+            part = {}
+        return part, {"fingerprint": cache_fingerprint(self.ds.labels, digests), "seconds": seconds,
+                      **self.split_counts()}
 
-    def _raw(self) -> Tensor:
-        assert self.cache is not None and not self.cache.standardized, "the upsampler needs the raw cache"
-        return self.cache.values
+    def _raw(self) -> Any:
+        assert self.cache is not None, "the site has not reduced its data"
+        return self.cache.raw
 
     def _pairs(self, *ids: Any) -> Any:
         rows = max(1, min(self.spec.batch_size, read_chunk_rows(self.ds)))
         return upsampler_pairs(self.ds, self.train_idx, self._raw(), rows, self.spec.seed, self.index, *ids)
 
     def upsampler_statistics(self) -> Arrays:
+        if self._upsampler_sums is not None:  # taken while reducing (the same sums, one read of the data)
+            return dict(self._upsampler_sums)
         return FittedStatisticsStage().local(self._upsampler(), self._pairs())
 
     def upsampler_round(self, state: Mapping[str, Tensor], round_index: int) -> tuple[Arrays, int, Meta]:
@@ -233,12 +296,14 @@ class Site:
     def upsampler_heldout(self, state: Mapping[str, Tensor]) -> Arrays:
         ups = self._upsampler().to(self.device)
         ups.load_state_dict(dict(state))
-        return heldout_reconstruction(self.ds, self.val_idx, self._raw(), ups, self.device)
+        n = len(self.ds)
+        return self.ranks.combine(block_count(n), lambda b: heldout_reconstruction(
+            self.ds, in_block(self.val_idx, b, n), self._raw(), ups, self.device), add_parts) or {}
 
     def set_normalization(self, norm: Mapping[str, Tensor]) -> None:
         assert self.cache is not None
         if not self.cache.standardized:
-            self.cache.standardize(dict(norm))
+            self.cache.standardize({k: v.to(torch.float32) for k, v in norm.items()})
             self.store.update(pack("norm.", norm))
             self.store["standardized"] = torch.ones(())
 
@@ -275,7 +340,7 @@ class Site:
         if norm and self.cache is not None and not self.cache.standardized:
             self.set_normalization(norm)  # the gaussian's statistics are taken in the normalised space
         if self.cache is not None:  # reduced: the cache holds the run's class indices
-            x, labels = self.cache.values[self.train_idx], self.cache.labels[self.train_idx]
+            x, labels = self.cache.read(self.train_idx), self.cache.labels[self.train_idx]
         else:  # before the reduction (counts, a pca reducer's statistics)
             names = list(meta["plan"]["class_names"])
             to_global = torch.tensor([names.index(c) for c in self.ds.class_names], dtype=torch.long)
@@ -299,14 +364,13 @@ class Site:
         out: Arrays = {}
         examples: dict[str, int] = {}
         truncated: dict[str, dict[str, Any]] = {}
-        stage = GeneratorStatisticsStage()
+        n = len(self.ds)
         for i, key in enumerate(keys):
             idx = self._rows_of(groups[key], class_names, self.train_idx)
             if idx.numel() == 0:
                 continue
             gen = self._generator(class_names)
-            x, labels, conditions = self.cache.reader(torch.device("cpu"))(idx)
-            stats = stage.local(gen, x, labels, conditions)
+            stats = self._block_statistics(gen, idx, n)
             counts, rows = stats["counts"], stats["factor_rows"]
             short = (rows < (counts - 1).clamp(min=0)).nonzero().flatten().tolist()
             if short:  # a class with more sequences than the rank: its factor keeps the top `rank` directions
@@ -316,6 +380,34 @@ class Site:
             out.update(pack(f"g{i}.", stats))
             examples[key] = int(idx.numel())
         return out, {"examples": examples, "truncated": truncated}
+
+    def _block_statistics(self, gen: Any, idx: Tensor, n: int) -> Arrays:
+        """``gen``'s statistics of the rows ``idx``: exact per block, merged block by block in order over the ranks
+        (factors kept to the generator's rank per row, as one whole-data :class:`GeneratorStatisticsStage` part)."""
+        merge = type(gen).merge_statistics
+        rank = getattr(gen, "rank", None)
+        streaming = rank is not None and "max_rank" in inspect.signature(merge).parameters
+        read = self.cache.reader(torch.device("cpu")) if self.cache is not None else None
+        assert read is not None
+
+        def block(b: int) -> Arrays:
+            rows = in_block(idx, b, n)
+            if rows.numel() == 0:
+                return {}
+            x, labels, conditions = read(rows)
+            return dict(gen.fit_statistics(x, labels=labels, conditions=conditions, max_rank=None))
+
+        def combine(acc: Arrays | None, part: Arrays) -> Arrays:
+            if not part:
+                return acc if acc is not None else {}
+            if not acc:
+                return part
+            return dict(merge([acc, part], max_rank=rank) if streaming else merge([acc, part]))
+
+        stats = self.ranks.combine(block_count(n), block, combine) or {}
+        if streaming:
+            return dict(merge([stats], max_rank=rank, compact=True))
+        return stats
 
     def generator_fit(self, keys: list[str], groups: Mapping[str, list[str]],
                       class_names: list[str]) -> tuple[Arrays, Meta]:
@@ -401,7 +493,8 @@ class Site:
                     step=epochs[0] * per if epochs else 0, config=self.cfg,
                     validation_frequency=spec.validation_frequency, autocast_dtype=spec.autocast_dtype,
                     device=self.device, where=f", generator {key!r}" + (f", {self.name}" if self.index else ""),
-                    on_step=(lambda _t, _n: self.on_step(1)) if self.on_step else None)  # one tick a step
+                    on_step=(lambda _t, _n: self.on_step(1)) if self.on_step else None,  # one tick a step
+                    step_fn=data_parallel_step(gen, opts, self.ranks) if self.ranks.distributed else None)
             weights[key] = {k: v.detach().to("cpu") for k, v in gen.state_dict().items()}
             optimizers[key], docs[key] = flatten_optimizers(opts)
             examples[key] = int(data.train.numel())

@@ -7,6 +7,7 @@ reduced once into a :class:`ReducedCache` (``[N, l, D]`` float32), which the gen
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -57,42 +58,130 @@ def reduce_dataset(ds: Dataset, reducer: Reducer, indices: Tensor | None = None,
 
 
 class ReducedCache:
-    """Every sequence of a dataset reduced once: raw until :meth:`standardize`, standardised in place after.
+    """Every sequence of a site reduced once (``[N, l, D]`` float32, raw), in memory or -- when it is larger than
+    the memory budget allows (:func:`feda2v_toolkit.runtime.resources.cache_in_memory`) -- in an unlinked
+    temporary file read with ``pread`` (the page cache, not this process, holds what fits; the file disappears
+    with the process, however it ends).
 
     ``labels`` are the site's labels mapped to the run's class indices; ``conditions`` the per-sample
-    condition embeddings (or ``None``).
+    condition embeddings (or ``None``). After :meth:`standardize`, :meth:`read` returns standardised rows
+    (``(raw - mean) / std``, computed on every read: the same float32 numbers as standardising in place);
+    :meth:`raw` always returns the raw ones.
     """
 
-    def __init__(self, values: Tensor, labels: Tensor, conditions: Tensor | None) -> None:
-        self.values = values
+    def __init__(self, rows: int, length: int, dim: int, labels: Tensor, conditions: Tensor | None, *,
+                 in_memory: bool = True, directory: str | None = None) -> None:
+        self.rows, self.length, self.dim = int(rows), int(length), int(dim)
         self.labels = labels
         self.conditions = conditions
-        self.standardized = False
+        self.normalization: dict[str, Tensor] | None = None
+        self.row_bytes = self.length * self.dim * 4
+        self._values: Tensor | None = None
+        self._file: Any = None
+        if in_memory:
+            self._values = torch.zeros(self.rows, self.length, self.dim)
+        else:
+            import tempfile
 
-    def fingerprint(self) -> str:
-        """SHA-256 (16 hex digits) of the raw reduced values and the labels: what a resumed run must match."""
-        h = hashlib.sha256(self.labels.numpy().tobytes())
-        h.update(memoryview(self.values.contiguous().numpy()).cast("B"))
-        return h.hexdigest()[:16]
+            self._file = tempfile.TemporaryFile(prefix="feda2v-reduced-", dir=directory)  # noqa: SIM115 (closed by close())
+            self._file.truncate(self.rows * self.row_bytes)
+
+    @classmethod
+    def of(cls, values: Tensor, labels: Tensor, conditions: Tensor | None) -> ReducedCache:
+        """An in-memory cache holding ``values [N, l, D]``."""
+        cache = cls(values.shape[0], values.shape[1], values.shape[2], labels, conditions)
+        cache._values = values.to(torch.float32).contiguous()
+        return cache
+
+    @property
+    def in_memory(self) -> bool:
+        return self._values is not None
+
+    @property
+    def standardized(self) -> bool:
+        return self.normalization is not None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def write(self, start: int, values: Tensor) -> None:
+        """Rows ``start .. start + len(values)`` (raw)."""
+        values = values.to("cpu", torch.float32).contiguous()
+        if self._values is not None:
+            self._values[start:start + values.shape[0]] = values
+            return
+        data = memoryview(values.numpy()).cast("B")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._file.fileno(), data[done:], start * self.row_bytes + done)
+
+    def raw(self, rows: Tensor) -> Tensor:
+        """Rows ``rows`` (any order, repeats allowed), raw: ``[len(rows), l, D]`` float32."""
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        if self._values is not None:
+            return self._values[rows]
+        out = torch.empty(rows.numel(), self.length, self.dim)
+        if rows.numel() == 0:
+            return out
+        unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+        got = torch.empty(unique.numel(), self.length, self.dim)
+        buf = memoryview(got.numpy()).cast("B")
+        u = unique.tolist()
+        i = 0
+        while i < len(u):  # one pread per run of consecutive rows
+            j = i
+            while j + 1 < len(u) and u[j + 1] == u[j] + 1:
+                j += 1
+            want, offset, done = (j - i + 1) * self.row_bytes, u[i] * self.row_bytes, 0
+            while done < want:
+                n = os.preadv(self._file.fileno(), [buf[i * self.row_bytes + done:(j + 1) * self.row_bytes]],
+                              offset + done)
+                if n <= 0:
+                    raise OSError(f"short read from the reduced cache at row {u[i]}")
+                done += n
+            i = j + 1
+        return got if unique.numel() == rows.numel() and torch.equal(unique, rows) else got[inverse]
+
+    def read(self, rows: Tensor) -> Tensor:
+        """Rows ``rows``, standardised once :meth:`standardize` was called."""
+        x = self.raw(rows)  # a copy: indexing by a tensor copies
+        if self.normalization:
+            x.sub_(self.normalization["mean"]).div_(self.normalization["std"])
+        return x
 
     def standardize(self, normalization: dict[str, Tensor]) -> None:
-        if normalization and not self.standardized:
-            self.values.sub_(normalization["mean"]).div_(normalization["std"])
-        self.standardized = True
+        """From now on :meth:`read` returns standardised rows (an empty ``normalization``: raw rows)."""
+        if self.normalization is None:
+            self.normalization = dict(normalization)
 
     def reader(self, device: torch.device) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]:
         def read(rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
             cond = self.conditions[rows].to(device) if self.conditions is not None else None
-            return self.values[rows].to(device, non_blocking=True), self.labels[rows].to(device), cond
+            return self.read(rows).to(device, non_blocking=True), self.labels[rows].to(device), cond
 
         return read
 
 
-def upsampler_pairs(ds: Dataset, indices: Tensor, reduced: Tensor, rows: int, seed: int,
+def block_digest(values: Tensor) -> bytes:
+    """SHA-256 of raw reduced values (one block of a :class:`ReducedCache`)."""
+    return hashlib.sha256(memoryview(values.contiguous().numpy()).cast("B")).digest()
+
+
+def cache_fingerprint(labels: Tensor, digests: list[bytes]) -> str:
+    """What a resumed run must match (16 hex digits): the labels and the blocks' :func:`block_digest`, in order."""
+    h = hashlib.sha256(labels.numpy().tobytes())
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()[:16]
+
+
+def upsampler_pairs(ds: Dataset, indices: Tensor, reduced: Callable[[Tensor], Tensor], rows: int, seed: int,
                     *ids: Any) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
     """(reduced, full) float32 pairs over ``indices`` in chunks, the chunk order reshuffled per call (call ``k``
-    uses ``derive_seed(seed, "upsampler-pairs", *ids, k)``). ``reduced`` holds the raw reduced sequences of
-    the whole dataset, by index."""
+    uses ``derive_seed(seed, "upsampler-pairs", *ids, k)``). ``reduced(rows)`` reads the raw reduced sequences
+    of the dataset by index (:meth:`ReducedCache.raw`)."""
     calls = [0]
 
     def pairs() -> Iterator[tuple[Tensor, Tensor]]:
@@ -101,15 +190,15 @@ def upsampler_pairs(ds: Dataset, indices: Tensor, reduced: Tensor, rows: int, se
         starts = torch.arange(0, indices.numel(), rows)
         for s in starts[torch.randperm(starts.numel(), generator=g)].tolist():
             chunk = indices[s:s + rows]
-            yield reduced[chunk], ds.read(chunk).embeddings
+            yield reduced(chunk), ds.read(chunk).embeddings
 
     return pairs
 
 
-def heldout_reconstruction(ds: Dataset, indices: Tensor, reduced: Tensor, upsampler: Upsampler,
+def heldout_reconstruction(ds: Dataset, indices: Tensor, reduced: Callable[[Tensor], Tensor], upsampler: Upsampler,
                            device: torch.device) -> dict[str, Tensor]:
     """Sums (float64, mergeable over sites) for the held-out reconstruction error of ``upsampler`` and of linear
-    interpolation: squared errors ``sse``/``sse_linear``, the squared norm ``sumsq`` and per-position sums
+    interpolation (``reduced(rows)``: the raw reduced rows): squared errors ``sse``/``sse_linear``, the squared norm ``sumsq`` and per-position sums
     ``total [L, D]`` of the held-out full sequences, and their ``count``; see :func:`reconstruction_metrics`."""
     f64 = torch.float64
     out = {"sse": torch.zeros((), dtype=f64), "sse_linear": torch.zeros((), dtype=f64),
@@ -121,7 +210,7 @@ def heldout_reconstruction(ds: Dataset, indices: Tensor, reduced: Tensor, upsamp
         for s in range(0, indices.numel(), rows):
             chunk = indices[s:s + rows]
             full = ds.read(chunk).embeddings.to(device)
-            red = reduced[chunk].to(device)
+            red = reduced(chunk).to(device)
             out["sse"] += float(torch.dist(full, upsampler(red, ds.seq_len).float())) ** 2
             out["sse_linear"] += float(torch.dist(full, interpolate_sequence(red, ds.seq_len, "linear"))) ** 2
             out["sumsq"] += float(torch.linalg.vector_norm(full)) ** 2

@@ -1,0 +1,227 @@
+"""The ranks of a data-parallel run (``torchrun``), and the blocks of rows they share out.
+
+A site's rows are cut into fixed **blocks** of :data:`BLOCK_ROWS` consecutive dataset rows (on-disk order). A
+block is the unit of work and of summation order: every sum, scatter or hash a site releases is computed block
+by block and combined in block order, whatever the number of ranks. With ``W`` ranks, block ``b`` is computed by
+rank ``b mod W``; each round, the ``W`` ranks compute one block each and exchange the ``W`` partial results,
+which every rank combines in the same order. One process (``W = 1``) does the same arithmetic in the same order,
+so the closed-form model is the same to the byte on any number of ranks.
+
+:class:`Ranks` is one process (no engine); :class:`TorchRanks` exchanges through ``torch.distributed`` (gloo
+for CPU tensors; the process group is made by :func:`init_from_environment` from what ``torchrun`` sets).
+Tensors travel as safetensors bytes, never pickled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from feda2v_toolkit.errors import InputError
+
+#: consecutive dataset rows per block (fixed: results do not depend on the number of ranks or the memory budget)
+BLOCK_ROWS = 512
+
+Part = dict[str, Tensor]
+
+
+def block_count(rows: int) -> int:
+    return (rows + BLOCK_ROWS - 1) // BLOCK_ROWS
+
+
+def block_range(b: int, rows: int) -> tuple[int, int]:
+    return b * BLOCK_ROWS, min((b + 1) * BLOCK_ROWS, rows)
+
+
+def in_block(indices: Tensor, b: int, rows: int) -> Tensor:
+    """The entries of the sorted row ``indices`` that fall in block ``b``."""
+    lo, hi = block_range(b, rows)
+    a, z = torch.searchsorted(indices, torch.tensor([lo, hi])).tolist()
+    return indices[a:z]
+
+
+class Ranks:
+    """One process: rank 0 of 1. Subclasses exchange between processes."""
+
+    rank = 0
+    world = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def rounds(self, blocks: int) -> Iterator[tuple[int | None, list[int]]]:
+        """Per round: this rank's block (``None`` past the end) and the round's blocks in order."""
+        for start in range(0, blocks, self.world):
+            mine = start + self.rank
+            yield (mine if mine < blocks else None), list(range(start, min(start + self.world, blocks)))
+
+    def exchange(self, part: Part | None, blocks: list[int]) -> list[Part]:
+        """Every rank's part of one round, in block order (``part`` is this rank's, ``None`` past the end)."""
+        assert part is not None and len(blocks) == 1
+        return [part]
+
+    def combine(self, blocks: int, compute: Callable[[int], Part],
+                merge: Callable[[Part | None, Part], Part]) -> Part | None:
+        """``merge(... merge(merge(None, p0), p1) ..., p_last)`` over the blocks' parts ``compute(b)``, computed
+        round by round across the ranks; every rank returns the same result."""
+        acc: Part | None = None
+        for mine, order in self.rounds(blocks):
+            for p in self.exchange(compute(mine) if mine is not None else None, order):
+                acc = merge(acc, p)
+        return acc
+
+    def all_strings(self, value: str) -> list[str]:
+        return [value]
+
+    def average_gradients(self, params: list[Tensor], weight: float) -> None:
+        """Sum ``weight * grad`` over the ranks into every ``grad`` (one process: unchanged)."""
+
+    def all_mean(self, values: Mapping[str, float], weight: float) -> dict[str, float]:
+        return dict(values)
+
+    def barrier(self) -> None:
+        pass
+
+
+def add_parts(acc: Part | None, part: Part) -> Part:
+    """Key-wise float64 sum, in the order parts arrive (the ``merge`` of plain sums)."""
+    if acc is None:
+        return {k: v.to(torch.float64).clone() for k, v in part.items()}
+    for k, v in part.items():
+        acc[k] += v.to(torch.float64)
+    return acc
+
+
+def _to_bytes(part: Part | None) -> Tensor:
+    from safetensors.torch import save
+
+    if part is None:
+        return torch.zeros(0, dtype=torch.uint8)
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in part.items()})
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _from_bytes(buf: Tensor) -> Part:
+    from safetensors.torch import load
+
+    return dict(load(bytes(buf.numpy().tobytes())))
+
+
+class TorchRanks(Ranks):
+    """Ranks of a ``torch.distributed`` process group (collectives on CPU tensors)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+
+    def _all_gather_bytes(self, buf: Tensor) -> list[Tensor]:
+        dist = self.dist
+        size = torch.tensor([buf.numel()], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(sizes, size)
+        longest = max(int(s) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[:buf.numel()] = buf
+        out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
+        dist.all_gather(out, padded)
+        return [o[:int(s)] for o, s in zip(out, sizes, strict=True)]
+
+    def exchange(self, part: Part | None, blocks: list[int]) -> list[Part]:
+        gathered = self._all_gather_bytes(_to_bytes(part))
+        return [_from_bytes(gathered[i]) for i in range(len(blocks))]
+
+    def all_strings(self, value: str) -> list[str]:
+        data = torch.frombuffer(bytearray(value.encode()), dtype=torch.uint8) if value else \
+            torch.zeros(0, dtype=torch.uint8)
+        return [bytes(b.numpy().tobytes()).decode() for b in self._all_gather_bytes(data)]
+
+    def average_gradients(self, params: list[Tensor], weight: float) -> None:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.mul_(weight)
+            self.dist.all_reduce(p.grad)
+
+    def all_mean(self, values: Mapping[str, float], weight: float) -> dict[str, float]:
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) * weight for k in keys] + [weight], dtype=torch.float64)
+        self.dist.all_reduce(t)
+        total = float(t[-1])
+        return {k: float(t[i]) / total if total > 0 else float("nan") for i, k in enumerate(keys)}
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+
+#: environment variables torchrun (and other launchers) set
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_world_size() -> int:
+    """``WORLD_SIZE`` as a launcher set it (1 when not launched by one)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise InputError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} is not a number of processes") from None
+
+
+def init_from_environment(device: torch.device | str = "cpu") -> Ranks:
+    """The run's ranks: one process, or -- under ``torchrun`` (``WORLD_SIZE`` > 1) -- a process group over the
+    launcher's rendezvous (gloo for CPU tensors, and NCCL for CUDA ones when the device is a GPU)."""
+    world = launched_world_size()
+    if world == 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    missing = [v for v in LAUNCH_VARIABLES if v not in os.environ]
+    if missing:
+        raise InputError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start data-parallel runs with "
+                         "torchrun (e.g. torchrun --nproc-per-node 2 -m feda2v_toolkit train ...)")
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return TorchRanks()
+
+
+def shutdown(ranks: Ranks) -> None:
+    if isinstance(ranks, TorchRanks) and ranks.dist.is_initialized():
+        ranks.dist.destroy_process_group()
+
+
+def data_parallel_step(gen: Any, optimizers: Mapping[str, torch.optim.Optimizer], ranks: Ranks
+                       ) -> Callable[..., dict[str, float]]:
+    """A ``step_fn`` (:func:`feda2v_toolkit.training.loop.run_steps`) for data-parallel training: each rank takes
+    its share ``rows[rank::world]`` of every batch (all of it when the batch has fewer rows than ranks) and runs the
+    generator's own ``training_step``; before every optimiser step the gradients are averaged over the ranks,
+    weighted by rows, so every rank takes the same step (the weights stay identical). Loss terms: the
+    row-weighted mean over the ranks."""
+    from feda2v_toolkit.components import TrainContext
+
+    weight = [1.0]
+    params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in optimizers.items()}
+    for name, opt in optimizers.items():
+        opt.register_step_pre_hook(lambda _opt, _a, _k, name=name: ranks.average_gradients(params[name], weight[0]))
+
+    def step(x: Tensor, labels: Tensor | None, conditions: Tensor | None, ctx: TrainContext) -> dict[str, float]:
+        n = x.shape[0]
+        if n >= ranks.world:
+            sl = slice(ranks.rank, None, ranks.world)
+            x, labels = x[sl], labels[sl] if labels is not None else None
+            conditions = conditions[sl] if conditions is not None else None
+            weight[0] = x.shape[0] / n
+        else:
+            weight[0] = 1.0 / ranks.world
+        terms = gen.training_step(x, labels=labels, conditions=conditions, optimizers=optimizers, ctx=ctx)
+        return ranks.all_mean(terms, weight[0])
+
+    return step
