@@ -72,3 +72,33 @@ class Fraction(click.ParamType):
 
 #: the type of every ``--test-fraction`` option: a share strictly between 0 and 1
 FRACTION = Fraction()
+
+
+class MemoryBudget(click.ParamType):
+    """A size in bytes: ``2G``, ``512MiB``, ``1.5GB`` or a plain number."""
+
+    name = "SIZE"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from feda2v_toolkit.runtime.resources import parse_size
+
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _set_budget(_ctx: click.Context, _param: click.Parameter, value: int | None) -> None:
+    from feda2v_toolkit.runtime.resources import set_memory_budget
+
+    if value is not None:
+        set_memory_budget(value)
+
+
+#: every ``--memory-budget`` option: the process-wide budget (``FEDA2V_MEMORY_BUDGET`` when not given)
+MEMORY_BUDGET_OPTION = click.option(
+    "--memory-budget", type=MemoryBudget(), callback=_set_budget, expose_value=False, is_eager=True,
+    help="Memory to plan for, e.g. 2G or 512MiB [default: $FEDA2V_MEMORY_BUDGET, else 2 GiB]: caches larger than "
+         "a quarter of it go to a temporary file.")

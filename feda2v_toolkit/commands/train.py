@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, SEED
+from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, MEMORY_BUDGET_OPTION, SEED
 from feda2v_toolkit.commands._warnings import warnings_as_messages
 
 #: CLI option -> generator-section key it overrides
@@ -88,6 +88,7 @@ def training_options(*, epochs: bool) -> Any:
         click.option("--seed", type=SEED, help="Random seed (overrides generator_seed; drawn at random and "
                                                 "reported when neither is set)."),
         click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP),
+        MEMORY_BUDGET_OPTION,
         click.option("--overwrite", is_flag=True, help="Replace OUT (and its metrics file) if they exist."),
         click.option("--resume", is_flag=True, help="Continue from the last checkpoint if there is one."),
         click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -123,9 +124,13 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
     """Reduce sequences, train a generator, and export it as one safetensors file.
 
     The config is migrated in memory and validated first; command-line options override its keys.
-    Training is the pipeline federate runs, over one site holding all of DATA.
+    Training is the pipeline federate runs, over one site holding all of DATA. Data-parallel over processes:
+    torchrun --nproc-per-node N -m feda2v_toolkit train ... (the same model; docs/performance.md).
     """
     from feda2v_toolkit.training.pipeline import train
+
+    if _launched_rank() > 0:  # torchrun: rank 0 speaks and writes for the run
+        quiet, as_json, progress = True, False, False
 
     def say(msg: str) -> None:
         if not quiet:
@@ -140,6 +145,15 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
                       resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
                       progress=progress, log=say, overwrite=overwrite, keep_checkpoints=keep_checkpoints)
     report(model, out_path, say, as_json)
+
+
+def _launched_rank() -> int:
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def report(model: Any, out_path: Path, say: Any, as_json: bool) -> None:

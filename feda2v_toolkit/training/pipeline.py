@@ -51,6 +51,7 @@ from feda2v_toolkit.training.checkpoint import (
     save_checkpoint,
 )
 from feda2v_toolkit.training.loop import check_finite, mean_terms
+from feda2v_toolkit.training.ranks import Ranks, init_from_environment
 from feda2v_toolkit.training.site import (
     Arrays,
     Meta,
@@ -816,10 +817,13 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
           resume: bool = False, checkpoint_dir: str | os.PathLike[str] | None = None,
           metrics_path: str | os.PathLike[str] | None = None, progress: bool | None = None,
           log: Callable[[str], None] | None = None, overwrite: bool = False,
-          keep_checkpoints: bool = False) -> GenerativeModel:
+          keep_checkpoints: bool = False, ranks: Ranks | None = None) -> GenerativeModel:
     """Train a generator model on ``data`` as ``config`` says; write it to ``out`` if given.
 
-    The pipeline (module docstring) over one site holding all of ``data``.
+    The pipeline (module docstring) over one site holding all of ``data``. Under ``torchrun`` (``WORLD_SIZE`` >
+    1, or given ``ranks``) every rank runs this same call and shares the site's blocks out
+    (:mod:`feda2v_toolkit.training.ranks`): rank 0 writes ``out``, the metrics and checkpoints; the other ranks
+    write nothing.
 
     Args:
         config: a config file path, a full experiment config or a generator section (mapping); read
@@ -841,6 +845,13 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     say = log or (lambda _msg: None)
     dev = resolve_device(device)
     data_paths = [] if isinstance(data, Dataset) else [data]
+    if ranks is None:
+        ranks = init_from_environment(dev)
+    if ranks.distributed and not ranks.agreed:
+        ranks.agreed = True
+        return _train_ranks(ranks, config, data, out=out, overrides=overrides, seed=seed, device=dev, resume=resume,
+                            checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, progress=progress, log=say,
+                            overwrite=overwrite, keep_checkpoints=keep_checkpoints)
 
     def checkpoint_seed() -> int | None:  # a run that drew its seed resumes with it
         spec0 = RunSpec.resolve(config, overrides=overrides, seed=0)
@@ -853,7 +864,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
     check_outputs(out, metrics_path, ckpt if spec.save_checkpoints else None, inputs=data_paths,
                   overwrite=overwrite, resume=resume)
-    site = Site(data, spec, 0, device=dev)
+    site = Site(data, spec, 0, device=dev, ranks=ranks)
     if spec.seed_drawn:
         say(f"seed: {spec.seed} (drawn at random; " + ("the DP noise is secret: no seed reproduces a private run)"
                                                         if spec.config.get("generator_dp_epsilon") is not None
@@ -861,6 +872,43 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     return run_pipeline(spec, LocalTransport([site]), schedule=spec.single_site_schedule(), engine="local", out=out,
                         checkpoint=ckpt, resume=resume, metrics_path=metrics_path, progress=progress, log=say,
                         keep_checkpoints=keep_checkpoints)
+
+
+def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: Any, seed: int | None, device: Any,
+                 resume: bool, checkpoint_dir: Any, metrics_path: Any, progress: bool | None,
+                 log: Callable[[str], None], overwrite: bool, keep_checkpoints: bool) -> GenerativeModel:
+    """:func:`train` on one rank of several: the ranks agree on the seed, rank 0 checks and writes the outputs,
+    the others write into a temporary directory that is removed after."""
+    import tempfile
+
+    spec = RunSpec.resolve(config, overrides=overrides, seed=seed)
+    if resume or spec.load_checkpoint:
+        raise UsageError("--resume is not supported in data-parallel (torchrun) runs yet: resume with one process")
+    if spec.config.get("generator_dp_epsilon") is not None:
+        raise UsageError("record-level DP (--dp-epsilon) runs in one process: start it without torchrun")
+    agreed = int(ranks.all_strings(str(spec.seed))[0])  # a drawn seed is rank 0's
+    problem = ""
+    if ranks.rank == 0:
+        try:
+            ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
+            check_outputs(out, metrics_path, ckpt if spec.save_checkpoints else None,
+                          inputs=[] if isinstance(data, Dataset) else [data], overwrite=overwrite, resume=False)
+        except InputError as e:
+            problem = str(e) or type(e).__name__
+    problem = ranks.all_strings(problem)[0]
+    if problem:
+        raise UsageError(problem)
+    if ranks.rank == 0:
+        log(f"data-parallel: {ranks.world} ranks share {data if not isinstance(data, Dataset) else 'the data'}")
+        return train(config, data, out=out, overrides=overrides, seed=agreed, device=device, resume=False,
+                     checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, progress=progress, log=log,
+                     overwrite=overwrite, keep_checkpoints=keep_checkpoints, ranks=ranks)
+    with tempfile.TemporaryDirectory(prefix=f"feda2v-rank{ranks.rank}-") as tmp:
+        t = Path(tmp)
+        return train(config, data, out=t / "model.safetensors" if out is not None else None, overrides=overrides,
+                     seed=agreed, device=device, resume=False, checkpoint_dir=t / "checkpoints",
+                     metrics_path=t / "metrics.jsonl" if metrics_path is not None else None, progress=False,
+                     log=None, overwrite=True, keep_checkpoints=False, ranks=ranks)
 
 
 def check_outputs(out: Any, metrics_path: Any, checkpoint: Any, *, inputs: list[Any], overwrite: bool,

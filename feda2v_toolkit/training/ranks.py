@@ -49,6 +49,7 @@ class Ranks:
 
     rank = 0
     world = 1
+    agreed = False  # set once the ranks agreed on a run's seed and outputs (training.pipeline.train)
 
     @property
     def distributed(self) -> bool:

@@ -177,3 +177,51 @@ def test_statistics_hold_at_most_max_rank_directions_per_class_and_the_exact_var
     full = g.fit_statistics(x, labels=torch.arange(40) % 2)
     assert full["factor_rows"].tolist() == [19, 19]  # every non-zero direction: n_c - 1
     torch.testing.assert_close(stats["square"], full["square"])
+
+
+def _stream(gen, x, labels, rows, rank):
+    """Block-by-block statistics, merged one block at a time as a site does (training.site)."""
+    acc = None
+    for s in range(0, x.shape[0], rows):
+        part = gen.fit_statistics(x[s:s + rows], labels=labels[s:s + rows], max_rank=None)
+        acc = part if acc is None else GaussianGenerator.merge_statistics([acc, part], max_rank=rank)
+    return acc, GaussianGenerator.merge_statistics([acc], max_rank=rank, compact=True)
+
+
+def test_statistics_merged_block_by_block_are_the_statistics_of_all_the_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, 6, generator=g, dtype=torch.float64)  # F = 24: never more than 24 directions
+    labels = torch.arange(300) % 3
+    gen = GaussianGenerator(seq_len=4, dim=6, rank=24, num_classes=3, conditioning="label")
+    whole = gen.fit_statistics(x, labels=labels, max_rank=None)
+    streamed, _ = _stream(gen, x, labels, 40, 24)  # rank >= F: nothing is ever left out
+    for k in ("counts", "sums", "square", "quartic", "cubic"):
+        torch.testing.assert_close(streamed[k], whole[k], rtol=1e-9, atol=1e-9)
+    off_w = torch.cat([torch.zeros(1), whole["factor_rows"].cumsum(0)]).long()
+    off_s = torch.cat([torch.zeros(1), streamed["factor_rows"].cumsum(0)]).long()
+    for c in range(3):  # each class's scatter, exactly (kept stacked up to 2 x rank rows, then re-factored)
+        fw, fs = whole["factors"][off_w[c]:off_w[c + 1]], streamed["factors"][off_s[c]:off_s[c + 1]]
+        torch.testing.assert_close(fs.T @ fs, fw.T @ fw, rtol=1e-9, atol=1e-9)
+
+
+def test_a_streamed_factor_keeps_the_top_directions_of_the_whole_scatter():
+    g = torch.Generator().manual_seed(1)
+    signal = torch.randn(4, 64, generator=g, dtype=torch.float64) * torch.tensor([8.0, 6, 4, 3]).unsqueeze(1)
+    x = (torch.randn(1000, 4, generator=g, dtype=torch.float64) @ signal
+         + 0.3 * torch.randn(1000, 64, generator=g, dtype=torch.float64)).reshape(1000, 8, 8)
+    labels = torch.zeros(1000, dtype=torch.long)
+    gen = GaussianGenerator(seq_len=8, dim=8, rank=4, num_classes=1, conditioning="label")
+    whole = gen.fit_statistics(x, labels=labels, max_rank=4)
+    _, streamed = _stream(gen, x, labels, 100, 4)
+    assert int(streamed["factor_rows"][0]) == 4
+    top_w = torch.linalg.svd(whole["factors"], full_matrices=False)[2]
+    top_s = torch.linalg.svd(streamed["factors"], full_matrices=False)[2]
+    cosines = torch.linalg.svdvals(top_w @ top_s.T)  # of the principal angles between the two subspaces
+    assert float(cosines.min()) > 0.999
+    kept_w, kept_s = float(whole["factors"].square().sum()), float(streamed["factors"].square().sum())
+    assert abs(kept_s - kept_w) / kept_w < 1e-3
+    for k in ("counts", "sums", "square"):  # exact whatever was left out of the factors
+        torch.testing.assert_close(streamed[k], whole[k], rtol=1e-9, atol=1e-9)
+    # the third and fourth moments' mean-shift corrections use the kept directions only: close, not exact
+    torch.testing.assert_close(streamed["cubic"], whole["cubic"], rtol=1e-3, atol=1e-3 * float(whole["cubic"].abs().max()))
+    assert abs(float(streamed["quartic"][0] / whole["quartic"][0]) - 1) < 1e-3

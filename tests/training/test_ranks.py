@@ -1,0 +1,113 @@
+"""Data-parallel training (torchrun): the same pipeline on several processes gives the model of one process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from feda2v_toolkit.training.ranks import BLOCK_ROWS, Ranks, add_parts, block_count, in_block
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]
+TRAIN = ["train", "--seed", "3", "--training-length", "4", "--latent-dim", "8"]
+
+
+@pytest.fixture(scope="module")
+def three_blocks(tmp_path_factory) -> Path:
+    """1,200 tiny clips: three blocks of rows, so two ranks see an uneven last round."""
+    from feda2v_toolkit.data.demo import write_demo_dataset
+
+    path = tmp_path_factory.mktemp("ranks") / "data.safetensors"
+    write_demo_dataset(path, 300, seq_len=50, dim=16)
+    assert block_count(1200) == 3
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(args: list[str], cwd: Path, *, ranks: int) -> subprocess.CompletedProcess[str]:
+    """``feda2v-tk ARGS`` in one process or under torchrun; one intra-op thread per process either way (what
+    torchrun sets), since float64 reductions may round differently on another number of threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = (TORCHRUN + ["-m", "feda2v_toolkit"]) if ranks > 1 else [sys.executable, "-m", "feda2v_toolkit"]
+    return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_ranks_write_the_bytes_of_one_process(three_blocks, tmp_path):
+    args = [*TRAIN, "-d", str(three_blocks), "--upsampler", "lstsq"]
+    one = run([*args, "-o", "one.safetensors"], tmp_path, ranks=1)
+    assert one.returncode == 0, one.stderr
+    two = run([*args, "-o", "two.safetensors"], tmp_path, ranks=2)
+    assert two.returncode == 0, two.stderr
+    assert "data-parallel: 2 ranks" in two.stderr
+    assert two.stderr.count("wrote two.safetensors") == 1  # rank 0 speaks for the run
+    assert sha256(tmp_path / "one.safetensors") == sha256(tmp_path / "two.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one.metrics.jsonl", "one.safetensors", "two.metrics.jsonl", "two.safetensors"]  # rank 1 wrote nothing
+
+
+def test_two_ranks_train_a_vae_with_averaged_gradients(three_blocks, tmp_path):
+    from feda2v_toolkit.model.file import load_model
+
+    args = [*TRAIN, "-d", str(three_blocks), "--generator-type", "vae", "--hidden-dim", "16", "--epochs", "2",
+            "--upsampler", "linear", "-o", "vae.safetensors", "--json"]
+    two = run(args, tmp_path, ranks=2)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count('"generator_type"') == 1  # one report, from rank 0
+    model = load_model(tmp_path / "vae.safetensors")
+    assert model.metrics["epochs"] == 2 and model.metrics["steps"] == 2 * 34  # 1,080 clips in global batches of 32
+    assert all(torch.isfinite(p).all() for p in model.generators["all"].parameters())
+
+
+def test_data_parallel_runs_refuse_what_they_cannot_do(three_blocks, tmp_path):
+    dp = run([*TRAIN, "-d", str(three_blocks), "-o", "m.safetensors", "--dp-epsilon", "4"], tmp_path, ranks=2)
+    assert dp.returncode != 0 and "exitcode  : 2" in dp.stderr  # torchrun reports each rank's exit status
+    assert "feda2v-tk: error: record-level DP (--dp-epsilon) runs in one process" in dp.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_rounds_give_every_block_to_one_rank_in_order():
+    class Fake(Ranks):
+        def __init__(self, rank: int, world: int) -> None:
+            self.rank, self.world = rank, world
+
+    for world in (1, 2, 3):
+        seen = [b for r in range(world) for mine, _ in Fake(r, world).rounds(7) if (b := mine) is not None]
+        assert sorted(seen) == list(range(7))
+        orders = [order for _, order in Fake(0, world).rounds(7)]
+        assert [b for o in orders for b in o] == list(range(7))
+
+
+def test_one_process_combines_block_parts_in_block_order():
+    parts = {b: {"x": torch.tensor([float(b)], dtype=torch.float64)} for b in range(5)}
+    order: list[float] = []
+
+    def merge(acc, part):
+        order.append(float(part["x"]))
+        return add_parts(acc, part)
+
+    out = Ranks().combine(5, parts.__getitem__, merge)
+    assert order == [0, 1, 2, 3, 4] and float(out["x"]) == 10
+
+
+def test_in_block_picks_the_sorted_rows_of_a_block():
+    rows = torch.tensor([0, 5, BLOCK_ROWS - 1, BLOCK_ROWS, BLOCK_ROWS + 3, 3 * BLOCK_ROWS - 1])
+    assert in_block(rows, 0, 3 * BLOCK_ROWS).tolist() == [0, 5, BLOCK_ROWS - 1]
+    assert in_block(rows, 1, 3 * BLOCK_ROWS).tolist() == [BLOCK_ROWS, BLOCK_ROWS + 3]
+    assert in_block(rows, 2, 3 * BLOCK_ROWS).tolist() == [3 * BLOCK_ROWS - 1]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
+def test_the_documented_torchrun_command_exists():
+    assert subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--help"], capture_output=True,
+                          timeout=60).returncode == 0

@@ -1,0 +1,125 @@
+"""The reduced cache in memory or on disk, the memory budget that chooses, and the statistics of one read."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.runtime.resources import (
+    DEFAULT_MEMORY_BUDGET,
+    ENV_MEMORY_BUDGET,
+    cache_in_memory,
+    memory_budget,
+    parse_size,
+    set_memory_budget,
+)
+from feda2v_toolkit.training.streams import ReducedCache
+
+
+@pytest.fixture(autouse=True)
+def _no_budget_left_behind():
+    yield
+    set_memory_budget(None)
+
+
+def test_a_cache_on_disk_reads_what_a_cache_in_memory_reads():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(50, 3, 4, generator=g)
+    labels = torch.arange(50) % 3
+    mem = ReducedCache(50, 3, 4, labels, None)
+    disk = ReducedCache(50, 3, 4, labels, None, in_memory=False)
+    assert mem.in_memory and not disk.in_memory
+    for start in range(0, 50, 7):  # written in pieces, as blocks arrive
+        mem.write(start, values[start:start + 7])
+        disk.write(start, values[start:start + 7])
+    rows = torch.tensor([49, 0, 1, 2, 2, 17, 30, 31, 5])  # any order, repeats, runs
+    assert torch.equal(disk.raw(rows), values[rows]) and torch.equal(mem.raw(rows), values[rows])
+    norm = {"mean": values.mean(0), "std": values.std(0)}
+    mem.standardize(norm)
+    disk.standardize(norm)
+    expected = values.clone().sub_(norm["mean"]).div_(norm["std"])[rows]  # standardised in place, as before
+    assert torch.equal(mem.read(rows), expected) and torch.equal(disk.read(rows), expected)
+    assert torch.equal(mem.raw(rows), values[rows])  # reading never changes the cache
+    disk.close()
+
+
+def test_sizes_parse_like_a_user_writes_them():
+    assert parse_size("2G") == parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5GB") == 1_500_000_000 and parse_size("512 MiB") == 512 * 2**20
+    assert parse_size("4096") == 4096
+    for bad in ("", "two", "2X", "-1G", "0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_the_budget_comes_from_the_option_then_the_environment_then_the_default(monkeypatch):
+    monkeypatch.delenv(ENV_MEMORY_BUDGET, raising=False)
+    monkeypatch.setenv("FEDA2V_MEMORY_LIMIT", str(64 * 2**30))
+    assert memory_budget() == DEFAULT_MEMORY_BUDGET
+    monkeypatch.setenv(ENV_MEMORY_BUDGET, "1G")
+    assert memory_budget() == 2**30
+    set_memory_budget(3 * 2**30)
+    assert memory_budget() == 3 * 2**30
+    assert cache_in_memory(3 * 2**30 // 4) and not cache_in_memory(3 * 2**30 // 4 + 1)
+    monkeypatch.setenv("FEDA2V_MEMORY_LIMIT", str(2**30))
+    assert memory_budget() == 2**30  # never more than the machine (or its limit) has
+    set_memory_budget(None)
+    monkeypatch.setenv(ENV_MEMORY_BUDGET, "lots")
+    with pytest.raises(InputError, match="FEDA2V_MEMORY_BUDGET"):
+        memory_budget()
+
+
+def test_train_past_the_budget_keeps_its_cache_on_disk_and_writes_the_same_model(tiny_data, tmp_path, monkeypatch):
+    from feda2v_toolkit.training import site as site_module
+    from feda2v_toolkit.training.pipeline import train
+
+    made: list[ReducedCache] = []
+    original = site_module.ReducedCache
+
+    def spy(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(site_module, "ReducedCache", spy)
+    cfg = {"generator_type": "gaussian", "generator_training_sequence_length": 4, "generator_latent_dim": 8,
+           "generator_upsampler": "lstsq", "generator_checkpoint_dir": str(tmp_path / "ck")}
+    train(cfg, tiny_data, out=tmp_path / "mem.safetensors", seed=1)
+    set_memory_budget(1024)  # far less than the 40 x 4 x 16 x 4 bytes of the cache
+    train(cfg, tiny_data, out=tmp_path / "disk.safetensors", seed=1)
+    assert [c.in_memory for c in made] == [True, False]
+
+    def sha(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    assert sha(tmp_path / "mem.safetensors") == sha(tmp_path / "disk.safetensors")
+
+
+def test_the_statistics_taken_while_reducing_are_those_of_the_training_pairs(tiny_data):
+    from feda2v_toolkit.training.site import Site
+    from feda2v_toolkit.training.spec import RunSpec
+    from feda2v_toolkit.training.stages import FittedStatisticsStage
+
+    spec = RunSpec.resolve({"generator_type": "gaussian", "generator_training_sequence_length": 4,
+                            "generator_upsampler": "lstsq"}, seed=0)
+    site = Site(tiny_data, spec, 0)
+    reducer = site._reducer()
+    site.reduce(reducer.state_dict(), site.ds.class_names)
+    fused = site.upsampler_statistics()
+    streamed = FittedStatisticsStage().local(site._upsampler(), site._pairs())
+    assert set(fused) == set(streamed)
+    for k in fused:
+        torch.testing.assert_close(fused[k], streamed[k], rtol=1e-10, atol=1e-9)
+
+
+def test_the_memory_budget_option_rejects_a_non_size(tmp_path, tiny_data):
+    from click.testing import CliRunner
+
+    from feda2v_toolkit.cli import cli
+
+    r = CliRunner().invoke(cli, ["train", "-d", str(tiny_data), "-o", str(tmp_path / "m.safetensors"),
+                                 "--memory-budget", "lots"])
+    assert r.exit_code == 2
+    assert "--memory-budget" in r.output and "is not a size" in r.output
