@@ -14,6 +14,8 @@ with ``posix_fadvise(DONTNEED)``), then runs each command in a fresh child proce
 * ``plan``       -- ``--data``
 * ``split``      -- ``--nodes 2 --by class``
 * ``convert-data`` -- shards to shards
+* ``train-2ranks``, ``train-4ranks`` -- ``train`` data-parallel under ``torchrun --nproc-per-node 2`` (4): one
+  intra-op thread per rank, as torchrun sets; the peak is the whole process tree's
 
 Before each command the data's pages are dropped from the page cache (``posix_fadvise(DONTNEED)``), so
 every command reads from the disk ("cold-ish": the host's own cache below the virtual disk is beyond
@@ -55,7 +57,17 @@ L, D = 1214, 768
 CLIP_BYTES = L * D * 2  # float16
 CLASSES = 4
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ("train", "generate", "evaluate", "analyze", "plan", "split", "convert-data")
+COMMANDS = ("train", "generate", "evaluate", "analyze", "plan", "split", "convert-data", "train-2ranks",
+            "train-4ranks")
+
+
+def launcher(name: str) -> list[str]:
+    """How a command starts: ``python -m feda2v_toolkit``, or under torchrun for ``train-<k>ranks``."""
+    if name.startswith("train-") and name.endswith("ranks"):
+        k = name[len("train-"):-len("ranks")]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", k, "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", "localhost:0", "-m", "feda2v_toolkit"]
+    return [sys.executable, "-m", "feda2v_toolkit"]
 NEEDS_MODEL = {"generate", "evaluate"}
 #: commands whose output is about as large as the input (disk needed: data + this)
 WRITES_COPY = {"generate", "split", "convert-data"}
@@ -239,7 +251,7 @@ def run_command(argv: list[str], logdir: Path, name: str, timeout: float, cap: i
     out, err = logdir / f"{name}.stdout", logdir / f"{name}.stderr"
     with open(out, "wb") as fo, open(err, "wb") as fe:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "feda2v_toolkit", *argv], stdout=fo, stderr=fe, env=env,
+        proc = subprocess.Popen([*launcher(name), *argv], stdout=fo, stderr=fe, env=env,
                                 start_new_session=True)
         watch = _Watch(proc.pid, cap)
         timed_out = False
@@ -282,6 +294,10 @@ def run_command(argv: list[str], logdir: Path, name: str, timeout: float, cap: i
 def command_argv(name: str, data: Path, work: Path) -> tuple[list[str], list[Path]]:
     """The command line for ``name`` and the outputs to delete afterwards."""
     model = work / "model.safetensors"
+    if name.startswith("train-"):  # data-parallel: its own model file, the same config
+        argv, outputs = command_argv("train", data, work)
+        return [a if a != str(model) else str(work / f"{name}.safetensors") for a in argv], \
+            [*outputs, work / f"{name}.safetensors", work / f"{name}.metrics.jsonl"]
     if name == "train":
         cfg = work / "train-config.json"
         cfg.write_text(json.dumps({"generator_training_sequence_length": 16}))

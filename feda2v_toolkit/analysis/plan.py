@@ -41,6 +41,11 @@ from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.model.generate import DEFAULT_BATCH
+from feda2v_toolkit.runtime.resources import cache_in_memory
+from feda2v_toolkit.runtime.resources import memory_budget as default_budget
+from feda2v_toolkit.runtime.sizes import format_bytes
+from feda2v_toolkit.training.ranks import BLOCK_ROWS
+from feda2v_toolkit.training.stages import has_statistics
 from feda2v_toolkit.training.streams import chunk_rows
 
 #: the writer's worst moment: queued batches, their concatenation into the next shard, the shard in flight
@@ -168,7 +173,8 @@ class Planner:
 
     def __init__(self, cfg: Mapping[str, Any], *, dim: int, full_length: int, num_classes: int,
                  condition_dim: int, num_samples: int, sample_batch: int | None, output_length: int | None,
-                 runtime: int | None = None, class_names: Sequence[str] | None = None) -> None:
+                 runtime: int | None = None, class_names: Sequence[str] | None = None,
+                 budget: int | None = None) -> None:
         from feda2v_toolkit.plugins import get_registry
 
         registry = get_registry()
@@ -189,6 +195,8 @@ class Planner:
         self.sample_batch = int(sample_batch or min(per_class, DEFAULT_BATCH))
         self.output_length = int(output_length or self.cfg.get("generator_output_sequence_length") or 0)
         self.runtime = runtime_bytes() if runtime is None else int(runtime)
+        self.budget = default_budget() if budget is None else int(budget)
+        self.fused_upsampler = has_statistics(self.up_cls) and bool(getattr(self.up_cls, "trainable", False))
         self.optimizers: dict[str, str] = {}
         self.notes: list[str] = []
 
@@ -272,7 +280,15 @@ class Planner:
         data = 0
         if self.num_samples:
             rows = min(self.num_samples, chunk_rows(self.full_length, self.dim))
-            data = self.num_samples * length * self.dim * 4 + rows * self.full_length * self.dim * 4
+            cache = self.num_samples * length * self.dim * 4
+            if not cache_in_memory(cache, self.budget):
+                cache = 0  # in a temporary file (training.streams.ReducedCache)
+                if "cache on disk" not in " ".join(self.notes):
+                    self.notes.append(f"the reduced-data cache is larger than a quarter of the memory budget "
+                                      f"({format_bytes(self.budget)}): training keeps it on disk (cache on disk)")
+            # one read chunk, and its float64 copy while a closed-form upsampler (lstsq) takes its statistics
+            chunk = rows * self.full_length * self.dim * 4 * (3 if self.fused_upsampler else 1)
+            data = cache + chunk
         components = component_elements * 4
         tensors = peak + others + components + data
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)
@@ -284,6 +300,15 @@ class Planner:
         """A closed-form generator (``fitted = True``): one ``fit`` on a generator's training sequences
         (the data's size per generator, else 256 sequences), simulated with fake tensors."""
         n = max(2, -(-self.num_samples // self.generators) if self.num_samples else 256)
+        streamed = 0
+        if has_statistics(self.gen_cls) and not self.condition_dim:  # embedding conditioning fits on all rows
+            # fitted block by block (training.site): a block's rows, and per mean row its factor of at most
+            # 2 x rank + a block's rows, float64
+            rank = int(self.cfg.get("generator_latent_dim") or 0)
+            per_gen_rows = max(1, -(-self.num_classes // self.generators))
+            held = min(n, BLOCK_ROWS) + (2 * rank if n > BLOCK_ROWS else 0)
+            streamed = per_gen_rows * min(n, held) * length * self.dim * 8
+            n = min(n, BLOCK_ROWS)
         try:
             with fake_tensors() as tracker:
                 gen = self._build(length)
@@ -310,7 +335,8 @@ class Planner:
                 self.notes.append(note)
         if not self.optimizers:
             self.optimizers = {"fit": "closed form (no optimiser)"}
-        return self._train_total(length, component_elements, weights, 0, 0, batch, activations, peak, method)
+        return self._train_total(length, component_elements, weights, 0, 0, batch, activations, peak + streamed,
+                                 method)
 
     def generate_memory(self, length: int, component_elements: int) -> GenerateMemory:
         n = self.sample_batch
@@ -387,7 +413,8 @@ def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_bud
             raise UsageError(f"--lengths: {length} is outside 1..{full_length} (the full sequence length)")
     planner = Planner(cfg, dim=dim, full_length=full_length, num_classes=num_classes, condition_dim=condition_dim,
                       num_samples=num_samples, sample_batch=sample_batch, class_names=class_names,
-                      output_length=cfg.get("generator_output_sequence_length"), runtime=runtime)
+                      output_length=cfg.get("generator_output_sequence_length"), runtime=runtime,
+                      budget=memory_budget)
     from feda2v_toolkit.runtime.progress import activity
 
     with activity("plan: simulating training steps", unit="length") as simulated:

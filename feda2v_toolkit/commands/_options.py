@@ -75,18 +75,19 @@ FRACTION = Fraction()
 
 
 class MemoryBudget(click.ParamType):
-    """A size in bytes: ``2G``, ``512MiB``, ``1.5GB`` or a plain number."""
+    """A size (:func:`feda2v_toolkit.runtime.sizes.parse_size`): ``2GiB``, ``1.5GB``, ``512MiB`` or bytes."""
 
     name = "SIZE"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        from feda2v_toolkit.runtime.resources import parse_size
+        from feda2v_toolkit.errors import UsageError
+        from feda2v_toolkit.runtime.sizes import parse_size
 
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         try:
-            return parse_size(str(value))
-        except ValueError as e:
+            return parse_size(str(value), option="--memory-budget")
+        except UsageError as e:
             self.fail(str(e), param, ctx)
 
 
@@ -100,5 +101,5 @@ def _set_budget(_ctx: click.Context, _param: click.Parameter, value: int | None)
 #: every ``--memory-budget`` option: the process-wide budget (``FEDA2V_MEMORY_BUDGET`` when not given)
 MEMORY_BUDGET_OPTION = click.option(
     "--memory-budget", type=MemoryBudget(), callback=_set_budget, expose_value=False, is_eager=True,
-    help="Memory to plan for, e.g. 2G or 512MiB [default: $FEDA2V_MEMORY_BUDGET, else 2 GiB]: caches larger than "
-         "a quarter of it go to a temporary file.")
+    help="Memory to plan for, e.g. 4GB or 512MiB (GB = 10^9 bytes, GiB = 2^30) [default: $FEDA2V_MEMORY_BUDGET, "
+         "else 2 GiB]: caches larger than a quarter of it go to a temporary file.")

@@ -44,28 +44,11 @@ def require_memory(needed: float, what: str, hint: str = "") -> None:
                          f"{format_bytes(limit)} available{'; ' + hint if hint else ''}")
 
 
-#: environment variable: the memory budget of a command (bytes, or a size such as ``2G``, ``512MiB``)
+#: environment variable: the memory budget of a command (a size: ``2GiB``, ``1.5GB``, ``512MiB``, bytes)
 ENV_MEMORY_BUDGET = "FEDA2V_MEMORY_BUDGET"
 #: the budget when neither ``--memory-budget`` nor the environment sets one
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 _BUDGET: dict[str, int | None] = {"bytes": None}
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``"2G"``, ``"512MiB"``, ``"1.5GB"``, ``"1000000"`` -> bytes (``G``/``M``/``K`` alone are binary units)."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not a size (e.g. 2G, 512MiB, 1.5GB or a number of bytes)")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value < 1:
-        raise ValueError(f"{text!r}: a size must be at least one byte")
-    return int(value)
-
-
 def set_memory_budget(nbytes: int | None) -> None:
     """The process-wide budget (``--memory-budget``); ``None``: the environment's or the default."""
     _BUDGET["bytes"] = None if nbytes is None else int(nbytes)
@@ -76,15 +59,15 @@ def memory_budget() -> int:
     :data:`DEFAULT_MEMORY_BUDGET`; never more than :func:`memory_limit`."""
     budget = _BUDGET["bytes"]
     if budget is None:
+        from feda2v_toolkit.runtime.sizes import parse_size
+
         value = os.environ.get(ENV_MEMORY_BUDGET, "").strip()
-        try:
-            budget = parse_size(value) if value else DEFAULT_MEMORY_BUDGET
-        except ValueError as e:
-            raise InputError(f"{ENV_MEMORY_BUDGET}: {e}") from None
+        budget = parse_size(value, option=ENV_MEMORY_BUDGET) if value else DEFAULT_MEMORY_BUDGET
     limit = memory_limit()
     return min(budget, limit) if limit is not None else budget
 
 
-def cache_in_memory(nbytes: int) -> bool:
-    """Whether a cache of ``nbytes`` stays in memory: up to a quarter of :func:`memory_budget` (else on disk)."""
-    return nbytes <= memory_budget() // 4
+def cache_in_memory(nbytes: int, budget: int | None = None) -> bool:
+    """Whether a cache of ``nbytes`` stays in memory: up to a quarter of the budget (default
+    :func:`memory_budget`); else it goes to a temporary file."""
+    return nbytes <= (memory_budget() if budget is None else budget) // 4

@@ -118,7 +118,8 @@ def test_memory_parts_add_up_and_grow_with_length():
         assert t.gradients == t.weights
         assert 2 * t.weights <= t.optimizer <= 2 * t.weights + 100  # AdamW: two moments (+ step counters)
         assert t.step_peak >= t.weights + t.gradients + t.optimizer
-        assert t.data == 100 * row.length * 16 * 4 + 100 * 50 * 16 * 4  # the cache (standardised in place), one chunk
+        # the cache, one read chunk and its float64 copy (the default lstsq upsampler takes its statistics from it)
+        assert t.data == 100 * row.length * 16 * 4 + 3 * 100 * 50 * 16 * 4
         assert t.total == t.step_peak + t.other_generators + t.components + t.data + t.allowance + t.runtime
     assert [r.train.total for r in rows] == sorted(r.train.total for r in rows)
     assert "AdamW (2 state tensors per parameter)" in result.optimizers["vae"]
@@ -196,3 +197,28 @@ def test_a_closed_form_generator_counts_its_fitted_numbers_and_needs_no_optimise
         assert (row.train.gradients, row.train.optimizer) == (0, 0)
         assert row.train.step_peak >= row.train.weights + 100 * flat * 4  # all sequences at once
     assert result.optimizers == {"fit": "closed form (no optimiser)"}
+
+
+@pytest.mark.parametrize("cfg", [
+    {"generator_training_sequence_length": 16},
+    {"generator_training_sequence_length": 16, "generator_type": "vae", "generator_training_epochs": 1,
+     "generator_hidden_dim": 64},
+], ids=["gaussian", "vae"])
+def test_plan_predicts_the_peak_of_a_train_run_on_the_data(cfg, tmp_path_factory, tmp_path):
+    """``plan --data`` against the measured peak of ``train`` on the same data, each in a fresh process."""
+    from feda2v_toolkit.data.demo import write_demo_dataset
+
+    data = tmp_path_factory.mktemp("plan-data") / "d.safetensors"
+    if not data.exists():
+        write_demo_dataset(data, 400, seq_len=300, dim=64)
+    script = Path(__file__).with_name("_measure_train.py")
+    cfg = {**cfg, "generator_checkpoint_dir": str(tmp_path / "ck")}
+
+    def measure(what: str) -> dict:
+        proc = subprocess.run([sys.executable, str(script), str(data), json.dumps(cfg), what,
+                               str(tmp_path / "m.safetensors")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    measured, predicted = measure("train")["hwm"], measure("plan")["total"]
+    assert 0.75 < predicted / measured < 1.35, (predicted, measured)

@@ -135,7 +135,7 @@ def test_the_metrics_file_has_each_epoch_once_across_runs_and_kill_plus_resume(t
 
 
 def test_train_checks_its_outputs_before_training(tiny_data, not_a_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(site, "reduce_dataset", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(site, "ReducedCache", lambda *a, **k: pytest.fail("training started"))
     code, _, err = run_main(["train", "-d", str(tiny_data), "-o", str(not_a_dir / "m.safetensors")], capsys)
     assert code == 2 and "cannot write" in err and "internal error" not in err
 
