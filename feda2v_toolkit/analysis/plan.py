@@ -41,10 +41,10 @@ from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.model.generate import DEFAULT_BATCH
+from feda2v_toolkit.runtime.ranks import BLOCK_ROWS
 from feda2v_toolkit.runtime.resources import cache_in_memory
 from feda2v_toolkit.runtime.resources import memory_budget as default_budget
 from feda2v_toolkit.runtime.sizes import format_bytes
-from feda2v_toolkit.training.ranks import BLOCK_ROWS
 from feda2v_toolkit.training.stages import has_statistics
 from feda2v_toolkit.training.streams import chunk_rows
 

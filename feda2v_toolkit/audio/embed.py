@@ -174,7 +174,7 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
           revision: str | None = None, policy: ClipPolicy | None = None, batch_size: int = 8,
           device: str = "auto", dtype: str = "float16", on_error: str = "skip", overwrite: bool = False,
           shard_bytes: int | None = None, progress: bool | None = None, read_workers: int = 1,
-          embedder: ASTEmbedder | None = None) -> EmbedReport:
+          embedder: ASTEmbedder | None = None, ranks: Any = None) -> EmbedReport:
     """Embed every clip of ``source`` (a :class:`ClipSource`, or a class-folder directory / manifest / saved
     dataset path opened with default columns) into the shard directory ``out`` (resumable; see the module
     docstring).
@@ -183,8 +183,21 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     (finished shards stay for a resumed run). ``read_workers`` threads read and featurise the next batches
     while the model runs (1 suits a CPU run; more keep a GPU fed); the result does not depend on it.
     Raises UsageError / InputError for bad arguments or inputs.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1, or given :class:`~feda2v_toolkit.runtime.ranks.Ranks`) every rank
+    runs this same call: rank ``r`` embeds shards ``k`` with ``k mod W = r`` into the shared work directory (one
+    GPU per rank: ``cuda:LOCAL_RANK``), and rank 0 assembles the output once every rank is done -- the same
+    bytes as one process. The ranks must see the same file system.
     """
     import torch
+
+    from feda2v_toolkit.runtime.ranks import init_from_environment
+
+    if ranks is None:
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        ranks = init_from_environment(dev)
+    if ranks.distributed and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"
 
     from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
     from feda2v_toolkit.data.writer import _resolve_dtype
@@ -200,7 +213,9 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     if batch_size < 1:
         raise UsageError("batch_size must be >= 1")
     storage = _resolve_dtype(dtype) or torch.float16
-    out = check_output(out, inputs=source_paths(source), overwrite=overwrite, directory=True, role="audio source")
+    out = _agreed(ranks, lambda: check_output(out, inputs=source_paths(source), overwrite=overwrite, directory=True,
+                                              role="audio source")) if ranks.distributed else \
+        check_output(out, inputs=source_paths(source), overwrite=overwrite, directory=True, role="audio source")
     emb = embedder or ASTEmbedder(model, revision=revision, device=device)
     from feda2v_toolkit.runtime.resources import require_memory
 
@@ -215,7 +230,11 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
                 "batch_size": batch_size, "shard_clips": shard_clips, "source": source.description,
                 "embed_format_version": EMBED_FORMAT_VERSION}
     fingerprint = _fingerprint(settings, source)
-    work = _prepare_partial(out, fingerprint, overwrite)
+    if ranks.distributed:  # rank 0 makes (or resumes) the work directory; the others join it
+        _agreed(ranks, lambda: _prepare_partial(out, fingerprint, overwrite) if ranks.rank == 0 else None)
+        work = partial_dir(out)
+    else:
+        work = _prepare_partial(out, fingerprint, overwrite)
     report = EmbedReport(out=out, clips=len(source.clips), settings=settings)
     meta_common = {"embed": json.dumps(settings)}
     if source.fold_names is not None:
@@ -226,10 +245,13 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     for k, clips in enumerate(shards):
         done = _read_done(work / f"done-{k:05d}.json")
         if done is None:
-            todo.append(k)
+            if k % ranks.world == ranks.rank:
+                todo.append(k)
         else:
             report.resumed += len(clips)
-    bar = Progress(len(source.clips), report.resumed, progress, unit="clip", desc="embed")
+    mine = sum(len(shards[k]) for k in todo)
+    bar = Progress(mine + report.resumed, report.resumed, progress if ranks.rank == 0 else False, unit="clip",
+                   desc="embed")
     start = time.perf_counter()
     try:
         batches = [(k, shards[k][j:j + batch_size]) for k in todo for j in range(0, len(shards[k]), batch_size)]
@@ -265,15 +287,47 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
             bar.postfix(skipped=n_skipped)
         if current is not None:
             _finish_shard(work, current, buffer[:filled], parts, skipped, source, meta_common, out)
-    except BaseException:
-        if not any(work.glob("done-*.json")):  # nothing worth resuming: leave nothing behind
+    except BaseException as exc:
+        if ranks.distributed and not isinstance(exc, KeyboardInterrupt):
+            _agreed(ranks, lambda e=exc: _reraise(e))  # the other ranks stop too, with this message
+        if not ranks.distributed and not any(work.glob("done-*.json")):  # nothing worth resuming: leave nothing
             shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         bar.close()
     report.seconds = time.perf_counter() - start
+    if ranks.distributed:
+        _agreed(ranks, lambda: None)  # every rank's shards are done
+        report.computed = len(source.clips) - report.resumed
+        if ranks.rank != 0:
+            return report
     _assemble(work, out, len(shards), report, source)
     return report
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+def _agreed(ranks: Any, work: Any) -> Any:
+    """Run ``work()`` on this rank, then exchange the ranks' outcomes: if any rank failed with a toolkit error, every
+    rank raises it (the first rank's message); an unexpected error on this rank is raised here after the exchange."""
+    from feda2v_toolkit.errors import ToolkitError
+
+    result, message, own = None, "", None
+    try:
+        result = work()
+    except ToolkitError as e:
+        message, own = f"{type(e).__name__}:{e}", e
+    except Exception as e:  # noqa: BLE001 - reported to the other ranks, raised here below
+        message, own = f"InputError:rank {ranks.rank}: {type(e).__name__}: {e}", e
+    failures = [m for m in ranks.all_strings(message) if m]
+    if own is not None:
+        raise own
+    if failures:
+        kind, _, text = failures[0].partition(":")
+        raise (UsageError if kind == "UsageError" else InputError)(text)
+    return result
 
 
 def source_paths(source: ClipSource) -> list[Path]:

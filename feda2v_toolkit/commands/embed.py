@@ -58,9 +58,15 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
     SOURCE is a folder of class sub-folders, a CSV/JSON manifest (path, label, optional fold columns) or a
     Hugging Face dataset saved with save_to_disk. Each clip is read (soundfile), downmixed to mono,
     resampled to 16 kHz (soxr), padded or cropped to --clip-seconds and embedded: last_hidden_state,
-    [1214, 768] for the 10-10 AudioSet checkpoints. Needs: pip install "feda2v-tk[audio]".
+    [1214, 768] for the 10-10 AudioSet checkpoints. Needs: pip install "feda2v-tk[audio]". Data-parallel:
+    torchrun --nproc-per-node N -m feda2v_toolkit embed ... (one rank per GPU or CPU worker; the same output).
     """
+    import os
+
     from feda2v_toolkit.audio.sources import ClipPolicy, open_source, require
+
+    if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: rank 0 reports for the run
+        quiet, as_json = True, False
 
     policy = ClipPolicy(clip_seconds, crop)  # checked before anything is read
     require("transformers", "soundfile", "soxr")

@@ -43,6 +43,7 @@ from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.runtime.atomic import check_output, check_output_path, check_writable
 from feda2v_toolkit.runtime.progress import Progress
+from feda2v_toolkit.runtime.ranks import Ranks, init_from_environment
 from feda2v_toolkit.runtime.seeds import SEED_SCHEME, derive_seed
 from feda2v_toolkit.training.checkpoint import (
     TrainingState,
@@ -51,7 +52,6 @@ from feda2v_toolkit.training.checkpoint import (
     save_checkpoint,
 )
 from feda2v_toolkit.training.loop import check_finite, mean_terms
-from feda2v_toolkit.training.ranks import Ranks, init_from_environment
 from feda2v_toolkit.training.site import (
     Arrays,
     Meta,
@@ -822,7 +822,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
 
     The pipeline (module docstring) over one site holding all of ``data``. Under ``torchrun`` (``WORLD_SIZE`` >
     1, or given ``ranks``) every rank runs this same call and shares the site's blocks out
-    (:mod:`feda2v_toolkit.training.ranks`): rank 0 writes ``out``, the metrics and checkpoints; the other ranks
+    (:mod:`feda2v_toolkit.runtime.ranks`): rank 0 writes ``out``, the metrics and checkpoints; the other ranks
     write nothing.
 
     Args:

@@ -26,9 +26,7 @@ from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.errors import InputError, short_list
 from feda2v_toolkit.privacy.spec import PrivacyError
-from feda2v_toolkit.runtime.seeds import derive_seed
-from feda2v_toolkit.training.loop import EpochData, mean_terms, train_epochs, validate
-from feda2v_toolkit.training.ranks import (
+from feda2v_toolkit.runtime.ranks import (
     Ranks,
     add_parts,
     block_count,
@@ -36,6 +34,8 @@ from feda2v_toolkit.training.ranks import (
     data_parallel_step,
     in_block,
 )
+from feda2v_toolkit.runtime.seeds import derive_seed
+from feda2v_toolkit.training.loop import EpochData, mean_terms, train_epochs, validate
 from feda2v_toolkit.training.spec import RunSpec
 from feda2v_toolkit.training.stages import (
     ClassesStage,
@@ -127,7 +127,7 @@ class Site:
         self.generation = 0  # how many times an engine saved ``store`` for this site (see federated.app)
         self.private = spec.config.get("generator_dp_epsilon") is not None  # record-level DP (training.private)
         self.privacy: Any = None  # its SitePrivacy, made with the first private request
-        self.ranks = ranks or Ranks()  # data-parallel ranks sharing this site's blocks (training.ranks)
+        self.ranks = ranks or Ranks()  # data-parallel ranks sharing this site's blocks (runtime.ranks)
         self._upsampler_sums: Arrays | None = None  # a closed-form upsampler's statistics, taken while reducing
 
     @property
@@ -206,7 +206,7 @@ class Site:
     def reduce(self, state: Mapping[str, Tensor], class_names: list[str]) -> tuple[Arrays, Meta]:
         """Load the run's reducer, reduce every local sequence once (raw cache); release the normalisation sums.
 
-        One read of the data, block by block (:mod:`feda2v_toolkit.training.ranks`): each block's sequences are
+        One read of the data, block by block (:mod:`feda2v_toolkit.runtime.ranks`): each block's sequences are
         reduced into the cache, and the block's normalisation sums and -- for a closed-form upsampler such as
         ``lstsq`` -- its (reduced, full) statistics are taken from the same read; the blocks' parts add up in
         block order (on every rank, whatever the number of ranks)."""

@@ -211,9 +211,10 @@ def heldout_reconstruction(ds: Dataset, indices: Tensor, reduced: Callable[[Tens
             chunk = indices[s:s + rows]
             full = ds.read(chunk).embeddings.to(device)
             red = reduced(chunk).to(device)
-            out["sse"] += float(torch.dist(full, upsampler(red, ds.seq_len).float())) ** 2
-            out["sse_linear"] += float(torch.dist(full, interpolate_sequence(red, ds.seq_len, "linear"))) ** 2
-            out["sumsq"] += float(torch.linalg.vector_norm(full)) ** 2
+            full64 = full.to(f64)  # float32 norms of millions of elements lose ~1e-4 relative
+            out["sse"] += float(torch.dist(full64, upsampler(red, ds.seq_len).to(f64))) ** 2
+            out["sse_linear"] += float(torch.dist(full64, interpolate_sequence(red, ds.seq_len, "linear").to(f64))) ** 2
+            out["sumsq"] += float(torch.linalg.vector_norm(full64)) ** 2
             out["total"] += full.sum(0, dtype=f64).cpu()
             out["count"] += full.shape[0]
     return out

@@ -204,3 +204,26 @@ def test_a_classification_checkpoint_loads_its_encoder_weights(tmp_path):
     original = classifier.audio_spectrogram_transformer.state_dict()
     assert loaded.keys() == original.keys()
     assert all(torch.equal(loaded[k], original[k]) for k in original)
+
+
+def test_two_ranks_embed_the_bytes_of_one_process(tiny_ast, clips, tmp_path):
+    """torchrun: each rank embeds every other shard into the shared work directory; rank 0 assembles."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    row = TINY_TOKENS * 64 * 2  # float16 rows of the tiny AST: shards of one batch of two clips
+    embed(open_source(clips), tmp_path / "one", model=str(tiny_ast), policy=POLICY, batch_size=2, device="cpu",
+          shard_bytes=2 * row, progress=False)
+    script = Path(__file__).with_name("_embed_ranks.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(script), str(clips),
+                           str(tmp_path / "two"), str(tiny_ast), str(2 * row)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    one = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(one) == 3 and one == sorted(p.name for p in (tmp_path / "two").iterdir())  # 6 clips, 3 shards
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert not partial_dir(tmp_path / "two").exists()

@@ -201,19 +201,17 @@ def shutdown(ranks: Ranks) -> None:
 
 def data_parallel_step(gen: Any, optimizers: Mapping[str, torch.optim.Optimizer], ranks: Ranks
                        ) -> Callable[..., dict[str, float]]:
-    """A ``step_fn`` (:func:`feda2v_toolkit.training.loop.run_steps`) for data-parallel training: each rank takes
+    """A ``step_fn`` (``feda2v_toolkit.training.loop.run_steps``) for data-parallel training: each rank takes
     its share ``rows[rank::world]`` of every batch (all of it when the batch has fewer rows than ranks) and runs the
     generator's own ``training_step``; before every optimiser step the gradients are averaged over the ranks,
     weighted by rows, so every rank takes the same step (the weights stay identical). Loss terms: the
     row-weighted mean over the ranks."""
-    from feda2v_toolkit.components import TrainContext
-
     weight = [1.0]
     params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in optimizers.items()}
     for name, opt in optimizers.items():
         opt.register_step_pre_hook(lambda _opt, _a, _k, name=name: ranks.average_gradients(params[name], weight[0]))
 
-    def step(x: Tensor, labels: Tensor | None, conditions: Tensor | None, ctx: TrainContext) -> dict[str, float]:
+    def step(x: Tensor, labels: Tensor | None, conditions: Tensor | None, ctx: Any) -> dict[str, float]:
         n = x.shape[0]
         if n >= ranks.world:
             sl = slice(ranks.rank, None, ranks.world)

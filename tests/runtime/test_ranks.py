@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from feda2v_toolkit.training.ranks import BLOCK_ROWS, Ranks, add_parts, block_count, in_block
+from feda2v_toolkit.runtime.ranks import BLOCK_ROWS, Ranks, add_parts, block_count, in_block
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]
