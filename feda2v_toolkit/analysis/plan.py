@@ -305,9 +305,10 @@ class Planner:
             # fitted block by block (training.site): a block's rows, and per mean row its factor of at most
             # 2 x rank + a block's rows, float64
             rank = int(self.cfg.get("generator_latent_dim") or 0)
-            per_gen_rows = max(1, -(-self.num_classes // self.generators))
-            held = min(n, BLOCK_ROWS) + (2 * rank if n > BLOCK_ROWS else 0)
-            streamed = per_gen_rows * min(n, held) * length * self.dim * 8
+            means = max(1, -(-self.num_classes // self.generators))  # mean rows (classes) of one generator
+            per_mean = -(-n // means)
+            held = min(per_mean, 2 * rank + -(-BLOCK_ROWS // means))  # factor rows kept per mean row
+            streamed = means * held * length * self.dim * 8
             n = min(n, BLOCK_ROWS)
         try:
             with fake_tensors() as tracker:
