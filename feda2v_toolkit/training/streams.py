@@ -211,10 +211,12 @@ def heldout_reconstruction(ds: Dataset, indices: Tensor, reduced: Callable[[Tens
             chunk = indices[s:s + rows]
             full = ds.read(chunk).embeddings.to(device)
             red = reduced(chunk).to(device)
-            full64 = full.to(f64)  # float32 norms of millions of elements lose ~1e-4 relative
-            out["sse"] += float(torch.dist(full64, upsampler(red, ds.seq_len).to(f64))) ** 2
-            out["sse_linear"] += float(torch.dist(full64, interpolate_sequence(red, ds.seq_len, "linear").to(f64))) ** 2
-            out["sumsq"] += float(torch.linalg.vector_norm(full64)) ** 2
+            pred, lin = upsampler(red, ds.seq_len).float(), interpolate_sequence(red, ds.seq_len, "linear")
+            for i in range(full.shape[0]):  # float64 one sequence at a time: float32 norms of millions of
+                f = full[i].to(f64)  # elements lose ~1e-4 relative, and a float64 chunk is 3x the memory
+                out["sse"] += float(torch.dist(f, pred[i].to(f64))) ** 2
+                out["sse_linear"] += float(torch.dist(f, lin[i].to(f64))) ** 2
+                out["sumsq"] += float(torch.linalg.vector_norm(f)) ** 2
             out["total"] += full.sum(0, dtype=f64).cpu()
             out["count"] += full.shape[0]
     return out

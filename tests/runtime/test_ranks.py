@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,3 +112,55 @@ def test_in_block_picks_the_sorted_rows_of_a_block():
 def test_the_documented_torchrun_command_exists():
     assert subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--help"], capture_output=True,
                           timeout=60).returncode == 0
+
+
+def _documented(kind: str) -> list[str]:
+    """The torchrun command of docs/scale.md that starts with ``torchrun`` and trains (``kind``: one machine or
+    ``--nnodes``), continuation lines joined."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "scale.md").read_text(encoding="utf-8")
+    commands = [c.replace("\\\n", " ") for b in re.findall(r"```\n(.*?)```", text, re.S)
+                for c in re.split(r"\n(?=\S)", b) if c.startswith("torchrun")]
+    found = [c for c in commands if " train " in c and (("--nnodes" in c) == (kind == "nodes"))]
+    assert found, f"docs/scale.md has no {kind} torchrun train command"
+    return found[0].split("#")[0].split()
+
+
+def _as_test(argv: list[str], data: Path, out: Path, **replace: str) -> list[str]:
+    """The documented command with this test's data, output and (for a 2-core machine) process counts."""
+    swap = {"data/": str(data), "/shared/data": str(data), "model.safetensors": str(out),
+            "/shared/model.safetensors": str(out), **replace}
+    return [*TORCHRUN[:3], *[swap.get(a, a) for a in argv[1:]]]
+
+
+def test_the_documented_one_machine_command_runs(three_blocks, tmp_path):
+    argv = _documented("one")
+    assert argv[:3] == ["torchrun", "--nproc-per-node", "4"]
+    cmd = _as_test(argv, three_blocks, tmp_path / "m.safetensors")
+    cmd[cmd.index("--nproc-per-node") + 1] = "2"
+    cmd[3:3] = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]  # a free port (tests run side by side)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m.safetensors").exists()
+
+
+def test_the_documented_two_machine_command_runs_as_two_local_nodes(three_blocks, tmp_path):
+    """The ``--nnodes 2`` command, started twice on this machine (one process per node) with a local rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    argv = _documented("nodes")
+    assert "--nnodes" in argv and "--rdzv-endpoint" in argv
+    cmd = _as_test(argv, three_blocks, tmp_path / "m.safetensors")
+    cmd[cmd.index("--nproc-per-node") + 1] = "1"
+    cmd[cmd.index("--rdzv-endpoint") + 1] = f"localhost:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [err for _, err in results]
+    one = run([*TRAIN[:1], "--seed", "0", "-d", str(three_blocks), "-o", "one.safetensors"], tmp_path, ranks=1)
+    assert one.returncode == 0, one.stderr
+    assert sha256(tmp_path / "one.safetensors") == sha256(tmp_path / "m.safetensors")
