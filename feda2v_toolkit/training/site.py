@@ -240,7 +240,8 @@ class Site:
                     values[s - lo:s - lo + r.shape[0]] = r
                     tr = is_train[s:s + r.shape[0]]
                     if fuse and bool(tr.any()):
-                        sums = ups.fit_statistics(lambda r=r, full=full, tr=tr: [(r[tr], full[tr])])
+                        pair = (r, full) if bool(tr.all()) else (r[tr], full[tr])  # no copy of a training chunk
+                        sums = ups.fit_statistics(lambda pair=pair: [pair])
                         part = add_parts(part or None, pack("ups.", sums))
             x = values[is_train[lo:hi]].double()
             part.update({"norm.sum": x.sum(0), "norm.sum_sq": x.pow(2).sum(0),

@@ -100,8 +100,8 @@ def test_the_statistics_taken_while_reducing_are_those_of_the_training_pairs(tin
     fused = site.upsampler_statistics()
     streamed = FittedStatisticsStage().local(site._upsampler(), site._pairs())
     assert set(fused) == set(streamed)
-    for k in fused:
-        torch.testing.assert_close(fused[k], streamed[k], rtol=1e-10, atol=1e-9)
+    for k in fused:  # other chunks: the float32 products round differently (lstsq.fit_statistics)
+        torch.testing.assert_close(fused[k], streamed[k], rtol=1e-6, atol=1e-6 * float(streamed[k].abs().max()))
 
 
 def test_the_memory_budget_option_rejects_a_non_size(tmp_path, tiny_data):
