@@ -9,7 +9,7 @@ Nothing real is allocated:
   creates, the batch at ``generator_batch_size``, autocast copies and activations at the configured
   dtype, and the temporaries live at the worst moment. With several generators (``per_class`` /
   ``per_group``) all of them keep weights, gradients and optimiser state while one trains. With
-  ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32, standardised in place) and
+  ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32; 0 past a quarter of the memory budget: on disk) and
   one read chunk of full sequences (``training.READ_CHUNK_BYTES``) are added;
 * **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length,
   plus every generator's weights and the shard writer's buffers (at worst the queued batches, their
