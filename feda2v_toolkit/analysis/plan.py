@@ -286,8 +286,9 @@ class Planner:
                 if "cache on disk" not in " ".join(self.notes):
                     self.notes.append(f"the reduced-data cache is larger than a quarter of the memory budget "
                                       f"({format_bytes(self.budget)}): training keeps it on disk (cache on disk)")
-            # one read chunk, and its float64 copy while a closed-form upsampler (lstsq) takes its statistics
-            chunk = rows * self.full_length * self.dim * 4 * (3 if self.fused_upsampler else 1)
+            # one read chunk, and the training rows' copy of it while a closed-form upsampler (lstsq) takes its
+            # statistics from a chunk that also holds held-out rows
+            chunk = rows * self.full_length * self.dim * 4 * (2 if self.fused_upsampler else 1)
             data = cache + chunk
         components = component_elements * 4
         tensors = peak + others + components + data

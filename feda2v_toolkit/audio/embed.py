@@ -196,8 +196,6 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     if ranks is None:
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         ranks = init_from_environment(dev)
-    if ranks.distributed and device == "auto" and torch.cuda.is_available():
-        device = f"cuda:{torch.cuda.current_device()}"
 
     from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
     from feda2v_toolkit.data.writer import _resolve_dtype
@@ -287,9 +285,8 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
             bar.postfix(skipped=n_skipped)
         if current is not None:
             _finish_shard(work, current, buffer[:filled], parts, skipped, source, meta_common, out)
-    except BaseException as exc:
-        if ranks.distributed and not isinstance(exc, KeyboardInterrupt):
-            _agreed(ranks, lambda e=exc: _reraise(e))  # the other ranks stop too, with this message
+    except BaseException:
+        # one rank failing ends the run: torchrun stops the other ranks when this one exits
         if not ranks.distributed and not any(work.glob("done-*.json")):  # nothing worth resuming: leave nothing
             shutil.rmtree(work, ignore_errors=True)
         raise
@@ -303,10 +300,6 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
             return report
     _assemble(work, out, len(shards), report, source)
     return report
-
-
-def _reraise(exc: BaseException) -> None:
-    raise exc
 
 
 def _agreed(ranks: Any, work: Any) -> Any:

@@ -97,7 +97,7 @@ def answer(stage: str, msg: Message, context: Context, make_site: Callable[[Meta
             site.store = dict(stored.to_torch_state_dict())
         site.generation = generation
         for old in [k for k in _SITES if k[0] != key[0]]:  # one run at a time per process: drop other runs
-            del _SITES[old]
+            _SITES.pop(old).close()
         _SITES[key] = site
     before = dict(site.store)
     out_arrays, out_meta = handle(site, stage, arrays, meta)

@@ -14,6 +14,7 @@ Tensors travel as safetensors bytes, never pickled.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.runtime.seeds import derive_seed
 
 #: consecutive dataset rows per block (fixed: results do not depend on the number of ranks or the memory budget)
 BLOCK_ROWS = 512
@@ -93,8 +95,11 @@ def add_parts(acc: Part | None, part: Part) -> Part:
     """Key-wise float64 sum, in the order parts arrive (the ``merge`` of plain sums)."""
     if acc is None:
         return {k: v.to(torch.float64).clone() for k, v in part.items()}
-    for k, v in part.items():
-        acc[k] += v.to(torch.float64)
+    for k, v in part.items():  # a block without rows of some kind (e.g. no training clip) lacks their keys
+        if k in acc:
+            acc[k] += v.to(torch.float64)
+        else:
+            acc[k] = v.to(torch.float64).clone()
     return acc
 
 
@@ -166,6 +171,18 @@ class TorchRanks(Ranks):
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+#: environment variable: seconds a rank waits in a collective for the others (default: 24 hours -- ranks of an
+#: ``embed`` run may finish their shards hours apart; a rank that fails ends the run through torchrun)
+ENV_TIMEOUT = "FEDA2V_RANKS_TIMEOUT"
+
+
+def collective_timeout() -> float:
+    try:
+        return max(1.0, float(os.environ.get(ENV_TIMEOUT, "") or 86400))
+    except ValueError:
+        raise InputError(f"{ENV_TIMEOUT}={os.environ.get(ENV_TIMEOUT)!r} is not a number of seconds") from None
+
+
 def launched_world_size() -> int:
     """``WORLD_SIZE`` as a launcher set it (1 when not launched by one)."""
     try:
@@ -190,22 +207,27 @@ def init_from_environment(device: torch.device | str = "cpu") -> Ranks:
         backend = "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
         if torch.device(device).type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=collective_timeout()))
+        import atexit
+
+        atexit.register(_destroy)  # a rank that stops early (an error) leaves without tearing the group down
     return TorchRanks()
 
 
-def shutdown(ranks: Ranks) -> None:
-    if isinstance(ranks, TorchRanks) and ranks.dist.is_initialized():
-        ranks.dist.destroy_process_group()
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def data_parallel_step(gen: Any, optimizers: Mapping[str, torch.optim.Optimizer], ranks: Ranks
                        ) -> Callable[..., dict[str, float]]:
     """A ``step_fn`` (``feda2v_toolkit.training.loop.run_steps``) for data-parallel training: each rank takes
     its share ``rows[rank::world]`` of every batch (all of it when the batch has fewer rows than ranks) and runs the
-    generator's own ``training_step``; before every optimiser step the gradients are averaged over the ranks,
-    weighted by rows, so every rank takes the same step (the weights stay identical). Loss terms: the
-    row-weighted mean over the ranks."""
+    generator's own ``training_step`` with its own noise (seeded per step and rank from the run's stream); before
+    every optimiser step the gradients are averaged over the ranks, weighted by rows, so every rank takes the same
+    step (the weights stay identical). Loss terms: the row-weighted mean over the ranks."""
     weight = [1.0]
     params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in optimizers.items()}
     for name, opt in optimizers.items():
@@ -220,7 +242,12 @@ def data_parallel_step(gen: Any, optimizers: Mapping[str, torch.optim.Optimizer]
             weight[0] = x.shape[0] / n
         else:
             weight[0] = 1.0 / ranks.world
+        # each rank its own noise (latents, dropout, augmentation), drawn from the run's stream: the same on
+        # every rank, so the ranks stay in step and the run stays reproducible
+        step_seed = int(torch.randint(0, 2**62, (1,)))
+        torch.manual_seed(derive_seed(step_seed, "rank", ranks.rank))
         terms = gen.training_step(x, labels=labels, conditions=conditions, optimizers=optimizers, ctx=ctx)
+        torch.manual_seed(derive_seed(step_seed, "after"))  # the run's stream again, the same on every rank
         return ranks.all_mean(terms, weight[0])
 
     return step

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.data.dataset import Dataset
-from feda2v_toolkit.errors import InputError, UsageError, short_list
+from feda2v_toolkit.errors import InputError, ToolkitError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.runtime.atomic import check_output, check_output_path, check_writable
 from feda2v_toolkit.runtime.progress import Progress
@@ -869,9 +869,12 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
         say(f"seed: {spec.seed} (drawn at random; " + ("the DP noise is secret: no seed reproduces a private run)"
                                                         if spec.config.get("generator_dp_epsilon") is not None
                                                         else "pass --seed to reproduce)"))
-    return run_pipeline(spec, LocalTransport([site]), schedule=spec.single_site_schedule(), engine="local", out=out,
-                        checkpoint=ckpt, resume=resume, metrics_path=metrics_path, progress=progress, log=say,
-                        keep_checkpoints=keep_checkpoints)
+    try:
+        return run_pipeline(spec, LocalTransport([site]), schedule=spec.single_site_schedule(), engine="local",
+                            out=out, checkpoint=ckpt, resume=resume, metrics_path=metrics_path, progress=progress,
+                            log=say, keep_checkpoints=keep_checkpoints)
+    finally:
+        site.close()
 
 
 def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: Any, seed: int | None, device: Any,
@@ -893,13 +896,15 @@ def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: A
             ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
             check_outputs(out, metrics_path, ckpt if spec.save_checkpoints else None,
                           inputs=[] if isinstance(data, Dataset) else [data], overwrite=overwrite, resume=False)
-        except InputError as e:
+        except ToolkitError as e:  # every rank raises it: none waits for a collective rank 0 skipped
             problem = str(e) or type(e).__name__
     problem = ranks.all_strings(problem)[0]
     if problem:
         raise UsageError(problem)
     if ranks.rank == 0:
         log(f"data-parallel: {ranks.world} ranks share {data if not isinstance(data, Dataset) else 'the data'}")
+        if spec.seed_drawn:
+            log(f"seed: {agreed} (drawn at random; pass --seed to reproduce)")
         return train(config, data, out=out, overrides=overrides, seed=agreed, device=device, resume=False,
                      checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, progress=progress, log=log,
                      overwrite=overwrite, keep_checkpoints=keep_checkpoints, ranks=ranks)

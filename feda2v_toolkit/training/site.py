@@ -130,6 +130,12 @@ class Site:
         self.ranks = ranks or Ranks()  # data-parallel ranks sharing this site's blocks (runtime.ranks)
         self._upsampler_sums: Arrays | None = None  # a closed-form upsampler's statistics, taken while reducing
 
+    def close(self) -> None:
+        """Release the reduced cache (its temporary file when on disk); the site can reduce again later."""
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
     @property
     def cfg(self) -> dict[str, Any]:
         return self.spec.config

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -84,6 +85,7 @@ class ReducedCache:
             import tempfile
 
             self._file = tempfile.TemporaryFile(prefix="feda2v-reduced-", dir=directory)  # noqa: SIM115 (closed by close())
+            self._closer = weakref.finalize(self, self._file.close)  # closed with the cache at the latest
             self._file.truncate(self.rows * self.row_bytes)
 
     @classmethod
@@ -102,6 +104,7 @@ class ReducedCache:
         return self.normalization is not None
 
     def close(self) -> None:
+        """Release the temporary file now (an in-memory cache: nothing to do)."""
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -118,8 +118,8 @@ def test_memory_parts_add_up_and_grow_with_length():
         assert t.gradients == t.weights
         assert 2 * t.weights <= t.optimizer <= 2 * t.weights + 100  # AdamW: two moments (+ step counters)
         assert t.step_peak >= t.weights + t.gradients + t.optimizer
-        # the cache, one read chunk and its float64 copy (the default lstsq upsampler takes its statistics from it)
-        assert t.data == 100 * row.length * 16 * 4 + 3 * 100 * 50 * 16 * 4
+        # the cache, one read chunk and the copy of its training rows (the default lstsq upsampler's statistics)
+        assert t.data == 100 * row.length * 16 * 4 + 2 * 100 * 50 * 16 * 4
         assert t.total == t.step_peak + t.other_generators + t.components + t.data + t.allowance + t.runtime
     assert [r.train.total for r in rows] == sorted(r.train.total for r in rows)
     assert "AdamW (2 state tensors per parameter)" in result.optimizers["vae"]

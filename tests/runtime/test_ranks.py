@@ -164,3 +164,43 @@ def test_the_documented_two_machine_command_runs_as_two_local_nodes(three_blocks
     one = run([*TRAIN[:1], "--seed", "0", "-d", str(three_blocks), "-o", "one.safetensors"], tmp_path, ranks=1)
     assert one.returncode == 0, one.stderr
     assert sha256(tmp_path / "one.safetensors") == sha256(tmp_path / "m.safetensors")
+
+
+def test_parts_missing_some_keys_still_add_up():
+    """A block without training clips has no upsampler sums; a later block's must not be lost (or raise)."""
+    first = {"norm": torch.ones(2, dtype=torch.float64)}
+    later = {"norm": torch.ones(2, dtype=torch.float64), "ups": torch.full((3,), 2.0, dtype=torch.float64)}
+    out = add_parts(add_parts(None, first), later)
+    assert out["norm"].tolist() == [2.0, 2.0] and out["ups"].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_each_rank_draws_its_own_noise_and_the_ranks_stay_in_step():
+    from feda2v_toolkit.runtime.ranks import data_parallel_step
+
+    class Gen:
+        def training_step(self, x, *, labels, conditions, optimizers, ctx):
+            self.noise = torch.randn(3)
+            return {"loss": float(x.sum())}
+
+    class Rank(Ranks):
+        def __init__(self, rank: int) -> None:
+            self.rank, self.world = rank, 2
+
+    noise, after = [], []
+    for r in (0, 1):
+        torch.manual_seed(7)
+        gen = Gen()
+        step = data_parallel_step(gen, {}, Rank(r))
+        step(torch.arange(4.0).reshape(4, 1, 1), None, None, None)
+        noise.append(gen.noise)
+        after.append(torch.randn(2))
+    assert not torch.equal(noise[0], noise[1])  # a GAN's fakes differ between ranks
+    assert torch.equal(after[0], after[1])  # the run's own stream is the same on every rank
+
+
+def test_an_existing_output_stops_every_rank_with_one_message(three_blocks, tmp_path):
+    (tmp_path / "m.safetensors").write_bytes(b"not mine")
+    proc = run([*TRAIN, "-d", str(three_blocks), "-o", "m.safetensors"], tmp_path, ranks=2)
+    assert proc.returncode != 0 and proc.stderr.count("exitcode  : 2") >= 1
+    assert proc.stderr.count("--overwrite") >= 2  # both ranks say why, neither waits for the other
+    assert (tmp_path / "m.safetensors").read_bytes() == b"not mine"

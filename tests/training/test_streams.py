@@ -113,3 +113,16 @@ def test_the_memory_budget_option_rejects_a_non_size(tmp_path, tiny_data):
                                  "--memory-budget", "lots"])
     assert r.exit_code == 2
     assert "--memory-budget" in r.output and "cannot read 'lots' as a size" in r.output
+
+
+def test_train_lets_go_of_its_cache_file_when_it_ends(tiny_data, tmp_path, monkeypatch):
+    from feda2v_toolkit.training import site as site_module
+    from feda2v_toolkit.training.pipeline import train
+
+    made: list[ReducedCache] = []
+    original = site_module.ReducedCache
+    monkeypatch.setattr(site_module, "ReducedCache", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    set_memory_budget(1024)
+    train({"generator_type": "gaussian", "generator_training_sequence_length": 4, "generator_latent_dim": 8,
+           "generator_checkpoint_dir": str(tmp_path / "ck")}, tiny_data, out=tmp_path / "m.safetensors", seed=1)
+    assert len(made) == 1 and not made[0].in_memory and made[0]._file is None
