@@ -56,6 +56,8 @@ from feda2v_toolkit.training.streams import full_batches, read_chunk_rows, upsam
 
 OPTIMUM = "linear optimum"
 DEFAULT_UPSAMPLER_EPOCHS = 1
+#: clips analysed at most by default (a seeded sample beyond; evaluate's reservoir holds as many real clips)
+DEFAULT_MAX_CLIPS = 4096
 
 
 @dataclass
@@ -128,6 +130,19 @@ def _check_lengths(ds: Dataset, lengths: Sequence[int]) -> list[int]:
             raise UsageError(f"{ds.path}: length {length} is outside 1..{ds.seq_len} "
                              f"(the sequences have {ds.seq_len} tokens)")
     return sorted({int(v) for v in lengths})
+
+
+def proportional_sample(labels: Tensor, size: int, seed: int) -> Tensor:
+    """Sorted rows: a seeded uniform sample of about ``size`` rows in which each label keeps its share (at
+    least 2 rows of a label that has them, so that it can still be split)."""
+    g = torch.Generator().manual_seed(seed)
+    n = labels.numel()
+    parts = []
+    for c in torch.unique(labels).tolist():
+        rows = (labels == c).nonzero().flatten()
+        keep = min(rows.numel(), max(2, round(size * rows.numel() / n)))
+        parts.append(rows[torch.randperm(rows.numel(), generator=g)[:keep]])
+    return torch.cat(parts).sort().values
 
 
 def _split(ds: Dataset, holdout: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -340,7 +355,7 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
             holdout: float = 0.25, seed: int = 0, pool_positions: int = DEFAULT_POOL_POSITIONS,
             config: Any = None, upsampler_epochs: int | None = DEFAULT_UPSAMPLER_EPOCHS,
             optimum: bool = True, all_pairs: bool = False, batch_rows: int | None = None,
-            log: Callable[[str], None] | None = None) -> AnalysisResult:
+            max_clips: int | None = DEFAULT_MAX_CLIPS, log: Callable[[str], None] | None = None) -> AnalysisResult:
     """Measure every reducer/upsampler pair at every length on a held-out split (module docstring).
 
     Args:
@@ -354,6 +369,8 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
         optimum: also compute the linear optimum (position PCA) reference.
         all_pairs: also pair non-positional reducers (``pca``) with interpolating upsamplers.
         batch_rows: sequences per streamed batch (default: about 32 MiB of float32, as training reads).
+        max_clips: analyse a seeded sample of at most this many clips, each class in proportion (``None``: all);
+            what it holds grows with the clips analysed, so this bounds its memory and time. The result says so.
         log: called with progress messages.
     """
     t_start = time.perf_counter()
@@ -370,6 +387,15 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
     configured_epochs = int(cfg.get("generator_upsampler_epochs", 0) or 0)
     if upsampler_epochs is not None and configured_epochs > upsampler_epochs:
         cfg["generator_upsampler_epochs"] = int(upsampler_epochs)
+    total = len(ds)
+    if max_clips is not None:
+        if max_clips < 1:
+            raise UsageError(f"--max-clips must be >= 1, got {max_clips}")
+        if total > max_clips:
+            ds = ds.subset(proportional_sample(ds.labels, max_clips, derive_seed(seed, "analyze-sample")))
+            notes.append(f"analysed a seeded sample of {len(ds)} of the {total} clips, each class in proportion "
+                         f"(--max-clips {max_clips})")
+            say(notes[-1])
     train_idx, test_idx = _split(ds, holdout, seed)
     say(f"{len(ds)} sequences [{ds.seq_len}, {ds.dim}]: {train_idx.numel()} to fit, {test_idx.numel()} held out; "
         f"lengths {', '.join(map(str, wanted))}")
@@ -414,7 +440,7 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
     recommended = {length: best for length in wanted
                    if (best := max((p for p in pairs if p.length == length), key=rank_key, default=None))}
     return AnalysisResult(
-        data=str(ds.path), sequences=len(ds), seq_len=ds.seq_len, dim=ds.dim, class_names=list(ds.class_names),
+        data=str(ds.path), sequences=total, seq_len=ds.seq_len, dim=ds.dim, class_names=list(ds.class_names),
         train=int(train_idx.numel()), heldout=int(test_idx.numel()), seed=seed, lengths=wanted,
         reducers=reducer_names, upsamplers=upsampler_names, pool_positions=min(pool_positions, ds.seq_len),
         upsampler_epochs=cfg.get("generator_upsampler_epochs") if trainable else None,

@@ -167,6 +167,9 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
               help="Positions the classifier's features are pooled to.")
 @click.option("--upsampler-epochs", default=1, show_default=True, type=click.IntRange(min=0),
               help="Cap on generator_upsampler_epochs for iterative trainable upsamplers (learned).")
+@click.option("--max-clips", default=4096, show_default=True, type=click.IntRange(min=0),
+              help="Analyse a seeded sample of at most this many clips, each class in proportion (bounds memory "
+                   "and time; the report says when it samples); 0: every clip.")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Config whose component settings to use [default: schema defaults].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -179,8 +182,8 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers: str | None, all_pairs: bool,
                 test_fraction: float, holdout_alias: float | None, seed: int, pool_positions: int,
-                upsampler_epochs: int, config_path: Path | None, plot_path: Path | None, overwrite: bool,
-                progress: bool | None, as_json: bool, quiet: bool) -> None:
+                upsampler_epochs: int, max_clips: int, config_path: Path | None, plot_path: Path | None,
+                overwrite: bool, progress: bool | None, as_json: bool, quiet: bool) -> None:
     """Measure what each reducer/upsampler pair keeps, per training length, on held-out data.
 
     R^2 and cosine of the reconstruction, downstream accuracy, and the linear optimum (position PCA)
@@ -201,7 +204,7 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
                              holdout=holdout_alias if holdout_alias is not None else test_fraction, seed=seed,
                              pool_positions=pool_positions, config=str(config_path) if config_path else None,
                              upsampler_epochs=upsampler_epochs, all_pairs=all_pairs,
-                             log=log)
+                             max_clips=max_clips or None, log=log)
     finally:
         stop()
     _report(result, analyze_text, as_json=as_json, plot_path=plot_path, plot="plot_analysis", say=say)

@@ -141,3 +141,25 @@ def test_pairs_are_ranked_and_recommended_by_accuracy_on_real(capsys, structured
                             "--upsamplers", "linear,lstsq", "-q")
     assert code == 0
     assert "recommended: length 2: " in out and "<- best" in out
+
+
+def test_more_clips_than_max_clips_are_sampled_per_class_and_the_report_says_so(tiny_data):
+    from feda2v_toolkit.analysis.analyze import proportional_sample
+
+    kw = {"reducers": ["adaptive_avg"], "upsamplers": ["linear"], "optimum": False}
+    whole = analyze(tiny_data, [4], **kw)
+    sampled = analyze(tiny_data, [4], max_clips=20, **kw)
+    assert whole.train + whole.heldout == 40 and not any("sample" in n for n in whole.notes)
+    assert sampled.sequences == 40 and sampled.train + sampled.heldout == 20
+    assert any("seeded sample of 20 of the 40 clips" in n for n in sampled.notes)
+    labels = torch.arange(40) % 4
+    rows = proportional_sample(labels, 20, 0)
+    assert torch.bincount(labels[rows]).tolist() == [5, 5, 5, 5]
+    assert torch.equal(rows, proportional_sample(labels, 20, 0)) and not torch.equal(rows, proportional_sample(labels, 20, 1))
+
+
+def test_the_cli_default_of_max_clips_is_the_api_default():
+    from feda2v_toolkit.analysis.analyze import DEFAULT_MAX_CLIPS
+    from feda2v_toolkit.commands.analysis import analyze_cmd
+
+    assert next(p for p in analyze_cmd.params if p.name == "max_clips").default == DEFAULT_MAX_CLIPS
