@@ -191,7 +191,7 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     """
     import torch
 
-    from feda2v_toolkit.runtime.ranks import init_from_environment
+    from feda2v_toolkit.runtime.ranks import agree, init_from_environment
 
     if ranks is None:
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -211,7 +211,7 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     if batch_size < 1:
         raise UsageError("batch_size must be >= 1")
     storage = _resolve_dtype(dtype) or torch.float16
-    out = _agreed(ranks, lambda: check_output(out, inputs=source_paths(source), overwrite=overwrite, directory=True,
+    out = agree(ranks, lambda: check_output(out, inputs=source_paths(source), overwrite=overwrite, directory=True,
                                               role="audio source")) if ranks.distributed else \
         check_output(out, inputs=source_paths(source), overwrite=overwrite, directory=True, role="audio source")
     emb = embedder or ASTEmbedder(model, revision=revision, device=device)
@@ -229,7 +229,7 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
                 "embed_format_version": EMBED_FORMAT_VERSION}
     fingerprint = _fingerprint(settings, source)
     if ranks.distributed:  # rank 0 makes (or resumes) the work directory; the others join it
-        _agreed(ranks, lambda: _prepare_partial(out, fingerprint, overwrite) if ranks.rank == 0 else None)
+        agree(ranks, lambda: _prepare_partial(out, fingerprint, overwrite) if ranks.rank == 0 else None)
         work = partial_dir(out)
     else:
         work = _prepare_partial(out, fingerprint, overwrite)
@@ -294,33 +294,12 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
         bar.close()
     report.seconds = time.perf_counter() - start
     if ranks.distributed:
-        _agreed(ranks, lambda: None)  # every rank's shards are done
+        agree(ranks, lambda: None)  # every rank's shards are done
         report.computed = len(source.clips) - report.resumed
         if ranks.rank != 0:
             return report
     _assemble(work, out, len(shards), report, source)
     return report
-
-
-def _agreed(ranks: Any, work: Any) -> Any:
-    """Run ``work()`` on this rank, then exchange the ranks' outcomes: if any rank failed with a toolkit error, every
-    rank raises it (the first rank's message); an unexpected error on this rank is raised here after the exchange."""
-    from feda2v_toolkit.errors import ToolkitError
-
-    result, message, own = None, "", None
-    try:
-        result = work()
-    except ToolkitError as e:
-        message, own = f"{type(e).__name__}:{e}", e
-    except Exception as e:  # noqa: BLE001 - reported to the other ranks, raised here below
-        message, own = f"InputError:rank {ranks.rank}: {type(e).__name__}: {e}", e
-    failures = [m for m in ranks.all_strings(message) if m]
-    if own is not None:
-        raise own
-    if failures:
-        kind, _, text = failures[0].partition(":")
-        raise (UsageError if kind == "UsageError" else InputError)(text)
-    return result
 
 
 def source_paths(source: ClipSource) -> list[Path]:

@@ -61,11 +61,10 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
     [1214, 768] for the 10-10 AudioSet checkpoints. Needs: pip install "feda2v-tk[audio]". Data-parallel:
     torchrun --nproc-per-node N -m feda2v_toolkit embed ... (one rank per GPU or CPU worker; the same output).
     """
-    import os
-
     from feda2v_toolkit.audio.sources import ClipPolicy, open_source, require
+    from feda2v_toolkit.runtime.ranks import launched_rank
 
-    if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: rank 0 reports for the run
+    if launched_rank() > 0:  # torchrun: rank 0 reports for the run
         quiet, as_json = True, False
 
     policy = ClipPolicy(clip_seconds, crop)  # checked before anything is read

@@ -127,9 +127,10 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
     Training is the pipeline federate runs, over one site holding all of DATA. Data-parallel over processes:
     torchrun --nproc-per-node N -m feda2v_toolkit train ... (the same model; docs/performance.md).
     """
+    from feda2v_toolkit.runtime.ranks import launched_rank
     from feda2v_toolkit.training.pipeline import train
 
-    if _launched_rank() > 0:  # torchrun: rank 0 speaks and writes for the run
+    if launched_rank() > 0:  # torchrun: rank 0 speaks and writes for the run
         quiet, as_json, progress = True, False, False
 
     def say(msg: str) -> None:
@@ -145,15 +146,6 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
                       resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
                       progress=progress, log=say, overwrite=overwrite, keep_checkpoints=keep_checkpoints)
     report(model, out_path, say, as_json)
-
-
-def _launched_rank() -> int:
-    import os
-
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def report(model: Any, out_path: Path, say: Any, as_json: bool) -> None:

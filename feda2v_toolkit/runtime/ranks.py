@@ -87,9 +87,6 @@ class Ranks:
     def all_mean(self, values: Mapping[str, float], weight: float) -> dict[str, float]:
         return dict(values)
 
-    def barrier(self) -> None:
-        pass
-
 
 def add_parts(acc: Part | None, part: Part) -> Part:
     """Key-wise float64 sum, in the order parts arrive (the ``merge`` of plain sums)."""
@@ -163,9 +160,6 @@ class TorchRanks(Ranks):
         total = float(t[-1])
         return {k: float(t[i]) / total if total > 0 else float("nan") for i, k in enumerate(keys)}
 
-    def barrier(self) -> None:
-        self.dist.barrier()
-
 
 #: environment variables torchrun (and other launchers) set
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -181,6 +175,36 @@ def collective_timeout() -> float:
         return max(1.0, float(os.environ.get(ENV_TIMEOUT, "") or 86400))
     except ValueError:
         raise InputError(f"{ENV_TIMEOUT}={os.environ.get(ENV_TIMEOUT)!r} is not a number of seconds") from None
+
+
+def agree(ranks: Ranks, work: Callable[[], Any]) -> Any:
+    """Run ``work()`` on this rank, then exchange the ranks' outcomes (one collective, made by every rank whatever
+    happened): if any rank failed with a toolkit error, every rank raises the first one's message (as a
+    ``UsageError`` or ``InputError``); an unexpected error is raised on its own rank after the exchange."""
+    from feda2v_toolkit.errors import ToolkitError, UsageError
+
+    result, message, own = None, "", None
+    try:
+        result = work()
+    except ToolkitError as e:
+        message, own = f"{type(e).__name__}:{e}", e
+    except Exception as e:  # noqa: BLE001 - reported to the other ranks, raised here below
+        message, own = f"InputError:rank {ranks.rank}: {type(e).__name__}: {e}", e
+    failures = [m for m in ranks.all_strings(message) if m]
+    if own is not None:
+        raise own
+    if failures:
+        kind, _, text = failures[0].partition(":")
+        raise (UsageError if kind == "UsageError" else InputError)(text)
+    return result
+
+
+def launched_rank() -> int:
+    """``RANK`` as a launcher set it (0 when not launched by one): rank 0 speaks and writes for the run."""
+    try:
+        return max(0, int(os.environ.get("RANK", "0") or 0))
+    except ValueError:
+        return 0
 
 
 def launched_world_size() -> int:

@@ -39,11 +39,11 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.data.dataset import Dataset
-from feda2v_toolkit.errors import InputError, ToolkitError, UsageError, short_list
+from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.runtime.atomic import check_output, check_output_path, check_writable
 from feda2v_toolkit.runtime.progress import Progress
-from feda2v_toolkit.runtime.ranks import Ranks, init_from_environment
+from feda2v_toolkit.runtime.ranks import Ranks, agree, init_from_environment
 from feda2v_toolkit.runtime.seeds import SEED_SCHEME, derive_seed
 from feda2v_toolkit.training.checkpoint import (
     TrainingState,
@@ -890,17 +890,13 @@ def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: A
     if spec.config.get("generator_dp_epsilon") is not None:
         raise UsageError("record-level DP (--dp-epsilon) runs in one process: start it without torchrun")
     agreed = int(ranks.all_strings(str(spec.seed))[0])  # a drawn seed is rank 0's
-    problem = ""
-    if ranks.rank == 0:
-        try:
-            ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
-            check_outputs(out, metrics_path, ckpt if spec.save_checkpoints else None,
-                          inputs=[] if isinstance(data, Dataset) else [data], overwrite=overwrite, resume=False)
-        except ToolkitError as e:  # every rank raises it: none waits for a collective rank 0 skipped
-            problem = str(e) or type(e).__name__
-    problem = ranks.all_strings(problem)[0]
-    if problem:
-        raise UsageError(problem)
+
+    def check() -> None:  # rank 0's outputs; a problem stops every rank (none waits for a skipped collective)
+        ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
+        check_outputs(out, metrics_path, ckpt if spec.save_checkpoints else None,
+                      inputs=[] if isinstance(data, Dataset) else [data], overwrite=overwrite, resume=False)
+
+    agree(ranks, check if ranks.rank == 0 else lambda: None)
     if ranks.rank == 0:
         log(f"data-parallel: {ranks.world} ranks share {data if not isinstance(data, Dataset) else 'the data'}")
         if spec.seed_drawn:
