@@ -45,7 +45,7 @@ from feda2v_toolkit.runtime.ranks import BLOCK_ROWS
 from feda2v_toolkit.runtime.resources import cache_in_memory
 from feda2v_toolkit.runtime.resources import memory_budget as default_budget
 from feda2v_toolkit.runtime.sizes import format_bytes
-from feda2v_toolkit.training.stages import has_statistics
+from feda2v_toolkit.training.stages import fitted_while_reducing, has_statistics
 from feda2v_toolkit.training.streams import chunk_rows
 
 #: the writer's worst moment: queued batches, their concatenation into the next shard, the shard in flight
@@ -196,7 +196,7 @@ class Planner:
         self.output_length = int(output_length or self.cfg.get("generator_output_sequence_length") or 0)
         self.runtime = runtime_bytes() if runtime is None else int(runtime)
         self.budget = default_budget() if budget is None else int(budget)
-        self.fused_upsampler = has_statistics(self.up_cls) and bool(getattr(self.up_cls, "trainable", False))
+        self.fused_upsampler = fitted_while_reducing(self.up_cls)
         self.optimizers: dict[str, str] = {}
         self.notes: list[str] = []
 

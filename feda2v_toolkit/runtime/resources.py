@@ -49,6 +49,8 @@ ENV_MEMORY_BUDGET = "FEDA2V_MEMORY_BUDGET"
 #: the budget when neither ``--memory-budget`` nor the environment sets one
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 _BUDGET: dict[str, int | None] = {"bytes": None}
+
+
 def set_memory_budget(nbytes: int | None) -> None:
     """The process-wide budget (``--memory-budget``); ``None``: the environment's or the default."""
     _BUDGET["bytes"] = None if nbytes is None else int(nbytes)

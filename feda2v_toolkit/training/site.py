@@ -9,7 +9,6 @@ statistics, weights and optimiser state, never clips.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -40,8 +39,10 @@ from feda2v_toolkit.training.spec import RunSpec
 from feda2v_toolkit.training.stages import (
     ClassesStage,
     FittedStatisticsStage,
+    GeneratorStatisticsStage,
+    NormalizationStage,
     WeightsPart,
-    has_statistics,
+    fitted_while_reducing,
 )
 from feda2v_toolkit.training.streams import (
     ReducedCache,
@@ -229,7 +230,7 @@ class Site:
         self.cache = ReducedCache(n, length, dim, to_global[self.ds.labels], conditions,
                                   in_memory=cache_in_memory(n * length * dim * 4))
         ups = self._upsampler()
-        fuse = has_statistics(ups) and bool(getattr(ups, "trainable", False)) and not self.private
+        fuse = fitted_while_reducing(ups) and not self.private
         is_train = torch.zeros(n, dtype=torch.bool)
         is_train[self.train_idx] = True
         chunk = read_chunk_rows(self.ds)
@@ -249,9 +250,7 @@ class Site:
                         pair = (r, full) if bool(tr.all()) else (r[tr], full[tr])  # no copy of a training chunk
                         sums = ups.fit_statistics(lambda pair=pair: [pair])
                         part = add_parts(part or None, pack("ups.", sums))
-            x = values[is_train[lo:hi]].double()
-            part.update({"norm.sum": x.sum(0), "norm.sum_sq": x.pow(2).sum(0),
-                         "norm.count": torch.tensor(float(x.shape[0]), dtype=torch.float64)})
+            part.update(pack("norm.", NormalizationStage().local(values, is_train[lo:hi].nonzero().flatten())))
             part["block"] = torch.tensor([b, lo])
             part["digest"] = torch.frombuffer(bytearray(block_digest(values)), dtype=torch.uint8)
             part["values"] = values
@@ -271,10 +270,7 @@ class Site:
         self.store.update(pack("reducer.", state))
         self.store["reduced"] = torch.ones(())  # marks a reducer as set (a reducer may have no state at all)
         self.store["classes"] = torch.tensor([ord(ch) for ch in json.dumps(class_names)], dtype=torch.int32)
-        part = {k[len("norm."):]: v for k, v in sums.items() if k.startswith("norm.")} \
-            if self.spec.normalize and not self.private else {}
-        if part and "count" not in part:
-            part = {}
+        part = unpack("norm.", sums) if self.spec.normalize and not self.private else {}
         return part, {"fingerprint": cache_fingerprint(self.ds.labels, digests), "seconds": seconds,
                       **self.split_counts()}
 
@@ -389,32 +385,17 @@ class Site:
         return out, {"examples": examples, "truncated": truncated}
 
     def _block_statistics(self, gen: Any, idx: Tensor, n: int) -> Arrays:
-        """``gen``'s statistics of the rows ``idx``: exact per block, merged block by block in order over the ranks
-        (factors kept to the generator's rank per row, as one whole-data :class:`GeneratorStatisticsStage` part)."""
-        merge = type(gen).merge_statistics
-        rank = getattr(gen, "rank", None)
-        streaming = rank is not None and "max_rank" in inspect.signature(merge).parameters
-        read = self.cache.reader(torch.device("cpu")) if self.cache is not None else None
-        assert read is not None
+        """``gen``'s statistics of the rows ``idx``, block by block in order over the ranks
+        (:class:`GeneratorStatisticsStage`: exact per block, streamed, cut to the generator's rank at the end)."""
+        assert self.cache is not None
+        stage, read = GeneratorStatisticsStage(), self.cache.reader(torch.device("cpu"))
 
         def block(b: int) -> Arrays:
             rows = in_block(idx, b, n)
-            if rows.numel() == 0:
-                return {}
-            x, labels, conditions = read(rows)
-            return dict(gen.fit_statistics(x, labels=labels, conditions=conditions, max_rank=None))
+            return stage.local(gen, *read(rows)) if rows.numel() else {}
 
-        def combine(acc: Arrays | None, part: Arrays) -> Arrays:
-            if not part:
-                return acc if acc is not None else {}
-            if not acc:
-                return part
-            return dict(merge([acc, part], max_rank=rank) if streaming else merge([acc, part]))
-
-        stats = self.ranks.combine(block_count(n), block, combine) or {}
-        if streaming:
-            return dict(merge([stats], max_rank=rank, compact=True))
-        return stats
+        return stage.compact(gen, self.ranks.combine(block_count(n), block,
+                                                     lambda acc, part: stage.accumulate(gen, acc, part)) or {})
 
     def generator_fit(self, keys: list[str], groups: Mapping[str, list[str]],
                       class_names: list[str]) -> tuple[Arrays, Meta]:

@@ -21,6 +21,7 @@ A fitted component federates exactly when it implements ``fit_statistics(stream)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,12 @@ def has_statistics(component: Any) -> bool:
         callable(getattr(component, "fit_from_statistics", None))
 
 
+def fitted_while_reducing(upsampler: Any) -> bool:
+    """Whether a site takes ``upsampler``'s (class or instance) statistics from the read that reduces its data
+    (``training.site.Site.reduce``): a trainable upsampler with summable statistics, such as ``lstsq``."""
+    return has_statistics(upsampler) and bool(getattr(upsampler, "trainable", False))
+
+
 class FittedStatisticsStage:
     """A fitted reducer or upsampler: each site sums its statistics, the sums add, the component solves."""
 
@@ -196,7 +203,29 @@ class GeneratorStatisticsStage:
     name = "generator_statistics"
 
     def local(self, gen: Any, x: Tensor, labels: Tensor, conditions: Tensor | None) -> Part:
-        return dict(gen.fit_statistics(x, labels=labels, conditions=conditions, max_rank=getattr(gen, "rank", None)))
+        """The exact statistics of one block of a site's sequences (:meth:`accumulate` streams the blocks)."""
+        return dict(gen.fit_statistics(x, labels=labels, conditions=conditions, max_rank=None))
+
+    @staticmethod
+    def _streams(gen: Any) -> bool:
+        return getattr(gen, "rank", None) is not None and \
+            "max_rank" in inspect.signature(type(gen).merge_statistics).parameters
+
+    def accumulate(self, gen: Any, acc: Part | None, part: Part) -> Part:
+        """``acc`` and one more block's :meth:`local` part: a type whose ``merge_statistics`` takes ``max_rank``
+        keeps its factors to about twice the generator's rank while streaming; an empty part changes nothing."""
+        if not part:
+            return acc if acc is not None else {}
+        if not acc:
+            return part
+        merge = type(gen).merge_statistics
+        return dict(merge([acc, part], max_rank=gen.rank) if self._streams(gen) else merge([acc, part]))
+
+    def compact(self, gen: Any, acc: Part) -> Part:
+        """The site's release from its accumulated blocks: factors cut to the generator's rank per mean row."""
+        if acc and self._streams(gen):
+            return dict(type(gen).merge_statistics([acc], max_rank=gen.rank, compact=True))
+        return acc
 
     def merge(self, gen_cls: Any, parts: Sequence[Part]) -> Part:
         return dict(gen_cls.merge_statistics(list(parts)))

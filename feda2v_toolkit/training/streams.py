@@ -88,13 +88,6 @@ class ReducedCache:
             self._closer = weakref.finalize(self, self._file.close)  # closed with the cache at the latest
             self._file.truncate(self.rows * self.row_bytes)
 
-    @classmethod
-    def of(cls, values: Tensor, labels: Tensor, conditions: Tensor | None) -> ReducedCache:
-        """An in-memory cache holding ``values [N, l, D]``."""
-        cache = cls(values.shape[0], values.shape[1], values.shape[2], labels, conditions)
-        cache._values = values.to(torch.float32).contiguous()
-        return cache
-
     @property
     def in_memory(self) -> bool:
         return self._values is not None
