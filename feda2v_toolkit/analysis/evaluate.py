@@ -78,11 +78,11 @@ from feda2v_toolkit.analysis.classifier import (
 )
 from feda2v_toolkit.analysis.membership import BOOTSTRAP, MembershipAudit, run_audit
 from feda2v_toolkit.analysis.metrics import (
-    covariance_gap,
-    frechet_distance,
+    PairGrams,
+    frechet_of_subsets,
     manifold_metrics,
-    mean_gap,
     mean_pairwise_distance,
+    nearest_distances,
 )
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.open import open_dataset
@@ -229,41 +229,35 @@ class EvaluationResult:
         return asdict(self)
 
 
-def _halves(r: Tensor, seed: int) -> float | None:
-    """Frechet distance between two random halves of ``r``: the sampling-noise reference."""
-    if r.shape[0] < 4:
+def _halves(gram: Tensor, seed: int) -> float | None:
+    """Frechet distance between two random halves of a set (its centred Gram): the sampling-noise reference."""
+    if gram.shape[0] < 4:
         return None
-    perm = torch.randperm(r.shape[0], generator=torch.Generator().manual_seed(seed))
-    half = r.shape[0] // 2
-    return frechet_distance(r[perm[:half]], r[perm[half:2 * half]])
+    perm = torch.randperm(gram.shape[0], generator=torch.Generator().manual_seed(seed))
+    half = gram.shape[0] // 2
+    return frechet_of_subsets(gram, perm[:half], perm[half:2 * half])
 
 
 def distribution_metrics(synthetic: Tensor, real: Tensor, *, k: int = 5, seed: int = 0,
                          pooled: tuple[Tensor, Tensor] | None = None) -> DistributionMetrics:
     """All distribution metrics of ``synthetic`` vs ``real`` (``[n, ...]`` each, flattened); ``pooled``:
     the same samples as pooled full-length features ``(synthetic, real)`` for the reducer-independent
-    Frechet distance."""
-    s = synthetic.reshape(synthetic.shape[0], -1)
-    r = real.reshape(real.shape[0], -1)
-    manifold = manifold_metrics(s, r, k=k)
-    div_s, div_r = mean_pairwise_distance(s), mean_pairwise_distance(r)
+    Frechet distance. Every figure comes from the sets' centred Gram matrices (:class:`PairGrams`), so
+    memory is ``(n_s + n_r)^2`` float64 numbers, not float64 copies of the samples."""
+    g = PairGrams.of(synthetic, real)
+    manifold = manifold_metrics(synthetic, real, k=k, grams=g)
+    div_s, div_r = mean_pairwise_distance(synthetic, g.ss), mean_pairwise_distance(real, g.rr)
     fd_pooled = fd_pooled_halves = None
     if pooled is not None:
-        fd_pooled, fd_pooled_halves = frechet_distance(*pooled), _halves(pooled[1], seed)
+        p = PairGrams.of(*pooled)
+        fd_pooled, fd_pooled_halves = p.frechet(), _halves(p.rr, seed)
     return DistributionMetrics(
-        real=r.shape[0], synthetic=s.shape[0], frechet=frechet_distance(s, r), frechet_real_halves=_halves(r, seed),
+        real=g.n_r, synthetic=g.n_s, frechet=g.frechet(), frechet_real_halves=_halves(g.rr, seed),
         frechet_pooled=fd_pooled, frechet_pooled_real_halves=fd_pooled_halves,
-        mean_gap=mean_gap(s, r), covariance_gap=covariance_gap(s, r), diversity_synthetic=div_s,
+        mean_gap=g.mean_gap(), covariance_gap=g.covariance_gap(), diversity_synthetic=div_s,
         diversity_real=div_r, diversity_ratio=div_s / div_r if div_r > 0 else float("nan"),
         precision=manifold.precision, recall=manifold.recall, density=manifold.density,
         coverage=manifold.coverage, k=manifold.k)
-
-
-def nearest_distances(x: Tensor, reference: Tensor, rows: int = 1024) -> Tensor:
-    """Euclidean distance from each row of ``x`` ``[n, ...]`` to its nearest row of ``reference`` (float64)."""
-    a = x.reshape(x.shape[0], -1).double()
-    b = reference.reshape(reference.shape[0], -1).double()
-    return torch.cat([torch.cdist(a[s:s + rows], b).min(dim=1).values for s in range(0, a.shape[0], rows)])
 
 
 def privacy_metrics(synthetic_d: Tensor, real_d: Tensor, training: int) -> PrivacyMetrics:

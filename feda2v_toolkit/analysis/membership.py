@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from feda2v_toolkit.analysis.metrics import nearest_distances, principal_directions, project
+
 #: a headline AUC above this flags the model as leaking membership
 LEAK_AUC = 0.6
 #: the false-positive rates the TPR is reported at (Carlini et al. 2022)
@@ -243,9 +245,7 @@ def dp_record(metrics: Mapping[str, Any]) -> dict[str, float] | None:
 def nearest_sample_scores(x: Tensor, synthetic: Tensor, rows: int = 512) -> Tensor:
     """Minus the Euclidean distance from each record ``x [n, ...]`` to its nearest synthetic sample
     (float64): a generator that reproduces its training records puts samples next to them."""
-    a = x.reshape(x.shape[0], -1).double()
-    b = synthetic.reshape(synthetic.shape[0], -1).double()
-    return -torch.cat([torch.cdist(a[s:s + rows], b).min(dim=1).values for s in range(0, a.shape[0], rows)])
+    return -nearest_distances(x, synthetic, rows)
 
 
 def _shrunk_covariance(dev: Tensor, dof: int) -> Tensor:
@@ -287,20 +287,15 @@ def density_ratio_scores(x: Tensor, x_classes: Sequence[str], synthetic: Mapping
     uses the reference set's overall mean. A record the generator over-represents relative to the
     population -- as it does its training records when it memorises -- scores high.
     """
-    ref = reference.reshape(reference.shape[0], -1).double()
-    centre = ref.mean(0)
+    ref = reference.reshape(reference.shape[0], -1)
     k = max(1, min(dims, ref.shape[0] - len(set(reference_classes)) - 1, ref.shape[1]))
-    _, _, v = torch.linalg.svd(ref - centre, full_matrices=False)
-    basis = v[:k].T  # [F, k]
-
-    def project(t: Tensor) -> Tensor:
-        return (t.reshape(t.shape[0], -1).double() - centre) @ basis
-
-    ref_means, ref_cov, ref_mean_all = _class_gaussian(project(ref), reference_classes)
+    centre, basis = principal_directions(ref, k)  # [F], [F, k]
+    ref_means, ref_cov, ref_mean_all = _class_gaussian(project(ref, centre, basis), reference_classes)
     syn_names = [c for c, s in synthetic.items() for _ in range(s.shape[0])]
-    syn_means, syn_cov, _ = _class_gaussian(project(torch.cat(list(synthetic.values()))), syn_names)
+    syn_coords = torch.cat([project(s, centre, basis) for s in synthetic.values()])
+    syn_means, syn_cov, _ = _class_gaussian(syn_coords, syn_names)
     chol_r, chol_s = torch.linalg.cholesky(ref_cov), torch.linalg.cholesky(syn_cov)
-    px = project(x)
+    px = project(x, centre, basis)
     out = torch.empty(px.shape[0], dtype=torch.float64)
     for c in dict.fromkeys(x_classes):
         m = torch.tensor([y == c for y in x_classes], dtype=torch.bool)
@@ -416,7 +411,7 @@ def run_audit(model: Any, members: Tensor, member_classes: Sequence[str], non_me
                 f"the generator's own per-record {name.split(': ', 1)[1]} ({kinds[name]}.membership_scores)")
         scores[name] = ("white-box", desc, sm, sn)
     classes = list(dict.fromkeys([*member_classes, *non_member_classes]))
-    syn = {c: synthetic[c].reshape(synthetic[c].shape[0], -1).double() for c in classes if c in synthetic}
+    syn = {c: synthetic[c].reshape(synthetic[c].shape[0], -1) for c in classes if c in synthetic}
     missing = [c for c in classes if c not in syn]
     if not missing:
         def nearest(x: Tensor, xc: Sequence[str]) -> Tensor:

@@ -8,6 +8,7 @@ for ``F = l * D`` in the tens of thousands with a few hundred samples.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -106,14 +107,178 @@ def r2_score(original: Tensor, reconstruction: Tensor) -> float:
 
 # -- Gaussian statistics from samples ----------------------------------------------------------------
 
+#: rows converted to float64 at a time: at most 16 MB a block (341 rows of 16 x 768 numbers), so no float64
+#: copy of a whole set; distances are taken BLOCK_ROWS rows at a time
+BLOCK_BYTES = 2**24
+BLOCK_ROWS = 256
 
-def _centred(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(mean [F], A [n, F])`` with ``A^T A`` the unbiased covariance."""
-    x = x.reshape(x.shape[0], -1).double()
-    if x.shape[0] < 2:
-        raise ValueError("need at least 2 samples per set")
-    mu = x.mean(0)
-    return mu, (x - mu) / (x.shape[0] - 1) ** 0.5
+
+def nearest_distances(x: Tensor, reference: Tensor, rows: int = BLOCK_ROWS) -> Tensor:
+    """Euclidean distance from each row of ``x`` ``[n, ...]`` to its nearest row of ``reference`` (float64),
+    ``rows`` x ``rows`` blocks at a time (no float64 copy of either set)."""
+    a, b = _flat(x), _flat(reference)
+    out = torch.full((a.shape[0],), float("inf"), dtype=torch.float64)
+    for i in range(0, a.shape[0], rows):
+        left = a[i:i + rows].double()
+        for j in range(0, b.shape[0], rows):
+            near = torch.cdist(left, b[j:j + rows].double()).min(dim=1).values
+            torch.minimum(out[i:i + rows], near, out=out[i:i + rows])
+    return out
+
+
+def principal_directions(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(mean [F], basis [F, k])``: the mean of ``x`` ``[n, F]`` and its top ``k`` principal directions
+    (right singular vectors of the centred rows, signs arbitrary), from the centred Gram matrix's
+    eigenvectors -- float64 blocks, never a float64 copy of ``x``."""
+    mu = _mean(x)
+    w, u = eigh(_gram(x, mu))  # ascending
+    top = torch.arange(w.numel() - 1, w.numel() - 1 - k, -1)
+    u, s = u[:, top], w[top].clamp(min=0).sqrt()
+    basis = torch.zeros(x.shape[1], k, dtype=torch.float64)
+    for i, block in _blocks(x, mu):
+        basis += block.T @ u[i:i + block.shape[0]]
+    return mu, basis / s.clamp(min=torch.finfo(torch.float64).tiny)
+
+
+def project(x: Tensor, mu: Tensor, basis: Tensor) -> Tensor:
+    """``(x - mu) @ basis`` (float64) a block of rows at a time."""
+    return torch.cat([block @ basis for _, block in _blocks(_flat(x), mu)]) if x.shape[0] else \
+        torch.empty(0, basis.shape[1], dtype=torch.float64)
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _mean(x: Tensor) -> Tensor:
+    """Float64 mean of the rows of ``x`` ``[n, F]``, summed a block at a time."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(0, x.shape[0], BLOCK_ROWS):
+        total += x[i:i + BLOCK_ROWS].sum(0, dtype=torch.float64)
+    return total / x.shape[0]
+
+
+def _blocks(x: Tensor, mu: Tensor, stop: int | None = None) -> Iterator[tuple[int, Tensor]]:
+    """``(start, rows - mu)`` in float64 for ``x``'s rows ``[0, stop)``, one block of at most
+    :data:`BLOCK_BYTES` at a time."""
+    end = x.shape[0] if stop is None else stop
+    step = max(1, BLOCK_BYTES // (8 * x.shape[1]))
+    for i in range(0, end, step):
+        yield i, x[i:min(i + step, end)].to(torch.float64, copy=True).sub_(mu)
+
+
+def _gram(a: Tensor, mu_a: Tensor, b: Tensor | None = None, mu_b: Tensor | None = None) -> Tensor:
+    """``(a - mu_a)(b - mu_b)^T`` in float64 ``[n_a, n_b]`` (``b`` defaults to ``a``), from float64 blocks
+    of at most :data:`BLOCK_ROWS` rows: memory is the result and two blocks, not a float64 copy of the data."""
+    out = torch.empty(a.shape[0], a.shape[0] if b is None else b.shape[0], dtype=torch.float64)
+    for i, x in _blocks(a, mu_a):
+        if b is None:  # symmetric: the lower triangle of blocks, mirrored
+            for j, y in _blocks(a, mu_a, stop=i + x.shape[0]):
+                block = x @ y.T
+                out[i:i + x.shape[0], j:j + y.shape[0]] = block
+                out[j:j + y.shape[0], i:i + x.shape[0]] = block.T
+        else:
+            assert mu_b is not None
+            for j, y in _blocks(b, mu_b):
+                out[i:i + x.shape[0], j:j + y.shape[0]] = x @ y.T
+    return out
+
+
+@dataclass
+class PairGrams:
+    """Two sample sets ``s [n_s, F]`` and ``r [n_r, F]`` as centred Gram matrices (float64): every
+    distribution metric below follows from them, in memory ``(n_s + n_r)^2`` numbers whatever ``F``.
+
+    ``ss = (s - mu_s)(s - mu_s)^T``, ``rr`` likewise, ``sr = (s - mu_s)(r - mu_r)^T``; ``mean_diff2 =
+    ||mu_s - mu_r||^2``; ``s_shift = (s - mu_s).(mu_s - mu_r)`` and ``r_shift = (r - mu_r).(mu_s - mu_r)``,
+    which turn the centred cross products into distances between the raw rows.
+    """
+
+    ss: Tensor
+    rr: Tensor
+    sr: Tensor
+    mean_diff2: float
+    s_shift: Tensor
+    r_shift: Tensor
+
+    @classmethod
+    def of(cls, s: Tensor, r: Tensor) -> PairGrams:
+        s, r = _flat(s), _flat(r)
+        if s.shape[0] < 2 or r.shape[0] < 2:
+            raise ValueError("need at least 2 samples per set")
+        mu_s, mu_r = _mean(s), _mean(r)
+        diff = mu_s - mu_r
+        return cls(ss=_gram(s, mu_s), rr=_gram(r, mu_r), sr=_gram(s, mu_s, r, mu_r),
+                   mean_diff2=float(diff.square().sum()), s_shift=_project(s, mu_s, diff),
+                   r_shift=_project(r, mu_r, diff))
+
+    @property
+    def n_s(self) -> int:
+        return self.ss.shape[0]
+
+    @property
+    def n_r(self) -> int:
+        return self.rr.shape[0]
+
+    def frechet(self) -> float:
+        """Frechet distance of the Gaussians fitted to the two sets (see :func:`frechet_distance`)."""
+        return frechet_from_grams(self.ss, self.rr, self.sr, self.mean_diff2)
+
+    def mean_gap(self) -> float:
+        """``||mu_s - mu_r|| / sqrt(tr S_r)``."""
+        spread = float(self.rr.diagonal().sum()) / (self.n_r - 1)
+        return self.mean_diff2 ** 0.5 / spread ** 0.5 if spread > 0 else float("nan")
+
+    def covariance_gap(self) -> float:
+        """``||S_s - S_r||_F / ||S_r||_F`` (unbiased covariances)."""
+        ws, wr = 1.0 / (self.n_s - 1), 1.0 / (self.n_r - 1)
+        ref2 = float(self.rr.square().sum()) * wr * wr
+        diff2 = float(self.ss.square().sum()) * ws * ws + ref2 - 2 * float(self.sr.square().sum()) * ws * wr
+        return max(diff2, 0.0) ** 0.5 / ref2 ** 0.5 if ref2 > 0 else float("nan")
+
+    def cross_distances(self, rows: slice) -> Tensor:
+        """Euclidean distances ``[len(rows), n_r]`` from rows ``rows`` of ``s`` to every row of ``r``."""
+        d2 = (self.ss.diagonal()[rows].unsqueeze(1) + self.rr.diagonal().unsqueeze(0) + self.mean_diff2
+              - 2 * self.sr[rows] + 2 * self.s_shift[rows].unsqueeze(1) - 2 * self.r_shift.unsqueeze(0))
+        return d2.clamp_(min=0).sqrt_()
+
+
+def _project(x: Tensor, mu: Tensor, direction: Tensor) -> Tensor:
+    return torch.cat([block @ direction for _, block in _blocks(x, mu)])
+
+
+def _self_distances(gram: Tensor, rows: slice) -> Tensor:
+    """Distances ``[len(rows), n]`` between rows ``rows`` and every row of a set, from its centred Gram."""
+    diag = gram.diagonal()
+    d2 = diag[rows].unsqueeze(1) + diag.unsqueeze(0) - 2 * gram[rows]
+    return d2.clamp_(min=0).sqrt_()
+
+
+def _row_slices(n: int) -> list[slice]:
+    return [slice(i, min(i + BLOCK_ROWS, n)) for i in range(0, n, BLOCK_ROWS)]
+
+
+def frechet_from_grams(g11: Tensor, g22: Tensor, g12: Tensor, mean_diff2: float) -> float:
+    """Frechet distance from the centred Gram matrices of two sets and their mean difference:
+    ``||mu_1 - mu_2||^2 + tr S_1 + tr S_2 - 2 ||a b^T||_*`` with ``a = (x_1 - mu_1) / sqrt(n_1 - 1)``."""
+    n1, n2 = g11.shape[0], g22.shape[0]
+    with few_threads():
+        nuclear = float(torch.linalg.svdvals(g12).sum()) / ((n1 - 1) * (n2 - 1)) ** 0.5
+    value = mean_diff2 + float(g11.diagonal().sum()) / (n1 - 1) + float(g22.diagonal().sum()) / (n2 - 1) \
+        - 2.0 * nuclear
+    return max(value, 0.0)
+
+
+def _recentre(g: Tensor) -> Tensor:
+    """Double-centre a Gram block: rows and columns about their own means."""
+    return g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
+
+
+def frechet_of_subsets(gram: Tensor, first: Tensor, second: Tensor) -> float:
+    """Frechet distance between two subsets (row indices) of one set, from its centred Gram matrix."""
+    g11, g22, g12 = (gram[a.unsqueeze(1), b] for a, b in ((first, first), (second, second), (first, second)))
+    mean_diff2 = float(g11.mean() + g22.mean() - 2 * g12.mean())
+    return frechet_from_grams(_recentre(g11), _recentre(g22), _recentre(g12), max(mean_diff2, 0.0))
 
 
 def trace_sqrt_product(a: Tensor, b: Tensor) -> float:
@@ -131,13 +296,10 @@ def trace_sqrt_product(a: Tensor, b: Tensor) -> float:
 def frechet_distance(x: Tensor, y: Tensor) -> float:
     """Frechet (2-Wasserstein) distance between Gaussians fitted to sample sets ``x`` and ``y``:
 
-    ``||mu_x - mu_y||^2 + tr(S_x) + tr(S_y) - 2 tr sqrt(S_x^(1/2) S_y S_x^(1/2))`` (unbiased covariances).
+    ``||mu_x - mu_y||^2 + tr(S_x) + tr(S_y) - 2 tr sqrt(S_x^(1/2) S_y S_x^(1/2))`` (unbiased covariances),
+    the trace term as the nuclear norm of the cross Gram matrix (:func:`trace_sqrt_product`).
     """
-    mx, a = _centred(x)
-    my, b = _centred(y)
-    value = float((mx - my).square().sum()) + float(a.square().sum()) + float(b.square().sum()) \
-        - 2.0 * trace_sqrt_product(a, b)
-    return max(value, 0.0)
+    return PairGrams.of(x, y).frechet()
 
 
 def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
@@ -152,37 +314,32 @@ def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Ten
 
 def mean_gap(x: Tensor, reference: Tensor) -> float:
     """``||mu_x - mu_ref|| / sqrt(tr S_ref)``: the mean difference in units of the reference's RMS spread."""
-    mx, _ = _centred(x)
-    mr, a = _centred(reference)
-    spread = float(a.square().sum()) ** 0.5
-    return float((mx - mr).norm()) / spread if spread > 0 else float("nan")
+    return PairGrams.of(x, reference).mean_gap()
 
 
 def covariance_gap(x: Tensor, reference: Tensor) -> float:
     """``||S_x - S_ref||_F / ||S_ref||_F``, from Gram matrices: ``||a^T a - b^T b||_F^2 =
     ||a a^T||_F^2 + ||b b^T||_F^2 - 2 ||a b^T||_F^2``."""
-    _, a = _centred(x)
-    _, b = _centred(reference)
-    ref2 = float((b @ b.T).square().sum())
-    diff2 = float((a @ a.T).square().sum()) + ref2 - 2 * float((a @ b.T).square().sum())
-    return max(diff2, 0.0) ** 0.5 / ref2 ** 0.5 if ref2 > 0 else float("nan")
+    return PairGrams.of(x, reference).covariance_gap()
 
 
-def mean_pairwise_distance(x: Tensor) -> float:
-    """Average Euclidean distance between two different samples of the set (diversity)."""
-    x = x.reshape(x.shape[0], -1).double()
+def mean_pairwise_distance(x: Tensor, gram: Tensor | None = None) -> float:
+    """Average Euclidean distance between two different samples of the set (diversity); ``gram``: the
+    set's centred Gram matrix when already computed."""
     n = x.shape[0]
     if n < 2:
         return float("nan")
-    return float(torch.cdist(x, x).sum()) / (n * (n - 1))
+    g = _gram(_flat(x), _mean(_flat(x))) if gram is None else gram
+    return sum(float(_self_distances(g, rows).sum()) for rows in _row_slices(n)) / (n * (n - 1))
 
 
 # -- manifold metrics -----------------------------------------------------------------------------
 
 
-def _kth_neighbour_radius(x: Tensor, k: int) -> Tensor:
-    d = torch.cdist(x, x)
-    return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+def _kth_neighbour_radius(gram: Tensor, k: int) -> Tensor:
+    """Distance from each row to its ``k``-th nearest other row, a block of rows at a time."""
+    return torch.cat([_self_distances(gram, rows).kthvalue(k + 1, dim=1).values  # +1: the point itself
+                      for rows in _row_slices(gram.shape[0])])
 
 
 @dataclass
@@ -202,21 +359,22 @@ class ManifoldMetrics:
     k: int
 
 
-def manifold_metrics(synthetic: Tensor, real: Tensor, k: int = 5) -> ManifoldMetrics:
+def manifold_metrics(synthetic: Tensor, real: Tensor, k: int = 5, grams: PairGrams | None = None) -> ManifoldMetrics:
     """Precision, recall, density and coverage of ``synthetic`` against ``real`` with ``k`` neighbours
-    (reduced to ``min(k, n - 1)`` for small sets)."""
-    s = synthetic.reshape(synthetic.shape[0], -1).double()
-    r = real.reshape(real.shape[0], -1).double()
-    k = max(1, min(k, r.shape[0] - 1, s.shape[0] - 1))
-    real_radius = _kth_neighbour_radius(r, k)  # [n_real]
-    synth_radius = _kth_neighbour_radius(s, k)  # [n_synth]
-    d = torch.cdist(s, r)  # [n_synth, n_real]
-    inside_real = d <= real_radius.unsqueeze(0)
-    inside_synth = d <= synth_radius.unsqueeze(1)
-    return ManifoldMetrics(
-        precision=float(inside_real.any(dim=1).double().mean()),
-        recall=float(inside_synth.any(dim=0).double().mean()),
-        density=float(inside_real.double().sum()) / (k * s.shape[0]),
-        coverage=float(inside_real.any(dim=0).double().mean()),
-        k=k,
-    )
+    (reduced to ``min(k, n - 1)`` for small sets); distances a block of synthetic rows at a time."""
+    g = PairGrams.of(synthetic, real) if grams is None else grams
+    k = max(1, min(k, g.n_r - 1, g.n_s - 1))
+    real_radius = _kth_neighbour_radius(g.rr, k)  # [n_real]
+    synth_radius = _kth_neighbour_radius(g.ss, k)  # [n_synth]
+    precise = density = 0.0
+    recalled = torch.zeros(g.n_r, dtype=torch.bool)
+    covered = torch.zeros(g.n_r, dtype=torch.bool)
+    for rows in _row_slices(g.n_s):
+        d = g.cross_distances(rows)  # [b, n_real]
+        inside_real = d <= real_radius.unsqueeze(0)
+        precise += float(inside_real.any(dim=1).sum())
+        density += float(inside_real.sum())
+        covered |= inside_real.any(dim=0)
+        recalled |= (d <= synth_radius[rows].unsqueeze(1)).any(dim=0)
+    return ManifoldMetrics(precision=precise / g.n_s, recall=float(recalled.double().mean()),
+                           density=density / (k * g.n_s), coverage=float(covered.double().mean()), k=k)

@@ -164,3 +164,40 @@ def test_manifold_metrics_of_a_set_against_itself_and_a_far_away_set():
     assert (far.precision, far.recall, far.density, far.coverage) == (0.0, 0.0, 0.0, 0.0)
     collapsed = manifold_metrics(x.mean(0, keepdim=True).repeat(60, 1) + 1e-3 * x, x, k=3)
     assert collapsed.precision == 1.0 and collapsed.recall < 0.3  # faithful but not diverse
+
+
+# -- bounded memory -----------------------------------------------------------------------------------
+
+
+def test_distribution_figures_come_from_float64_blocks_and_leave_the_samples_untouched(monkeypatch):
+    from feda2v_toolkit.analysis import metrics
+    from feda2v_toolkit.analysis.evaluate import distribution_metrics
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(70, 40, generator=g, dtype=torch.float64) * 1.5 + 0.2
+    r = torch.randn(90, 40, generator=g, dtype=torch.float64)
+    s_before, r_before = s.clone(), r.clone()
+    whole = distribution_metrics(s, r, k=3, seed=1)
+    monkeypatch.setattr(metrics, "BLOCK_BYTES", 8 * 40 * 7)  # 7 rows a block
+    monkeypatch.setattr(metrics, "BLOCK_ROWS", 11)
+    blocked = distribution_metrics(s, r, k=3, seed=1)
+    assert torch.equal(s, s_before) and torch.equal(r, r_before)
+    for name, value in vars(whole).items():
+        assert getattr(blocked, name) == (value if value is None else pytest.approx(value, rel=1e-10, abs=1e-12)), name
+    # and the figures are those of the definitions on whole float64 copies
+    diffs = torch.cdist(s, r)
+    assert metrics.nearest_distances(s, r, rows=9) == pytest.approx(diffs.min(1).values, rel=1e-12)
+    assert blocked.diversity_real == pytest.approx(float(torch.cdist(r, r).sum()) / (90 * 89), rel=1e-10)
+    assert blocked.frechet == pytest.approx(frechet_distance_gaussians(*sample_stats(s), *sample_stats(r)), rel=1e-8)
+
+
+def test_principal_directions_span_the_top_of_the_spectrum():
+    from feda2v_toolkit.analysis.metrics import principal_directions, project
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 30, generator=g) * torch.linspace(5, 0.1, 30)  # variance falls along the axes
+    mu, basis = principal_directions(x, 3)
+    assert torch.allclose(basis.T @ basis, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    _, _, v = torch.linalg.svd(x.double() - x.double().mean(0), full_matrices=False)
+    assert torch.allclose((basis.T @ v[:3].T).abs(), torch.eye(3, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(project(x, mu, basis), (x.double() - mu) @ basis)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from feda2v_toolkit.analysis.evaluate import nearest_distances
+from feda2v_toolkit.analysis.metrics import nearest_distances
 from feda2v_toolkit.generators.gaussian import GaussianGenerator, ledoit_wolf
 
 from .helpers import D, L, ctx, tiny_config, two_class_data
