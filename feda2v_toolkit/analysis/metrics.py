@@ -137,7 +137,8 @@ def principal_directions(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     basis = torch.zeros(x.shape[1], k, dtype=torch.float64)
     for i, block in _blocks(x, mu):
         basis += block.T @ u[i:i + block.shape[0]]
-    return mu, basis / s.clamp(min=torch.finfo(torch.float64).tiny)
+    kept = s > s.max() * 1e-12  # beyond the rank of x: no direction (a zero column), not amplified round-off
+    return mu, torch.where(kept, basis / torch.where(kept, s, torch.ones_like(s)), torch.zeros_like(basis))
 
 
 def project(x: Tensor, mu: Tensor, basis: Tensor) -> Tensor:
@@ -169,7 +170,7 @@ def _blocks(x: Tensor, mu: Tensor, stop: int | None = None) -> Iterator[tuple[in
 
 def _gram(a: Tensor, mu_a: Tensor, b: Tensor | None = None, mu_b: Tensor | None = None) -> Tensor:
     """``(a - mu_a)(b - mu_b)^T`` in float64 ``[n_a, n_b]`` (``b`` defaults to ``a``), from float64 blocks
-    of at most :data:`BLOCK_ROWS` rows: memory is the result and two blocks, not a float64 copy of the data."""
+    of at most :data:`BLOCK_BYTES`: memory is the result and two blocks, not a float64 copy of the data."""
     out = torch.empty(a.shape[0], a.shape[0] if b is None else b.shape[0], dtype=torch.float64)
     for i, x in _blocks(a, mu_a):
         if b is None:  # symmetric: the lower triangle of blocks, mirrored
@@ -209,8 +210,8 @@ class PairGrams:
         mu_s, mu_r = _mean(s), _mean(r)
         diff = mu_s - mu_r
         return cls(ss=_gram(s, mu_s), rr=_gram(r, mu_r), sr=_gram(s, mu_s, r, mu_r),
-                   mean_diff2=float(diff.square().sum()), s_shift=_project(s, mu_s, diff),
-                   r_shift=_project(r, mu_r, diff))
+                   mean_diff2=float(diff.square().sum()), s_shift=project(s, mu_s, diff.unsqueeze(1)).squeeze(1),
+                   r_shift=project(r, mu_r, diff.unsqueeze(1)).squeeze(1))
 
     @property
     def n_s(self) -> int:
@@ -241,10 +242,6 @@ class PairGrams:
         d2 = (self.ss.diagonal()[rows].unsqueeze(1) + self.rr.diagonal().unsqueeze(0) + self.mean_diff2
               - 2 * self.sr[rows] + 2 * self.s_shift[rows].unsqueeze(1) - 2 * self.r_shift.unsqueeze(0))
         return d2.clamp_(min=0).sqrt_()
-
-
-def _project(x: Tensor, mu: Tensor, direction: Tensor) -> Tensor:
-    return torch.cat([block @ direction for _, block in _blocks(x, mu)])
 
 
 def _self_distances(gram: Tensor, rows: slice) -> Tensor:

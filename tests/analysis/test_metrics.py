@@ -201,3 +201,13 @@ def test_principal_directions_span_the_top_of_the_spectrum():
     _, _, v = torch.linalg.svd(x.double() - x.double().mean(0), full_matrices=False)
     assert torch.allclose((basis.T @ v[:3].T).abs(), torch.eye(3, dtype=torch.float64), atol=1e-8)
     assert torch.allclose(project(x, mu, basis), (x.double() - mu) @ basis)
+
+
+def test_principal_directions_beyond_the_rank_are_zero_not_amplified_round_off():
+    from feda2v_toolkit.analysis.metrics import principal_directions
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 30, generator=g, dtype=torch.float64)
+    _, basis = principal_directions(x, 4)  # rank 2
+    assert torch.allclose(basis[:, :2].T @ basis[:, :2], torch.eye(2, dtype=torch.float64), atol=1e-10)
+    assert bool((basis[:, 2:] == 0).all())
