@@ -137,7 +137,7 @@ def principal_directions(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     basis = torch.zeros(x.shape[1], k, dtype=torch.float64)
     for i, block in _blocks(x, mu):
         basis += block.T @ u[i:i + block.shape[0]]
-    kept = s > s.max() * 1e-12  # beyond the rank of x: no direction (a zero column), not amplified round-off
+    kept = s > s.max() * 1e-5  # beyond x's rank (Gram eigenvalues at round-off): a zero column, not amplified noise
     return mu, torch.where(kept, basis / torch.where(kept, s, torch.ones_like(s)), torch.zeros_like(basis))
 
 
