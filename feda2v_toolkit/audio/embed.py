@@ -296,8 +296,10 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     if ranks.distributed:
         agree(ranks, lambda: None)  # every rank's shards are done
         report.computed = len(source.clips) - report.resumed
-        if ranks.rank != 0:
-            return report
+        if ranks.rank == 0:
+            _assemble(work, out, len(shards), report, source)
+        ranks.finish()  # the others wait for the assembly
+        return report
     _assemble(work, out, len(shards), report, source)
     return report
 

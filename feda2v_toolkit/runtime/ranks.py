@@ -87,6 +87,10 @@ class Ranks:
     def all_mean(self, values: Mapping[str, float], weight: float) -> dict[str, float]:
         return dict(values)
 
+    def finish(self) -> None:
+        """The end of a successful data-parallel command, made by every rank after rank 0 wrote its outputs:
+        wait for every rank, then tear the process group down together (one process: nothing to do)."""
+
 
 def add_parts(acc: Part | None, part: Part) -> Part:
     """Key-wise float64 sum, in the order parts arrive (the ``merge`` of plain sums)."""
@@ -118,10 +122,11 @@ def _from_bytes(buf: Tensor) -> Part:
 class TorchRanks(Ranks):
     """Ranks of a ``torch.distributed`` process group (collectives on CPU tensors)."""
 
-    def __init__(self) -> None:
+    def __init__(self, owns_group: bool = False) -> None:
         import torch.distributed as dist
 
         self.dist = dist
+        self.owns_group = owns_group  # made by init_from_environment: finish() tears it down
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
 
@@ -152,6 +157,13 @@ class TorchRanks(Ranks):
                 p.grad = torch.zeros_like(p)
             p.grad.mul_(weight)
             self.dist.all_reduce(p.grad)
+
+    def finish(self) -> None:
+        # No rank leaves while rank 0 still writes, and none tears the group down with work in flight: a rank
+        # that left early could abort in gloo's teardown, and torchrun then killed rank 0 mid-write.
+        self.dist.barrier()
+        if self.owns_group:  # a group the caller made stays the caller's
+            self.dist.destroy_process_group()
 
     def all_mean(self, values: Mapping[str, float], weight: float) -> dict[str, float]:
         keys = sorted(values)
@@ -227,7 +239,8 @@ def init_from_environment(device: torch.device | str = "cpu") -> Ranks:
     if missing:
         raise InputError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start data-parallel runs with "
                          "torchrun (e.g. torchrun --nproc-per-node 2 -m feda2v_toolkit train ...)")
-    if not dist.is_initialized():
+    made = not dist.is_initialized()
+    if made:
         backend = "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
         if torch.device(device).type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -235,7 +248,7 @@ def init_from_environment(device: torch.device | str = "cpu") -> Ranks:
         import atexit
 
         atexit.register(_destroy)  # a rank that stops early (an error) leaves without tearing the group down
-    return TorchRanks()
+    return TorchRanks(owns_group=made)
 
 
 def _destroy() -> None:

@@ -901,15 +901,19 @@ def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: A
         log(f"data-parallel: {ranks.world} ranks share {data if not isinstance(data, Dataset) else 'the data'}")
         if spec.seed_drawn:
             log(f"seed: {agreed} (drawn at random; pass --seed to reproduce)")
-        return train(config, data, out=out, overrides=overrides, seed=agreed, device=device, resume=False,
-                     checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, progress=progress, log=log,
-                     overwrite=overwrite, keep_checkpoints=keep_checkpoints, ranks=ranks)
-    with tempfile.TemporaryDirectory(prefix=f"feda2v-rank{ranks.rank}-") as tmp:
-        t = Path(tmp)
-        return train(config, data, out=t / "model.safetensors" if out is not None else None, overrides=overrides,
-                     seed=agreed, device=device, resume=False, checkpoint_dir=t / "checkpoints",
-                     metrics_path=t / "metrics.jsonl" if metrics_path is not None else None, progress=False,
-                     log=None, overwrite=True, keep_checkpoints=False, ranks=ranks)
+        model = train(config, data, out=out, overrides=overrides, seed=agreed, device=device, resume=False,
+                      checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, progress=progress, log=log,
+                      overwrite=overwrite, keep_checkpoints=keep_checkpoints, ranks=ranks)
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"feda2v-rank{ranks.rank}-") as tmp:
+            t = Path(tmp)
+            model = train(config, data, out=t / "model.safetensors" if out is not None else None,
+                          overrides=overrides, seed=agreed, device=device, resume=False,
+                          checkpoint_dir=t / "checkpoints",
+                          metrics_path=t / "metrics.jsonl" if metrics_path is not None else None, progress=False,
+                          log=None, overwrite=True, keep_checkpoints=False, ranks=ranks)
+    ranks.finish()  # the others wait until rank 0 has written
+    return model
 
 
 def check_outputs(out: Any, metrics_path: Any, checkpoint: Any, *, inputs: list[Any], overwrite: bool,

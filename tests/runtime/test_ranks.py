@@ -204,3 +204,15 @@ def test_an_existing_output_stops_every_rank_with_one_message(three_blocks, tmp_
     assert proc.returncode != 0 and proc.stderr.count("exitcode  : 2") >= 1
     assert proc.stderr.count("--overwrite") >= 2  # both ranks say why, neither waits for the other
     assert (tmp_path / "m.safetensors").read_bytes() == b"not mine"
+
+
+def test_no_rank_leaves_before_rank_0_has_written_and_the_group_is_torn_down_together(tmp_path):
+    """A rank that left early could abort in gloo's teardown, and torchrun then killed rank 0 mid-write."""
+    script = Path(__file__).with_name("_finish_ranks.py")
+    proc = subprocess.run([*TORCHRUN, str(script), str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    written = float((tmp_path / "written").read_text())
+    for rank in (0, 1):
+        left, still_up = (tmp_path / f"left-{rank}").read_text().split()
+        assert float(left) >= written and still_up == "False"
