@@ -242,10 +242,10 @@ def dp_record(metrics: Mapping[str, Any]) -> dict[str, float] | None:
 # -- black-box attacks ------------------------------------------------------------------------------
 
 
-def nearest_sample_scores(x: Tensor, synthetic: Tensor, rows: int = 512) -> Tensor:
+def nearest_sample_scores(x: Tensor, synthetic: Tensor) -> Tensor:
     """Minus the Euclidean distance from each record ``x [n, ...]`` to its nearest synthetic sample
     (float64): a generator that reproduces its training records puts samples next to them."""
-    return -nearest_distances(x, synthetic, rows)
+    return -nearest_distances(x, synthetic)
 
 
 def _shrunk_covariance(dev: Tensor, dof: int) -> Tensor:
@@ -411,7 +411,7 @@ def run_audit(model: Any, members: Tensor, member_classes: Sequence[str], non_me
                 f"the generator's own per-record {name.split(': ', 1)[1]} ({kinds[name]}.membership_scores)")
         scores[name] = ("white-box", desc, sm, sn)
     classes = list(dict.fromkeys([*member_classes, *non_member_classes]))
-    syn = {c: synthetic[c].reshape(synthetic[c].shape[0], -1) for c in classes if c in synthetic}
+    syn = {c: synthetic[c] for c in classes if c in synthetic}
     missing = [c for c in classes if c not in syn]
     if not missing:
         def nearest(x: Tensor, xc: Sequence[str]) -> Tensor:

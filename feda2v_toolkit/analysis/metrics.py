@@ -108,12 +108,13 @@ def r2_score(original: Tensor, reconstruction: Tensor) -> float:
 # -- Gaussian statistics from samples ----------------------------------------------------------------
 
 #: rows converted to float64 at a time: at most 16 MB a block (341 rows of 16 x 768 numbers), so no float64
-#: copy of a whole set; distances are taken BLOCK_ROWS rows at a time
+#: copy of a whole set
 BLOCK_BYTES = 2**24
-BLOCK_ROWS = 256
+#: rows whose distances to a whole set (and whose float64 sums) are taken at a time
+DISTANCE_ROWS = 256
 
 
-def nearest_distances(x: Tensor, reference: Tensor, rows: int = BLOCK_ROWS) -> Tensor:
+def nearest_distances(x: Tensor, reference: Tensor, rows: int = DISTANCE_ROWS) -> Tensor:
     """Euclidean distance from each row of ``x`` ``[n, ...]`` to its nearest row of ``reference`` (float64),
     ``rows`` x ``rows`` blocks at a time (no float64 copy of either set)."""
     a, b = _flat(x), _flat(reference)
@@ -154,8 +155,8 @@ def _flat(x: Tensor) -> Tensor:
 def _mean(x: Tensor) -> Tensor:
     """Float64 mean of the rows of ``x`` ``[n, F]``, summed a block at a time."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
-    for i in range(0, x.shape[0], BLOCK_ROWS):
-        total += x[i:i + BLOCK_ROWS].sum(0, dtype=torch.float64)
+    for i in range(0, x.shape[0], DISTANCE_ROWS):
+        total += x[i:i + DISTANCE_ROWS].sum(0, dtype=torch.float64)
     return total / x.shape[0]
 
 
@@ -252,15 +253,14 @@ def _self_distances(gram: Tensor, rows: slice) -> Tensor:
 
 
 def _row_slices(n: int) -> list[slice]:
-    return [slice(i, min(i + BLOCK_ROWS, n)) for i in range(0, n, BLOCK_ROWS)]
+    return [slice(i, min(i + DISTANCE_ROWS, n)) for i in range(0, n, DISTANCE_ROWS)]
 
 
 def frechet_from_grams(g11: Tensor, g22: Tensor, g12: Tensor, mean_diff2: float) -> float:
     """Frechet distance from the centred Gram matrices of two sets and their mean difference:
     ``||mu_1 - mu_2||^2 + tr S_1 + tr S_2 - 2 ||a b^T||_*`` with ``a = (x_1 - mu_1) / sqrt(n_1 - 1)``."""
     n1, n2 = g11.shape[0], g22.shape[0]
-    with few_threads():
-        nuclear = float(torch.linalg.svdvals(g12).sum()) / ((n1 - 1) * (n2 - 1)) ** 0.5
+    nuclear = _nuclear_norm(g12) / ((n1 - 1) * (n2 - 1)) ** 0.5
     value = mean_diff2 + float(g11.diagonal().sum()) / (n1 - 1) + float(g22.diagonal().sum()) / (n2 - 1) \
         - 2.0 * nuclear
     return max(value, 0.0)
@@ -285,7 +285,11 @@ def trace_sqrt_product(a: Tensor, b: Tensor) -> float:
     singular values of ``a b^T`` (``[n1, n2]``); so the trace is the nuclear norm of ``a b^T`` -- exact,
     and stable (no matrix square roots of ill-conditioned matrices, no negative eigenvalues).
     """
-    cross = a @ b.T
+    return _nuclear_norm(a @ b.T)
+
+
+def _nuclear_norm(cross: Tensor) -> float:
+    """The sum of the singular values of ``cross`` (see :func:`trace_sqrt_product` for why it is the trace term)."""
     with few_threads():
         return float(torch.linalg.svdvals(cross).sum())
 

@@ -194,8 +194,7 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     from feda2v_toolkit.runtime.ranks import agree, init_from_environment
 
     if ranks is None:
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        ranks = init_from_environment(dev)
+        ranks = init_from_environment(device)
 
     from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
     from feda2v_toolkit.data.writer import _resolve_dtype
@@ -211,9 +210,9 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     if batch_size < 1:
         raise UsageError("batch_size must be >= 1")
     storage = _resolve_dtype(dtype) or torch.float16
+    # agree(): one process runs the check as it is; ranks stop together when rank 0's output is refused
     out = agree(ranks, lambda: check_output(out, inputs=source_paths(source), overwrite=overwrite, directory=True,
-                                              role="audio source")) if ranks.distributed else \
-        check_output(out, inputs=source_paths(source), overwrite=overwrite, directory=True, role="audio source")
+                                              role="audio source"))
     emb = embedder or ASTEmbedder(model, revision=revision, device=device)
     from feda2v_toolkit.runtime.resources import require_memory
 
@@ -228,11 +227,9 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
                 "batch_size": batch_size, "shard_clips": shard_clips, "source": source.description,
                 "embed_format_version": EMBED_FORMAT_VERSION}
     fingerprint = _fingerprint(settings, source)
-    if ranks.distributed:  # rank 0 makes (or resumes) the work directory; the others join it
-        agree(ranks, lambda: _prepare_partial(out, fingerprint, overwrite) if ranks.rank == 0 else None)
-        work = partial_dir(out)
-    else:
-        work = _prepare_partial(out, fingerprint, overwrite)
+    # rank 0 makes (or resumes) the work directory; the others join it
+    agree(ranks, lambda: _prepare_partial(out, fingerprint, overwrite) if ranks.rank == 0 else None)
+    work = partial_dir(out)
     report = EmbedReport(out=out, clips=len(source.clips), settings=settings)
     meta_common = {"embed": json.dumps(settings)}
     if source.fold_names is not None:
@@ -296,11 +293,9 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     if ranks.distributed:
         agree(ranks, lambda: None)  # every rank's shards are done
         report.computed = len(source.clips) - report.resumed
-        if ranks.rank == 0:
-            _assemble(work, out, len(shards), report, source)
-        ranks.finish()  # the others wait for the assembly
-        return report
-    _assemble(work, out, len(shards), report, source)
+    if ranks.rank == 0:
+        _assemble(work, out, len(shards), report, source)
+    ranks.finish()  # the other ranks wait for the assembly
     return report
 
 

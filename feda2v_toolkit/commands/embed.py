@@ -62,7 +62,7 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
     torchrun --nproc-per-node N -m feda2v_toolkit embed ... (one rank per GPU or CPU worker; the same output).
     """
     from feda2v_toolkit.audio.sources import ClipPolicy, open_source, require
-    from feda2v_toolkit.runtime.ranks import launched_rank
+    from feda2v_toolkit.runtime.launch import launched_rank
 
     if launched_rank() > 0:  # torchrun: rank 0 reports for the run
         quiet, as_json = True, False

@@ -127,7 +127,7 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
     Training is the pipeline federate runs, over one site holding all of DATA. Data-parallel over processes:
     torchrun --nproc-per-node N -m feda2v_toolkit train ... (the same model; docs/performance.md).
     """
-    from feda2v_toolkit.runtime.ranks import launched_rank
+    from feda2v_toolkit.runtime.launch import launched_rank
     from feda2v_toolkit.training.pipeline import train
 
     if launched_rank() > 0:  # torchrun: rank 0 speaks and writes for the run

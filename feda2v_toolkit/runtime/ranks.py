@@ -23,6 +23,12 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.runtime.launch import (  # noqa: F401  (re-exported: where the ranks' callers look)
+    LAUNCH_VARIABLES,
+    collective_timeout,
+    launched_rank,
+    launched_world_size,
+)
 from feda2v_toolkit.runtime.seeds import derive_seed
 
 #: consecutive dataset rows per block (fixed: results do not depend on the number of ranks or the memory budget)
@@ -173,22 +179,6 @@ class TorchRanks(Ranks):
         return {k: float(t[i]) / total if total > 0 else float("nan") for i, k in enumerate(keys)}
 
 
-#: environment variables torchrun (and other launchers) set
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-#: environment variable: seconds a rank waits in a collective for the others (default: 24 hours -- ranks of an
-#: ``embed`` run may finish their shards hours apart; a rank that fails ends the run through torchrun)
-ENV_TIMEOUT = "FEDA2V_RANKS_TIMEOUT"
-
-
-def collective_timeout() -> float:
-    try:
-        return max(1.0, float(os.environ.get(ENV_TIMEOUT, "") or 86400))
-    except ValueError:
-        raise InputError(f"{ENV_TIMEOUT}={os.environ.get(ENV_TIMEOUT)!r} is not a number of seconds") from None
-
-
 def agree(ranks: Ranks, work: Callable[[], Any]) -> Any:
     """Run ``work()`` on this rank, then exchange the ranks' outcomes (one collective, made by every rank whatever
     happened): if any rank failed with a toolkit error, every rank raises the first one's message (as a
@@ -211,25 +201,10 @@ def agree(ranks: Ranks, work: Callable[[], Any]) -> Any:
     return result
 
 
-def launched_rank() -> int:
-    """``RANK`` as a launcher set it (0 when not launched by one): rank 0 speaks and writes for the run."""
-    try:
-        return max(0, int(os.environ.get("RANK", "0") or 0))
-    except ValueError:
-        return 0
-
-
-def launched_world_size() -> int:
-    """``WORLD_SIZE`` as a launcher set it (1 when not launched by one)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        raise InputError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} is not a number of processes") from None
-
-
 def init_from_environment(device: torch.device | str = "cpu") -> Ranks:
     """The run's ranks: one process, or -- under ``torchrun`` (``WORLD_SIZE`` > 1) -- a process group over the
-    launcher's rendezvous (gloo for CPU tensors, and NCCL for CUDA ones when the device is a GPU)."""
+    launcher's rendezvous (gloo for CPU tensors, and NCCL for CUDA ones when the device is a GPU; ``"auto"``: a
+    GPU when there is one)."""
     world = launched_world_size()
     if world == 1:
         return Ranks()
@@ -241,8 +216,9 @@ def init_from_environment(device: torch.device | str = "cpu") -> Ranks:
                          "torchrun (e.g. torchrun --nproc-per-node 2 -m feda2v_toolkit train ...)")
     made = not dist.is_initialized()
     if made:
-        backend = "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
-        if torch.device(device).type == "cuda":
+        cuda = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
+        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=collective_timeout()))
         import atexit

@@ -225,8 +225,7 @@ class Site:
         to_global = torch.tensor([class_names.index(c) for c in self.ds.class_names], dtype=torch.long)
         conditions = self.ds.read_conditions(range(len(self.ds))) if self.ds.condition_dim else None
         n, length, dim = len(self.ds), self.spec.training_length, self.ds.dim
-        if self.cache is not None:
-            self.cache.close()
+        self.close()
         self.cache = ReducedCache(n, length, dim, to_global[self.ds.labels], conditions,
                                   in_memory=cache_in_memory(n * length * dim * 4))
         ups = self._upsampler()
@@ -266,7 +265,7 @@ class Site:
         t0 = time.perf_counter()
         sums = self.ranks.combine(block_count(n), block, merge) or {}
         seconds = time.perf_counter() - t0
-        self._upsampler_sums = unpack("ups.", sums) if fuse and any(k.startswith("ups.") for k in sums) else None
+        self._upsampler_sums = unpack("ups.", sums) or None  # none unless fused and the site has training clips
         self.store.update(pack("reducer.", state))
         self.store["reduced"] = torch.ones(())  # marks a reducer as set (a reducer may have no state at all)
         self.store["classes"] = torch.tensor([ord(ch) for ch in json.dumps(class_names)], dtype=torch.int32)

@@ -99,7 +99,7 @@ class ReducedCache:
     def close(self) -> None:
         """Release the temporary file now (an in-memory cache: nothing to do)."""
         if self._file is not None:
-            self._file.close()
+            self._closer()  # the finalizer's close, run now (and never again)
             self._file = None
 
     def write(self, start: int, values: Tensor) -> None:

@@ -179,7 +179,7 @@ def test_distribution_figures_come_from_float64_blocks_and_leave_the_samples_unt
     s_before, r_before = s.clone(), r.clone()
     whole = distribution_metrics(s, r, k=3, seed=1)
     monkeypatch.setattr(metrics, "BLOCK_BYTES", 8 * 40 * 7)  # 7 rows a block
-    monkeypatch.setattr(metrics, "BLOCK_ROWS", 11)
+    monkeypatch.setattr(metrics, "DISTANCE_ROWS", 11)
     blocked = distribution_metrics(s, r, k=3, seed=1)
     assert torch.equal(s, s_before) and torch.equal(r, r_before)
     for name, value in vars(whole).items():
