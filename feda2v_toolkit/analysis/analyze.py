@@ -177,7 +177,10 @@ class _Run:
         self.fit_info: dict[tuple[str, int, str], dict[str, Any]] = {}
         self.stats: dict[tuple[str, int, str], ReconstructionStats] = {}
         self.seconds: dict[tuple[str, int, str], float] = {}
-        self.original_features = torch.empty(0)
+        #: pooled features of the original sequences: the training split's until the baseline classifier took
+        #: them (analyze), the held-out split's for every pair's accuracy on real sequences
+        self.original_train = torch.empty(0)
+        self.original_test = torch.empty(0)
         self.all_pairs = all_pairs
         self.upsampler_classes: dict[str, type] = {}
         self.skipped: set[tuple[str, str]] = set()
@@ -233,14 +236,23 @@ class _Run:
         own = [k for k in self.reducers if k not in shared]
         for key in own + ([longest] if longest else []):
             self.reduced[key] = torch.empty(n, self.reducers[key].length, ds.dim)
-        p = min(self.pool, ds.seq_len)
-        self.original_features = torch.empty(n, p * ds.dim)
+        width = min(self.pool, ds.seq_len) * ds.dim
+        self.original_train = torch.empty(self.train_idx.numel(), width)
+        self.original_test = torch.empty(self.test_idx.numel(), width)
+        # row -> (split, position in it): the features go straight to where the classifiers read them
+        split = torch.full((n,), -1, dtype=torch.long)
+        where = torch.zeros(n, dtype=torch.long)
+        for s, idx in enumerate((self.train_idx, self.test_idx)):
+            split[idx], where[idx] = s, torch.arange(idx.numel())
         for batch in ds.batches(self.rows):
             x = batch.embeddings
             lo, hi = int(batch.indices[0]), int(batch.indices[-1]) + 1
             for key in own + ([longest] if longest else []):
                 self.reduced[key][lo:hi] = self.reducers[key](x)
-            self.original_features[lo:hi] = pooled_features(x, self.pool)
+            feats = pooled_features(x, self.pool)
+            for s, target in enumerate((self.original_train, self.original_test)):
+                sel = split[lo:hi] == s
+                target[where[lo:hi][sel]] = feats[sel]
         if longest is not None:
             for key in shared:
                 self.reduced[key] = self.reduced[longest][:, :self.reducers[key].length]
@@ -304,7 +316,7 @@ class _Run:
         turn (so only one pair's features for the whole dataset are in memory at a time)."""
         ds = self.ds
         stats = {key: ReconstructionStats() for key in combos}
-        n_test, width = self.test_idx.numel(), self.original_features.shape[1]
+        n_test, width = self.original_test.shape
         test_feats = {key: torch.empty(n_test, width) for key in combos}
         seconds = dict.fromkeys(combos, 0.0)
         pos = 0
@@ -325,8 +337,8 @@ class _Run:
             for start in range(0, self.train_idx.numel(), self.rows):
                 rows = self.train_idx[start:start + self.rows]
                 train_feats[start:start + rows.numel()] = pooled_features(self._reconstruct(key, rows), self.pool)
-            acc, acc_real = self.classify(train_feats, test_feats.pop(key))
-            del train_feats
+            acc, acc_real = self.classify(train_feats, test_feats.pop(key))  # hands train_feats over
+            del train_feats  # before the next pair's
             rname, length, uname = key
             out[key] = PairResult(rname, uname, length, ds.seq_len / length, stats[key].r2, stats[key].cosine, acc,
                                   acc_real, r2_about_sequence_mean=stats[key].r2_about_sequence_mean,
@@ -338,9 +350,9 @@ class _Run:
         """Accuracy on reconstructed and on original held-out sequences of the classifier trained on
         reconstructed training sequences."""
         labels = self.ds.labels
-        clf = RidgeClassifier(self.ds.num_classes).fit(train_features, labels[self.train_idx])
+        clf = RidgeClassifier(self.ds.num_classes).fit(train_features, labels[self.train_idx], copy=False)
         return (clf.accuracy(test_features, labels[self.test_idx]),
-                clf.accuracy(self.original_features[self.test_idx], labels[self.test_idx]))
+                clf.accuracy(self.original_test, labels[self.test_idx]))
 
 
 def rank_key(p: PairResult) -> tuple[float, float]:
@@ -416,8 +428,10 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
                         if epochs != configured_epochs else ""))
     t0 = time.perf_counter()
     labels = ds.labels
-    baseline = RidgeClassifier(ds.num_classes).fit(run.original_features[train_idx], labels[train_idx]) \
-        .accuracy(run.original_features[test_idx], labels[test_idx])
+    originals, run.original_train = run.original_train, torch.empty(0)  # the baseline's, handed over
+    baseline = RidgeClassifier(ds.num_classes).fit(originals, labels[train_idx], copy=False) \
+        .accuracy(run.original_test, labels[test_idx])
+    del originals
     results: dict[tuple[str, int, str], PairResult] = {}
     for (rname, length), combos in run.groups().items():
         results.update(run.measure_group(combos))

@@ -60,7 +60,9 @@ class RidgeClassifier:
     _coef: Tensor | None = field(default=None, init=False, repr=False)
     _intercept: Tensor | None = field(default=None, init=False, repr=False)
 
-    def fit(self, features: Tensor, labels: Tensor) -> RidgeClassifier:
+    def fit(self, features: Tensor, labels: Tensor, *, copy: bool = True) -> RidgeClassifier:
+        """Fit on ``features`` ``[n, ...]``; ``copy=False`` centres a float32 ``features`` in place (the caller
+        hands it over: the classifier keeps it as its training set, so no second copy of ``n x F`` numbers)."""
         x = features.reshape(features.shape[0], -1).float()
         n = x.shape[0]
         if n < 2:
@@ -69,7 +71,8 @@ class RidgeClassifier:
             raise ValueError("the classifier's training features are not finite (NaN or inf samples)")
         y = F.one_hot(labels.long(), self.num_classes).double()
         self._mean = (x.sum(0, dtype=torch.float64) / n).float()
-        xc = x - self._mean  # float32: the kernel's float32 products over F features are exact to ~1e-6
+        # float32: the kernel's float32 products over F features are exact to ~1e-6
+        xc = x - self._mean if copy else x.sub_(self._mean)
         y_mean = y.mean(0)
         yc = y - y_mean
         kernel = (xc @ xc.T).double()

@@ -54,3 +54,12 @@ def test_deterministic_and_independent_of_feature_scale_choice():
     assert a.alpha == b.alpha and torch.equal(a.predict(x), b.predict(x))
     scaled = RidgeClassifier(4).fit(10 * x, y)  # the penalty grid is relative to the kernel's scale
     assert torch.equal(scaled.predict(10 * x), a.predict(x))
+
+
+def test_features_handed_over_are_centred_in_place_with_the_same_fit():
+    x, y = blobs(15, 4, 200, sep=0.7, seed=4)
+    kept = RidgeClassifier(4).fit(x, y)
+    handed = x.clone()
+    given = RidgeClassifier(4).fit(handed, y, copy=False)
+    assert torch.equal(handed, x - kept._mean)  # the classifier keeps it as its (centred) training set
+    assert given.alpha == kept.alpha and torch.equal(given.decision_function(x), kept.decision_function(x))
