@@ -12,9 +12,8 @@ Nothing real is allocated:
   ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32; 0 past a quarter of the memory budget: on disk) and
   one read chunk of full sequences (``training.READ_CHUNK_BYTES``) are added;
 * **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length,
-  plus every generator's weights and the shard writer's buffers (at worst the queued batches, their
-  concatenation into the next shard and the shard being written: three ``data.DEFAULT_SHARD_BYTES``, or
-  twice the whole output when that is smaller);
+  plus every generator's weights and the shard writer's rows in flight (it writes rows to disk as they come:
+  the previous batch, converted, while the next is sampled);
 * **runtime** is this process's own resident memory (Python, torch, the registry): the part of a real run
   the tensors do not account for;
 * **allocator allowance**: a real process holds more than its live tensors -- the allocator keeps freed
@@ -38,7 +37,6 @@ import torch
 from feda2v_toolkit.analysis.memory import SavedTensors, fake_tensors, optimizer_state_bytes, tensor_bytes
 from feda2v_toolkit.components import TrainContext
 from feda2v_toolkit.config import configured_upsampler
-from feda2v_toolkit.data.dataset import DEFAULT_SHARD_BYTES
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.model.generate import DEFAULT_BATCH
 from feda2v_toolkit.runtime.ranks import BLOCK_ROWS
@@ -48,8 +46,6 @@ from feda2v_toolkit.runtime.sizes import format_bytes
 from feda2v_toolkit.training.stages import fitted_while_reducing, has_statistics
 from feda2v_toolkit.training.streams import chunk_rows
 
-#: the writer's worst moment: queued batches, their concatenation into the next shard, the shard in flight
-WRITER_BUFFER = 3 * DEFAULT_SHARD_BYTES
 ALLOCATOR_ALLOWANCE = 0.15  # share of the simulated tensor peak added for allocator caching and library buffers
 
 
@@ -363,7 +359,7 @@ class Planner:
                 weights = _numel(self._build(length).parameters()) * 4
             batch_peak = n * (length + 2 * out_len) * self.dim * 4 + component_elements * 4
         total_out = self.samples_per_class * max(1, self.num_classes) * out_len * self.dim * 4
-        writer = min(2 * total_out, WRITER_BUFFER)  # small outputs: the queued rows and their concatenation
+        writer = min(total_out, n * out_len * self.dim * 4)  # the previous batch, on its way to disk
         tensors = self.generators * weights + batch_peak + writer
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)
         return GenerateMemory(n, out_len, self.generators * weights, batch_peak, writer, allowance, self.runtime,

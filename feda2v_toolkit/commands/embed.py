@@ -103,13 +103,13 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
               help="Dataset directory of shards to write (not SOURCE, nor inside it, nor holding it).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Storage dtype [default: the source's].")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Clips per read.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Clips per read [default: 32 MiB of clips].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory holding only dataset shards.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress: a bar on a terminal, else a line every 15 s [default: on unless -q].")
 @click.option("--json", "as_json", is_flag=True, help="Print a report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or status messages.")
-def convert_data_cmd(source: Path, out: Path, dtype: str | None, batch_size: int, overwrite: bool,
+def convert_data_cmd(source: Path, out: Path, dtype: str | None, batch_size: int | None, overwrite: bool,
                      progress: bool | None, as_json: bool, quiet: bool) -> None:
     """Write any dataset feda2v-tk reads (an AST cache directory or .pt cache of the original code, a legacy
     .pt, shards) to OUT in the safetensors shard format, streaming."""

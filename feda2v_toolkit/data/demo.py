@@ -210,7 +210,7 @@ def write_demo_dataset(path: str | os.PathLike[str], num_per_class: int = 24, *,
     labels = _labels_for(num_per_class, num_classes)
     kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}
     with DatasetWriter(out, class_names=CLASS_NAMES[:num_classes], dtype=dtype, extra_metadata=meta,
-                       overwrite=overwrite, **kwargs) as writer:
+                       overwrite=overwrite, rows=len(labels), **kwargs) as writer:
         start = 0
         for rows in _clips(world, labels, seed, noise, first_clip):
             writer.add(rows, labels[start:start + rows.shape[0]])

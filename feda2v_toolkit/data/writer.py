@@ -28,7 +28,7 @@ from feda2v_toolkit.runtime.atomic import (
     replace_directory,
     temp_prefix,
 )
-from feda2v_toolkit.runtime.tensorfile import write_safetensors, write_tensor_file
+from feda2v_toolkit.runtime.tensorfile import safetensors_header, write_safetensors
 
 
 def dataset_metadata(class_names: Sequence[str], extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -78,26 +78,127 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+class _Shard:
+    """One shard being written: its header (for the ``planned`` rows it is expected to hold) first, then
+    every row's embedding bytes at their place as they arrive, up to ``capacity`` rows; labels and conditions,
+    which precede the embeddings in the file (wider dtypes first), are kept until the shard is finished."""
+
+    def __init__(self, path: Path, planned: int, capacity: int, row_shape: tuple[int, int], dtype: torch.dtype,
+                 cond_dim: int, metadata: dict[str, str]) -> None:
+        self.path, self.planned, self.capacity = path, planned, capacity
+        self.row_shape, self.dtype, self.cond_dim = row_shape, dtype, cond_dim
+        self.metadata = metadata
+        self.filled = 0
+        self.labels: list[Tensor] = []
+        self.conditions: list[Tensor] = []
+        self._fh: Any = None
+
+    def layout(self, rows: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
+        specs: dict[str, tuple[torch.dtype, Sequence[int]]] = {
+            "embeddings": (self.dtype, (rows, *self.row_shape)), "labels": (torch.int64, (rows,))}
+        if self.cond_dim:
+            specs["conditions"] = (torch.float32, (rows, self.cond_dim))
+        return safetensors_header(specs, self.metadata)
+
+    def write_rows(self, emb: Tensor) -> None:
+        """Write rows ``filled - len(emb) .. filled`` (writer thread; the header first, on the first call)."""
+        if self._fh is None:
+            head, self._spans = self.layout(self.planned)
+            self._fh = open(self.path, "wb")  # noqa: SIM115 - closed by finish() or abort()
+            self._fh.write(head)
+            self._fh.seek(self._spans["embeddings"][0])  # labels and conditions go before, at the end
+        self._fh.write(_raw(emb))
+
+    def finish(self) -> int:
+        """Write the labels and conditions, fsync and close (writer thread); the shard's size in bytes.
+
+        A shard given another number of rows than planned (the last one, when the total was not known) is
+        rewritten with its real header: its embedding bytes are copied over from the planned file, 16 MiB at
+        a time."""
+        try:
+            return self._finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self) -> int:
+        labels = torch.cat(self.labels)
+        conditions = torch.cat(self.conditions) if self.cond_dim else None
+        if self._fh is None:  # no rows were ever written (an empty shard is never finished)
+            raise RuntimeError("finishing a shard without rows")
+        if self.filled != self.planned:
+            self._fh.close()
+            planned = self.path.with_name(self.path.name + ".planned")
+            os.replace(self.path, planned)
+            head, spans = self.layout(self.filled)
+            row_bytes = _raw(torch.empty((1, *self.row_shape), dtype=self.dtype)).nbytes
+            with open(planned, "rb") as src, open(self.path, "wb") as dst:
+                dst.write(head)
+                dst.seek(spans["embeddings"][0])
+                src.seek(self._spans["embeddings"][0])
+                left = self.filled * row_bytes
+                while left:
+                    chunk = src.read(min(left, 16 * 2**20))
+                    if not chunk:
+                        raise OSError(f"{planned}: shorter than the rows written to it")
+                    dst.write(chunk)
+                    left -= len(chunk)
+            planned.unlink()
+            self._fh, self._spans = open(self.path, "r+b"), spans  # noqa: SIM115
+        self._fh.seek(self._spans["labels"][0])
+        self._fh.write(_raw(labels))
+        if conditions is not None:
+            self._fh.seek(self._spans["conditions"][0])
+            self._fh.write(_raw(conditions))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._fh = None
+
+
+def _raw(t: Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, without a copy (little-endian hosts, like the format)."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 class DatasetWriter:
     """Stream rows into a shard directory with bounded memory; all-or-nothing.
 
-    Shards (``part-00000.safetensors``, ...) are written, by one background thread so that writing
-    overlaps producing the next shard, into a hidden staging directory next to
-    ``directory``; :meth:`close` moves them into place. ``directory`` must be absent or empty, or, with
-    ``overwrite``, hold only dataset shards (the overwrite rule, :func:`~feda2v_toolkit.runtime.atomic.check_output`),
-    which are replaced once the new ones are complete. If the ``with`` block raises (including
-    KeyboardInterrupt) nothing is left behind; a full disk is a one-line error naming ``directory``.
+    Shards (``part-00000.safetensors``, ...) hold ``shard_bytes`` of embeddings each (the last one fewer) and
+    are written into a hidden staging directory next to ``directory``, by one background thread so that
+    writing overlaps producing the next rows; :meth:`close` moves them into place. Rows go to disk as they
+    come (the shard's header is written for the rows it is planned to hold), so the writer holds at most the
+    rows of one :meth:`add` in flight, whatever the shard size; the last shard, when it holds fewer rows, is
+    rewritten once with its real header. ``rows``, the total number of rows when the caller knows it, plans
+    the last shard right and spares that copy (a wrong count costs the copy, nothing else). The files are byte for byte those :func:`write_dataset` would
+    write for the same rows.
+
+    ``directory`` must be absent or empty, or, with ``overwrite``, hold only dataset shards (the overwrite
+    rule, :func:`~feda2v_toolkit.runtime.atomic.check_output`), which are replaced once the new ones are
+    complete. If the ``with`` block raises (including KeyboardInterrupt) nothing is left behind; a full disk
+    is a one-line error naming ``directory``.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, class_names: Sequence[str],
                  dtype: str | torch.dtype = torch.float32, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 extra_metadata: dict[str, str] | None = None, overwrite: bool = False) -> None:
+                 extra_metadata: dict[str, str] | None = None, overwrite: bool = False,
+                 rows: int | None = None) -> None:
         self.directory = check_output(directory, overwrite=overwrite, directory=True)
         self.overwrite = overwrite
         self.class_names = list(class_names)
         self.dtype = _resolve_dtype(dtype) or torch.float32
+        if self.dtype not in FLOAT_DTYPES:  # (and so the embeddings come last in a shard, after the labels)
+            raise ValueError(f"dataset embeddings are stored as {', '.join(DTYPES)}, not {self.dtype}")
         self.shard_bytes = int(shard_bytes)
         self.extra_metadata = extra_metadata or {}
+        self.expected_rows = rows
         self._created = make_parents(self.directory)
         remove_stale_temporaries(self.directory, ".partial")
         try:
@@ -109,75 +210,83 @@ class DatasetWriter:
             if handled is not None:
                 raise handled from None
             raise
-        self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        self._pending_rows = 0
+        self._row_shape: tuple[int, int] | None = None
+        self._cond_dim: int | None = None
+        self._shard: _Shard | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feda2v-writer")
-        self._inflight: Future[None] | None = None
+        self._inflight: Future[Any] | None = None
         self.shards: list[Path] = []
         self.rows = 0
         self.bytes_written = 0
 
     def add(self, embeddings: Tensor, labels: Tensor, conditions: Tensor | None = None, *,
             copy: bool = True) -> None:
-        """Queue rows; every time ``shard_bytes`` worth of rows is queued, they are written as a shard.
+        """Write rows (``embeddings`` ``[B, S, D]``, ``labels`` ``[B]``, ``conditions`` ``[B, C]`` or None, the
+        same ``S``, ``D`` and ``C`` every time); a shard is finished every ``shard_bytes`` of embeddings.
 
-        Rows are copied (shards are written later, on another thread), so the caller may reuse its
-        buffers; ``copy=False`` skips that for tensors the caller hands over and never touches again.
+        Rows are copied (they are written later, on another thread), so the caller may reuse its buffers;
+        ``copy=False`` skips that for tensors the caller hands over and never touches again.
         """
         emb = embeddings.detach().to("cpu", self.dtype, copy=copy)
-        lab = torch.as_tensor(labels).to("cpu", torch.long).reshape(-1)
+        lab = torch.as_tensor(labels).to("cpu", torch.long, copy=True).reshape(-1)  # kept until the shard ends
         if emb.dim() != 3 or lab.shape[0] != emb.shape[0]:
             raise ValueError("embeddings must be [B, S, D] and labels [B]")
         cond = conditions.detach().to("cpu", torch.float32, copy=copy) if conditions is not None else None
-        self._pending.append((emb, lab, cond))
-        self._pending_rows += int(lab.shape[0])
-        rows_per_shard = max(1, self.shard_bytes // max(1, emb[0].numel() * emb.element_size()))
-        while self._pending_rows >= rows_per_shard:
-            self._write_rows(rows_per_shard)
+        if cond is not None and (cond.dim() != 2 or cond.shape[0] != emb.shape[0]):
+            raise ValueError("conditions must be [B, C]")
+        row_shape, cond_dim = (int(emb.shape[1]), int(emb.shape[2])), int(cond.shape[1]) if cond is not None else 0
+        if self._row_shape is None:
+            self._row_shape, self._cond_dim = row_shape, cond_dim
+        elif row_shape != self._row_shape or cond_dim != self._cond_dim:
+            raise ValueError(f"rows of shape {list(row_shape)} with {cond_dim} condition values after rows of "
+                             f"{list(self._row_shape)} with {self._cond_dim}: every row of a dataset has one shape")
+        emb = emb.contiguous()
+        n, start = int(emb.shape[0]), 0
+        row_bytes = emb[0].numel() * emb.element_size() if n else 1
+        while start < n:
+            if self._shard is None:
+                capacity = max(1, self.shard_bytes // max(1, row_bytes))
+                planned = capacity
+                if self.expected_rows is not None and self.expected_rows > self.rows:
+                    planned = min(capacity, self.expected_rows - self.rows)
+                path = self._staging / f"part-{len(self.shards):05d}.safetensors"
+                self.shards.append(path)
+                self._shard = _Shard(path, planned, capacity, row_shape, self.dtype, cond_dim,
+                                     dataset_metadata(self.class_names, self.extra_metadata))
+            shard = self._shard
+            take = min(n - start, shard.capacity - shard.filled)
+            shard.labels.append(lab[start:start + take])
+            if cond is not None:
+                shard.conditions.append(cond[start:start + take].contiguous())
+            shard.filled += take
+            self.rows += take
+            self._submit(shard.write_rows, emb[start:start + take])
+            start += take
+            if shard.filled == shard.capacity:
+                self._finish()
 
-    def _take(self, rows: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Remove the first ``rows`` queued rows from the queue and return them concatenated."""
-        taken: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        need = rows
-        while need:
-            emb, lab, cond = self._pending[0]
-            if emb.shape[0] <= need:
-                taken.append(self._pending.pop(0))
-                need -= emb.shape[0]
-            else:
-                taken.append((emb[:need], lab[:need], cond[:need] if cond is not None else None))
-                self._pending[0] = (emb[need:], lab[need:], cond[need:] if cond is not None else None)
-                need = 0
-        self._pending_rows -= rows
-        emb = torch.cat([t[0] for t in taken]) if len(taken) > 1 else taken[0][0]
-        lab = torch.cat([t[1] for t in taken])
-        cond = torch.cat([t[2] for t in taken]) if taken[0][2] is not None else None  # type: ignore[misc]
-        return emb, lab, cond
+    def _submit(self, task: Any, *args: Any) -> None:
+        """Run ``task(*args)`` on the writer thread once the task in flight is done (at most one in flight:
+        memory stays bounded)."""
+        self._wait()
+        self._inflight = self._pool.submit(self._guarded, task, *args)
 
-    def _write_rows(self, rows: int) -> None:
-        """Hand the first ``rows`` queued rows to the writer thread as one shard."""
-        emb, lab, cond = self._take(rows)
-        tensors = {"embeddings": emb.contiguous(), "labels": lab}
-        if cond is not None:
-            tensors["conditions"] = cond.contiguous()
-        shard = self._staging / f"part-{len(self.shards):05d}.safetensors"
-        self.shards.append(shard)
-        self.rows += int(lab.shape[0])
-        self._wait()  # at most one shard in flight: memory stays bounded
-        self._inflight = self._pool.submit(self._write_shard, shard, tensors)
-
-    def _write_shard(self, shard: Path, tensors: dict[str, Tensor]) -> None:
-        """Write and fsync one shard (runs on the writer thread, overlapping the next shard's production)."""
+    def _guarded(self, task: Any, *args: Any) -> Any:
         try:
-            write_tensor_file(shard, tensors, dataset_metadata(self.class_names, self.extra_metadata))
-            with open(shard, "rb") as fh:
-                os.fsync(fh.fileno())
+            return task(*args)
         except Exception as exc:
             handled = write_error(self.directory, exc)
             if handled is not None:
                 raise handled from None
             raise
-        self.bytes_written += shard.stat().st_size
+
+    def _finish(self) -> None:
+        shard, self._shard = self._shard, None
+        assert shard is not None
+        self._submit(self._count, shard)
+
+    def _count(self, shard: _Shard) -> None:
+        self.bytes_written += shard.finish()
 
     def _wait(self) -> None:
         if self._inflight is not None:
@@ -185,9 +294,9 @@ class DatasetWriter:
             inflight.result()
 
     def flush(self) -> None:
-        """Write whatever is queued as one (possibly smaller) shard."""
-        if self._pending_rows:
-            self._write_rows(self._pending_rows)
+        """Finish the shard being written (with the rows it has: a smaller last shard)."""
+        if self._shard is not None and self._shard.filled:
+            self._finish()
 
     def close(self) -> Path:
         """Flush, wait for the writer thread and move the shards into ``directory``; all or nothing."""
@@ -211,10 +320,11 @@ class DatasetWriter:
 
     def abort(self) -> None:
         """Drop everything written so far."""
-        self._pending.clear()
-        self._pending_rows = 0
         with contextlib.suppress(Exception):
             self._wait()
+        for shard in [self._shard] if self._shard is not None else []:
+            shard.abort()
+        self._shard = None
         self._pool.shutdown(wait=True)
         shutil.rmtree(self._staging, ignore_errors=True)
         remove_created(self._created)

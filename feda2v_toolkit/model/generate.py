@@ -157,9 +157,8 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     out_dtype = _resolve_dtype(dtype) or _resolve_dtype(model.data_dtype) or torch.float32
     from feda2v_toolkit.runtime.resources import require_memory
 
-    # a batch upsampled (float32, plus a working copy), converted, and up to two shards queued
-    require_memory(batch_size * out_len * model.dim * (8 + out_dtype.itemsize) + 2 * min(
-        shard_bytes, max(1, sum(counts.values())) * out_len * model.dim * out_dtype.itemsize),
+    # a batch upsampled (float32, plus a working copy) and converted, and the previous one on its way to disk
+    require_memory(batch_size * out_len * model.dim * (8 + 2 * out_dtype.itemsize),
         f"generating batches of {batch_size} x [{out_len}, {model.dim}]",
         hint=spelled("lower --output-length or --batch-size", "lower length or batch_size"))
     if out_len > model.full_length:
@@ -184,15 +183,15 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     bar = Progress(total, 0, progress, unit="sample", desc="generate")
     t0 = time.perf_counter()
     meta = {"source_model_seed": str(seed), "output_length": str(out_len), "batch_size": str(batch_size)}
-    # shards of whole batches where a batch fits in a shard: the writer then hands batches over without
-    # concatenating copies (the batch size itself is part of what is drawn, so it is never changed here)
+    # shards of whole batches where a batch fits in a shard (the layout generate has always written; the batch
+    # size itself is part of what is drawn, so it is never changed here)
     row_bytes = out_len * model.dim * out_dtype.itemsize
     rows_per_shard = max(1, shard_bytes // row_bytes)
     if rows_per_shard >= batch_size:
         shard_bytes = (rows_per_shard // batch_size) * batch_size * row_bytes
     try:
         with DatasetWriter(out, class_names=names, dtype=out_dtype, shard_bytes=shard_bytes,
-                           extra_metadata=meta, overwrite=overwrite) as writer:
+                           extra_metadata=meta, overwrite=overwrite, rows=total) as writer:
             for label, name in enumerate(names):
                 pool = cond_by_class.get(name) if cond_by_class is not None else None
                 for x, cond in sample_class(model, name, counts[name], seed=seed, length=out_len,

@@ -13,7 +13,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,20 +86,35 @@ def write_streamed_file(path: str | os.PathLike[str], tensors: Mapping[str, Stre
     return out
 
 
-def _write_streamed(path: Path, tensors: Mapping[str, StreamedTensor], metadata: Mapping[str, str]) -> None:
-    sizes = {name: torch.empty((), dtype=t.dtype).element_size() for name, t in tensors.items()}
+def safetensors_header(tensors: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+                       metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The bytes a safetensors file of these ``{name: (dtype, shape)}`` starts with (the 8-byte length and the
+    padded JSON header, as :func:`write_tensor_file` writes them) and each tensor's ``[start, end)`` byte range
+    in the file: for writers that place rows where they belong as they arrive."""
+    sizes = {name: torch.empty((), dtype=dtype).element_size() for name, (dtype, _) in tensors.items()}
     order = sorted(tensors, key=lambda n: (-sizes[n], n))
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    offset = 0
+    offset, spans = 0, {}
     for name in order:
-        t = tensors[name]
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
+        dtype, shape = tensors[name]
+        nbytes = sizes[name]
+        for s in shape:
+            nbytes *= int(s)
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(s) for s in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        spans[name] = (offset, offset + nbytes)
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {name: (start + a, start + b) for name, (a, b) in spans.items()}
+
+
+def _write_streamed(path: Path, tensors: Mapping[str, StreamedTensor], metadata: Mapping[str, str]) -> None:
+    head, spans = safetensors_header({name: (t.dtype, t.shape) for name, t in tensors.items()}, metadata)
+    order = sorted(tensors, key=lambda n: spans[n])
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
+        fh.write(head)
         for name in order:
             t, written = tensors[name], 0
             for chunk in t.chunks():

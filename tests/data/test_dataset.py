@@ -189,7 +189,7 @@ def test_a_failing_close_leaves_nothing_behind(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("feda2v_toolkit.runtime.tensorfile._write_sorted", disk_full)
+    monkeypatch.setattr("feda2v_toolkit.data.writer.os.fsync", disk_full)
     with pytest.raises(UsageError, match="No space left"), DatasetWriter(tmp_path / "out", class_names=["a"]) as w:
         w.add(torch.zeros(2, 5, 3), torch.zeros(2))
     assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from safetensors import SafetensorError
 
 from tests.hardening.conftest import TAMPERED_MODELS, run_main
 
@@ -99,14 +98,9 @@ def _disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def _safetensors_disk_full(*args, **kwargs):
-    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                          '"No space left on device" })')
-
-
 def test_full_disks(model_file, tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("feda2v_toolkit.runtime.tensorfile._write_sorted", _disk_full)
-    monkeypatch.setattr("feda2v_toolkit.data.writer.write_tensor_file", _safetensors_disk_full)
+    monkeypatch.setattr("feda2v_toolkit.data.writer._Shard.write_rows", _disk_full)
     for argv in (["train", "-d", str(tiny_data), "-o", str(tmp_path / "m.safetensors"), "--epochs", "1",
                   "--training-length", "4", "--hidden-dim", "8", "--latent-dim", "2", "--seed", "0", "-q"],
                  ["generate", str(model_file), "-o", str(tmp_path / "out"), "-k", "2"],
