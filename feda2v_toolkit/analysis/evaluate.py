@@ -244,17 +244,22 @@ def distribution_metrics(synthetic: Tensor, real: Tensor, *, k: int = 5, seed: i
     the same samples as pooled full-length features ``(synthetic, real)`` for the reducer-independent
     Frechet distance. Every figure comes from the sets' centred Gram matrices (:class:`PairGrams`), so
     memory is ``(n_s + n_r)^2`` float64 numbers, not float64 copies of the samples."""
-    g = PairGrams.of(synthetic, real)
-    manifold = manifold_metrics(synthetic, real, k=k, grams=g)
-    div_s, div_r = mean_pairwise_distance(synthetic, g.ss), mean_pairwise_distance(real, g.rr)
     fd_pooled = fd_pooled_halves = None
     if pooled is not None:
         p = PairGrams.of(*pooled)
-        fd_pooled, fd_pooled_halves = p.frechet(), _halves(p.rr, seed)
+        fd_pooled_halves = _halves(p.rr, seed)
+        fd_pooled = p.frechet(release=True)
+        del p
+    g = PairGrams.of(synthetic, real)
+    manifold = manifold_metrics(synthetic, real, k=k, grams=g)
+    div_s, div_r = mean_pairwise_distance(synthetic, g.ss), mean_pairwise_distance(real, g.rr)
+    halves, mean_gap, covariance_gap = _halves(g.rr, seed), g.mean_gap(), g.covariance_gap()
+    n_s, n_r = g.n_s, g.n_r
+    frechet = g.frechet(release=True)  # last: the decomposition's copy replaces the released Grams
     return DistributionMetrics(
-        real=g.n_r, synthetic=g.n_s, frechet=g.frechet(), frechet_real_halves=_halves(g.rr, seed),
+        real=n_r, synthetic=n_s, frechet=frechet, frechet_real_halves=halves,
         frechet_pooled=fd_pooled, frechet_pooled_real_halves=fd_pooled_halves,
-        mean_gap=g.mean_gap(), covariance_gap=g.covariance_gap(), diversity_synthetic=div_s,
+        mean_gap=mean_gap, covariance_gap=covariance_gap, diversity_synthetic=div_s,
         diversity_real=div_r, diversity_ratio=div_s / div_r if div_r > 0 else float("nan"),
         precision=manifold.precision, recall=manifold.recall, density=manifold.density,
         coverage=manifold.coverage, k=manifold.k)
@@ -500,6 +505,10 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
                                   pool_positions=pool_positions, pooled=pooled_counts[c], conditions=cond_of[c])
         assert red is not None
         synth_reduced[c], synth_feats[c] = red, pool
+    # one tensor of every class's rows (the classes' entries become views of it), so that the metrics over
+    # all classes need no concatenated copy next to their Gram matrices
+    synth_all = torch.cat(list(synth_reduced.values()))
+    synth_reduced = dict(zip(classes, synth_all.split([synth_reduced[c].shape[0] for c in classes]), strict=True))
     say(f"sampled {sum(v.shape[0] for v in synth_reduced.values())} synthetic sequences: "
         f"{time.perf_counter() - t0:.1f}s")
 
@@ -510,7 +519,7 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
     for c, mask in masks.items():
         per_class[c] = distribution_metrics(synth_reduced[c], real.reduced[mask], k=neighbours, seed=seed,
                                             pooled=(synth_feats[c], real_pooled[c]))
-    overall = distribution_metrics(torch.cat(list(synth_reduced.values())), real.reduced, k=neighbours, seed=seed,
+    overall = distribution_metrics(synth_all, real.reduced, k=neighbours, seed=seed,
                                    pooled=(torch.cat(list(synth_feats.values())),
                                            torch.cat(list(real_pooled.values()))))
     say(f"distribution metrics: {time.perf_counter() - t0:.1f}s")
@@ -565,6 +574,8 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
     else:
         notes.append("membership inference and copy detection not measured, usefulness by the fallback protocol: "
                      "pass the training data (--train-data, or --split heldout with the training data as --data)")
+
+    del synth_reduced, synth_all  # the usefulness classifiers draw their own samples
 
     # -- usefulness ------------------------------------------------------------------------------------
     t0 = time.perf_counter()

@@ -222,9 +222,17 @@ class PairGrams:
     def n_r(self) -> int:
         return self.rr.shape[0]
 
-    def frechet(self) -> float:
-        """Frechet distance of the Gaussians fitted to the two sets (see :func:`frechet_distance`)."""
-        return frechet_from_grams(self.ss, self.rr, self.sr, self.mean_diff2)
+    def frechet(self, *, release: bool = False) -> float:
+        """Frechet distance of the Gaussians fitted to the two sets (see :func:`frechet_distance`).
+
+        ``release``: the last figure asked of these Grams -- ``ss`` and ``rr`` (of which only the traces are
+        needed) are dropped before the singular values of ``sr`` are taken, so the decomposition's working
+        copy does not add to the three matrices' memory. Nothing else may be asked afterwards."""
+        n1, n2 = self.n_s, self.n_r
+        tr1, tr2 = float(self.ss.diagonal().sum()), float(self.rr.diagonal().sum())
+        if release:
+            del self.ss, self.rr
+        return _frechet_from_traces(tr1, tr2, n1, n2, self.sr, self.mean_diff2)
 
     def mean_gap(self) -> float:
         """``||mu_s - mu_r|| / sqrt(tr S_r)``."""
@@ -234,8 +242,8 @@ class PairGrams:
     def covariance_gap(self) -> float:
         """``||S_s - S_r||_F / ||S_r||_F`` (unbiased covariances)."""
         ws, wr = 1.0 / (self.n_s - 1), 1.0 / (self.n_r - 1)
-        ref2 = float(self.rr.square().sum()) * wr * wr
-        diff2 = float(self.ss.square().sum()) * ws * ws + ref2 - 2 * float(self.sr.square().sum()) * ws * wr
+        ref2 = _sum_squares(self.rr) * wr * wr
+        diff2 = _sum_squares(self.ss) * ws * ws + ref2 - 2 * _sum_squares(self.sr) * ws * wr
         return max(diff2, 0.0) ** 0.5 / ref2 ** 0.5 if ref2 > 0 else float("nan")
 
     def cross_distances(self, rows: slice) -> Tensor:
@@ -259,23 +267,34 @@ def _row_slices(n: int) -> list[slice]:
 def frechet_from_grams(g11: Tensor, g22: Tensor, g12: Tensor, mean_diff2: float) -> float:
     """Frechet distance from the centred Gram matrices of two sets and their mean difference:
     ``||mu_1 - mu_2||^2 + tr S_1 + tr S_2 - 2 ||a b^T||_*`` with ``a = (x_1 - mu_1) / sqrt(n_1 - 1)``."""
-    n1, n2 = g11.shape[0], g22.shape[0]
+    return _frechet_from_traces(float(g11.diagonal().sum()), float(g22.diagonal().sum()), g11.shape[0],
+                                g22.shape[0], g12, mean_diff2)
+
+
+def _frechet_from_traces(tr1: float, tr2: float, n1: int, n2: int, g12: Tensor, mean_diff2: float) -> float:
     nuclear = _nuclear_norm(g12) / ((n1 - 1) * (n2 - 1)) ** 0.5
-    value = mean_diff2 + float(g11.diagonal().sum()) / (n1 - 1) + float(g22.diagonal().sum()) / (n2 - 1) \
-        - 2.0 * nuclear
-    return max(value, 0.0)
+    return max(mean_diff2 + tr1 / (n1 - 1) + tr2 / (n2 - 1) - 2.0 * nuclear, 0.0)
+
+
+def _sum_squares(t: Tensor) -> float:
+    """The sum of the squared entries (a reduction: no squared copy of an ``n x n`` matrix)."""
+    return float(torch.linalg.vector_norm(t)) ** 2
 
 
 def _recentre(g: Tensor) -> Tensor:
-    """Double-centre a Gram block: rows and columns about their own means."""
-    return g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
+    """Double-centre a Gram block in place: rows and columns about their own means."""
+    row, col, total = g.mean(0, keepdim=True), g.mean(1, keepdim=True), g.mean()
+    return g.sub_(row).sub_(col).add_(total)
 
 
 def frechet_of_subsets(gram: Tensor, first: Tensor, second: Tensor) -> float:
     """Frechet distance between two subsets (row indices) of one set, from its centred Gram matrix."""
     g11, g22, g12 = (gram[a.unsqueeze(1), b] for a, b in ((first, first), (second, second), (first, second)))
     mean_diff2 = float(g11.mean() + g22.mean() - 2 * g12.mean())
-    return frechet_from_grams(_recentre(g11), _recentre(g22), _recentre(g12), max(mean_diff2, 0.0))
+    tr1, tr2 = float(_recentre(g11).diagonal().sum()), float(_recentre(g22).diagonal().sum())
+    n1, n2 = g11.shape[0], g22.shape[0]
+    del g11, g22  # only their traces are needed: the decomposition's copy of g12 takes their place
+    return _frechet_from_traces(tr1, tr2, n1, n2, _recentre(g12), max(mean_diff2, 0.0))
 
 
 def trace_sqrt_product(a: Tensor, b: Tensor) -> float:

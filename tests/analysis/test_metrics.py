@@ -211,3 +211,18 @@ def test_principal_directions_beyond_the_rank_are_zero_not_amplified_round_off()
     _, basis = principal_directions(x, 4)  # rank 2
     assert torch.allclose(basis[:, :2].T @ basis[:, :2], torch.eye(2, dtype=torch.float64), atol=1e-10)
     assert bool((basis[:, 2:] == 0).all())
+
+
+def test_a_released_pair_of_grams_gives_the_same_frechet_and_keeps_only_the_cross_gram():
+    from feda2v_toolkit.analysis.metrics import PairGrams, frechet_of_subsets
+
+    g = torch.Generator().manual_seed(5)
+    s, r = torch.randn(30, 12, generator=g) + 0.3, torch.randn(40, 12, generator=g)
+    kept = PairGrams.of(s, r)
+    released = PairGrams.of(s, r)
+    assert released.frechet(release=True) == kept.frechet() == pytest.approx(frechet_distance(s, r), rel=1e-9)
+    assert not hasattr(released, "ss") and not hasattr(released, "rr") and released.sr.shape == (30, 40)
+    # two halves of one set, from its Gram (recentred in place on copies): the Frechet distance of the halves
+    first, second = torch.arange(0, 20), torch.arange(20, 40)
+    assert frechet_of_subsets(kept.rr, first, second) == pytest.approx(frechet_distance(r[:20], r[20:]), rel=1e-9)
+    assert torch.equal(kept.rr, PairGrams.of(s, r).rr)  # the whole Gram is left as it was
