@@ -264,14 +264,9 @@ def _row_slices(n: int) -> list[slice]:
     return [slice(i, min(i + DISTANCE_ROWS, n)) for i in range(0, n, DISTANCE_ROWS)]
 
 
-def frechet_from_grams(g11: Tensor, g22: Tensor, g12: Tensor, mean_diff2: float) -> float:
-    """Frechet distance from the centred Gram matrices of two sets and their mean difference:
-    ``||mu_1 - mu_2||^2 + tr S_1 + tr S_2 - 2 ||a b^T||_*`` with ``a = (x_1 - mu_1) / sqrt(n_1 - 1)``."""
-    return _frechet_from_traces(float(g11.diagonal().sum()), float(g22.diagonal().sum()), g11.shape[0],
-                                g22.shape[0], g12, mean_diff2)
-
-
 def _frechet_from_traces(tr1: float, tr2: float, n1: int, n2: int, g12: Tensor, mean_diff2: float) -> float:
+    """Frechet distance from the traces of two sets' centred Grams, their centred cross Gram ``g12`` and mean
+    difference: ``||mu_1 - mu_2||^2 + tr S_1 + tr S_2 - 2 ||a b^T||_*`` with ``a = (x_1 - mu_1) / sqrt(n_1 - 1)``."""
     nuclear = _nuclear_norm(g12) / ((n1 - 1) * (n2 - 1)) ** 0.5
     return max(mean_diff2 + tr1 / (n1 - 1) + tr2 / (n2 - 1) - 2.0 * nuclear, 0.0)
 

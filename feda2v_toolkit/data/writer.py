@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -84,29 +86,31 @@ class _Shard:
     which precede the embeddings in the file (wider dtypes first), are kept until the shard is finished."""
 
     def __init__(self, path: Path, planned: int, capacity: int, row_shape: tuple[int, int], dtype: torch.dtype,
-                 cond_dim: int, metadata: dict[str, str]) -> None:
+                 cond_dim: int | None, metadata: dict[str, str]) -> None:
         self.path, self.planned, self.capacity = path, planned, capacity
         self.row_shape, self.dtype, self.cond_dim = row_shape, dtype, cond_dim
+        self.row_bytes = math.prod(row_shape) * dtype.itemsize
         self.metadata = metadata
         self.filled = 0
         self.labels: list[Tensor] = []
         self.conditions: list[Tensor] = []
         self._fh: Any = None
+        self._spans: dict[str, tuple[int, int]] = {}
 
     def layout(self, rows: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
         specs: dict[str, tuple[torch.dtype, Sequence[int]]] = {
             "embeddings": (self.dtype, (rows, *self.row_shape)), "labels": (torch.int64, (rows,))}
-        if self.cond_dim:
+        if self.cond_dim is not None:
             specs["conditions"] = (torch.float32, (rows, self.cond_dim))
         return safetensors_header(specs, self.metadata)
 
-    def write_rows(self, emb: Tensor) -> None:
-        """Write rows ``filled - len(emb) .. filled`` (writer thread; the header first, on the first call)."""
+    def write_rows(self, first: int, emb: Tensor) -> None:
+        """Write rows ``first .. first + len(emb)`` of the shard (writer thread; the header first)."""
         if self._fh is None:
             head, self._spans = self.layout(self.planned)
             self._fh = open(self.path, "wb")  # noqa: SIM115 - closed by finish() or abort()
             self._fh.write(head)
-            self._fh.seek(self._spans["embeddings"][0])  # labels and conditions go before, at the end
+        self._fh.seek(self._spans["embeddings"][0] + first * self.row_bytes)  # labels and conditions: at the end
         self._fh.write(_raw(emb))
 
     def finish(self) -> int:
@@ -117,13 +121,12 @@ class _Shard:
         a time."""
         try:
             return self._finish()
-        except BaseException:
-            self.abort()
-            raise
+        finally:
+            self.abort()  # closed in every case; the labels are no longer needed
 
     def _finish(self) -> int:
         labels = torch.cat(self.labels)
-        conditions = torch.cat(self.conditions) if self.cond_dim else None
+        conditions = torch.cat(self.conditions) if self.cond_dim is not None else None
         if self._fh is None:  # no rows were ever written (an empty shard is never finished)
             raise RuntimeError("finishing a shard without rows")
         if self.filled != self.planned:
@@ -131,12 +134,11 @@ class _Shard:
             planned = self.path.with_name(self.path.name + ".planned")
             os.replace(self.path, planned)
             head, spans = self.layout(self.filled)
-            row_bytes = _raw(torch.empty((1, *self.row_shape), dtype=self.dtype)).nbytes
             with open(planned, "rb") as src, open(self.path, "wb") as dst:
                 dst.write(head)
                 dst.seek(spans["embeddings"][0])
                 src.seek(self._spans["embeddings"][0])
-                left = self.filled * row_bytes
+                left = self.filled * self.row_bytes
                 while left:
                     chunk = src.read(min(left, 16 * 2**20))
                     if not chunk:
@@ -152,20 +154,26 @@ class _Shard:
             self._fh.write(_raw(conditions))
         self._fh.flush()
         os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
-        return self.path.stat().st_size
+        return os.fstat(self._fh.fileno()).st_size
 
     def abort(self) -> None:
+        """Close the file (if open) and drop the kept labels and conditions."""
+        self.labels, self.conditions = [], []
         if self._fh is not None:
             with contextlib.suppress(OSError):
                 self._fh.close()
             self._fh = None
 
 
+_SAME_WIDTH_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _raw(t: Tensor) -> memoryview:
-    """A contiguous CPU tensor's bytes, without a copy (little-endian hosts, like the format)."""
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    """A CPU tensor's bytes in little-endian order, as the format stores them (no copy on little-endian hosts)."""
+    flat = t.contiguous().reshape(-1)
+    if sys.byteorder == "little":
+        return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(_SAME_WIDTH_INTS[t.element_size()]).numpy().byteswap())  # pragma: no cover
 
 
 class DatasetWriter:
@@ -177,13 +185,14 @@ class DatasetWriter:
     come (the shard's header is written for the rows it is planned to hold), so the writer holds at most the
     rows of one :meth:`add` in flight, whatever the shard size; the last shard, when it holds fewer rows, is
     rewritten once with its real header. ``rows``, the total number of rows when the caller knows it, plans
-    the last shard right and spares that copy (a wrong count costs the copy, nothing else). The files are byte for byte those :func:`write_dataset` would
-    write for the same rows.
+    the last shard right and spares that copy (a wrong count costs the copy, nothing else). The files are
+    byte for byte those :func:`write_dataset` would write for the same rows.
 
     ``directory`` must be absent or empty, or, with ``overwrite``, hold only dataset shards (the overwrite
     rule, :func:`~feda2v_toolkit.runtime.atomic.check_output`), which are replaced once the new ones are
     complete. If the ``with`` block raises (including KeyboardInterrupt) nothing is left behind; a full disk
-    is a one-line error naming ``directory``.
+    is a one-line error naming ``directory``. After a failed write every later call raises that error again
+    and :meth:`close` leaves nothing behind.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, class_names: Sequence[str],
@@ -213,8 +222,10 @@ class DatasetWriter:
         self._row_shape: tuple[int, int] | None = None
         self._cond_dim: int | None = None
         self._shard: _Shard | None = None
+        self._started: list[_Shard] = []  # every shard whose file may be open (closed by abort)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feda2v-writer")
         self._inflight: Future[Any] | None = None
+        self._error: BaseException | None = None
         self.shards: list[Path] = []
         self.rows = 0
         self.bytes_written = 0
@@ -227,6 +238,7 @@ class DatasetWriter:
         Rows are copied (they are written later, on another thread), so the caller may reuse its buffers;
         ``copy=False`` skips that for tensors the caller hands over and never touches again.
         """
+        self._check()
         emb = embeddings.detach().to("cpu", self.dtype, copy=copy)
         lab = torch.as_tensor(labels).to("cpu", torch.long, copy=True).reshape(-1)  # kept until the shard ends
         if emb.dim() != 3 or lab.shape[0] != emb.shape[0]:
@@ -234,33 +246,37 @@ class DatasetWriter:
         cond = conditions.detach().to("cpu", torch.float32, copy=copy) if conditions is not None else None
         if cond is not None and (cond.dim() != 2 or cond.shape[0] != emb.shape[0]):
             raise ValueError("conditions must be [B, C]")
-        row_shape, cond_dim = (int(emb.shape[1]), int(emb.shape[2])), int(cond.shape[1]) if cond is not None else 0
+        n = int(emb.shape[0])
+        if n == 0:
+            return
+        row_shape, cond_dim = (int(emb.shape[1]), int(emb.shape[2])), int(cond.shape[1]) if cond is not None else None
         if self._row_shape is None:
             self._row_shape, self._cond_dim = row_shape, cond_dim
         elif row_shape != self._row_shape or cond_dim != self._cond_dim:
-            raise ValueError(f"rows of shape {list(row_shape)} with {cond_dim} condition values after rows of "
-                             f"{list(self._row_shape)} with {self._cond_dim}: every row of a dataset has one shape")
+            raise ValueError(f"rows of shape {list(row_shape)} with conditions {cond_dim} after rows of "
+                             f"{list(self._row_shape)} with conditions {self._cond_dim}: every row of a dataset "
+                             "has one shape")
         emb = emb.contiguous()
-        n, start = int(emb.shape[0]), 0
-        row_bytes = emb[0].numel() * emb.element_size() if n else 1
+        start = 0
         while start < n:
             if self._shard is None:
-                capacity = max(1, self.shard_bytes // max(1, row_bytes))
+                capacity = max(1, self.shard_bytes // max(1, math.prod(row_shape) * self.dtype.itemsize))
                 planned = capacity
                 if self.expected_rows is not None and self.expected_rows > self.rows:
                     planned = min(capacity, self.expected_rows - self.rows)
                 path = self._staging / f"part-{len(self.shards):05d}.safetensors"
-                self.shards.append(path)
                 self._shard = _Shard(path, planned, capacity, row_shape, self.dtype, cond_dim,
                                      dataset_metadata(self.class_names, self.extra_metadata))
+                self.shards.append(path)
+                self._started.append(self._shard)
             shard = self._shard
             take = min(n - start, shard.capacity - shard.filled)
+            self._submit(shard.write_rows, shard.filled, emb[start:start + take])
             shard.labels.append(lab[start:start + take])
             if cond is not None:
                 shard.conditions.append(cond[start:start + take].contiguous())
             shard.filled += take
             self.rows += take
-            self._submit(shard.write_rows, emb[start:start + take])
             start += take
             if shard.filled == shard.capacity:
                 self._finish()
@@ -289,9 +305,23 @@ class DatasetWriter:
         self.bytes_written += shard.finish()
 
     def _wait(self) -> None:
-        if self._inflight is not None:
-            inflight, self._inflight = self._inflight, None
+        """Wait for the task in flight; its error is kept and raised again by every later call."""
+        self._check()
+        inflight = self._inflight
+        if inflight is None:
+            return
+        try:
             inflight.result()
+        except Exception as exc:
+            self._error = exc
+            raise
+        finally:
+            if inflight.done():  # a Ctrl-C while waiting leaves it in flight, for abort() to wait for
+                self._inflight = None
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def flush(self) -> None:
         """Finish the shard being written (with the rows it has: a smaller last shard)."""
@@ -320,12 +350,11 @@ class DatasetWriter:
 
     def abort(self) -> None:
         """Drop everything written so far."""
-        with contextlib.suppress(Exception):
-            self._wait()
-        for shard in [self._shard] if self._shard is not None else []:
+        self._pool.shutdown(wait=True)  # the task in flight ends first: no file is closed under it
+        self._inflight = None
+        for shard in self._started:
             shard.abort()
         self._shard = None
-        self._pool.shutdown(wait=True)
         shutil.rmtree(self._staging, ignore_errors=True)
         remove_created(self._created)
 

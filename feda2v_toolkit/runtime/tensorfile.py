@@ -3,8 +3,9 @@
 ``safetensors.save_file`` writes the metadata in a random order (a hash map), so two identical runs give
 files with different sha256. :func:`write_tensor_file` writes the format itself: the 8-byte header length,
 the JSON header with sorted keys (padded with spaces to 8 bytes), then the tensors' bytes, widest dtype
-first (for alignment), by name. Every writer of the toolkit (models, checkpoints, dataset files and shards,
-``embed``) goes through it.
+first (for alignment), by name. Every writer of the toolkit (models, checkpoints, dataset files,
+``embed``) goes through it; the shard writer (:class:`~feda2v_toolkit.data.writer.DatasetWriter`), which
+places rows as they come, takes its header and offsets from :func:`safetensors_header`, the same bytes.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import sys
 import weakref
 
 import pytest
@@ -73,16 +74,32 @@ def test_the_row_count_plans_the_last_shard_so_nothing_is_copied(tmp_path, monke
 
 
 def test_the_writer_holds_at_most_one_batch_in_flight(tmp_path):
-    batches = [torch.full((3, 5, 3), float(i)) for i in range(6)]
-    alive = [weakref.ref(b) for b in batches]
+    import numpy as np
+
+    # the batches' memory is numpy's, so a weak reference to it lives as long as any tensor viewing it
+    arrays = [np.full((3, 5, 3), float(i), dtype=np.float32) for i in range(6)]
+    alive = [weakref.ref(a) for a in arrays]
     with DatasetWriter(tmp_path / "out", class_names=NAMES, shard_bytes=2**30) as w:  # one big shard
         for i in range(6):
-            w.add(batches[i], torch.zeros(3), copy=False)
-            batches[i] = None
+            w.add(torch.from_numpy(arrays[i]), torch.zeros(3), copy=False)
+            arrays[i] = None
             gc.collect()
             assert sum(ref() is not None for ref in alive[:i + 1]) <= 1, f"after add {i}"
     got = open_dataset(tmp_path / "out").read(range(18)).embeddings[:, 0, 0]
     assert got.tolist() == [float(i // 3) for i in range(18)]
+
+
+def test_a_queued_writer_would_fail_the_in_flight_check(tmp_path):
+    """The check above can fail: a writer keeping every batch keeps every array alive."""
+    import numpy as np
+
+    arrays = [np.full((3, 5, 3), float(i), dtype=np.float32) for i in range(3)]
+    alive = [weakref.ref(a) for a in arrays]
+    kept = [torch.from_numpy(a).detach() for a in arrays]
+    arrays = None
+    gc.collect()
+    assert sum(ref() is not None for ref in alive) == 3
+    del kept
 
 
 @pytest.mark.parametrize("second", [
@@ -97,25 +114,83 @@ def test_rows_of_another_shape_are_refused(tmp_path, second):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_disk_filling_up_mid_shard_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+def _open_files_under(path):
+    import os
+
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if str(path) in target:
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("failing", [3, 4])  # mid-shard; the write that fills the shard
+def test_a_disk_filling_up_is_one_error_leaves_nothing_and_no_open_file(tmp_path, monkeypatch, failing):
     import feda2v_toolkit.data.writer as writer_module
     from feda2v_toolkit.errors import UsageError
 
     real = writer_module._Shard.write_rows
     calls = []
 
-    def fills_up(self, emb):
+    def fills_up(self, first, emb):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == failing:
             raise OSError(28, "No space left on device")
-        real(self, emb)
+        real(self, first, emb)
 
     monkeypatch.setattr(writer_module._Shard, "write_rows", fills_up)
     emb, labels, _ = _rows(10)
-    with pytest.raises(UsageError, match="No space left"), DatasetWriter(tmp_path / "out", class_names=NAMES) as w:
+    with pytest.raises(UsageError, match="No space left"), \
+            DatasetWriter(tmp_path / "out", class_names=NAMES, shard_bytes=4 * 5 * 3 * 4) as w:
         for i in range(10):
             w.add(emb[i:i + 1], labels[i:i + 1])
     assert list(tmp_path.iterdir()) == []
+    if sys.platform.startswith("linux"):
+        assert _open_files_under(tmp_path) == []
+
+
+def test_after_a_failed_write_every_call_raises_it_and_close_publishes_nothing(tmp_path, monkeypatch):
+    import feda2v_toolkit.data.writer as writer_module
+    from feda2v_toolkit.errors import UsageError
+
+    real = writer_module._Shard.write_rows
+    calls = []
+
+    def fails_once(self, first, emb):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(self, first, emb)
+
+    monkeypatch.setattr(writer_module._Shard, "write_rows", fails_once)
+    emb, labels, _ = _rows(4)
+    w = DatasetWriter(tmp_path / "out", class_names=NAMES, rows=4)
+    w.add(emb[:1], labels[:1])
+    w.add(emb[1:2], labels[1:2])  # its write fails on the writer thread
+    with pytest.raises(UsageError, match="No space left"):
+        w.add(emb[2:3], labels[2:3])  # ... and is reported by the next call
+    with pytest.raises(UsageError, match="No space left"):
+        w.add(emb[3:4], labels[3:4])  # a caller that carries on is told again
+    with pytest.raises(UsageError, match="No space left"):
+        w.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_adds_and_non_contiguous_rows_are_written_like_any_rows(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(6, 3, 5, generator=g).transpose(1, 2)  # [6, 5, 3], not contiguous
+    labels = torch.arange(6) % 3
+    with DatasetWriter(tmp_path / "out", class_names=NAMES, shard_bytes=4 * 5 * 3 * 4) as w:
+        w.add(torch.empty(0, 0, 0), torch.empty(0))  # nothing, and no shape fixed by it
+        w.add(emb[:4], labels[:4], copy=False)
+        w.add(emb[4:], labels[4:])
+    ref = write_dataset(tmp_path / "ref.safetensors", emb[4:], labels[4:], class_names=NAMES)
+    assert _sha(tmp_path / "out" / "part-00001.safetensors") == _sha(ref)
+    assert torch.equal(open_dataset(tmp_path / "out").read(range(6)).embeddings, emb)
 
 
 def test_shard_metadata_is_the_dataset_metadata(tmp_path):
