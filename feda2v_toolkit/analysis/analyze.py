@@ -385,6 +385,9 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
             what it holds grows with the clips analysed, so this bounds its memory and time. The result says so.
         log: called with progress messages.
     """
+    from feda2v_toolkit.runtime.threads import settle_vector_math
+
+    settle_vector_math()  # the same bytes on every run (runtime.threads)
     t_start = time.perf_counter()
     say = log or (lambda _m: None)
     ds = data if isinstance(data, Dataset) else open_dataset(data)

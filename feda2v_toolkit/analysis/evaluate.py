@@ -424,6 +424,9 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
         max_per_class: real rows kept per class (default: :func:`row_caps`).
         bootstrap: resamples of the audit's 95% intervals.
     """
+    from feda2v_toolkit.runtime.threads import settle_vector_math
+
+    settle_vector_math()  # the same bytes on every run (runtime.threads)
     t_start = time.perf_counter()
     say = log or (lambda _m: None)
     model_path = "(in memory)"

@@ -189,6 +189,9 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     GPU per rank: ``cuda:LOCAL_RANK``), and rank 0 assembles the output once every rank is done -- the same
     bytes as one process. The ranks must see the same file system.
     """
+    from feda2v_toolkit.runtime.threads import settle_vector_math
+
+    settle_vector_math()  # the same bytes on every run (runtime.threads)
     import torch
 
     from feda2v_toolkit.runtime.ranks import agree, init_from_environment

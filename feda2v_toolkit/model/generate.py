@@ -138,6 +138,9 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     :func:`~feda2v_toolkit.runtime.atomic.check_output`; checked before anything is sampled).
     ``progress``: a bar on a terminal, else a plain line every 15 s (``None``: on; ``False``: off).
     """
+    from feda2v_toolkit.runtime.threads import settle_vector_math
+
+    settle_vector_math()  # the same bytes on every run (runtime.threads)
     from feda2v_toolkit.runtime.atomic import check_output
 
     check_output(out, inputs=[conditions] if conditions is not None else [], overwrite=overwrite, directory=True)

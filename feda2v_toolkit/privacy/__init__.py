@@ -7,33 +7,25 @@ See ``docs/privacy.md``. Modules: :mod:`~feda2v_toolkit.privacy.spec` (what a ru
 statistics) and :mod:`~feda2v_toolkit.privacy.sgd` (DP-SGD with Opacus for trained generators).
 """
 
+import importlib
+from typing import Any
+
 from feda2v_toolkit.privacy.spec import PrivacyError, ReleaseSpec, data_independent
 
-try:
-    import dp_accounting  # noqa: F401
-except ImportError as exc:  # pragma: no cover - the extra is installed by make setup
-    from feda2v_toolkit.errors import UsageError
+#: names imported on first use, so that importing the package (the pipeline does, for :mod:`.spec`) does not
+#: load ``dp_accounting`` and SciPy for a run without differential privacy
+_LAZY = {name: "accounting" for name in ("BudgetPlan", "PlannedRelease", "PrivacyLedger", "check_target",
+                                         "dp_event", "epsilon_of", "plan_budget")}
+_LAZY.update({name: "mechanism" for name in ("add_noise", "add_symmetric_noise", "clip_factors", "clip_rows",
+                                             "row_norms", "secret_generator")})
 
-    raise UsageError("differential privacy needs the privacy extra: pip install 'feda2v-tk[privacy]' "
-                     "(dp-accounting, opacus)") from exc
 
-from feda2v_toolkit.privacy.accounting import (  # noqa: E402
-    BudgetPlan,
-    PlannedRelease,
-    PrivacyLedger,
-    check_target,
-    dp_event,
-    epsilon_of,
-    plan_budget,
-)
-from feda2v_toolkit.privacy.mechanism import (  # noqa: E402
-    add_noise,
-    add_symmetric_noise,
-    clip_factors,
-    clip_rows,
-    row_norms,
-    secret_generator,
-)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "BudgetPlan", "PlannedRelease", "PrivacyError", "PrivacyLedger", "ReleaseSpec", "add_noise",

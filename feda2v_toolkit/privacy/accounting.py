@@ -34,8 +34,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import dp_accounting
-from dp_accounting import pld, rdp
+try:
+    import dp_accounting
+    from dp_accounting import pld, rdp
+except ImportError as exc:  # pragma: no cover - the extra is installed by make setup
+    from feda2v_toolkit.errors import UsageError
+
+    raise UsageError("differential privacy needs the privacy extra: pip install 'feda2v-tk[privacy]' "
+                     "(dp-accounting, opacus)") from exc
 
 from feda2v_toolkit.privacy.spec import PrivacyError, ReleaseSpec
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from feda2v_toolkit.privacy.accounting import BudgetPlan, plan_budget
 from feda2v_toolkit.privacy.sgd import dp_sgd_release
-from feda2v_toolkit.privacy.spec import PrivacyError, ReleaseSpec, data_independent
+from feda2v_toolkit.privacy.spec import PrivacyError, ReleaseSpec, data_independent, dp_requested
 from feda2v_toolkit.privacy.statistics import (
     DPClassCounts,
     DPGaussian,
@@ -59,9 +59,9 @@ class DPSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> DPSettings | None:
         """``None`` when ``generator_dp_epsilon`` is null (or absent): no differential privacy."""
-        eps = cfg.get("generator_dp_epsilon")
-        if eps is None:
+        if not dp_requested(cfg):
             return None
+        eps = cfg["generator_dp_epsilon"]
         s = cls(float(eps), float(cfg.get("generator_dp_delta", 1e-5)), float(cfg.get("generator_dp_clip", 1.0)),
                 str(cfg.get("generator_dp_normalization", "dp")),
                 str(cfg.get("generator_dp_normalization_scale", "global")),

@@ -80,3 +80,9 @@ class ReleaseSpec:
 def data_independent(name: str) -> ReleaseSpec:
     """The declaration of a choice made without the records (``adaptive_avg``, ``linear``, fixed normalisation)."""
     return ReleaseSpec(name, None, data_dependent=False)
+
+
+def dp_requested(config: Any) -> bool:
+    """Whether a config asks for record-level differential privacy (``generator_dp_epsilon`` set): read
+    without loading the accountant, so that runs without DP do not import it."""
+    return config.get("generator_dp_epsilon") is not None

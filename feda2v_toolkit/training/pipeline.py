@@ -266,12 +266,19 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     ``resume``; removed once the model file is written, unless ``keep_checkpoints``). ``merger`` replaces the plain averaging of trained weights (node-level DP). Returns the
     :class:`GenerativeModel`; ``model.metrics["run"]`` holds the :class:`RunReport` (not written to the file).
     """
+    from feda2v_toolkit.runtime.threads import settle_vector_math
+
+    settle_vector_math()  # the same bytes on every run (runtime.threads)
     from feda2v_toolkit.plugins import get_registry
-    from feda2v_toolkit.training.private import settings_of
+    from feda2v_toolkit.privacy.spec import dp_requested
 
     say = log or (lambda _m: None)
     merger = merger or PlainAveraging()
-    settings = settings_of(spec)  # record-level DP (training.private); bad settings are refused before any work
+    settings = None
+    if dp_requested(spec.config):  # record-level DP (training.private); bad settings are refused before any work
+        from feda2v_toolkit.training.private import settings_of
+
+        settings = settings_of(spec)
     private = settings is not None
     if private and checkpoint is not None and (resume or spec.load_checkpoint) and checkpoint.exists():
         from feda2v_toolkit.training.private import refuse_resume

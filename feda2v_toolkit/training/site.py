@@ -24,7 +24,7 @@ from feda2v_toolkit.components import TrainContext
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.errors import InputError, short_list
-from feda2v_toolkit.privacy.spec import PrivacyError
+from feda2v_toolkit.privacy.spec import PrivacyError, dp_requested
 from feda2v_toolkit.runtime.ranks import (
     Ranks,
     add_parts,
@@ -108,7 +108,9 @@ class Site:
     def __init__(self, data: str | os.PathLike[str] | Dataset, spec: RunSpec, index: int | None = 0, *,
                  name: str | None = None, device: str | torch.device = "cpu", ranks: Ranks | None = None) -> None:
         from feda2v_toolkit.data.open import open_dataset
+        from feda2v_toolkit.runtime.threads import settle_vector_math
 
+        settle_vector_math()  # the same bytes on every run (runtime.threads)
         self.ds = data if isinstance(data, Dataset) else open_dataset(data)
         if spec.classes is not None:  # generator_classes: this run trains on these classes' clips only
             keep = torch.tensor([self.ds.class_names.index(c) for c in spec.classes if c in self.ds.class_names])
@@ -126,7 +128,7 @@ class Site:
         self.store: Arrays = {}  # what must survive the site being rebuilt (reducer state, normalisation)
         self.on_step: Callable[[int], None] | None = None  # progress of in-process engines
         self.generation = 0  # how many times an engine saved ``store`` for this site (see federated.app)
-        self.private = spec.config.get("generator_dp_epsilon") is not None  # record-level DP (training.private)
+        self.private = dp_requested(spec.config)  # record-level DP (training.private)
         self.privacy: Any = None  # its SitePrivacy, made with the first private request
         self.ranks = ranks or Ranks()  # data-parallel ranks sharing this site's blocks (runtime.ranks)
         self._upsampler_sums: Arrays | None = None  # a closed-form upsampler's statistics, taken while reducing

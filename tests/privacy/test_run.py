@@ -110,3 +110,33 @@ def test_replanning_from_the_noisy_counts_keeps_the_total_at_the_target():
 def test_bad_settings_are_refused(kw, match):
     with pytest.raises(PrivacyError, match=match):
         settings(**kw).check()
+
+
+def test_training_without_dp_needs_neither_the_privacy_extra_nor_its_import_time(tiny_data, tmp_path):
+    """dp_accounting (and SciPy under it) is loaded only by a private run; without the extra installed a
+    private run is refused with the install line, and every other run trains."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "blocked = sys.argv[1] == 'blocked'\n"
+        "if blocked:\n"
+        "    sys.modules['dp_accounting'] = None  # as if the privacy extra were not installed\n"
+        "from feda2v_toolkit.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[2:])\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "sys.stderr.write(f'\\nCODE={code} LOADED={\"dp_accounting\" in sys.modules and sys.modules[\"dp_accounting\"] is not None}')\n"
+    )
+    train = ["train", "-d", str(tiny_data), "--training-length", "4", "-q", "--seed", "0"]
+    runs = {}
+    for name, mode, extra in (("plain", "installed", []), ("no-extra", "blocked", []),
+                              ("dp-no-extra", "blocked", ["--dp-epsilon", "8"])):
+        argv = [*train, "-o", str(tmp_path / f"{name}.safetensors"), *extra]
+        runs[name] = subprocess.run([sys.executable, "-c", probe, mode, *argv], capture_output=True, text=True)
+    assert runs["plain"].stderr.endswith("CODE=0 LOADED=False"), runs["plain"].stderr
+    assert runs["no-extra"].stderr.endswith("CODE=0 LOADED=False"), runs["no-extra"].stderr
+    dp = runs["dp-no-extra"].stderr
+    assert "CODE=2" in dp and "pip install 'feda2v-tk[privacy]'" in dp and "Traceback" not in dp, dp
