@@ -26,7 +26,8 @@ upsamplers unless ``all_pairs`` is set: interpolating components means nothing.
 
 Streaming: the full sequences are read batch by batch (a few passes in all); what stays in memory is the
 reduced tensors ``[N, l, D]`` per reducer and length, pooled features ``[N, P * D]``, running sums and
-the fitted components. Deterministic for a given ``seed``.
+the fitted components. The pairs of one reducer and length share a read of the held-out clips, as many as
+keep their held-out features within a quarter of the memory budget. Deterministic for a given ``seed``.
 """
 
 from __future__ import annotations
@@ -367,7 +368,8 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
             holdout: float = 0.25, seed: int = 0, pool_positions: int = DEFAULT_POOL_POSITIONS,
             config: Any = None, upsampler_epochs: int | None = DEFAULT_UPSAMPLER_EPOCHS,
             optimum: bool = True, all_pairs: bool = False, batch_rows: int | None = None,
-            max_clips: int | None = DEFAULT_MAX_CLIPS, log: Callable[[str], None] | None = None) -> AnalysisResult:
+            max_clips: int | None = DEFAULT_MAX_CLIPS, memory_budget: int | None = None,
+            log: Callable[[str], None] | None = None) -> AnalysisResult:
     """Measure every reducer/upsampler pair at every length on a held-out split (module docstring).
 
     Args:
@@ -383,6 +385,9 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
         batch_rows: sequences per streamed batch (default: about 32 MiB of float32, as training reads).
         max_clips: analyse a seeded sample of at most this many clips, each class in proportion (``None``: all);
             what it holds grows with the clips analysed, so this bounds its memory and time. The result says so.
+        memory_budget: bytes (default: :func:`~feda2v_toolkit.runtime.resources.memory_budget`); the pairs that
+            share one read of the held-out clips keep their held-out features in at most a quarter of it (one
+            pair at a time at the least; more reads, the same figures).
         log: called with progress messages.
     """
     from feda2v_toolkit.runtime.threads import settle_vector_math
@@ -435,9 +440,14 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
     baseline = RidgeClassifier(ds.num_classes).fit(originals, labels[train_idx], copy=False) \
         .accuracy(run.original_test, labels[test_idx])
     del originals
+    from feda2v_toolkit.runtime.resources import memory_budget as default_budget
+
+    budget = default_budget() if memory_budget is None else int(memory_budget)
+    per_read = max(1, (budget // 4) // max(1, run.original_test.numel() * 4))  # pairs whose features fit
     results: dict[tuple[str, int, str], PairResult] = {}
     for (rname, length), combos in run.groups().items():
-        results.update(run.measure_group(combos))
+        for k in range(0, len(combos), per_read):
+            results.update(run.measure_group(combos[k:k + per_read]))
         say(f"measured {len(combos)} pair(s) after {rname} at length {length}: {time.perf_counter() - t0:.1f}s")
     if run.skipped:
         notes.append("skipped (the reducer's output is not positional, so only trainable upsamplers can decode "

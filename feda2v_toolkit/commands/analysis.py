@@ -13,7 +13,14 @@ from typing import Any
 
 import click
 
-from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, FRACTION, SAMPLES, SEED
+from feda2v_toolkit.commands._options import (
+    DEVICE,
+    DEVICE_HELP,
+    FRACTION,
+    MEMORY_BUDGET_OPTION,
+    SAMPLES,
+    SEED,
+)
 from feda2v_toolkit.errors import UsageError
 
 
@@ -180,6 +187,7 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
                    "[default: on unless -q].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@MEMORY_BUDGET_OPTION
 def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers: str | None, all_pairs: bool,
                 test_fraction: float, holdout_alias: float | None, seed: int, pool_positions: int,
                 upsampler_epochs: int, max_clips: int, config_path: Path | None, plot_path: Path | None,

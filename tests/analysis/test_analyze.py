@@ -163,3 +163,30 @@ def test_the_cli_default_of_max_clips_is_the_api_default():
     from feda2v_toolkit.commands.analysis import analyze_cmd
 
     assert next(p for p in analyze_cmd.params if p.name == "max_clips").default == DEFAULT_MAX_CLIPS
+
+
+def test_a_small_memory_budget_splits_the_shared_reads_and_changes_no_figure(capsys, tiny_data, monkeypatch):
+    from feda2v_toolkit.analysis import analyze as analyze_module
+
+    groups = []
+    real = analyze_module._Run.measure_group
+
+    def spy(self, combos):
+        groups.append(len(combos))
+        return real(self, combos)
+
+    monkeypatch.setattr(analyze_module._Run, "measure_group", spy)
+    ample = analyze(tiny_data, [4], upsamplers=["linear", "nearest", "lstsq"], memory_budget=2**40)
+    assert max(groups) == 3  # the three pairs after adaptive_avg share one read
+    groups.clear()
+    tight = analyze(tiny_data, [4], upsamplers=["linear", "nearest", "lstsq"], memory_budget=1)
+    assert max(groups) == 1  # one pair per read of the held-out clips
+    assert without_timings(tight.to_json()) == without_timings(ample.to_json())
+    # the command line takes the budget (and the environment default) like train does; the process-wide
+    # budget it sets is put back after the test
+    from feda2v_toolkit.runtime import resources
+
+    monkeypatch.setitem(resources._BUDGET, "bytes", resources._BUDGET["bytes"])
+    doc = run_json(capsys, "analyze", "--data", str(tiny_data), "--lengths", "4", "--upsamplers", "linear,nearest,lstsq",
+                   "--memory-budget", "1KiB", "-q")
+    assert without_timings(doc) == without_timings(json.loads(json.dumps(ample.to_json())))
