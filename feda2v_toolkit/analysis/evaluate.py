@@ -311,11 +311,20 @@ def _real_indices(model: GenerativeModel, ds: Dataset, split: str) -> Tensor:
     return val_idx
 
 
-def row_caps(num_classes: int, max_per_class: int | None = None) -> tuple[int, int]:
+def budget_rows(budget: int) -> int:
+    """Real rows (all classes together) whose reduced-space Gram matrices -- synthetic, real and cross, ``n x n``
+    float64 each, the largest thing ``evaluate`` holds -- fit a quarter of ``budget`` bytes."""
+    return math.isqrt(max(0, int(budget)) // 4 // 24)
+
+
+def row_caps(num_classes: int, max_per_class: int | None = None, *, budget: int | None = None) -> tuple[int, int]:
     """Rows kept per class: ``(reduced space, pooled features)`` -- bounded per class and in total, so the
-    memory of ``evaluate`` does not grow with the data (see :data:`MAX_ROWS`)."""
+    memory of ``evaluate`` does not grow with the data (see :data:`MAX_ROWS`); with a memory ``budget`` the total
+    is also at most :func:`budget_rows` (never below :data:`MIN_ROWS_PER_CLASS` a class). ``max_per_class``
+    overrides both."""
     c = max(1, num_classes)
-    cap = max_per_class or min(MAX_ROWS_PER_CLASS, max(MIN_ROWS_PER_CLASS, MAX_ROWS // c))
+    total = MAX_ROWS if budget is None else min(MAX_ROWS, budget_rows(budget))
+    cap = max_per_class or min(MAX_ROWS_PER_CLASS, max(MIN_ROWS_PER_CLASS, total // c))
     return cap, min(cap, max(MIN_POOLED_ROWS_PER_CLASS, MAX_POOLED_ROWS // c))
 
 
@@ -406,7 +415,8 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
              test_fraction: float = 0.5, samples_per_class: int | None = None, seed: int = 0,
              neighbours: int = 5, pool_positions: int = DEFAULT_POOL_POSITIONS,
              usefulness_seeds: int = USEFULNESS_SEEDS, max_per_class: int | None = None,
-             bootstrap: int = BOOTSTRAP, log: Callable[[str], None] | None = None) -> EvaluationResult:
+             bootstrap: int = BOOTSTRAP, memory_budget: int | None = None,
+             log: Callable[[str], None] | None = None) -> EvaluationResult:
     """Measure ``model``'s synthetic samples against real data (module docstring).
 
     Args:
@@ -423,6 +433,9 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
         usefulness_seeds: synthetic draws the usefulness ratio is measured over.
         max_per_class: real rows kept per class (default: :func:`row_caps`).
         bootstrap: resamples of the audit's 95% intervals.
+        memory_budget: bytes (default: :func:`~feda2v_toolkit.runtime.resources.memory_budget`): without
+            ``max_per_class``, the real rows kept are at most those whose Gram matrices fit a quarter of it
+            (:func:`budget_rows`; the default 2 GiB allows the 4,096 of :data:`MAX_ROWS`).
     """
     from feda2v_toolkit.runtime.threads import settle_vector_math
 
@@ -473,7 +486,11 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
                      "per-class metrics compare one distribution with each class, and TSTR labels are arbitrary")
     model.to("cpu")
     model.reducer.eval()
-    cap, pooled_cap = row_caps(len(classes), max_per_class)
+    from feda2v_toolkit.runtime.resources import memory_budget as default_budget
+
+    budget = default_budget() if memory_budget is None else int(memory_budget)
+    cap, pooled_cap = row_caps(len(classes), max_per_class, budget=budget)
+    by_budget = max_per_class is None and cap < row_caps(len(classes))[0]
 
     # -- real: a bounded seeded subset per class, reduced and pooled in one streaming pass -------------
     t0 = time.perf_counter()
@@ -486,7 +503,9 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
     subsampled = cut or pooled_cut
     if cut:
         notes.append(f"subsampled: at most {cap} real sequences per class (a seeded uniform subset of the "
-                     f"{idx.numel()}) for every figure, so memory does not grow with the data")
+                     f"{idx.numel()}) for every figure, so memory does not grow with the data"
+                     + (" (fewer than the default: the most whose Gram matrices fit a quarter of the memory "
+                        "budget, --memory-budget)" if by_budget else ""))
     if pooled_cut:
         notes.append(f"subsampled: pooled full-length features (FD pooled, the pooled classifier view) of at most "
                      f"{pooled_cap} real and synthetic sequences per class")

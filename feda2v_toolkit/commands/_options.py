@@ -103,4 +103,4 @@ MEMORY_BUDGET_OPTION = click.option(
     "--memory-budget", type=MemoryBudget(), callback=_set_budget, expose_value=False, is_eager=True,
     help="Memory to plan for, e.g. 4GB or 512MiB (GB = 10^9 bytes, GiB = 2^30) [default: $FEDA2V_MEMORY_BUDGET, "
          "else 2 GiB]: training keeps a cache larger than a quarter of it in a temporary file; analyze keeps its "
-         "held-out features within a quarter.")
+         "held-out features, evaluate its Gram matrices, within a quarter.")

@@ -252,6 +252,7 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
                    "[default: on unless -q].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@MEMORY_BUDGET_OPTION
 def evaluate_cmd(model_path: Path, data_path: Path, split: str, train_path: Path | None, test_fraction: float,
                  samples_per_class: int | str | None, seed: int, neighbours: int, pool_positions: int,
                  usefulness_draws: int, max_per_class: int | None, plot_path: Path | None, overwrite: bool,

@@ -340,3 +340,27 @@ def test_dp_record_and_bound_note(gaussian, sets):
     r = evaluate(model, sets["C"], train_data=sets["A"], usefulness_seeds=1, bootstrap=50)
     assert r.membership.dp["epsilon"] == 1.0 and r.membership.dp["auc_bound"] == pytest.approx(0.731, abs=1e-3)
     assert any("the recorded guarantee does not hold" in n for n in r.membership.notes)
+
+
+def test_the_memory_budget_bounds_the_rows_kept_and_says_so(gaussian, sets, monkeypatch, capsys):
+    from feda2v_toolkit.analysis import evaluate as evaluate_module
+    from feda2v_toolkit.analysis.evaluate import MAX_ROWS, budget_rows, row_caps
+
+    # the default budget (2 GiB) keeps the default cap: its three 4,096 x 4,096 float64 Grams fit a quarter
+    assert budget_rows(2 * 2**30) >= MAX_ROWS and row_caps(4, budget=2 * 2**30) == row_caps(4)
+    assert budget_rows(16 * 16 * 24 * 4) == 16 and row_caps(4, budget=16 * 16 * 24 * 4)[0] == 32  # floor per class
+    monkeypatch.setattr(evaluate_module, "MIN_ROWS_PER_CLASS", 2)
+    r = evaluate(gaussian, sets["C"], train_data=sets["A"], usefulness_seeds=1, bootstrap=50,
+                 memory_budget=16 * 16 * 24 * 4)  # 16 real rows in all: 4 a class
+    assert r.subsampled and r.rows_per_class == 4 and r.overall.real == 16
+    assert any("memory budget" in n for n in r.notes if n.startswith("subsampled"))
+    # an explicit --max-per-class wins over the budget; the command line takes --memory-budget
+    assert evaluate(gaussian, sets["C"], max_per_class=6, usefulness_seeds=1, memory_budget=1).rows_per_class == 6
+    from feda2v_toolkit.runtime import resources
+
+    from .helpers import run_json
+
+    monkeypatch.setitem(resources._BUDGET, "bytes", resources._BUDGET["bytes"])
+    doc = run_json(capsys, "evaluate", str(gaussian), "--data", str(sets["C"]), "--usefulness-draws", "1",
+                   "--memory-budget", str(16 * 16 * 24 * 4), "-q")
+    assert doc["rows_per_class"] == 4
