@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +29,7 @@ from feda2v_toolkit.runtime.atomic import (
     replace_directory,
     temp_prefix,
 )
-from feda2v_toolkit.runtime.tensorfile import safetensors_header, write_safetensors
+from feda2v_toolkit.runtime.tensorfile import little_endian_bytes, safetensors_header, write_safetensors
 
 
 def dataset_metadata(class_names: Sequence[str], extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -111,7 +110,7 @@ class _Shard:
             self._fh = open(self.path, "wb")  # noqa: SIM115 - closed by finish() or abort()
             self._fh.write(head)
         self._fh.seek(self._spans["embeddings"][0] + first * self.row_bytes)  # labels and conditions: at the end
-        self._fh.write(_raw(emb))
+        self._fh.write(little_endian_bytes(emb))
 
     def finish(self) -> int:
         """Write the labels and conditions, fsync and close (writer thread); the shard's size in bytes.
@@ -148,10 +147,10 @@ class _Shard:
             planned.unlink()
             self._fh, self._spans = open(self.path, "r+b"), spans  # noqa: SIM115
         self._fh.seek(self._spans["labels"][0])
-        self._fh.write(_raw(labels))
+        self._fh.write(little_endian_bytes(labels))
         if conditions is not None:
             self._fh.seek(self._spans["conditions"][0])
-            self._fh.write(_raw(conditions))
+            self._fh.write(little_endian_bytes(conditions))
         self._fh.flush()
         os.fsync(self._fh.fileno())
         return os.fstat(self._fh.fileno()).st_size
@@ -163,17 +162,6 @@ class _Shard:
             with contextlib.suppress(OSError):
                 self._fh.close()
             self._fh = None
-
-
-_SAME_WIDTH_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _raw(t: Tensor) -> memoryview:
-    """A CPU tensor's bytes in little-endian order, as the format stores them (no copy on little-endian hosts)."""
-    flat = t.contiguous().reshape(-1)
-    if sys.byteorder == "little":
-        return memoryview(flat.view(torch.uint8).numpy())
-    return memoryview(flat.view(_SAME_WIDTH_INTS[t.element_size()]).numpy().byteswap())  # pragma: no cover
 
 
 class DatasetWriter:

@@ -11,6 +11,7 @@ places rows as they come, takes its header and offsets from :func:`safetensors_h
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -87,6 +88,17 @@ def write_streamed_file(path: str | os.PathLike[str], tensors: Mapping[str, Stre
     return out
 
 
+_SAME_WIDTH_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def little_endian_bytes(t: Tensor) -> memoryview:
+    """A CPU tensor's bytes in little-endian order, as the format stores them (no copy on little-endian hosts)."""
+    flat = t.contiguous().reshape(-1)
+    if sys.byteorder == "little":
+        return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(_SAME_WIDTH_INTS[t.element_size()]).numpy().byteswap())  # pragma: no cover
+
+
 def safetensors_header(tensors: Mapping[str, tuple[torch.dtype, Sequence[int]]],
                        metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """The bytes a safetensors file of these ``{name: (dtype, shape)}`` starts with (the 8-byte length and the
@@ -98,9 +110,7 @@ def safetensors_header(tensors: Mapping[str, tuple[torch.dtype, Sequence[int]]],
     offset, spans = 0, {}
     for name in order:
         dtype, shape = tensors[name]
-        nbytes = sizes[name]
-        for s in shape:
-            nbytes *= int(s)
+        nbytes = sizes[name] * math.prod(int(s) for s in shape)
         header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(s) for s in shape],
                         "data_offsets": [offset, offset + nbytes]}
         spans[name] = (offset, offset + nbytes)
@@ -123,8 +133,8 @@ def _write_streamed(path: Path, tensors: Mapping[str, StreamedTensor], metadata:
                 if chunk.dtype != t.dtype:
                     raise ValueError(f"{name}: a chunk of dtype {chunk.dtype}, expected {t.dtype}")
                 if chunk.numel():
-                    data = chunk.reshape(-1).view(torch.uint8).numpy().data
+                    data = little_endian_bytes(chunk)
                     fh.write(data)
-                    written += len(data)
+                    written += data.nbytes
             if written != t.nbytes:
                 raise ValueError(f"{name}: {written} bytes written, the shape {list(t.shape)} needs {t.nbytes}")
