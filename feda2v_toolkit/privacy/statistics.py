@@ -66,9 +66,11 @@ def privatize(part: Mapping[str, Tensor], plan: BudgetPlan, stage: str, rng: tor
     """Noise every key of ``part`` as release ``"<stage>.<key>"`` of ``plan`` and record it in ``ledger``.
 
     ``sensitivities`` override the declared ones (clip norms known only at release time). A key without a
-    declaration is refused. Returns float64 tensors (data-independent keys pass through unchanged)."""
+    declaration is refused. Returns float64 tensors (data-independent keys pass through unchanged). The keys
+    draw their noise from ``rng`` in sorted order, whatever order ``part`` has them in (the ranks of a site share
+    one generator and must draw alike)."""
     out: Part = {}
-    for key, value in part.items():
+    for key, value in sorted(part.items()):
         planned = plan[f"{stage}.{key}"]
         sens = (sensitivities or {}).get(key, planned.spec.sensitivity)
         if not planned.spec.data_dependent:

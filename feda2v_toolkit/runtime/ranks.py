@@ -122,7 +122,8 @@ def _to_bytes(part: Part | None) -> Tensor:
 def _from_bytes(buf: Tensor) -> Part:
     from safetensors.torch import load
 
-    return dict(load(bytes(buf.numpy().tobytes())))
+    part = load(bytes(buf.numpy().tobytes()))
+    return {k: part[k] for k in sorted(part)}  # safetensors' order varies from process to process
 
 
 class TorchRanks(Ranks):

@@ -41,6 +41,7 @@ from torch import Tensor
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
+from feda2v_toolkit.privacy.spec import dp_requested
 from feda2v_toolkit.runtime.atomic import check_output, check_output_path, check_writable
 from feda2v_toolkit.runtime.progress import Progress
 from feda2v_toolkit.runtime.ranks import Ranks, agree, init_from_environment
@@ -270,7 +271,6 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
 
     settle_vector_math()  # the same bytes on every run (runtime.threads)
     from feda2v_toolkit.plugins import get_registry
-    from feda2v_toolkit.privacy.spec import dp_requested
 
     say = log or (lambda _m: None)
     merger = merger or PlainAveraging()
@@ -894,8 +894,13 @@ def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: A
     spec = RunSpec.resolve(config, overrides=overrides, seed=seed)
     if resume or spec.load_checkpoint:
         raise UsageError("--resume is not supported in data-parallel (torchrun) runs yet: resume with one process")
-    if spec.config.get("generator_dp_epsilon") is not None:
-        raise UsageError("record-level DP (--dp-epsilon) runs in one process: start it without torchrun")
+    if dp_requested(spec.config):  # closed-form statistics are noised once after the ranks' blocks are summed
+        from feda2v_toolkit.plugins import get_registry
+
+        if not getattr(get_registry().load("generator", spec.generator_type), "fitted", False):
+            raise UsageError(f"DP-SGD (--dp-epsilon with the trained generator type {spec.generator_type!r}) runs in "
+                             "one process: start it without torchrun (closed-form types such as gaussian run "
+                             "data-parallel with DP)")
     agreed = int(ranks.all_strings(str(spec.seed))[0])  # a drawn seed is rank 0's
 
     def check() -> None:  # rank 0's outputs; a problem stops every rank (none waits for a skipped collective)

@@ -128,14 +128,16 @@ def make_plan(spec: RunSpec, settings: DPSettings, *, full_length: int, dim: int
 class SitePrivacy:
     """One site's side of a private run: its plan, secret noise, ledger and own noisy counts."""
 
-    def __init__(self, plan: PrivatePlan, n_records: int, where: str) -> None:
+    def __init__(self, plan: PrivatePlan, n_records: int, where: str, rng: torch.Generator | None = None) -> None:
+        """``rng``: the secret noise generator (default: a new one from the OS's randomness); the data-parallel
+        ranks of one site share one, so that each release is noised once, alike on every rank."""
         try:
             check_target(plan.epsilon, plan.settings.delta, max(int(n_records), 1)) \
                 if math.isfinite(plan.epsilon) else None
         except PrivacyError as e:
             raise PrivacyError(f"{where}: {e}") from None
         self.plan = plan
-        self.rng = secret_generator()
+        self.rng = rng if rng is not None else secret_generator()
         self.ledger = PrivacyLedger(plan.settings.delta)
         for spec in plan.specs:  # choices made without the clips: in the ledger, spending nothing
             if not spec.data_dependent:
@@ -151,59 +153,79 @@ class SitePrivacy:
 
     def answer(self, step: str, x: Tensor | None, labels: Tensor | None, arrays: Mapping[str, Tensor],
                meta: Mapping[str, Any], full: Any = None, pairs: Any = None) -> Arrays:
-        """The site's noisy part for ``step`` of :class:`PrivatePipeline` (``x`` the training rows of the
-        reduced cache, raw before the normalisation and normalised after it; ``labels`` their classes;
-        ``full()`` / ``pairs()`` stream the full training sequences / (reduced, full) pairs)."""
+        """The site's noisy part for ``step`` of :class:`PrivatePipeline`: :meth:`local` over all of its training
+        clips, then :meth:`release_step`."""
+        return self.release_step(step, self.local(step, x, labels, arrays, meta, full, pairs), meta)
+
+    def local(self, step: str, x: Tensor | None, labels: Tensor | None, arrays: Mapping[str, Tensor],
+              meta: Mapping[str, Any], full: Any = None, pairs: Any = None) -> Arrays:
+        """The exact (not yet noised) part of ``step`` over some of the site's training clips: ``x`` their rows
+        of the reduced cache (raw before the normalisation, normalised after it), ``labels`` their classes,
+        ``full()`` / ``pairs()`` stream their full sequences / (reduced, full) pairs. Every part is a sum over
+        clips, so the parts of disjoint blocks of clips add up to the part of all of them (float64)."""
         st = self.plan.stages
         if step == "counts":
             assert labels is not None
-            noisy = self.release(st.counts.local(labels), "classes")
-            self.counts = st.counts.finish(noisy, self.plan.plan)  # its own noisy counts: DP-SGD plans from them
-            return noisy
-        assert x is not None or step.startswith(("pca.", "lstsq.")) or step == "ledger"
+            return st.counts.local(labels)
+        assert x is not None or step.startswith(("pca.", "lstsq."))
         if step == "pca.norms":
-            return self.release({"norm_histogram": _histogram(st.pca.norms, full)}, "pca")
+            return {"norm_histogram": _histogram(st.pca.norms, full)}
         if step == "pca.stats":
-            c = float(meta["clip"])
-            return self.release(st.pca.local_stats(full, c), "pca", {"sum": c, "outer": c * c})
+            return st.pca.local_stats(full, float(meta["clip"]))
         if step == "normalization.norms":
-            return self.release(st.normalization.local_norms(x), "normalization")
+            return st.normalization.local_norms(x)
         if step == "normalization.sum":
-            c = float(meta["clip"])
-            return self.release(st.normalization.local_sum(x, c), "normalization", {"sum": c})
+            return st.normalization.local_sum(x, float(meta["clip"]))
         if step == "normalization.deviations":
-            return self.release(st.normalization.local_deviation_norms(x, arrays["mean"]), "normalization")
+            return st.normalization.local_deviation_norms(x, arrays["mean"])
         if step == "normalization.sum_sq":
-            c = float(meta["clip"])
-            return self.release(st.normalization.local_sum_sq(x, arrays["mean"], c), "normalization", {"sum_sq": c * c})
+            return st.normalization.local_sum_sq(x, arrays["mean"], float(meta["clip"]))
         if step == "lstsq.norms":
             fn, rn = [], []
             for reduced, whole in pairs():
                 fn.append(row_norms(whole))
                 rn.append(row_norms(reduced))
             empty = torch.zeros(0, dtype=torch.float64)
-            return self.release(st.lstsq.local_norms(torch.cat(fn) if fn else empty, torch.cat(rn) if rn else empty),
-                                "lstsq")
+            return st.lstsq.local_norms(torch.cat(fn) if fn else empty, torch.cat(rn) if rn else empty)
         if step == "lstsq.stats":
-            cx, cr = float(meta["clip_full"]), float(meta["clip_reduced"])
-            part = st.lstsq.local_stats(pairs, cx, cr, self.plan.seq_len, int(meta["full_length"]), self.plan.dim)
-            return self.release(part, "lstsq", st.lstsq.sensitivities(cx, cr))
+            return st.lstsq.local_stats(pairs, float(meta["clip_full"]), float(meta["clip_reduced"]),
+                                        self.plan.seq_len, int(meta["full_length"]), self.plan.dim)
         assert labels is not None and x is not None
         keep = meta_kept(meta)[labels.long()] > 0
         z, lab = x[keep], labels[keep]
         if step == "gaussian.norms":
-            return self.release(st.gaussian.norms.local(row_norms(z)), "gaussian")
+            return st.gaussian.norms.local(row_norms(z))
         if step == "gaussian.basis":
-            c = float(meta["clip"])
-            return self.release(st.gaussian.local_basis(z, c), "gaussian", {"basis": c * c})
+            return st.gaussian.local_basis(z, float(meta["clip"]))
         if step == "gaussian.stats":
-            clip_u, clip_norm = float(meta["clip_u"]), float(meta["clip"])
             row_of_key = {c: g for g, rows in enumerate(self.plan.key_rows) for c in rows}
             keys = torch.tensor([row_of_key[int(c)] for c in lab.tolist()], dtype=torch.long)
-            part = st.gaussian.local_stats(z, lab, keys, arrays["v"].to(torch.float64), clip_u, clip_norm,
-                                           len(self.plan.class_names), len(self.plan.keys))
-            return self.release(part, "gaussian", {"sums": clip_u, "scatter": clip_u ** 2, "square": clip_norm ** 2})
+            return st.gaussian.local_stats(z, lab, keys, arrays["v"].to(torch.float64), float(meta["clip_u"]),
+                                           float(meta["clip"]), len(self.plan.class_names), len(self.plan.keys))
         raise ValueError(f"unknown private step {step!r}")
+
+    def release_step(self, step: str, part: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Arrays:
+        """``part`` (the :meth:`local` part of ``step`` over all of the site's training clips) noised once as
+        the plan says, with the sensitivities of the clip norms in ``meta``, and recorded in the ledger."""
+        stage, sens = _RELEASES[step.partition(".")[0] if step != "counts" else "counts"], None
+        if step == "pca.stats":
+            c = float(meta["clip"])
+            sens = {"sum": c, "outer": c * c}
+        elif step == "normalization.sum":
+            sens = {"sum": float(meta["clip"])}
+        elif step == "normalization.sum_sq":
+            sens = {"sum_sq": float(meta["clip"]) ** 2}
+        elif step == "lstsq.stats":
+            sens = self.plan.stages.lstsq.sensitivities(float(meta["clip_full"]), float(meta["clip_reduced"]))
+        elif step == "gaussian.basis":
+            sens = {"basis": float(meta["clip"]) ** 2}
+        elif step == "gaussian.stats":
+            clip_u = float(meta["clip_u"])
+            sens = {"sums": clip_u, "scatter": clip_u ** 2, "square": float(meta["clip"]) ** 2}
+        noisy = self.release(part, stage, sens)
+        if step == "counts":  # its own noisy counts: DP-SGD plans from them
+            self.counts = self.plan.stages.counts.finish(noisy, self.plan.plan)
+        return noisy
 
     # -- DP-SGD -------------------------------------------------------------------------------------
     def key_records(self) -> dict[str, float]:
@@ -247,6 +269,11 @@ class SitePrivacy:
             noisy = torch.tensor(doc["counts"], dtype=torch.float64)
             self.counts = NoisyCounts(noisy, torch.where(noisy >= doc["threshold"], noisy.round(),
                                                          torch.zeros_like(noisy)), doc["threshold"], doc["noise_std"])
+
+
+#: the plan's stage of each private step's releases (by the step's first name)
+_RELEASES = {"counts": "classes", "pca": "pca", "normalization": "normalization", "lstsq": "lstsq",
+             "gaussian": "gaussian"}
 
 
 def meta_kept(meta: Mapping[str, Any]) -> Tensor:

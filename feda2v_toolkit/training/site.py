@@ -335,7 +335,12 @@ class Site:
                              class_names=list(p["class_names"]), groups=p["groups"],
                              condition_dim=self.ds.condition_dim, epochs=int(p["epochs"]),
                              n_records=int(self.train_idx.numel()))
-            self.privacy = SitePrivacy(plan, int(self.train_idx.numel()), str(self.ds.path))
+            rng = None
+            if self.ranks.distributed:  # one site's ranks noise each release once, alike: rank 0's secret seed
+                import secrets
+
+                rng = torch.Generator().manual_seed(int(self.ranks.all_strings(str(secrets.randbits(63)))[0]))
+            self.privacy = SitePrivacy(plan, int(self.train_idx.numel()), str(self.ds.path), rng=rng)
             self.privacy.load_store(self.store)
         step = str(meta["step"])
         if step == "ledger":
@@ -343,16 +348,45 @@ class Site:
         norm = unpack("norm.", arrays)
         if norm and self.cache is not None and not self.cache.standardized:
             self.set_normalization(norm)  # the gaussian's statistics are taken in the normalised space
-        if self.cache is not None:  # reduced: the cache holds the run's class indices
-            x, labels = self.cache.read(self.train_idx), self.cache.labels[self.train_idx]
-        else:  # before the reduction (counts, a pca reducer's statistics)
-            names = list(meta["plan"]["class_names"])
-            to_global = torch.tensor([names.index(c) for c in self.ds.class_names], dtype=torch.long)
-            x, labels = None, to_global[self.ds.labels[self.train_idx]]
-        out = self.privacy.answer(step, x, labels, arrays, meta, full=full_batches(self.ds, self.train_idx),
-                                  pairs=(lambda: self._pairs()()) if self.cache is not None else None)
+        if step == "counts":
+            out = self.privacy.answer(step, None, self._private_labels(self.train_idx, meta), arrays, meta)
+        else:
+            out = self.privacy.release_step(step, self._private_part(step, arrays, meta), meta)
         self.store.update(self.privacy.to_store())
         return out
+
+    def _private_labels(self, rows: Tensor, meta: Mapping[str, Any]) -> Tensor:
+        if self.cache is not None:  # reduced: the cache holds the run's class indices
+            return self.cache.labels[rows]
+        names = list(meta["plan"]["class_names"])
+        to_global = torch.tensor([names.index(c) for c in self.ds.class_names], dtype=torch.long)
+        return to_global[self.ds.labels[rows]]
+
+    def _private_part(self, step: str, arrays: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Arrays:
+        """The exact part of private ``step`` over the site's training clips, one block of rows at a time
+        (:mod:`feda2v_toolkit.runtime.ranks`: in block order, shared out over the ranks), so that memory does
+        not grow with the clips; noised once, after the blocks are summed."""
+        n, chunk = len(self.ds), read_chunk_rows(self.ds)
+
+        def block(b: int) -> Arrays:
+            rows = in_block(self.train_idx, b, n)
+            if rows.numel() == 0:
+                return {}
+            x = self.cache.read(rows) if self.cache is not None else None
+            cache = self.cache
+
+            def pairs() -> Any:
+                assert cache is not None
+                for s in range(0, rows.numel(), chunk):
+                    yield cache.raw(rows[s:s + chunk]), self.ds.read(rows[s:s + chunk]).embeddings
+
+            return self.privacy.local(step, x, self._private_labels(rows, meta), arrays, meta,
+                                      full=full_batches(self.ds, rows, chunk), pairs=pairs)
+
+        part = self.ranks.combine(block_count(n), block, add_parts)
+        if not part:
+            raise InputError(f"{self.name}: a private release needs training clips, and this site has none")
+        return part
 
     def _rows_of(self, members: list[str], class_names: list[str], rows: Tensor) -> Tensor:
         assert self.cache is not None

@@ -69,11 +69,43 @@ def test_two_ranks_train_a_vae_with_averaged_gradients(three_blocks, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.generators["all"].parameters())
 
 
+def test_two_ranks_of_a_private_run_without_noise_write_the_bytes_of_one_process(three_blocks, tmp_path):
+    """Epsilon inf (clipping only): the clipped statistics of the ranks' blocks add up to one process's."""
+    for extra in ([], ["--reducer", "pca"]):
+        args = [*TRAIN, "-d", str(three_blocks), "--dp-epsilon", "inf", *extra]
+        one = run([*args, "-o", "one.safetensors", "--overwrite"], tmp_path, ranks=1)
+        assert one.returncode == 0, one.stderr
+        two = run([*args, "-o", "two.safetensors", "--overwrite"], tmp_path, ranks=2)
+        assert two.returncode == 0, two.stderr
+        assert sha256(tmp_path / "one.safetensors") == sha256(tmp_path / "two.safetensors"), extra
+
+
+def test_the_ranks_of_a_private_run_add_the_same_secret_noise_once(three_blocks, tmp_path):
+    """Every rank ends with the same noisy model (one draw of rank 0's secret noise), and another run draws
+    other noise."""
+    script = Path(__file__).with_name("_private_ranks.py")
+    digests = []
+    for attempt in ("a", "b"):
+        out = tmp_path / attempt
+        out.mkdir()
+        proc = subprocess.run([*TORCHRUN, str(script), str(three_blocks), str(out)], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        ranks = [(out / f"model-4-{r}").read_text() for r in (0, 1)]  # both ranks spent epsilon 4
+        assert ranks[0] == ranks[1]
+        digests.append(ranks[0])
+    assert digests[0] != digests[1]
+
+
 def test_data_parallel_runs_refuse_what_they_cannot_do(three_blocks, tmp_path):
-    dp = run([*TRAIN, "-d", str(three_blocks), "-o", "m.safetensors", "--dp-epsilon", "4"], tmp_path, ranks=2)
+    dp = run([*TRAIN, "-d", str(three_blocks), "-o", "m.safetensors", "--dp-epsilon", "4", "--generator-type", "vae"],
+             tmp_path, ranks=2)
     assert dp.returncode != 0 and "exitcode  : 2" in dp.stderr  # torchrun reports each rank's exit status
-    assert "feda2v-tk: error: record-level DP (--dp-epsilon) runs in one process" in dp.stderr
+    assert "feda2v-tk: error: DP-SGD (--dp-epsilon with the trained generator type 'vae') runs in one process" \
+        in dp.stderr
     assert not (tmp_path / "m.safetensors").exists()
+    resume = run([*TRAIN, "-d", str(three_blocks), "-o", "m.safetensors", "--resume"], tmp_path, ranks=2)
+    assert resume.returncode != 0 and "--resume is not supported in data-parallel" in resume.stderr
 
 
 def test_rounds_give_every_block_to_one_rank_in_order():

@@ -181,3 +181,30 @@ def test_public_data_of_another_shape_is_refused(dp_data, tmp_path):
     public = write_demo_dataset(tmp_path / "public.safetensors", 4, seq_len=10, dim=8)
     with pytest.raises(InputError, match="generator_dp_public_data has sequences"):
         train(dp(8.0, generator_dp_public_data=str(public)), dp_data, seed=0)
+
+
+def test_private_releases_are_summed_block_by_block_without_reading_all_clips_at_once(dp_data, monkeypatch):
+    """Clipping only (epsilon inf): statistics summed over blocks of 50 clips give the model of one block of all
+    240, and no read of the reduced cache holds more than a block (memory does not grow with the clips)."""
+    import torch
+
+    import feda2v_toolkit.runtime.ranks as ranks
+    from feda2v_toolkit.training.streams import ReducedCache
+
+    clipping_only = {"generator_dp_epsilon": float("inf")}  # (an override: JSON has no inf)
+    whole = train(dp(1.0), dp_data, seed=0, overrides=clipping_only)
+    largest = [0]
+    read = ReducedCache.read
+
+    def recording(self, rows):
+        largest[0] = max(largest[0], int(rows.numel()))
+        return read(self, rows)
+
+    monkeypatch.setattr(ranks, "BLOCK_ROWS", 50)
+    monkeypatch.setattr(ReducedCache, "read", recording)
+    blocks = train(dp(1.0), dp_data, seed=0, overrides=clipping_only)
+    assert 0 < largest[0] <= 50
+    a, b = whole.generators["all"].state_dict(), blocks.generators["all"].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-5, atol=1e-6), k  # float32 rounding
