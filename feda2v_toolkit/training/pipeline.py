@@ -888,12 +888,13 @@ def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: A
                  resume: bool, checkpoint_dir: Any, metrics_path: Any, progress: bool | None,
                  log: Callable[[str], None], overwrite: bool, keep_checkpoints: bool) -> GenerativeModel:
     """:func:`train` on one rank of several: the ranks agree on the seed, rank 0 checks and writes the outputs,
-    the others write into a temporary directory that is removed after."""
+    the others write into a temporary directory that is removed after. A resumed run starts every rank from
+    rank 0's checkpoint (each rank reads it; the others copy it into their temporary directory)."""
+    import shutil
     import tempfile
 
     spec = RunSpec.resolve(config, overrides=overrides, seed=seed)
-    if resume or spec.load_checkpoint:
-        raise UsageError("--resume is not supported in data-parallel (torchrun) runs yet: resume with one process")
+    resuming = resume or spec.load_checkpoint
     if dp_requested(spec.config):  # closed-form statistics are noised once after the ranks' blocks are summed
         from feda2v_toolkit.plugins import get_registry
 
@@ -901,26 +902,45 @@ def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: A
             raise UsageError(f"DP-SGD (--dp-epsilon with the trained generator type {spec.generator_type!r}) runs in "
                              "one process: start it without torchrun (closed-form types such as gaussian run "
                              "data-parallel with DP)")
-    agreed = int(ranks.all_strings(str(spec.seed))[0])  # a drawn seed is rank 0's
+    ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
 
-    def check() -> None:  # rank 0's outputs; a problem stops every rank (none waits for a skipped collective)
-        ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
+    def look() -> str:  # what this rank sees of the checkpoint to resume: its digest, or "" (none)
+        if not (resuming and ckpt.exists()):
+            return ""
+        with open(ckpt, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+
+    def check() -> str:  # rank 0's outputs; a problem stops every rank (none waits for a skipped collective)
         check_outputs(out, metrics_path, ckpt if spec.save_checkpoints else None,
-                      inputs=[] if isinstance(data, Dataset) else [data], overwrite=overwrite, resume=False)
+                      inputs=[] if isinstance(data, Dataset) else [data], overwrite=overwrite, resume=resuming)
+        return look()
 
-    agree(ranks, check if ranks.rank == 0 else lambda: None)
+    digest = agree(ranks, check if ranks.rank == 0 else look)
+    seen = ranks.all_strings(digest or "")
+    if seen[0] and any(d != seen[0] for d in seen):  # every rank must start from the same checkpoint
+        blind = [r for r, d in enumerate(seen) if d != seen[0]]
+        raise InputError(f"{ckpt}: rank {blind[0]} does not see rank 0's checkpoint (resume needs the checkpoint "
+                         "directory on storage every node shares: --checkpoint-dir)")
+    if seen[0] and seed is None and spec.seed_drawn:  # a run that drew its seed resumes with it
+        seed = load_checkpoint(ckpt).state.fingerprint.get("seed")
+        spec = RunSpec.resolve(config, overrides=overrides, seed=seed)
+    agreed = int(ranks.all_strings(str(spec.seed))[0])  # a drawn seed is rank 0's
     if ranks.rank == 0:
         log(f"data-parallel: {ranks.world} ranks share {data if not isinstance(data, Dataset) else 'the data'}")
         if spec.seed_drawn:
             log(f"seed: {agreed} (drawn at random; pass --seed to reproduce)")
-        model = train(config, data, out=out, overrides=overrides, seed=agreed, device=device, resume=False,
+        model = train(config, data, out=out, overrides=overrides, seed=agreed, device=device, resume=resume,
                       checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, progress=progress, log=log,
                       overwrite=overwrite, keep_checkpoints=keep_checkpoints, ranks=ranks)
     else:
         with tempfile.TemporaryDirectory(prefix=f"feda2v-rank{ranks.rank}-") as tmp:
             t = Path(tmp)
+            if seen[0]:
+                own = checkpoint_path(spec, t / "checkpoints")
+                own.parent.mkdir()
+                shutil.copyfile(ckpt, own)
             model = train(config, data, out=t / "model.safetensors" if out is not None else None,
-                          overrides=overrides, seed=agreed, device=device, resume=False,
+                          overrides=overrides, seed=agreed, device=device, resume=resume,
                           checkpoint_dir=t / "checkpoints",
                           metrics_path=t / "metrics.jsonl" if metrics_path is not None else None, progress=False,
                           log=None, overwrite=True, keep_checkpoints=False, ranks=ranks)

@@ -97,6 +97,21 @@ def test_the_ranks_of_a_private_run_add_the_same_secret_noise_once(three_blocks,
     assert digests[0] != digests[1]
 
 
+def test_two_ranks_resume_an_interrupted_run_as_if_it_had_not_stopped(three_blocks, tmp_path):
+    """Every rank starts again from rank 0's checkpoint: the resumed model is the uninterrupted one, byte for byte."""
+    script = Path(__file__).with_name("_resume_ranks.py")
+    for mode in ("whole", "interrupt", "resume"):
+        proc = subprocess.run([*TORCHRUN, str(script), str(three_blocks), str(tmp_path), mode], capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        if mode == "interrupt":
+            assert not (tmp_path / "interrupt.safetensors").exists()
+            assert (tmp_path / "checkpoints").is_dir()
+        if mode == "resume":
+            assert proc.stderr.count("after epoch 2") == 1  # rank 0 says so; every rank resumed (else: a hang)
+    assert sha256(tmp_path / "whole.safetensors") == sha256(tmp_path / "resume.safetensors")
+
+
 def test_data_parallel_runs_refuse_what_they_cannot_do(three_blocks, tmp_path):
     dp = run([*TRAIN, "-d", str(three_blocks), "-o", "m.safetensors", "--dp-epsilon", "4", "--generator-type", "vae"],
              tmp_path, ranks=2)
@@ -104,8 +119,6 @@ def test_data_parallel_runs_refuse_what_they_cannot_do(three_blocks, tmp_path):
     assert "feda2v-tk: error: DP-SGD (--dp-epsilon with the trained generator type 'vae') runs in one process" \
         in dp.stderr
     assert not (tmp_path / "m.safetensors").exists()
-    resume = run([*TRAIN, "-d", str(three_blocks), "-o", "m.safetensors", "--resume"], tmp_path, ranks=2)
-    assert resume.returncode != 0 and "--resume is not supported in data-parallel" in resume.stderr
 
 
 def test_rounds_give_every_block_to_one_rank_in_order():
@@ -248,3 +261,22 @@ def test_no_rank_leaves_before_rank_0_has_written_and_the_group_is_torn_down_tog
     for rank in (0, 1):
         left, still_up = (tmp_path / f"left-{rank}").read_text().split()
         assert float(left) >= written and still_up == "False"
+
+
+def test_a_rank_that_cannot_see_the_checkpoint_stops_the_resumed_run(three_blocks, tmp_path):
+    from feda2v_toolkit.errors import InputError
+    from feda2v_toolkit.training.pipeline import train
+
+    config = {"generator_type": "vae", "generator_training_sequence_length": 4, "generator_latent_dim": 8,
+              "generator_hidden_dim": 16, "generator_training_epochs": 1, "generator_upsampler": "linear"}
+    train(config, three_blocks, seed=3, checkpoint_dir=tmp_path / "ck", keep_checkpoints=True)
+
+    class RankOneSeesNoCheckpoint(Ranks):
+        rank, world = 0, 2
+
+        def all_strings(self, value: str) -> list[str]:
+            return [value, ""]
+
+    with pytest.raises(InputError, match="rank 1 does not see rank 0's checkpoint"):
+        train(config, three_blocks, seed=3, checkpoint_dir=tmp_path / "ck", resume=True,
+              ranks=RankOneSeesNoCheckpoint())
