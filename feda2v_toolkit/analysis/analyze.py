@@ -52,10 +52,13 @@ from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.reducers.pca import PCAReducer
 from feda2v_toolkit.reducers.position_moments import PositionMoments, PositionPCA
+from feda2v_toolkit.runtime.resources import cache_in_memory
 from feda2v_toolkit.runtime.seeds import derive_seed
-from feda2v_toolkit.training.streams import full_batches, read_chunk_rows, upsampler_pairs
+from feda2v_toolkit.training.streams import ReducedCache, full_batches, read_chunk_rows, upsampler_pairs
 
 OPTIMUM = "linear optimum"
+#: training rows per block of the classifiers' kernel (fixed: the figures do not depend on the memory budget)
+CLASSIFIER_BLOCK = 256
 DEFAULT_UPSAMPLER_EPOCHS = 1
 #: clips analysed at most by default (a seeded sample beyond; evaluate's reservoir holds as many real clips)
 DEFAULT_MAX_CLIPS = 4096
@@ -162,7 +165,11 @@ class _Run:
 
     def __init__(self, ds: Dataset, lengths: list[int], reducers: list[str], upsamplers: list[str],
                  cfg: dict[str, Any], train_idx: Tensor, test_idx: Tensor, seed: int, pool: int, rows: int,
-                 with_optimum: bool, say: Callable[[str], None], all_pairs: bool = False) -> None:
+                 with_optimum: bool, say: Callable[[str], None], all_pairs: bool = False,
+                 budget: int | None = None) -> None:
+        from feda2v_toolkit.runtime.resources import memory_budget
+
+        self.budget = memory_budget() if budget is None else int(budget)
         self.ds, self.lengths, self.cfg, self.seed, self.pool, self.rows = ds, lengths, cfg, seed, pool, rows
         self.reducer_names, self.upsampler_names = reducers, upsamplers
         self.train_idx, self.test_idx = train_idx, test_idx
@@ -178,9 +185,9 @@ class _Run:
         self.fit_info: dict[tuple[str, int, str], dict[str, Any]] = {}
         self.stats: dict[tuple[str, int, str], ReconstructionStats] = {}
         self.seconds: dict[tuple[str, int, str], float] = {}
-        #: pooled features of the original sequences: the training split's until the baseline classifier took
-        #: them (analyze), the held-out split's for every pair's accuracy on real sequences
-        self.original_train = torch.empty(0)
+        #: pooled features of the original sequences: the training split's (a :meth:`feature_store`) until the
+        #: baseline classifier took them (analyze), the held-out split's for every pair's accuracy on real ones
+        self.original_train: ReducedCache | None = None
         self.original_test = torch.empty(0)
         self.all_pairs = all_pairs
         self.upsampler_classes: dict[str, type] = {}
@@ -238,7 +245,7 @@ class _Run:
         for key in own + ([longest] if longest else []):
             self.reduced[key] = torch.empty(n, self.reducers[key].length, ds.dim)
         width = min(self.pool, ds.seq_len) * ds.dim
-        self.original_train = torch.empty(self.train_idx.numel(), width)
+        self.original_train = self.feature_store(self.train_idx.numel(), width)
         self.original_test = torch.empty(self.test_idx.numel(), width)
         # row -> (split, position in it): the features go straight to where the classifiers read them
         split = torch.full((n,), -1, dtype=torch.long)
@@ -251,9 +258,10 @@ class _Run:
             for key in own + ([longest] if longest else []):
                 self.reduced[key][lo:hi] = self.reducers[key](x)
             feats = pooled_features(x, self.pool)
-            for s, target in enumerate((self.original_train, self.original_test)):
-                sel = split[lo:hi] == s
-                target[where[lo:hi][sel]] = feats[sel]
+            sel = split[lo:hi] == 0
+            _write_rows(self.original_train, where[lo:hi][sel], feats[sel])
+            sel = split[lo:hi] == 1
+            self.original_test[where[lo:hi][sel]] = feats[sel]
         if longest is not None:
             for key in shared:
                 self.reduced[key] = self.reduced[longest][:, :self.reducers[key].length]
@@ -334,12 +342,12 @@ class _Run:
         out = {}
         for key in combos:
             t0 = time.perf_counter()
-            train_feats = torch.empty(self.train_idx.numel(), width)
+            train_feats = self.feature_store(self.train_idx.numel(), width)
             for start in range(0, self.train_idx.numel(), self.rows):
                 rows = self.train_idx[start:start + self.rows]
-                train_feats[start:start + rows.numel()] = pooled_features(self._reconstruct(key, rows), self.pool)
-            acc, acc_real = self.classify(train_feats, test_feats.pop(key))  # hands train_feats over
-            del train_feats  # before the next pair's
+                train_feats.write(start, pooled_features(self._reconstruct(key, rows), self.pool).unsqueeze(1))
+            acc, acc_real = self.classify(train_feats, test_feats.pop(key))
+            train_feats.close()  # before the next pair's
             rname, length, uname = key
             out[key] = PairResult(rname, uname, length, ds.seq_len / length, stats[key].r2, stats[key].cosine, acc,
                                   acc_real, r2_about_sequence_mean=stats[key].r2_about_sequence_mean,
@@ -347,13 +355,40 @@ class _Run:
                                   seconds=self.seconds.get(key, 0.0) + seconds[key] + time.perf_counter() - t0)
         return out
 
-    def classify(self, train_features: Tensor, test_features: Tensor) -> tuple[float, float]:
+    def feature_store(self, rows: int, width: int) -> ReducedCache:
+        """Rows of ``width`` pooled features for the classifiers: in memory up to a quarter of the memory budget,
+        else in a temporary file (:class:`~feda2v_toolkit.training.streams.ReducedCache`)."""
+        return ReducedCache(rows, 1, width, torch.zeros(0, dtype=torch.long), None,
+                            in_memory=cache_in_memory(rows * width * 4, self.budget))
+
+    def fit_classifier(self, features: ReducedCache) -> RidgeClassifier:
+        """The classifier on the training split's ``features``, read :data:`CLASSIFIER_BLOCK` rows at a time
+        (the same arithmetic whether they are in memory or in a file)."""
+        def read(lo: int, hi: int) -> Tensor:
+            return features.raw(torch.arange(lo, hi)).reshape(hi - lo, -1)
+
+        return RidgeClassifier(self.ds.num_classes).fit_rows(read, features.rows, self.ds.labels[self.train_idx],
+                                                             block=CLASSIFIER_BLOCK)
+
+    def classify(self, train_features: ReducedCache, test_features: Tensor) -> tuple[float, float]:
         """Accuracy on reconstructed and on original held-out sequences of the classifier trained on
         reconstructed training sequences."""
         labels = self.ds.labels
-        clf = RidgeClassifier(self.ds.num_classes).fit(train_features, labels[self.train_idx], copy=False)
+        clf = self.fit_classifier(train_features)
         return (clf.accuracy(test_features, labels[self.test_idx]),
                 clf.accuracy(self.original_test, labels[self.test_idx]))
+
+
+def _write_rows(store: ReducedCache, positions: Tensor, values: Tensor) -> None:
+    """``values[i]`` to row ``positions[i]`` of ``store``, one write per run of consecutive positions."""
+    pos = positions.tolist()
+    i = 0
+    while i < len(pos):
+        j = i
+        while j + 1 < len(pos) and pos[j + 1] == pos[j] + 1:
+            j += 1
+        store.write(pos[i], values[i:j + 1].unsqueeze(1))
+        i = j + 1
 
 
 def rank_key(p: PairResult) -> tuple[float, float]:
@@ -419,13 +454,21 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
     train_idx, test_idx = _split(ds, holdout, seed)
     say(f"{len(ds)} sequences [{ds.seq_len}, {ds.dim}]: {train_idx.numel()} to fit, {test_idx.numel()} held out; "
         f"lengths {', '.join(map(str, wanted))}")
+    from feda2v_toolkit.runtime.resources import memory_budget as default_budget
+
+    budget = default_budget() if memory_budget is None else int(memory_budget)
     run = _Run(ds, wanted, reducer_names, upsampler_names, cfg, train_idx, test_idx, seed, pool_positions,
-               batch_rows or read_chunk_rows(ds), optimum, say, all_pairs)
+               batch_rows or read_chunk_rows(ds), optimum, say, all_pairs, budget)
     run.fit_reducers()
     t0 = time.perf_counter()
     run.reduce_all()
     say(f"reduced every sequence with {len(run.reducers)} reducer/length combinations: "
         f"{time.perf_counter() - t0:.1f}s")
+    assert run.original_train is not None
+    labels = ds.labels
+    baseline = run.fit_classifier(run.original_train).accuracy(run.original_test, labels[test_idx])
+    run.original_train.close()  # before the upsamplers are fitted
+    run.original_train = None
     run.fit_upsamplers()
     trainable = [u for u, cls in run.upsampler_classes.items() if cls.trainable]
     if trainable:
@@ -435,14 +478,6 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
                      + (f" (capped from {configured_epochs} for analyze; train uses the configured count)"
                         if epochs != configured_epochs else ""))
     t0 = time.perf_counter()
-    labels = ds.labels
-    originals, run.original_train = run.original_train, torch.empty(0)  # the baseline's, handed over
-    baseline = RidgeClassifier(ds.num_classes).fit(originals, labels[train_idx], copy=False) \
-        .accuracy(run.original_test, labels[test_idx])
-    del originals
-    from feda2v_toolkit.runtime.resources import memory_budget as default_budget
-
-    budget = default_budget() if memory_budget is None else int(memory_budget)
     per_read = max(1, (budget // 4) // max(1, run.original_test.numel() * 4))  # pairs whose features fit
     results: dict[tuple[str, int, str], PairResult] = {}
     for (rname, length), combos in run.groups().items():

@@ -15,6 +15,7 @@ same predictions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,7 @@ class RidgeClassifier:
     _train: Tensor | None = field(default=None, init=False, repr=False)
     _coef: Tensor | None = field(default=None, init=False, repr=False)
     _intercept: Tensor | None = field(default=None, init=False, repr=False)
+    _weights: Tensor | None = field(default=None, init=False, repr=False)
 
     def fit(self, features: Tensor, labels: Tensor, *, copy: bool = True) -> RidgeClassifier:
         """Fit on ``features`` ``[n, ...]``; ``copy=False`` centres a float32 ``features`` in place (the caller
@@ -69,15 +71,64 @@ class RidgeClassifier:
             raise ValueError("the classifier needs at least 2 training samples")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("the classifier's training features are not finite (NaN or inf samples)")
-        y = F.one_hot(labels.long(), self.num_classes).double()
         self._mean = (x.sum(0, dtype=torch.float64) / n).float()
         # float32: the kernel's float32 products over F features are exact to ~1e-6
         xc = x - self._mean if copy else x.sub_(self._mean)
-        y_mean = y.mean(0)
-        yc = y - y_mean
         kernel = (xc @ xc.T).double()
         if not bool(torch.isfinite(kernel).all()):  # float32 products overflow on huge (e.g. very noisy) samples
             kernel = xc.double() @ xc.double().T
+        self._solve(kernel, labels)
+        self._train = xc
+        return self
+
+    def fit_rows(self, read: Callable[[int, int], Tensor], n: int, labels: Tensor, *, block: int
+                 ) -> RidgeClassifier:
+        """Fit on ``n`` training rows that are never all in memory: ``read(lo, hi)`` returns rows ``lo .. hi``
+        ``[hi - lo, F]`` float32 (e.g. from a temporary file), ``block`` rows at a time. The kernel is taken
+        block by block (the same float32 products as :meth:`fit`, summed per block) and the classifier keeps
+        its primal weights ``X_c^T coef`` (``F x C`` float64), not the rows."""
+        if n < 2:
+            raise ValueError("the classifier needs at least 2 training samples")
+        block = max(1, int(block))
+        starts = list(range(0, n, block))
+        total: Tensor | None = None
+        for lo in starts:
+            x = read(lo, min(lo + block, n))
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("the classifier's training features are not finite (NaN or inf samples)")
+            part = x.sum(0, dtype=torch.float64)
+            total = part if total is None else total.add_(part)
+        assert total is not None
+        self._mean = (total / n).float()
+        kernel = torch.empty(n, n, dtype=torch.float64)
+        for i, lo in enumerate(starts):
+            hi = min(lo + block, n)
+            xi = read(lo, hi).sub_(self._mean)
+            for lo2 in starts[:i + 1]:
+                hi2 = min(lo2 + block, n)
+                xj = xi if lo2 == lo else read(lo2, hi2).sub_(self._mean)
+                k = (xi @ xj.T).double()
+                if not bool(torch.isfinite(k).all()):  # as fit(): float32 products overflowed
+                    k = xi.double() @ xj.double().T
+                kernel[lo:hi, lo2:hi2] = k
+                kernel[lo2:hi2, lo:hi] = k.T
+        self._solve(kernel, labels)
+        assert self._coef is not None
+        del kernel
+        weights = torch.zeros(self._mean.numel(), self._coef.shape[1], dtype=torch.float64)
+        for lo in starts:
+            hi = min(lo + block, n)
+            weights += read(lo, hi).sub_(self._mean).double().T @ self._coef[lo:hi]
+        self._weights, self._train = weights, None
+        return self
+
+    def _solve(self, kernel: Tensor, labels: Tensor) -> None:
+        """The penalty by exact leave-one-out over the grid, and the dual coefficients, from the centred
+        training kernel ``[n, n]`` float64."""
+        n = kernel.shape[0]
+        y = F.one_hot(labels.long(), self.num_classes).double()
+        y_mean = y.mean(0)
+        yc = y - y_mean
         with few_threads():
             evals, evecs = eigh(kernel)
         evals = evals.clamp(min=0)
@@ -94,14 +145,20 @@ class RidgeClassifier:
         best = max(zip(accs, [-m for m in mses], alphas.tolist(), strict=True))
         self.loo_accuracy, self.alpha = best[0], best[2]
         self._coef = evecs @ (qty / (evals + self.alpha).unsqueeze(1))  # dual coefficients [n, C]
-        self._train = xc
         self._intercept = y_mean
-        return self
 
     def decision_function(self, features: Tensor) -> Tensor:
-        if self._coef is None or self._train is None or self._mean is None or self._intercept is None:
+        if self._coef is None or self._mean is None or self._intercept is None or \
+                (self._train is None and self._weights is None):
             raise RuntimeError("fit the classifier first")
-        x = features.reshape(features.shape[0], -1).float() - self._mean
+        flat = features.reshape(features.shape[0], -1)
+        if self._weights is not None:  # fitted from rows (fit_rows): primal weights, a block of rows at a time
+            out = torch.empty(flat.shape[0], self._weights.shape[1], dtype=torch.float64)
+            for lo in range(0, flat.shape[0], 256):
+                out[lo:lo + 256] = (flat[lo:lo + 256].float() - self._mean).double() @ self._weights
+            return out + self._intercept
+        assert self._train is not None
+        x = flat.float() - self._mean
         return (x @ self._train.T).double() @ self._coef + self._intercept
 
     def predict(self, features: Tensor) -> Tensor:

@@ -63,3 +63,24 @@ def test_features_handed_over_are_centred_in_place_with_the_same_fit():
     given = RidgeClassifier(4).fit(handed, y, copy=False)
     assert torch.equal(handed, x - kept._mean)  # the classifier keeps it as its (centred) training set
     assert given.alpha == kept.alpha and torch.equal(given.decision_function(x), kept.decision_function(x))
+
+
+def test_rows_read_a_block_at_a_time_give_the_fit_of_all_rows_at_once():
+    """fit_rows never holds the training rows (analyze reads them from a file past the memory budget): the same
+    penalty, leave-one-out accuracy and predictions as fit, from primal weights."""
+    x, y = blobs(30, 4, 300, sep=0.5, seed=5)
+    xt, yt = blobs(20, 4, 300, sep=0.5, seed=6)
+    whole = RidgeClassifier(4).fit(x, y)
+    reads = []
+
+    def read(lo, hi):
+        reads.append(hi - lo)
+        return x[lo:hi].clone()
+
+    rows = RidgeClassifier(4).fit_rows(read, x.shape[0], y, block=17)
+    assert max(reads) == 17 and rows._train is None
+    assert rows.alpha == pytest.approx(whole.alpha, rel=1e-6) and rows.loo_accuracy == whole.loo_accuracy
+    assert torch.allclose(rows.decision_function(xt), whole.decision_function(xt), rtol=1e-5, atol=1e-6)
+    assert torch.equal(rows.predict(xt), whole.predict(xt))
+    with pytest.raises(ValueError, match="not finite"):
+        RidgeClassifier(4).fit_rows(lambda lo, hi: torch.full((hi - lo, 3), float("nan")), 4, y[:4], block=2)
