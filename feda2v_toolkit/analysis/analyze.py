@@ -24,10 +24,13 @@ cost a pass over the data per epoch; ``train`` uses the configured count). A red
 ``positional = False`` (``pca``: its reduced axis holds components) is paired only with trainable
 upsamplers unless ``all_pairs`` is set: interpolating components means nothing.
 
-Streaming: the full sequences are read batch by batch (a few passes in all); what stays in memory is the
-reduced tensors ``[N, l, D]`` per reducer and length, pooled features ``[N, P * D]``, running sums and
-the fitted components. The pairs of one reducer and length share a read of the held-out clips, as many as
-keep their held-out features within a quarter of the memory budget. Deterministic for a given ``seed``.
+Streaming: the full sequences are read batch by batch (a few passes in all). What is kept: the reduced clips
+``[N, l, D]`` per reducer and length, and each classifier's pooled training features ``[N, P * D]`` -- in
+memory up to an eighth of the memory budget each, else in temporary files read back a block at a time (the
+classifier is fitted from blocks of :data:`CLASSIFIER_BLOCK` rows and keeps its primal weights, the same
+arithmetic either way) -- the held-out clips' pooled features, running sums and the fitted components. The
+pairs of one reducer and length share a read of the held-out clips, as many as keep their held-out features
+within an eighth of the memory budget. Deterministic for a given ``seed``, whatever the budget.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.reducers.pca import PCAReducer
 from feda2v_toolkit.reducers.position_moments import PositionMoments, PositionPCA
-from feda2v_toolkit.runtime.resources import cache_in_memory
 from feda2v_toolkit.runtime.seeds import derive_seed
 from feda2v_toolkit.training.streams import ReducedCache, full_batches, read_chunk_rows, upsampler_pairs
 
@@ -180,7 +182,9 @@ class _Run:
         #: (reducer, length) set from the shared position PCA: nested, so reduced once (reduce_all)
         self.shared: set[tuple[str, int]] = set()
         self.reducers: dict[tuple[str, int], Reducer] = {}
-        self.reduced: dict[tuple[str, int], Tensor] = {}
+        #: the reduced clips per (reducer, length): rows -> ``[len(rows), l, D]`` (:meth:`reduce_all`)
+        self.reduced: dict[tuple[str, int], Callable[[Tensor], Tensor]] = {}
+        self._reduced_stores: list[ReducedCache] = []
         self.upsamplers: dict[tuple[str, int, str], Upsampler] = {}
         self.fit_info: dict[tuple[str, int, str], dict[str, Any]] = {}
         self.stats: dict[tuple[str, int, str], ReconstructionStats] = {}
@@ -242,8 +246,14 @@ class _Run:
         shared = [k for k in self.reducers if k in self.shared and isinstance(self.reducers[k], PCAReducer)]
         longest = max(shared, key=lambda k: self.reducers[k].length) if shared else None
         own = [k for k in self.reducers if k not in shared]
-        for key in own + ([longest] if longest else []):
-            self.reduced[key] = torch.empty(n, self.reducers[key].length, ds.dim)
+        computed = own + ([longest] if longest else [])
+        # in memory up to an eighth of the budget together, else each in a temporary file
+        in_memory = n * sum(self.reducers[k].length for k in computed) * ds.dim * 4 <= self.share
+        stores = {key: ReducedCache(n, self.reducers[key].length, ds.dim, torch.zeros(0, dtype=torch.long), None,
+                                    in_memory=in_memory) for key in computed}
+        self._reduced_stores = list(stores.values())
+        for key, store in stores.items():
+            self.reduced[key] = store.raw
         width = min(self.pool, ds.seq_len) * ds.dim
         self.original_train = self.feature_store(self.train_idx.numel(), width)
         self.original_test = torch.empty(self.test_idx.numel(), width)
@@ -255,8 +265,8 @@ class _Run:
         for batch in ds.batches(self.rows):
             x = batch.embeddings
             lo, hi = int(batch.indices[0]), int(batch.indices[-1]) + 1
-            for key in own + ([longest] if longest else []):
-                self.reduced[key][lo:hi] = self.reducers[key](x)
+            for key in computed:
+                stores[key].write(lo, self.reducers[key](x))
             feats = pooled_features(x, self.pool)
             sel = split[lo:hi] == 0
             _write_rows(self.original_train, where[lo:hi][sel], feats[sel])
@@ -264,7 +274,15 @@ class _Run:
             self.original_test[where[lo:hi][sel]] = feats[sel]
         if longest is not None:
             for key in shared:
-                self.reduced[key] = self.reduced[longest][:, :self.reducers[key].length]
+                if key != longest:
+                    self.reduced[key] = (lambda rows, read=stores[longest].raw, length=self.reducers[key].length:
+                                         read(rows)[:, :length].contiguous())
+
+    def close(self) -> None:
+        """Release the reduced clips (and their temporary files)."""
+        for store in self._reduced_stores:
+            store.close()
+        self._reduced_stores, self.reduced = [], {}
 
     def fit_upsamplers(self) -> None:
         from feda2v_toolkit.plugins import get_registry
@@ -293,14 +311,14 @@ class _Run:
                 self.fit_info[key] = info
                 self.seconds[key] = time.perf_counter() - t0 + self.seconds.get((rname, length, ""), 0.0)
 
-    def pairs(self, reduced: Tensor) -> Callable[[], Any]:
+    def pairs(self, reduced: Callable[[Tensor], Tensor]) -> Callable[[], Any]:
         """(reduced, full) training pairs in chunks, the chunk order reshuffled on every call (seeded):
         the stream ``train`` fits a trainable upsampler on."""
-        return upsampler_pairs(self.ds, self.train_idx, reduced.__getitem__, self.rows, self.seed, "analyze")
+        return upsampler_pairs(self.ds, self.train_idx, reduced, self.rows, self.seed, "analyze")
 
     def _reconstruct(self, key: tuple[str, int, str], rows: Tensor) -> Tensor:
         rname, length, _ = key
-        reduced = self.reduced[(rname, length)][rows]
+        reduced = self.reduced[(rname, length)](rows)
         if rname == OPTIMUM:
             red = self.reducers[(rname, length)]
             assert isinstance(red, PCAReducer)
@@ -356,10 +374,16 @@ class _Run:
         return out
 
     def feature_store(self, rows: int, width: int) -> ReducedCache:
-        """Rows of ``width`` pooled features for the classifiers: in memory up to a quarter of the memory budget,
+        """Rows of ``width`` pooled features for the classifiers: in memory up to an eighth of the memory budget,
         else in a temporary file (:class:`~feda2v_toolkit.training.streams.ReducedCache`)."""
         return ReducedCache(rows, 1, width, torch.zeros(0, dtype=torch.long), None,
-                            in_memory=cache_in_memory(rows * width * 4, self.budget))
+                            in_memory=rows * width * 4 <= self.share)
+
+    @property
+    def share(self) -> int:
+        """Bytes each of what grows with the clips may hold in memory -- the reduced clips, one classifier's
+        training features, the held-out features of the pairs that share a read: an eighth of the budget."""
+        return self.budget // 8
 
     def fit_classifier(self, features: ReducedCache) -> RidgeClassifier:
         """The classifier on the training split's ``features``, read :data:`CLASSIFIER_BLOCK` rows at a time
@@ -420,9 +444,10 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
         batch_rows: sequences per streamed batch (default: about 32 MiB of float32, as training reads).
         max_clips: analyse a seeded sample of at most this many clips, each class in proportion (``None``: all);
             what it holds grows with the clips analysed, so this bounds its memory and time. The result says so.
-        memory_budget: bytes (default: :func:`~feda2v_toolkit.runtime.resources.memory_budget`); the pairs that
-            share one read of the held-out clips keep their held-out features in at most a quarter of it (one
-            pair at a time at the least; more reads, the same figures).
+        memory_budget: bytes (default: :func:`~feda2v_toolkit.runtime.resources.memory_budget`); the reduced
+            clips and each classifier's training features stay in memory up to an eighth of it each (else in
+            temporary files), and the pairs that share one read of the held-out clips keep their held-out
+            features in at most an eighth (one pair at a time at the least): the same figures at any budget.
         log: called with progress messages.
     """
     from feda2v_toolkit.runtime.threads import settle_vector_math
@@ -478,12 +503,15 @@ def analyze(data: str | os.PathLike[str] | Dataset, lengths: Sequence[int], *,
                      + (f" (capped from {configured_epochs} for analyze; train uses the configured count)"
                         if epochs != configured_epochs else ""))
     t0 = time.perf_counter()
-    per_read = max(1, (budget // 4) // max(1, run.original_test.numel() * 4))  # pairs whose features fit
+    per_read = max(1, run.share // max(1, run.original_test.numel() * 4))  # pairs whose held-out features fit
     results: dict[tuple[str, int, str], PairResult] = {}
-    for (rname, length), combos in run.groups().items():
-        for k in range(0, len(combos), per_read):
-            results.update(run.measure_group(combos[k:k + per_read]))
-        say(f"measured {len(combos)} pair(s) after {rname} at length {length}: {time.perf_counter() - t0:.1f}s")
+    try:
+        for (rname, length), combos in run.groups().items():
+            for k in range(0, len(combos), per_read):
+                results.update(run.measure_group(combos[k:k + per_read]))
+            say(f"measured {len(combos)} pair(s) after {rname} at length {length}: {time.perf_counter() - t0:.1f}s")
+    finally:
+        run.close()
     if run.skipped:
         notes.append("skipped (the reducer's output is not positional, so only trainable upsamplers can decode "
                      "it; --all-pairs includes them): "

@@ -103,4 +103,5 @@ MEMORY_BUDGET_OPTION = click.option(
     "--memory-budget", type=MemoryBudget(), callback=_set_budget, expose_value=False, is_eager=True,
     help="Memory to plan for, e.g. 4GB or 512MiB (GB = 10^9 bytes, GiB = 2^30) [default: $FEDA2V_MEMORY_BUDGET, "
          "else 2 GiB]: training keeps a cache larger than a quarter of it in a temporary file; analyze keeps its "
-         "held-out features, evaluate its Gram matrices, within a quarter.")
+         "reduced clips and training features within an eighth each (else in temporary files) and its held-out "
+         "features within an eighth; evaluate keeps its Gram matrices within a quarter.")

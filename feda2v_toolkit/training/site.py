@@ -241,16 +241,24 @@ class Site:
             lo, hi = block_range(b, n)
             values = torch.empty(hi - lo, length, dim)
             part: Arrays = {}
-            with torch.no_grad():
+
+            def chunks() -> Any:  # each chunk read and reduced once; its training rows paired with their reductions
                 for s in range(lo, hi, chunk):
                     full = self.ds.read(torch.arange(s, min(s + chunk, hi))).embeddings
                     r = reducer(full.to(self.device)).to("cpu", torch.float32)
                     values[s - lo:s - lo + r.shape[0]] = r
                     tr = is_train[s:s + r.shape[0]]
-                    if fuse and bool(tr.any()):
-                        pair = (r, full) if bool(tr.all()) else (r[tr], full[tr])  # no copy of a training chunk
-                        sums = ups.fit_statistics(lambda pair=pair: [pair])
-                        part = add_parts(part or None, pack("ups.", sums))
+                    if bool(tr.all()):
+                        yield r, full  # no copy of a training chunk
+                    elif bool(tr.any()):
+                        yield r[tr], full[tr]
+
+            with torch.no_grad():
+                if fuse and bool(is_train[lo:hi].any()):  # the block's statistics from the same read, in one call
+                    part = pack("ups.", ups.fit_statistics(chunks))
+                else:
+                    for _ in chunks():
+                        pass
             part.update(pack("norm.", NormalizationStage().local(values, is_train[lo:hi].nonzero().flatten())))
             part["block"] = torch.tensor([b, lo])
             part["digest"] = torch.frombuffer(bytearray(block_digest(values)), dtype=torch.uint8)
