@@ -266,16 +266,21 @@ class _GhostOptimizer:
     divided by the expected batch size, then steps the original (module docstring)."""
 
     def __init__(self, original: torch.optim.Optimizer, recorder: _GhostRecorder, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, generator: torch.Generator) -> None:
+                 max_grad_norm: float, expected_batch_size: int, generator: torch.Generator,
+                 sum_over_ranks: Any = None) -> None:
         self.original = original
         self.recorder = recorder
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = int(expected_batch_size)
-        # one secret generator per intra-op thread: the noise is drawn in parallel, each lane from its own
-        self.generators = [generator] + [secret_generator(generator.device)
-                                         for _ in range(max(1, torch.get_num_threads()) - 1)]
+        # one generator per intra-op thread, each seeded from the secret one: the noise is drawn in parallel,
+        # each lane from its own (and alike on data-parallel ranks that share the secret generator)
+        self.generators = [generator] + [
+            torch.Generator(device=generator.device).manual_seed(
+                int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
+            for _ in range(max(1, torch.get_num_threads()) - 1)]
         self.params = [p for grp in original.param_groups for p in grp["params"]]
+        self.sum_over_ranks = sum_over_ranks  # data-parallel: sums the ranks' clipped sums in place
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -301,6 +306,10 @@ class _GhostOptimizer:
         if n:
             norms = self.recorder.norms_sq(n).sqrt()
             sums = self.recorder.clipped_sums(clip_factors(norms, self.max_grad_norm))
+        if self.sum_over_ranks is not None:  # every rank's share of the batch, before the one draw of noise
+            sums = {p: sums[p] if p in sums else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    for p in self.params}
+            self.sum_over_ranks(list(sums.values()))
         std = self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
         scale = 1.0 / self.expected_batch_size
 
@@ -356,13 +365,17 @@ def _grad_sample_module(module: nn.Module) -> Any:
 
 def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer], noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: int, *, config: Mapping[str, Any] | None = None,
-                 rng: torch.Generator | None = None, engine: str = "auto") -> PrivateTraining:
+                 rng: torch.Generator | None = None, engine: str = "auto",
+                 sum_over_ranks: Any = None) -> PrivateTraining:
     """Hook per-sample gradients onto the generator's declared private modules and wrap their optimisers in
     Opacus' ``DPOptimizer`` (module docstring). ``noise_multiplier`` is the planned per-batch one (the
     release's); with several private steps per batch each step gets :func:`optimizer_noise_multiplier`.
     Raises :class:`PrivacyError` up front when the type declares no private modules, refuses the
     configuration, or its declaration does not match its optimisers. ``engine``: ``"ghost"``, ``"opacus"``
-    or ``"auto"`` (ghost when every private layer allows it; module docstring)."""
+    or ``"auto"`` (ghost when every private layer allows it; module docstring). ``sum_over_ranks(tensors)``:
+    data-parallel ranks that share ``rng`` and each step's Poisson batch (each computing its share of the
+    batch) sum their clipped per-clip gradient sums in place with it before the noise, which every rank then
+    draws alike: one process's step. It needs every optimiser to be private."""
     name = type(generator).__name__
     if getattr(type(generator), "fitted", False):
         raise PrivacyError(f"{name} is fitted in closed form: privatise its statistics "
@@ -383,6 +396,10 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
     unknown = sorted(set(declared) - set(optimizers))
     if unknown:
         raise PrivacyError(f"{name} declares private modules for optimisers it does not have: {', '.join(unknown)}")
+    if sum_over_ranks is not None and set(declared) != set(optimizers):
+        raise PrivacyError(f"{name}: DP-SGD on several ranks needs every optimiser to be private (this type also "
+                           f"steps {', '.join(sorted(set(optimizers) - set(declared)))} on the private ones' "
+                           "outputs); run it in one process")
     rng = rng if rng is not None else secret_generator()
     steps = int(generator.private_steps_per_batch(config or {}))
     step_multiplier = optimizer_noise_multiplier(noise_multiplier, steps)
@@ -423,7 +440,7 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
             if recorder is not None:
                 hooks.append(recorder)
                 wrapped[opt_name] = _GhostOptimizer(opt, recorder, step_multiplier, max_grad_norm,
-                                                    expected_batch_size, rng)
+                                                    expected_batch_size, rng, sum_over_ranks)
                 continue
             try:
                 from opacus.optimizers import DPOptimizer
@@ -432,10 +449,10 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
                                    "'feda2v-tk[privacy]'") from None
             for m in modules:
                 hooks.append(_grad_sample_module(m))
-            wrapped[opt_name] = DPOptimizer(opt, noise_multiplier=step_multiplier,
-                                            max_grad_norm=float(max_grad_norm),
-                                            expected_batch_size=int(expected_batch_size), loss_reduction="mean",
-                                            generator=rng)
+            dp_cls = DPOptimizer if sum_over_ranks is None else _ranks_optimizer(DPOptimizer, sum_over_ranks)
+            wrapped[opt_name] = dp_cls(opt, noise_multiplier=step_multiplier, max_grad_norm=float(max_grad_norm),
+                                       expected_batch_size=int(expected_batch_size), loss_reduction="mean",
+                                       generator=rng)
     except PrivacyError:
         undo()
         raise
@@ -446,6 +463,17 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
     return PrivateTraining(generator, wrapped, list(declared), step_multiplier, float(max_grad_norm),
                            int(expected_batch_size), steps, hooks, inplace=inplace,
                            engine="+".join(sorted(set(chosen))))
+
+
+def _ranks_optimizer(base: type, sum_over_ranks: Any) -> type:
+    """Opacus' ``DPOptimizer`` whose clipped per-clip gradient sums are summed over the ranks before the noise."""
+
+    class RanksDPOptimizer(base):  # type: ignore[misc, valid-type]
+        def add_noise(self) -> None:
+            sum_over_ranks([p.summed_grad for p in self.params])
+            super().add_noise()
+
+    return RanksDPOptimizer
 
 
 def private_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:

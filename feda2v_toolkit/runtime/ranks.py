@@ -93,6 +93,9 @@ class Ranks:
     def all_mean(self, values: Mapping[str, float], weight: float) -> dict[str, float]:
         return dict(values)
 
+    def sum_tensors(self, tensors: list[Tensor]) -> None:
+        """Replace each tensor, in place, by its sum over the ranks (one process: unchanged)."""
+
     def finish(self) -> None:
         """The end of a successful data-parallel command, made by every rank after rank 0 wrote its outputs:
         wait for every rank, then tear the process group down together (one process: nothing to do)."""
@@ -164,6 +167,16 @@ class TorchRanks(Ranks):
                 p.grad = torch.zeros_like(p)
             p.grad.mul_(weight)
             self.dist.all_reduce(p.grad)
+
+    def sum_tensors(self, tensors: list[Tensor]) -> None:
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])  # one collective a call
+        self.dist.all_reduce(flat)
+        pos = 0
+        for t in tensors:
+            t.copy_(flat[pos:pos + t.numel()].view_as(t))
+            pos += t.numel()
 
     def finish(self) -> None:
         # No rank leaves while rank 0 still writes, and none tears the group down with work in flight: a rank

@@ -895,13 +895,8 @@ def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: A
 
     spec = RunSpec.resolve(config, overrides=overrides, seed=seed)
     resuming = resume or spec.load_checkpoint
-    if dp_requested(spec.config):  # closed-form statistics are noised once after the ranks' blocks are summed
-        from feda2v_toolkit.plugins import get_registry
-
-        if not getattr(get_registry().load("generator", spec.generator_type), "fitted", False):
-            raise UsageError(f"DP-SGD (--dp-epsilon with the trained generator type {spec.generator_type!r}) runs in "
-                             "one process: start it without torchrun (closed-form types such as gaussian run "
-                             "data-parallel with DP)")
+    if dp_requested(spec.config):
+        _check_private_ranks(spec)
     ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
 
     def look() -> str:  # what this rank sees of the checkpoint to resume: its digest, or "" (none)
@@ -946,6 +941,27 @@ def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: A
                           log=None, overwrite=True, keep_checkpoints=False, ranks=ranks)
     ranks.finish()  # the others wait until rank 0 has written
     return model
+
+
+def _check_private_ranks(spec: RunSpec) -> None:
+    """Before any work: DP-SGD on several ranks needs every optimiser of the generator type to be private (the
+    ranks sum their clipped gradients before one draw of noise; a GAN's generator also steps on its own fakes)."""
+    from feda2v_toolkit.plugins import get_registry
+
+    cls = get_registry().load("generator", spec.generator_type)
+    if getattr(cls, "fitted", False):
+        return  # closed-form statistics: summed over the ranks' blocks, noised once
+    try:
+        with torch.device("meta"):
+            gen = cls.from_config(spec.config, seq_len=spec.training_length, dim=8, num_classes=2, condition_dim=0)
+            optimizers = set(gen.configure_optimizers(spec.config))
+        declared = gen.private_modules(spec.config)
+    except Exception:  # noqa: BLE001 - the type's own checks speak later, with their own message
+        return
+    if declared is not None and set(declared) != optimizers:
+        raise UsageError(f"DP-SGD with the generator type {spec.generator_type!r} runs in one process: its "
+                         f"{', '.join(sorted(optimizers - set(declared)))} optimiser steps on the private ones' "
+                         "outputs, which the ranks would each do apart; start it without torchrun")
 
 
 def check_outputs(out: Any, metrics_path: Any, checkpoint: Any, *, inputs: list[Any], overwrite: bool,

@@ -556,15 +556,29 @@ class Site:
         if done + per_epoch * len(epochs) > planned.spec.compositions:
             raise PrivacyError(f"{self.name}: generator {key!r}: {len(epochs)} more epochs of DP-SGD would exceed the "
                                f"planned {planned.spec.compositions} steps (the privacy budget); refusing")
+        ranks = self.ranks
         pt = make_private(gen, opts, planned.noise_multiplier, pv.plan.settings.max_grad_norm, spec.batch_size,
-                          config=self.cfg, rng=pv.rng)
+                          config=self.cfg, rng=pv.rng,
+                          sum_over_ranks=ranks.sum_tensors if ranks.distributed else None)
 
         def poisson(rows: Tensor, _g: torch.Generator) -> list[Tensor]:
             return [rows[torch.rand(rows.numel(), generator=pv.rng) < q] for _ in range(per_epoch)]
 
         def step(x: Tensor, labels: Tensor | None, conditions: Tensor | None, ctx: TrainContext) -> dict[str, float]:
-            return pt.step(x, labels=labels, conditions=conditions, ctx=ctx, ledger=pv.ledger,
-                           release=planned.spec.name, sampling_rate=q, group=planned.spec.group)
+            if not ranks.distributed:
+                return pt.step(x, labels=labels, conditions=conditions, ctx=ctx, ledger=pv.ledger,
+                               release=planned.spec.name, sampling_rate=q, group=planned.spec.group)
+            # data-parallel: every rank drew the same Poisson batch (the site's shared secret generator) and
+            # computes its share rows[rank::world] (possibly none: a noise-only step) with its own noise; the
+            # private optimisers sum the ranks' clipped gradients before the one draw of noise
+            sl = slice(ranks.rank, None, ranks.world)
+            step_seed = int(torch.randint(0, 2**62, (1,)))
+            torch.manual_seed(derive_seed(step_seed, "rank", ranks.rank))
+            terms = pt.step(x[sl], labels=labels[sl] if labels is not None else None,
+                            conditions=conditions[sl] if conditions is not None else None, ctx=ctx,
+                            ledger=pv.ledger, release=planned.spec.name, sampling_rate=q, group=planned.spec.group)
+            torch.manual_seed(derive_seed(step_seed, "after"))  # the run's stream again, alike on every rank
+            return terms
 
         try:
             records = train_epochs(

@@ -80,20 +80,26 @@ def test_two_ranks_of_a_private_run_without_noise_write_the_bytes_of_one_process
         assert sha256(tmp_path / "one.safetensors") == sha256(tmp_path / "two.safetensors"), extra
 
 
-def test_the_ranks_of_a_private_run_add_the_same_secret_noise_once(three_blocks, tmp_path):
-    """Every rank ends with the same noisy model (one draw of rank 0's secret noise), and another run draws
-    other noise."""
+@pytest.mark.parametrize("kind", ["gaussian", "vae"])
+def test_the_ranks_of_a_private_run_add_the_same_secret_noise_once(three_blocks, tmp_path, kind):
+    """Every rank ends with the same noisy model (one draw of rank 0's secret noise per release or DP-SGD step)
+    and the same spend, and another run draws other noise."""
+    import json
+
     script = Path(__file__).with_name("_private_ranks.py")
     digests = []
     for attempt in ("a", "b"):
         out = tmp_path / attempt
         out.mkdir()
-        proc = subprocess.run([*TORCHRUN, str(script), str(three_blocks), str(out)], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        proc = subprocess.run([*TORCHRUN, str(script), str(three_blocks), str(out), kind], capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
         assert proc.returncode == 0, proc.stderr
-        ranks = [(out / f"model-4-{r}").read_text() for r in (0, 1)]  # both ranks spent epsilon 4
+        ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
         assert ranks[0] == ranks[1]
-        digests.append(ranks[0])
+        assert 3.99 < ranks[0]["epsilon"] <= 4.0 * (1 + 1e-9)
+        if kind == "vae":
+            assert ranks[0]["steps"]["generator.all.sgd"] > 0  # DP-SGD steps, each in the ledger of every rank
+        digests.append(ranks[0]["digest"])
     assert digests[0] != digests[1]
 
 
@@ -113,11 +119,11 @@ def test_two_ranks_resume_an_interrupted_run_as_if_it_had_not_stopped(three_bloc
 
 
 def test_data_parallel_runs_refuse_what_they_cannot_do(three_blocks, tmp_path):
-    dp = run([*TRAIN, "-d", str(three_blocks), "-o", "m.safetensors", "--dp-epsilon", "4", "--generator-type", "vae"],
-             tmp_path, ranks=2)
+    (tmp_path / "gan.json").write_text('{"gan_r1_weight": 0}')
+    dp = run([*TRAIN, "-d", str(three_blocks), "-o", "m.safetensors", "--dp-epsilon", "4", "--generator-type", "gan",
+              "-c", "gan.json"], tmp_path, ranks=2)
     assert dp.returncode != 0 and "exitcode  : 2" in dp.stderr  # torchrun reports each rank's exit status
-    assert "feda2v-tk: error: DP-SGD (--dp-epsilon with the trained generator type 'vae') runs in one process" \
-        in dp.stderr
+    assert "feda2v-tk: error: DP-SGD with the generator type 'gan' runs in one process" in dp.stderr
     assert not (tmp_path / "m.safetensors").exists()
 
 
