@@ -78,7 +78,7 @@ class RidgeClassifier:
         if not bool(torch.isfinite(kernel).all()):  # float32 products overflow on huge (e.g. very noisy) samples
             kernel = xc.double() @ xc.double().T
         self._solve(kernel, labels)
-        self._train = xc
+        self._train, self._weights = xc, None
         return self
 
     def fit_rows(self, read: Callable[[int, int], Tensor], n: int, labels: Tensor, *, block: int

@@ -7,7 +7,8 @@ system's randomness (:mod:`secrets`), never recorded anywhere: two runs with the
 noise, and nothing in the model file can reproduce it. The same holds for Poisson sampling in DP-SGD (an
 attacker who can replay which clips each batch held gets no amplification by sampling). Caveats, documented
 in ``docs/privacy.md``: torch's generator is a Mersenne Twister, not a cryptographic generator (its state is
-never exposed -- only noisy sums are released), and sampling Gaussians in floating point (Mironov 2012) is not
+never released -- only noisy sums are; the data-parallel ranks of one site share its seed among themselves),
+and sampling Gaussians in floating point (Mironov 2012) is not
 hardened against attacks on the low-order bits.
 
 Clipping: :func:`clip_rows` scales each record ``x_i`` (any shape; its L2 norm over all of its numbers) to

@@ -273,12 +273,13 @@ class _GhostOptimizer:
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = int(expected_batch_size)
-        # one generator per intra-op thread, each seeded from the secret one: the noise is drawn in parallel,
-        # each lane from its own (and alike on data-parallel ranks that share the secret generator)
+        # NOISE_LANES generators, each seeded from the secret one: the noise is drawn in parallel, each lane
+        # from its own; a fixed count, so that the same secret generator draws the same noise on any number of
+        # threads (data-parallel ranks that share it, on machines of any size, draw alike)
         self.generators = [generator] + [
             torch.Generator(device=generator.device).manual_seed(
                 int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
-            for _ in range(max(1, torch.get_num_threads()) - 1)]
+            for _ in range(NOISE_LANES - 1)]
         self.params = [p for grp in original.param_groups for p in grp["params"]]
         self.sum_over_ranks = sum_over_ranks  # data-parallel: sums the ranks' clipped sums in place
 
@@ -375,7 +376,8 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
     or ``"auto"`` (ghost when every private layer allows it; module docstring). ``sum_over_ranks(tensors)``:
     data-parallel ranks that share ``rng`` and each step's Poisson batch (each computing its share of the
     batch) sum their clipped per-clip gradient sums in place with it before the noise, which every rank then
-    draws alike: one process's step. It needs every optimiser to be private."""
+    draws alike: one process's step. It needs the type's one optimiser to be private (with several, a rank
+    without rows and one with rows could step them in different orders)."""
     name = type(generator).__name__
     if getattr(type(generator), "fitted", False):
         raise PrivacyError(f"{name} is fitted in closed form: privatise its statistics "
@@ -396,10 +398,10 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
     unknown = sorted(set(declared) - set(optimizers))
     if unknown:
         raise PrivacyError(f"{name} declares private modules for optimisers it does not have: {', '.join(unknown)}")
-    if sum_over_ranks is not None and set(declared) != set(optimizers):
-        raise PrivacyError(f"{name}: DP-SGD on several ranks needs every optimiser to be private (this type also "
-                           f"steps {', '.join(sorted(set(optimizers) - set(declared)))} on the private ones' "
-                           "outputs); run it in one process")
+    if sum_over_ranks is not None and (set(declared) != set(optimizers) or len(declared) != 1):
+        raise PrivacyError(f"{name}: DP-SGD on several ranks needs one optimiser, and a private one (this type has "
+                           f"{', '.join(sorted(optimizers))}, of which {', '.join(sorted(declared)) or 'none'} "
+                           "private: the ranks would step them apart); run it in one process")
     rng = rng if rng is not None else secret_generator()
     steps = int(generator.private_steps_per_batch(config or {}))
     step_multiplier = optimizer_noise_multiplier(noise_multiplier, steps)
@@ -463,6 +465,10 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
     return PrivateTraining(generator, wrapped, list(declared), step_multiplier, float(max_grad_norm),
                            int(expected_batch_size), steps, hooks, inplace=inplace,
                            engine="+".join(sorted(set(chosen))))
+
+
+#: parallel lanes of the ghost engine's noise (fixed: the noise does not depend on the number of threads)
+NOISE_LANES = 4
 
 
 def _ranks_optimizer(base: type, sum_over_ranks: Any) -> type:

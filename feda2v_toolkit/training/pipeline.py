@@ -920,32 +920,57 @@ def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: A
         seed = load_checkpoint(ckpt).state.fingerprint.get("seed")
         spec = RunSpec.resolve(config, overrides=overrides, seed=seed)
     agreed = int(ranks.all_strings(str(spec.seed))[0])  # a drawn seed is rank 0's
-    if ranks.rank == 0:
-        log(f"data-parallel: {ranks.world} ranks share {data if not isinstance(data, Dataset) else 'the data'}")
-        if spec.seed_drawn:
-            log(f"seed: {agreed} (drawn at random; pass --seed to reproduce)")
-        model = train(config, data, out=out, overrides=overrides, seed=agreed, device=device, resume=resume,
-                      checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, progress=progress, log=log,
-                      overwrite=overwrite, keep_checkpoints=keep_checkpoints, ranks=ranks)
-    else:
-        with tempfile.TemporaryDirectory(prefix=f"feda2v-rank{ranks.rank}-") as tmp:
-            t = Path(tmp)
-            if seen[0]:
-                own = checkpoint_path(spec, t / "checkpoints")
-                own.parent.mkdir()
-                shutil.copyfile(ckpt, own)
-            model = train(config, data, out=t / "model.safetensors" if out is not None else None,
-                          overrides=overrides, seed=agreed, device=device, resume=resume,
-                          checkpoint_dir=t / "checkpoints",
-                          metrics_path=t / "metrics.jsonl" if metrics_path is not None else None, progress=False,
-                          log=None, overwrite=True, keep_checkpoints=False, ranks=ranks)
+    tmp = None if ranks.rank == 0 else Path(tempfile.mkdtemp(prefix=f"feda2v-rank{ranks.rank}-"))
+
+    def take_checkpoint() -> None:  # the other ranks resume from their own copy of rank 0's checkpoint
+        if tmp is None or not seen[0]:
+            return
+        own = checkpoint_path(spec, tmp / "checkpoints")
+        own.parent.mkdir()
+        shutil.copyfile(ckpt, own)
+        with open(own, "rb") as fh:
+            if hashlib.file_digest(fh, "sha256").hexdigest() != seen[0]:
+                raise InputError(f"{ckpt}: changed while rank {ranks.rank} copied it; resume again")
+
+    try:
+        agree(ranks, take_checkpoint)
+        model = _train_rank(ranks, tmp, config, data, out=out, overrides=overrides, seed=agreed, device=device,
+                            resume=resume, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
+                            progress=progress, log=log, overwrite=overwrite, keep_checkpoints=keep_checkpoints,
+                            spec=spec)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     ranks.finish()  # the others wait until rank 0 has written
     return model
 
 
+def _train_rank(ranks: Ranks, tmp: Path | None, config: Any, data: Any, *, out: Any, overrides: Any, seed: int,
+                device: Any, resume: bool, checkpoint_dir: Any, metrics_path: Any, progress: bool | None,
+                log: Callable[[str], None], overwrite: bool, keep_checkpoints: bool, spec: RunSpec
+                ) -> GenerativeModel:
+    """This rank's :func:`train` with the agreed ``seed``: rank 0 (``tmp`` None) writes the outputs; the others
+    write into ``tmp``."""
+    if ranks.rank == 0:
+        log(f"data-parallel: {ranks.world} ranks share {data if not isinstance(data, Dataset) else 'the data'}")
+        if spec.seed_drawn:
+            log(f"seed: {seed} (drawn at random; pass --seed to reproduce)")
+        model = train(config, data, out=out, overrides=overrides, seed=seed, device=device, resume=resume,
+                      checkpoint_dir=checkpoint_dir, metrics_path=metrics_path, progress=progress, log=log,
+                      overwrite=overwrite, keep_checkpoints=keep_checkpoints, ranks=ranks)
+    else:
+        assert tmp is not None
+        model = train(config, data, out=tmp / "model.safetensors" if out is not None else None,
+                      overrides=overrides, seed=seed, device=device, resume=resume,
+                      checkpoint_dir=tmp / "checkpoints",
+                      metrics_path=tmp / "metrics.jsonl" if metrics_path is not None else None, progress=False,
+                      log=None, overwrite=True, keep_checkpoints=False, ranks=ranks)
+    return model
+
+
 def _check_private_ranks(spec: RunSpec) -> None:
-    """Before any work: DP-SGD on several ranks needs every optimiser of the generator type to be private (the
-    ranks sum their clipped gradients before one draw of noise; a GAN's generator also steps on its own fakes)."""
+    """Before any work: DP-SGD on several ranks needs the generator type's one optimiser to be private (the ranks
+    sum their clipped gradients before one draw of noise; a GAN's generator also steps on its own fakes)."""
     from feda2v_toolkit.plugins import get_registry
 
     cls = get_registry().load("generator", spec.generator_type)
@@ -958,10 +983,10 @@ def _check_private_ranks(spec: RunSpec) -> None:
         declared = gen.private_modules(spec.config)
     except Exception:  # noqa: BLE001 - the type's own checks speak later, with their own message
         return
-    if declared is not None and set(declared) != optimizers:
-        raise UsageError(f"DP-SGD with the generator type {spec.generator_type!r} runs in one process: its "
-                         f"{', '.join(sorted(optimizers - set(declared)))} optimiser steps on the private ones' "
-                         "outputs, which the ranks would each do apart; start it without torchrun")
+    if declared is not None and (set(declared) != optimizers or len(optimizers) != 1):
+        raise UsageError(f"DP-SGD with the generator type {spec.generator_type!r} runs in one process: data-parallel "
+                         f"DP-SGD needs one optimiser, and a private one (it has {', '.join(sorted(optimizers))}, "
+                         f"of which {', '.join(sorted(declared)) or 'none'} private); start it without torchrun")
 
 
 def check_outputs(out: Any, metrics_path: Any, checkpoint: Any, *, inputs: list[Any], overwrite: bool,

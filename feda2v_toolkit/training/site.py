@@ -380,7 +380,7 @@ class Site:
             rows = in_block(self.train_idx, b, n)
             if rows.numel() == 0:
                 return {}
-            x = self.cache.read(rows) if self.cache is not None else None
+            x = self.cache.read(rows) if self.cache is not None and not step.startswith(("lstsq.", "pca.")) else None
             cache = self.cache
 
             def pairs() -> Any:
@@ -578,7 +578,9 @@ class Site:
                             conditions=conditions[sl] if conditions is not None else None, ctx=ctx,
                             ledger=pv.ledger, release=planned.spec.name, sampling_rate=q, group=planned.spec.group)
             torch.manual_seed(derive_seed(step_seed, "after"))  # the run's stream again, alike on every rank
-            return terms
+            diverged = torch.tensor([0.0 if all(math.isfinite(v) for v in terms.values()) else 1.0])
+            ranks.sum_tensors([diverged])  # one rank's NaN stops every rank (none waits for the others)
+            return {"loss": math.nan} if float(diverged) else terms
 
         try:
             records = train_epochs(
