@@ -16,6 +16,7 @@ with ``posix_fadvise(DONTNEED)``), then runs each command in a fresh child proce
 * ``convert-data`` -- shards to shards
 * ``train-2ranks``, ``train-4ranks`` -- ``train`` data-parallel under ``torchrun --nproc-per-node 2`` (4): one
   intra-op thread per rank, as torchrun sets; the peak is the whole process tree's
+* ``train-dp``   -- ``train`` with record-level DP (``--dp-epsilon 8``)
 
 Before each command the data's pages are dropped from the page cache (``posix_fadvise(DONTNEED)``), so
 every command reads from the disk ("cold-ish": the host's own cache below the virtual disk is beyond
@@ -58,7 +59,7 @@ CLIP_BYTES = L * D * 2  # float16
 CLASSES = 4
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ("train", "generate", "evaluate", "analyze", "plan", "split", "convert-data", "train-2ranks",
-            "train-4ranks")
+            "train-4ranks", "train-dp")
 
 
 def launcher(name: str) -> list[str]:
@@ -294,9 +295,10 @@ def run_command(argv: list[str], logdir: Path, name: str, timeout: float, cap: i
 def command_argv(name: str, data: Path, work: Path) -> tuple[list[str], list[Path]]:
     """The command line for ``name`` and the outputs to delete afterwards."""
     model = work / "model.safetensors"
-    if name.startswith("train-"):  # data-parallel: its own model file, the same config
+    if name.startswith("train-"):  # data-parallel or private: its own model file, the same config
         argv, outputs = command_argv("train", data, work)
-        return [a if a != str(model) else str(work / f"{name}.safetensors") for a in argv], \
+        extra = ["--dp-epsilon", "8"] if name == "train-dp" else []  # record-level DP at epsilon 8
+        return [a if a != str(model) else str(work / f"{name}.safetensors") for a in argv] + extra, \
             [*outputs, work / f"{name}.safetensors", work / f"{name}.metrics.jsonl"]
     if name == "train":
         cfg = work / "train-config.json"
