@@ -249,8 +249,7 @@ class _Run:
         computed = own + ([longest] if longest else [])
         # in memory up to an eighth of the budget together, else each in a temporary file
         in_memory = n * sum(self.reducers[k].length for k in computed) * ds.dim * 4 <= self.share
-        stores = {key: ReducedCache(n, self.reducers[key].length, ds.dim, torch.zeros(0, dtype=torch.long), None,
-                                    in_memory=in_memory) for key in computed}
+        stores = {key: _store(n, self.reducers[key].length, ds.dim, in_memory) for key in computed}
         self._reduced_stores = list(stores.values())
         for key, store in stores.items():
             self.reduced[key] = store.raw
@@ -269,7 +268,8 @@ class _Run:
                 stores[key].write(lo, self.reducers[key](x))
             feats = pooled_features(x, self.pool)
             sel = split[lo:hi] == 0
-            _write_rows(self.original_train, where[lo:hi][sel], feats[sel])
+            if bool(sel.any()):  # the split is sorted: a batch's training rows are consecutive positions
+                self.original_train.write(int(where[lo:hi][sel][0]), feats[sel].unsqueeze(1))
             sel = split[lo:hi] == 1
             self.original_test[where[lo:hi][sel]] = feats[sel]
         if longest is not None:
@@ -376,8 +376,7 @@ class _Run:
     def feature_store(self, rows: int, width: int) -> ReducedCache:
         """Rows of ``width`` pooled features for the classifiers: in memory up to an eighth of the memory budget,
         else in a temporary file (:class:`~feda2v_toolkit.training.streams.ReducedCache`)."""
-        return ReducedCache(rows, 1, width, torch.zeros(0, dtype=torch.long), None,
-                            in_memory=rows * width * 4 <= self.share)
+        return _store(rows, 1, width, rows * width * 4 <= self.share)
 
     @property
     def share(self) -> int:
@@ -403,16 +402,9 @@ class _Run:
                 clf.accuracy(self.original_test, labels[self.test_idx]))
 
 
-def _write_rows(store: ReducedCache, positions: Tensor, values: Tensor) -> None:
-    """``values[i]`` to row ``positions[i]`` of ``store``, one write per run of consecutive positions."""
-    pos = positions.tolist()
-    i = 0
-    while i < len(pos):
-        j = i
-        while j + 1 < len(pos) and pos[j + 1] == pos[j] + 1:
-            j += 1
-        store.write(pos[i], values[i:j + 1].unsqueeze(1))
-        i = j + 1
+def _store(rows: int, length: int, width: int, in_memory: bool) -> ReducedCache:
+    """``rows`` rows of ``[length, width]`` float32, in memory or in a temporary file."""
+    return ReducedCache(rows, length, width, torch.zeros(0, dtype=torch.long), None, in_memory=in_memory)
 
 
 def rank_key(p: PairResult) -> tuple[float, float]:

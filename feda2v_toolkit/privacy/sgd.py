@@ -398,10 +398,9 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
     unknown = sorted(set(declared) - set(optimizers))
     if unknown:
         raise PrivacyError(f"{name} declares private modules for optimisers it does not have: {', '.join(unknown)}")
-    if sum_over_ranks is not None and (set(declared) != set(optimizers) or len(declared) != 1):
-        raise PrivacyError(f"{name}: DP-SGD on several ranks needs one optimiser, and a private one (this type has "
-                           f"{', '.join(sorted(optimizers))}, of which {', '.join(sorted(declared)) or 'none'} "
-                           "private: the ranks would step them apart); run it in one process")
+    problem = data_parallel_problem(declared, optimizers) if sum_over_ranks is not None else None
+    if problem:
+        raise PrivacyError(f"{name}: {problem}; run it in one process")
     rng = rng if rng is not None else secret_generator()
     steps = int(generator.private_steps_per_batch(config or {}))
     step_multiplier = optimizer_noise_multiplier(noise_multiplier, steps)
@@ -465,6 +464,16 @@ def make_private(generator: Any, optimizers: Mapping[str, torch.optim.Optimizer]
     return PrivateTraining(generator, wrapped, list(declared), step_multiplier, float(max_grad_norm),
                            int(expected_batch_size), steps, hooks, inplace=inplace,
                            engine="+".join(sorted(set(chosen))))
+
+
+def data_parallel_problem(declared: Mapping[str, Any], optimizers: Mapping[str, Any]) -> str | None:
+    """Why a type's DP-SGD cannot run on several ranks (``None``: it can): the ranks sum their clipped gradients
+    into one private optimiser's step; with several, a rank without rows and one with rows could step them in
+    different orders, and a non-private one would step on each rank apart."""
+    if set(declared) == set(optimizers) and len(declared) == 1:
+        return None
+    return (f"data-parallel DP-SGD needs one optimiser, and a private one (it has {', '.join(sorted(optimizers))}, "
+            f"of which {', '.join(sorted(declared)) or 'none'} private)")
 
 
 #: parallel lanes of the ghost engine's noise (fixed: the noise does not depend on the number of threads)

@@ -166,7 +166,7 @@ class TorchRanks(Ranks):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.mul_(weight)
-            self.dist.all_reduce(p.grad)
+        self.sum_tensors([p.grad for p in params])
 
     def sum_tensors(self, tensors: list[Tensor]) -> None:
         if not tensors:

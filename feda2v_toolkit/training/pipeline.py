@@ -972,6 +972,7 @@ def _check_private_ranks(spec: RunSpec) -> None:
     """Before any work: DP-SGD on several ranks needs the generator type's one optimiser to be private (the ranks
     sum their clipped gradients before one draw of noise; a GAN's generator also steps on its own fakes)."""
     from feda2v_toolkit.plugins import get_registry
+    from feda2v_toolkit.privacy.sgd import data_parallel_problem
 
     cls = get_registry().load("generator", spec.generator_type)
     if getattr(cls, "fitted", False):
@@ -979,14 +980,14 @@ def _check_private_ranks(spec: RunSpec) -> None:
     try:
         with torch.device("meta"):
             gen = cls.from_config(spec.config, seq_len=spec.training_length, dim=8, num_classes=2, condition_dim=0)
-            optimizers = set(gen.configure_optimizers(spec.config))
+            optimizers = gen.configure_optimizers(spec.config)
         declared = gen.private_modules(spec.config)
     except Exception:  # noqa: BLE001 - the type's own checks speak later, with their own message
         return
-    if declared is not None and (set(declared) != optimizers or len(optimizers) != 1):
-        raise UsageError(f"DP-SGD with the generator type {spec.generator_type!r} runs in one process: data-parallel "
-                         f"DP-SGD needs one optimiser, and a private one (it has {', '.join(sorted(optimizers))}, "
-                         f"of which {', '.join(sorted(declared)) or 'none'} private); start it without torchrun")
+    problem = data_parallel_problem(declared, optimizers) if declared is not None else None
+    if problem:
+        raise UsageError(f"DP-SGD with the generator type {spec.generator_type!r} runs in one process: {problem}; "
+                         "start it without torchrun")
 
 
 def check_outputs(out: Any, metrics_path: Any, checkpoint: Any, *, inputs: list[Any], overwrite: bool,

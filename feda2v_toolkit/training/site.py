@@ -380,14 +380,10 @@ class Site:
             rows = in_block(self.train_idx, b, n)
             if rows.numel() == 0:
                 return {}
-            x = self.cache.read(rows) if self.cache is not None and not step.startswith(("lstsq.", "pca.")) else None
             cache = self.cache
-
-            def pairs() -> Any:
-                assert cache is not None
-                for s in range(0, rows.numel(), chunk):
-                    yield cache.raw(rows[s:s + chunk]), self.ds.read(rows[s:s + chunk]).embeddings
-
+            x = cache.read(rows) if cache is not None and not step.startswith(("lstsq.", "pca.")) else None
+            pairs = upsampler_pairs(self.ds, rows, cache.raw, chunk, self.spec.seed, self.index, "private", b) \
+                if cache is not None else None
             return self.privacy.local(step, x, self._private_labels(rows, meta), arrays, meta,
                                       full=full_batches(self.ds, rows, chunk), pairs=pairs)
 
