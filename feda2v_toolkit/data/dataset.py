@@ -16,8 +16,10 @@ See ``docs/data.md``.
 from __future__ import annotations
 
 import json
+import os
+import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 DEFAULT_SHARD_BYTES = 256 * 2**20
 #: labels of a dataset without ``class_names`` must lie below this (class_0 .. class_N are made up)
 MAX_UNNAMED_CLASSES = 100_000
+#: a safetensors header longer than this is not read for read hints (safetensors' own limit is 100 MB)
+MAX_HEADER_BYTES = 100_000_000
 _LEGACY_EMBEDDING_KEYS = ("embeddings", "audio_embeddings", "features", "x")
 _LEGACY_LABEL_KEYS = ("labels", "targets", "y")
 
@@ -73,6 +77,28 @@ class _Source:
     start: int
     count: int
     tensors: dict[str, Tensor] | None = None  # legacy .pt content (already in memory / mmapped)
+    _spans: dict[str, tuple[int, int]] | None = field(default=None, repr=False, compare=False)
+
+    def will_need(self, name: str, lo: int, hi: int) -> None:
+        """Ask the kernel to start reading rows ``[lo, hi)`` of tensor ``name`` into the page cache
+        (``posix_fadvise(WILLNEED)``; returns at once). A hint: nothing happens where it cannot be given.
+
+        Rows read through the memory map one after another are read ahead by the kernel; rows scattered over
+        a file are not, and each costs a synchronous read of a page or a few at a time (measured: a tenth of
+        the clips of a cold 2 GB range at 250 MB/s, 1.5 GB/s once hinted)."""
+        if self.tensors is not None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            if self._spans is None:
+                self._spans = _row_spans(self.path)
+            start, row_bytes = self._spans[name]
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, start + lo * row_bytes, (hi - lo) * row_bytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError, KeyError):
+            self._spans = self._spans or {}
 
     def read(self, name: str, lo: int, hi: int) -> Tensor:
         if self.tensors is not None:
@@ -82,6 +108,28 @@ class _Source:
                 return fh.get_slice(name)[lo:hi]
         except (SafetensorError, OSError, MemoryError) as exc:
             raise mmap_error(self.path, exc) or InputError(f"{self.path}: cannot read {name!r}: {exc}") from None
+
+
+def _hint(runs: Sequence[tuple[_Source, int, int]], name: str) -> None:
+    for source, lo, hi in runs:
+        source.will_need(name, lo, hi)
+
+
+def _row_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """``{name: (byte offset of the data, bytes per row)}`` of a safetensors file's tensors, from its header
+    (:meth:`_Source.will_need`); the file was validated when the dataset was opened."""
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"header of {size} bytes")
+        header = json.loads(fh.read(size))
+    spans = {}
+    for name, info in header.items():
+        if name == "__metadata__" or not info.get("shape"):
+            continue
+        lo, hi = info["data_offsets"]
+        spans[name] = (8 + size + int(lo), (int(hi) - int(lo)) // max(1, int(info["shape"][0])))
+    return spans
 
 
 def _class_names_from_metadata(path: Path, meta: dict[str, str] | None) -> list[str] | None:
@@ -175,6 +223,8 @@ class Dataset:
         the sorted distinct indices is one slice, copied straight into the output."""
         unique, inverse = torch.unique(idx, sorted=True, return_inverse=True)
         runs = list(self._runs(unique.tolist()))
+        if len(runs) > 1:  # scattered rows: start every run's read now, the copies below then find them read
+            _hint(runs, name)
         if len(runs) == 1:
             source, lo, hi = runs[0]
             out = source.read(name, lo, hi).to(dtype)
@@ -187,6 +237,17 @@ class Dataset:
         in_order = unique.numel() == idx.numel() and torch.equal(unique, idx)
         return out if in_order else out[inverse]
 
+    def will_need(self, indices: Tensor | Sequence[int]) -> None:
+        """Hint that rows ``indices`` will be read soon: when they are scattered (more than one contiguous run),
+        the kernel starts reading them now (:meth:`_Source.will_need`), so a pass that hints its next batch
+        before working on the current one overlaps the reads with its work. Contiguous rows are left to the
+        kernel's own read-ahead."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() > 1 and int(idx.min()) >= 0 and int(idx.max()) < len(self):
+            runs = list(self._runs(torch.unique(idx, sorted=True).tolist()))
+            if len(runs) > 1:
+                _hint(runs, "embeddings")
+
     def batches(self, batch_size: int, indices: Tensor | Sequence[int] | None = None, *,
                 dtype: torch.dtype = torch.float32, check_finite: bool = True) -> Iterator[Batch]:
         """Stream batches of at most ``batch_size`` rows, in the given order (default: all, in order)."""
@@ -194,7 +255,9 @@ class Dataset:
             raise ValueError("batch_size must be >= 1")
         idx = torch.arange(len(self)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         for start in range(0, idx.numel(), batch_size):
-            yield self.read(idx[start:start + batch_size], dtype=dtype, check_finite=check_finite)
+            batch = self.read(idx[start:start + batch_size], dtype=dtype, check_finite=check_finite)
+            self.will_need(idx[start + batch_size:start + 2 * batch_size])
+            yield batch
 
     def _runs(self, values: list[int]) -> Iterator[tuple[_Source, int, int]]:
         """Yield ``(source, lo, hi)`` slices covering sorted, unique global indices."""
@@ -265,6 +328,11 @@ class DatasetView(Dataset):
             raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
         batch = self.base.read(self.rows[idx], dtype=dtype, check_finite=check_finite)
         return Batch(batch.embeddings, self.labels[idx], batch.conditions, idx)
+
+    def will_need(self, indices: Tensor | Sequence[int]) -> None:
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() and int(idx.min()) >= 0 and int(idx.max()) < len(self):
+            self.base.will_need(self.rows[idx])
 
     def read_conditions(self, indices: Tensor | Sequence[int]) -> Tensor:
         return self.base.read_conditions(self.rows[torch.as_tensor(indices, dtype=torch.long).reshape(-1)])

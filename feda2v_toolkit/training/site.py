@@ -51,6 +51,7 @@ from feda2v_toolkit.training.streams import (
     full_batches,
     heldout_reconstruction,
     read_chunk_rows,
+    true_runs,
     upsampler_pairs,
 )
 
@@ -247,11 +248,8 @@ class Site:
                     full = self.ds.read(torch.arange(s, min(s + chunk, hi))).embeddings
                     r = reducer(full.to(self.device)).to("cpu", torch.float32)
                     values[s - lo:s - lo + r.shape[0]] = r
-                    tr = is_train[s:s + r.shape[0]]
-                    if bool(tr.all()):
-                        yield r, full  # no copy of a training chunk
-                    elif bool(tr.any()):
-                        yield r[tr], full[tr]
+                    for a, z in true_runs(is_train[s:s + r.shape[0]]):  # views: a chunk's rows are never copied
+                        yield r[a:z], full[a:z]
 
             with torch.no_grad():
                 if fuse and bool(is_train[lo:hi].any()):  # the block's statistics from the same read, in one call

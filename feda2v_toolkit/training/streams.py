@@ -160,6 +160,20 @@ class ReducedCache:
         return read
 
 
+def true_runs(mask: Tensor) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each run of consecutive ``True`` in a 1-D boolean mask, in order."""
+    runs, start = [], None
+    for i, m in enumerate(mask.tolist()):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, len(mask)))
+    return runs
+
+
 def block_digest(values: Tensor) -> bytes:
     """SHA-256 of raw reduced values (one block of a :class:`ReducedCache`)."""
     return hashlib.sha256(memoryview(values.contiguous().numpy()).cast("B")).digest()
@@ -206,16 +220,21 @@ def heldout_reconstruction(ds: Dataset, indices: Tensor, reduced: Callable[[Tens
         for s in range(0, indices.numel(), rows):
             chunk = indices[s:s + rows]
             full = ds.read(chunk).embeddings.to(device)
+            ds.will_need(indices[s + rows:s + 2 * rows])  # the next chunk's reads overlap this one's work
             red = reduced(chunk).to(device)
             pred, lin = upsampler(red, ds.seq_len).float(), interpolate_sequence(red, ds.seq_len, "linear")
-            for i in range(full.shape[0]):  # float64 one sequence at a time: float32 norms of millions of
-                f = full[i].to(f64)  # elements lose ~1e-4 relative, and a float64 chunk is 3x the memory
-                out["sse"] += float(torch.dist(f, pred[i].to(f64))) ** 2
-                out["sse_linear"] += float(torch.dist(f, lin[i].to(f64))) ** 2
-                out["sumsq"] += float(torch.linalg.vector_norm(f)) ** 2
-            out["total"] += full.sum(0, dtype=f64).cpu()
+            out["sse"] += squared_norm(pred - full)
+            out["sse_linear"] += squared_norm(lin - full)
+            out["sumsq"] += squared_norm(full)
+            out["total"] += full.sum(0).to(f64).cpu()  # float32 over a chunk's few rows, then float64
             out["count"] += full.shape[0]
     return out
+
+
+def squared_norm(x: Tensor) -> Tensor:
+    """``||x||^2`` in float64 from float32 ``x`` ``[..., D]``: float32 norms of the rows (short sums, exact to
+    ~1e-7 relative), squared and summed in float64 -- a float32 sum over millions of elements would lose ~1e-4."""
+    return torch.linalg.vector_norm(x, dim=-1).to(torch.float64).square().sum().cpu()
 
 
 def reconstruction_metrics(sums: dict[str, Tensor], seq_len: int, dim: int) -> dict[str, float]:

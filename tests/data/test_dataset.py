@@ -235,3 +235,58 @@ def test_legacy_caches_in_the_old_non_zip_format_are_read(tmp_path):
     emb, labels = _rows()
     torch.save({"embeddings": emb, "labels": labels}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
     assert torch.equal(open_dataset(tmp_path / "old.pt").read([2]).embeddings, emb[2:3])
+
+
+def _fadvise_calls(monkeypatch):
+    import os
+
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice)), raising=False)
+    return calls
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="posix_fadvise is Linux-only")
+def test_scattered_rows_are_hinted_to_the_kernel_with_their_exact_byte_ranges(tmp_path, monkeypatch):
+    import os
+
+    emb, labels = _rows(n=10)
+    shard_bytes = 3 * 5 * 3 * 4  # three rows per shard
+    with DatasetWriter(tmp_path / "shards", class_names=["a", "b", "c"], shard_bytes=shard_bytes) as w:
+        w.add(emb, labels)
+    ds = open_dataset(tmp_path / "shards")
+    calls = _fadvise_calls(monkeypatch)
+    assert torch.equal(ds.read([1, 2, 7]).embeddings, emb[[1, 2, 7]])  # rows 1-2 of shard 0, row 1 of shard 2
+    assert [c[3] for c in calls] == [os.POSIX_FADV_WILLNEED] * 2
+    for (path, offset, length, _), rows in zip(calls, ([1, 2], [7]), strict=True):
+        with open(path, "rb") as fh:  # the hinted bytes are exactly those rows' stored values
+            fh.seek(offset)
+            stored = torch.frombuffer(bytearray(fh.read(length)), dtype=torch.float32)
+        assert torch.equal(stored, emb[rows].flatten())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="posix_fadvise is Linux-only")
+def test_contiguous_reads_are_left_to_the_kernels_read_ahead_and_streams_hint_their_next_batch(tmp_path,
+                                                                                                   monkeypatch):
+    emb, labels = _rows(n=10)
+    ds = open_dataset(write_dataset(tmp_path / "d.safetensors", emb, labels))
+    calls = _fadvise_calls(monkeypatch)
+    ds.read([3, 4, 5])
+    list(ds.batches(4))
+    assert calls == []
+    batches = ds.batches(2, [0, 5, 9, 1, 3, 7])  # scattered: each batch hints the next one's rows
+    first = next(batches)
+    assert torch.equal(first.embeddings, emb[[0, 5]]) and len(calls) == 2 + 2  # its own two runs, the next two
+    view = ds.subset([9, 8, 7, 6])
+    calls.clear()
+    view.will_need([0, 2])  # rows 9 and 7 of the file
+    assert len(calls) == 2
+
+
+def test_a_hint_that_cannot_be_given_changes_nothing(tmp_path):
+    emb, labels = _rows(n=10)
+    path = write_dataset(tmp_path / "d.safetensors", emb, labels)
+    ds = open_dataset(path)
+    path.write_bytes(b"\xff" * 16)  # the header is gone: the hint is skipped, not an error
+    ds.will_need([0, 5])
+    ds.sources[0].will_need("embeddings", 0, 1)

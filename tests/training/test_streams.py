@@ -126,3 +126,37 @@ def test_train_lets_go_of_its_cache_file_when_it_ends(tiny_data, tmp_path, monke
     train({"generator_type": "gaussian", "generator_training_sequence_length": 4, "generator_latent_dim": 8,
            "generator_checkpoint_dir": str(tmp_path / "ck")}, tiny_data, out=tmp_path / "m.safetensors", seed=1)
     assert len(made) == 1 and not made[0].in_memory and made[0]._file is None
+
+
+def test_true_runs_are_the_consecutive_true_stretches_in_order():
+    from feda2v_toolkit.training.streams import true_runs
+
+    mask = torch.tensor([True, True, False, True, False, False, True, True, True])
+    assert true_runs(mask) == [(0, 2), (3, 4), (6, 9)]
+    assert true_runs(torch.ones(4, dtype=torch.bool)) == [(0, 4)]
+    assert true_runs(torch.zeros(3, dtype=torch.bool)) == [] and true_runs(torch.tensor([], dtype=torch.bool)) == []
+
+
+def test_heldout_reconstruction_sums_match_float64_arithmetic(tmp_path):
+    """The held-out errors are float32 differences summed in float64: against all-float64 arithmetic they agree
+    to 1e-7 even when the sequences share a large positional pattern (as AST embeddings do)."""
+    from feda2v_toolkit.data.open import open_dataset
+    from feda2v_toolkit.data.writer import write_dataset
+    from feda2v_toolkit.training.streams import heldout_reconstruction, squared_norm
+    from feda2v_toolkit.upsamplers.interpolate import LinearUpsampler, interpolate_sequence
+
+    g = torch.Generator().manual_seed(0)
+    pattern = 30 * torch.randn(1, 40, 16, generator=g)
+    emb = pattern + torch.randn(20, 40, 16, generator=g)
+    ds = open_dataset(write_dataset(tmp_path / "d.safetensors", emb, torch.arange(20) % 2))
+    reduced = torch.nn.functional.adaptive_avg_pool1d(emb.transpose(1, 2), 8).transpose(1, 2)
+    rows = torch.tensor([1, 2, 3, 7, 11, 12, 19])
+    sums = heldout_reconstruction(ds, rows, lambda r: reduced[r], LinearUpsampler(), torch.device("cpu"))
+    x = emb[rows].double()
+    lin = interpolate_sequence(reduced[rows], 40, "linear").double()
+    assert float(sums["count"]) == 7
+    assert float(sums["sse"]) == pytest.approx(float((x - lin).square().sum()), rel=1e-7)
+    assert float(sums["sse_linear"]) == pytest.approx(float((x - lin).square().sum()), rel=1e-7)
+    assert float(sums["sumsq"]) == pytest.approx(float(x.square().sum()), rel=1e-7)
+    assert torch.allclose(sums["total"], x.sum(0), rtol=1e-6)
+    assert float(squared_norm(torch.full((3, 5), 2.0))) == pytest.approx(60.0, rel=1e-7)
