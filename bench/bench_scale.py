@@ -1,7 +1,7 @@
 """Scale benchmark (issue 18, part 3): peak memory, wall time and throughput of each command vs N.
 
 For each N (default 1k, 4k, 16k, 64k clips; a size whose data do not fit the free disk is skipped, with
-the reason printed), the script writes N clips of AST shape -- ``[1214, 768]`` float16, the demo data's 4
+the reason printed -- or, with ``--link``, written as N/2^k clips whose shards are hard-linked 2^k times), the script writes N clips of AST shape -- ``[1214, 768]`` float16, the demo data's 4
 classes, streamed into 256 MiB shards by the package's own writer (``write_demo_dataset`` ->
 ``DatasetWriter``) -- measures the disk's sequential read rate on those shards (page cache dropped first
 with ``posix_fadvise(DONTNEED)``), then runs each command in a fresh child process with that data:
@@ -33,7 +33,7 @@ Summary: per command, peak RSS at the largest N / at the smallest, time ratio vs
 throughput as a fraction of the disk's read rate; compared with the issue's targets (peak RSS at 16k within
 1.2x of 1k, < 2 GB for train; train >= 50% of disk read; 16k/1k time within 20x).
 
-Usage: python bench/bench_scale.py [--sizes 1k,4k,16k,64k] [--commands train,generate,...]
+Usage: python bench/bench_scale.py [--sizes 1k,4k,16k,64k] [--commands train,generate,...] [--link]
        [--timeout 1200] [--rss-cap 16GB] [--workdir DIR] [--json OUT]
        python bench/bench_scale.py --summarize run1.json run2.json   (tables of earlier runs, merged by N)
 """
@@ -141,6 +141,16 @@ def disk_read_rate(path: Path, limit: int, block: int = 16 * 2**20) -> dict:
     seconds = time.perf_counter() - t0
     drop_cache(path)
     return {"bytes": total, "seconds": seconds, "MBps": total / seconds / 1e6}
+
+
+def link_copies(path: Path, copies: int) -> int:
+    """Hard-link every shard of ``path`` ``copies - 1`` more times under new names (``part-00000.c1.safetensors``
+    ...): the dataset then has ``copies`` x the clips, on the disk once. Returns the shard count."""
+    shards = sorted(path.glob("*.safetensors"))
+    for k in range(1, copies):
+        for f in shards:
+            os.link(f, f.with_name(f"{f.stem}.c{k}{f.suffix}"))
+    return len(shards) * copies
 
 
 def make_data(path: Path, n: int, distinct: int = 0) -> dict:
@@ -337,10 +347,15 @@ def bench_size(n: int, commands: list[str], root: Path, args, save=lambda r: Non
     data = work / "data"
     result: dict = {"n": n, "commands": {}}
     try:
-        gen = result["data"] = make_data(data, n, args.distinct)
-        print(f"[{label(n)}] wrote {gen['clips']} clips, {gen['bytes'] / 1e9:.2f} GB in {gen['shards']} shards "
-              f"in {gen['seconds']:.0f}s ({gen['bytes'] / gen['seconds'] / 1e6:.0f} MB/s; "
-              f"{gen['distinct']} distinct clips)",
+        copies = getattr(args, "copies", {}).get(n, 1)
+        gen = result["data"] = make_data(data, n // copies, args.distinct)
+        if copies > 1:  # the disk holds N / copies clips; the rest are hard links to them
+            gen.update(clips=n, shards=link_copies(data, copies), on_disk_bytes=gen["bytes"],
+                       bytes=gen["bytes"] * copies, linked_copies=copies)
+        written = gen.get("on_disk_bytes", gen["bytes"])
+        print(f"[{label(n)}] wrote {gen['clips'] // gen.get('linked_copies', 1)} clips, {written / 1e9:.2f} GB in "
+              f"{gen['seconds']:.0f}s ({written / gen['seconds'] / 1e6:.0f} MB/s; {gen['distinct']} distinct clips)"
+              + (f"; {gen['clips']} clips in {gen['shards']} shards with the links" if "linked_copies" in gen else ""),
               flush=True)
         save(result)
         disk = result["disk_read"] = disk_read_rate(data, args.read_limit)
@@ -457,11 +472,16 @@ def main() -> None:
                     help="bytes read for the disk read-rate probe (at most the data)")
     ap.add_argument("--distinct", type=int, default=0,
                     help="make only this many distinct clips and cycle them per class (cheaper data) [0: all]")
+    ap.add_argument("--link", action="store_true",
+                    help="a size whose data do not fit the disk: write N/2^k clips and hard-link each shard 2^k "
+                         "times (the commands see N clips in N/256 MiB files; the disk and page cache hold "
+                         "N/2^k -- larger than memory, every pass still reads from the disk)")
     ap.add_argument("--workdir", type=Path, default=None, help="where data are written [default: a temp dir]")
     ap.add_argument("--json", type=Path, help="write every measurement as JSON here (after each command)")
     ap.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",
                     help="run nothing: print the tables of these --json files (e.g. separate runs per size)")
     args = ap.parse_args()
+    args.copies = {}
     if args.summarize:
         merged = [r for f in args.summarize for r in json.loads(f.read_text())["results"]]
         merged.sort(key=lambda r: r["n"])
@@ -507,6 +527,14 @@ def main() -> None:
             data_bytes = n * CLIP_BYTES
             need = data_bytes + 2 * 10**9  # the data and headroom; commands writing a copy are checked each
             free = shutil.disk_usage(root).free
+            copies = 1
+            while args.link and need > free and n % (CLASSES * copies * 2) == 0 and n // (copies * 2) >= 1000:
+                copies *= 2  # --link: N / copies distinct clips on the disk, each shard hard-linked `copies` times
+                need = data_bytes // copies + 2 * 10**9
+            if copies > 1:
+                args.copies[n] = copies
+                print(f"[{label(n)}] the data do not fit the disk: {n // copies} clips on it "
+                      f"({data_bytes / copies / 1e9:.0f} GB), each shard hard-linked {copies} times", flush=True)
             if need > free:
                 why = (f"needs {data_bytes / 1e9:.0f} GB of float16 data + 2 GB headroom = {need / 1e9:.0f} GB "
                        f"(and as much again for generate/split/convert-data's output); {free / 1e9:.0f} GB free "
