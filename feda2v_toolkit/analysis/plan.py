@@ -9,8 +9,9 @@ Nothing real is allocated:
   creates, the batch at ``generator_batch_size``, autocast copies and activations at the configured
   dtype, and the temporaries live at the worst moment. With several generators (``per_class`` /
   ``per_group``) all of them keep weights, gradients and optimiser state while one trains. With
-  ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32; 0 past a quarter of the memory budget: on disk) and
-  one read chunk of full sequences (``training.READ_CHUNK_BYTES``) are added;
+  ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32; 0 past a quarter of the memory budget: on disk),
+  one read chunk of full sequences (``training.READ_CHUNK_BYTES``) and two more that the allocator keeps for
+  reuse (:mod:`feda2v_toolkit.runtime.malloc`) are added;
 * **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length,
   plus every generator's weights and the shard writer's rows in flight (it writes rows to disk as they come:
   the previous batch, converted, while the next is sampled);
@@ -39,11 +40,12 @@ from feda2v_toolkit.components import TrainContext
 from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.model.generate import DEFAULT_BATCH
+from feda2v_toolkit.runtime.malloc import STREAM_BUFFER_BYTES
 from feda2v_toolkit.runtime.ranks import BLOCK_ROWS
 from feda2v_toolkit.runtime.resources import cache_in_memory
 from feda2v_toolkit.runtime.resources import memory_budget as default_budget
 from feda2v_toolkit.runtime.sizes import format_bytes
-from feda2v_toolkit.training.stages import fitted_while_reducing, has_statistics
+from feda2v_toolkit.training.stages import has_statistics
 from feda2v_toolkit.training.streams import chunk_rows
 
 ALLOCATOR_ALLOWANCE = 0.15  # share of the simulated tensor peak added for allocator caching and library buffers
@@ -192,7 +194,6 @@ class Planner:
         self.output_length = int(output_length or self.cfg.get("generator_output_sequence_length") or 0)
         self.runtime = runtime_bytes() if runtime is None else int(runtime)
         self.budget = default_budget() if budget is None else int(budget)
-        self.fused_upsampler = fitted_while_reducing(self.up_cls)
         self.optimizers: dict[str, str] = {}
         self.notes: list[str] = []
 
@@ -282,10 +283,11 @@ class Planner:
                 if "cache on disk" not in " ".join(self.notes):
                     self.notes.append(f"the reduced-data cache is larger than a quarter of the memory budget "
                                       f"({format_bytes(self.budget)}): training keeps it on disk (cache on disk)")
-            # one read chunk, and the training rows' copy of it while a closed-form upsampler (lstsq) takes its
-            # statistics from a chunk that also holds held-out rows
-            chunk = rows * self.full_length * self.dim * 4 * (2 if self.fused_upsampler else 1)
-            data = cache + chunk
+            # one read chunk, and the freed chunk-sized buffers the CLI's allocator keeps for the next chunks
+            # (runtime.malloc: `train` raises glibc's thresholds to STREAM_BUFFER_BYTES)
+            chunk = rows * self.full_length * self.dim * 4
+            kept = min(2 * STREAM_BUFFER_BYTES, 2 * chunk)
+            data = cache + chunk + kept
         components = component_elements * 4
         tensors = peak + others + components + data
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)

@@ -33,3 +33,15 @@ def reuse_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * limit_bytes))
+
+
+def release_freed_memory() -> bool:
+    """Return the heap's freed blocks to the kernel (glibc's ``malloc_trim(0)``); False where that is not
+    possible. Changes no setting: called between stages, after a streaming pass whose freed buffers
+    :func:`reuse_freed_memory` kept."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

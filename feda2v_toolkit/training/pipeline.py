@@ -43,6 +43,7 @@ from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.privacy.spec import dp_requested
 from feda2v_toolkit.runtime.atomic import check_output, check_output_path, check_writable
+from feda2v_toolkit.runtime.malloc import release_freed_memory
 from feda2v_toolkit.runtime.progress import Progress
 from feda2v_toolkit.runtime.ranks import Ranks, agree, init_from_environment
 from feda2v_toolkit.runtime.seeds import SEED_SCHEME, derive_seed
@@ -396,6 +397,7 @@ def run_pipeline(spec: RunSpec, transport: Transport, *, schedule: Schedule, eng
     else:
         state.upsampler_metrics = _fit_upsampler(run, upsampler, summary, heldout_count, dp, reducer)
     upsampler.eval()
+    release_freed_memory()  # the passes over full-length sequences are done: what they freed goes back
     norm_arrays = pack("norm.", normalization)
 
     # -- generators ---------------------------------------------------------------------------------

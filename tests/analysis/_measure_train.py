@@ -26,6 +26,9 @@ def main() -> None:
                  runtime=base)
         print(json.dumps({"total": r.rows[0].train.total, "base": base}))
     else:
+        from feda2v_toolkit.runtime.malloc import STREAM_BUFFER_BYTES, reuse_freed_memory
+
+        reuse_freed_memory(STREAM_BUFFER_BYTES)  # as the `train` command does
         train(cfg, data, out=out, seed=0)
         print(json.dumps({"hwm": status()["VmHWM"], "base": base}))
 
