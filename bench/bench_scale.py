@@ -525,18 +525,20 @@ def main() -> None:
                 results.append({"n": n, "skipped": f"not a multiple of {CLASSES}"})
                 continue
             data_bytes = n * CLIP_BYTES
-            need = data_bytes + 2 * 10**9  # the data and headroom; commands writing a copy are checked each
+            scratch = n * 16 * D * 4  # train's reduced cache at length 16, in $TMPDIR when it leaves memory
+            need = data_bytes + scratch + 2 * 10**9  # data, scratch, headroom; commands writing a copy: checked each
             free = shutil.disk_usage(root).free
             copies = 1
             while args.link and need > free and n % (CLASSES * copies * 2) == 0 and n // (copies * 2) >= 1000:
                 copies *= 2  # --link: N / copies distinct clips on the disk, each shard hard-linked `copies` times
-                need = data_bytes // copies + 2 * 10**9
+                need = data_bytes // copies + scratch + 2 * 10**9
             if copies > 1:
                 args.copies[n] = copies
                 print(f"[{label(n)}] the data do not fit the disk: {n // copies} clips on it "
                       f"({data_bytes / copies / 1e9:.0f} GB), each shard hard-linked {copies} times", flush=True)
             if need > free:
-                why = (f"needs {data_bytes / 1e9:.0f} GB of float16 data + 2 GB headroom = {need / 1e9:.0f} GB "
+                why = (f"needs {data_bytes / 1e9:.0f} GB of float16 data + {scratch / 1e9:.1f} GB of train's reduced "
+                       f"cache + 2 GB headroom = {need / 1e9:.0f} GB "
                        f"(and as much again for generate/split/convert-data's output); {free / 1e9:.0f} GB free "
                        f"on this disk")
                 print(f"[{label(n)}] skipped: does not fit: {why}", flush=True)
