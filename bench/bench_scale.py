@@ -128,8 +128,13 @@ def disk_read_rate(path: Path, limit: int, block: int = 16 * 2**20) -> dict:
     buf = bytearray(block)
     view = memoryview(buf)
     total = 0
+    seen: set[tuple[int, int]] = set()
     t0 = time.perf_counter()
     for f in data_files(path):
+        inode = (f.stat().st_dev, f.stat().st_ino)
+        if inode in seen:  # a hard link (--link) to a file read already
+            continue
+        seen.add(inode)
         with open(f, "rb", buffering=0) as fh:
             while total < limit:
                 got = fh.readinto(view)
@@ -144,12 +149,15 @@ def disk_read_rate(path: Path, limit: int, block: int = 16 * 2**20) -> dict:
 
 
 def link_copies(path: Path, copies: int) -> int:
-    """Hard-link every shard of ``path`` ``copies - 1`` more times under new names (``part-00000.c1.safetensors``
-    ...): the dataset then has ``copies`` x the clips, on the disk once. Returns the shard count."""
+    """Hard-link every shard of ``path`` ``copies - 1`` more times under new names (``c1-part-00000.safetensors``
+    ...): the dataset then has ``copies`` x the clips, on the disk once. The copy's number comes first, so
+    reading the shards in name order is ``copies`` full passes over the data on disk (larger than memory:
+    each pass reads from the disk), not one file read ``copies`` times in a row (the page cache's).
+    Returns the shard count."""
     shards = sorted(path.glob("*.safetensors"))
     for k in range(1, copies):
         for f in shards:
-            os.link(f, f.with_name(f"{f.stem}.c{k}{f.suffix}"))
+            os.link(f, f.with_name(f"c{k}-{f.name}"))
     return len(shards) * copies
 
 
@@ -431,13 +439,18 @@ def summary(results: list[dict], commands: list[str]) -> str:
     lines.append("| N | data (GB) | written in (s) | disk read (MB/s) | train MB/s | train / disk read |")
     lines.append("|---:|---:|---:|---:|---:|---:|")
     for r in done:
+        if "disk_read" not in r:  # interrupted before the probe
+            continue
         t = r["commands"].get("train")
         disk = r["disk_read"]["MBps"]
         if t and t["status"] == "ok":
             tr, frac = f"{t['MBps']:.0f}", f"{100 * t['MBps'] / disk:.0f}%"
         else:
             tr, frac = "—", "—"
-        lines.append(f"| {label(r['n'])} | {r['data']['bytes'] / 1e9:.2f} | {r['data']['seconds']:.0f} | {disk:.0f} | "
+        linked = r["data"].get("linked_copies", 1)
+        size = f"{r['data']['bytes'] / 1e9:.2f}" + (f" ({linked} links of {r['data']['on_disk_bytes'] / 1e9:.2f})"
+                                                     if linked > 1 else "")
+        lines.append(f"| {label(r['n'])} | {size} | {r['data']['seconds']:.0f} | {disk:.0f} | "
                      f"{tr} | {frac} |")
     if len(done) >= 2:
         lo, hi = done[0], done[-1]
@@ -474,8 +487,9 @@ def main() -> None:
                     help="make only this many distinct clips and cycle them per class (cheaper data) [0: all]")
     ap.add_argument("--link", action="store_true",
                     help="a size whose data do not fit the disk: write N/2^k clips and hard-link each shard 2^k "
-                         "times (the commands see N clips in N/256 MiB files; the disk and page cache hold "
-                         "N/2^k -- larger than memory, every pass still reads from the disk)")
+                         "times (the commands see N clips in N/256 MiB files, read in name order as 2^k passes "
+                         "over the N/2^k on disk; when those are larger than memory every pass reads the disk; "
+                         "the read probe reads each file once)")
     ap.add_argument("--workdir", type=Path, default=None, help="where data are written [default: a temp dir]")
     ap.add_argument("--json", type=Path, help="write every measurement as JSON here (after each command)")
     ap.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",
@@ -532,18 +546,19 @@ def main() -> None:
             while args.link and need > free and n % (CLASSES * copies * 2) == 0 and n // (copies * 2) >= 1000:
                 copies *= 2  # --link: N / copies distinct clips on the disk, each shard hard-linked `copies` times
                 need = data_bytes // copies + scratch + 2 * 10**9
-            if copies > 1:
-                args.copies[n] = copies
-                print(f"[{label(n)}] the data do not fit the disk: {n // copies} clips on it "
-                      f"({data_bytes / copies / 1e9:.0f} GB), each shard hard-linked {copies} times", flush=True)
             if need > free:
-                why = (f"needs {data_bytes / 1e9:.0f} GB of float16 data + {scratch / 1e9:.1f} GB of train's reduced "
-                       f"cache + 2 GB headroom = {need / 1e9:.0f} GB "
+                why = (f"needs {data_bytes / copies / 1e9:.0f} GB of float16 data"
+                       + (f" ({n // copies} clips, hard-linked {copies} times)" if copies > 1 else "")
+                       + f" + {scratch / 1e9:.1f} GB of train's reduced cache + 2 GB headroom = {need / 1e9:.0f} GB "
                        f"(and as much again for generate/split/convert-data's output); {free / 1e9:.0f} GB free "
                        f"on this disk")
                 print(f"[{label(n)}] skipped: does not fit: {why}", flush=True)
                 results.append({"n": n, "skipped": f"does not fit the disk: {why}"})
                 continue
+            if copies > 1:
+                args.copies[n] = copies
+                print(f"[{label(n)}] the data do not fit the disk: {n // copies} clips on it "
+                      f"({data_bytes / copies / 1e9:.0f} GB), each shard hard-linked {copies} times", flush=True)
             results.append(bench_size(n, commands, root, args, save))
             save()
     finally:
