@@ -10,8 +10,9 @@ Nothing real is allocated:
   dtype, and the temporaries live at the worst moment. With several generators (``per_class`` /
   ``per_group``) all of them keep weights, gradients and optimiser state while one trains. With
   ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32; 0 past a quarter of the memory budget: on disk),
-  one read chunk of full sequences (``training.READ_CHUNK_BYTES``) and two more that the allocator keeps for
-  reuse (:mod:`feda2v_toolkit.runtime.malloc`) are added;
+  the passes over full sequences (a read chunk, ``training.READ_CHUNK_BYTES``; or the held-out pass's chunk of a
+  block's held-out rows, its two reconstructions and one difference, whichever is larger) and two read chunks
+  that the allocator keeps for reuse (:mod:`feda2v_toolkit.runtime.malloc`) are added;
 * **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length,
   plus every generator's weights and the shard writer's rows in flight (it writes rows to disk as they come:
   the previous batch, converted, while the next is sampled);
@@ -25,6 +26,7 @@ Nothing real is allocated:
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -283,11 +285,15 @@ class Planner:
                 if "cache on disk" not in " ".join(self.notes):
                     self.notes.append(f"the reduced-data cache is larger than a quarter of the memory budget "
                                       f"({format_bytes(self.budget)}): training keeps it on disk (cache on disk)")
-            # one read chunk, and the freed chunk-sized buffers the CLI's allocator keeps for the next chunks
-            # (runtime.malloc: `train` raises glibc's thresholds to STREAM_BUFFER_BYTES)
-            chunk = rows * self.full_length * self.dim * 4
+            # the passes over full-length sequences: the reduce pass holds a read chunk; the held-out pass a
+            # chunk of a block's held-out rows, its reconstructions by the upsampler and by interpolation and one
+            # difference; and the freed chunk buffers the CLI's allocator keeps for reuse (runtime.malloc)
+            row_bytes = self.full_length * self.dim * 4
+            chunk = rows * row_bytes
+            held = min(rows, math.ceil(float(self.cfg.get("generator_validation_split") or 0.0)
+                                       * min(self.num_samples, BLOCK_ROWS)))
             kept = min(2 * STREAM_BUFFER_BYTES, 2 * chunk)
-            data = cache + chunk + kept
+            data = cache + max(chunk, 4 * held * row_bytes) + kept
         components = component_elements * 4
         tensors = peak + others + components + data
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)

@@ -225,8 +225,14 @@ def heldout_reconstruction(ds: Dataset, indices: Tensor, reduced: Callable[[Tens
             pred, lin = upsampler(red, ds.seq_len).float(), interpolate_sequence(red, ds.seq_len, "linear")
             out["sse"] += squared_norm(pred - full)
             out["sse_linear"] += squared_norm(lin - full)
-            out["sumsq"] += squared_norm(full)
-            out["total"] += full.sum(0).to(f64).cpu()  # float32 over a chunk's few rows, then float64
+            # the norms and sums about the chunk's first sequence, in float32, then float64: the positional
+            # pattern every sequence shares cancels before any float32 rounding, and R^2's total sum of squares
+            # (sumsq - |total|^2 / n, a small difference of large numbers) keeps its digits
+            ref = full[0].to(f64)
+            dev = full - full[0]
+            dev_sum = dev.sum(0).to(f64)
+            out["sumsq"] += squared_norm(dev) + (2 * dev_sum * ref + full.shape[0] * ref.square()).sum().cpu()
+            out["total"] += (full.shape[0] * ref + dev_sum).cpu()
             out["count"] += full.shape[0]
     return out
 

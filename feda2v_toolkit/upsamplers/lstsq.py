@@ -133,7 +133,7 @@ class LeastSquaresUpsampler(Upsampler):
             raise RuntimeError("the lstsq upsampler is not fitted: call fit() on (reduced, full) pairs first")
         if x.dim() != 3 or x.shape[1] != self.reduced_length or x.shape[2] != self.dim:
             raise ValueError(f"expected [B, {self.reduced_length}, {self.dim}], got shape {tuple(x.shape)}")
-        out = torch.matmul(self.weight.to(x.dtype), x)
+        out = torch.matmul(self.weight.to(x.dtype), x).to(x.dtype)  # (under autocast matmul may narrow it)
         out += self.bias.to(x.dtype)  # in place: the same values as `+`, without a second [B, L, D] tensor
         if length != self.full_length:
             out = interpolate_sequence(out, length, "linear")

@@ -118,8 +118,9 @@ def test_memory_parts_add_up_and_grow_with_length():
         assert t.gradients == t.weights
         assert 2 * t.weights <= t.optimizer <= 2 * t.weights + 100  # AdamW: two moments (+ step counters)
         assert t.step_peak >= t.weights + t.gradients + t.optimizer
-        # the cache, one read chunk and the copy of its training rows (the default lstsq upsampler's statistics)
-        assert t.data == 100 * row.length * 16 * 4 + 2 * 100 * 50 * 16 * 4
+        # the cache, the larger of a read chunk (all 100 rows) and the held-out pass's four tensors of a block's
+        # 10 held-out rows (the default validation split, 0.1), and two read chunks the allocator keeps for reuse
+        assert t.data == 100 * row.length * 16 * 4 + max(100, 4 * 10) * 50 * 16 * 4 + 2 * 100 * 50 * 16 * 4
         assert t.total == t.step_peak + t.other_generators + t.components + t.data + t.allowance + t.runtime
     assert [r.train.total for r in rows] == sorted(r.train.total for r in rows)
     assert "AdamW (2 state tensors per parameter)" in result.optimizers["vae"]

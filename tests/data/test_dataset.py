@@ -283,12 +283,14 @@ def test_contiguous_reads_are_left_to_the_kernels_read_ahead_and_streams_hint_th
     assert len(calls) == 2
 
 
-def test_a_hint_that_cannot_be_given_changes_nothing(tmp_path):
+def test_a_hint_that_cannot_be_given_changes_nothing(tmp_path, monkeypatch):
     emb, labels = _rows(n=10)
     path = write_dataset(tmp_path / "d.safetensors", emb, labels)
     ds = open_dataset(path)
+    calls = _fadvise_calls(monkeypatch)
     for junk in (b"\xff" * 16, b"\x01", (2).to_bytes(8, "little") + b"[]", (4).to_bytes(8, "little") + b"{\"e\"}"):
         path.write_bytes(junk)  # the header is gone or garbled: the hint is skipped, not an error
         ds.sources[0]._spans = None
         ds.will_need([0, 5])
         ds.sources[0].will_need("embeddings", 0, 1)
+        assert ds.sources[0]._spans == {} and calls == []

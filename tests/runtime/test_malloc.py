@@ -4,19 +4,44 @@ back between stages; a no-op elsewhere."""
 from __future__ import annotations
 
 import platform
+import subprocess
 import sys
 
 import pytest
 
 from feda2v_toolkit.runtime import malloc
 
+_PROBE = """
+import sys
+from feda2v_toolkit.runtime import malloc
+
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096
+
+if sys.argv[1] == "keep":
+    assert malloc.reuse_freed_memory(malloc.STREAM_BUFFER_BYTES)
+base = rss()
+blocks = [bytearray(8 * 2**20) for _ in range(6)]  # 48 MB written: below the threshold, heap blocks
+del blocks
+kept = rss() - base
+released = malloc.release_freed_memory()
+print(kept, released, rss() - base)
+"""
+
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt and malloc_trim")
-def test_freed_chunk_buffers_stay_in_the_heap_until_released():
-    assert malloc.reuse_freed_memory(malloc.STREAM_BUFFER_BYTES)
-    blocks = [bytearray(8 * 2**20) for _ in range(8)]  # below the raised threshold: heap blocks, not mappings
-    del blocks
-    assert malloc.release_freed_memory() is True  # glibc says it handed memory back
+def test_freed_chunk_buffers_stay_resident_until_released():
+    """In a fresh process (the settings are process-wide): the freed buffers stay resident for reuse, and
+    release_freed_memory hands them back -- only in a process that asked to keep them."""
+    def probe(mode: str) -> tuple[int, str, int]:
+        out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
+        kept, released, left = out.stdout.split()
+        return int(kept), released, int(left)
+
+    kept, released, left = probe("keep")
+    assert kept > 40 * 2**20 and released == "True" and left < 16 * 2**20
+    assert probe("default")[1] == "False"  # nothing asked, nothing done
 
 
 def test_elsewhere_nothing_is_changed(monkeypatch):

@@ -137,13 +137,14 @@ def test_true_runs_are_the_consecutive_true_stretches_in_order():
     assert true_runs(torch.zeros(3, dtype=torch.bool)) == [] and true_runs(torch.tensor([], dtype=torch.bool)) == []
 
 
-def test_heldout_reconstruction_sums_match_float64_arithmetic(tmp_path):
-    """The held-out errors are float32 differences summed in float64: against all-float64 arithmetic they agree
-    to 1e-7 even when the sequences share a large positional pattern (as AST embeddings do)."""
+def test_heldout_reconstruction_matches_float64_arithmetic(tmp_path):
+    """The held-out errors are float32 differences summed in float64: against all-float64 arithmetic the sums
+    agree to 1e-7, and so do the R^2 figures, whose total sum of squares subtracts a large positional pattern
+    (as AST embeddings have) from the squared norms."""
     from feda2v_toolkit.data.open import open_dataset
     from feda2v_toolkit.data.writer import write_dataset
-    from feda2v_toolkit.training.streams import heldout_reconstruction, squared_norm
-    from feda2v_toolkit.upsamplers.interpolate import LinearUpsampler, interpolate_sequence
+    from feda2v_toolkit.training.streams import heldout_reconstruction, reconstruction_metrics, squared_norm
+    from feda2v_toolkit.upsamplers.interpolate import NearestUpsampler, interpolate_sequence
 
     g = torch.Generator().manual_seed(0)
     pattern = 30 * torch.randn(1, 40, 16, generator=g)
@@ -151,12 +152,19 @@ def test_heldout_reconstruction_sums_match_float64_arithmetic(tmp_path):
     ds = open_dataset(write_dataset(tmp_path / "d.safetensors", emb, torch.arange(20) % 2))
     reduced = torch.nn.functional.adaptive_avg_pool1d(emb.transpose(1, 2), 8).transpose(1, 2)
     rows = torch.tensor([1, 2, 3, 7, 11, 12, 19])
-    sums = heldout_reconstruction(ds, rows, lambda r: reduced[r], LinearUpsampler(), torch.device("cpu"))
+    sums = heldout_reconstruction(ds, rows, lambda r: reduced[r], NearestUpsampler(), torch.device("cpu"))
     x = emb[rows].double()
+    near = interpolate_sequence(reduced[rows], 40, "nearest").double()
     lin = interpolate_sequence(reduced[rows], 40, "linear").double()
+    sse, sse_lin = float((x - near).square().sum()), float((x - lin).square().sum())
+    assert abs(sse - sse_lin) > 1e-3 * sse  # the two reconstructions differ: the sums cannot be swapped unseen
     assert float(sums["count"]) == 7
-    assert float(sums["sse"]) == pytest.approx(float((x - lin).square().sum()), rel=1e-7)
-    assert float(sums["sse_linear"]) == pytest.approx(float((x - lin).square().sum()), rel=1e-7)
+    assert float(sums["sse"]) == pytest.approx(sse, rel=1e-7)
+    assert float(sums["sse_linear"]) == pytest.approx(sse_lin, rel=1e-7)
     assert float(sums["sumsq"]) == pytest.approx(float(x.square().sum()), rel=1e-7)
-    assert torch.allclose(sums["total"], x.sum(0), rtol=1e-6)
+    sst = float((x - x.mean(0)).square().sum())
+    assert sst < 0.01 * float(x.square().sum())  # the pattern dominates the squared norms
+    metrics = reconstruction_metrics(sums, 40, 16)
+    assert metrics["heldout_r2"] == pytest.approx(1 - sse / sst, rel=1e-7)
+    assert metrics["heldout_r2_linear"] == pytest.approx(1 - sse_lin / sst, rel=1e-7)
     assert float(squared_norm(torch.full((3, 5), 2.0))) == pytest.approx(60.0, rel=1e-7)
