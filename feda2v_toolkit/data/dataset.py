@@ -110,6 +110,17 @@ class _Source:
             raise mmap_error(self.path, exc) or InputError(f"{self.path}: cannot read {name!r}: {exc}") from None
 
 
+def contiguous_runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Contiguous ``[lo, hi)`` runs of sorted row numbers."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
 def _hint(runs: Sequence[tuple[_Source, int, int]], name: str) -> None:
     for source, lo, hi in runs:
         source.will_need(name, lo, hi)

@@ -113,7 +113,7 @@ def _chunk(path: Path, expected_rows: Any) -> Tensor:
 
 def open_ast_cache(root: Path) -> Any:
     """Open a cache directory of the original code as a :class:`~feda2v_toolkit.data.dataset.Dataset` (streaming)."""
-    from feda2v_toolkit.data.dataset import Dataset, _Source
+    from feda2v_toolkit.data.dataset import Dataset, _Source, contiguous_runs
 
     class_dirs = [root] if os.path.lexists(root / MANIFEST) else _class_dirs(root)
     for d in class_dirs:  # a class without its manifest would silently go missing
@@ -157,7 +157,7 @@ def open_ast_cache(root: Path) -> Any:
             rows = sorted(used.get(ci, set())) if index else list(range(tensor.shape[0]))
             if rows and (rows[0] < 0 or rows[-1] >= tensor.shape[0]):
                 raise InputError(f"{d / MANIFEST}: an index points past the {tensor.shape[0]} rows of {meta['file']}")
-            for lo, hi in _runs(rows):
+            for lo, hi in contiguous_runs(rows):
                 sources.append(_Source(d / meta["file"], start, hi - lo, {"embeddings": _Rows(tensor[lo:hi])}))
                 labels.append(torch.full((hi - lo,), names.index(name), dtype=torch.long))
                 start += hi - lo
@@ -166,17 +166,6 @@ def open_ast_cache(root: Path) -> Any:
     dtype = sources[0].tensors["embeddings"].dtype  # type: ignore[index]
     return Dataset(root, sources, seq_len=shape[0], dim=shape[1], storage_dtype=dtype, labels=torch.cat(labels),
                    class_names=names, condition_dim=0)
-
-
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
-    """Contiguous ``[lo, hi)`` runs of sorted row numbers."""
-    runs: list[tuple[int, int]] = []
-    for r in rows:
-        if runs and runs[-1][1] == r:
-            runs[-1] = (runs[-1][0], r + 1)
-        else:
-            runs.append((r, r + 1))
-    return runs
 
 
 def keyed_table(obj: Any) -> dict[str, Tensor] | None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.components import TrainContext
-from feda2v_toolkit.data.dataset import Dataset
+from feda2v_toolkit.data.dataset import Dataset, contiguous_runs
 from feda2v_toolkit.data.split import stratified_split
 from feda2v_toolkit.errors import InputError, short_list
 from feda2v_toolkit.privacy.spec import PrivacyError, dp_requested
@@ -51,7 +51,6 @@ from feda2v_toolkit.training.streams import (
     full_batches,
     heldout_reconstruction,
     read_chunk_rows,
-    true_runs,
     upsampler_pairs,
 )
 
@@ -248,7 +247,8 @@ class Site:
                     full = self.ds.read(torch.arange(s, min(s + chunk, hi))).embeddings
                     r = reducer(full.to(self.device)).to("cpu", torch.float32)
                     values[s - lo:s - lo + r.shape[0]] = r
-                    for a, z in true_runs(is_train[s:s + r.shape[0]]):  # views: a chunk's rows are never copied
+                    train_rows = is_train[s:s + r.shape[0]].nonzero().flatten().tolist()
+                    for a, z in contiguous_runs(train_rows):  # views: a chunk's rows are never copied
                         yield r[a:z], full[a:z]
 
             with torch.no_grad():

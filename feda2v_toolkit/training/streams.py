@@ -160,20 +160,6 @@ class ReducedCache:
         return read
 
 
-def true_runs(mask: Tensor) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each run of consecutive ``True`` in a 1-D boolean mask, in order."""
-    runs, start = [], None
-    for i, m in enumerate(mask.tolist()):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
-    if start is not None:
-        runs.append((start, len(mask)))
-    return runs
-
-
 def block_digest(values: Tensor) -> bytes:
     """SHA-256 of raw reduced values (one block of a :class:`ReducedCache`)."""
     return hashlib.sha256(memoryview(values.contiguous().numpy()).cast("B")).digest()

@@ -294,3 +294,10 @@ def test_a_hint_that_cannot_be_given_changes_nothing(tmp_path, monkeypatch):
         ds.will_need([0, 5])
         ds.sources[0].will_need("embeddings", 0, 1)
         assert ds.sources[0]._spans == {} and calls == []
+
+
+def test_contiguous_runs_are_the_consecutive_stretches_of_sorted_rows():
+    from feda2v_toolkit.data.dataset import contiguous_runs
+
+    assert contiguous_runs([0, 1, 3, 6, 7, 8]) == [(0, 2), (3, 4), (6, 9)]
+    assert contiguous_runs([5]) == [(5, 6)] and contiguous_runs([]) == []

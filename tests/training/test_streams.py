@@ -128,15 +128,6 @@ def test_train_lets_go_of_its_cache_file_when_it_ends(tiny_data, tmp_path, monke
     assert len(made) == 1 and not made[0].in_memory and made[0]._file is None
 
 
-def test_true_runs_are_the_consecutive_true_stretches_in_order():
-    from feda2v_toolkit.training.streams import true_runs
-
-    mask = torch.tensor([True, True, False, True, False, False, True, True, True])
-    assert true_runs(mask) == [(0, 2), (3, 4), (6, 9)]
-    assert true_runs(torch.ones(4, dtype=torch.bool)) == [(0, 4)]
-    assert true_runs(torch.zeros(3, dtype=torch.bool)) == [] and true_runs(torch.tensor([], dtype=torch.bool)) == []
-
-
 def test_heldout_reconstruction_matches_float64_arithmetic(tmp_path):
     """The held-out errors are float32 differences summed in float64: against all-float64 arithmetic the sums
     agree to 1e-7, and so do the R^2 figures, whose total sum of squares subtracts a large positional pattern
