@@ -11,8 +11,9 @@ Nothing real is allocated:
   ``per_group``) all of them keep weights, gradients and optimiser state while one trains. With
   ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32; 0 past a quarter of the memory budget: on disk),
   the passes over full sequences (a read chunk, ``training.READ_CHUNK_BYTES``; or the held-out pass's chunk of a
-  block's held-out rows, its two reconstructions and one difference, whichever is larger) and two read chunks
-  that the allocator keeps for reuse (:mod:`feda2v_toolkit.runtime.malloc`) are added;
+  block's held-out rows, its two reconstructions and one difference, whichever is larger), two read chunks
+  that the allocator keeps for reuse (:mod:`feda2v_toolkit.runtime.malloc`) and the buffers of the chunks read
+  ahead (:mod:`feda2v_toolkit.data.readahead`) are added;
 * **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length,
   plus every generator's weights and the shard writer's rows in flight (it writes rows to disk as they come:
   the previous batch, converted, while the next is sampled);
@@ -40,6 +41,7 @@ import torch
 from feda2v_toolkit.analysis.memory import SavedTensors, fake_tensors, optimizer_state_bytes, tensor_bytes
 from feda2v_toolkit.components import TrainContext
 from feda2v_toolkit.config import configured_upsampler
+from feda2v_toolkit.data.readahead import pass_buffer_bytes
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.model.generate import DEFAULT_BATCH
 from feda2v_toolkit.runtime.malloc import STREAM_BUFFER_BYTES
@@ -287,13 +289,14 @@ class Planner:
                                       f"({format_bytes(self.budget)}): training keeps it on disk (cache on disk)")
             # the passes over full-length sequences: the reduce pass holds a read chunk; the held-out pass a
             # chunk of a block's held-out rows, its reconstructions by the upsampler and by interpolation and one
-            # difference; and the freed chunk buffers the CLI's allocator keeps for reuse (runtime.malloc)
+            # difference; the freed chunk buffers the CLI's allocator keeps for reuse (runtime.malloc); and the
+            # read-ahead buffers of the chunks read ahead (data.readahead; stored bytes, float32 at most)
             row_bytes = self.full_length * self.dim * 4
             chunk = rows * row_bytes
             held = min(rows, math.ceil(float(self.cfg.get("generator_validation_split") or 0.0)
                                        * min(self.num_samples, BLOCK_ROWS)))
             kept = min(2 * STREAM_BUFFER_BYTES, 2 * chunk)
-            data = cache + max(chunk, 4 * held * row_bytes) + kept
+            data = cache + max(chunk, 4 * held * row_bytes) + kept + pass_buffer_bytes(rows, row_bytes)
         components = component_elements * 4
         tensors = peak + others + components + data
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)

@@ -265,10 +265,20 @@ class Dataset:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         idx = torch.arange(len(self)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
-        for start in range(0, idx.numel(), batch_size):
-            batch = self.read(idx[start:start + batch_size], dtype=dtype, check_finite=check_finite)
-            self.will_need(idx[start + batch_size:start + 2 * batch_size])
-            yield batch
+        yield from self.stream([idx[s:s + batch_size] for s in range(0, idx.numel(), batch_size)], dtype=dtype,
+                               check_finite=check_finite)
+
+    def stream(self, chunks: Sequence[Tensor], *, dtype: torch.dtype = torch.float32,
+               check_finite: bool = True) -> Iterator[Batch]:
+        """One :class:`Batch` per chunk of ``chunks`` (row indices, any order), as :meth:`read` returns it, each
+        read by a background thread ahead of its use (:class:`~feda2v_toolkit.data.readahead.ReadAhead`)."""
+        from feda2v_toolkit.data.readahead import ReadAhead
+
+        idx = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in chunks]
+        for c in idx:
+            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= len(self)):
+                raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
+        yield from ReadAhead(self, [c for c in idx if c.numel()], dtype=dtype, check_finite=check_finite)
 
     def _runs(self, values: list[int]) -> Iterator[tuple[_Source, int, int]]:
         """Yield ``(source, lo, hi)`` slices covering sorted, unique global indices."""
@@ -344,6 +354,17 @@ class DatasetView(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if idx.numel() and int(idx.min()) >= 0 and int(idx.max()) < len(self):
             self.base.will_need(self.rows[idx])
+
+    def stream(self, chunks: Sequence[Tensor], *, dtype: torch.dtype = torch.float32,
+               check_finite: bool = True) -> Iterator[Batch]:
+        idx = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in chunks]
+        for c in idx:
+            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= len(self)):
+                raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
+        idx = [c for c in idx if c.numel()]
+        for c, batch in zip(idx, self.base.stream([self.rows[c] for c in idx], dtype=dtype,
+                                                  check_finite=check_finite), strict=True):
+            yield Batch(batch.embeddings, self.labels[c], batch.conditions, c)
 
     def read_conditions(self, indices: Tensor | Sequence[int]) -> Tensor:
         return self.base.read_conditions(self.rows[torch.as_tensor(indices, dtype=torch.long).reshape(-1)])

@@ -132,6 +132,7 @@ class Site:
         self.privacy: Any = None  # its SitePrivacy, made with the first private request
         self.ranks = ranks or Ranks()  # data-parallel ranks sharing this site's blocks (runtime.ranks)
         self._upsampler_sums: Arrays | None = None  # a closed-form upsampler's statistics, taken while reducing
+        self._heldout_sums: Arrays | None = None  # held-out sums for the upsampler's error, taken while reducing
 
     def close(self) -> None:
         """Release the reduced cache (its temporary file when on disk); the site can reduce again later."""
@@ -232,6 +233,8 @@ class Site:
                                   in_memory=cache_in_memory(n * length * dim * 4))
         ups = self._upsampler()
         fuse = fitted_while_reducing(ups) and not self.private
+        heldout_from_sums = callable(getattr(ups, "heldout_sums", None)) and \
+            callable(getattr(ups, "heldout_errors", None)) and self.val_idx.numel() > 0
         is_train = torch.zeros(n, dtype=torch.bool)
         is_train[self.train_idx] = True
         chunk = read_chunk_rows(self.ds)
@@ -241,15 +244,19 @@ class Site:
             lo, hi = block_range(b, n)
             values = torch.empty(hi - lo, length, dim)
             part: Arrays = {}
+            held = ups.heldout_sums() if fuse and heldout_from_sums else None
 
             def chunks() -> Any:  # each chunk read and reduced once; its training rows paired with their reductions
-                for s in range(lo, hi, chunk):
-                    full = self.ds.read(torch.arange(s, min(s + chunk, hi))).embeddings
+                for batch in self.ds.stream([torch.arange(s, min(s + chunk, hi)) for s in range(lo, hi, chunk)]):
+                    s, full = int(batch.indices[0]), batch.embeddings
                     r = reducer(full.to(self.device)).to("cpu", torch.float32)
                     values[s - lo:s - lo + r.shape[0]] = r
                     train_rows = is_train[s:s + r.shape[0]].nonzero().flatten().tolist()
                     for a, z in contiguous_runs(train_rows):  # views: a chunk's rows are never copied
                         yield r[a:z], full[a:z]
+                    if held is not None:  # the held-out rows' sums for the upsampler's held-out error, same read
+                        for a, z in contiguous_runs((~is_train[s:s + r.shape[0]]).nonzero().flatten().tolist()):
+                            held.add(r[a:z], full[a:z])
 
             with torch.no_grad():
                 if fuse and bool(is_train[lo:hi].any()):  # the block's statistics from the same read, in one call
@@ -257,6 +264,8 @@ class Site:
                 else:
                     for _ in chunks():
                         pass
+            if held is not None:
+                part.update(pack("held.", held.state()))
             part.update(pack("norm.", NormalizationStage().local(values, is_train[lo:hi].nonzero().flatten())))
             part["block"] = torch.tensor([b, lo])
             part["digest"] = torch.frombuffer(bytearray(block_digest(values)), dtype=torch.uint8)
@@ -274,6 +283,7 @@ class Site:
         sums = self.ranks.combine(block_count(n), block, merge) or {}
         seconds = time.perf_counter() - t0
         self._upsampler_sums = unpack("ups.", sums) or None  # none unless fused and the site has training clips
+        self._heldout_sums = unpack("held.", sums) or None  # none unless the upsampler computes from sums
         self.store.update(pack("reducer.", state))
         self.store["reduced"] = torch.ones(())  # marks a reducer as set (a reducer may have no state at all)
         self.store["classes"] = torch.tensor([ord(ch) for ch in json.dumps(class_names)], dtype=torch.int32)
@@ -306,6 +316,8 @@ class Site:
     def upsampler_heldout(self, state: Mapping[str, Tensor]) -> Arrays:
         ups = self._upsampler().to(self.device)
         ups.load_state_dict(dict(state))
+        if self._heldout_sums is not None:  # taken while reducing: no second read of the held-out clips
+            return ups.heldout_errors(self._heldout_sums)
         n = len(self.ds)
         return self.ranks.combine(block_count(n), lambda b: heldout_reconstruction(
             self.ds, in_block(self.val_idx, b, n), self._raw(), ups, self.device), add_parts) or {}

@@ -184,9 +184,8 @@ def upsampler_pairs(ds: Dataset, indices: Tensor, reduced: Callable[[Tensor], Te
         g = torch.Generator().manual_seed(derive_seed(seed, "upsampler-pairs", *ids, calls[0]))
         calls[0] += 1
         starts = torch.arange(0, indices.numel(), rows)
-        for s in starts[torch.randperm(starts.numel(), generator=g)].tolist():
-            chunk = indices[s:s + rows]
-            yield reduced(chunk), ds.read(chunk).embeddings
+        for batch in ds.stream([indices[s:s + rows] for s in starts[torch.randperm(starts.numel(), generator=g)].tolist()]):
+            yield reduced(batch.indices), batch.embeddings
 
     return pairs
 
@@ -203,11 +202,9 @@ def heldout_reconstruction(ds: Dataset, indices: Tensor, reduced: Callable[[Tens
     rows = read_chunk_rows(ds)
     upsampler.eval()
     with torch.no_grad():
-        for s in range(0, indices.numel(), rows):
-            chunk = indices[s:s + rows]
-            full = ds.read(chunk).embeddings.to(device)
-            ds.will_need(indices[s + rows:s + 2 * rows])  # the next chunk's reads overlap this one's work
-            red = reduced(chunk).to(device)
+        for batch in ds.batches(rows, indices):
+            full = batch.embeddings.to(device)
+            red = reduced(batch.indices).to(device)
             pred, lin = upsampler(red, ds.seq_len).float(), interpolate_sequence(red, ds.seq_len, "linear")
             out["sse"] += squared_norm(pred - full)
             out["sse_linear"] += squared_norm(lin - full)

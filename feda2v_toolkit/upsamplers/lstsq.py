@@ -128,6 +128,42 @@ class LeastSquaresUpsampler(Upsampler):
             self.fitted_sequences.fill_(n)
         return {"train_r2": 1.0 - sse / sst if sst > 0 else float("nan"), "ridge": lam, "pairs": float(n)}
 
+    def heldout_sums(self) -> HeldoutSums:
+        """Running sums over held-out (reduced, full) pairs, taken in the pass that reduces them; once the decoder
+        is fitted, :meth:`heldout_errors` turns them into its held-out error without reading the clips again."""
+        return HeldoutSums(self.reduced_length, self.full_length, self.dim, self.weight.device)
+
+    def heldout_errors(self, stats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The held-out sums of :func:`feda2v_toolkit.training.streams.heldout_reconstruction` (``sse``,
+        ``sse_linear``, ``sumsq``, ``total``, ``count``), from (summed) :meth:`heldout_sums` states.
+
+        The squared error of the affine decoder ``U r + b`` (and of linear interpolation, the fixed map
+        ``P r``) over the held-out set, from its centred sums: ``SST - 2 <U, C_xr> + <U C_rr, U>`` plus ``n``
+        times the squared error of the mean sequence; float64 throughout."""
+        f64 = torch.float64
+        sxr, srr, sum_x, sum_r, sumsq = (stats[k].to(f64) for k in ("sxr", "srr", "sum_x", "sum_r", "sumsq"))
+        n = float(stats["count"])
+        out = {"sse": torch.zeros((), dtype=f64), "sse_linear": torch.zeros((), dtype=f64), "sumsq": sumsq,
+               "total": sum_x, "count": torch.tensor(n, dtype=f64)}
+        if n == 0:
+            return out
+        if tuple(sxr.shape) != (self.full_length, self.reduced_length):
+            raise ValueError(f"held-out sums of shape {tuple(sxr.shape)}, the decoder is {self.full_length} x "
+                             f"{self.reduced_length}")
+        cxr = sxr - sum_x @ sum_r.T / n
+        crr = srr - sum_r @ sum_r.T / n
+        sst = sumsq - sum_x.square().sum() / n
+
+        def sse(u: Tensor, b: Tensor | None) -> Tensor:
+            centred = sst - 2 * (u * cxr).sum() + (u @ crr * u).sum()
+            mean_error = (sum_x - u @ sum_r) / n - (0 if b is None else b)
+            return centred.clamp_min(0) + n * mean_error.square().sum()
+
+        eye = torch.eye(self.reduced_length, dtype=f64).unsqueeze(0)
+        out["sse"] = sse(self.weight.detach().to("cpu", f64), self.bias.detach().to("cpu", f64))
+        out["sse_linear"] = sse(interpolate_sequence(eye, self.full_length, "linear")[0], None)
+        return out
+
     def forward(self, x: Tensor, length: int) -> Tensor:
         if int(self.fitted_sequences) == 0:
             raise RuntimeError("the lstsq upsampler is not fitted: call fit() on (reduced, full) pairs first")
@@ -138,3 +174,60 @@ class LeastSquaresUpsampler(Upsampler):
         if length != self.full_length:
             out = interpolate_sequence(out, length, "linear")
         return out
+
+
+class HeldoutSums:
+    """Sums over held-out (reduced, full) pairs (float64) from which :meth:`LeastSquaresUpsampler.heldout_errors`
+    computes the held-out error of any affine decoder: the cross and reduced scatter, per-position sums and the
+    squared norm of the full sequences. Each chunk's full sequences are taken about its first one (float32
+    differences, summed in float64), so the positional pattern every sequence shares cancels before any float32
+    rounding; :meth:`state`'s sums of parts of the data add up."""
+
+    def __init__(self, reduced_length: int, full_length: int, dim: int, device: torch.device | str = "cpu") -> None:
+        f64 = torch.float64
+        self.shape = (reduced_length, full_length, dim)
+        self.device = torch.device(device)
+        self.sxr = torch.zeros(full_length, reduced_length, dtype=f64)
+        self.srr = torch.zeros(reduced_length, reduced_length, dtype=f64)
+        self.sum_x = torch.zeros(full_length, dim, dtype=f64)
+        self.sum_r = torch.zeros(reduced_length, dim, dtype=f64)
+        self.sumsq = torch.zeros((), dtype=f64)
+        self.count = 0
+
+    def add(self, reduced: Tensor, full: Tensor) -> None:
+        """Add a chunk of pairs ``[B, l, D]``, ``[B, L, D]``."""
+        short, L, D = self.shape
+        f64 = torch.float64
+        r = reduced.to(self.device, torch.float32)
+        x = full.to(self.device, torch.float32)
+        if r.shape[1:] != (short, D) or x.shape[1:] != (L, D) or r.shape[0] != x.shape[0]:
+            raise ValueError(f"expected pairs [B, {short}, {D}] and [B, {L}, {D}], got {tuple(r.shape)} "
+                             f"and {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            return
+        k = x.shape[0]
+        ref = x[0]
+        d = x - ref  # deviations from the chunk's first sequence: no shared pattern left in them
+        ref64 = ref.to(f64)
+        sx = torch.zeros_like(ref64)
+        for row in x:  # the sum in float64 one sequence at a time (no float64 copy of the chunk): the mean
+            sx += row  # sequence's error, n |mean x - U mean r - b|^2, is a small difference of large numbers
+        d_sum = sx - k * ref64
+        r64 = r.to(f64)
+        c = r64.mean(0)
+        rc = r64 - c  # float64: its float32 rounding, multiplied by the pattern in x, would not cancel
+        # sum_b x_b r_b^T = sum_b d_b (r_b - c)^T + ref sum_b (r_b - c)^T + (sum_b x_b) c^T: only the first term,
+        # free of the pattern, is a float32 product
+        self.sxr += (torch.bmm(d, rc.to(torch.float32).transpose(1, 2)).to(f64).sum(0) + ref64 @ rc.sum(0).T
+                     + sx @ c.T).cpu()
+        flat = r64.permute(1, 0, 2).reshape(short, -1)
+        self.srr += (flat @ flat.T).cpu()
+        self.sum_x += sx.cpu()
+        self.sum_r += r64.sum(0).cpu()
+        self.sumsq += (torch.linalg.vector_norm(d, dim=-1).to(f64).square().sum() + 2 * (d_sum * ref64).sum()
+                       + k * ref64.square().sum()).cpu()
+        self.count += k
+
+    def state(self) -> dict[str, Tensor]:
+        return {"sxr": self.sxr, "srr": self.srr, "sum_x": self.sum_x, "sum_r": self.sum_r, "sumsq": self.sumsq,
+                "count": torch.tensor(float(self.count), dtype=torch.float64)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from analysis.helpers import D, L, structured
@@ -101,3 +102,40 @@ def test_the_training_r2_is_right_when_a_shared_pattern_dwarfs_the_clips(tmp_pat
         pred = up(reduced, 40)
     direct = 1 - float((full - pred).double().square().sum()) / float((full - full.mean(0)).double().square().sum())
     assert 0 <= metrics["train_r2"] <= 1 and abs(metrics["train_r2"] - direct) < 1e-3
+
+
+def test_held_out_errors_from_sums_match_the_decoders_reconstructions_in_float64():
+    """``heldout_errors`` turns held-out sums taken before the fit into the decoder's held-out squared error
+    (and linear interpolation's): against all-float64 reconstructions, with a positional pattern 300x the noise
+    and the held-out rows summed in chunks of any size, the errors agree to 1e-7 (relative) or to 1e-7 of the total sum of squares
+    about the held-out mean (R^2 to 1e-7; the sums' float32 products carry no pattern)."""
+    from feda2v_toolkit.training.streams import reconstruction_metrics
+    from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
+
+    g = torch.Generator().manual_seed(3)
+    pattern = 300 * torch.randn(1, 40, 16, generator=g)
+    emb = pattern + torch.randn(60, 40, 16, generator=g).cumsum(1) / 4  # smooth along the sequence
+    red = pool(emb, 8)
+    up = fit(red[:40], emb[:40], ridge=1e-6)
+    x, r = emb[40:].double(), red[40:].double()
+    pred = up.weight.double() @ r + up.bias.double()
+    lin = interpolate_sequence(r, 40, "linear")
+    sse, sse_lin = float((x - pred).square().sum()), float((x - lin).square().sum())
+    sst = float((x - x.mean(0)).square().sum())
+    assert sse < 0.5 * sse_lin  # the two errors differ: one cannot pass for the other
+    assert sst < 1e-4 * float(x.square().sum())  # the pattern dominates the squared norms
+    for chunk in (1, 3, 20):
+        held = up.heldout_sums()
+        for a in range(40, 60, chunk):
+            held.add(red[a:a + chunk], emb[a:a + chunk])
+        sums = up.heldout_errors(held.state())
+        assert float(sums["count"]) == 20
+        assert float(sums["sse"]) == pytest.approx(sse, rel=1e-7, abs=1e-7 * sst)
+        assert float(sums["sse_linear"]) == pytest.approx(sse_lin, rel=1e-7, abs=1e-7 * sst)
+        metrics = reconstruction_metrics(sums, 40, 16)
+        assert metrics["heldout_r2"] == pytest.approx(1 - sse / sst, rel=1e-7, abs=1e-7)
+        assert metrics["heldout_r2_linear"] == pytest.approx(1 - sse_lin / sst, rel=1e-7, abs=1e-7)
+    empty = up.heldout_errors(up.heldout_sums().state())
+    assert float(empty["count"]) == 0 and reconstruction_metrics(empty, 40, 16) == {}
+    with pytest.raises(ValueError, match="expected pairs"):
+        up.heldout_sums().add(red[:2], emb[:3])

@@ -1,0 +1,303 @@
+"""Passes over full sequences, read ahead of their use by a background thread.
+
+A pass that works on one chunk of clips after another (the reduce pass, ``evaluate``, ``analyze``, ``split``)
+used to read each chunk through the memory map when it needed it: every page fault waited for the disk while
+the arithmetic's threads spun, and the kernel's work of filling the page cache (and, on a virtual machine,
+of handing it fresh memory) took the same cores. Measured on 2 cores, 6,000 AST clips, page cache dropped:
+read + reduce + ``lstsq`` sums at 612-679 MB/s through the map, 1,360-1,478 MB/s read ahead (docs/performance.md).
+
+:class:`ReadAhead` reads the next chunks' bytes (their byte ranges come from the safetensors header) into a
+few reused, page-aligned buffers while the current chunk is worked on; the consumer converts each chunk to
+the dtype asked for in one copy. Bytes that are not in the page cache are read with ``O_DIRECT``: the disk
+writes straight into the buffer, the page cache is neither filled nor churned, and the memory used stays a
+few chunks whatever the data's size. Bytes already cached (data just written, or read by something else) are
+copied from the cache. Where ``O_DIRECT`` is refused (tmpfs, some network filesystems) or
+``FEDA2V_DIRECT_IO=0`` is set, every read goes through the page cache.
+
+Files in other forms (legacy ``.pt``, the original caches) are read as before, one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import queue
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from feda2v_toolkit.errors import InputError
+
+if TYPE_CHECKING:
+    from feda2v_toolkit.data.dataset import Batch, Dataset, _Source
+
+#: chunks read ahead of the one being worked on (each holds one chunk's stored bytes)
+READ_AHEAD_CHUNKS = 2
+
+#: file offsets, lengths and buffer addresses of direct reads are multiples of this (the page size covers
+#: every block size Linux filesystems use)
+ALIGN = max(4096, mmap.PAGESIZE)
+
+#: open files kept per pass (a pass moves through the shards in order)
+OPEN_FILES = 4
+
+
+def direct_io_allowed() -> bool:
+    """Whether reads may bypass the page cache (``O_DIRECT``): Linux, and ``FEDA2V_DIRECT_IO`` not ``0``."""
+    return hasattr(os, "O_DIRECT") and os.environ.get("FEDA2V_DIRECT_IO", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
+def buffer_bytes(rows: int, row_bytes: int) -> int:
+    """Bytes of one read-ahead buffer for chunks of up to ``rows`` stored rows of ``row_bytes`` (each contiguous
+    run padded to :data:`ALIGN` at both ends; at most one run per row)."""
+    return rows * (row_bytes + 2 * ALIGN)
+
+
+def pass_buffer_bytes(rows: int, row_bytes: int) -> int:
+    """What a pass in chunks of ``rows`` keeps in read-ahead buffers: the chunk in use, the ones read ahead
+    and the one being read (``plan`` counts this)."""
+    return (READ_AHEAD_CHUNKS + 2) * buffer_bytes(rows, row_bytes)
+
+
+class _Mincore:
+    """Which pages of a file range are in the page cache (``mincore`` on a throwaway read-only map; no I/O)."""
+
+    def __init__(self) -> None:
+        self.ok = False
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            self._mmap, self._munmap, self._mincore = libc.mmap, libc.munmap, libc.mincore
+        except (OSError, AttributeError):
+            return
+        self._mmap.restype = ctypes.c_void_p
+        self._mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_long]
+        self._munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self._mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        self.ok = True
+
+    def resident(self, fd: int, offset: int, length: int) -> bool:
+        """Whether every page of ``[offset, offset + length)`` is cached; False when that cannot be told."""
+        if not self.ok or length <= 0:
+            return False
+        page = mmap.PAGESIZE
+        start = offset // page * page
+        size = offset + length - start
+        addr = self._mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            return False
+        try:
+            pages = (size + page - 1) // page
+            vec = (ctypes.c_ubyte * pages)()
+            if self._mincore(addr, size, vec) != 0:
+                return False
+            return all(v & 1 for v in vec)
+        finally:
+            self._munmap(addr, size)
+
+
+_MINCORE = _Mincore()
+
+
+class _Files:
+    """The pass's open files: a buffered descriptor and, where allowed and accepted, an ``O_DIRECT`` one."""
+
+    def __init__(self, direct: bool) -> None:
+        self.direct_allowed = direct
+        self._open: dict[Path, tuple[int, int | None]] = {}
+
+    def get(self, path: Path) -> tuple[int, int | None]:
+        if path in self._open:
+            return self._open[path]
+        if len(self._open) >= OPEN_FILES:
+            self._close(next(iter(self._open)))
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise InputError(f"{path}: cannot open: {exc.strerror or exc}") from None
+        dfd = None
+        if self.direct_allowed:
+            try:
+                dfd = os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+            except OSError:  # the filesystem refuses O_DIRECT (tmpfs, ...): through the page cache
+                dfd = None
+        self._open[path] = (fd, dfd)
+        return fd, dfd
+
+    def no_direct(self, path: Path) -> None:
+        fd, dfd = self._open[path]
+        if dfd is not None:
+            os.close(dfd)
+        self._open[path] = (fd, None)
+
+    def _close(self, path: Path) -> None:
+        for d in self._open.pop(path):
+            if d is not None:
+                os.close(d)
+
+    def close(self) -> None:
+        for path in list(self._open):
+            self._close(path)
+
+
+def _pread_full(fd: int, view: memoryview, offset: int, need: int, path: Path) -> None:
+    """Read into ``view`` from ``offset`` until at least ``need`` bytes are in (a read past the end of the file
+    may stop after them)."""
+    got = 0
+    while got < need:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise InputError(f"{path}: the file ends before the data its header describes (it changed or was "
+                             f"truncated after it was opened)")
+        got += n
+
+
+class _Layout:
+    """Where one chunk's runs lie in its buffer: ``(buffer offset, rows)`` per run, in sorted row order."""
+
+    def __init__(self, buf: mmap.mmap, pieces: list[tuple[int, int]]) -> None:
+        self.buf, self.pieces = buf, pieces
+
+
+class ReadAhead:
+    """Chunks of rows of a dataset's embeddings, read by a background thread ahead of their use.
+
+    Iterating yields one :class:`~feda2v_toolkit.data.dataset.Batch` per chunk of ``chunks`` (global row
+    indices, any order, repeats allowed), as :meth:`Dataset.read` would return it. Stop iterating early and the
+    thread stops too (:meth:`close`)."""
+
+    def __init__(self, ds: Dataset, chunks: Sequence[Tensor], *, dtype: torch.dtype = torch.float32,
+                 check_finite: bool = True, direct: bool | None = None) -> None:
+        self.ds, self.dtype, self.check_finite = ds, dtype, check_finite
+        self.chunks = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in chunks]
+        self.row_bytes = ds.seq_len * ds.dim * ds.storage_dtype.itemsize
+        self.files = _Files(direct_io_allowed() if direct is None else direct)
+        self._stop = threading.Event()
+        self._ready: queue.Queue[Any] = queue.Queue()
+        self._free: queue.Queue[mmap.mmap | None] = queue.Queue()
+        self._buffer_bytes = buffer_bytes(max((c.numel() for c in self.chunks), default=0), self.row_bytes)
+        for _ in range(READ_AHEAD_CHUNKS + 2):
+            self._free.put(None)  # a buffer made on first use, reused for the rest of the pass
+        self._thread: threading.Thread | None = None
+
+    # -- the reader (background thread) --------------------------------------------------------------------
+    def _runs(self, chunk: Tensor) -> list[tuple[_Source, int, int]]:
+        return list(self.ds._runs(torch.unique(chunk, sorted=True).tolist()))
+
+    def _read_chunk(self, buf: mmap.mmap, runs: list[tuple[_Source, int, int]]) -> _Layout:
+        from feda2v_toolkit.data.dataset import _row_spans
+
+        view = memoryview(buf)
+        pieces: list[tuple[int, int]] = []
+        pos = 0
+        for source, lo, hi in runs:
+            if source._spans is None:
+                try:
+                    source._spans = _row_spans(source.path)
+                except (OSError, ValueError) as exc:
+                    raise InputError(f"{source.path}: cannot read its header again: {exc}") from None
+            start, row_bytes = source._spans.get("embeddings", (0, 0))
+            if row_bytes != self.row_bytes:
+                raise InputError(f"{source.path}: its header changed after it was opened")
+            a, b = start + lo * row_bytes, start + hi * row_bytes
+            at = pos + a % ALIGN  # the buffer offset of byte a: congruent to a, so aligned offsets map to aligned
+            fd, dfd = self.files.get(source.path)
+            if dfd is not None and not _MINCORE.resident(fd, a, b - a):
+                lo_a = a - a % ALIGN
+                length = -(-(b - lo_a) // ALIGN) * ALIGN
+                try:
+                    _pread_full(dfd, view[pos:pos + length], lo_a, b - lo_a, source.path)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self.files.no_direct(source.path)  # stricter alignment than ALIGN: through the page cache
+                    _pread_full(fd, view[at:at + b - a], a, b - a, source.path)
+            else:
+                _pread_full(fd, view[at:at + b - a], a, b - a, source.path)
+            pieces.append((at, hi - lo))
+            pos += -(-(at - pos + b - a) // ALIGN) * ALIGN  # the next run starts aligned
+        return _Layout(buf, pieces)
+
+    def _reader(self) -> None:
+        try:
+            for chunk in self.chunks:
+                while True:
+                    if self._stop.is_set():
+                        return
+                    try:
+                        buf = self._free.get(timeout=0.1)
+                        break
+                    except queue.Empty:
+                        continue
+                if buf is None:
+                    buf = mmap.mmap(-1, self._buffer_bytes)  # page-aligned, as direct reads need
+                runs = self._runs(chunk)
+                self._ready.put(self._read_chunk(buf, runs) if all(s.tensors is None for s, _, _ in runs)
+                                else (buf, None))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the consumer, which raises it
+            self._ready.put(exc)
+
+    # -- the consumer ----------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        from feda2v_toolkit.data.dataset import Batch
+
+        if not self.chunks:
+            return
+        self._thread = threading.Thread(target=self._reader, name="feda2v-read-ahead", daemon=True)
+        self._thread.start()
+        try:
+            for chunk in self.chunks:
+                item = self._ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                idx = chunk
+                if isinstance(item, _Layout):
+                    emb = self._assemble(item, idx)
+                    self._free.put(item.buf)
+                    if self.check_finite:
+                        self.ds._check_finite(emb, idx)
+                    cond = (self.ds._gather("conditions", idx, torch.float32, (self.ds.condition_dim,))
+                            if self.ds.condition_dim else None)
+                    yield Batch(emb, self.ds.labels[idx], cond, idx)
+                else:  # a source that is not a safetensors file: read as before
+                    self._free.put(item[0])
+                    yield self.ds.read(idx, dtype=self.dtype, check_finite=self.check_finite)
+        finally:
+            self.close()
+
+    def _assemble(self, layout: _Layout, idx: Tensor) -> Tensor:
+        unique, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        out = torch.empty(unique.numel(), self.ds.seq_len, self.ds.dim, dtype=self.dtype)
+        pos = 0
+        for at, rows in layout.pieces:
+            stored = torch.frombuffer(layout.buf, dtype=self.ds.storage_dtype, count=rows * self.row_bytes //
+                                      self.ds.storage_dtype.itemsize, offset=at)
+            out[pos:pos + rows].copy_(stored.view(rows, self.ds.seq_len, self.ds.dim))  # converts in the copy
+            del stored
+            pos += rows
+        in_order = unique.numel() == idx.numel() and torch.equal(unique, idx)
+        return out if in_order else out[inverse]
+
+    def close(self) -> None:
+        """Stop the reader and close the files (iterating to the end does this)."""
+        self._stop.set()
+        if self._thread is not None:
+            while True:  # unblock a reader waiting for a free buffer; drain what it made
+                try:
+                    self._ready.get_nowait()
+                except queue.Empty:
+                    break
+            self._thread.join()
+            self._thread = None
+        self.files.close()
