@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from feda2v_toolkit.data.readahead import ReadAhead, row_spans
 from feda2v_toolkit.errors import InputError, UsageError, short_list
 
 FORMAT = "dataset"
@@ -38,7 +38,6 @@ DEFAULT_SHARD_BYTES = 256 * 2**20
 #: labels of a dataset without ``class_names`` must lie below this (class_0 .. class_N are made up)
 MAX_UNNAMED_CLASSES = 100_000
 #: a safetensors header longer than this is not read for read hints (safetensors' own limit is 100 MB)
-MAX_HEADER_BYTES = 100_000_000
 _LEGACY_EMBEDDING_KEYS = ("embeddings", "audio_embeddings", "features", "x")
 _LEGACY_LABEL_KEYS = ("labels", "targets", "y")
 
@@ -90,7 +89,7 @@ class _Source:
             return
         try:
             if self._spans is None:
-                self._spans = _row_spans(self.path)
+                self._spans = row_spans(self.path)
             start, row_bytes = self._spans[name]
             fd = os.open(self.path, os.O_RDONLY)
             try:
@@ -124,23 +123,6 @@ def contiguous_runs(rows: Sequence[int]) -> list[tuple[int, int]]:
 def _hint(runs: Sequence[tuple[_Source, int, int]], name: str) -> None:
     for source, lo, hi in runs:
         source.will_need(name, lo, hi)
-
-
-def _row_spans(path: Path) -> dict[str, tuple[int, int]]:
-    """``{name: (byte offset of the data, bytes per row)}`` of a safetensors file's tensors, from its header
-    (:meth:`_Source.will_need`); the file was validated when the dataset was opened."""
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        if size > MAX_HEADER_BYTES:
-            raise ValueError(f"header of {size} bytes")
-        header = json.loads(fh.read(size))
-    spans = {}
-    for name, info in header.items():
-        if name == "__metadata__" or not info.get("shape"):
-            continue
-        lo, hi = info["data_offsets"]
-        spans[name] = (8 + size + int(lo), (int(hi) - int(lo)) // max(1, int(info["shape"][0])))
-    return spans
 
 
 def _class_names_from_metadata(path: Path, meta: dict[str, str] | None) -> list[str] | None:
@@ -272,13 +254,16 @@ class Dataset:
                check_finite: bool = True) -> Iterator[Batch]:
         """One :class:`Batch` per chunk of ``chunks`` (row indices, any order), as :meth:`read` returns it, each
         read by a background thread ahead of its use (:class:`~feda2v_toolkit.data.readahead.ReadAhead`)."""
-        from feda2v_toolkit.data.readahead import ReadAhead
-
         idx = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in chunks]
         for c in idx:
             if c.numel() and (int(c.min()) < 0 or int(c.max()) >= len(self)):
                 raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
-        yield from ReadAhead(self, [c for c in idx if c.numel()], dtype=dtype, check_finite=check_finite)
+        idx = [c for c in idx if c.numel()]
+        for c, emb in zip(idx, ReadAhead(self, idx, dtype=dtype), strict=True):
+            if check_finite:
+                self._check_finite(emb, c)
+            cond = self._gather("conditions", c, torch.float32, (self.condition_dim,)) if self.condition_dim else None
+            yield Batch(emb, self.labels[c], cond, c)
 
     def _runs(self, values: list[int]) -> Iterator[tuple[_Source, int, int]]:
         """Yield ``(source, lo, hi)`` slices covering sorted, unique global indices."""

@@ -14,7 +14,8 @@ few chunks whatever the data's size. Bytes already cached (data just written, or
 copied from the cache. Where ``O_DIRECT`` is refused (tmpfs, some network filesystems) or
 ``FEDA2V_DIRECT_IO=0`` is set, every read goes through the page cache.
 
-Files in other forms (legacy ``.pt``, the original caches) are read as before, one chunk at a time.
+Files in other forms (legacy ``.pt``, the original caches), and any file on a big-endian machine, are read as
+before, one chunk at a time.
 """
 
 from __future__ import annotations
@@ -22,22 +23,21 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import mmap
 import os
 import queue
+import struct
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from feda2v_toolkit.errors import InputError
-
-if TYPE_CHECKING:
-    from feda2v_toolkit.data.dataset import Batch, Dataset, _Source
 
 #: chunks read ahead of the one being worked on (each holds one chunk's stored bytes)
 READ_AHEAD_CHUNKS = 2
@@ -48,6 +48,11 @@ ALIGN = max(4096, mmap.PAGESIZE)
 
 #: open files kept per pass (a pass moves through the shards in order)
 OPEN_FILES = 4
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+#: largest safetensors header read to find where a file's rows lie
+MAX_HEADER_BYTES = 100_000_000
 
 
 def direct_io_allowed() -> bool:
@@ -66,6 +71,23 @@ def pass_buffer_bytes(rows: int, row_bytes: int) -> int:
     """What a pass in chunks of ``rows`` keeps in read-ahead buffers: the chunk in use, the ones read ahead
     and the one being read (``plan`` counts this)."""
     return (READ_AHEAD_CHUNKS + 2) * buffer_bytes(rows, row_bytes)
+
+
+def row_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """``{name: (byte offset of the data, bytes per row)}`` of a safetensors file's tensors, from its header
+    (read-ahead and ``Dataset.will_need``); the file was validated when the dataset was opened."""
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"header of {size} bytes")
+        header = json.loads(fh.read(size))
+    spans = {}
+    for name, info in header.items():
+        if name == "__metadata__" or not info.get("shape"):
+            continue
+        lo, hi = info["data_offsets"]
+        spans[name] = (8 + size + int(lo), (int(hi) - int(lo)) // max(1, int(info["shape"][0])))
+    return spans
 
 
 class _Mincore:
@@ -173,13 +195,14 @@ class _Layout:
 class ReadAhead:
     """Chunks of rows of a dataset's embeddings, read by a background thread ahead of their use.
 
-    Iterating yields one :class:`~feda2v_toolkit.data.dataset.Batch` per chunk of ``chunks`` (global row
-    indices, any order, repeats allowed), as :meth:`Dataset.read` would return it. Stop iterating early and the
-    thread stops too (:meth:`close`)."""
+    ``ds`` is a :class:`~feda2v_toolkit.data.dataset.Dataset` (not a view: ``Dataset.stream`` maps a view's rows).
+    Iterating yields one ``[n, S, D]`` tensor of ``dtype`` per chunk of ``chunks`` (global row indices, any
+    order, repeats allowed): the embeddings :meth:`Dataset.read` would return, before its finiteness check. Stop
+    iterating early and the thread stops too (:meth:`close`)."""
 
-    def __init__(self, ds: Dataset, chunks: Sequence[Tensor], *, dtype: torch.dtype = torch.float32,
-                 check_finite: bool = True, direct: bool | None = None) -> None:
-        self.ds, self.dtype, self.check_finite = ds, dtype, check_finite
+    def __init__(self, ds: Any, chunks: Sequence[Tensor], *, dtype: torch.dtype = torch.float32,
+                 direct: bool | None = None) -> None:
+        self.ds, self.dtype = ds, dtype
         self.chunks = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in chunks]
         self.row_bytes = ds.seq_len * ds.dim * ds.storage_dtype.itemsize
         self.files = _Files(direct_io_allowed() if direct is None else direct)
@@ -192,19 +215,17 @@ class ReadAhead:
         self._thread: threading.Thread | None = None
 
     # -- the reader (background thread) --------------------------------------------------------------------
-    def _runs(self, chunk: Tensor) -> list[tuple[_Source, int, int]]:
+    def _runs(self, chunk: Tensor) -> list[tuple[Any, int, int]]:
         return list(self.ds._runs(torch.unique(chunk, sorted=True).tolist()))
 
-    def _read_chunk(self, buf: mmap.mmap, runs: list[tuple[_Source, int, int]]) -> _Layout:
-        from feda2v_toolkit.data.dataset import _row_spans
-
+    def _read_chunk(self, buf: mmap.mmap, runs: list[tuple[Any, int, int]]) -> _Layout:
         view = memoryview(buf)
         pieces: list[tuple[int, int]] = []
         pos = 0
         for source, lo, hi in runs:
             if source._spans is None:
                 try:
-                    source._spans = _row_spans(source.path)
+                    source._spans = row_spans(source.path)
                 except (OSError, ValueError) as exc:
                     raise InputError(f"{source.path}: cannot read its header again: {exc}") from None
             start, row_bytes = source._spans.get("embeddings", (0, 0))
@@ -243,36 +264,29 @@ class ReadAhead:
                 if buf is None:
                     buf = mmap.mmap(-1, self._buffer_bytes)  # page-aligned, as direct reads need
                 runs = self._runs(chunk)
-                self._ready.put(self._read_chunk(buf, runs) if all(s.tensors is None for s, _, _ in runs)
-                                else (buf, None))
+                raw = _LITTLE_ENDIAN and all(s.tensors is None for s, _, _ in runs)  # safetensors: little-endian
+                self._ready.put(self._read_chunk(buf, runs) if raw else (buf, None))
         except BaseException as exc:  # noqa: BLE001 -- handed to the consumer, which raises it
             self._ready.put(exc)
 
     # -- the consumer ----------------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Batch]:
-        from feda2v_toolkit.data.dataset import Batch
-
+    def __iter__(self) -> Iterator[Tensor]:
         if not self.chunks:
             return
         self._thread = threading.Thread(target=self._reader, name="feda2v-read-ahead", daemon=True)
         self._thread.start()
         try:
-            for chunk in self.chunks:
+            for idx in self.chunks:
                 item = self._ready.get()
                 if isinstance(item, BaseException):
                     raise item
-                idx = chunk
                 if isinstance(item, _Layout):
                     emb = self._assemble(item, idx)
                     self._free.put(item.buf)
-                    if self.check_finite:
-                        self.ds._check_finite(emb, idx)
-                    cond = (self.ds._gather("conditions", idx, torch.float32, (self.ds.condition_dim,))
-                            if self.ds.condition_dim else None)
-                    yield Batch(emb, self.ds.labels[idx], cond, idx)
+                    yield emb
                 else:  # a source that is not a safetensors file: read as before
                     self._free.put(item[0])
-                    yield self.ds.read(idx, dtype=self.dtype, check_finite=self.check_finite)
+                    yield self.ds.read(idx, dtype=self.dtype, check_finite=False).embeddings
         finally:
             self.close()
 

@@ -38,9 +38,10 @@ def test_a_stream_yields_what_read_returns_for_any_chunks_dtypes_and_files(tmp_p
         chunks = [torch.tensor(c) for c in CHUNKS]
         got = list(ReadAhead(ds, chunks, dtype=dtype, direct=direct))
         assert len(got) == len(chunks)
-        for c, batch in zip(chunks, got, strict=True):
+        for c, emb in zip(chunks, got, strict=True):
+            assert emb.dtype == dtype and torch.equal(emb, ds.read(c, dtype=dtype).embeddings)
+        for c, batch in zip(chunks, ds.stream(chunks, dtype=dtype), strict=True):  # what Dataset.stream adds
             ref = ds.read(c, dtype=dtype)
-            assert batch.embeddings.dtype == dtype
             assert torch.equal(batch.embeddings, ref.embeddings) and torch.equal(batch.labels, ref.labels)
             assert torch.equal(batch.indices, c)
 
@@ -97,7 +98,7 @@ def test_bytes_the_page_cache_holds_are_copied_the_rest_read_directly(tmp_path, 
         monkeypatch.setattr(readahead._MINCORE, "resident", lambda fd, offset, length, c=cached: c)
         got = list(ReadAhead(ds, [torch.tensor(c) for c in CHUNKS], direct=True))
         assert direct and set(direct) == {not cached}
-        assert torch.equal(got[2].embeddings, ds.read(CHUNKS[2]).embeddings)
+        assert torch.equal(got[2], ds.read(CHUNKS[2]).embeddings)
     direct.clear()
     list(ReadAhead(ds, [torch.tensor([1, 2])], direct=False))  # FEDA2V_DIRECT_IO=0: through the page cache
     assert direct == [False]
@@ -115,8 +116,8 @@ def test_a_filesystem_that_refuses_direct_reads_is_read_through_the_page_cache(t
     monkeypatch.setattr(readahead.os, "open", refusing)
     monkeypatch.setattr(readahead._MINCORE, "resident", lambda fd, offset, length: False)
     chunks = [torch.tensor(c) for c in CHUNKS]
-    for c, batch in zip(chunks, ReadAhead(ds, chunks, direct=True), strict=True):
-        assert torch.equal(batch.embeddings, ds.read(c).embeddings)
+    for c, emb in zip(chunks, ReadAhead(ds, chunks, direct=True), strict=True):
+        assert torch.equal(emb, ds.read(c).embeddings)
 
 
 def test_direct_io_follows_the_environment(monkeypatch):
