@@ -95,7 +95,7 @@ def test_bytes_the_page_cache_holds_are_copied_the_rest_read_directly(tmp_path, 
     monkeypatch.setattr(readahead, "_pread_full", recording)
     for cached in (False, True):
         direct.clear()
-        monkeypatch.setattr(readahead._MINCORE, "resident", lambda fd, offset, length, c=cached: c)
+        monkeypatch.setattr(readahead._MINCORE, "resident", lambda fd, offset, length, vec=None, c=cached: c)
         got = list(ReadAhead(ds, [torch.tensor(c) for c in CHUNKS], direct=True))
         assert direct and set(direct) == {not cached}
         assert torch.equal(got[2], ds.read(CHUNKS[2]).embeddings)
@@ -114,7 +114,7 @@ def test_a_filesystem_that_refuses_direct_reads_is_read_through_the_page_cache(t
         return original(path, flags, *args)
 
     monkeypatch.setattr(readahead.os, "open", refusing)
-    monkeypatch.setattr(readahead._MINCORE, "resident", lambda fd, offset, length: False)
+    monkeypatch.setattr(readahead._MINCORE, "resident", lambda fd, offset, length, vec=None: False)
     chunks = [torch.tensor(c) for c in CHUNKS]
     for c, emb in zip(chunks, ReadAhead(ds, chunks, direct=True), strict=True):
         assert torch.equal(emb, ds.read(c).embeddings)
@@ -163,3 +163,15 @@ def test_stopping_early_stops_the_reader_and_closes_its_files(tmp_path):
     assert threading.active_count() == threads
     if fds is not None:
         assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_chunks_live_in_reused_buffers_that_are_never_taken_while_a_view_of_them_lives(tmp_path):
+    ds = _shards(tmp_path)
+    chunks = [torch.tensor([i, i + 1, i + 2]) for i in range(0, 27, 3)] * 3
+    stream = ReadAhead(ds, chunks)
+    kept = []
+    for i, emb in enumerate(stream):
+        if i % 4 == 0:
+            kept.append((chunks[i], emb[1:]))  # a view: its buffer stays taken
+    assert all(torch.equal(v, ds.read(c[1:]).embeddings) for c, v in kept)
+    assert len(stream._outputs) <= len(kept) + 2  # the others went back to the pass
