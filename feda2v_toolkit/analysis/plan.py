@@ -176,12 +176,13 @@ class Planner:
     def __init__(self, cfg: Mapping[str, Any], *, dim: int, full_length: int, num_classes: int,
                  condition_dim: int, num_samples: int, sample_batch: int | None, output_length: int | None,
                  runtime: int | None = None, class_names: Sequence[str] | None = None,
-                 budget: int | None = None) -> None:
+                 budget: int | None = None, stored_itemsize: int = 4) -> None:
         from feda2v_toolkit.plugins import get_registry
 
         registry = get_registry()
         self.cfg = dict(cfg)
         self.dim, self.full_length = int(dim), int(full_length)
+        self.stored_itemsize = int(stored_itemsize)
         self.num_classes, self.condition_dim, self.num_samples = int(num_classes), int(condition_dim), int(num_samples)
         self.gen_cls = registry.load("generator", self.cfg["generator_type"])
         self.reducer_name = self.cfg["generator_reducer"]
@@ -290,13 +291,14 @@ class Planner:
             # the passes over full-length sequences: the reduce pass holds a read chunk; the held-out pass a
             # chunk of a block's held-out rows, its reconstructions by the upsampler and by interpolation and one
             # difference; the freed chunk buffers the CLI's allocator keeps for reuse (runtime.malloc); and the
-            # read-ahead buffers of the chunks read ahead (data.readahead; stored bytes, float32 at most)
+            # buffers of the chunks read ahead (data.readahead: the data's stored bytes)
             row_bytes = self.full_length * self.dim * 4
             chunk = rows * row_bytes
             held = min(rows, math.ceil(float(self.cfg.get("generator_validation_split") or 0.0)
                                        * min(self.num_samples, BLOCK_ROWS)))
             kept = min(2 * STREAM_BUFFER_BYTES, 2 * chunk)
-            data = cache + max(chunk, 4 * held * row_bytes) + kept + pass_buffer_bytes(rows, row_bytes)
+            ahead = pass_buffer_bytes(rows, self.full_length * self.dim * self.stored_itemsize)
+            data = cache + max(chunk, 4 * held * row_bytes) + kept + ahead
         components = component_elements * 4
         tensors = peak + others + components + data
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)
@@ -399,12 +401,14 @@ def _describe_optimizers(opts: Mapping[str, torch.optim.Optimizer]) -> dict[str,
 def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_budget: int | None = None,
          dim: int = 768, full_length: int = 1214, num_classes: int | None = None, condition_dim: int = 0,
          num_samples: int = 0, sample_batch: int | None = None, overrides: Mapping[str, Any] | None = None,
-         runtime: int | None = None, class_names: Sequence[str] | None = None) -> PlanResult:
+         runtime: int | None = None, class_names: Sequence[str] | None = None,
+         stored_itemsize: int = 4) -> PlanResult:
     """Parameters and memory of the configured generator at its training length and at ``lengths``.
 
     ``memory_budget`` (bytes) adds the largest training length whose training run fits. ``config`` is a
     path, JSON text or mapping (``None`` = schema defaults); ``overrides`` set generator keys on top.
     ``runtime``: bytes of the Python/torch runtime to add (default: this process's resident memory now).
+    ``stored_itemsize``: bytes per stored embedding value (the data's dtype; 4, float32, is the most).
     ``class_names``: the data's classes (``per_group`` generator counts use them; default ``num_classes``
     unnamed classes). Without either, :data:`ASSUMED_CLASSES` classes are assumed and the result says so
     (``classes_assumed``).
@@ -423,7 +427,7 @@ def plan(config: Any = None, *, lengths: Sequence[int] | None = None, memory_bud
     planner = Planner(cfg, dim=dim, full_length=full_length, num_classes=num_classes, condition_dim=condition_dim,
                       num_samples=num_samples, sample_batch=sample_batch, class_names=class_names,
                       output_length=cfg.get("generator_output_sequence_length"), runtime=runtime,
-                      budget=memory_budget)
+                      budget=memory_budget, stored_itemsize=stored_itemsize)
     from feda2v_toolkit.runtime.progress import activity
 
     with activity("plan: simulating training steps", unit="length") as simulated:

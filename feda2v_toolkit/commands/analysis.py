@@ -140,7 +140,8 @@ def plan_cmd(config_path: Path | None, lengths: str | None, memory_budget: str |
 
         ds = open_dataset(data_path)
         shape.update(dim=ds.dim, full_length=ds.seq_len, num_classes=ds.num_classes,
-                     condition_dim=ds.condition_dim, num_samples=len(ds), class_names=ds.class_names)
+                     condition_dim=ds.condition_dim, num_samples=len(ds), class_names=ds.class_names,
+                     stored_itemsize=ds.storage_dtype.itemsize)
     given = {"dim": dim, "full_length": full_length, "num_classes": num_classes, "condition_dim": condition_dim,
              "num_samples": num_samples}
     shape.update({k: v for k, v in given.items() if v is not None})

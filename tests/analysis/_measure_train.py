@@ -23,6 +23,7 @@ def main() -> None:
     if what == "plan":
         ds = open_dataset(data)
         r = plan(cfg, dim=ds.dim, full_length=ds.seq_len, class_names=ds.class_names, num_samples=len(ds),
+                 stored_itemsize=ds.storage_dtype.itemsize,
                  runtime=base)
         print(json.dumps({"total": r.rows[0].train.total, "base": base}))
     else:
