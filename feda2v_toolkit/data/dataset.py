@@ -76,7 +76,7 @@ class _Source:
     start: int
     count: int
     tensors: dict[str, Tensor] | None = None  # legacy .pt content (already in memory / mmapped)
-    _spans: dict[str, tuple[int, int]] | None = field(default=None, repr=False, compare=False)
+    _spans: dict[str, tuple[int, int, int]] | None = field(default=None, repr=False, compare=False)
 
     def will_need(self, name: str, lo: int, hi: int) -> None:
         """Ask the kernel to start reading rows ``[lo, hi)`` of tensor ``name`` into the page cache
@@ -90,7 +90,7 @@ class _Source:
         try:
             if self._spans is None:
                 self._spans = row_spans(self.path)
-            start, row_bytes = self._spans[name]
+            start, row_bytes, _ = self._spans[name]
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, start + lo * row_bytes, (hi - lo) * row_bytes, os.POSIX_FADV_WILLNEED)

@@ -30,6 +30,7 @@ import queue
 import struct
 import sys
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,20 +62,20 @@ def direct_io_allowed() -> bool:
         "0", "false", "no", "off")
 
 
-def buffer_bytes(rows: int, row_bytes: int) -> int:
-    """Bytes of one read-ahead buffer for chunks of up to ``rows`` stored rows of ``row_bytes`` (each contiguous
-    run padded to :data:`ALIGN` at both ends; at most one run per row)."""
-    return rows * (row_bytes + 2 * ALIGN)
+def run_bytes(first: int, end: int) -> int:
+    """Buffer bytes of the run of file bytes ``[first, end)``: whole :data:`ALIGN` blocks around it."""
+    return -(-(first % ALIGN + end - first) // ALIGN) * ALIGN
 
 
-def pass_buffer_bytes(rows: int, row_bytes: int) -> int:
-    """What a pass in chunks of ``rows`` keeps in read-ahead buffers: the chunk in use, the ones read ahead
-    and the one being read (``plan`` counts this)."""
-    return (READ_AHEAD_CHUNKS + 2) * buffer_bytes(rows, row_bytes)
+def pass_buffer_bytes(rows: int, row_bytes: int, runs: int = 2) -> int:
+    """What a pass in chunks of ``rows`` stored rows, each in at most ``runs`` contiguous runs (2: a chunk of
+    consecutive rows that crosses a file boundary), keeps in read-ahead buffers: the chunk being read, the ones
+    read ahead and the one in use (``plan`` counts this)."""
+    return (READ_AHEAD_CHUNKS + 2) * (rows * row_bytes + runs * 2 * ALIGN)
 
 
-def row_spans(path: Path) -> dict[str, tuple[int, int]]:
-    """``{name: (byte offset of the data, bytes per row)}`` of a safetensors file's tensors, from its header
+def row_spans(path: Path) -> dict[str, tuple[int, int, int]]:
+    """``{name: (byte offset of the data, bytes per row, rows)}`` of a safetensors file's tensors, from its header
     (read-ahead and ``Dataset.will_need``); the file was validated when the dataset was opened."""
     with open(path, "rb") as fh:
         (size,) = struct.unpack("<Q", fh.read(8))
@@ -86,34 +87,51 @@ def row_spans(path: Path) -> dict[str, tuple[int, int]]:
         if name == "__metadata__" or not info.get("shape"):
             continue
         lo, hi = info["data_offsets"]
-        spans[name] = (8 + size + int(lo), (int(hi) - int(lo)) // max(1, int(info["shape"][0])))
+        rows = int(info["shape"][0])
+        spans[name] = (8 + size + int(lo), (int(hi) - int(lo)) // max(1, rows), rows)
     return spans
 
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
-#: ``sys.getrefcount`` of an output buffer no tensor uses: the pass's list, the loop variable, the call's argument
-_UNUSED_REFS = 3
+#: chunks smaller than this are handed out in ordinary tensors (the heap handles them well)
+MIN_OUTPUT_BYTES = 1 << 20
+
+#: output buffers a pass keeps; past them (a caller that keeps its chunks) ordinary tensors are made
+MAX_OUTPUTS = 8
 
 
 class _Mincore:
     """Which pages of a file range are in the page cache (``mincore`` on a throwaway read-only map; no I/O)."""
 
     def __init__(self) -> None:
-        self.ok = False
+        self._ok: bool | None = None  # looked up on first use
+
+    @property
+    def ok(self) -> bool:
+        if self._ok is None:
+            self._ok = self._load()
+        return self._ok
+
+    def _load(self) -> bool:
         if not sys.platform.startswith("linux"):
-            return
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            self._mmap, self._munmap, self._mincore = libc.mmap, libc.munmap, libc.mincore
-        except (OSError, AttributeError):
-            return
+            return False
+        libc = None
+        for name in ("libc.so.6", None):  # the usual name first: find_library runs ldconfig
+            try:
+                libc = ctypes.CDLL(name or ctypes.util.find_library("c"), use_errno=True)
+                self._mmap, self._munmap, self._mincore = libc.mmap, libc.munmap, libc.mincore
+                break
+            except (OSError, AttributeError, TypeError):
+                libc = None
+        if libc is None:
+            return False
         self._mmap.restype = ctypes.c_void_p
         self._mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                ctypes.c_long]
         self._munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         self._mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        self.ok = True
+        return True
 
     def resident(self, fd: int, offset: int, length: int, vec: Any = None) -> bool:
         """Whether every page of ``[offset, offset + length)`` is cached; False when that cannot be told.
@@ -181,12 +199,18 @@ class _Files:
             self._close(path)
 
 
-def _pread_full(fd: int, view: memoryview, offset: int, need: int, path: Path) -> None:
+def _pread_full(fd: int, view: memoryview, offset: int, need: int, path: Path, direct: bool = False) -> None:
     """Read into ``view`` from ``offset`` until at least ``need`` bytes are in (a read past the end of the file
-    may stop after them)."""
+    may stop after them). A direct read's ``EINVAL`` (alignment refused) is raised as it is, for the caller to
+    read through the page cache instead; every other failure is an :class:`InputError` naming the file."""
     got = 0
     while got < need:
-        n = os.preadv(fd, [view[got:]], offset + got)
+        try:
+            n = os.preadv(fd, [view[got:]], offset + got)
+        except OSError as exc:
+            if direct and exc.errno == errno.EINVAL:
+                raise
+            raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
         if n == 0:
             raise InputError(f"{path}: the file ends before the data its header describes (it changed or was "
                              f"truncated after it was opened)")
@@ -217,11 +241,12 @@ class ReadAhead:
         self._stop = threading.Event()
         self._ready: queue.Queue[Any] = queue.Queue()
         self._free: queue.Queue[mmap.mmap | None] = queue.Queue()
-        self._buffer_bytes = buffer_bytes(max((c.numel() for c in self.chunks), default=0), self.row_bytes)
+        self._buffer_bytes = 0  # the largest chunk's need, from the plans (__iter__)
         for _ in range(READ_AHEAD_CHUNKS + 2):
             self._free.put(None)  # a buffer made on first use, reused for the rest of the pass
-        self._vec = (ctypes.c_ubyte * (self._buffer_bytes // mmap.PAGESIZE + 2))()  # mincore's answer
-        self._outputs: list[mmap.mmap] = []  # the chunks handed out live here (see _output)
+        self._vec: Any = None  # mincore's answer, a byte per page of the largest run
+        self._used = False
+        self._outputs: list[tuple[mmap.mmap, Any]] = []  # the chunks handed out live here (see _output)
         self._thread: threading.Thread | None = None
 
     # -- planned in the calling thread ---------------------------------------------------------------------
@@ -236,10 +261,11 @@ class ReadAhead:
             if source._spans is None:
                 try:
                     source._spans = row_spans(source.path)
-                except (OSError, ValueError) as exc:
-                    raise InputError(f"{source.path}: cannot read its header again: {exc}") from None
-            start, row_bytes = source._spans.get("embeddings", (0, 0))
-            if row_bytes != self.row_bytes:
+                except Exception as exc:  # noqa: BLE001 -- any garbled header: the file changed since it was opened
+                    raise InputError(f"{source.path}: cannot read its header again (it changed after it was "
+                                     f"opened?): {exc}") from None
+            start, row_bytes, count = source._spans.get("embeddings", (0, 0, 0))
+            if row_bytes != self.row_bytes or hi > count:
                 raise InputError(f"{source.path}: its header changed after it was opened")
             plan.append((source.path, start + lo * row_bytes, start + hi * row_bytes, hi - lo))
         return plan
@@ -258,7 +284,7 @@ class ReadAhead:
                 lo_a = a - a % ALIGN
                 length = -(-(b - lo_a) // ALIGN) * ALIGN
                 try:
-                    _pread_full(dfd, view[pos:pos + length], lo_a, b - lo_a, path)
+                    _pread_full(dfd, view[pos:pos + length], lo_a, b - lo_a, path, True)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
@@ -282,21 +308,27 @@ class ReadAhead:
                     except queue.Empty:
                         continue
                 if buf is None:
-                    buf = mmap.mmap(-1, self._buffer_bytes)  # page-aligned, as direct reads need
+                    buf = mmap.mmap(-1, self._buffer_bytes, flags=mmap.MAP_PRIVATE)  # page-aligned for direct reads
                 self._ready.put(self._read_chunk(buf, plan) if plan is not None else (buf, None))
         except BaseException as exc:  # noqa: BLE001 -- handed to the consumer, which raises it
             self._ready.put(exc)
 
     # -- the consumer ----------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Tensor]:
+        if self._used:
+            raise RuntimeError("a ReadAhead pass can be iterated once")
+        self._used = True
         if not self.chunks:
             return
         plans = [self._plan(c) for c in self.chunks]
+        needs = [[run_bytes(a, b) for _, a, b, _ in plan] for plan in plans if plan]
+        self._buffer_bytes = max((sum(n) for n in needs), default=ALIGN)
+        self._vec = (ctypes.c_ubyte * (max((max(n) for n in needs), default=ALIGN) // mmap.PAGESIZE + 2))()
         self._thread = threading.Thread(target=self._reader, args=(plans,), name="feda2v-read-ahead", daemon=True)
         self._thread.start()
         try:
             for idx in self.chunks:
-                item = self._ready.get()
+                item = self._next()
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, _Layout):
@@ -309,21 +341,43 @@ class ReadAhead:
         finally:
             self.close()
 
+    def _next(self) -> Any:
+        """The reader's next item; an error if the reader stopped without one (the pass was closed)."""
+        while True:
+            try:
+                return self._ready.get(timeout=1.0)
+            except queue.Empty:
+                if self._thread is None or not self._thread.is_alive():
+                    try:
+                        return self._ready.get_nowait()
+                    except queue.Empty:
+                        raise RuntimeError("the read-ahead pass was closed") from None
+
     def _output(self, rows: int) -> Tensor:
         """A ``[rows, S, D]`` tensor of ``dtype`` in one of the pass's own output buffers that no tensor uses any
-        more (a tensor made by ``torch.frombuffer`` holds a reference to its buffer until the last view of it
-        is gone), else in a new one. The chunks thus never go through the allocator's heap, where 30 MB blocks
-        freed among small allocations were split and not found again (measured: the heap of `train
-        --dp-epsilon` grew by up to 1 GB over a pass); a consumer that keeps every chunk gets a buffer each."""
+        more, else in a new one. Each tensor is made from a fresh ``memoryview`` of its buffer, which the tensor
+        and every view of it keep alive: the buffer is free again once that memoryview is gone (a weak
+        reference tells). The chunks thus stay off the allocator's heap, where 30 MB blocks freed among small
+        allocations were split and not found again (measured: the heap of `train --dp-epsilon` grew by up to
+        1 GB over a pass). Small chunks, and chunks past :data:`MAX_OUTPUTS` kept by the caller, are ordinary
+        tensors."""
+        shape = (rows, self.ds.seq_len, self.ds.dim)
         size = rows * self.ds.seq_len * self.ds.dim * self.dtype.itemsize
-        for buf in self._outputs:
-            if len(buf) >= size and sys.getrefcount(buf) <= _UNUSED_REFS:
-                break
-        else:
-            buf = mmap.mmap(-1, max(size, 1))
-            self._outputs.append(buf)
-        return torch.frombuffer(buf, dtype=self.dtype, count=size // self.dtype.itemsize).view(
-            rows, self.ds.seq_len, self.ds.dim)
+        if size < MIN_OUTPUT_BYTES:
+            return torch.empty(shape, dtype=self.dtype)
+        i = next((k for k, (buf, used) in enumerate(self._outputs)
+                  if len(buf) >= size and (used is None or used() is None)), None)
+        if i is None:
+            if len(self._outputs) >= MAX_OUTPUTS:
+                return torch.empty(shape, dtype=self.dtype)
+            i = len(self._outputs)
+            self._outputs.append((mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), None))
+        buf = self._outputs[i][0]
+        view = memoryview(buf)
+        self._outputs[i] = (buf, weakref.ref(view))
+        out = torch.frombuffer(view, dtype=self.dtype, count=size // self.dtype.itemsize).view(shape)
+        del view
+        return out
 
     def _assemble(self, layout: _Layout, idx: Tensor) -> Tensor:
         out = self._output(sum(rows for _, rows in layout.pieces))
@@ -341,12 +395,12 @@ class ReadAhead:
     def close(self) -> None:
         """Stop the reader and close the files (iterating to the end does this)."""
         self._stop.set()
-        if self._thread is not None:
-            while True:  # unblock a reader waiting for a free buffer; drain what it made
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            while True:  # drain what the reader made; it stops at its next wait for a free buffer
                 try:
                     self._ready.get_nowait()
-                except queue.Empty:
+                except Exception:  # noqa: BLE001 -- queue.Empty (or the queue module gone at interpreter exit)
                     break
-            self._thread.join()
-            self._thread = None
+            thread.join()
         self.files.close()

@@ -256,7 +256,7 @@ class Site:
                         yield r[a:z], full[a:z]
                     if held is not None:  # the held-out rows' sums for the upsampler's held-out error, same read
                         for a, z in contiguous_runs((~is_train[s:s + r.shape[0]]).nonzero().flatten().tolist()):
-                            held.add(r[a:z], full[a:z])
+                            held.add(r[a:z], full[a:z])  # views, never copies
 
             with torch.no_grad():
                 if fuse and bool(is_train[lo:hi].any()):  # the block's statistics from the same read, in one call

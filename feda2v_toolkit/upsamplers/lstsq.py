@@ -143,8 +143,8 @@ class LeastSquaresUpsampler(Upsampler):
         f64 = torch.float64
         sxr, srr, sum_x, sum_r, sumsq = (stats[k].to(f64) for k in ("sxr", "srr", "sum_x", "sum_r", "sumsq"))
         n = float(stats["count"])
-        out = {"sse": torch.zeros((), dtype=f64), "sse_linear": torch.zeros((), dtype=f64), "sumsq": sumsq,
-               "total": sum_x, "count": torch.tensor(n, dtype=f64)}
+        out = {"sse": torch.zeros((), dtype=f64), "sse_linear": torch.zeros((), dtype=f64), "sumsq": sumsq.clone(),
+               "total": sum_x.clone(), "count": torch.tensor(n, dtype=f64)}
         if n == 0:
             return out
         if tuple(sxr.shape) != (self.full_length, self.reduced_length):

@@ -121,8 +121,8 @@ def test_memory_parts_add_up_and_grow_with_length():
         assert t.step_peak >= t.weights + t.gradients + t.optimizer
         # the cache, the larger of a read chunk (all 100 rows) and the held-out pass's four tensors of a block's
         # 10 held-out rows (the default validation split, 0.1), two read chunks the allocator keeps for reuse, and
-        # the read-ahead buffers (stored rows, float32 unless told, padded to whole pages)
-        ahead = (READ_AHEAD_CHUNKS + 2) * 100 * (50 * 16 * 4 + 2 * ALIGN)
+        # the read-ahead buffers (stored rows, float32 unless told, each run padded to whole pages)
+        ahead = (READ_AHEAD_CHUNKS + 2) * (100 * 50 * 16 * 4 + 2 * 2 * ALIGN)  # two runs: a file boundary
         assert t.data == 100 * row.length * 16 * 4 + max(100, 4 * 10) * 50 * 16 * 4 + 2 * 100 * 50 * 16 * 4 + ahead
         assert t.total == t.step_peak + t.other_generators + t.components + t.data + t.allowance + t.runtime
     assert [r.train.total for r in rows] == sorted(r.train.total for r in rows)

@@ -86,11 +86,12 @@ def test_bytes_the_page_cache_holds_are_copied_the_rest_read_directly(tmp_path, 
     direct = []
     original = readahead._pread_full
 
-    def recording(fd, view, offset, need, path):
+    def recording(fd, view, offset, need, path, is_direct=False):
         direct.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        assert direct[-1] == is_direct
         if direct[-1]:
             assert offset % readahead.ALIGN == 0 and len(view) % readahead.ALIGN == 0
-        return original(fd, view, offset, need, path)
+        return original(fd, view, offset, need, path, is_direct)
 
     monkeypatch.setattr(readahead, "_pread_full", recording)
     for cached in (False, True):
@@ -165,7 +166,8 @@ def test_stopping_early_stops_the_reader_and_closes_its_files(tmp_path):
         assert len(os.listdir("/proc/self/fd")) == fds
 
 
-def test_chunks_live_in_reused_buffers_that_are_never_taken_while_a_view_of_them_lives(tmp_path):
+def test_chunks_live_in_reused_buffers_that_are_never_taken_while_a_view_of_them_lives(tmp_path, monkeypatch):
+    monkeypatch.setattr(readahead, "MIN_OUTPUT_BYTES", 0)  # the tiny chunks here too
     ds = _shards(tmp_path)
     chunks = [torch.tensor([i, i + 1, i + 2]) for i in range(0, 27, 3)] * 3
     stream = ReadAhead(ds, chunks)
@@ -175,3 +177,46 @@ def test_chunks_live_in_reused_buffers_that_are_never_taken_while_a_view_of_them
             kept.append((chunks[i], emb[1:]))  # a view: its buffer stays taken
     assert all(torch.equal(v, ds.read(c[1:]).embeddings) for c, v in kept)
     assert len(stream._outputs) <= len(kept) + 2  # the others went back to the pass
+
+
+def test_a_caller_that_keeps_every_chunk_gets_ordinary_tensors_past_a_few_buffers(tmp_path, monkeypatch):
+    monkeypatch.setattr(readahead, "MIN_OUTPUT_BYTES", 0)
+    ds = _shards(tmp_path)
+    chunks = [torch.tensor([i]) for i in range(32)]
+    stream = ReadAhead(ds, chunks)
+    kept = list(stream)
+    assert len(stream._outputs) == readahead.MAX_OUTPUTS
+    assert all(torch.equal(k, ds.read(c).embeddings) for c, k in zip(chunks, kept, strict=True))
+
+
+def test_short_rows_scattered_get_buffers_of_their_runs_not_of_a_page_per_row(tmp_path, monkeypatch):
+    ds = open_dataset(write_dataset(tmp_path / "d.safetensors", torch.randn(5000, 1, 1), torch.zeros(5000)))
+    made = []
+    original = readahead.mmap.mmap
+    monkeypatch.setattr(readahead.mmap, "mmap", lambda *a, **k: made.append(a[1]) or original(*a, **k))
+    chunks = [torch.arange(0, 4000), torch.arange(0, 4000, 2)]  # one run; 2,000 runs of one row each
+    got = list(ReadAhead(ds, chunks, direct=False))
+    assert torch.equal(got[1], ds.read(chunks[1]).embeddings)
+    assert max(made) <= 2000 * readahead.ALIGN  # each run in whole pages; never rows x (row + 2 pages) bytes
+
+
+def test_a_pass_is_iterated_once_and_a_closed_pass_says_so(tmp_path):
+    ds = _shards(tmp_path)
+    stream = ReadAhead(ds, [torch.tensor([0]), torch.tensor([1]), torch.tensor([2])])
+    assert len(list(stream)) == 3
+    with pytest.raises(RuntimeError, match="once"):
+        list(stream)
+    stream = ReadAhead(ds, [torch.tensor([0]), torch.tensor([1]), torch.tensor([2])])
+    with pytest.raises(RuntimeError, match="closed"):
+        for _ in stream:
+            stream.close()
+
+
+@pytest.mark.parametrize("garbage", [b"\x01", (5).to_bytes(8, "little") + b"[1,2]",
+                                     (12).to_bytes(8, "little") + b'{"e": [1,2]}'])
+def test_a_header_garbled_after_opening_is_named(tmp_path, garbage):
+    path = write_dataset(tmp_path / "d.safetensors", torch.randn(8, 4, 3), torch.zeros(8))
+    ds = open_dataset(path)
+    path.write_bytes(garbage)
+    with pytest.raises(InputError, match=r"d\.safetensors: cannot read its header again"):
+        list(ds.batches(4))
