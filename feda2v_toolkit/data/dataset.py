@@ -230,17 +230,6 @@ class Dataset:
         in_order = unique.numel() == idx.numel() and torch.equal(unique, idx)
         return out if in_order else out[inverse]
 
-    def will_need(self, indices: Tensor | Sequence[int]) -> None:
-        """Hint that rows ``indices`` will be read soon: when they are scattered (more than one contiguous run),
-        the kernel starts reading them now (:meth:`_Source.will_need`), so a pass that hints its next batch
-        before working on the current one overlaps the reads with its work. Contiguous rows are left to the
-        kernel's own read-ahead."""
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        if idx.numel() > 1 and int(idx.min()) >= 0 and int(idx.max()) < len(self):
-            runs = list(self._runs(torch.unique(idx, sorted=True).tolist()))
-            if len(runs) > 1:
-                _hint(runs, "embeddings")
-
     def batches(self, batch_size: int, indices: Tensor | Sequence[int] | None = None, *,
                 dtype: torch.dtype = torch.float32, check_finite: bool = True) -> Iterator[Batch]:
         """Stream batches of at most ``batch_size`` rows, in the given order (default: all, in order)."""
@@ -254,16 +243,20 @@ class Dataset:
                check_finite: bool = True) -> Iterator[Batch]:
         """One :class:`Batch` per chunk of ``chunks`` (row indices, any order), as :meth:`read` returns it, each
         read by a background thread ahead of its use (:class:`~feda2v_toolkit.data.readahead.ReadAhead`)."""
-        idx = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in chunks]
-        for c in idx:
-            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= len(self)):
-                raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
-        idx = [c for c in idx if c.numel()]
+        idx = self._chunks(chunks)
         for c, emb in zip(idx, ReadAhead(self, idx, dtype=dtype), strict=True):
             if check_finite:
                 self._check_finite(emb, c)
             cond = self._gather("conditions", c, torch.float32, (self.condition_dim,)) if self.condition_dim else None
             yield Batch(emb, self.labels[c], cond, c)
+
+    def _chunks(self, chunks: Sequence[Tensor]) -> list[Tensor]:
+        """``chunks`` as flat long tensors, the empty ones left out; an index out of range is refused."""
+        idx = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in chunks]
+        for c in idx:
+            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= len(self)):
+                raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
+        return [c for c in idx if c.numel()]
 
     def _runs(self, values: list[int]) -> Iterator[tuple[_Source, int, int]]:
         """Yield ``(source, lo, hi)`` slices covering sorted, unique global indices."""
@@ -335,18 +328,9 @@ class DatasetView(Dataset):
         batch = self.base.read(self.rows[idx], dtype=dtype, check_finite=check_finite)
         return Batch(batch.embeddings, self.labels[idx], batch.conditions, idx)
 
-    def will_need(self, indices: Tensor | Sequence[int]) -> None:
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        if idx.numel() and int(idx.min()) >= 0 and int(idx.max()) < len(self):
-            self.base.will_need(self.rows[idx])
-
     def stream(self, chunks: Sequence[Tensor], *, dtype: torch.dtype = torch.float32,
                check_finite: bool = True) -> Iterator[Batch]:
-        idx = [torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in chunks]
-        for c in idx:
-            if c.numel() and (int(c.min()) < 0 or int(c.max()) >= len(self)):
-                raise UsageError(f"{self.path}: index out of range (dataset has {len(self)} samples)")
-        idx = [c for c in idx if c.numel()]
+        idx = self._chunks(chunks)
         for c, batch in zip(idx, self.base.stream([self.rows[c] for c in idx], dtype=dtype,
                                                   check_finite=check_finite), strict=True):
             yield Batch(batch.embeddings, self.labels[c], batch.conditions, c)

@@ -76,7 +76,7 @@ def pass_buffer_bytes(rows: int, row_bytes: int, runs: int = 2) -> int:
 
 def row_spans(path: Path) -> dict[str, tuple[int, int, int]]:
     """``{name: (byte offset of the data, bytes per row, rows)}`` of a safetensors file's tensors, from its header
-    (read-ahead and ``Dataset.will_need``); the file was validated when the dataset was opened."""
+    (read-ahead and the hints of scattered reads); the file was validated when the dataset was opened."""
     with open(path, "rb") as fh:
         (size,) = struct.unpack("<Q", fh.read(8))
         if size > MAX_HEADER_BYTES:

@@ -278,7 +278,7 @@ def test_contiguous_reads_are_left_to_the_kernels_read_ahead_and_scattered_reads
     assert torch.equal(batches[1].embeddings, emb[[9, 1]]) and calls == []
     view = ds.subset([9, 8, 7, 6])
     calls.clear()
-    view.will_need([0, 2])  # rows 9 and 7 of the file
+    view.read([0, 2])  # rows 9 and 7 of the file
     assert len(calls) == 2
 
 
@@ -290,7 +290,6 @@ def test_a_hint_that_cannot_be_given_changes_nothing(tmp_path, monkeypatch):
     for junk in (b"\xff" * 16, b"\x01", (2).to_bytes(8, "little") + b"[]", (4).to_bytes(8, "little") + b"{\"e\"}"):
         path.write_bytes(junk)  # the header is gone or garbled: the hint is skipped, not an error
         ds.sources[0]._spans = None
-        ds.will_need([0, 5])
         ds.sources[0].will_need("embeddings", 0, 1)
         assert ds.sources[0]._spans == {} and calls == []
 
