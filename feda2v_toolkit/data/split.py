@@ -133,9 +133,9 @@ def split_dataset(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
             idx = (node_of == i).nonzero().flatten()
             labels = ds.labels[idx].to(torch.long)
 
-            def chunks(idx: torch.Tensor = idx) -> Iterator[torch.Tensor]:  # memory: one chunk, not the node
-                for s in range(0, idx.numel(), rows):
-                    yield ds.read(idx[s:s + rows], dtype=ds.storage_dtype).embeddings
+            def chunks(idx: torch.Tensor = idx) -> Iterator[torch.Tensor]:  # memory: a few chunks, not the node
+                for batch in ds.batches(rows, idx, dtype=ds.storage_dtype):  # read ahead (data.readahead)
+                    yield batch.embeddings
 
             tensors = {"embeddings": StreamedTensor(ds.storage_dtype, (idx.numel(), ds.seq_len, ds.dim), chunks),
                        "labels": StreamedTensor(torch.long, (idx.numel(),), lambda labels=labels: iter([labels]))}
