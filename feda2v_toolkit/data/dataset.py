@@ -37,7 +37,6 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 DEFAULT_SHARD_BYTES = 256 * 2**20
 #: labels of a dataset without ``class_names`` must lie below this (class_0 .. class_N are made up)
 MAX_UNNAMED_CLASSES = 100_000
-#: a safetensors header longer than this is not read for read hints (safetensors' own limit is 100 MB)
 _LEGACY_EMBEDDING_KEYS = ("embeddings", "audio_embeddings", "features", "x")
 _LEGACY_LABEL_KEYS = ("labels", "targets", "y")
 

@@ -21,7 +21,6 @@ before, one chunk at a time.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import json
 import mmap
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor
 
 from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.runtime.malloc import libc
 
 #: chunks read ahead of the one being worked on (each holds one chunk's stored bytes)
 READ_AHEAD_CHUNKS = 2
@@ -114,17 +114,10 @@ class _Mincore:
         return self._ok
 
     def _load(self) -> bool:
-        if not sys.platform.startswith("linux"):
-            return False
-        libc = None
-        for name in ("libc.so.6", None):  # the usual name first: find_library runs ldconfig
-            try:
-                libc = ctypes.CDLL(name or ctypes.util.find_library("c"), use_errno=True)
-                self._mmap, self._munmap, self._mincore = libc.mmap, libc.munmap, libc.mincore
-                break
-            except (OSError, AttributeError, TypeError):
-                libc = None
-        if libc is None:
+        try:
+            c = libc()
+            self._mmap, self._munmap, self._mincore = c.mmap, c.munmap, c.mincore  # type: ignore[union-attr]
+        except AttributeError:  # no C library, or one without these
             return False
         self._mmap.restype = ctypes.c_void_p
         self._mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,

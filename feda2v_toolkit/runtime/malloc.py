@@ -24,17 +24,31 @@ _M_MMAP_THRESHOLD = -3
 
 
 _kept = False  # whether this process asked glibc to keep freed blocks (release_freed_memory acts only then)
+_libc: list[ctypes.CDLL | None] = []  # the C library, once looked up
+
+
+def libc() -> ctypes.CDLL | None:
+    """The C library (Linux only; ``None`` elsewhere or where it cannot be loaded), looked up once: by its usual
+    name first, since ``ctypes.util.find_library`` runs ``ldconfig``. Loaded with ``use_errno``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if not _libc:
+        found = None
+        for name in ("libc.so.6", None):
+            try:
+                found = ctypes.CDLL(name or ctypes.util.find_library("c"), use_errno=True)
+                break
+            except (OSError, TypeError):
+                continue
+        _libc.append(found)
+    return _libc[0]
 
 
 def reuse_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     """Ask glibc to keep freed blocks up to ``limit_bytes`` for reuse; False where that is not possible."""
     global _kept
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(libc(), "mallopt", None)
+    if mallopt is None:
         return False
     _kept = bool(mallopt(_M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * limit_bytes))
     return _kept
@@ -44,9 +58,5 @@ def release_freed_memory() -> bool:
     """Return the heap's freed blocks to the kernel (glibc's ``malloc_trim(0)``) if this process asked to keep
     them (:func:`reuse_freed_memory`, which CLI commands call); False otherwise or where that is not possible.
     Changes no setting: the pipeline calls it between stages, after its passes over full-length sequences."""
-    if not (_kept and sys.platform.startswith("linux")):
-        return False
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    malloc_trim = getattr(libc(), "malloc_trim", None) if _kept else None
+    return bool(malloc_trim(0)) if malloc_trim is not None else False

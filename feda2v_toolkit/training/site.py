@@ -43,6 +43,7 @@ from feda2v_toolkit.training.stages import (
     NormalizationStage,
     WeightsPart,
     fitted_while_reducing,
+    heldout_from_sums,
 )
 from feda2v_toolkit.training.streams import (
     ReducedCache,
@@ -233,8 +234,7 @@ class Site:
                                   in_memory=cache_in_memory(n * length * dim * 4))
         ups = self._upsampler()
         fuse = fitted_while_reducing(ups) and not self.private
-        heldout_from_sums = callable(getattr(ups, "heldout_sums", None)) and \
-            callable(getattr(ups, "heldout_errors", None)) and self.val_idx.numel() > 0
+        held_sums = fuse and heldout_from_sums(ups) and self.val_idx.numel() > 0
         is_train = torch.zeros(n, dtype=torch.bool)
         is_train[self.train_idx] = True
         chunk = read_chunk_rows(self.ds)
@@ -244,19 +244,19 @@ class Site:
             lo, hi = block_range(b, n)
             values = torch.empty(hi - lo, length, dim)
             part: Arrays = {}
-            held = ups.heldout_sums() if fuse and heldout_from_sums else None
+            held = ups.heldout_sums() if held_sums else None
 
             def chunks() -> Any:  # each chunk read and reduced once; its training rows paired with their reductions
                 for batch in self.ds.stream([torch.arange(s, min(s + chunk, hi)) for s in range(lo, hi, chunk)]):
                     s, full = int(batch.indices[0]), batch.embeddings
                     r = reducer(full.to(self.device)).to("cpu", torch.float32)
                     values[s - lo:s - lo + r.shape[0]] = r
-                    train_rows = is_train[s:s + r.shape[0]].nonzero().flatten().tolist()
-                    for a, z in contiguous_runs(train_rows):  # views: a chunk's rows are never copied
+                    trained = is_train[s:s + r.shape[0]]
+                    for a, z in contiguous_runs(trained.nonzero().flatten().tolist()):  # views, never copies
                         yield r[a:z], full[a:z]
                     if held is not None:  # the held-out rows' sums for the upsampler's held-out error, same read
-                        for a, z in contiguous_runs((~is_train[s:s + r.shape[0]]).nonzero().flatten().tolist()):
-                            held.add(r[a:z], full[a:z])  # views, never copies
+                        for a, z in contiguous_runs((~trained).nonzero().flatten().tolist()):
+                            held.add(r[a:z], full[a:z])
 
             with torch.no_grad():
                 if fuse and bool(is_train[lo:hi].any()):  # the block's statistics from the same read, in one call

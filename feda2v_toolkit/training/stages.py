@@ -138,6 +138,12 @@ def has_statistics(component: Any) -> bool:
         callable(getattr(component, "fit_from_statistics", None))
 
 
+def heldout_from_sums(upsampler: Any) -> bool:
+    """Whether ``upsampler`` (class or instance) measures its held-out error from sums taken while the data are
+    reduced (``heldout_sums`` / ``heldout_errors``, as ``lstsq``) instead of a second read of the held-out clips."""
+    return all(callable(getattr(upsampler, name, None)) for name in ("heldout_sums", "heldout_errors"))
+
+
 def fitted_while_reducing(upsampler: Any) -> bool:
     """Whether a site takes ``upsampler``'s (class or instance) statistics from the read that reduces its data
     (``training.site.Site.reduce``): a trainable upsampler with summable statistics, such as ``lstsq``."""
