@@ -20,6 +20,16 @@ def _fresh_registry():
     reset_registry()
 
 
+@pytest.fixture(autouse=True)
+def _default_memory_budget():
+    """Each test starts and ends with the default memory budget (a test may set the process-wide one)."""
+    from feda2v_toolkit.runtime.resources import set_memory_budget
+
+    set_memory_budget(None)
+    yield
+    set_memory_budget(None)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A demo dataset file: 4 classes x 10 clips of [50, 16] float16."""

@@ -82,6 +82,7 @@ from feda2v_toolkit.analysis.metrics import (
     frechet_of_subsets,
     manifold_metrics,
     mean_pairwise_distance,
+    nearest_both_ways,
     nearest_distances,
 )
 from feda2v_toolkit.data.dataset import Dataset
@@ -276,16 +277,19 @@ def privacy_metrics(synthetic_d: Tensor, real_d: Tensor, training: int) -> Priva
 
 
 def _privacy(model: GenerativeModel, members: _Rows, real: _Rows,
-             synth_reduced: dict[str, Tensor]) -> dict[str, PrivacyMetrics]:
-    """Per-class and pooled DCR (copy detection) in the model's normalised reduced space."""
+             synth_reduced: dict[str, Tensor]) -> tuple[dict[str, PrivacyMetrics], Tensor]:
+    """Per-class and pooled DCR (copy detection) in the model's normalised reduced space, and each member's
+    distance to its class's nearest synthetic sample (the audit's nearest-sample attack; NaN for a member of
+    a class without samples): both from one pass over the member-to-synthetic distances."""
     out: dict[str, PrivacyMetrics] = {}
+    member_near = torch.full((members.index.numel(),), float("nan"), dtype=torch.float64)
     syn_all, real_all, n_all = [], [], 0
     for c in synth_reduced:
         rows = members.of(c)
         if not bool(rows.any()):
             continue
         ref = model.normalize(members.reduced[rows])
-        syn_d = nearest_distances(model.normalize(synth_reduced[c]), ref)
+        member_near[rows], syn_d = nearest_both_ways(ref, model.normalize(synth_reduced[c]))
         real_d = nearest_distances(model.normalize(real.reduced[real.of(c)]), ref)
         out[c] = privacy_metrics(syn_d, real_d, int(rows.sum()))
         syn_all.append(syn_d)
@@ -293,7 +297,7 @@ def _privacy(model: GenerativeModel, members: _Rows, real: _Rows,
         n_all += int(rows.sum())
     if out:
         out["(all)"] = privacy_metrics(torch.cat(syn_all), torch.cat(real_all), n_all)
-    return out
+    return out, member_near
 
 
 def _real_indices(model: GenerativeModel, ds: Dataset, split: str) -> Tensor:
@@ -566,7 +570,7 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
         members, source, m_cut = _members(model, source_ds, classes, cap, pooled_cap, pool_positions, seed, notes)
         subsampled = subsampled or m_cut
         with torch.no_grad():
-            privacy = _privacy(model, members, real, synth_reduced)
+            privacy, member_near = _privacy(model, members, real, synth_reduced)
         flagged = [c for c, m in privacy.items() if m.memorising and c != "(all)"]
         if flagged:
             notes.append(f"MEMORISATION: synthetic samples of {', '.join(flagged)} are much nearer to training "
@@ -585,7 +589,8 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
                                   model.normalize(real.reduced), real.classes,
                                   {c: model.normalize(v) for c, v in synth_reduced.items()}, member_source=source,
                                   member_conditions=member_cond, non_member_conditions=non_member_cond, seed=seed,
-                                  bootstrap=bootstrap)
+                                  bootstrap=bootstrap,
+                                  member_nearest=None if bool(member_near.isnan().any()) else member_near)
             if audit.leaking and audit.headline is not None:
                 best = audit.attack(audit.headline)
                 notes.append(f"MEMBERSHIP LEAK: the {audit.headline} attack tells training clips from held-out "

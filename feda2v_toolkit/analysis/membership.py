@@ -388,10 +388,12 @@ def _white_box(model: Any, x: Tensor, classes: Sequence[str], conditions: Tensor
 def run_audit(model: Any, members: Tensor, member_classes: Sequence[str], non_members: Tensor,
               non_member_classes: Sequence[str], synthetic: Mapping[str, Tensor], *, member_source: str,
               member_conditions: Tensor | None = None, non_member_conditions: Tensor | None = None,
-              seed: int = 0, bootstrap: int = BOOTSTRAP) -> MembershipAudit:
+              seed: int = 0, bootstrap: int = BOOTSTRAP, member_nearest: Tensor | None = None) -> MembershipAudit:
     """Every attack on ``members`` vs ``non_members`` (``[n, l, D]`` in the model's normalised reduced
     space, with their class names), the black-box ones from ``synthetic`` (class -> normalised samples).
-    ``model`` is the :class:`~feda2v_toolkit.model.bundle.GenerativeModel`."""
+    ``model`` is the :class:`~feda2v_toolkit.model.bundle.GenerativeModel`. ``member_nearest``: each
+    member's distance to its class's nearest synthetic sample, when the caller has it already (``evaluate``
+    takes it with the DCR, from the same distances); else it is computed here."""
     from feda2v_toolkit.config import schema_defaults
 
     config = {**schema_defaults(), **{k: v for k, v in model.config.items() if v is not None}}
@@ -421,9 +423,13 @@ def run_audit(model: Any, members: Tensor, member_classes: Sequence[str], non_me
                 out[m] = nearest_sample_scores(x[m], syn[c])
             return out
 
+        if member_nearest is not None and member_nearest.shape != (members.shape[0],):
+            raise ValueError(f"member_nearest must hold one distance per member ({members.shape[0]}), got "
+                             f"{tuple(member_nearest.shape)}")
         scores["black-box: nearest sample"] = (
             "black-box", "minus the distance to the closest synthetic sample of the record's class",
-            nearest(members, member_classes), nearest(non_members, non_member_classes))
+            -member_nearest if member_nearest is not None else nearest(members, member_classes),
+            nearest(non_members, non_member_classes))
         if min(per_n.values(), default=0) >= 2 or len(non_member_classes) >= 4:
             dm, dn = cross_fitted_density_ratio(members, member_classes, non_members, non_member_classes, syn,
                                                 seed=seed)

@@ -114,17 +114,34 @@ BLOCK_BYTES = 2**24
 DISTANCE_ROWS = 256
 
 
+def _distance_blocks(a: Tensor, b: Tensor, rows: int) -> Iterator[tuple[int, int, Tensor]]:
+    """``(i, j, cdist(a[i:i + rows], b[j:j + rows]))`` in float64 over every pair of blocks of rows."""
+    for i in range(0, a.shape[0], rows):
+        left = a[i:i + rows].double()
+        for j in range(0, b.shape[0], rows):
+            yield i, j, torch.cdist(left, b[j:j + rows].double())
+
+
 def nearest_distances(x: Tensor, reference: Tensor, rows: int = DISTANCE_ROWS) -> Tensor:
     """Euclidean distance from each row of ``x`` ``[n, ...]`` to its nearest row of ``reference`` (float64),
     ``rows`` x ``rows`` blocks at a time (no float64 copy of either set)."""
     a, b = _flat(x), _flat(reference)
     out = torch.full((a.shape[0],), float("inf"), dtype=torch.float64)
-    for i in range(0, a.shape[0], rows):
-        left = a[i:i + rows].double()
-        for j in range(0, b.shape[0], rows):
-            near = torch.cdist(left, b[j:j + rows].double()).min(dim=1).values
-            torch.minimum(out[i:i + rows], near, out=out[i:i + rows])
+    for i, _, d in _distance_blocks(a, b, rows):
+        torch.minimum(out[i:i + rows], d.min(dim=1).values, out=out[i:i + rows])
     return out
+
+
+def nearest_both_ways(x: Tensor, reference: Tensor, rows: int = DISTANCE_ROWS) -> tuple[Tensor, Tensor]:
+    """``(nearest_distances(x, reference), nearest_distances(reference, x))`` from one pass over the
+    distances between the two sets (each block's row and column minima)."""
+    a, b = _flat(x), _flat(reference)
+    out_a = torch.full((a.shape[0],), float("inf"), dtype=torch.float64)
+    out_b = torch.full((b.shape[0],), float("inf"), dtype=torch.float64)
+    for i, j, d in _distance_blocks(a, b, rows):
+        torch.minimum(out_a[i:i + rows], d.min(dim=1).values, out=out_a[i:i + rows])
+        torch.minimum(out_b[j:j + rows], d.min(dim=0).values, out=out_b[j:j + rows])
+    return out_a, out_b
 
 
 def principal_directions(x: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -14,9 +14,11 @@ Nothing real is allocated:
   block's held-out rows, its two reconstructions and one difference, whichever is larger), two read chunks
   that the allocator keeps for reuse (:mod:`feda2v_toolkit.runtime.malloc`) and the buffers of the chunks read
   ahead (:mod:`feda2v_toolkit.data.readahead`) are added;
-* **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length,
-  plus every generator's weights and the shard writer's rows in flight (it writes rows to disk as they come:
-  the previous batch, converted, while the next is sampled);
+* **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length
+  (in pieces when a whole batch's working set exceeds half the memory budget:
+  :func:`~feda2v_toolkit.model.generate.upsample_rows`), plus every generator's weights and the shard
+  writer's rows in flight (it writes rows to disk as they come: the previous piece, converted, while the next
+  is upsampled);
 * **runtime** is this process's own resident memory (Python, torch, the registry): the part of a real run
   the tensors do not account for;
 * **allocator allowance**: a real process holds more than its live tensors -- the allocator keeps freed
@@ -43,7 +45,7 @@ from feda2v_toolkit.components import TrainContext
 from feda2v_toolkit.config import configured_upsampler
 from feda2v_toolkit.data.readahead import pass_buffer_bytes
 from feda2v_toolkit.errors import UsageError
-from feda2v_toolkit.model.generate import DEFAULT_BATCH
+from feda2v_toolkit.model.generate import DEFAULT_BATCH, upsample_rows
 from feda2v_toolkit.runtime.malloc import STREAM_BUFFER_BYTES
 from feda2v_toolkit.runtime.ranks import BLOCK_ROWS
 from feda2v_toolkit.runtime.resources import cache_in_memory
@@ -79,6 +81,7 @@ class TrainMemory:
 class GenerateMemory:
     samples: int  # per batch
     length: int
+    upsampled: int  # samples of a batch upsampled at a time (within half the memory budget)
     weights: int  # all generators
     batch_peak: int  # simulated peak of sampling + upsampling one batch, beyond the weights
     writer_buffer: int
@@ -352,6 +355,7 @@ class Planner:
     def generate_memory(self, length: int, component_elements: int) -> GenerateMemory:
         n = self.sample_batch
         out_len = self.output_length or length
+        piece = upsample_rows(n, out_len, self.dim, 4, self.budget)
         try:
             with fake_tensors() as tracker:
                 gen = self._build(length).eval()
@@ -365,18 +369,18 @@ class Planner:
                 with torch.no_grad():
                     x = gen.sample(n, labels=labels if gen.conditioning == "label" else None,
                                    conditions=cond if gen.conditioning == "embedding" else None)
-                    ups(x * std + mean, out_len)
+                    ups(x[:piece] * std + mean, out_len)
                 batch_peak = tracker.peak - base
         except Exception:
             with torch.device("meta"):
                 weights = _numel(self._build(length).parameters()) * 4
-            batch_peak = n * (length + 2 * out_len) * self.dim * 4 + component_elements * 4
+            batch_peak = n * length * self.dim * 4 + 2 * piece * out_len * self.dim * 4 + component_elements * 4
         total_out = self.samples_per_class * max(1, self.num_classes) * out_len * self.dim * 4
-        writer = min(total_out, n * out_len * self.dim * 4)  # the previous batch, on its way to disk
+        writer = min(total_out, piece * out_len * self.dim * 4)  # the previous rows, on their way to disk
         tensors = self.generators * weights + batch_peak + writer
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)
-        return GenerateMemory(n, out_len, self.generators * weights, batch_peak, writer, allowance, self.runtime,
-                              tensors + allowance + self.runtime)
+        return GenerateMemory(n, out_len, piece, self.generators * weights, batch_peak, writer, allowance,
+                              self.runtime, tensors + allowance + self.runtime)
 
     def length_plan(self, length: int, budget: int | None) -> LengthPlan:
         counts, per_gen, state = self.parameters(length)

@@ -78,7 +78,8 @@ def plan_text(result: Any) -> str:
     lines.append("* configured length. step peak: simulated tensors of one generator's training step. train total = "
                  "step peak + other generators' weights/grads/optimizer + reducer/upsampler state + data cache, "
                  f"+15% allocator allowance, + runtime. generate = all generators' weights + one batch upsampled to "
-                 f"the output length ({out_len}) + the shard writer's batch in flight, +15%, + runtime.")
+                 f"the output length ({out_len}; {configured.generate.upsampled} at a time within half the memory "
+                 "budget) + the shard writer's rows in flight, +15%, + runtime.")
     if r.budget is not None:
         if r.largest_length is None:
             lines.append(f"memory budget {format_bytes(r.budget)} ({r.budget:,} bytes): no training length fits")

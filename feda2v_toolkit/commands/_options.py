@@ -94,8 +94,7 @@ class MemoryBudget(click.ParamType):
 def _set_budget(_ctx: click.Context, _param: click.Parameter, value: int | None) -> None:
     from feda2v_toolkit.runtime.resources import set_memory_budget
 
-    if value is not None:
-        set_memory_budget(value)
+    set_memory_budget(value)  # also when not given: each invocation's own (a notebook may invoke several)
 
 
 #: every ``--memory-budget`` option: the process-wide budget (``FEDA2V_MEMORY_BUDGET`` when not given)
@@ -104,4 +103,5 @@ MEMORY_BUDGET_OPTION = click.option(
     help="Memory to plan for, e.g. 4GB or 512MiB (GB = 10^9 bytes, GiB = 2^30) [default: $FEDA2V_MEMORY_BUDGET, "
          "else 2 GiB]: training keeps a cache larger than a quarter of it in a temporary file; analyze keeps its "
          "reduced clips and training features within an eighth each (else in temporary files) and its held-out "
-         "features within an eighth; evaluate keeps its Gram matrices within a quarter.")
+         "features within an eighth; evaluate keeps its Gram matrices within a quarter; generate upsamples a batch "
+         "within half (in pieces; the same samples).")

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, SAMPLES, SEED
+from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, MEMORY_BUDGET_OPTION, SAMPLES, SEED
 from feda2v_toolkit.commands._warnings import warnings_as_messages
 
 
@@ -35,6 +35,7 @@ from feda2v_toolkit.commands._warnings import warnings_as_messages
               help="Dataset file with 'conditions' (and 'labels') for embedding-conditioned models.")
 @click.option("--shard-size", "shard_mb", default=256, show_default=True, type=click.IntRange(min=1),
               help="Approximate shard size in MiB.")
+@MEMORY_BUDGET_OPTION
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--progress/--no-progress", default=None,
               help="Progress: a bar on a terminal, else a line every 15 s [default: on unless -q].")

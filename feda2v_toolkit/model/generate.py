@@ -28,6 +28,19 @@ from feda2v_toolkit.runtime.seeds import SEED_SCHEME, scheme_seed
 
 #: samples drawn per model call; part of what determines the samples (see :func:`sample_class`)
 DEFAULT_BATCH = 64
+#: the share of the memory budget a batch's upsampled samples may take (the rest: the model, the runtime)
+UPSAMPLE_BUDGET_SHARE = 2
+
+
+def upsample_rows(batch_size: int, length: int, dim: int, itemsize: int, budget: int) -> int:
+    """How many samples of a drawn batch are upsampled at a time: all ``batch_size`` if their working set
+    (float32 samples ``[n, length, dim]`` and a working copy, the converted rows at ``itemsize`` bytes and the
+    previous rows on their way to disk) fits half of ``budget``, else as many as do (at least one).
+
+    Upsampling is per sample, so the pieces are the rows the whole batch would give (tested for every
+    built-in upsampler): the budget bounds memory without changing what is written."""
+    per_row = length * dim * (8 + 2 * itemsize)
+    return max(1, min(int(batch_size), (int(budget) // UPSAMPLE_BUDGET_SHARE) // max(1, per_row)))
 
 
 class ClassAgnosticWarning(UserWarning):
@@ -123,7 +136,8 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
              classes: Sequence[str] | None = None, length: int | None = None, dtype: str | torch.dtype | None = None,
              seed: int = 0, batch_size: int = DEFAULT_BATCH, conditions: str | os.PathLike[str] | None = None,
              shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None,
-             log: Callable[[str], None] | None = None, overwrite: bool = False) -> GenerationReport:
+             log: Callable[[str], None] | None = None, overwrite: bool = False,
+             memory_budget: int | None = None) -> GenerationReport:
     """Write synthetic samples of ``classes`` (default: all the model can sample) to shard directory ``out``.
 
     The output's class names are the generated classes (in the model's order), so it trains as it is.
@@ -137,6 +151,9 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     dataset shards, once the new ones are complete (the overwrite rule,
     :func:`~feda2v_toolkit.runtime.atomic.check_output`; checked before anything is sampled).
     ``progress``: a bar on a terminal, else a plain line every 15 s (``None``: on; ``False``: off).
+    ``memory_budget`` (bytes; default :func:`~feda2v_toolkit.runtime.resources.memory_budget`): a drawn batch
+    is upsampled and written in pieces whose working set fits half of it (:func:`upsample_rows`); the
+    samples do not depend on it.
     """
     from feda2v_toolkit.runtime.threads import settle_vector_math
 
@@ -158,12 +175,17 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     if out_len < 1:
         raise UsageError(f"output length must be >= 1, got {out_len}")
     out_dtype = _resolve_dtype(dtype) or _resolve_dtype(model.data_dtype) or torch.float32
-    from feda2v_toolkit.runtime.resources import require_memory
+    from feda2v_toolkit.runtime.resources import format_bytes, require_memory
+    from feda2v_toolkit.runtime.resources import memory_budget as default_budget
 
-    # a batch upsampled (float32, plus a working copy) and converted, and the previous one on its way to disk
-    require_memory(batch_size * out_len * model.dim * (8 + 2 * out_dtype.itemsize),
-        f"generating batches of {batch_size} x [{out_len}, {model.dim}]",
-        hint=spelled("lower --output-length or --batch-size", "lower length or batch_size"))
+    budget = default_budget() if memory_budget is None else int(memory_budget)
+    piece = upsample_rows(batch_size, out_len, model.dim, out_dtype.itemsize, budget)
+    # a piece upsampled (float32, plus a working copy) and converted, and the previous one on its way to disk
+    require_memory(piece * out_len * model.dim * (8 + 2 * out_dtype.itemsize),
+        f"generating samples of [{out_len}, {model.dim}]", hint=spelled("lower --output-length", "lower length"))
+    if piece < batch_size:
+        say(f"upsampling each batch of {batch_size} samples {piece} at a time (half the memory budget, "
+            f"{format_bytes(budget)}; the same samples)")
     if out_len > model.full_length:
         warnings.warn(f"output length {out_len} is longer than the training data's sequences ({model.full_length} "
                       f"tokens): every token past {model.full_length} is extrapolated, not learned",
@@ -197,10 +219,14 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
                            extra_metadata=meta, overwrite=overwrite, rows=total) as writer:
             for label, name in enumerate(names):
                 pool = cond_by_class.get(name) if cond_by_class is not None else None
-                for x, cond in sample_class(model, name, counts[name], seed=seed, length=out_len,
-                                            batch_size=batch_size, conditions=pool, dtype=out_dtype):
-                    writer.add(x, torch.full((x.shape[0],), label), cond, copy=False)  # fresh tensors
-                    bar.update(x.shape[0])
+                for reduced, cond in sample_class_reduced(model, name, counts[name], seed=seed,
+                                                          batch_size=batch_size, conditions=pool):
+                    for i in range(0, reduced.shape[0], piece):
+                        with torch.no_grad():
+                            x = model.upsample(reduced[i:i + piece], out_len, dtype=out_dtype)
+                        writer.add(x, torch.full((x.shape[0],), label),
+                                   cond[i:i + piece] if cond is not None else None, copy=False)  # fresh tensors
+                        bar.update(x.shape[0])
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

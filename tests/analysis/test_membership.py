@@ -364,3 +364,34 @@ def test_the_memory_budget_bounds_the_rows_kept_and_says_so(gaussian, sets, monk
     doc = run_json(capsys, "evaluate", str(gaussian), "--data", str(sets["C"]), "--usefulness-draws", "1",
                    "--memory-budget", str(16 * 16 * 24 * 4), "-q")
     assert doc["rows_per_class"] == 4
+
+
+def test_evaluate_takes_the_members_nearest_samples_with_the_dcr_not_twice(gaussian, sets, monkeypatch):
+    """The distances between members and synthetic samples give both the DCR (each sample's nearest member)
+    and the nearest-sample attack's member scores (each member's nearest sample): one pass over them; the
+    attack computes only the non-members' distances itself, and its figures are those of its own pass."""
+    from feda2v_toolkit.analysis import evaluate as evaluate_module
+    from feda2v_toolkit.analysis import membership
+
+    calls: list[int] = []
+    real = membership.nearest_sample_scores
+    monkeypatch.setattr(membership, "nearest_sample_scores", lambda x, s: calls.append(x.shape[0]) or real(x, s))
+    shared = evaluate(gaussian, sets["C"], train_data=sets["A"], bootstrap=50, usefulness_seeds=1)
+    assert sum(calls) == shared.membership.non_members == 40  # non-members only, one class at a time
+
+    privacy = evaluate_module._privacy
+    monkeypatch.setattr(evaluate_module, "_privacy", lambda *a: (privacy(*a)[0], torch.tensor([float("nan")])))
+    calls.clear()
+    own = evaluate(gaussian, sets["C"], train_data=sets["A"], bootstrap=50, usefulness_seeds=1)
+    assert sum(calls) == own.membership.members + own.membership.non_members  # the audit's own pass
+    a, b = shared.membership.attack("black-box: nearest sample"), own.membership.attack("black-box: nearest sample")
+    assert a == b  # the same scores: the same AUC, interval, rates, per-class figures and ROC
+    assert shared.privacy == own.privacy
+
+
+def test_the_audit_refuses_member_distances_of_another_shape(gaussian, sets):
+    model = load_model(gaussian)
+    x = torch.zeros(4, 4, 16)
+    with pytest.raises(ValueError, match="one distance per member"):
+        run_audit(model, x, ["drum"] * 4, x, ["drum"] * 4, {"drum": x}, member_source="A",
+                  member_nearest=torch.zeros(3))

@@ -226,3 +226,19 @@ def test_a_released_pair_of_grams_gives_the_same_frechet_and_keeps_only_the_cros
     first, second = torch.arange(0, 20), torch.arange(20, 40)
     assert frechet_of_subsets(kept.rr, first, second) == pytest.approx(frechet_distance(r[:20], r[20:]), rel=1e-9)
     assert torch.equal(kept.rr, PairGrams.of(s, r).rr)  # the whole Gram is left as it was
+
+
+def test_nearest_both_ways_are_the_two_nearest_distance_queries_from_one_pass(monkeypatch):
+    from feda2v_toolkit.analysis import metrics
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 3, 5, generator=g), torch.randn(23, 3, 5, generator=g)
+    calls = []
+    real = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda x, y: calls.append(1) or real(x, y))
+    a_to_b, b_to_a = metrics.nearest_both_ways(a, b, rows=10)
+    assert len(calls) == 4 * 3  # each pair of blocks once
+    exact = torch.cdist(a.flatten(1).double(), b.flatten(1).double())
+    torch.testing.assert_close(a_to_b, exact.min(dim=1).values, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b_to_a, exact.min(dim=0).values, rtol=1e-12, atol=1e-12)
+    assert torch.equal(a_to_b, metrics.nearest_distances(a, b, rows=10))

@@ -10,6 +10,7 @@ from feda2v_toolkit.data.writer import write_dataset
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.model.generate import ClassAgnosticWarning, generate
+from feda2v_toolkit.plugins import list_upsamplers
 from feda2v_toolkit.training.pipeline import train
 
 
@@ -131,3 +132,73 @@ def test_a_subset_of_classes_is_a_dataset_of_those_classes_that_trains(model, tm
 def test_duplicate_classes_are_refused(model, tmp_path):
     with pytest.raises(UsageError, match="more than once"):
         generate(model, tmp_path / "x", classes=["drum", "drum"])
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _piece_budget(rows: int, length: int = 50, dim: int = 16, itemsize: int = 2) -> int:
+    """A memory budget whose half holds the upsampling working set of ``rows`` samples (upsample_rows)."""
+    return 2 * rows * length * dim * (8 + 2 * itemsize)
+
+
+@pytest.mark.parametrize("upsampler", list_upsamplers())
+def test_a_small_memory_budget_upsamples_in_pieces_and_writes_the_same_bytes(upsampler, tiny_data, tmp_path,
+                                                                             monkeypatch):
+    from feda2v_toolkit.model.generate import upsample_rows
+
+    cfg = {"generator_type": "gaussian", "generator_upsampler": upsampler, "generator_training_sequence_length": 5,
+           "generator_latent_dim": 4, "generator_upsampler_epochs": 1, "generator_output_sequence_length": 50,
+           "generator_checkpoint_dir": str(tmp_path / "ck")}
+    trained = train(cfg, tiny_data, seed=0)
+    generate(trained, tmp_path / "whole", samples=7, seed=3, batch_size=5)
+    assert upsample_rows(5, 50, 16, 2, _piece_budget(2)) == 2
+    sizes: list[int] = []
+    real = GenerativeModel.upsample
+    monkeypatch.setattr(GenerativeModel, "upsample", lambda self, x, *a, **k: sizes.append(x.shape[0]) or
+                        real(self, x, *a, **k))
+    lines: list[str] = []
+    generate(trained, tmp_path / "pieces", samples=7, seed=3, batch_size=5, memory_budget=_piece_budget(2),
+             log=lines.append)
+    assert sizes == [2, 2, 1, 2] * 4  # batches of 5 and 2 per class, upsampled 2 at a time
+    assert any("2 at a time" in line for line in lines)
+    assert _files(tmp_path / "pieces") == _files(tmp_path / "whole")  # the same shards, byte for byte
+
+
+def test_the_budget_never_splits_below_one_sample_nor_above_the_batch():
+    from feda2v_toolkit.model.generate import DEFAULT_BATCH, upsample_rows
+
+    assert upsample_rows(64, 1214, 768, 2, 1) == 1
+    assert upsample_rows(64, 1214, 768, 2, 2**40) == 64
+    assert upsample_rows(DEFAULT_BATCH, 1214, 768, 2, 2 * 2**30) == DEFAULT_BATCH  # the default budget: whole
+    assert upsample_rows(DEFAULT_BATCH, 1214, 768, 4, 2 * 2**30) == DEFAULT_BATCH  # batches, float32 too
+
+
+def test_conditions_follow_their_samples_when_a_batch_is_upsampled_in_pieces(tmp_path):
+    emb = torch.randn(12, 10, 4)
+    cond = torch.randn(12, 6)
+    data = write_dataset(tmp_path / "d.safetensors", emb, torch.arange(12) % 2, conditions=cond)
+    cfg = {"generator_hidden_dim": 16, "generator_latent_dim": 4, "generator_training_epochs": 1,
+           "use_conditioned_vae": True, "generator_checkpoint_dir": str(tmp_path / "ck")}
+    trained = train(cfg, data, seed=0)
+    generate(trained, tmp_path / "whole", samples=8, conditions=data, batch_size=4)
+    generate(trained, tmp_path / "pieces", samples=8, conditions=data, batch_size=4,
+             memory_budget=_piece_budget(3, length=10, dim=4, itemsize=4))
+    assert _files(tmp_path / "pieces") == _files(tmp_path / "whole")
+
+
+def test_generate_takes_the_memory_budget_option(model, tmp_path):
+    from click.testing import CliRunner
+
+    from feda2v_toolkit.cli import cli
+    from feda2v_toolkit.model.file import save_model
+
+    path = save_model(model, tmp_path / "m.safetensors")
+    args = ["generate", str(path), "-k", "3", "--batch-size", "3"]
+    r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "whole")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "pieces"), "--memory-budget", str(_piece_budget(1))])
+    assert r.exit_code == 0, r.output
+    assert "1 at a time" in r.output
+    assert _files(tmp_path / "pieces") == _files(tmp_path / "whole")
