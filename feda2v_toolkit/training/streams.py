@@ -80,7 +80,7 @@ class ReducedCache:
         self._values: Tensor | None = None
         self._file: Any = None
         if in_memory:
-            self._values = torch.zeros(self.rows, self.length, self.dim)
+            self._values = torch.empty(self.rows, self.length, self.dim)  # every row is written before it is read
         else:
             import tempfile
 
