@@ -415,6 +415,9 @@ def run_audit(model: Any, members: Tensor, member_classes: Sequence[str], non_me
     classes = list(dict.fromkeys([*member_classes, *non_member_classes]))
     syn = {c: synthetic[c] for c in classes if c in synthetic}
     missing = [c for c in classes if c not in syn]
+    if member_nearest is not None and member_nearest.shape != (members.shape[0],):
+        raise ValueError(f"member_nearest must hold one distance per member ({members.shape[0]}), got "
+                         f"{tuple(member_nearest.shape)}")
     if not missing:
         def nearest(x: Tensor, xc: Sequence[str]) -> Tensor:
             out = torch.empty(x.shape[0], dtype=torch.float64)
@@ -423,9 +426,6 @@ def run_audit(model: Any, members: Tensor, member_classes: Sequence[str], non_me
                 out[m] = nearest_sample_scores(x[m], syn[c])
             return out
 
-        if member_nearest is not None and member_nearest.shape != (members.shape[0],):
-            raise ValueError(f"member_nearest must hold one distance per member ({members.shape[0]}), got "
-                             f"{tuple(member_nearest.shape)}")
         scores["black-box: nearest sample"] = (
             "black-box", "minus the distance to the closest synthetic sample of the record's class",
             -member_nearest if member_nearest is not None else nearest(members, member_classes),

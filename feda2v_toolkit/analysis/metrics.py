@@ -134,7 +134,9 @@ def nearest_distances(x: Tensor, reference: Tensor, rows: int = DISTANCE_ROWS) -
 
 def nearest_both_ways(x: Tensor, reference: Tensor, rows: int = DISTANCE_ROWS) -> tuple[Tensor, Tensor]:
     """``(nearest_distances(x, reference), nearest_distances(reference, x))`` from one pass over the
-    distances between the two sets (each block's row and column minima)."""
+    distances between the two sets (each block's row and column minima). The first is bit for bit
+    ``nearest_distances(x, reference)``; the second comes from the same ``cdist(x, reference)`` blocks, so it
+    may differ from ``nearest_distances(reference, x)`` in the last bits."""
     a, b = _flat(x), _flat(reference)
     out_a = torch.full((a.shape[0],), float("inf"), dtype=torch.float64)
     out_b = torch.full((b.shape[0],), float("inf"), dtype=torch.float64)

@@ -355,7 +355,7 @@ class Planner:
     def generate_memory(self, length: int, component_elements: int) -> GenerateMemory:
         n = self.sample_batch
         out_len = self.output_length or length
-        piece = upsample_rows(n, out_len, self.dim, 4, self.budget)
+        piece = upsample_rows(n, out_len, self.dim, self.stored_itemsize, self.budget)  # at the data's dtype
         try:
             with fake_tensors() as tracker:
                 gen = self._build(length).eval()

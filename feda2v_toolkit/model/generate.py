@@ -37,8 +37,10 @@ def upsample_rows(batch_size: int, length: int, dim: int, itemsize: int, budget:
     (float32 samples ``[n, length, dim]`` and a working copy, the converted rows at ``itemsize`` bytes and the
     previous rows on their way to disk) fits half of ``budget``, else as many as do (at least one).
 
-    Upsampling is per sample, so the pieces are the rows the whole batch would give (tested for every
-    built-in upsampler): the budget bounds memory without changing what is written."""
+    Upsampling is per sample, so the pieces are the rows the whole batch would give: on CPU, bit for bit for
+    every built-in upsampler (tested), so the budget bounds memory without changing what is written. (On a
+    GPU, or with a plugin upsampler that is per sample only up to rounding, a matrix product over fewer rows
+    may round differently in the last bits.)"""
     per_row = length * dim * (8 + 2 * itemsize)
     return max(1, min(int(batch_size), (int(budget) // UPSAMPLE_BUDGET_SHARE) // max(1, per_row)))
 

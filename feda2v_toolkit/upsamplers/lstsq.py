@@ -207,10 +207,11 @@ class HeldoutSums:
                              f"and {tuple(full.shape)}")
         r = reduced.to(self.device, f64)
         for b in range(full.shape[0]):
-            x = full[b].to(self.device, f64)
+            x = full[b].to(self.device).to(f64)  # moved at its stored width, widened where the sums are
             self.sum_x += x
             self.sxr += x @ r[b].T
-            self.sumsq += torch.dot(x.view(-1), x.view(-1))
+            flat_x = x.reshape(-1)
+            self.sumsq += torch.dot(flat_x, flat_x)
         flat = r.permute(1, 0, 2).reshape(short, -1)
         self.srr += flat @ flat.T
         self.sum_r += r.sum(0)

@@ -135,6 +135,12 @@ def test_held_out_errors_from_sums_match_the_decoders_reconstructions_in_float64
         metrics = reconstruction_metrics(sums, 40, 16)
         assert metrics["heldout_r2"] == pytest.approx(1 - sse / sst, rel=1e-9, abs=1e-9)
         assert metrics["heldout_r2_linear"] == pytest.approx(1 - sse_lin / sst, rel=1e-9, abs=1e-9)
+    held, strided = up.heldout_sums(), up.heldout_sums()  # any memory layout: the same sums (to round-off)
+    held.add(red[40:60], emb[40:60])
+    strided.add(red[40:60].transpose(1, 2).contiguous().transpose(1, 2),
+                emb[40:60].transpose(1, 2).contiguous().transpose(1, 2))
+    for a, b in zip(held.state().values(), strided.state().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(a.abs().max()))
     empty = up.heldout_errors(up.heldout_sums().state())
     assert float(empty["count"]) == 0 and reconstruction_metrics(empty, 40, 16) == {}
     with pytest.raises(ValueError, match="expected pairs"):
