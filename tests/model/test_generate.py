@@ -94,13 +94,21 @@ def test_a_unified_unconditioned_model_warns_that_labels_mean_nothing(tiny_data,
         generate(plain, tmp_path / "out", samples=1)
 
 
-def test_an_embedding_conditioned_model_needs_conditions(tmp_path):
+@pytest.fixture(scope="module")
+def conditioned(tmp_path_factory):
+    """``(model, data file, conditions)``: a VAE conditioned on the 6-wide condition embeddings of 12 clips of
+    [10, 4] in 2 classes (even rows class 0)."""
+    root = tmp_path_factory.mktemp("conditioned")
     emb = torch.randn(12, 10, 4)
     cond = torch.randn(12, 6)
-    data = write_dataset(tmp_path / "d.safetensors", emb, torch.arange(12) % 2, conditions=cond)
+    data = write_dataset(root / "d.safetensors", emb, torch.arange(12) % 2, conditions=cond)
     cfg = {"generator_hidden_dim": 16, "generator_latent_dim": 4, "generator_training_epochs": 1,
-           "use_conditioned_vae": True, "generator_checkpoint_dir": str(tmp_path / "ck")}
-    model = train(cfg, data, seed=0)
+           "use_conditioned_vae": True, "generator_checkpoint_dir": str(root / "ck")}
+    return train(cfg, data, seed=0), data, cond
+
+
+def test_an_embedding_conditioned_model_needs_conditions(conditioned, tmp_path):
+    model, data, cond = conditioned
     with pytest.raises(UsageError, match="conditions=FILE"):
         generate(model, tmp_path / "out", samples=2)
     generate(model, tmp_path / "out", samples=8, conditions=data)
@@ -175,13 +183,8 @@ def test_the_budget_never_splits_below_one_sample_nor_above_the_batch():
     assert upsample_rows(DEFAULT_BATCH, 1214, 768, 4, 2 * 2**30) == DEFAULT_BATCH  # batches, float32 too
 
 
-def test_conditions_follow_their_samples_when_a_batch_is_upsampled_in_pieces(tmp_path):
-    emb = torch.randn(12, 10, 4)
-    cond = torch.randn(12, 6)
-    data = write_dataset(tmp_path / "d.safetensors", emb, torch.arange(12) % 2, conditions=cond)
-    cfg = {"generator_hidden_dim": 16, "generator_latent_dim": 4, "generator_training_epochs": 1,
-           "use_conditioned_vae": True, "generator_checkpoint_dir": str(tmp_path / "ck")}
-    trained = train(cfg, data, seed=0)
+def test_conditions_follow_their_samples_when_a_batch_is_upsampled_in_pieces(conditioned, tmp_path):
+    trained, data, _ = conditioned
     generate(trained, tmp_path / "whole", samples=8, conditions=data, batch_size=4)
     generate(trained, tmp_path / "pieces", samples=8, conditions=data, batch_size=4,
              memory_budget=_piece_budget(3, length=10, dim=4, itemsize=4))
