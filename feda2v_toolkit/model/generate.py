@@ -185,8 +185,9 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     # a piece upsampled (float32, plus a working copy) and converted, and the previous one on its way to disk
     require_memory(piece * out_len * model.dim * (8 + 2 * out_dtype.itemsize),
         f"generating samples of [{out_len}, {model.dim}]", hint=spelled("lower --output-length", "lower length"))
-    if piece < batch_size:
-        say(f"upsampling each batch of {batch_size} samples {piece} at a time (half the memory budget, "
+    largest = min(batch_size, max(counts.values()))  # the largest batch drawn
+    if piece < largest:
+        say(f"upsampling each drawn batch (up to {largest} samples) {piece} at a time (half the memory budget, "
             f"{format_bytes(budget)}; the same samples)")
     if out_len > model.full_length:
         warnings.warn(f"output length {out_len} is longer than the training data's sequences ({model.full_length} "

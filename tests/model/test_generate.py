@@ -205,3 +205,11 @@ def test_generate_takes_the_memory_budget_option(model, tmp_path):
     assert r.exit_code == 0, r.output
     assert "1 at a time" in r.output
     assert _files(tmp_path / "pieces") == _files(tmp_path / "whole")
+
+
+def test_the_pieces_are_announced_only_when_a_drawn_batch_is_split(model, tmp_path):
+    lines: list[str] = []
+    generate(model, tmp_path / "small", samples=2, memory_budget=_piece_budget(2), log=lines.append)
+    assert not any("at a time" in line for line in lines)  # batches of 2 fit: nothing is split
+    generate(model, tmp_path / "split", samples=3, memory_budget=_piece_budget(2), log=lines.append)
+    assert any("up to 3 samples) 2 at a time" in line for line in lines)
