@@ -32,6 +32,12 @@ DEFAULT_BATCH = 64
 UPSAMPLE_BUDGET_SHARE = 2
 
 
+def upsample_row_bytes(length: int, dim: int, itemsize: int) -> int:
+    """Working set of one sample upsampled to ``[length, dim]`` and written at ``itemsize`` bytes a value: its
+    float32 values and a working copy, the converted row and the previous row on its way to disk."""
+    return length * dim * (8 + 2 * itemsize)
+
+
 def upsample_rows(batch_size: int, length: int, dim: int, itemsize: int, budget: int) -> int:
     """How many samples of a drawn batch are upsampled at a time: all ``batch_size`` if their working set
     (float32 samples ``[n, length, dim]`` and a working copy, the converted rows at ``itemsize`` bytes and the
@@ -41,7 +47,7 @@ def upsample_rows(batch_size: int, length: int, dim: int, itemsize: int, budget:
     every built-in upsampler (tested), so the budget bounds memory without changing what is written. (On a
     GPU, or with a plugin upsampler that is per sample only up to rounding, a matrix product over fewer rows
     may round differently in the last bits.)"""
-    per_row = length * dim * (8 + 2 * itemsize)
+    per_row = upsample_row_bytes(length, dim, itemsize)
     return max(1, min(int(batch_size), (int(budget) // UPSAMPLE_BUDGET_SHARE) // max(1, per_row)))
 
 
@@ -127,11 +133,18 @@ def sample_class_reduced(model: GenerativeModel, class_name: str, n: int, *, see
 
 def sample_class(model: GenerativeModel, class_name: str, n: int, *, seed: int, length: int | None = None,
                  batch_size: int = DEFAULT_BATCH, conditions: Tensor | None = None,
-                 dtype: torch.dtype | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """:func:`sample_class_reduced` upsampled to ``length`` tokens (default: the model's default length)."""
+                 dtype: torch.dtype | None = None,
+                 rows: int | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """:func:`sample_class_reduced` upsampled to ``length`` tokens (default: the model's default length), each
+    drawn batch in pieces of at most ``rows`` samples (default: whole; the pieces do not change the samples,
+    :func:`upsample_rows`)."""
     for reduced, cond in sample_class_reduced(model, class_name, n, seed=seed, batch_size=batch_size,
                                               conditions=conditions):
-        yield model.upsample(reduced, length, dtype=dtype), cond
+        step = rows or reduced.shape[0]
+        for i in range(0, reduced.shape[0], step):
+            with torch.no_grad():
+                x = model.upsample(reduced[i:i + step], length, dtype=dtype)
+            yield x, cond[i:i + step] if cond is not None else None
 
 
 def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: int | str | None = None,
@@ -183,7 +196,7 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     budget = default_budget() if memory_budget is None else int(memory_budget)
     piece = upsample_rows(batch_size, out_len, model.dim, out_dtype.itemsize, budget)
     # a piece upsampled (float32, plus a working copy) and converted, and the previous one on its way to disk
-    require_memory(piece * out_len * model.dim * (8 + 2 * out_dtype.itemsize),
+    require_memory(piece * upsample_row_bytes(out_len, model.dim, out_dtype.itemsize),
         f"generating samples of [{out_len}, {model.dim}]", hint=spelled("lower --output-length", "lower length"))
     largest = min(batch_size, max(counts.values()))  # the largest batch drawn
     if piece < largest:
@@ -222,14 +235,10 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
                            extra_metadata=meta, overwrite=overwrite, rows=total) as writer:
             for label, name in enumerate(names):
                 pool = cond_by_class.get(name) if cond_by_class is not None else None
-                for reduced, cond in sample_class_reduced(model, name, counts[name], seed=seed,
-                                                          batch_size=batch_size, conditions=pool):
-                    for i in range(0, reduced.shape[0], piece):
-                        with torch.no_grad():
-                            x = model.upsample(reduced[i:i + piece], out_len, dtype=out_dtype)
-                        writer.add(x, torch.full((x.shape[0],), label),
-                                   cond[i:i + piece] if cond is not None else None, copy=False)  # fresh tensors
-                        bar.update(x.shape[0])
+                for x, cond in sample_class(model, name, counts[name], seed=seed, length=out_len,
+                                            batch_size=batch_size, conditions=pool, dtype=out_dtype, rows=piece):
+                    writer.add(x, torch.full((x.shape[0],), label), cond, copy=False)  # fresh tensors
+                    bar.update(x.shape[0])
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

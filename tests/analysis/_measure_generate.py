@@ -4,11 +4,7 @@ with a memory BUDGET (bytes); prints the process's peak resident memory (``VmHWM
 import json
 import sys
 
-
-def status() -> dict[str, int]:
-    with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
-                if k in ("VmHWM", "VmRSS")}
+from _measure_train import status  # this script's directory is first on sys.path
 
 
 def main() -> None:
