@@ -222,6 +222,11 @@ class Reducer(Component, abc.ABC):
     #: sense); False for transforms whose reduced axis holds components (e.g. ``pca``): ``analyze`` then
     #: pairs them only with trainable upsamplers.
     positional: ClassVar[bool] = True
+    #: True if a sequence with a NaN or inf anywhere always reduces to one with a NaN or inf (an average over
+    #: windows covering every position does): a pass that reduces its data then checks the small reduced
+    #: sequences for NaN / inf instead of reading the full ones once more. False (the safe default) for
+    #: reductions that may drop values (e.g. keep every tenth position).
+    propagates_non_finite: ClassVar[bool] = False
 
     def __init__(self, *, length: int) -> None:
         super().__init__()

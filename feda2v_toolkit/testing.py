@@ -24,7 +24,8 @@ without it the checks use the process-wide registry (installed plugins). Every c
   end to end on a tiny dataset.
 * reducer -- the spec's ``positional`` agrees with the class's; ``[B, L, D] -> [B, l, D]``, finite,
   per-sequence (batch-independent), deterministic; fitted ones fit on streamed batches; state round
-  trip through safetensors.
+  trip through safetensors; one that claims ``propagates_non_finite`` turns a NaN or inf at any position
+  into a non-finite reduced sequence.
 * upsampler -- the spec's ``trainable`` agrees with the class's; ``[B, l, D] -> [B, L, D]`` for any
   ``L``, identity at ``L == l`` (not required of trainable ones), per-sequence; trainable ones fit on
   streamed pairs and return JSON metrics; state round trip.
@@ -475,6 +476,16 @@ def check_reducer(name: str, *, registry: Registry | None = None, plugin: Any = 
     twin = _rebuild(red, what).eval()
     with torch.no_grad():
         _expect(torch.equal(twin(x), y), f"{what}: a rebuilt reducer gives different output")
+    if getattr(cls, "propagates_non_finite", False):  # the reduce pass then checks only the reduced sequences
+        with torch.no_grad():
+            for pos in range(full_length):
+                for bad in (float("nan"), float("inf"), float("-inf")):
+                    z = x[:2].clone()
+                    z[1, pos, pos % dim] = bad
+                    out = red(z)
+                    _expect(not bool(torch.isfinite(out[1]).all()),
+                            f"{what}: claims propagates_non_finite, but a {bad} at position {pos} gives a "
+                            f"finite reduced sequence")
 
 
 def check_upsampler(name: str, *, registry: Registry | None = None, plugin: Any = None,

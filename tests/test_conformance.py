@@ -134,6 +134,27 @@ def test_the_reducer_check_catches_batch_dependence_and_lost_fitted_state():
         check_reducer("forgetful", registry=reg)
 
 
+class EveryOtherPosition(Reducer):
+    """Keeps every other position: a NaN at an odd one never reaches its output."""
+
+    propagates_non_finite = True  # wrongly
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool1d(x[:, ::2].transpose(1, 2), self.length).transpose(1, 2)
+
+
+def test_the_reducer_check_catches_a_false_claim_to_propagate_nan_and_inf():
+    reg = registry_with(reducers=lambda register: register(
+        ReducerSpec(name="strided", description="Drops positions.", factory=EveryOtherPosition)))
+    with pytest.raises(ConformanceError, match="claims propagates_non_finite, but a nan at position 1"):
+        check_reducer("strided", registry=reg)
+    EveryOtherPosition.propagates_non_finite = False  # the honest claim passes
+    try:
+        check_reducer("strided", registry=reg)
+    finally:
+        EveryOtherPosition.propagates_non_finite = True
+
+
 class NotIdentity(Upsampler):
     def forward(self, x, length):
         return torch.nn.functional.interpolate(x.transpose(1, 2), size=length, mode="linear",

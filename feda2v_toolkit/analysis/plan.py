@@ -9,7 +9,8 @@ Nothing real is allocated:
   creates, the batch at ``generator_batch_size``, autocast copies and activations at the configured
   dtype, and the temporaries live at the worst moment. With several generators (``per_class`` /
   ``per_group``) all of them keep weights, gradients and optimiser state while one trains. With
-  ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32; 0 past a quarter of the memory budget: on disk),
+  ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32; past a quarter of the memory budget it is
+  on disk, and only the blocks on their way to it count),
   the passes over full sequences (a read chunk, ``training.READ_CHUNK_BYTES``; or the held-out pass's chunk of a
   block's held-out rows, its two reconstructions and one difference, whichever is larger), two read chunks
   that the allocator keeps for reuse (:mod:`feda2v_toolkit.runtime.malloc`) and the buffers of the chunks read
@@ -52,7 +53,7 @@ from feda2v_toolkit.runtime.resources import cache_in_memory
 from feda2v_toolkit.runtime.resources import memory_budget as default_budget
 from feda2v_toolkit.runtime.sizes import format_bytes
 from feda2v_toolkit.training.stages import has_statistics
-from feda2v_toolkit.training.streams import chunk_rows
+from feda2v_toolkit.training.streams import PENDING_WRITES, chunk_rows
 
 ALLOCATOR_ALLOWANCE = 0.15  # share of the simulated tensor peak added for allocator caching and library buffers
 
@@ -287,7 +288,9 @@ class Planner:
             rows = min(self.num_samples, chunk_rows(self.full_length, self.dim))
             cache = self.num_samples * length * self.dim * 4
             if not cache_in_memory(cache, self.budget):
-                cache = 0  # in a temporary file (training.streams.ReducedCache)
+                # in a temporary file (training.streams.ReducedCache): only the blocks on their way to it, the
+                # ones waiting and the one being written
+                cache = (PENDING_WRITES + 1) * min(self.num_samples, BLOCK_ROWS) * length * self.dim * 4
                 if "cache on disk" not in " ".join(self.notes):
                     self.notes.append(f"the reduced-data cache is larger than a quarter of the memory budget "
                                       f"({format_bytes(self.budget)}): training keeps it on disk (cache on disk)")

@@ -271,10 +271,27 @@ class Dataset:
             yield src, values[i] - src.start, values[j] - src.start + 1
             i = j + 1
 
-    def _check_finite(self, emb: Tensor, idx: Tensor) -> None:
-        if bool(torch.isfinite(emb.sum())):  # NaN or inf anywhere makes the sum non-finite
-            return
-        bad = ~torch.isfinite(emb).all(dim=2).all(dim=1)
+    def check_finite(self, emb: Tensor, idx: Tensor, *, summary: Tensor | None = None) -> None:
+        """Refuse (:class:`InputError`, naming the file and the sample) rows ``idx`` of this dataset whose
+        values ``emb [B, ...]`` hold a NaN or inf.
+
+        ``summary [B, ...]``, if given, is a smaller tensor computed from ``emb`` that is non-finite in a row
+        wherever that row of ``emb`` is (a reducer's output, see
+        :attr:`~feda2v_toolkit.components.Reducer.propagates_non_finite`): only the rows it flags are then
+        looked at, so a pass that computes it anyway saves a read of the full values."""
+        self._check_finite(emb, idx, summary)
+
+    def _check_finite(self, emb: Tensor, idx: Tensor, summary: Tensor | None = None) -> None:
+        if summary is None:
+            if bool(torch.isfinite(emb.sum())):  # NaN or inf anywhere makes the sum non-finite
+                return
+            bad = ~torch.isfinite(emb).flatten(1).all(dim=1)
+        else:
+            flagged = ~torch.isfinite(summary).flatten(1).all(dim=1)  # rows whose summary is NaN / inf
+            if not bool(flagged.any()):
+                return
+            bad = torch.zeros_like(flagged)  # a summary may overflow where the values are finite: look at them
+            bad[flagged] = ~torch.isfinite(emb[flagged]).flatten(1).all(dim=1)
         if bool(bad.any()):
             first = int(idx[bad.nonzero()[0, 0]])
             raise InputError(f"{self._file_of(first)}: sample {first} contains NaN or inf values")
@@ -333,6 +350,9 @@ class DatasetView(Dataset):
         for c, batch in zip(idx, self.base.stream([self.rows[c] for c in idx], dtype=dtype,
                                                   check_finite=check_finite), strict=True):
             yield Batch(batch.embeddings, self.labels[c], batch.conditions, c)
+
+    def check_finite(self, emb: Tensor, idx: Tensor, *, summary: Tensor | None = None) -> None:
+        self.base.check_finite(emb, self.rows[torch.as_tensor(idx, dtype=torch.long).reshape(-1)], summary=summary)
 
     def read_conditions(self, indices: Tensor | Sequence[int]) -> Tensor:
         return self.base.read_conditions(self.rows[torch.as_tensor(indices, dtype=torch.long).reshape(-1)])

@@ -24,6 +24,8 @@ from feda2v_toolkit.components import Reducer
 class AdaptiveAvgReducer(Reducer):
     """Adaptive average pooling over the sequence axis, after ``keep`` leading tokens kept as they are."""
 
+    propagates_non_finite = True  # every position is in a bin (or kept): a NaN or inf reaches the output
+
     def __init__(self, *, length: int, keep: int = 0) -> None:
         super().__init__(length=length)
         if not 0 <= keep < length:

@@ -238,6 +238,7 @@ class Site:
         is_train = torch.zeros(n, dtype=torch.bool)
         is_train[self.train_idx] = True
         chunk = read_chunk_rows(self.ds)
+        check_reduced = bool(getattr(reducer, "propagates_non_finite", False))
         digests: list[bytes] = []
 
         def block(b: int) -> Arrays:
@@ -247,9 +248,12 @@ class Site:
             held = ups.heldout_sums() if held_sums else None
 
             def chunks() -> Any:  # each chunk read and reduced once; its training rows paired with their reductions
-                for batch in self.ds.stream([torch.arange(s, min(s + chunk, hi)) for s in range(lo, hi, chunk)]):
+                for batch in self.ds.stream([torch.arange(s, min(s + chunk, hi)) for s in range(lo, hi, chunk)],
+                                            check_finite=not check_reduced):
                     s, full = int(batch.indices[0]), batch.embeddings
                     r = reducer(full.to(self.device)).to("cpu", torch.float32)
+                    if check_reduced:  # NaN / inf in the clips show in their reductions: no extra pass over them
+                        self.ds.check_finite(full, batch.indices, summary=r)
                     values[s - lo:s - lo + r.shape[0]] = r
                     trained = is_train[s:s + r.shape[0]]
                     for a, z in contiguous_runs(trained.nonzero().flatten().tolist()):  # views, never copies

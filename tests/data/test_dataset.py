@@ -151,6 +151,26 @@ def test_nan_values_are_reported_with_the_sample_index(tmp_path):
         list(ds.batches(2))
 
 
+def test_a_summary_of_the_values_stands_in_for_them_and_only_flagged_rows_are_looked_at(tmp_path):
+    """A pass that computes a reduction anyway checks it instead of the full values; a summary that overflowed
+    on finite values is no error; a view reports the sample by the file's numbering."""
+    emb, labels = _rows(n=10)
+    ds = open_dataset(write_dataset(tmp_path / "d.safetensors", emb, labels))
+    idx = torch.arange(len(ds))
+    summary = emb.mean(dim=1, keepdim=True)
+    ds.check_finite(emb, idx, summary=summary)  # all finite
+    overflowed = summary.clone()
+    overflowed[3] = float("inf")
+    ds.check_finite(emb, idx, summary=overflowed)  # the values of row 3 are finite: accepted
+    bad = emb.clone()
+    bad[5, 1, 0] = float("-inf")
+    with pytest.raises(InputError, match=r"d\.safetensors: sample 5 contains NaN or inf"):
+        ds.check_finite(bad, idx, summary=bad.mean(dim=1, keepdim=True))
+    view = ds.subset(torch.tensor([7, 5, 2]))
+    with pytest.raises(InputError, match="sample 5 contains NaN or inf"):
+        view.check_finite(bad[[7, 5, 2]], torch.arange(3), summary=bad[[7, 5, 2]].mean(dim=1))
+
+
 def test_missing_path_and_empty_directory_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
         open_dataset(tmp_path / "nope.safetensors")

@@ -45,6 +45,69 @@ def test_a_cache_on_disk_reads_what_a_cache_in_memory_reads():
     disk.close()
 
 
+def test_a_cache_on_disk_is_written_in_the_background_and_read_after_its_writes(monkeypatch):
+    """Writes go through a thread holding at most PENDING_WRITES blocks; a read waits for them; the thread ends
+    with the cache."""
+    import threading
+
+    from feda2v_toolkit.training import streams
+
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(40, 2, 3, generator=g)
+    disk = ReducedCache(40, 2, 3, torch.zeros(40, dtype=torch.long), None, in_memory=False)
+    gate, written = threading.Event(), []
+    real_pwrite = streams.os.pwrite
+
+    def slow_pwrite(fd, data, offset):
+        gate.wait(10)
+        written.append(offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(streams.os, "pwrite", slow_pwrite)
+    disk.write(0, values[:10])
+    disk.write(10, values[10:20])  # both accepted while the disk is stalled: the pass goes on
+    assert written == []
+    gate.set()
+    disk.write(20, values[20:])
+    assert torch.equal(disk.raw(torch.arange(40)), values)  # waited for every write
+    assert sorted(written) == [0, 10 * 24, 20 * 24]
+    disk.close()
+    assert not any(t.name == "feda2v-cache-writer" for t in threading.enumerate())
+
+
+def test_a_failed_background_write_is_raised_by_the_next_write_or_read(monkeypatch):
+    import errno
+    import os
+
+    from feda2v_toolkit.training import streams
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(streams.os, "pwrite", full)
+    disk = ReducedCache(8, 2, 3, torch.zeros(8, dtype=torch.long), None, in_memory=False)
+    disk.write(0, torch.ones(4, 2, 3))
+    with pytest.raises(OSError) as raised:
+        disk.raw(torch.arange(4))
+    assert raised.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        disk.write(4, torch.ones(4, 2, 3))
+    disk.close()  # closing after a failure is clean
+
+
+def test_an_abandoned_cache_ends_its_writer_thread():
+    import gc
+    import threading
+
+    disk = ReducedCache(8, 2, 3, torch.zeros(8, dtype=torch.long), None, in_memory=False)
+    disk.write(0, torch.ones(8, 2, 3))
+    thread = next(t for t in threading.enumerate() if t.name == "feda2v-cache-writer")
+    del disk
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_the_budget_comes_from_the_option_then_the_environment_then_the_default(monkeypatch):
     monkeypatch.delenv(ENV_MEMORY_BUDGET, raising=False)
     monkeypatch.setenv("FEDA2V_MEMORY_LIMIT", str(64 * 2**30))
@@ -102,6 +165,34 @@ def test_the_statistics_taken_while_reducing_are_those_of_the_training_pairs(tin
     assert set(fused) == set(streamed)
     for k in fused:  # other chunks: the float32 products round differently (lstsq.fit_statistics)
         torch.testing.assert_close(fused[k], streamed[k], rtol=1e-6, atol=1e-6 * float(streamed[k].abs().max()))
+
+
+def test_the_reduce_pass_finds_nan_and_inf_in_the_reduced_sequences_without_another_pass(tmp_path, monkeypatch):
+    """adaptive_avg (the default) propagates NaN and inf: the pass checks its reductions, never the full chunks
+    again, and still names the file and the sample."""
+    from feda2v_toolkit.data.dataset import Dataset
+    from feda2v_toolkit.data.writer import write_dataset
+    from feda2v_toolkit.errors import InputError
+    from feda2v_toolkit.training.pipeline import train
+
+    checks: list[bool] = []
+    original = Dataset._check_finite
+    monkeypatch.setattr(Dataset, "_check_finite",
+                        lambda self, emb, idx, summary=None: checks.append(summary is not None)
+                        or original(self, emb, idx, summary))
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(24, 20, 4, generator=g)
+    cfg = {"generator_type": "gaussian", "generator_training_sequence_length": 4,
+           "generator_checkpoint_dir": str(tmp_path / "ck")}
+    good = write_dataset(tmp_path / "good.safetensors", emb, torch.arange(24) % 2)
+    train(cfg, good, out=tmp_path / "m.safetensors", seed=0)
+    assert checks and all(checks)
+    for position, value in ((0, float("nan")), (13, float("inf")), (19, float("-inf"))):
+        bad = emb.clone()
+        bad[17, position, 2] = value
+        path = write_dataset(tmp_path / f"bad{position}.safetensors", bad, torch.arange(24) % 2)
+        with pytest.raises(InputError, match=rf"bad{position}\.safetensors: sample 17 contains NaN or inf"):
+            train(cfg, path, out=tmp_path / "m.safetensors", seed=0, overwrite=True)
 
 
 def test_the_memory_budget_option_rejects_a_non_size(tmp_path, tiny_data):
