@@ -476,7 +476,7 @@ def check_reducer(name: str, *, registry: Registry | None = None, plugin: Any = 
     twin = _rebuild(red, what).eval()
     with torch.no_grad():
         _expect(torch.equal(twin(x), y), f"{what}: a rebuilt reducer gives different output")
-    if getattr(cls, "propagates_non_finite", False):  # the reduce pass then checks only the reduced sequences
+    if red.propagates_non_finite:  # the reduce pass then checks only the reduced sequences
         with torch.no_grad():
             for pos in range(full_length):
                 for bad in (float("nan"), float("inf"), float("-inf")):

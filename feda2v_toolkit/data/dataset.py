@@ -195,7 +195,7 @@ class Dataset:
         emb = self._gather("embeddings", idx, dtype, (self.seq_len, self.dim))
         cond = self._gather("conditions", idx, torch.float32, (self.condition_dim,)) if self.condition_dim else None
         if check_finite:
-            self._check_finite(emb, idx)
+            self.check_finite(emb, idx)
         return Batch(emb, self.labels[idx], cond, idx)
 
     def read_conditions(self, indices: Tensor | Sequence[int]) -> Tensor:
@@ -245,7 +245,7 @@ class Dataset:
         idx = self._chunks(chunks)
         for c, emb in zip(idx, ReadAhead(self, idx, dtype=dtype), strict=True):
             if check_finite:
-                self._check_finite(emb, c)
+                self.check_finite(emb, c)
             cond = self._gather("conditions", c, torch.float32, (self.condition_dim,)) if self.condition_dim else None
             yield Batch(emb, self.labels[c], cond, c)
 
@@ -279,9 +279,6 @@ class Dataset:
         wherever that row of ``emb`` is (a reducer's output, see
         :attr:`~feda2v_toolkit.components.Reducer.propagates_non_finite`): only the rows it flags are then
         looked at, so a pass that computes it anyway saves a read of the full values."""
-        self._check_finite(emb, idx, summary)
-
-    def _check_finite(self, emb: Tensor, idx: Tensor, summary: Tensor | None = None) -> None:
         if summary is None:
             if bool(torch.isfinite(emb.sum())):  # NaN or inf anywhere makes the sum non-finite
                 return

@@ -238,7 +238,7 @@ class Site:
         is_train = torch.zeros(n, dtype=torch.bool)
         is_train[self.train_idx] = True
         chunk = read_chunk_rows(self.ds)
-        check_reduced = bool(getattr(reducer, "propagates_non_finite", False))
+        check_reduced = reducer.propagates_non_finite
         digests: list[bytes] = []
 
         def block(b: int) -> Arrays:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
-import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -67,10 +67,11 @@ class ReducedCache:
     """Every sequence of a site reduced once (``[N, l, D]`` float32, raw), in memory or -- when it is larger than
     the memory budget allows (:func:`feda2v_toolkit.runtime.resources.cache_in_memory`) -- in an unlinked
     temporary file read with ``pread`` (the page cache, not this process, holds what fits; the file disappears
-    with the process, however it ends). Writes to the file are made by a background thread
-    (:class:`_FileWriter`, at most :data:`PENDING_WRITES` blocks waiting), so the pass that reduces the data
-    goes on computing while the kernel takes the pages (on the benchmark's virtual machine, filling the page
-    cache took 5-9 s of a 16k-clip pass); every read waits for the writes before it.
+    with the process, however it ends). Writes to the file are made by a background thread (at most
+    :data:`PENDING_WRITES` blocks waiting, as :class:`~feda2v_toolkit.data.writer.DatasetWriter` writes shards),
+    so the pass that reduces the data goes on computing while the kernel takes the pages (on the benchmark's
+    virtual machine, filling the page cache took 5-9 s of a 16k-clip pass); every read waits for the writes
+    before it. A pending write holds the cache, so its file stays open until the write is done.
 
     ``labels`` are the site's labels mapped to the run's class indices; ``conditions`` the per-sample
     condition embeddings (or ``None``). After :meth:`standardize`, :meth:`read` returns standardised rows
@@ -87,6 +88,9 @@ class ReducedCache:
         self.row_bytes = self.length * self.dim * 4
         self._values: Tensor | None = None
         self._file: Any = None
+        self._writer: ThreadPoolExecutor | None = None  # a file-backed cache's writer, started by the first write
+        self._pending: deque[Future[None]] = deque()
+        self._error: BaseException | None = None
         if in_memory:
             self._values = torch.empty(self.rows, self.length, self.dim)  # every row is written before it is read
         else:
@@ -95,7 +99,6 @@ class ReducedCache:
             self._file = tempfile.TemporaryFile(prefix="feda2v-reduced-", dir=directory)  # noqa: SIM115 (closed by close())
             self._closer = weakref.finalize(self, self._file.close)  # closed with the cache at the latest
             self._file.truncate(self.rows * self.row_bytes)
-            self._writer: _FileWriter | None = None
 
     @property
     def in_memory(self) -> bool:
@@ -110,7 +113,7 @@ class ReducedCache:
         do)."""
         if self._file is not None:
             if self._writer is not None:
-                self._writer.stop()
+                self._writer.shutdown(wait=True)  # the writes already running end; the others are made too
                 self._writer = None
             self._closer()  # the finalizer's close, run now (and never again)
             self._file = None
@@ -123,14 +126,34 @@ class ReducedCache:
         if self._values is not None:
             self._values[start:start + values.shape[0]] = values
             return
+        while len(self._pending) > PENDING_WRITES:  # the one being written and PENDING_WRITES waiting
+            self._wait_oldest()
+        if self._error is not None:
+            raise self._error
         if self._writer is None:
-            self._writer = _FileWriter(self._file.fileno())
-        self._writer.put(start * self.row_bytes, values)
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feda2v-cache-writer")
+        self._pending.append(self._writer.submit(self._pwrite, start * self.row_bytes, values))
+
+    def _pwrite(self, offset: int, values: Tensor) -> None:
+        data = memoryview(values.numpy()).cast("B")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._file.fileno(), data[done:], offset + done)
+
+    def _wait_oldest(self) -> None:
+        """Wait for the oldest pending write; its error is kept and raised by every later write or read."""
+        try:
+            self._pending.popleft().result()
+        except Exception as exc:  # a Ctrl-C while waiting goes straight through
+            if self._error is None:
+                self._error = exc
 
     def flush(self) -> None:
         """Wait until every row given to :meth:`write` is in the file; raise the first write's error, if any."""
-        if self._file is not None and self._writer is not None:
-            self._writer.flush()
+        while self._pending:
+            self._wait_oldest()
+        if self._error is not None:
+            raise self._error
 
     def raw(self, rows: Tensor) -> Tensor:
         """Rows ``rows`` (any order, repeats allowed), raw: ``[len(rows), l, D]`` float32."""
@@ -178,58 +201,6 @@ class ReducedCache:
             return self.read(rows).to(device, non_blocking=True), self.labels[rows].to(device), cond
 
         return read
-
-
-class _FileWriter:
-    """Writes ``(offset, tensor)`` items to a file descriptor in a daemon thread, in order, with at most
-    :data:`PENDING_WRITES` items waiting (:meth:`put` blocks beyond). The first error stops the writing; it is
-    raised by the next :meth:`put` or :meth:`flush`. The thread writes through its own duplicate of the
-    descriptor (a closed and reused descriptor number can never receive its writes) and holds neither the
-    cache nor this object: an abandoned writer is collected, and its thread ends."""
-
-    def __init__(self, fd: int) -> None:
-        self._items: queue.Queue[tuple[int, Tensor] | None] = queue.Queue(maxsize=PENDING_WRITES)
-        self._error: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(os.dup(fd), self._items, self._error),
-                                        name="feda2v-cache-writer", daemon=True)
-        self._thread.start()
-        self._ender = weakref.finalize(self, self._items.put, None)  # ends the thread once the writer is gone
-
-    @staticmethod
-    def _run(fd: int, items: queue.Queue[tuple[int, Tensor] | None], error: list[BaseException]) -> None:
-        while True:
-            item = items.get()
-            try:
-                if item is None:
-                    os.close(fd)
-                    return
-                if not error:  # after an error the items are only taken off the queue
-                    offset, values = item
-                    data = memoryview(values.numpy()).cast("B")
-                    done = 0
-                    while done < len(data):
-                        done += os.pwrite(fd, data[done:], offset + done)
-            except BaseException as exc:  # noqa: BLE001 -- handed to the producer, which raises it
-                error.append(exc)
-            finally:
-                items.task_done()
-
-    def _raise(self) -> None:
-        if self._error:
-            raise self._error[0]
-
-    def put(self, offset: int, values: Tensor) -> None:
-        self._raise()
-        self._items.put((offset, values))
-
-    def flush(self) -> None:
-        self._items.join()
-        self._raise()
-
-    def stop(self) -> None:
-        """Finish the writes queued so far (errors dropped) and end the thread."""
-        self._ender()  # puts the end marker, once
-        self._thread.join()
 
 
 def block_digest(values: Tensor) -> bytes:

@@ -72,7 +72,7 @@ def test_a_cache_on_disk_is_written_in_the_background_and_read_after_its_writes(
     assert torch.equal(disk.raw(torch.arange(40)), values)  # waited for every write
     assert sorted(written) == [0, 10 * 24, 20 * 24]
     disk.close()
-    assert not any(t.name == "feda2v-cache-writer" for t in threading.enumerate())
+    assert not any(t.name.startswith("feda2v-cache-writer") for t in threading.enumerate())
 
 
 def test_a_failed_background_write_is_raised_by_the_next_write_or_read(monkeypatch):
@@ -101,7 +101,7 @@ def test_an_abandoned_cache_ends_its_writer_thread():
 
     disk = ReducedCache(8, 2, 3, torch.zeros(8, dtype=torch.long), None, in_memory=False)
     disk.write(0, torch.ones(8, 2, 3))
-    thread = next(t for t in threading.enumerate() if t.name == "feda2v-cache-writer")
+    thread = next(t for t in threading.enumerate() if t.name.startswith("feda2v-cache-writer"))
     del disk
     gc.collect()
     thread.join(10)
@@ -176,10 +176,10 @@ def test_the_reduce_pass_finds_nan_and_inf_in_the_reduced_sequences_without_anot
     from feda2v_toolkit.training.pipeline import train
 
     checks: list[bool] = []
-    original = Dataset._check_finite
-    monkeypatch.setattr(Dataset, "_check_finite",
+    original = Dataset.check_finite
+    monkeypatch.setattr(Dataset, "check_finite",
                         lambda self, emb, idx, summary=None: checks.append(summary is not None)
-                        or original(self, emb, idx, summary))
+                        or original(self, emb, idx, summary=summary))
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(24, 20, 4, generator=g)
     cfg = {"generator_type": "gaussian", "generator_training_sequence_length": 4,
