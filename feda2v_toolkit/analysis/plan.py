@@ -52,7 +52,7 @@ from feda2v_toolkit.runtime.ranks import BLOCK_ROWS
 from feda2v_toolkit.runtime.resources import cache_in_memory
 from feda2v_toolkit.runtime.resources import memory_budget as default_budget
 from feda2v_toolkit.runtime.sizes import format_bytes
-from feda2v_toolkit.training.stages import has_statistics
+from feda2v_toolkit.training.stages import STREAM_KEEP, GeneratorStatisticsStage, has_statistics
 from feda2v_toolkit.training.streams import PENDING_WRITES, chunk_rows
 
 ALLOCATOR_ALLOWANCE = 0.15  # share of the simulated tensor peak added for allocator caching and library buffers
@@ -316,15 +316,21 @@ class Planner:
         """A closed-form generator (``fitted = True``): one ``fit`` on a generator's training sequences
         (the data's size per generator, else 256 sequences), simulated with fake tensors."""
         n = max(2, -(-self.num_samples // self.generators) if self.num_samples else 256)
-        streamed = 0
+        streamed, copies = 0, 3
         if has_statistics(self.gen_cls) and not self.condition_dim:  # embedding conditioning fits on all rows
-            # fitted block by block (training.site): a block's rows, and per mean row its factor of at most
-            # 2 x rank + a block's rows, float64
+            # fitted block by block (training.site), float64: a block's rows and, about merged means, one pooled
+            # factor of at most 2 x STREAM_KEEP x rank + a block's rows (stacked with the next block's while
+            # merging) and the means; else per mean row its factor of at most 2 x rank + a block's rows
             rank = int(self.cfg.get("generator_latent_dim") or 0)
             means = max(1, -(-self.num_classes // self.generators))  # mean rows (classes) of one generator
-            per_mean = -(-n // means)
-            held = min(per_mean, 2 * rank + -(-BLOCK_ROWS // means))  # factor rows kept per mean row
-            streamed = means * held * length * self.dim * 8
+            if GeneratorStatisticsStage.two_exchanges(self.gen_cls):
+                held = min(n, 2 * STREAM_KEEP * rank + BLOCK_ROWS)
+                streamed = (2 * held + 3 * means) * length * self.dim * 8
+                copies = 2  # a block's part: its float64 rows and their deviations (the factor, stacked as they are)
+            else:
+                per_mean = -(-n // means)
+                held = min(per_mean, 2 * rank + -(-BLOCK_ROWS // means))  # factor rows kept per mean row
+                streamed = means * held * length * self.dim * 8
             n = min(n, BLOCK_ROWS)
         try:
             with fake_tensors() as tracker:
@@ -344,10 +350,10 @@ class Planner:
                 gen = self._build(length)
                 weights = tensor_bytes([*gen.parameters(), *gen.buffers()])
             batch = n * length * self.dim * 4
-            peak, activations = weights + batch + 3 * n * length * self.dim * 8, None
+            peak, activations = weights + batch + copies * n * length * self.dim * 8, None
             method = f"analytic (float64 copy and scatter of {n} sequences): simulation failed: {exc}"
             note = (f"the closed-form fit is estimated analytically for {n} sequences per generator (weights, "
-                    "the float32 sequences and three float64 copies)")
+                    f"the float32 sequences and {('two', 'three')[copies - 2]} float64 copies)")
             if note not in self.notes:
                 self.notes.append(note)
         if not self.optimizers:

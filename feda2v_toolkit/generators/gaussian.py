@@ -97,6 +97,26 @@ def low_rank_factor(d: Tensor, max_rank: int | None = None) -> Tensor:
     return evecs[:, :keep].T * evals[:keep].sqrt().unsqueeze(1)
 
 
+def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | None, compact: bool) -> dict[str, Tensor]:
+    """:meth:`GaussianGenerator.merge_statistics` of statistics about the same given means: counts and moments
+    add, the pooled factors stack (re-factored as there)."""
+    means = parts[0]["means"].to("cpu", torch.float64)
+    for p in parts[1:]:
+        if not torch.equal(p["means"].to("cpu", torch.float64), means):
+            raise ValueError("gaussian statistics taken about different means cannot be merged")
+    out = {"means": means, **{k: sum(p[k].to("cpu", torch.float64) for p in parts)
+                              for k in ("counts", "square", "quartic")}}
+    stacked = [p["factors"].to("cpu", torch.float64) for p in parts]
+    both = stacked[0] if len(stacked) == 1 else torch.cat(stacked)
+    if max_rank is None:
+        out["factors"] = low_rank_factor(both) if len(stacked) > 1 else both
+    elif compact or both.shape[0] > 2 * max_rank:
+        out["factors"] = low_rank_factor(both, max_rank)
+    else:
+        out["factors"] = both
+    return out
+
+
 class GaussianGenerator(Generator):
     """Class-conditional Gaussian with a shrunk low-rank-plus-isotropic covariance (module docstring)."""
 
@@ -264,15 +284,8 @@ class GaussianGenerator(Generator):
             return labels.long()
         return torch.zeros(n, dtype=torch.long)
 
-    @torch.no_grad()
-    def fit_statistics(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
-                       max_rank: int | None = None) -> dict[str, Tensor]:
-        """Sufficient statistics of ``x [n, seq_len, dim]`` that :meth:`merge_statistics` combines exactly
-        (float64). Per mean row ``c`` (class with label conditioning, else one row): ``counts``, ``sums``
-        ``[C, F]``, and about the row's own mean ``m_c`` the deviations' ``square = sum |d|^2``, ``quartic =
-        sum |d|^4``, ``cubic = sum |d|^2 d`` ``[C, F]`` and the scatter ``sum d d^T`` as low-rank ``factors``
-        (every non-zero direction, or the top ``max_rank`` per row; ``factor_rows [C]`` says how many rows of
-        ``factors`` belong to each ``c``, in order). Embedding conditioning has no such statistics."""
+    def _flat_rows(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``x`` as float64 rows ``[n, F]`` and each row's mean row (class), checked."""
         if self._conditioning == "embedding":
             raise NotImplementedError("a gaussian generator conditioned on condition embeddings has no mergeable "
                                       "statistics (its residuals depend on the merged regression)")
@@ -281,10 +294,57 @@ class GaussianGenerator(Generator):
             raise ValueError(f"expected [n, {self.seq_len}, {self.dim}], got {tuple(x.shape)}")
         flat = x.reshape(n, -1).to(torch.float64)
         lab = self._rows_of(n, labels).to(flat.device)
-        rows, features = self.means.shape
+        rows = self.means.shape[0]
         if n and bool((lab < 0).any() or (lab >= rows).any()):
             raise ValueError(f"labels must be in 0..{rows - 1}")
+        return flat, lab
+
+    @torch.no_grad()
+    def mean_statistics(self, x: Tensor, *, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """Per mean row ``c`` (class with label conditioning, else one row) the ``counts [C]`` and ``sums
+        [C, F]`` of ``x [n, seq_len, dim]`` (float64; the sums of parts of the data add up): the first of the
+        two exchanges of a streamed or federated fit. Their merged means go to :meth:`fit_statistics`
+        (``means=``), whose statistics then need no per-class scatter (the merged means are
+        the summed ``sums`` over the summed ``counts``, zero for a row without data)."""
+        flat, lab = self._flat_rows(x, labels)
+        rows, features = self.means.shape
+        counts = torch.bincount(lab, minlength=rows).to(torch.float64)
+        sums = torch.zeros(rows, features, dtype=torch.float64, device=flat.device).index_add_(0, lab, flat)
+        return {"counts": counts.cpu(), "sums": sums.cpu()}
+
+    @torch.no_grad()
+    def fit_statistics(self, x: Tensor, *, labels: Tensor | None = None, conditions: Tensor | None = None,
+                       max_rank: int | None = None, means: Tensor | None = None) -> dict[str, Tensor]:
+        """Sufficient statistics of ``x [n, seq_len, dim]`` that :meth:`merge_statistics` combines exactly
+        (float64). Embedding conditioning has no such statistics.
+
+        With ``means [C, F]`` (the merged means of every part of the data, :meth:`mean_statistics`): the
+        deviations ``d`` about them -- ``means`` and ``counts`` per mean row, ``square = sum |d|^2`` and
+        ``quartic = sum |d|^4`` per mean row, and the **pooled** within-class scatter ``sum d d^T`` as
+        ``factors``: the deviations themselves (their scatter, exactly) when ``max_rank`` is None and there
+        are no more of them than features, else its top ``max_rank`` directions. Merging adds and stacks:
+        what is held does not grow with the number of classes beyond the means.
+
+        Without ``means`` (one exchange): per mean row ``c``, ``counts``, ``sums`` ``[C, F]``, and about the
+        row's own mean ``m_c`` the deviations' ``square``, ``quartic``, ``cubic = sum |d|^2 d`` ``[C, F]`` and
+        the scatter as low-rank ``factors`` per row (every non-zero direction, or the top ``max_rank`` per
+        row; ``factor_rows [C]`` says how many rows of ``factors`` belong to each ``c``, in order): merging
+        corrects each class's moments for the shift of its mean, so each class's own factor is kept."""
+        flat, lab = self._flat_rows(x, labels)
+        n = flat.shape[0]
+        rows, features = self.means.shape
         f64 = {"dtype": torch.float64, "device": flat.device}
+        if means is not None:
+            if tuple(means.shape) != (rows, features):
+                raise ValueError(f"means of shape {tuple(means.shape)}, this generator has {(rows, features)}")
+            m = means.to(**f64)
+            d = flat - m[lab]
+            sq = d.square().sum(1)
+            raw = max_rank is None and n <= features
+            return {"means": m.cpu().clone(), "counts": torch.bincount(lab, minlength=rows).to(torch.float64).cpu(),
+                    "square": torch.zeros(rows, **f64).index_add_(0, lab, sq).cpu(),
+                    "quartic": torch.zeros(rows, **f64).index_add_(0, lab, sq.square()).cpu(),
+                    "factors": (d if raw else low_rank_factor(d, max_rank)).cpu()}
         out = {"counts": torch.zeros(rows, **f64), "sums": torch.zeros(rows, features, **f64),
                "square": torch.zeros(rows, **f64), "quartic": torch.zeros(rows, **f64),
                "cubic": torch.zeros(rows, features, **f64), "factor_rows": torch.zeros(rows, **f64)}
@@ -314,6 +374,11 @@ class GaussianGenerator(Generator):
         directions only: close (1e-3 relative in ``tests/generators/test_gaussian.py``), no longer exact."""
         if not parts:
             raise ValueError("no statistics to merge")
+        about = ["means" in p for p in parts]
+        if any(about):
+            if not all(about):
+                raise ValueError("gaussian statistics taken about given means cannot be merged with per-class ones")
+            return _merge_about_means(parts, max_rank=max_rank, compact=compact)
         shapes = {tuple(p["sums"].shape) for p in parts}
         if len(shapes) > 1:
             raise ValueError(f"gaussian statistics of different shapes: {sorted(shapes)}")
@@ -363,13 +428,14 @@ class GaussianGenerator(Generator):
         """Set the model from (merged) :meth:`fit_statistics`; returns what :meth:`fit` returns."""
         counts = stats["counts"].to("cpu", torch.float64)
         rows, features = self.means.shape
-        if tuple(stats["sums"].shape) != (rows, features):
-            raise ValueError(f"statistics of shape {tuple(stats['sums'].shape)}, this generator has "
-                             f"{(rows, features)}")
+        first = stats["means"] if "means" in stats else stats["sums"]
+        if tuple(first.shape) != (rows, features):
+            raise ValueError(f"statistics of shape {tuple(first.shape)}, this generator has {(rows, features)}")
         n = int(round(float(counts.sum())))
         if n < 1:
             raise ValueError("the gaussian generator needs at least one training sequence")
-        means = stats["sums"].to("cpu", torch.float64) / counts.clamp(min=1).unsqueeze(1)
+        means = first.to("cpu", torch.float64) if "means" in stats else \
+            first.to("cpu", torch.float64) / counts.clamp(min=1).unsqueeze(1)
         dof = max(n - int((counts > 0).sum()), 1)
         square = float(stats["square"].sum())
         total = square / dof  # tr S (unbiased)

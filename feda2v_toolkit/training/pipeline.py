@@ -560,8 +560,9 @@ def _fit_upsampler(run: _Run, upsampler: Any, summary: DataSummary, heldout: int
 
 def _fit_generators(run: _Run, generators: dict[str, Any], gen_cls: Any, holders: Mapping[int, list[str]],
                     common: Meta, norm_arrays: Arrays) -> dict[str, dict[str, float]]:
-    """Closed-form generators: one exchange of sufficient statistics, merged per key among its holders (or,
-    for a type without mergeable statistics, fitted at the one site)."""
+    """Closed-form generators: an exchange of sufficient statistics, merged per key among its holders -- after one
+    of the per class counts and sums when the type takes its statistics about the merged means -- or, for a
+    type without mergeable statistics, a fit at the one site."""
     spec, keys = run.spec, common["keys"]
     t0 = time.perf_counter()
     probe = generators[keys[0]]
@@ -579,8 +580,15 @@ def _fit_generators(run: _Run, generators: dict[str, Any], gen_cls: Any, holders
                 generators[key].load_state_dict(state)
         fit = dict(meta["fit"])
     else:
-        replies = run.ask("generator_statistics", run.everyone(norm_arrays, common))
         stage = GeneratorStatisticsStage()
+        arrays = dict(norm_arrays)
+        if stage.two_exchanges(probe):  # the per class counts and sums first: the statistics about their means
+            sums = run.ask("generator_means", run.everyone(norm_arrays, common))
+            for i, key in enumerate(keys):
+                parts = [p for p in (unpack(f"g{i}.", sums[n][0]) for n in run.sites if key in holders[n]) if p]
+                if parts:
+                    arrays[f"m{i}.means"] = stage.means(parts)
+        replies = run.ask("generator_statistics", run.everyone(arrays, common))
         for i, key in enumerate(keys):
             parts = [p for p in (unpack(f"g{i}.", replies[n][0]) for n in run.sites if key in holders[n]) if p]
             if not parts:
@@ -592,9 +600,13 @@ def _fit_generators(run: _Run, generators: dict[str, Any], gen_cls: Any, holders
         for n in run.sites:
             for key, info in replies[n][1].get("truncated", {}).items():
                 run.report.truncated.setdefault(key, {})[run.names[n]] = info
-                run.say(f"{run.names[n]}: generator {key!r}: classes {', '.join(map(str, info['classes']))} have more "
-                        f"sequences than the rank; kept their top directions ({100 * info['variance_left_out']:.2g}% "
-                        f"of the variance left out of the factors, kept in the totals)")
+                cut = f"{100 * info['variance_left_out']:.2g}% of the variance left out of the factors, kept in the totals"
+                if "classes" in info:
+                    run.say(f"{run.names[n]}: generator {key!r}: classes {', '.join(map(str, info['classes']))} have "
+                            f"more sequences than the rank; kept their top directions ({cut})")
+                else:
+                    run.say(f"{run.names[n]}: generator {key!r}: its within-class scatter has more directions than "
+                            f"the rank; kept the top {info['directions']} ({cut})")
     for key, f in fit.items():
         check_finite(f, f"fitting generator {key!r}")
         run.say(f"fitted generator {key!r} on {int(f.get('sequences', 0))} sequences")

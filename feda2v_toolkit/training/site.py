@@ -62,7 +62,7 @@ Meta = dict[str, Any]
 #: or "train" (a round of local training); engines name their messages after these (one place)
 STAGES: dict[str, str] = {
     "describe": "query", "reducer": "query", "reducer_fit": "query", "reduce": "query", "upsampler": "query",
-    "upsampler_round": "train", "upsampler_heldout": "query", "generator_statistics": "query",
+    "upsampler_round": "train", "upsampler_heldout": "query", "generator_means": "query", "generator_statistics": "query",
     "generator_fit": "query", "generator_heldout": "query", "generator_round": "train", "private": "query",
 }
 
@@ -411,11 +411,31 @@ class Site:
         ids = torch.tensor([class_names.index(c) for c in members], dtype=torch.long)
         return rows[torch.isin(self.cache.labels[rows], ids)]
 
-    def generator_statistics(self, keys: list[str], groups: Mapping[str, list[str]],
-                             class_names: list[str]) -> tuple[Arrays, Meta]:
-        """Closed-form generators: each held key's statistics of its training sequences here, as ``g{i}.``-prefixed
-        arrays; the meta says which directions of the within-class scatter were left out (each class's factor
-        keeps at most the generator's rank)."""
+    def generator_means(self, keys: list[str], groups: Mapping[str, list[str]], class_names: list[str]) -> Arrays:
+        """Closed-form generators fitted from two exchanges (:meth:`GeneratorStatisticsStage.two_exchanges`): each
+        held key's per class count and sum of its training sequences here, as ``g{i}.``-prefixed arrays (block
+        by block in order over the ranks, summed)."""
+        assert self.cache is not None and self.cache.standardized
+        out: Arrays = {}
+        stage, read, n = GeneratorStatisticsStage(), self.cache.reader(torch.device("cpu")), len(self.ds)
+        for i, key in enumerate(keys):
+            idx = self._rows_of(groups[key], class_names, self.train_idx)
+            if idx.numel() == 0:
+                continue
+            gen = self._generator(class_names)
+
+            def block(b: int, gen: Any = gen, idx: Tensor = idx) -> Arrays:
+                rows = in_block(idx, b, n)
+                return stage.means_local(gen, *read(rows)[:2]) if rows.numel() else {}
+
+            out.update(pack(f"g{i}.", self.ranks.combine(block_count(n), block, add_parts) or {}))
+        return out
+
+    def generator_statistics(self, keys: list[str], groups: Mapping[str, list[str]], class_names: list[str],
+                             means: Mapping[str, Tensor] | None = None) -> tuple[Arrays, Meta]:
+        """Closed-form generators: each held key's statistics of its training sequences here (about the merged
+        ``means`` of that key, when its type takes them), as ``g{i}.``-prefixed arrays; the meta says which
+        directions of the within-class scatter were left out (a factor keeps at most the generator's rank)."""
         assert self.cache is not None and self.cache.standardized
         out: Arrays = {}
         examples: dict[str, int] = {}
@@ -426,26 +446,32 @@ class Site:
             if idx.numel() == 0:
                 continue
             gen = self._generator(class_names)
-            stats = self._block_statistics(gen, idx, n)
-            counts, rows = stats["counts"], stats["factor_rows"]
-            short = (rows < (counts - 1).clamp(min=0)).nonzero().flatten().tolist()
-            if short:  # a class with more sequences than the rank: its factor keeps the top `rank` directions
-                kept = float(stats["factors"].square().sum())
-                truncated[key] = {"classes": [class_names[c] if gen.conditioning == "label" else key for c in short],
-                                  "variance_left_out": 1.0 - kept / max(float(stats["square"].sum()), 1e-300)}
+            stats = self._block_statistics(gen, idx, n, None if means is None else means.get(key))
+            counts = stats["counts"]
+            kept = float(stats["factors"].square().sum())
+            left_out = 1.0 - kept / max(float(stats["square"].sum()), 1e-300)
+            if "factor_rows" in stats:  # per class: a class with more sequences than the rank keeps its top ones
+                rows = stats["factor_rows"]
+                short = (rows < (counts - 1).clamp(min=0)).nonzero().flatten().tolist()
+                if short:
+                    truncated[key] = {"classes": [class_names[c] if gen.conditioning == "label" else key
+                                                  for c in short], "variance_left_out": left_out}
+            elif stats["factors"].shape[0] < int(counts.sum()) - int((counts > 0).sum()):  # pooled
+                truncated[key] = {"directions": int(stats["factors"].shape[0]), "variance_left_out": left_out}
             out.update(pack(f"g{i}.", stats))
             examples[key] = int(idx.numel())
         return out, {"examples": examples, "truncated": truncated}
 
-    def _block_statistics(self, gen: Any, idx: Tensor, n: int) -> Arrays:
-        """``gen``'s statistics of the rows ``idx``, block by block in order over the ranks
-        (:class:`GeneratorStatisticsStage`: exact per block, streamed, cut to the generator's rank at the end)."""
+    def _block_statistics(self, gen: Any, idx: Tensor, n: int, means: Tensor | None = None) -> Arrays:
+        """``gen``'s statistics of the rows ``idx`` (about ``means`` if given), block by block in order over the
+        ranks (:class:`GeneratorStatisticsStage`: exact per block, streamed, cut to the generator's rank at the
+        end)."""
         assert self.cache is not None
         stage, read = GeneratorStatisticsStage(), self.cache.reader(torch.device("cpu"))
 
         def block(b: int) -> Arrays:
             rows = in_block(idx, b, n)
-            return stage.local(gen, *read(rows)) if rows.numel() else {}
+            return stage.local(gen, *read(rows), means=means) if rows.numel() else {}
 
         return stage.compact(gen, self.ranks.combine(block_count(n), block,
                                                      lambda acc, part: stage.accumulate(gen, acc, part)) or {})
@@ -648,8 +674,11 @@ def handle(site: Site, stage: str, arrays: Mapping[str, Tensor], meta: Mapping[s
     if site.cache is not None and not site.cache.standardized:
         site.set_normalization(norm)
     keys, groups, classes = list(meta["keys"]), meta["groups"], list(meta["class_names"])
+    if stage == "generator_means":
+        return site.generator_means(keys, groups, classes), {"seconds": time.perf_counter() - t0}
     if stage == "generator_statistics":
-        out, info = site.generator_statistics(keys, groups, classes)
+        means = {key: m["means"] for key, m in ((key, unpack(f"m{i}.", arrays)) for i, key in enumerate(keys)) if m}
+        out, info = site.generator_statistics(keys, groups, classes, means or None)
         return out, {**info, "seconds": time.perf_counter() - t0}
     if stage == "generator_fit":
         out, info = site.generator_fit(keys, groups, classes)

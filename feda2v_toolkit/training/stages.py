@@ -12,7 +12,7 @@ This module never imports an engine.
 | :class:`ClassesStage` | class names, counts, shapes | union, sum | yes |
 | :class:`FittedStatisticsStage` (``pca`` reducer, ``lstsq`` upsampler) | the component's ``fit_statistics`` sums | sum | yes |
 | :class:`NormalizationStage` | per-position sums and sums of squares of the reduced training sequences | sum | yes |
-| :class:`GeneratorStatisticsStage` (closed-form generators, ``gaussian``) | per generator key, the type's ``fit_statistics`` | the type's ``merge_statistics`` | yes |
+| :class:`GeneratorStatisticsStage` (closed-form generators, ``gaussian``) | per generator key, its count and sum per class; then about the merged means, the type's ``fit_statistics`` | sum; the type's ``merge_statistics`` | yes (up to the rank's cut) |
 | :class:`WeightsStage` (trained generators, trainable upsamplers without statistics) | local epochs from the current weights: weights and optimiser state | example-weighted average among the sites holding each key | no: rounds |
 
 A fitted component federates exactly when it implements ``fit_statistics(stream) -> dict[str, Tensor]``
@@ -201,16 +201,51 @@ def standardization(reduced: Tensor, indices: Tensor, rows: int = 4096) -> dict[
 
 # -- closed-form generators ------------------------------------------------------------------------
 
+#: while streaming, a pooled factor (statistics about merged means) is cut to this many times the generator's
+#: rank (and re-factored past twice that): on the realistic corpus, cut many times at rank 8-32, its
+#: components' subspace overlaps the whole-data fit's by 0.989-0.9997 (1: by 0.91-0.97) and the held-out
+#: likelihood is as good (``bench/bench_streamed_fit.py``, docs/scale.md)
+STREAM_KEEP = 2
+
 class GeneratorStatisticsStage:
     """Closed-form generators (``fitted = True`` with ``fit_statistics``/``merge_statistics``/
     ``fit_from_statistics``): each site releases, per generator key it holds data for, the type's statistics
-    of those training sequences; the type merges them exactly; the generator is fitted from the merge."""
+    of those training sequences; the type merges them exactly; the generator is fitted from the merge.
+
+    A type that also has ``mean_statistics(x, labels=)`` (per mean row ``counts`` and ``sums``) and whose
+    ``fit_statistics`` takes ``means=`` is fitted from two exchanges (:meth:`two_exchanges`): the sites' count
+    and sum per class first, merged into the means (:meth:`means`); then the statistics about those means,
+    which need no per-class scatter to merge (``gaussian``: one pooled factor whatever the number of classes,
+    instead of one per class)."""
 
     name = "generator_statistics"
 
-    def local(self, gen: Any, x: Tensor, labels: Tensor, conditions: Tensor | None) -> Part:
-        """The exact statistics of one block of a site's sequences (:meth:`accumulate` streams the blocks)."""
-        return dict(gen.fit_statistics(x, labels=labels, conditions=conditions, max_rank=None))
+    @staticmethod
+    def two_exchanges(gen: Any) -> bool:
+        """Whether ``gen``'s type takes its statistics about merged means (``mean_statistics``, ``means=``)."""
+        return callable(getattr(gen, "mean_statistics", None)) and \
+            "means" in inspect.signature(gen.fit_statistics).parameters
+
+    def means_local(self, gen: Any, x: Tensor, labels: Tensor) -> Part:
+        """One block's per mean row ``counts`` and ``sums`` (float64; blocks and sites add up)."""
+        return {k: v.to(torch.float64) for k, v in gen.mean_statistics(x, labels=labels).items()}
+
+    @staticmethod
+    def means(parts: Sequence[Part]) -> Tensor:
+        """The means ``[C, F]`` of the summed ``counts`` / ``sums`` parts, in their order (zero for a row without
+        data)."""
+        if not parts:
+            raise ValueError("no statistics to merge")
+        counts = sum(p["counts"].to("cpu", torch.float64) for p in parts)
+        sums = sum(p["sums"].to("cpu", torch.float64) for p in parts)
+        return sums / counts.clamp(min=1).unsqueeze(1)
+
+    def local(self, gen: Any, x: Tensor, labels: Tensor, conditions: Tensor | None,
+              means: Tensor | None = None) -> Part:
+        """The exact statistics of one block of a site's sequences (:meth:`accumulate` streams the blocks),
+        about the merged ``means`` when the type takes them."""
+        extra = {} if means is None else {"means": means}
+        return dict(gen.fit_statistics(x, labels=labels, conditions=conditions, max_rank=None, **extra))
 
     @staticmethod
     def _streams(gen: Any) -> bool:
@@ -219,16 +254,21 @@ class GeneratorStatisticsStage:
 
     def accumulate(self, gen: Any, acc: Part | None, part: Part) -> Part:
         """``acc`` and one more block's :meth:`local` part: a type whose ``merge_statistics`` takes ``max_rank``
-        keeps its factors to about twice the generator's rank while streaming; an empty part changes nothing."""
+        keeps its factors to at most twice ``max_rank`` rows while streaming -- the generator's rank per class,
+        or :data:`STREAM_KEEP` times it for one pooled factor about merged means; an empty part changes
+        nothing."""
         if not part:
             return acc if acc is not None else {}
         if not acc:
             return part
         merge = type(gen).merge_statistics
-        return dict(merge([acc, part], max_rank=gen.rank) if self._streams(gen) else merge([acc, part]))
+        if not self._streams(gen):
+            return dict(merge([acc, part]))
+        return dict(merge([acc, part], max_rank=(STREAM_KEEP if "means" in part else 1) * gen.rank))
 
     def compact(self, gen: Any, acc: Part) -> Part:
-        """The site's release from its accumulated blocks: factors cut to the generator's rank per mean row."""
+        """The site's release from its accumulated blocks: factors cut to the generator's rank (per mean row,
+        or pooled when taken about merged means)."""
         if acc and self._streams(gen):
             return dict(type(gen).merge_statistics([acc], max_rank=gen.rank, compact=True))
         return acc

@@ -61,13 +61,14 @@ def test_closed_form_generators_federate_exactly(tiny_data, two_nodes, tiny_conf
         torch.testing.assert_close(draws[0], draws[1], rtol=1e-3, atol=1e-3)
 
 
-def test_a_class_larger_than_the_rank_sends_its_top_directions_and_says_so(two_nodes, tiny_config):
+def test_a_scatter_with_more_directions_than_the_rank_sends_its_top_directions_and_says_so(two_nodes, tiny_config):
     logs: list[str] = []
     fed = federate_local(_cfg(tiny_config, generator_type="gaussian", generator_latent_dim=2), two_nodes, seed=0,
                          log=logs.append)
     truncated = fed.metrics["run"]["truncated"]["all"]
     assert set(truncated) == {"node0.safetensors", "node1.safetensors"}
-    assert any("more sequences than the rank" in m for m in logs)
+    assert all(info["directions"] == 2 and 0 < info["variance_left_out"] < 1 for info in truncated.values())
+    assert any("more directions than the rank; kept the top 2" in m for m in logs)
 
 
 def test_per_class_generators_are_trained_and_averaged_only_by_their_owners(two_nodes, tiny_config, tmp_path):
@@ -217,3 +218,17 @@ def test_node_level_dp_counts_the_rounds_a_resumed_run_already_made():
     assert report["rounds"] == 3 and report["epsilon"] == pytest.approx(dp_epsilon(1.0, 3, 1e-5, nodes=2))
     merger.resumed(3)  # idempotent
     assert merger.report()["rounds"] == 3
+
+
+def test_every_stage_of_the_protocol_is_in_the_documented_list_of_what_a_site_sends():
+    """docs/federated.md's table of what leaves a site names every message type of the protocol."""
+    import re
+    from pathlib import Path
+
+    from feda2v_toolkit.training.site import STAGES
+
+    doc = (Path(__file__).parents[2] / "docs" / "federated.md").read_text()
+    table = doc[doc.index("## What the server and the other sites learn"):]
+    documented = set(re.findall(r"^\| `([a-z_]+)`", table, flags=re.M))
+    one_site_only = {"reducer_fit", "generator_fit"}  # refused with more than one site: nothing leaves a site
+    assert set(STAGES) - one_site_only <= documented, set(STAGES) - one_site_only - documented

@@ -225,3 +225,67 @@ def test_a_streamed_factor_keeps_the_top_directions_of_the_whole_scatter():
     # the third and fourth moments' mean-shift corrections use the kept directions only: close, not exact
     torch.testing.assert_close(streamed["cubic"], whole["cubic"], rtol=1e-3, atol=1e-3 * float(whole["cubic"].abs().max()))
     assert abs(float(streamed["quartic"][0] / whole["quartic"][0]) - 1) < 1e-3
+
+
+# -- two exchanges: statistics about the merged means (what train and federate use) -------------------------
+
+def _stream_about_means(gen, x, labels, rows, keep=2):
+    """The two exchanges of a site streaming its blocks (training.site): the per class counts and sums first,
+    then the statistics about their means, merged one block at a time; returns the release and the most
+    factor rows held while streaming."""
+    from feda2v_toolkit.training.stages import GeneratorStatisticsStage
+
+    stage = GeneratorStatisticsStage()
+    blocks = [(x[s:s + rows], labels[s:s + rows]) for s in range(0, x.shape[0], rows)]
+    means = stage.means([stage.means_local(gen, xb, lb) for xb, lb in blocks])
+    acc, held = None, 0
+    for xb, lb in blocks:
+        part = stage.local(gen, xb, lb, None, means=means)
+        acc = part if acc is None else GaussianGenerator.merge_statistics([acc, part], max_rank=keep * gen.rank)
+        held = max(held, int(acc["factors"].shape[0]))
+    return GaussianGenerator.merge_statistics([acc], max_rank=gen.rank, compact=True), held
+
+
+@pytest.mark.parametrize("conditioning", ["label", None])
+def test_statistics_about_the_merged_means_give_the_whole_data_fit(conditioning):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(90, 4, 6, generator=g, dtype=torch.float64) * 2 + torch.arange(90).remainder(3).view(-1, 1, 1)
+    labels = torch.arange(90) % 3
+    streamed = GaussianGenerator(seq_len=4, dim=6, rank=24, num_classes=3, conditioning=conditioning)
+    whole = GaussianGenerator(seq_len=4, dim=6, rank=24, num_classes=3, conditioning=conditioning)
+    release, _ = _stream_about_means(streamed, x, labels, 20)  # rank >= F = 24: nothing is left out
+    assert "cubic" not in release and "factor_rows" not in release  # no per-class scatter
+    got = streamed.fit_from_statistics(release)
+    want = whole.fit(x, labels=labels if conditioning else None)
+    assert got == pytest.approx(want, rel=1e-9)
+    _assert_same_fit(streamed, whole)
+
+
+def test_statistics_about_the_merged_means_hold_one_factor_whatever_the_number_of_classes():
+    """Per-class statistics hold a factor per class (here 40 x 7 rows); about the merged means one pooled factor
+    of at most 2 x keep x rank + a block's rows is held, and the site releases the top rank directions."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(320, 8, 8, generator=g, dtype=torch.float64) + torch.arange(320).remainder(40).view(-1, 1, 1)
+    labels = torch.arange(320) % 40
+    gen = GaussianGenerator(seq_len=8, dim=8, rank=3, num_classes=40, conditioning="label")
+    release, held = _stream_about_means(gen, x, labels, 32)
+    assert held <= 2 * 2 * 3 + 32 and release["factors"].shape == (3, 64)
+    per_class = gen.fit_statistics(x, labels=labels)
+    assert per_class["factors"].shape[0] == 40 * 7
+    for k in ("counts", "square", "quartic"):  # exact whatever was left out of the factor
+        torch.testing.assert_close(release[k], per_class[k], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(release["means"], per_class["sums"] / per_class["counts"].unsqueeze(1))
+
+
+def test_statistics_about_different_means_or_of_both_forms_are_not_merged():
+    x, labels = torch.randn(20, L, D), torch.arange(20) % 2
+    g = gen()
+    means = g.mean_statistics(x, labels=labels)["sums"] / 10
+    a = g.fit_statistics(x[:10], labels=labels[:10], means=means)
+    b = g.fit_statistics(x[10:], labels=labels[10:], means=means + 1)
+    with pytest.raises(ValueError, match="about different means"):
+        GaussianGenerator.merge_statistics([a, b])
+    with pytest.raises(ValueError, match="cannot be merged with per-class ones"):
+        GaussianGenerator.merge_statistics([a, g.fit_statistics(x[10:], labels=labels[10:])])
+    with pytest.raises(ValueError, match="means of shape"):
+        g.fit_statistics(x, labels=labels, means=means[:1])
