@@ -36,7 +36,7 @@ VAE: 25 M per generator).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -48,6 +48,11 @@ from feda2v_toolkit.runtime.linalg import eigh
 
 #: fits up to this many sequences work on the exact n x n Gram matrix
 GRAM_ROWS = 8192
+#: random probes ``g`` whose products ``S g`` statistics about merged means carry (``probe_sums``): the part of
+#: ``||S||_F^2`` (Ledoit-Wolf's shrinkage) in directions a streamed factor cut is estimated from them
+SCATTER_PROBES = 128
+#: their seed (public and fixed: every block, rank and site draws the same probes)
+PROBE_SEED = 20261203
 #: ridge of the condition-embedding regression, relative to the mean eigenvalue of E^T E
 CONDITION_RIDGE = 1e-2
 LOG_2PI = math.log(2 * math.pi)
@@ -83,37 +88,109 @@ def low_rank_factor(d: Tensor, max_rank: int | None = None) -> Tensor:
     """Rows ``f [r, F]`` with ``f^T f = d^T d`` (float64): every non-zero direction of the scatter of the rows
     ``d [n, F]``, by decreasing variance, or the top ``max_rank`` of them. Computed through the smaller of
     ``d d^T`` and ``d^T d``; the rows of ``f`` are orthogonal."""
-    n, features = d.shape
+    return stacked_factor([d], max_rank)[0]
+
+
+def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
+                   norms: Sequence[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`low_rank_factor` of the rows of ``pieces`` stacked, never concatenated when they are no more than
+    the features: the Gram ``d d^T`` is taken block by block and ``f`` summed piece by piece. ``norms[i]``:
+    the squared row norms of a piece whose rows are orthogonal (a factor this function returned: its Gram
+    is ``diag(norms)``), so that block is not computed -- checked against the rows, and computed if they
+    disagree. Returns ``f`` and its rows' squared norms (``f f^T = diag``)."""
+    features = pieces[0].shape[1]
+    sizes = [int(p.shape[0]) for p in pieces]
+    n = sum(sizes)
     if n == 0:
-        return d.new_zeros(0, features)
-    by_rows = n <= features
-    evals, evecs = eigh(d @ d.T if by_rows else d.T @ d)
+        return pieces[0].new_zeros(0, features), pieces[0].new_zeros(0)
+    if n > features:  # d^T d is the smaller
+        d = pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
+        evals, evecs = eigh(d.T @ d)
+        evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+        keep = _kept(evals, max_rank)
+        return evecs[:, :keep].T * evals[:keep].sqrt().unsqueeze(1), evals[:keep]
+    offsets = [sum(sizes[:i]) for i in range(len(pieces) + 1)]
+    gram = pieces[0].new_empty(n, n)
+    for i, pi in enumerate(pieces):
+        a, b = offsets[i], offsets[i + 1]
+        known = norms[i] if norms is not None else None
+        if known is not None and known.shape == (sizes[i],) and \
+                torch.allclose(known.to(pi), pi.square().sum(1), rtol=1e-9, atol=0.0):
+            gram[a:b, a:b] = torch.diag(known.to(pi))
+        else:
+            gram[a:b, a:b] = pi @ pi.T
+        for j in range(i + 1, len(pieces)):
+            block = pi @ pieces[j].T
+            gram[a:b, offsets[j]:offsets[j + 1]] = block
+            gram[offsets[j]:offsets[j + 1], a:b] = block.T
+    evals, evecs = eigh(gram)
+    del gram
     evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+    keep = _kept(evals, max_rank)
+    f = evecs[offsets[0]:offsets[1], :keep].T @ pieces[0]
+    for i in range(1, len(pieces)):
+        f.addmm_(evecs[offsets[i]:offsets[i + 1], :keep].T, pieces[i])
+    return f, evals[:keep]
+
+
+def scatter_probes(features: int, count: int = SCATTER_PROBES) -> Tensor:
+    """The fixed random probes ``[F, count]`` (float64, standard normal) whose products with the scatter
+    statistics about merged means carry."""
+    return torch.randn(features, count, generator=torch.Generator().manual_seed(PROBE_SEED), dtype=torch.float64)
+
+
+def scatter_norm2_from_probes(low: Tensor, probe_sums: Tensor, kept_norm2: float) -> float:
+    """``||S||_F^2`` of a scatter ``S = A + C`` of which a factor ``low`` holds ``A = low^T low`` (``||A||_F^2 =
+    kept_norm2``) and the probes' sums ``Y = S G`` (:func:`scatter_probes`) are exact: with ``C G = Y - A G``,
+    ``||S||^2 = ||A||^2 + 2 tr(A C) + ||C||^2``, the last two estimated from the probes (Hutchinson: ``E[g^T M
+    g] = tr M``). Exact when nothing was cut (``C = 0``); else the estimate bears only on the part that was
+    cut, the flat tail of the spectrum, where random probes are accurate."""
+    probes = scatter_probes(low.shape[1], probe_sums.shape[1]).to(low)
+    ag = low.T @ (low @ probes)
+    cg = probe_sums - ag
+    k = probes.shape[1]
+    return max(kept_norm2 + 2 * float((ag * cg).sum()) / k + float(cg.square().sum()) / k, kept_norm2)
+
+
+def _kept(evals: Tensor, max_rank: int | None) -> int:
+    """How many of the (decreasing) eigenvalues are directions: above 1e-12 of the largest, at most ``max_rank``."""
     keep = int((evals > evals[0] * 1e-12).sum()) if evals[0] > 0 else 0
-    if max_rank is not None:
-        keep = min(keep, int(max_rank))
-    if by_rows:
-        return evecs[:, :keep].T @ d
-    return evecs[:, :keep].T * evals[:keep].sqrt().unsqueeze(1)
+    return keep if max_rank is None else min(keep, int(max_rank))
 
 
 def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | None, compact: bool) -> dict[str, Tensor]:
     """:meth:`GaussianGenerator.merge_statistics` of statistics about the same given means: counts and moments
-    add, the pooled factors stack (re-factored as there)."""
+    add, the pooled factors stack (re-factored as there, from their pieces: a re-factored factor carries its
+    rows' squared norms, ``factor_norms`` -- of its leading rows once more rows are stacked under them -- so
+    their block of the Gram is not recomputed)."""
     means = parts[0]["means"].to("cpu", torch.float64)
     for p in parts[1:]:
         if not torch.equal(p["means"].to("cpu", torch.float64), means):
             raise ValueError("gaussian statistics taken about different means cannot be merged")
     out = {"means": means, **{k: sum(p[k].to("cpu", torch.float64) for p in parts)
-                              for k in ("counts", "square", "quartic")}}
-    stacked = [p["factors"].to("cpu", torch.float64) for p in parts]
-    both = stacked[0] if len(stacked) == 1 else torch.cat(stacked)
-    if max_rank is None:
-        out["factors"] = low_rank_factor(both) if len(stacked) > 1 else both
-    elif compact or both.shape[0] > 2 * max_rank:
-        out["factors"] = low_rank_factor(both, max_rank)
-    else:
-        out["factors"] = both
+                              for k in ("counts", "square", "quartic", "probe_sums")}}
+    pieces: list[Tensor] = []
+    norms: list[Tensor | None] = []
+    for p in parts:  # a factor's leading rows that are orthogonal (``factor_norms``) are a piece of their own
+        f, m = p["factors"].to("cpu", torch.float64), p.get("factor_norms")
+        lead = 0 if m is None else min(int(m.shape[0]), int(f.shape[0]))
+        if lead:
+            pieces.append(f[:lead])
+            norms.append(m[:lead])
+        if lead < f.shape[0]:
+            pieces.append(f[lead:])
+            norms.append(None)
+    rows = sum(int(f.shape[0]) for f in pieces)
+    lead_norms = parts[0].get("factor_norms")
+    if compact or (max_rank is not None and rows > 2 * max_rank) or (max_rank is None and len(parts) > 1):
+        f, kept = stacked_factor(pieces, max_rank, norms) if pieces else (parts[0]["factors"], None)
+    elif len(parts) == 1:
+        f, kept = parts[0]["factors"].to("cpu", torch.float64), lead_norms
+    else:  # stacked as they are: the first part's leading orthogonal rows stay the leading rows
+        f, kept = torch.cat([p["factors"].to("cpu", torch.float64) for p in parts]), lead_norms
+    out["factors"] = f
+    if kept is not None:
+        out["factor_norms"] = kept.to(torch.float64)
     return out
 
 
@@ -341,9 +418,11 @@ class GaussianGenerator(Generator):
             d = flat - m[lab]
             sq = d.square().sum(1)
             raw = max_rank is None and n <= features
+            probes = scatter_probes(features).to(d.device)
             return {"means": m.cpu().clone(), "counts": torch.bincount(lab, minlength=rows).to(torch.float64).cpu(),
                     "square": torch.zeros(rows, **f64).index_add_(0, lab, sq).cpu(),
                     "quartic": torch.zeros(rows, **f64).index_add_(0, lab, sq.square()).cpu(),
+                    "probe_sums": (d.T @ (d @ probes)).cpu(),
                     "factors": (d if raw else low_rank_factor(d, max_rank)).cpu()}
         out = {"counts": torch.zeros(rows, **f64), "sums": torch.zeros(rows, features, **f64),
                "square": torch.zeros(rows, **f64), "quartic": torch.zeros(rows, **f64),
@@ -447,6 +526,9 @@ class GaussianGenerator(Generator):
             by_rows = low.shape[0] <= features
             gram = low @ low.T if by_rows else low.T @ low
             scatter_norm2 = float(gram.square().sum())
+            if "probe_sums" in stats:  # ``low`` may have been cut while streaming: what it left out, estimated
+                scatter_norm2 = scatter_norm2_from_probes(low, stats["probe_sums"].to("cpu", torch.float64),
+                                                          scatter_norm2)
             evals, evecs = eigh(gram)
             evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
             keep = int(min(self.rank, int((evals > evals[0] * 1e-12).sum()) if evals[0] > 0 else 0))
