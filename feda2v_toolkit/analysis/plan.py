@@ -319,13 +319,14 @@ class Planner:
         streamed, copies = 0, 3
         if has_statistics(self.gen_cls) and not self.condition_dim:  # embedding conditioning fits on all rows
             # fitted block by block (training.site), float64: a block's rows and, about merged means, one pooled
-            # factor of at most 2 x STREAM_KEEP x rank + a block's rows (stacked with the next block's while
-            # merging) and the means; else per mean row its factor of at most 2 x rank + a block's rows
+            # factor of at most 2 x STREAM_KEEP x rank rows plus a block's being merged, the STREAM_KEEP x rank
+            # rows it is re-factored to, and the means; else per mean row its factor of at most 2 x rank + a
+            # block's rows
             rank = int(self.cfg.get("generator_latent_dim") or 0)
             means = max(1, -(-self.num_classes // self.generators))  # mean rows (classes) of one generator
             if GeneratorStatisticsStage.two_exchanges(self.gen_cls):
-                held = min(n, 2 * STREAM_KEEP * rank + BLOCK_ROWS)
-                streamed = (2 * held + 3 * means) * length * self.dim * 8
+                held = min(n, 2 * STREAM_KEEP * rank + BLOCK_ROWS) + min(n, STREAM_KEEP * rank)
+                streamed = (held + 3 * means) * length * self.dim * 8
                 copies = 2  # a block's part: its float64 rows and their deviations (the factor, stacked as they are)
             else:
                 per_mean = -(-n // means)
