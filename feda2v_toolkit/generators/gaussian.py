@@ -35,6 +35,7 @@ VAE: 25 M per generator).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -48,8 +49,8 @@ from feda2v_toolkit.runtime.linalg import eigh
 
 #: fits up to this many sequences work on the exact n x n Gram matrix
 GRAM_ROWS = 8192
-#: random probes ``g`` whose products ``S g`` statistics about merged means carry (``probe_sums``): the part of
-#: ``||S||_F^2`` (Ledoit-Wolf's shrinkage) in directions a streamed factor cut is estimated from them
+#: random probes ``g`` whose products ``S g`` statistics about merged means carry once a streamed factor was cut
+#: (``probe_sums``): the part of ``||S||_F^2`` (Ledoit-Wolf's shrinkage) in the directions cut is estimated from them
 SCATTER_PROBES = 128
 #: their seed (public and fixed: every block, rank and site draws the same probes)
 PROBE_SEED = 20261203
@@ -133,9 +134,10 @@ def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
     return f, evals[:keep]
 
 
+@functools.lru_cache(maxsize=2)
 def scatter_probes(features: int, count: int = SCATTER_PROBES) -> Tensor:
-    """The fixed random probes ``[F, count]`` (float64, standard normal) whose products with the scatter
-    statistics about merged means carry."""
+    """The fixed random probes ``[F, count]`` (float64, standard normal; shared, not to be modified) whose
+    products with the scatter statistics about merged means carry once a factor was cut."""
     return torch.randn(features, count, generator=torch.Generator().manual_seed(PROBE_SEED), dtype=torch.float64)
 
 
@@ -168,7 +170,7 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
         if not torch.equal(p["means"].to("cpu", torch.float64), means):
             raise ValueError("gaussian statistics taken about different means cannot be merged")
     out = {"means": means, **{k: sum(p[k].to("cpu", torch.float64) for p in parts)
-                              for k in ("counts", "square", "quartic", "probe_sums")}}
+                              for k in ("counts", "square", "quartic")}}
     pieces: list[Tensor] = []
     norms: list[Tensor | None] = []
     for p in parts:  # a factor's leading rows that are orthogonal (``factor_norms``) are a piece of their own
@@ -191,7 +193,18 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
     out["factors"] = f
     if kept is not None:
         out["factor_norms"] = kept.to(torch.float64)
+    whole = sum(float(x.square().sum()) for x in pieces)  # the stacked scatter's trace, before any cut
+    cut = bool(pieces) and whole - float(f.square().sum()) > 1e-9 * whole
+    if cut or any("probe_sums" in p for p in parts):  # once directions are cut: S G, exact, for ||S||_F^2
+        probes = scatter_probes(means.shape[1])
+        out["probe_sums"] = sum(p["probe_sums"].to("cpu", torch.float64) if "probe_sums" in p else
+                                _times_scatter(p["factors"].to("cpu", torch.float64), probes) for p in parts)
     return out
+
+
+def _times_scatter(factor: Tensor, probes: Tensor) -> Tensor:
+    """``(factor^T factor) probes`` without forming the scatter."""
+    return factor.T @ (factor @ probes)
 
 
 class GaussianGenerator(Generator):
@@ -418,12 +431,13 @@ class GaussianGenerator(Generator):
             d = flat - m[lab]
             sq = d.square().sum(1)
             raw = max_rank is None and n <= features
-            probes = scatter_probes(features).to(d.device)
-            return {"means": m.cpu().clone(), "counts": torch.bincount(lab, minlength=rows).to(torch.float64).cpu(),
-                    "square": torch.zeros(rows, **f64).index_add_(0, lab, sq).cpu(),
-                    "quartic": torch.zeros(rows, **f64).index_add_(0, lab, sq.square()).cpu(),
-                    "probe_sums": (d.T @ (d @ probes)).cpu(),
-                    "factors": (d if raw else low_rank_factor(d, max_rank)).cpu()}
+            out = {"means": m.cpu().clone(), "counts": torch.bincount(lab, minlength=rows).to(torch.float64).cpu(),
+                   "square": torch.zeros(rows, **f64).index_add_(0, lab, sq).cpu(),
+                   "quartic": torch.zeros(rows, **f64).index_add_(0, lab, sq.square()).cpu(),
+                   "factors": (d if raw else low_rank_factor(d, max_rank)).cpu()}
+            if max_rank is not None:  # directions may have been cut: the probes' sums (see merge_statistics)
+                out["probe_sums"] = _times_scatter(d, scatter_probes(features).to(d)).cpu()
+            return out
         out = {"counts": torch.zeros(rows, **f64), "sums": torch.zeros(rows, features, **f64),
                "square": torch.zeros(rows, **f64), "quartic": torch.zeros(rows, **f64),
                "cubic": torch.zeros(rows, features, **f64), "factor_rows": torch.zeros(rows, **f64)}

@@ -332,3 +332,17 @@ def test_the_shrinkage_of_a_factor_cut_while_streaming_is_that_of_the_whole_data
     exact = float((d.T @ d).square().sum())
     assert kept < 0.7 * exact
     assert scatter_norm2_from_probes(low, release["probe_sums"], kept) == pytest.approx(exact, rel=0.02)
+
+
+def test_statistics_carry_the_probes_only_once_a_factor_was_cut():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(120, 8, 8, generator=g, dtype=torch.float64)
+    labels = torch.arange(120) % 4
+    roomy = GaussianGenerator(seq_len=8, dim=8, rank=64, num_classes=4, conditioning="label")
+    assert "probe_sums" not in _stream_about_means(roomy, x, labels, 30)[0]  # at most F = 64 directions: never cut
+    tight = GaussianGenerator(seq_len=8, dim=8, rank=4, num_classes=4, conditioning="label")
+    release, _ = _stream_about_means(tight, x, labels, 30)
+    d = x.reshape(120, -1) - release["means"][labels]
+    from feda2v_toolkit.generators.gaussian import scatter_probes
+
+    torch.testing.assert_close(release["probe_sums"], d.T @ (d @ scatter_probes(64)), rtol=1e-9, atol=1e-9)
