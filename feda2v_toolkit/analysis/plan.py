@@ -325,7 +325,11 @@ class Planner:
             rank = int(self.cfg.get("generator_latent_dim") or 0)
             means = max(1, -(-self.num_classes // self.generators))  # mean rows (classes) of one generator
             if GeneratorStatisticsStage.two_exchanges(self.gen_cls):
+                from feda2v_toolkit.generators.gaussian import SCATTER_PROBES
+
                 held = min(n, 2 * STREAM_KEEP * rank + BLOCK_ROWS) + min(n, STREAM_KEEP * rank)
+                if n > 2 * STREAM_KEEP * rank:  # cut while streaming: the probes and their sums (a few copies)
+                    held += 4 * SCATTER_PROBES
                 streamed = (held + 3 * means) * length * self.dim * 8
                 copies = 2  # a block's part: its float64 rows and their deviations (the factor, stacked as they are)
             else:

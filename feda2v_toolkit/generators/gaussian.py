@@ -93,23 +93,24 @@ def low_rank_factor(d: Tensor, max_rank: int | None = None) -> Tensor:
 
 
 def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
-                   norms: Sequence[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
+                   norms: Sequence[Tensor | None] | None = None) -> tuple[Tensor, Tensor, float]:
     """:func:`low_rank_factor` of the rows of ``pieces`` stacked, never concatenated when they are no more than
     the features: the Gram ``d d^T`` is taken block by block and ``f`` summed piece by piece. ``norms[i]``:
     the squared row norms of a piece whose rows are orthogonal (a factor this function returned: its Gram
     is ``diag(norms)``), so that block is not computed -- checked against the rows, and computed if they
-    disagree. Returns ``f`` and its rows' squared norms (``f f^T = diag``)."""
+    disagree. Returns ``f``, its rows' squared norms (``f f^T = diag``) and ``||d^T d||_F^2`` (every eigenvalue's
+    square, before any cut: exact)."""
     features = pieces[0].shape[1]
     sizes = [int(p.shape[0]) for p in pieces]
     n = sum(sizes)
     if n == 0:
-        return pieces[0].new_zeros(0, features), pieces[0].new_zeros(0)
+        return pieces[0].new_zeros(0, features), pieces[0].new_zeros(0), 0.0
     if n > features:  # d^T d is the smaller
         d = pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
         evals, evecs = eigh(d.T @ d)
         evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
         keep = _kept(evals, max_rank)
-        return evecs[:, :keep].T * evals[:keep].sqrt().unsqueeze(1), evals[:keep]
+        return evecs[:, :keep].T * evals[:keep].sqrt().unsqueeze(1), evals[:keep], float(evals.square().sum())
     offsets = [sum(sizes[:i]) for i in range(len(pieces) + 1)]
     gram = pieces[0].new_empty(n, n)
     for i, pi in enumerate(pieces):
@@ -131,7 +132,7 @@ def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
     f = evecs[offsets[0]:offsets[1], :keep].T @ pieces[0]
     for i in range(1, len(pieces)):
         f.addmm_(evecs[offsets[i]:offsets[i + 1], :keep].T, pieces[i])
-    return f, evals[:keep]
+    return f, evals[:keep], float(evals.square().sum())
 
 
 @functools.lru_cache(maxsize=2)
@@ -141,17 +142,18 @@ def scatter_probes(features: int, count: int = SCATTER_PROBES) -> Tensor:
     return torch.randn(features, count, generator=torch.Generator().manual_seed(PROBE_SEED), dtype=torch.float64)
 
 
-def scatter_norm2_from_probes(low: Tensor, probe_sums: Tensor, kept_norm2: float) -> float:
-    """``||S||_F^2`` of a scatter ``S = A + C`` of which a factor ``low`` holds ``A = low^T low`` (``||A||_F^2 =
-    kept_norm2``) and the probes' sums ``Y = S G`` (:func:`scatter_probes`) are exact: with ``C G = Y - A G``,
-    ``||S||^2 = ||A||^2 + 2 tr(A C) + ||C||^2``, the last two estimated from the probes (Hutchinson: ``E[g^T M
-    g] = tr M``). Exact when nothing was cut (``C = 0``); else the estimate bears only on the part that was
-    cut, the flat tail of the spectrum, where random probes are accurate."""
-    probes = scatter_probes(low.shape[1], probe_sums.shape[1]).to(low)
-    ag = low.T @ (low @ probes)
-    cg = probe_sums - ag
+def scatter_norm2_from_probes(held: Tensor | Sequence[Tensor], probe_sums: Tensor, held_norm2: float) -> float:
+    """``||S||_F^2`` of a scatter ``S = A + C`` of which rows ``held`` (a factor, or its pieces) hold ``A``
+    (``||A||_F^2 = held_norm2``) and the probes' sums ``Y = S G`` (:func:`scatter_probes`) are exact: with ``C G =
+    Y - A G``, ``||S||^2 = ||A||^2 + 2 tr(A C) + ||C||^2``, the last two estimated from the probes (Hutchinson:
+    ``E[g^T M g] = tr M``). The estimate bears only on the part that was cut, the flat tail of the spectrum,
+    where random probes are accurate; exact when nothing was cut (``C = 0``)."""
+    pieces = [held] if isinstance(held, Tensor) else list(held)
+    probes = scatter_probes(pieces[0].shape[1], probe_sums.shape[1]).to(pieces[0])
+    ag = sum(_times_scatter(p, probes) for p in pieces)
+    cg = probe_sums.to(pieces[0]) - ag
     k = probes.shape[1]
-    return max(kept_norm2 + 2 * float((ag * cg).sum()) / k + float(cg.square().sum()) / k, kept_norm2)
+    return max(held_norm2 + 2 * float((ag * cg).sum()) / k + float(cg.square().sum()) / k, held_norm2)
 
 
 def _kept(evals: Tensor, max_rank: int | None) -> int:
@@ -164,7 +166,14 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
     """:meth:`GaussianGenerator.merge_statistics` of statistics about the same given means: counts and moments
     add, the pooled factors stack (re-factored as there, from their pieces: a re-factored factor carries its
     rows' squared norms, ``factor_norms`` -- of its leading rows once more rows are stacked under them -- so
-    their block of the Gram is not recomputed)."""
+    their block of the Gram is not recomputed).
+
+    ``||S||_F^2`` (the shrinkage's) is tracked so that cutting directions does not lose it: once a factor was
+    cut while streaming, the parts carry ``probe_sums`` (``S G``, exact sums); ``compact`` (a site's release)
+    turns them into the number ``scatter_norm2`` -- exact when nothing was cut before, estimated from the probes
+    otherwise -- and leaves out the probes and the norms (nothing but that number leaves the site); merging
+    releases adds their numbers and the cross terms of their factors (exact when every release keeps all its
+    directions; else the cross terms between the sites' cut parts are left out)."""
     means = parts[0]["means"].to("cpu", torch.float64)
     for p in parts[1:]:
         if not torch.equal(p["means"].to("cpu", torch.float64), means):
@@ -183,23 +192,43 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
             pieces.append(f[lead:])
             norms.append(None)
     rows = sum(int(f.shape[0]) for f in pieces)
-    lead_norms = parts[0].get("factor_norms")
-    if compact or (max_rank is not None and rows > 2 * max_rank) or (max_rank is None and len(parts) > 1):
-        f, kept = stacked_factor(pieces, max_rank, norms) if pieces else (parts[0]["factors"], None)
+    released = [p for p in parts if "scatter_norm2" in p]
+    if released and len(released) < len(parts):
+        raise ValueError("gaussian statistics of a site's release cannot be merged with a site's blocks")
+    stacked_norm2 = 0.0
+    if pieces and (compact or (max_rank is not None and rows > 2 * max_rank) or (max_rank is None and len(parts) > 1)):
+        f, kept, stacked_norm2 = stacked_factor(pieces, max_rank, norms)
     elif len(parts) == 1:
-        f, kept = parts[0]["factors"].to("cpu", torch.float64), lead_norms
+        f, kept = parts[0]["factors"].to("cpu", torch.float64), parts[0].get("factor_norms")
     else:  # stacked as they are: the first part's leading orthogonal rows stay the leading rows
-        f, kept = torch.cat([p["factors"].to("cpu", torch.float64) for p in parts]), lead_norms
+        f, kept = torch.cat([p["factors"].to("cpu", torch.float64) for p in parts]), parts[0].get("factor_norms")
     out["factors"] = f
-    if kept is not None:
-        out["factor_norms"] = kept.to(torch.float64)
     whole = sum(float(x.square().sum()) for x in pieces)  # the stacked scatter's trace, before any cut
     cut = bool(pieces) and whole - float(f.square().sum()) > 1e-9 * whole
-    if cut or any("probe_sums" in p for p in parts):  # once directions are cut: S G, exact, for ||S||_F^2
+    probed = any("probe_sums" in p for p in parts)
+    if probed or (cut and not compact and not released):
         probes = scatter_probes(means.shape[1])
-        out["probe_sums"] = sum(p["probe_sums"].to("cpu", torch.float64) if "probe_sums" in p else
-                                _times_scatter(p["factors"].to("cpu", torch.float64), probes) for p in parts)
+        probe_sums = sum(p["probe_sums"].to("cpu", torch.float64) if "probe_sums" in p else
+                         _times_scatter(p["factors"].to("cpu", torch.float64), probes) for p in parts)
+    if released:  # each release's own number, plus the cross terms between the releases' factors
+        own = [float(p["scatter_norm2"]) - float(_gram(p["factors"].to("cpu", torch.float64)).square().sum())
+               for p in parts]
+        total = float(parts[0]["scatter_norm2"]) if len(parts) == 1 else stacked_norm2 + sum(own)
+        out["scatter_norm2"] = torch.tensor(total, dtype=torch.float64)
+    elif compact:
+        total = scatter_norm2_from_probes(pieces, probe_sums, stacked_norm2) if probed else stacked_norm2
+        out["scatter_norm2"] = torch.tensor(total, dtype=torch.float64)
+    else:
+        if probed or cut:
+            out["probe_sums"] = probe_sums
+        if kept is not None:
+            out["factor_norms"] = kept.to(torch.float64)
     return out
+
+
+def _gram(rows: Tensor) -> Tensor:
+    """``rows rows^T`` or ``rows^T rows``, the smaller (their Frobenius norms agree)."""
+    return rows @ rows.T if rows.shape[0] <= rows.shape[1] else rows.T @ rows
 
 
 def _times_scatter(factor: Tensor, probes: Tensor) -> Tensor:
@@ -540,7 +569,9 @@ class GaussianGenerator(Generator):
             by_rows = low.shape[0] <= features
             gram = low @ low.T if by_rows else low.T @ low
             scatter_norm2 = float(gram.square().sum())
-            if "probe_sums" in stats:  # ``low`` may have been cut while streaming: what it left out, estimated
+            if "scatter_norm2" in stats:  # statistics about merged means: ||S||_F^2 kept through the cuts
+                scatter_norm2 = float(stats["scatter_norm2"])
+            elif "probe_sums" in stats:  # ``low`` may have been cut while streaming: what it left out, estimated
                 scatter_norm2 = scatter_norm2_from_probes(low, stats["probe_sums"].to("cpu", torch.float64),
                                                           scatter_norm2)
             evals, evecs = eigh(gram)

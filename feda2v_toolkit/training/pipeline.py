@@ -581,14 +581,18 @@ def _fit_generators(run: _Run, generators: dict[str, Any], gen_cls: Any, holders
         fit = dict(meta["fit"])
     else:
         stage = GeneratorStatisticsStage()
-        arrays = dict(norm_arrays)
-        if stage.two_exchanges(probe):  # the per class counts and sums first: the statistics about their means
-            sums = run.ask("generator_means", run.everyone(norm_arrays, common))
+        requests = run.everyone(norm_arrays, common)
+        if stage.two_exchanges(probe):  # the per class counts and sums first: the statistics about their means,
+            sums = run.ask("generator_means", requests)  # each key's sent to the sites that hold it only
+            requests = {n: (dict(norm_arrays), common) for n in run.sites}
             for i, key in enumerate(keys):
                 parts = [p for p in (unpack(f"g{i}.", sums[n][0]) for n in run.sites if key in holders[n]) if p]
                 if parts:
-                    arrays[f"m{i}.means"] = stage.means(parts)
-        replies = run.ask("generator_statistics", run.everyone(arrays, common))
+                    means = stage.means(parts)
+                    for n in run.sites:
+                        if key in holders[n]:
+                            requests[n][0][f"m{i}.means"] = means
+        replies = run.ask("generator_statistics", requests)
         for i, key in enumerate(keys):
             parts = [p for p in (unpack(f"g{i}.", replies[n][0]) for n in run.sites if key in holders[n]) if p]
             if not parts:
@@ -610,7 +614,9 @@ def _fit_generators(run: _Run, generators: dict[str, Any], gen_cls: Any, holders
     for key, f in fit.items():
         check_finite(f, f"fitting generator {key!r}")
         run.say(f"fitted generator {key!r} on {int(f.get('sequences', 0))} sequences")
-    how = f" from {len(run.sites)} sites' merged statistics (exact)" if len(run.sites) > 1 else ""
+    how = ""
+    if len(run.sites) > 1:
+        how = f" from {len(run.sites)} sites' merged statistics" + ("" if run.report.truncated else " (exact)")
     run.say(f"fitted {len(fit)} {'generator' if len(fit) == 1 else 'generators'} in closed form{how} "
             f"in {time.perf_counter() - t0:.2f}s")
     return fit

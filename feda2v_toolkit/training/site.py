@@ -456,7 +456,7 @@ class Site:
                 if short:
                     truncated[key] = {"classes": [class_names[c] if gen.conditioning == "label" else key
                                                   for c in short], "variance_left_out": left_out}
-            elif stats["factors"].shape[0] < int(counts.sum()) - int((counts > 0).sum()):  # pooled
+            elif left_out > 1e-9:  # pooled about the merged means: its top directions were kept
                 truncated[key] = {"directions": int(stats["factors"].shape[0]), "variance_left_out": left_out}
             out.update(pack(f"g{i}.", stats))
             examples[key] = int(idx.numel())

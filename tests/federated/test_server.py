@@ -39,11 +39,12 @@ def test_exact_stages_equal_centralised_training(tiny_data, two_nodes, tiny_conf
 
 @pytest.mark.parametrize("granularity", ["unified", "per_class"])
 def test_closed_form_generators_federate_exactly(tiny_data, two_nodes, tiny_config, granularity):
-    """gaussian (label-conditioned when unified): one exchange of statistics = train() on all the data."""
+    """gaussian (label-conditioned when unified): the exchanges of statistics (class means, then the deviations
+    about them) = train() on all the data."""
     from feda2v_toolkit.training.pipeline import train
 
     cfg = _cfg(tiny_config, generator_type="gaussian", generator_granularity=granularity,
-               generator_validation_split=0, generator_latent_dim=64)  # rank above every node's class size
+               generator_validation_split=0, generator_latent_dim=64)  # rank above every node's clip count
     central = train(cfg, tiny_data)
     fed = federate_local(cfg, two_nodes, seed=0)
     assert not fed.metrics["run"]["rounds"] and fed.metrics["generator_fit"]
@@ -232,3 +233,18 @@ def test_every_stage_of_the_protocol_is_in_the_documented_list_of_what_a_site_se
     documented = set(re.findall(r"^\| `([a-z_]+)`", table, flags=re.M))
     one_site_only = {"reducer_fit", "generator_fit"}  # refused with more than one site: nothing leaves a site
     assert set(STAGES) - one_site_only <= documented, set(STAGES) - one_site_only - documented
+
+
+def test_merged_class_means_go_only_to_the_sites_that_hold_the_generator(two_nodes, tiny_config, monkeypatch):
+    from feda2v_toolkit.training.site import Site
+
+    seen: dict[str, list[str]] = {}
+    original = Site.generator_statistics
+
+    def spy(self, keys, groups, class_names, means=None):
+        seen[self.name] = sorted(means or {})
+        return original(self, keys, groups, class_names, means)
+
+    monkeypatch.setattr(Site, "generator_statistics", spy)
+    federate_local(_cfg(tiny_config, generator_type="gaussian", generator_granularity="per_class"), two_nodes, seed=0)
+    assert seen == {"node0.safetensors": ["drum", "engine", "whistle"], "node1.safetensors": ["bird", "whistle"]}

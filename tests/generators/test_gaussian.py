@@ -296,22 +296,24 @@ def test_a_factor_of_stacked_pieces_is_the_factor_of_their_rows_and_trusts_only_
 
     g = torch.Generator().manual_seed(5)
     a, b = torch.randn(30, 50, generator=g, dtype=torch.float64), torch.randn(12, 50, generator=g, dtype=torch.float64)
-    orth, norms = stacked_factor([a])  # orthogonal rows, and their squared norms
+    orth, norms, norm2 = stacked_factor([a])  # orthogonal rows, and their squared norms
+    assert norm2 == pytest.approx(float((a.T @ a).square().sum()), rel=1e-12)
     torch.testing.assert_close(orth @ orth.T, torch.diag(norms), rtol=0, atol=1e-9 * float(norms.max()))
     whole = low_rank_factor(torch.cat([a, b]))
     for given in (norms, norms * 1.5):  # true norms skip the block; wrong ones are noticed and recomputed
-        f, kept = stacked_factor([orth, b], None, [given, None])
+        f, kept, _ = stacked_factor([orth, b], None, [given, None])
         torch.testing.assert_close(f.T @ f, whole.T @ whole, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(kept, f.square().sum(1), rtol=1e-9, atol=1e-9)
-    top, _ = stacked_factor([orth, b], 5, [norms, None])
+    top, _, _ = stacked_factor([orth, b], 5, [norms, None])
     torch.testing.assert_close(top.T @ top, low_rank_factor(torch.cat([a, b]), 5).T @ low_rank_factor(torch.cat([a, b]), 5),
                                rtol=1e-9, atol=1e-9)
 
 
 def test_the_shrinkage_of_a_factor_cut_while_streaming_is_that_of_the_whole_data():
     """Ledoit-Wolf needs ||S||_F^2, which a factor cut to the top directions understates (here by a third; on 77
-    classes of 36 clips the shrinkage went from 0.68 to 1.0): the probes' sums estimate the part that was cut."""
-    from feda2v_toolkit.generators.gaussian import scatter_norm2_from_probes
+    classes of 36 clips the shrinkage went from 0.68 to 1.0): while streaming, the probes' sums S G (exact) carry
+    what the cuts leave out, and the release keeps ||S||_F^2 as one number."""
+    from feda2v_toolkit.generators.gaussian import scatter_norm2_from_probes, scatter_probes
 
     g = torch.Generator().manual_seed(6)
     spectrum = torch.linspace(3, 0.5, 24, dtype=torch.float64).unsqueeze(1)  # a decaying one, then noise
@@ -323,26 +325,61 @@ def test_the_shrinkage_of_a_factor_cut_while_streaming_is_that_of_the_whole_data
     streamed = GaussianGenerator(seq_len=8, dim=8, rank=3, num_classes=40, conditioning="label")
     whole = GaussianGenerator(seq_len=8, dim=8, rank=3, num_classes=40, conditioning="label")
     release, _ = _stream_about_means(streamed, x, labels, 50)
+    assert set(release) == {"means", "counts", "square", "quartic", "factors", "scatter_norm2"}  # no probes
     streamed.fit_from_statistics(release)
     whole.fit(x, labels=labels)
     assert float(streamed.shrinkage) == pytest.approx(float(whole.shrinkage), rel=0.02)
-    low = release["factors"]
-    kept = float((low @ low.T).square().sum())
     d = x.reshape(600, -1) - release["means"][labels]
     exact = float((d.T @ d).square().sum())
-    assert kept < 0.7 * exact
-    assert scatter_norm2_from_probes(low, release["probe_sums"], kept) == pytest.approx(exact, rel=0.02)
+    low = release["factors"]
+    assert float((low @ low.T).square().sum()) < 0.7 * exact
+    assert float(release["scatter_norm2"]) == pytest.approx(exact, rel=0.02)
+    # the estimator itself, on the whole data's probes and the cut factor
+    assert scatter_norm2_from_probes(low, d.T @ (d @ scatter_probes(64)), float((low @ low.T).square().sum())) == \
+        pytest.approx(exact, rel=0.02)
 
 
-def test_statistics_carry_the_probes_only_once_a_factor_was_cut():
+def test_statistics_carry_the_probes_only_once_a_factor_was_cut_and_never_release_them():
+    from feda2v_toolkit.generators.gaussian import scatter_probes
+    from feda2v_toolkit.training.stages import GeneratorStatisticsStage
+
     g = torch.Generator().manual_seed(7)
     x = torch.randn(120, 8, 8, generator=g, dtype=torch.float64)
     labels = torch.arange(120) % 4
-    roomy = GaussianGenerator(seq_len=8, dim=8, rank=64, num_classes=4, conditioning="label")
-    assert "probe_sums" not in _stream_about_means(roomy, x, labels, 30)[0]  # at most F = 64 directions: never cut
-    tight = GaussianGenerator(seq_len=8, dim=8, rank=4, num_classes=4, conditioning="label")
-    release, _ = _stream_about_means(tight, x, labels, 30)
-    d = x.reshape(120, -1) - release["means"][labels]
-    from feda2v_toolkit.generators.gaussian import scatter_probes
+    stage = GeneratorStatisticsStage()
+    for rank, cut in ((64, False), (4, True)):  # at most F = 64 directions: never cut at rank 64
+        gen = GaussianGenerator(seq_len=8, dim=8, rank=rank, num_classes=4, conditioning="label")
+        means = stage.means([stage.means_local(gen, x, labels)])
+        acc = None
+        for s in range(0, 120, 30):
+            part = stage.local(gen, x[s:s + 30], labels[s:s + 30], None, means=means)
+            acc = part if acc is None else GaussianGenerator.merge_statistics([acc, part], max_rank=2 * rank)
+        assert ("probe_sums" in acc) is cut
+        if cut:
+            d = x.reshape(120, -1) - means[labels]
+            torch.testing.assert_close(acc["probe_sums"], d.T @ (d @ scatter_probes(64)), rtol=1e-9, atol=1e-9)
+        release = GaussianGenerator.merge_statistics([acc], max_rank=rank, compact=True)
+        assert "probe_sums" not in release and "factor_norms" not in release and release["scatter_norm2"].numel() == 1
+        if not cut:  # nothing cut while streaming: the number is exact
+            d = x.reshape(120, -1) - means[labels]
+            assert float(release["scatter_norm2"]) == pytest.approx(float((d.T @ d).square().sum()), rel=1e-9)
 
-    torch.testing.assert_close(release["probe_sums"], d.T @ (d @ scatter_probes(64)), rtol=1e-9, atol=1e-9)
+
+def test_releases_merge_their_numbers_with_the_cross_terms_of_their_factors():
+    """Two sites' releases that keep every direction give the whole data's ||S||_F^2 exactly (with directions cut,
+    the cross terms between the sites' cut parts are left out)."""
+    from feda2v_toolkit.training.stages import GeneratorStatisticsStage
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(80, 8, 8, generator=g, dtype=torch.float64) + torch.arange(80).remainder(3).view(-1, 1, 1)
+    labels = torch.arange(80) % 3
+    gen = GaussianGenerator(seq_len=8, dim=8, rank=64, num_classes=3, conditioning="label")
+    stage = GeneratorStatisticsStage()
+    sites = [(x[:50], labels[:50]), (x[50:], labels[50:])]
+    means = stage.means([stage.means_local(gen, xs, ls) for xs, ls in sites])
+    releases = [stage.compact(gen, stage.local(gen, xs, ls, None, means=means)) for xs, ls in sites]
+    merged = GaussianGenerator.merge_statistics(releases)
+    d = x.reshape(80, -1) - means[labels]
+    assert float(merged["scatter_norm2"]) == pytest.approx(float((d.T @ d).square().sum()), rel=1e-9)
+    with pytest.raises(ValueError, match="release cannot be merged with a site's blocks"):
+        GaussianGenerator.merge_statistics([releases[0], stage.local(gen, *sites[1], None, means=means)])
