@@ -211,9 +211,10 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
         probe_sums = sum(p["probe_sums"].to("cpu", torch.float64) if "probe_sums" in p else
                          _times_scatter(p["factors"].to("cpu", torch.float64), probes) for p in parts)
     if released:  # each release's own number, plus the cross terms between the releases' factors
-        own = [float(p["scatter_norm2"]) - float(_gram(p["factors"].to("cpu", torch.float64)).square().sum())
-               for p in parts]
-        total = float(parts[0]["scatter_norm2"]) if len(parts) == 1 else stacked_norm2 + sum(own)
+        total = float(parts[0]["scatter_norm2"])
+        if len(parts) > 1:  # stacked_norm2 = ||sum F_i^T F_i||^2; each release adds what its factor leaves out
+            total = stacked_norm2 + sum(float(p["scatter_norm2"]) - float(_gram(p["factors"].to(
+                "cpu", torch.float64)).square().sum()) for p in parts)
         out["scatter_norm2"] = torch.tensor(total, dtype=torch.float64)
     elif compact:
         total = scatter_norm2_from_probes(pieces, probe_sums, stacked_norm2) if probed else stacked_norm2
