@@ -67,7 +67,7 @@ def streamed(gen, x, labels, block: int, keep: int | None) -> tuple[dict, int]:
         rank = gen.rank * (keep or 1)
         acc = part if acc is None else GaussianGenerator.merge_statistics([acc, part], max_rank=rank)
         held = max(held, int(acc["factors"].shape[0]))
-    return GaussianGenerator.merge_statistics([acc], max_rank=gen.rank * (keep or 1), compact=True), held
+    return GaussianGenerator.merge_statistics([acc], max_rank=gen.rank, compact=True), held
 
 
 def overlap(a: torch.Tensor, b: torch.Tensor) -> float:

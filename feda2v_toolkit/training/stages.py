@@ -267,12 +267,10 @@ class GeneratorStatisticsStage:
         return dict(merge([acc, part], max_rank=(STREAM_KEEP if "means" in part else 1) * gen.rank))
 
     def compact(self, gen: Any, acc: Part) -> Part:
-        """The site's release from its accumulated blocks: factors cut to the generator's rank per mean row, or, for
-        one pooled factor about merged means, to the :data:`STREAM_KEEP` x rank directions it kept while streaming
-        (the merge of several sites' releases is then exact up to that many directions each)."""
+        """The site's release from its accumulated blocks: factors cut to the generator's rank (per mean row, or
+        pooled when taken about merged means): the model keeps no more, and no more leaves the site."""
         if acc and self._streams(gen):
-            keep = STREAM_KEEP if "means" in acc else 1
-            return dict(type(gen).merge_statistics([acc], max_rank=keep * gen.rank, compact=True))
+            return dict(type(gen).merge_statistics([acc], max_rank=gen.rank, compact=True))
         return acc
 
     def merge(self, gen_cls: Any, parts: Sequence[Part]) -> Part:

@@ -52,7 +52,7 @@ def test_federate_with_a_missing_node_dataset_is_one_line(tmp_path):
 
 
 def test_a_closed_form_generator_federates_without_rounds_and_inspect_says_so(tiny_data, tmp_path):
-    (tmp_path / "cfg.json").write_text(json.dumps({**CONFIG, "generator_latent_dim": 16}))  # no site cuts
+    (tmp_path / "cfg.json").write_text(json.dumps({**CONFIG, "generator_latent_dim": 32}))  # no site cuts
     run("split", str(tiny_data), "-o", "nodes", "--nodes", "2", "--by", "dirichlet", "--seed", "0", cwd=tmp_path)
     fed = run("federate", "-c", "cfg.json", "--node", "nodes/node0.safetensors", "--node", "nodes/node1.safetensors",
               "-o", "fed.safetensors", "--generator-type", "gaussian", "--seed", "0", cwd=tmp_path)

@@ -243,7 +243,7 @@ def _stream_about_means(gen, x, labels, rows, keep=2):
         part = stage.local(gen, xb, lb, None, means=means)
         acc = part if acc is None else GaussianGenerator.merge_statistics([acc, part], max_rank=keep * gen.rank)
         held = max(held, int(acc["factors"].shape[0]))
-    return GaussianGenerator.merge_statistics([acc], max_rank=keep * gen.rank, compact=True), held
+    return GaussianGenerator.merge_statistics([acc], max_rank=gen.rank, compact=True), held
 
 
 @pytest.mark.parametrize("conditioning", ["label", None])
@@ -263,13 +263,13 @@ def test_statistics_about_the_merged_means_give_the_whole_data_fit(conditioning)
 
 def test_statistics_about_the_merged_means_hold_one_factor_whatever_the_number_of_classes():
     """Per-class statistics hold a factor per class (here 40 x 7 rows); about the merged means one pooled factor
-    of at most 2 x keep x rank + a block's rows is held, and the site releases the top keep x rank directions."""
+    of at most 2 x keep x rank + a block's rows is held, and the site releases the top rank directions."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(320, 8, 8, generator=g, dtype=torch.float64) + torch.arange(320).remainder(40).view(-1, 1, 1)
     labels = torch.arange(320) % 40
     gen = GaussianGenerator(seq_len=8, dim=8, rank=3, num_classes=40, conditioning="label")
     release, held = _stream_about_means(gen, x, labels, 32)
-    assert held <= 2 * 2 * 3 + 32 and release["factors"].shape == (6, 64)
+    assert held <= 2 * 2 * 3 + 32 and release["factors"].shape == (3, 64)
     per_class = gen.fit_statistics(x, labels=labels)
     assert per_class["factors"].shape[0] == 40 * 7
     for k in ("counts", "square", "quartic"):  # exact whatever was left out of the factor
@@ -310,7 +310,7 @@ def test_a_factor_of_stacked_pieces_is_the_factor_of_their_rows_and_trusts_only_
 
 
 def test_the_shrinkage_of_a_factor_cut_while_streaming_is_that_of_the_whole_data():
-    """Ledoit-Wolf needs ||S||_F^2, which a factor cut to the top directions understates (here by a fifth; on 77
+    """Ledoit-Wolf needs ||S||_F^2, which a factor cut to the top directions understates (here by a third; on 77
     classes of 36 clips the shrinkage went from 0.68 to 1.0): while streaming, the probes' sums S G (exact) carry
     what the cuts leave out, and the release keeps ||S||_F^2 as one number."""
     from feda2v_toolkit.generators.gaussian import scatter_norm2_from_probes, scatter_probes
@@ -332,7 +332,7 @@ def test_the_shrinkage_of_a_factor_cut_while_streaming_is_that_of_the_whole_data
     d = x.reshape(600, -1) - release["means"][labels]
     exact = float((d.T @ d).square().sum())
     low = release["factors"]
-    assert float((low @ low.T).square().sum()) < 0.9 * exact
+    assert float((low @ low.T).square().sum()) < 0.7 * exact
     assert float(release["scatter_norm2"]) == pytest.approx(exact, rel=0.02)
     # the estimator itself, on the whole data's probes and the cut factor
     assert scatter_norm2_from_probes(low, d.T @ (d @ scatter_probes(64)), float((low @ low.T).square().sum())) == \
