@@ -180,10 +180,11 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
             raise ValueError("gaussian statistics taken about different means cannot be merged")
     out = {"means": means, **{k: sum(p[k].to("cpu", torch.float64) for p in parts)
                               for k in ("counts", "square", "quartic")}}
+    factors = [p["factors"].to("cpu", torch.float64) for p in parts]
     pieces: list[Tensor] = []
     norms: list[Tensor | None] = []
-    for p in parts:  # a factor's leading rows that are orthogonal (``factor_norms``) are a piece of their own
-        f, m = p["factors"].to("cpu", torch.float64), p.get("factor_norms")
+    for p, f in zip(parts, factors, strict=True):  # a factor's leading orthogonal rows (``factor_norms``): a piece
+        m = p.get("factor_norms")
         lead = 0 if m is None else min(int(m.shape[0]), int(f.shape[0]))
         if lead:
             pieces.append(f[:lead])
@@ -198,23 +199,21 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
     stacked_norm2 = 0.0
     if pieces and (compact or (max_rank is not None and rows > 2 * max_rank) or (max_rank is None and len(parts) > 1)):
         f, kept, stacked_norm2 = stacked_factor(pieces, max_rank, norms)
-    elif len(parts) == 1:
-        f, kept = parts[0]["factors"].to("cpu", torch.float64), parts[0].get("factor_norms")
     else:  # stacked as they are: the first part's leading orthogonal rows stay the leading rows
-        f, kept = torch.cat([p["factors"].to("cpu", torch.float64) for p in parts]), parts[0].get("factor_norms")
+        f, kept = factors[0] if len(factors) == 1 else torch.cat(factors), parts[0].get("factor_norms")
     out["factors"] = f
     whole = sum(float(x.square().sum()) for x in pieces)  # the stacked scatter's trace, before any cut
     cut = bool(pieces) and whole - float(f.square().sum()) > 1e-9 * whole
     probed = any("probe_sums" in p for p in parts)
     if probed or (cut and not compact and not released):
         probes = scatter_probes(means.shape[1])
-        probe_sums = sum(p["probe_sums"].to("cpu", torch.float64) if "probe_sums" in p else
-                         _times_scatter(p["factors"].to("cpu", torch.float64), probes) for p in parts)
+        probe_sums = sum(p["probe_sums"].to("cpu", torch.float64) if "probe_sums" in p else _times_scatter(f_p, probes)
+                         for p, f_p in zip(parts, factors, strict=True))
     if released:  # each release's own number, plus the cross terms between the releases' factors
         total = float(parts[0]["scatter_norm2"])
         if len(parts) > 1:  # stacked_norm2 = ||sum F_i^T F_i||^2; each release adds what its factor leaves out
-            total = stacked_norm2 + sum(float(p["scatter_norm2"]) - float(_gram(p["factors"].to(
-                "cpu", torch.float64)).square().sum()) for p in parts)
+            total = stacked_norm2 + sum(float(p["scatter_norm2"]) - float(_gram(f_p).square().sum())
+                                        for p, f_p in zip(parts, factors, strict=True))
         out["scatter_norm2"] = torch.tensor(total, dtype=torch.float64)
     elif compact:
         total = scatter_norm2_from_probes(pieces, probe_sums, stacked_norm2) if probed else stacked_norm2
@@ -568,7 +567,7 @@ class GaussianGenerator(Generator):
         scatter_norm2 = 0.0
         if low.shape[0]:
             by_rows = low.shape[0] <= features
-            gram = low @ low.T if by_rows else low.T @ low
+            gram = _gram(low)
             scatter_norm2 = float(gram.square().sum())
             if "scatter_norm2" in stats:  # statistics about merged means: ||S||_F^2 kept through the cuts
                 scatter_norm2 = float(stats["scatter_norm2"])

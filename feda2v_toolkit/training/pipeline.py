@@ -581,10 +581,9 @@ def _fit_generators(run: _Run, generators: dict[str, Any], gen_cls: Any, holders
         fit = dict(meta["fit"])
     else:
         stage = GeneratorStatisticsStage()
-        requests = run.everyone(norm_arrays, common)
+        requests = {n: (dict(norm_arrays), common) for n in run.sites}
         if stage.two_exchanges(probe):  # the per class counts and sums first: the statistics about their means,
-            sums = run.ask("generator_means", requests)  # each key's sent to the sites that hold it only
-            requests = {n: (dict(norm_arrays), common) for n in run.sites}
+            sums = run.ask("generator_means", run.everyone(norm_arrays, common))  # each key's to its holders only
             for i, key in enumerate(keys):
                 parts = [p for p in (unpack(f"g{i}.", sums[n][0]) for n in run.sites if key in holders[n]) if p]
                 if parts:

@@ -417,18 +417,14 @@ class Site:
         by block in order over the ranks, summed)."""
         assert self.cache is not None and self.cache.standardized
         out: Arrays = {}
-        stage, read, n = GeneratorStatisticsStage(), self.cache.reader(torch.device("cpu")), len(self.ds)
+        stage = GeneratorStatisticsStage()
         for i, key in enumerate(keys):
             idx = self._rows_of(groups[key], class_names, self.train_idx)
             if idx.numel() == 0:
                 continue
             gen = self._generator(class_names)
-
-            def block(b: int, gen: Any = gen, idx: Tensor = idx) -> Arrays:
-                rows = in_block(idx, b, n)
-                return stage.means_local(gen, *read(rows)[:2]) if rows.numel() else {}
-
-            out.update(pack(f"g{i}.", self.ranks.combine(block_count(n), block, add_parts) or {}))
+            out.update(pack(f"g{i}.", self._over_blocks(
+                idx, lambda x, labels, _, gen=gen: stage.means_local(gen, x, labels), add_parts)))
         return out
 
     def generator_statistics(self, keys: list[str], groups: Mapping[str, list[str]], class_names: list[str],
@@ -440,13 +436,12 @@ class Site:
         out: Arrays = {}
         examples: dict[str, int] = {}
         truncated: dict[str, dict[str, Any]] = {}
-        n = len(self.ds)
         for i, key in enumerate(keys):
             idx = self._rows_of(groups[key], class_names, self.train_idx)
             if idx.numel() == 0:
                 continue
             gen = self._generator(class_names)
-            stats = self._block_statistics(gen, idx, n, None if means is None else means.get(key))
+            stats = self._block_statistics(gen, idx, None if means is None else means.get(key))
             counts = stats["counts"]
             kept = float(stats["factors"].square().sum())
             left_out = 1.0 - kept / max(float(stats["square"].sum()), 1e-300)
@@ -462,19 +457,25 @@ class Site:
             examples[key] = int(idx.numel())
         return out, {"examples": examples, "truncated": truncated}
 
-    def _block_statistics(self, gen: Any, idx: Tensor, n: int, means: Tensor | None = None) -> Arrays:
+    def _block_statistics(self, gen: Any, idx: Tensor, means: Tensor | None = None) -> Arrays:
         """``gen``'s statistics of the rows ``idx`` (about ``means`` if given), block by block in order over the
         ranks (:class:`GeneratorStatisticsStage`: exact per block, streamed, cut to the generator's rank at the
         end)."""
+        stage = GeneratorStatisticsStage()
+        return stage.compact(gen, self._over_blocks(idx, lambda x, labels, conditions: stage.local(
+            gen, x, labels, conditions, means=means), lambda acc, part: stage.accumulate(gen, acc, part)))
+
+    def _over_blocks(self, idx: Tensor, local: Any, merge: Any) -> Arrays:
+        """``local(x, labels, conditions)`` of the reduced cache's rows ``idx`` block by block, merged in block
+        order over the ranks (:mod:`feda2v_toolkit.runtime.ranks`); ``{}`` when there are none."""
         assert self.cache is not None
-        stage, read = GeneratorStatisticsStage(), self.cache.reader(torch.device("cpu"))
+        read, n = self.cache.reader(torch.device("cpu")), len(self.ds)
 
         def block(b: int) -> Arrays:
             rows = in_block(idx, b, n)
-            return stage.local(gen, *read(rows), means=means) if rows.numel() else {}
+            return local(*read(rows)) if rows.numel() else {}
 
-        return stage.compact(gen, self.ranks.combine(block_count(n), block,
-                                                     lambda acc, part: stage.accumulate(gen, acc, part)) or {})
+        return self.ranks.combine(block_count(n), block, merge) or {}
 
     def generator_fit(self, keys: list[str], groups: Mapping[str, list[str]],
                       class_names: list[str]) -> tuple[Arrays, Meta]:
