@@ -15,6 +15,14 @@ Against the whole-data fit (every row at once, exact): the held-out negative log
 1 = the same) and the variance the components keep; and the largest factor held while streaming (rows).
 
     python bench/bench_streamed_fit.py [--per-class 32] [--rank 32] [--block 40]
+    python bench/bench_streamed_fit.py --time [--rows 14400] [--block 460]
+
+``--time``: the streamed statistics at ``train``'s real shape (``l x D = 16 x 768`` features, rank 256, blocks of
+460 training rows: a 512-row block less its held-out tenth; 14,400 rows: 16,000 clips), on synthetic rows with a
+decaying spectrum, for each way of cutting (the products' dtype, :data:`STREAM_DTYPE`, and how often,
+:data:`REFACTOR`; float64 at 1.0 is stop 29's): seconds and their ratio to stop 29's in the same run, the most
+memory the statistics added (resident, sampled), and the fit against stop 29's (explained variance,
+shrinkage, overlap of the components).
 
 The corpus (``bench/corpus.py``) is built once into the cache directory. The rank and the block are small
 so that a corpus of a few hundred clips is cut many times, as VGGSound's ~200,000 clips would be at the
@@ -77,6 +85,78 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.svdvals(qa.T @ qb).square().mean())
 
 
+def _resident_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1e3
+    return 0.0
+
+
+def timing(rows: int, block: int, rank: int = 256, length: int = 16, dim: int = 768, classes: int = 4,
+           repeats: int = 2) -> list[dict]:
+    """The streamed statistics at ``train``'s shape for each (dtype, re-factor fraction); see the docstring."""
+    import threading
+
+    import feda2v_toolkit.generators.gaussian as gaussian
+    from feda2v_toolkit.training.stages import GeneratorStatisticsStage
+
+    g = torch.Generator().manual_seed(0)
+    features = length * dim
+    x = torch.empty(rows, length, dim)
+    spectrum = torch.arange(1, 601, dtype=torch.float32).pow(-0.7) * 30  # 600 directions above a flat floor
+    basis = torch.randn(600, features, generator=g) / features ** 0.5
+    for s in range(0, rows, 1024):
+        k = min(1024, rows - s)
+        x[s:s + k] = ((torch.randn(k, 600, generator=g) * spectrum) @ basis
+                      + 0.3 * torch.randn(k, features, generator=g)).view(k, length, dim)
+    labels = torch.arange(rows) % classes
+    stage = GeneratorStatisticsStage()
+    blocks = [(x[s:s + block], labels[s:s + block]) for s in range(0, rows, block)]
+    ways = ((torch.float64, 1.0), (torch.float64, 0.5), (torch.float32, 1.0), (torch.float32, 0.5))
+    runs: list[dict] = []
+    saved = gaussian.STREAM_DTYPE, gaussian.REFACTOR
+    try:  # every way `repeats` times, interleaved: this machine's speed drifts within a process
+        for dtype, fraction in [w for _ in range(repeats) for w in ways]:
+            gaussian.STREAM_DTYPE, gaussian.REFACTOR = dtype, fraction
+            gen = gaussian.GaussianGenerator(seq_len=length, dim=dim, rank=rank, num_classes=classes,
+                                             conditioning="label")
+            means = stage.means([stage.means_local(gen, xb, lb) for xb, lb in blocks])
+            base = _resident_mb()
+            top, done = [base], threading.Event()
+
+            def watch(top: list[float] = top, done: threading.Event = done) -> None:
+                while not done.is_set():
+                    top[0] = max(top[0], _resident_mb())
+                    done.wait(0.01)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            t0 = time.perf_counter()
+            acc = None
+            for xb, lb in blocks:
+                acc = stage.accumulate(gen, acc, stage.local(gen, xb, lb, None, means=means))
+            release = stage.compact(gen, acc)
+            seconds = time.perf_counter() - t0
+            done.set()
+            watcher.join()
+            fit = stage.finish(gen, release)
+            runs.append({"dtype": str(dtype).replace("torch.", ""), "refactor": fraction, "seconds": seconds,
+                         "added_mb": top[0] - base, "explained": fit["explained"], "shrinkage": fit["shrinkage"],
+                         "components": gen.components.detach().clone()})
+            del acc, release
+    finally:
+        gaussian.STREAM_DTYPE, gaussian.REFACTOR = saved
+    out = []
+    for i in range(len(ways)):
+        mine = runs[i::len(ways)]
+        out.append({**{k: v for k, v in mine[0].items() if k != "components"},
+                    "seconds": [r["seconds"] for r in mine], "added_mb": [r["added_mb"] for r in mine],
+                    "ratio": min(r["seconds"] for r in mine) / min(r["seconds"] for r in runs[0::len(ways)]),
+                    "overlap": overlap(mine[0]["components"], runs[0]["components"])})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=32)
@@ -85,7 +165,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=16)
     ap.add_argument("--keep-tokens", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--time", action="store_true", help="time the streamed statistics at train's real shape")
+    ap.add_argument("--rows", type=int, default=14400, help="--time: training rows")
     args = ap.parse_args(argv)
+    if args.time:
+        block = 460 if args.block == 40 else args.block
+        rows = timing(args.rows, block)
+        print(f"streamed gaussian statistics: {args.rows} rows of 16 x 768, rank 256, blocks of {block}, "
+              f"{torch.get_num_threads()} threads")
+        print(f"{'dtype':8s} {'refactor':>8s} {'seconds (each run)':>20s} {'best vs stop 29':>15s} "
+              f"{'added MB':>12s} {'explained':>10s} {'shrinkage':>10s} {'overlap':>8s}")
+        for r in rows:
+            secs = " / ".join(f"{t:.2f}" for t in r["seconds"])
+            mb = " / ".join(f"{m:.0f}" for m in r["added_mb"])
+            print(f"{r['dtype']:8s} {r['refactor']:8.1f} {secs:>20s} {r['ratio']:15.2f} {mb:>12s} "
+                  f"{r['explained']:10.6f} {r['shrinkage']:10.7f} {r['overlap']:8.5f}")
+        if args.json:
+            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+                                            indent=1))
+        return 0
 
     from feda2v_toolkit.components import TrainContext
     from feda2v_toolkit.generators.gaussian import GaussianGenerator

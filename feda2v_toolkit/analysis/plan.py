@@ -319,17 +319,19 @@ class Planner:
         streamed, copies = 0, 3
         if has_statistics(self.gen_cls) and not self.condition_dim:  # embedding conditioning fits on all rows
             # fitted block by block (training.site), float64: a block's rows and, about merged means, one pooled
-            # factor of at most 2 x STREAM_KEEP x rank rows plus a block's being merged, the STREAM_KEEP x rank
-            # rows it is re-factored to, and the means; else per mean row its factor of at most 2 x rank + a
-            # block's rows
+            # factor: while nothing is cut, the rows stacked as they are (twice, while a block is stacked under
+            # them); once cut (more rows than STREAM_KEEP x rank = k), in STREAM_DTYPE (float32: half a row): k
+            # kept rows, fewer than REFACTOR x k stacked under them, a block's float64 rows and their float32
+            # copy, the k rows re-factored to; plus the means. Else per mean row its factor of at most 2 x rank
+            # + a block's rows
             rank = int(self.cfg.get("generator_latent_dim") or 0)
             means = max(1, -(-self.num_classes // self.generators))  # mean rows (classes) of one generator
             if GeneratorStatisticsStage.two_exchanges(self.gen_cls):
-                from feda2v_toolkit.generators.gaussian import SCATTER_PROBES
+                from feda2v_toolkit.generators.gaussian import REFACTOR, SCATTER_PROBES
 
-                held = min(n, 2 * STREAM_KEEP * rank + BLOCK_ROWS) + min(n, STREAM_KEEP * rank)
-                if n > 2 * STREAM_KEEP * rank:  # cut while streaming: the probes and their sums (a few copies)
-                    held += 4 * SCATTER_PROBES
+                k = STREAM_KEEP * rank
+                # cut while streaming (plus the probes and their sums, a few copies), else stacked as they are
+                held = int((1 + REFACTOR / 2) * k + 1.5 * BLOCK_ROWS) + 4 * SCATTER_PROBES if n > k else 2 * n
                 streamed = (held + 3 * means) * length * self.dim * 8
                 copies = 2  # a block's part: its float64 rows and their deviations (the factor, stacked as they are)
             else:

@@ -54,6 +54,14 @@ GRAM_ROWS = 8192
 SCATTER_PROBES = 128
 #: their seed (public and fixed: every block, rank and site draws the same probes)
 PROBE_SEED = 20261203
+#: while streaming, a factor is re-factored once its rows not yet orthogonal reach this fraction of what it keeps
+#: (and it has more rows than that): every block of 512 at the default rank, the least work per row measured
+#: (``bench/bench_streamed_fit.py --time``)
+REFACTOR = 0.5
+#: the dtype of a streaming cut's products (its Gram and re-factored rows; the eigendecomposition is float64):
+#: float32 halves their time and memory; the statistics' sums stay float64 and a site's release is re-factored
+#: in float64 (docs/scale.md)
+STREAM_DTYPE = torch.float32
 #: ridge of the condition-embedding regression, relative to the mean eigenvalue of E^T E
 CONDITION_RIDGE = 1e-2
 LOG_2PI = math.log(2 * math.pi)
@@ -93,13 +101,18 @@ def low_rank_factor(d: Tensor, max_rank: int | None = None) -> Tensor:
 
 
 def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
-                   norms: Sequence[Tensor | None] | None = None) -> tuple[Tensor, Tensor, float]:
+                   norms: Sequence[Tensor | None] | None = None,
+                   dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, float]:
     """:func:`low_rank_factor` of the rows of ``pieces`` stacked, never concatenated when they are no more than
     the features: the Gram ``d d^T`` is taken block by block and ``f`` summed piece by piece. ``norms[i]``:
     the squared row norms of a piece whose rows are orthogonal (a factor this function returned: its Gram
     is ``diag(norms)``), so that block is not computed -- checked against the rows, and computed if they
     disagree. Returns ``f``, its rows' squared norms (``f f^T = diag``) and ``||d^T d||_F^2`` (every eigenvalue's
-    square, before any cut: exact)."""
+    square, before any cut: exact).
+
+    ``dtype``: of the products (the pieces are converted to it, ``f`` is returned in it); the eigendecomposition
+    is float64 whatever it is. ``float32`` for the streaming cuts (:data:`STREAM_DTYPE`)."""
+    pieces = [p.to(dtype) for p in pieces]
     features = pieces[0].shape[1]
     sizes = [int(p.shape[0]) for p in pieces]
     n = sum(sizes)
@@ -107,17 +120,19 @@ def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
         return pieces[0].new_zeros(0, features), pieces[0].new_zeros(0), 0.0
     if n > features:  # d^T d is the smaller
         d = pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
-        evals, evecs = eigh(d.T @ d)
+        evals, evecs = eigh((d.T @ d).double())
         evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
         keep = _kept(evals, max_rank)
-        return evecs[:, :keep].T * evals[:keep].sqrt().unsqueeze(1), evals[:keep], float(evals.square().sum())
+        f = (evecs[:, :keep].T * evals[:keep].sqrt().unsqueeze(1)).to(dtype)
+        return f, evals[:keep], float(evals.square().sum())
     offsets = [sum(sizes[:i]) for i in range(len(pieces) + 1)]
     gram = pieces[0].new_empty(n, n)
+    rtol = 1e-9 if dtype == torch.float64 else 1e-4  # how orthogonal a factor's rows come out of this function
     for i, pi in enumerate(pieces):
         a, b = offsets[i], offsets[i + 1]
         known = norms[i] if norms is not None else None
         if known is not None and known.shape == (sizes[i],) and \
-                torch.allclose(known.to(pi), pi.square().sum(1), rtol=1e-9, atol=0.0):
+                torch.allclose(known.to(pi), torch.linalg.vector_norm(pi, dim=1).square(), rtol=rtol, atol=0.0):
             gram[a:b, a:b] = torch.diag(known.to(pi))
         else:
             gram[a:b, a:b] = pi @ pi.T
@@ -125,9 +140,9 @@ def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
             block = pi @ pieces[j].T
             gram[a:b, offsets[j]:offsets[j + 1]] = block
             gram[offsets[j]:offsets[j + 1], a:b] = block.T
-    evals, evecs = eigh(gram)
+    evals, evecs = eigh(gram.double())
     del gram
-    evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+    evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1).to(dtype)
     keep = _kept(evals, max_rank)
     f = evecs[offsets[0]:offsets[1], :keep].T @ pieces[0]
     for i in range(1, len(pieces)):
@@ -148,7 +163,7 @@ def scatter_norm2_from_probes(held: Tensor | Sequence[Tensor], probe_sums: Tenso
     Y - A G``, ``||S||^2 = ||A||^2 + 2 tr(A C) + ||C||^2``, the last two estimated from the probes (Hutchinson:
     ``E[g^T M g] = tr M``). The estimate bears only on the part that was cut, the flat tail of the spectrum,
     where random probes are accurate; exact when nothing was cut (``C = 0``)."""
-    pieces = [held] if isinstance(held, Tensor) else list(held)
+    pieces = [p.double() for p in ([held] if isinstance(held, Tensor) else held)]
     probes = scatter_probes(pieces[0].shape[1], probe_sums.shape[1]).to(pieces[0])
     ag = sum(_times_scatter(p, probes) for p in pieces)
     cg = probe_sums.to(pieces[0]) - ag
@@ -180,7 +195,7 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
             raise ValueError("gaussian statistics taken about different means cannot be merged")
     out = {"means": means, **{k: sum(p[k].to("cpu", torch.float64) for p in parts)
                               for k in ("counts", "square", "quartic")}}
-    factors = [p["factors"].to("cpu", torch.float64) for p in parts]
+    factors = [p["factors"].to("cpu") for p in parts]  # float64, or float32 while streaming (STREAM_DTYPE)
     pieces: list[Tensor] = []
     norms: list[Tensor | None] = []
     for p, f in zip(parts, factors, strict=True):  # a factor's leading orthogonal rows (``factor_norms``): a piece
@@ -197,22 +212,29 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
     if released and len(released) < len(parts):
         raise ValueError("gaussian statistics of a site's release cannot be merged with a site's blocks")
     stacked_norm2 = 0.0
-    if pieces and (compact or (max_rank is not None and rows > 2 * max_rank) or (max_rank is None and len(parts) > 1)):
-        f, kept, stacked_norm2 = stacked_factor(pieces, max_rank, norms)
+    pending = rows - (int(norms[0].shape[0]) if norms and norms[0] is not None else 0)  # rows not yet orthogonal
+    if pieces and (compact or (max_rank is not None and rows > max_rank and pending >= REFACTOR * max_rank)
+                   or (max_rank is None and len(parts) > 1)):
+        # a streaming cut (directions are left out: more rows and features than kept) works in STREAM_DTYPE
+        cuts = max_rank is not None and not compact and not released and min(rows, means.shape[1]) > max_rank
+        f, kept, stacked_norm2 = stacked_factor(pieces, max_rank, norms, STREAM_DTYPE if cuts else torch.float64)
     else:  # stacked as they are: the first part's leading orthogonal rows stay the leading rows
-        f, kept = factors[0] if len(factors) == 1 else torch.cat(factors), parts[0].get("factor_norms")
+        f = factors[0] if len(factors) == 1 else torch.cat([x.to(factors[0].dtype) for x in factors])
+        kept = parts[0].get("factor_norms")
     out["factors"] = f
-    whole = sum(float(x.square().sum()) for x in pieces)  # the stacked scatter's trace, before any cut
-    cut = bool(pieces) and whole - float(f.square().sum()) > 1e-9 * whole
+    whole = sum(_norm2(x) for x in pieces)  # the stacked scatter's trace, before any cut
+    cut = bool(pieces) and whole - (float(kept.sum()) if kept is not None and kept.shape[0] == f.shape[0]
+                                    else _norm2(f)) > 1e-9 * whole
     probed = any("probe_sums" in p for p in parts)
     if probed or (cut and not compact and not released):
         probes = scatter_probes(means.shape[1])
-        probe_sums = sum(p["probe_sums"].to("cpu", torch.float64) if "probe_sums" in p else _times_scatter(f_p, probes)
+        probe_sums = sum(p["probe_sums"].to("cpu", torch.float64) if "probe_sums" in p else
+                         _times_scatter(f_p.double(), probes)
                          for p, f_p in zip(parts, factors, strict=True))
     if released:  # each release's own number, plus the cross terms between the releases' factors
         total = float(parts[0]["scatter_norm2"])
         if len(parts) > 1:  # stacked_norm2 = ||sum F_i^T F_i||^2; each release adds what its factor leaves out
-            total = stacked_norm2 + sum(float(p["scatter_norm2"]) - float(_gram(f_p).square().sum())
+            total = stacked_norm2 + sum(float(p["scatter_norm2"]) - float(_gram(f_p.double()).square().sum())
                                         for p, f_p in zip(parts, factors, strict=True))
         out["scatter_norm2"] = torch.tensor(total, dtype=torch.float64)
     elif compact:
@@ -224,6 +246,11 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
         if kept is not None:
             out["factor_norms"] = kept.to(torch.float64)
     return out
+
+
+def _norm2(x: Tensor) -> float:
+    """``|x|^2`` over every entry (in float64), without a squared copy."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
 
 
 def _gram(rows: Tensor) -> Tensor:
@@ -403,15 +430,16 @@ class GaussianGenerator(Generator):
             return labels.long()
         return torch.zeros(n, dtype=torch.long)
 
-    def _flat_rows(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``x`` as float64 rows ``[n, F]`` and each row's mean row (class), checked."""
+    def _flat_rows(self, x: Tensor, labels: Tensor | None, own: bool = False) -> tuple[Tensor, Tensor]:
+        """``x`` as float64 rows ``[n, F]`` (``own``: never ``x``'s own memory) and each row's mean row (class),
+        checked."""
         if self._conditioning == "embedding":
             raise NotImplementedError("a gaussian generator conditioned on condition embeddings has no mergeable "
                                       "statistics (its residuals depend on the merged regression)")
         n = x.shape[0]
         if x.shape[1:] != (self.seq_len, self.dim):
             raise ValueError(f"expected [n, {self.seq_len}, {self.dim}], got {tuple(x.shape)}")
-        flat = x.reshape(n, -1).to(torch.float64)
+        flat = x.reshape(n, -1).to(torch.float64, copy=own)
         lab = self._rows_of(n, labels).to(flat.device)
         rows = self.means.shape[0]
         if n and bool((lab < 0).any() or (lab >= rows).any()):
@@ -449,7 +477,7 @@ class GaussianGenerator(Generator):
         the scatter as low-rank ``factors`` per row (every non-zero direction, or the top ``max_rank`` per
         row; ``factor_rows [C]`` says how many rows of ``factors`` belong to each ``c``, in order): merging
         corrects each class's moments for the shift of its mean, so each class's own factor is kept."""
-        flat, lab = self._flat_rows(x, labels)
+        flat, lab = self._flat_rows(x, labels, own=means is not None)
         n = flat.shape[0]
         rows, features = self.means.shape
         f64 = {"dtype": torch.float64, "device": flat.device}
@@ -457,8 +485,8 @@ class GaussianGenerator(Generator):
             if tuple(means.shape) != (rows, features):
                 raise ValueError(f"means of shape {tuple(means.shape)}, this generator has {(rows, features)}")
             m = means.to(**f64)
-            d = flat - m[lab]
-            sq = d.square().sum(1)
+            d = flat.sub_(m[lab])  # ``flat`` is this call's own float64 copy
+            sq = torch.linalg.vector_norm(d, dim=1).square()
             raw = max_rank is None and n <= features
             out = {"means": m.cpu().clone(), "counts": torch.bincount(lab, minlength=rows).to(torch.float64).cpu(),
                    "square": torch.zeros(rows, **f64).index_add_(0, lab, sq).cpu(),
