@@ -16,6 +16,7 @@ Against the whole-data fit (every row at once, exact): the held-out negative log
 
     python bench/bench_streamed_fit.py [--per-class 32] [--rank 32] [--block 40]
     python bench/bench_streamed_fit.py --time [--rows 14400] [--block 460]
+    python bench/bench_streamed_fit.py --sites 4
 
 ``--time``: the streamed statistics at ``train``'s real shape (``l x D = 16 x 768`` features, rank 256, blocks of
 460 training rows: a 512-row block less its held-out tenth; 14,400 rows: 16,000 clips), on synthetic rows with a
@@ -23,6 +24,12 @@ decaying spectrum, for each way of cutting (the products' dtype, :data:`STREAM_D
 :data:`REFACTOR`; float64 at 1.0 is stop 29's): seconds and their ratio to stop 29's in the same run, the most
 memory the statistics added (resident, sampled), and the fit against stop 29's (explained variance,
 shrinkage, overlap of the components).
+
+``--sites S``: the shrinkage (Ledoit-Wolf, which needs ``||S||_F^2``) when S sites each stream, cut and release
+their statistics and the releases are merged (``federate``), against one site with every row and the
+whole-data fit: with the estimate of what the sites left out (``_left_out_cross_terms``) and with the factors'
+cross terms only (stop 29); sites of alternate clips and sites split by class; on ``bench_classes.py``'s flat
+spectrum (77 classes x 40 clips, rank 256: the hard case) and the realistic corpus (rank 16).
 
 The corpus (``bench/corpus.py``) is built once into the cache directory. The rank and the block are small
 so that a corpus of a few hundred clips is cut many times, as VGGSound's ~200,000 clips would be at the
@@ -157,6 +164,62 @@ def timing(rows: int, block: int, rank: int = 256, length: int = 16, dim: int = 
     return out
 
 
+def site_merges(sites: int) -> list[dict]:
+    """The shrinkage of merged site releases; see the docstring."""
+    from bench_classes import L as length
+
+    from feda2v_toolkit.generators.gaussian import (
+        GaussianGenerator,
+        _left_out_cross_terms,
+        ledoit_wolf_from_sums,
+    )
+    from feda2v_toolkit.training.stages import GeneratorStatisticsStage
+
+    stage = GeneratorStatisticsStage()
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(length, 768, generator=g)  # bench_classes.make_data's clips, in memory
+    flat, flat_labels = [], []
+    for c in range(77):
+        mean = base + 0.5 * torch.randn(length, 768, generator=g)
+        z = torch.randn(40, 64, generator=g) @ torch.randn(64, length * 768, generator=g).div(8)
+        flat.append(mean + z.view(40, length, 768) + 0.3 * torch.randn(40, length, 768, generator=g))
+        flat_labels.append(torch.full((40,), c))
+    x, labels = reduced_corpus(32, length, 2)
+    datasets = [("flat spectrum, 77 classes x 40 clips", torch.cat(flat), torch.cat(flat_labels), 256),
+                ("realistic corpus", (x - x.mean(0)) / x.std(0).clamp(min=1e-6), labels, 16)]
+    out = []
+    for name, x, labels, rank in datasets:
+        perm = torch.randperm(x.shape[0], generator=g)
+        x, labels = x[perm], labels[perm]
+        classes, n, features = int(labels.max()) + 1, x.shape[0], x.shape[1] * x.shape[2]
+
+        def model(rank: int = rank, classes: int = classes) -> GaussianGenerator:
+            return GaussianGenerator(seq_len=length, dim=768, rank=rank, num_classes=classes, conditioning="label")
+
+        def release(rows: torch.Tensor, means: torch.Tensor, x: torch.Tensor = x, labels: torch.Tensor = labels) -> dict:
+            gen, acc = model(), None
+            for s in range(0, rows.numel(), 460):
+                r = rows[s:s + 460]
+                acc = stage.accumulate(gen, acc, stage.local(gen, x[r], labels[r], None, means=means))
+            return stage.compact(gen, acc)
+
+        means = stage.means([stage.means_local(model(), x, labels)])
+        whole = model().fit(x, labels=labels)["shrinkage"]
+        one = stage.finish(model(), release(torch.arange(n), means))["shrinkage"]
+        for split in ("alternate clips", "by class"):
+            rows = [torch.arange(i, n, sites) for i in range(sites)] if split == "alternate clips" else \
+                [torch.nonzero(labels % sites == i).flatten() for i in range(sites)]
+            parts = [release(r, means) for r in rows]
+            merged = stage.merge(GaussianGenerator, parts)
+            estimated = stage.finish(model(), merged)["shrinkage"]
+            without = float(merged["scatter_norm2"]) - _left_out_cross_terms(parts, [p["factors"] for p in parts])
+            factors_only = ledoit_wolf_from_sums(without, float(merged["square"].sum()), float(merged["quartic"].sum()),
+                                                 features, int(float(merged["counts"].sum())))
+            out.append({"data": name, "rank": rank, "split": split, "whole": whole, "one_site": one,
+                        "factors_only": factors_only, "estimated": estimated})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=32)
@@ -167,7 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--time", action="store_true", help="time the streamed statistics at train's real shape")
     ap.add_argument("--rows", type=int, default=14400, help="--time: training rows")
+    ap.add_argument("--sites", type=int, default=0, help="the shrinkage of this many sites' merged releases")
     args = ap.parse_args(argv)
+    if args.sites:
+        rows = site_merges(args.sites)
+        print(f"Ledoit-Wolf shrinkage, {args.sites} sites each streaming and cutting, their releases merged")
+        print(f"{'data':38s} {'rank':>4s} {'sites':16s} {'whole':>8s} {'one site':>8s} {'factors only':>12s} "
+              f"{'estimated':>9s}")
+        for r in rows:
+            print(f"{r['data']:38s} {r['rank']:4d} {r['split']:16s} {r['whole']:8.5f} {r['one_site']:8.5f} "
+                  f"{r['factors_only']:12.5f} {r['estimated']:9.5f}")
+        if args.json:
+            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}))
+        return 0
     if args.time:
         block = 460 if args.block == 40 else args.block
         rows = timing(args.rows, block)

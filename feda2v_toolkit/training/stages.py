@@ -202,9 +202,10 @@ def standardization(reduced: Tensor, indices: Tensor, rows: int = 4096) -> dict[
 # -- closed-form generators ------------------------------------------------------------------------
 
 #: while streaming, a pooled factor (statistics about merged means) is cut to this many times the generator's
-#: rank (and re-factored past twice that): on the realistic corpus, cut many times at rank 8-32, its
-#: components' subspace overlaps the whole-data fit's by 0.989-0.9997 (1: by 0.91-0.97) and the held-out
-#: likelihood is as good (``bench/bench_streamed_fit.py``, docs/scale.md)
+#: rank (re-factored whenever half as many more rows are stacked under it: ``gaussian.REFACTOR``): on the
+#: realistic corpus, cut many times at rank 8-32, its components' subspace overlaps the whole-data fit's by
+#: 0.989-0.9994 (1: by 0.91-0.97) and the held-out likelihood is as good (``bench/bench_streamed_fit.py``,
+#: docs/scale.md)
 STREAM_KEEP = 2
 
 class GeneratorStatisticsStage:
@@ -254,9 +255,9 @@ class GeneratorStatisticsStage:
 
     def accumulate(self, gen: Any, acc: Part | None, part: Part) -> Part:
         """``acc`` and one more block's :meth:`local` part: a type whose ``merge_statistics`` takes ``max_rank``
-        keeps its factors to at most twice ``max_rank`` rows while streaming -- the generator's rank per class,
-        or :data:`STREAM_KEEP` times it for one pooled factor about merged means; an empty part changes
-        nothing."""
+        keeps its factors bounded while streaming, re-factored to ``max_rank`` directions -- the generator's
+        rank per class (past twice that many rows), or :data:`STREAM_KEEP` times it for one pooled factor about
+        merged means (see ``merge_statistics``); an empty part changes nothing."""
         if not part:
             return acc if acc is not None else {}
         if not acc:
