@@ -320,18 +320,19 @@ class Planner:
         if has_statistics(self.gen_cls) and not self.condition_dim:  # embedding conditioning fits on all rows
             # fitted block by block (training.site), float64: a block's rows and, about merged means, one pooled
             # factor: while nothing is cut, the rows stacked as they are (twice, while a block is stacked under
-            # them); once cut (more rows than STREAM_KEEP x rank = k), in STREAM_DTYPE (float32: half a row): k
-            # kept rows, fewer than REFACTOR x k stacked under them, a block's float64 rows and their float32
-            # copy, the k rows re-factored to; plus the means. Else per mean row its factor of at most 2 x rank
-            # + a block's rows
+            # them); once cut (more rows than STREAM_KEEP x rank = k), in STREAM_DTYPE (float32: half a row).
+            # The first cut holds the most: up to k float64 rows stacked as they are and a block's, their float32
+            # copies and the k rows re-factored to (2 k + 1.5 blocks); later ones k kept rows, fewer than
+            # REFACTOR x k under them (or, at ranks beyond a block, their stacked copy), a block and its copy;
+            # plus the means. Else per mean row its factor of at most 2 x rank + a block's rows
             rank = int(self.cfg.get("generator_latent_dim") or 0)
             means = max(1, -(-self.num_classes // self.generators))  # mean rows (classes) of one generator
             if GeneratorStatisticsStage.two_exchanges(self.gen_cls):
-                from feda2v_toolkit.generators.gaussian import REFACTOR, SCATTER_PROBES
+                from feda2v_toolkit.generators.gaussian import SCATTER_PROBES
 
                 k = STREAM_KEEP * rank
                 # cut while streaming (plus the probes and their sums, a few copies), else stacked as they are
-                held = int((1 + REFACTOR / 2) * k + 1.5 * BLOCK_ROWS) + 4 * SCATTER_PROBES if n > k else 2 * n
+                held = int(2 * k + 1.5 * BLOCK_ROWS) + 4 * SCATTER_PROBES if n > k else 2 * n
                 streamed = (held + 3 * means) * length * self.dim * 8
                 copies = 2  # a block's part: its float64 rows and their deviations (the factor, stacked as they are)
             else:

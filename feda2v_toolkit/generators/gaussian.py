@@ -62,6 +62,10 @@ REFACTOR = 0.5
 #: float32 halves their time and memory; the statistics' sums stay float64 and a site's release is re-factored
 #: in float64 (docs/scale.md)
 STREAM_DTYPE = torch.float32
+#: a cut in STREAM_DTYPE that left out no more than this share of the variance is taken again in float64 (its
+#: rounding, not directions: data with no more directions than kept stay exact); the same share of the largest
+#: eigenvalue bounds the directions it keeps
+STREAM_EXACT = 1e-6
 #: ridge of the condition-embedding regression, relative to the mean eigenvalue of E^T E
 CONDITION_RIDGE = 1e-2
 LOG_2PI = math.log(2 * math.pi)
@@ -111,7 +115,8 @@ def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
     square, before any cut: exact).
 
     ``dtype``: of the products (the pieces are converted to it, ``f`` is returned in it); the eigendecomposition
-    is float64 whatever it is. ``float32`` for the streaming cuts (:data:`STREAM_DTYPE`)."""
+    is float64 whatever it is. ``float32`` for the streaming cuts (:data:`STREAM_DTYPE`): ``f f^T = diag`` then
+    holds to that dtype's rounding, and directions below :data:`STREAM_EXACT` of the largest are not kept."""
     pieces = [p.to(dtype) for p in pieces]
     features = pieces[0].shape[1]
     sizes = [int(p.shape[0]) for p in pieces]
@@ -122,7 +127,7 @@ def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
         d = pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
         evals, evecs = eigh((d.T @ d).double())
         evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
-        keep = _kept(evals, max_rank)
+        keep = _kept(evals, max_rank, 1e-12 if dtype == torch.float64 else STREAM_EXACT)
         f = (evecs[:, :keep].T * evals[:keep].sqrt().unsqueeze(1)).to(dtype)
         return f, evals[:keep], float(evals.square().sum())
     offsets = [sum(sizes[:i]) for i in range(len(pieces) + 1)]
@@ -143,7 +148,7 @@ def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
     evals, evecs = eigh(gram.double())
     del gram
     evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1).to(dtype)
-    keep = _kept(evals, max_rank)
+    keep = _kept(evals, max_rank, 1e-12 if dtype == torch.float64 else STREAM_EXACT)
     f = evecs[offsets[0]:offsets[1], :keep].T @ pieces[0]
     for i in range(1, len(pieces)):
         f.addmm_(evecs[offsets[i]:offsets[i + 1], :keep].T, pieces[i])
@@ -171,9 +176,10 @@ def scatter_norm2_from_probes(held: Tensor | Sequence[Tensor], probe_sums: Tenso
     return max(held_norm2 + 2 * float((ag * cg).sum()) / k + float(cg.square().sum()) / k, held_norm2)
 
 
-def _kept(evals: Tensor, max_rank: int | None) -> int:
-    """How many of the (decreasing) eigenvalues are directions: above 1e-12 of the largest, at most ``max_rank``."""
-    keep = int((evals > evals[0] * 1e-12).sum()) if evals[0] > 0 else 0
+def _kept(evals: Tensor, max_rank: int | None, floor: float = 1e-12) -> int:
+    """How many of the (decreasing) eigenvalues are directions: above ``floor`` of the largest (the products'
+    rounding), at most ``max_rank``."""
+    keep = int((evals > evals[0] * floor).sum()) if evals[0] > 0 else 0
     return keep if max_rank is None else min(keep, int(max_rank))
 
 
@@ -217,9 +223,14 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
     pending = rows - (int(norms[0].shape[0]) if norms and norms[0] is not None else 0)  # rows not yet orthogonal
     if pieces and (compact or (max_rank is not None and rows > max_rank and pending >= REFACTOR * max_rank)
                    or (max_rank is None and len(parts) > 1)):
-        # a streaming cut (directions are left out: more rows and features than kept) works in STREAM_DTYPE
+        # a streaming cut (more rows and features than kept) works in STREAM_DTYPE, unless it left out no more
+        # than that dtype's rounding (data with no more directions than kept): then again in float64, exact
         cuts = max_rank is not None and not compact and not released and min(rows, means.shape[1]) > max_rank
         f, kept, stacked_norm2 = stacked_factor(pieces, max_rank, norms, STREAM_DTYPE if cuts else torch.float64)
+        if cuts and f.dtype != torch.float64:
+            whole = sum(_norm2(x) for x in pieces)
+            if whole - float(kept.sum()) <= STREAM_EXACT * whole:
+                f, kept, stacked_norm2 = stacked_factor(pieces, max_rank, norms)
     else:  # stacked as they are: the first part's leading orthogonal rows stay the leading rows
         f = factors[0] if len(factors) == 1 else torch.cat([x.to(factors[0].dtype) for x in factors])
         kept = parts[0].get("factor_norms")
@@ -257,8 +268,8 @@ def _left_out_cross_terms(parts: Sequence[Mapping[str, Tensor]], factors: Sequen
     ``T_i = S_i - A_i``, taking ``T_i`` as its variance (``sum |d|^2 - |F_i|^2``, exact) spread evenly over the
     ``features - r_i`` directions ``F_i`` does not hold. Zero when every release keeps all its directions (then
     the merge is exact); without it, sites that cut their factors understate ``||S||_F^2`` and over-shrink
-    (docs/scale.md: 4 sites on a flat spectrum, shrinkage 0.881 against the whole data's 0.655; with it 0.791,
-    and 0.655 for sites split by class)."""
+    (docs/scale.md: 4 sites of alternate clips on a flat spectrum, shrinkage 0.881 against the whole data's 0.655,
+    with it 0.791; split by class 0.704, with it 0.655)."""
     features = int(factors[0].shape[1])
     units, tails = [], []
     for p, f in zip(parts, factors, strict=True):
@@ -266,7 +277,9 @@ def _left_out_cross_terms(parts: Sequence[Mapping[str, Tensor]], factors: Sequen
         norms = f.square().sum(1)
         keep = norms > 0
         units.append(f[keep] / norms[keep].sqrt().unsqueeze(1))  # the kept directions (orthogonal rows)
-        spread = max(float(p["square"].sum()) - float(norms.sum()), 0.0)
+        square = float(p["square"].sum())
+        spread = square - float(norms.sum())
+        spread = spread if spread > 1e-9 * square else 0.0  # rounding: the release kept every direction
         tails.append(spread / max(features - int(keep.sum()), 1))
     total = 0.0
     for i in range(len(factors)):
