@@ -220,6 +220,7 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
     if released and len(released) < len(parts):
         raise ValueError("gaussian statistics of a site's release cannot be merged with a site's blocks")
     stacked_norm2 = 0.0
+    whole = sum(_norm2(x) for x in pieces)  # the stacked scatter's trace, before any cut
     pending = rows - (int(norms[0].shape[0]) if norms and norms[0] is not None else 0)  # rows not yet orthogonal
     if pieces and (compact or (max_rank is not None and rows > max_rank and pending >= REFACTOR * max_rank)
                    or (max_rank is None and len(parts) > 1)):
@@ -227,15 +228,12 @@ def _merge_about_means(parts: list[Mapping[str, Tensor]], *, max_rank: int | Non
         # than that dtype's rounding (data with no more directions than kept): then again in float64, exact
         cuts = max_rank is not None and not compact and not released and min(rows, means.shape[1]) > max_rank
         f, kept, stacked_norm2 = stacked_factor(pieces, max_rank, norms, STREAM_DTYPE if cuts else torch.float64)
-        if cuts and f.dtype != torch.float64:
-            whole = sum(_norm2(x) for x in pieces)
-            if whole - float(kept.sum()) <= STREAM_EXACT * whole:
-                f, kept, stacked_norm2 = stacked_factor(pieces, max_rank, norms)
+        if cuts and f.dtype != torch.float64 and whole - float(kept.sum()) <= STREAM_EXACT * whole:
+            f, kept, stacked_norm2 = stacked_factor(pieces, max_rank, norms)
     else:  # stacked as they are: the first part's leading orthogonal rows stay the leading rows
         f = factors[0] if len(factors) == 1 else torch.cat([x.to(factors[0].dtype) for x in factors])
         kept = parts[0].get("factor_norms")
     out["factors"] = f
-    whole = sum(_norm2(x) for x in pieces)  # the stacked scatter's trace, before any cut
     cut = bool(pieces) and whole - (float(kept.sum()) if kept is not None and kept.shape[0] == f.shape[0]
                                     else _norm2(f)) > 1e-9 * whole
     probed = any("probe_sums" in p for p in parts)
@@ -271,14 +269,16 @@ def _left_out_cross_terms(parts: Sequence[Mapping[str, Tensor]], factors: Sequen
     (docs/scale.md: 4 sites of alternate clips on a flat spectrum, shrinkage 0.881 against the whole data's 0.655,
     with it 0.791; split by class 0.704, with it 0.655)."""
     features = int(factors[0].shape[1])
-    units, tails = [], []
+    rows, mass, units, tails = [], [], [], []
     for p, f in zip(parts, factors, strict=True):
         f = f.double()
         norms = f.square().sum(1)
         keep = norms > 0
+        rows.append(f)
+        mass.append(float(norms.sum()))  # |F_i|^2 = tr A_i
         units.append(f[keep] / norms[keep].sqrt().unsqueeze(1))  # the kept directions (orthogonal rows)
         square = float(p["square"].sum())
-        spread = square - float(norms.sum())
+        spread = square - mass[-1]
         spread = spread if spread > 1e-9 * square else 0.0  # rounding: the release kept every direction
         tails.append(spread / max(features - int(keep.sum()), 1))
     total = 0.0
@@ -286,9 +286,8 @@ def _left_out_cross_terms(parts: Sequence[Mapping[str, Tensor]], factors: Sequen
         for j in range(i + 1, len(factors)):
             if tails[i] == 0.0 and tails[j] == 0.0:
                 continue
-            fi, fj = factors[i].double(), factors[j].double()
-            outside_ij = float(fi.square().sum()) - float((fi @ units[j].T).square().sum())  # F_i beyond j's span
-            outside_ji = float(fj.square().sum()) - float((fj @ units[i].T).square().sum())
+            outside_ij = mass[i] - float((rows[i] @ units[j].T).square().sum())  # F_i beyond j's kept span
+            outside_ji = mass[j] - float((rows[j] @ units[i].T).square().sum())
             shared = features - units[i].shape[0] - units[j].shape[0] + float((units[i] @ units[j].T).square().sum())
             total += 2 * (tails[j] * max(outside_ij, 0.0) + tails[i] * max(outside_ji, 0.0)
                           + tails[i] * tails[j] * max(shared, 0.0))
