@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -69,8 +69,9 @@ class Ranks:
             mine = start + self.rank
             yield (mine if mine < blocks else None), list(range(start, min(start + self.world, blocks)))
 
-    def exchange(self, part: Part | None, blocks: list[int]) -> list[Part]:
-        """Every rank's part of one round, in block order (``part`` is this rank's, ``None`` past the end)."""
+    def exchange(self, part: Part | None, blocks: list[int]) -> Iterable[Part]:
+        """Every rank's part of one round, in block order (``part`` is this rank's, ``None`` past the end); the
+        collective runs when this is called, the parts may be rebuilt as they are iterated."""
         assert part is not None and len(blocks) == 1
         return [part]
 
@@ -82,6 +83,7 @@ class Ranks:
         for mine, order in self.rounds(blocks):
             for p in self.exchange(compute(mine) if mine is not None else None, order):
                 acc = merge(acc, p)
+                del p  # merged: not held beside the next part
         return acc
 
     def all_strings(self, value: str) -> list[str]:
@@ -152,9 +154,18 @@ class TorchRanks(Ranks):
         dist.all_gather(out, padded)
         return [o[:int(s)] for o, s in zip(out, sizes, strict=True)]
 
-    def exchange(self, part: Part | None, blocks: list[int]) -> list[Part]:
-        gathered = self._all_gather_bytes(_to_bytes(part))
-        return [_from_bytes(gathered[i]) for i in range(len(blocks))]
+    def exchange(self, part: Part | None, blocks: list[int]) -> Iterator[Part]:
+        # the round's collective runs at once; each rank's part is then rebuilt only when it is merged and its
+        # bytes let go, so one part at a time is held beside the gathered bytes (not every rank's at once)
+        gathered: list[Tensor | None] = list(self._all_gather_bytes(_to_bytes(part)))
+        del part
+
+        def parts() -> Iterator[Part]:
+            for i in range(len(blocks)):
+                buf, gathered[i] = gathered[i], None
+                yield _from_bytes(buf)
+
+        return parts()
 
     def all_strings(self, value: str) -> list[str]:
         data = torch.frombuffer(bytearray(value.encode()), dtype=torch.uint8) if value else \
