@@ -20,25 +20,37 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 L, D = 16, 768
 
 
+def class_clips(classes: int, per_class: int, seed: int = 0, generator: Any = None) -> Iterator[tuple[Any, Any]]:
+    """Each class's ``per_class`` clips ``[per_class, 16, 768]`` (float32) and labels, in class order: a class mean
+    plus 64 random directions and noise (a flat spectrum, the hard case for a streamed cut); drawn from
+    ``generator`` if given (it goes on from there), else from ``seed``."""
+    import torch
+
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    base = torch.randn(L, D, generator=g)
+    for c in range(classes):
+        mean = base + 0.5 * torch.randn(L, D, generator=g)
+        z = torch.randn(per_class, 64, generator=g) @ torch.randn(64, L * D, generator=g).div(8)
+        yield mean + z.view(per_class, L, D) + 0.3 * torch.randn(per_class, L, D, generator=g), \
+            torch.full((per_class,), c)
+
+
 def make_data(path: Path, classes: int, per_class: int, seed: int = 0) -> None:
-    """``per_class`` clips of ``[16, 768]`` float16 per class: a class mean plus 64 random directions and noise."""
+    """:func:`class_clips` written as float16 shards."""
     import torch
 
     from feda2v_toolkit.data.writer import DatasetWriter
 
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(L, D, generator=g)
     with DatasetWriter(path, class_names=[f"class{c:03d}" for c in range(classes)], dtype=torch.float16) as w:
-        for c in range(classes):
-            mean = base + 0.5 * torch.randn(L, D, generator=g)
-            z = torch.randn(per_class, 64, generator=g) @ torch.randn(64, L * D, generator=g).div(8)
-            x = mean + z.view(per_class, L, D) + 0.3 * torch.randn(per_class, L, D, generator=g)
-            w.add(x.half(), torch.full((per_class,), c))
+        for x, labels in class_clips(classes, per_class, seed):
+            w.add(x.half(), labels)
 
 
 PROBE = """

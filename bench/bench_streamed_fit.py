@@ -93,18 +93,12 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.svdvals(qa.T @ qb).square().mean())
 
 
-def _resident_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1e3
-    return 0.0
-
-
 def timing(rows: int, block: int, rank: int = 256, length: int = 16, dim: int = 768, classes: int = 4,
            repeats: int = 2) -> list[dict]:
     """The streamed statistics at ``train``'s shape for each (dtype, re-factor fraction); see the docstring."""
     import threading
+
+    from _memory import status
 
     import feda2v_toolkit.generators.gaussian as gaussian
     from feda2v_toolkit.training.stages import GeneratorStatisticsStage
@@ -130,12 +124,12 @@ def timing(rows: int, block: int, rank: int = 256, length: int = 16, dim: int = 
             gen = gaussian.GaussianGenerator(seq_len=length, dim=dim, rank=rank, num_classes=classes,
                                              conditioning="label")
             means = stage.means([stage.means_local(gen, xb, lb) for xb, lb in blocks])
-            base = _resident_mb()
+            base = status("VmRSS") / 1e6
             top, done = [base], threading.Event()
 
             def watch(top: list[float] = top, done: threading.Event = done) -> None:
                 while not done.is_set():
-                    top[0] = max(top[0], _resident_mb())
+                    top[0] = max(top[0], status("VmRSS") / 1e6)
                     done.wait(0.01)
 
             watcher = threading.Thread(target=watch, daemon=True)
@@ -168,6 +162,7 @@ def timing(rows: int, block: int, rank: int = 256, length: int = 16, dim: int = 
 def site_merges(sites: int) -> list[dict]:
     """The shrinkage of merged site releases; see the docstring."""
     from bench_classes import L as length
+    from bench_classes import class_clips
 
     from feda2v_toolkit.generators.gaussian import (
         GaussianGenerator,
@@ -178,15 +173,10 @@ def site_merges(sites: int) -> list[dict]:
 
     stage = GeneratorStatisticsStage()
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(length, 768, generator=g)  # bench_classes.make_data's clips, in memory
-    flat, flat_labels = [], []
-    for c in range(77):
-        mean = base + 0.5 * torch.randn(length, 768, generator=g)
-        z = torch.randn(40, 64, generator=g) @ torch.randn(64, length * 768, generator=g).div(8)
-        flat.append(mean + z.view(40, length, 768) + 0.3 * torch.randn(40, length, 768, generator=g))
-        flat_labels.append(torch.full((40,), c))
+    clips = list(class_clips(77, 40, generator=g))  # bench_classes.py's flat spectrum, in memory; g goes on
     x, labels = reduced_corpus(32, length, 2)
-    datasets = [("flat spectrum, 77 classes x 40 clips", torch.cat(flat), torch.cat(flat_labels), 256),
+    datasets = [("flat spectrum, 77 classes x 40 clips", torch.cat([c for c, _ in clips]),
+                 torch.cat([lab for _, lab in clips]), 256),
                 ("realistic corpus", (x - x.mean(0)) / x.std(0).clamp(min=1e-6), labels, 16)]
     out = []
     for name, x, labels, rank in datasets:

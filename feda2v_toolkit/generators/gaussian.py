@@ -118,6 +118,7 @@ def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
     is float64 whatever it is. ``float32`` for the streaming cuts (:data:`STREAM_DTYPE`): ``f f^T = diag`` then
     holds to that dtype's rounding, and directions below :data:`STREAM_EXACT` of the largest are not kept."""
     pieces = [p.to(dtype) for p in pieces]
+    floor = 1e-12 if dtype == torch.float64 else STREAM_EXACT  # eigenvalues above the products' rounding
     features = pieces[0].shape[1]
     sizes = [int(p.shape[0]) for p in pieces]
     n = sum(sizes)
@@ -127,7 +128,7 @@ def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
         d = pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
         evals, evecs = eigh((d.T @ d).double())
         evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
-        keep = _kept(evals, max_rank, 1e-12 if dtype == torch.float64 else STREAM_EXACT)
+        keep = _kept(evals, max_rank, floor)
         f = (evecs[:, :keep].T * evals[:keep].sqrt().unsqueeze(1)).to(dtype)
         return f, evals[:keep], float(evals.square().sum())
     offsets = [sum(sizes[:i]) for i in range(len(pieces) + 1)]
@@ -148,7 +149,7 @@ def stacked_factor(pieces: Sequence[Tensor], max_rank: int | None = None,
     evals, evecs = eigh(gram.double())
     del gram
     evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1).to(dtype)
-    keep = _kept(evals, max_rank, 1e-12 if dtype == torch.float64 else STREAM_EXACT)
+    keep = _kept(evals, max_rank, floor)
     f = evecs[offsets[0]:offsets[1], :keep].T @ pieces[0]
     for i in range(1, len(pieces)):
         f.addmm_(evecs[offsets[i]:offsets[i + 1], :keep].T, pieces[i])
