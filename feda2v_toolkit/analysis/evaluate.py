@@ -77,14 +77,7 @@ from feda2v_toolkit.analysis.classifier import (
     summary_features,
 )
 from feda2v_toolkit.analysis.membership import BOOTSTRAP, MembershipAudit, run_audit
-from feda2v_toolkit.analysis.metrics import (
-    PairGrams,
-    frechet_of_subsets,
-    manifold_metrics,
-    mean_pairwise_distance,
-    nearest_both_ways,
-    nearest_distances,
-)
+from feda2v_toolkit.analysis.metrics import nearest_both_ways, nearest_distances, pair_figures
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.data.split import stratified_split
@@ -230,37 +223,26 @@ class EvaluationResult:
         return asdict(self)
 
 
-def _halves(gram: Tensor, seed: int) -> float | None:
-    """Frechet distance between two random halves of a set (its centred Gram): the sampling-noise reference."""
-    if gram.shape[0] < 4:
-        return None
-    perm = torch.randperm(gram.shape[0], generator=torch.Generator().manual_seed(seed))
-    half = gram.shape[0] // 2
-    return frechet_of_subsets(gram, perm[:half], perm[half:2 * half])
-
-
 def distribution_metrics(synthetic: Tensor, real: Tensor, *, k: int = 5, seed: int = 0,
                          pooled: tuple[Tensor, Tensor] | None = None) -> DistributionMetrics:
     """All distribution metrics of ``synthetic`` vs ``real`` (``[n, ...]`` each, flattened); ``pooled``:
     the same samples as pooled full-length features ``(synthetic, real)`` for the reducer-independent
-    Frechet distance. Every figure comes from the sets' centred Gram matrices (:class:`PairGrams`), so
-    memory is ``(n_s + n_r)^2`` float64 numbers, not float64 copies of the samples."""
+    Frechet distance. Every figure comes from the sets' centred Gram matrices, one held at a time
+    (:func:`~feda2v_toolkit.analysis.metrics.pair_figures`), so memory is about two ``n x n`` float64
+    matrices, not float64 copies of the samples."""
     fd_pooled = fd_pooled_halves = None
     if pooled is not None:
-        p = PairGrams.of(*pooled)
-        fd_pooled_halves = _halves(p.rr, seed)
-        fd_pooled = p.frechet(release=True)
+        p = pair_figures(*pooled, halves_seed=seed)
+        fd_pooled, fd_pooled_halves = p.frechet, p.r.halves
         del p
-    g = PairGrams.of(synthetic, real)
-    manifold = manifold_metrics(synthetic, real, k=k, grams=g)
-    div_s, div_r = mean_pairwise_distance(synthetic, g.ss), mean_pairwise_distance(real, g.rr)
-    halves, mean_gap, covariance_gap = _halves(g.rr, seed), g.mean_gap(), g.covariance_gap()
-    n_s, n_r = g.n_s, g.n_r
-    frechet = g.frechet(release=True)  # last: the decomposition's copy replaces the released Grams
+    g = pair_figures(synthetic, real, k=k, halves_seed=seed)
+    manifold = g.manifold
+    assert manifold is not None
+    div_s, div_r = g.s.diversity, g.r.diversity
     return DistributionMetrics(
-        real=n_r, synthetic=n_s, frechet=frechet, frechet_real_halves=halves,
+        real=g.r.n, synthetic=g.s.n, frechet=g.frechet, frechet_real_halves=g.r.halves,
         frechet_pooled=fd_pooled, frechet_pooled_real_halves=fd_pooled_halves,
-        mean_gap=mean_gap, covariance_gap=covariance_gap, diversity_synthetic=div_s,
+        mean_gap=g.mean_gap, covariance_gap=g.covariance_gap, diversity_synthetic=div_s,
         diversity_real=div_r, diversity_ratio=div_s / div_r if div_r > 0 else float("nan"),
         precision=manifold.precision, recall=manifold.recall, density=manifold.density,
         coverage=manifold.coverage, k=manifold.k)

@@ -206,70 +206,98 @@ def _gram(a: Tensor, mu_a: Tensor, b: Tensor | None = None, mu_b: Tensor | None 
 
 
 @dataclass
-class PairGrams:
-    """Two sample sets ``s [n_s, F]`` and ``r [n_r, F]`` as centred Gram matrices (float64): every
-    distribution metric below follows from them, in memory ``(n_s + n_r)^2`` numbers whatever ``F``.
+class SetFigures:
+    """What the distribution metrics need of one sample set ``x [n, F]``, taken from its centred Gram
+    matrix while it is held; the Gram itself is not kept (:func:`pair_figures` holds one ``n x n`` matrix at
+    a time).
 
-    ``ss = (s - mu_s)(s - mu_s)^T``, ``rr`` likewise, ``sr = (s - mu_s)(r - mu_r)^T``; ``mean_diff2 =
-    ||mu_s - mu_r||^2``; ``s_shift = (s - mu_s).(mu_s - mu_r)`` and ``r_shift = (r - mu_r).(mu_s - mu_r)``,
-    which turn the centred cross products into distances between the raw rows.
+    ``mean``: float64 ``[F]``; ``trace`` and ``sum_squares``: of the Gram (``tr`` and ``||.||_F^2`` of the
+    scatter ``(x - mean)^T (x - mean)``); ``norms2``: its diagonal, the centred rows' squared norms;
+    ``radius``: each row's distance to its ``k``-th nearest other row (when asked); ``diversity``: the mean
+    distance between two different rows; ``halves``: the Frechet distance between two seeded random halves
+    (when asked: the sampling-noise reference).
     """
 
-    ss: Tensor
-    rr: Tensor
-    sr: Tensor
-    mean_diff2: float
-    s_shift: Tensor
-    r_shift: Tensor
+    n: int
+    mean: Tensor
+    trace: float
+    sum_squares: float
+    norms2: Tensor
+    diversity: float
+    radius: Tensor | None = None
+    halves: float | None = None
 
     @classmethod
-    def of(cls, s: Tensor, r: Tensor) -> PairGrams:
-        s, r = _flat(s), _flat(r)
-        if s.shape[0] < 2 or r.shape[0] < 2:
+    def of(cls, x: Tensor, *, k: int | None = None, halves_seed: int | None = None) -> SetFigures:
+        x = _flat(x)
+        if x.shape[0] < 2:
             raise ValueError("need at least 2 samples per set")
-        mu_s, mu_r = _mean(s), _mean(r)
-        diff = mu_s - mu_r
-        return cls(ss=_gram(s, mu_s), rr=_gram(r, mu_r), sr=_gram(s, mu_s, r, mu_r),
-                   mean_diff2=float(diff.square().sum()), s_shift=project(s, mu_s, diff.unsqueeze(1)).squeeze(1),
-                   r_shift=project(r, mu_r, diff.unsqueeze(1)).squeeze(1))
+        mu = _mean(x)
+        gram = _gram(x, mu)
+        out = cls(n=x.shape[0], mean=mu, trace=float(gram.diagonal().sum()), sum_squares=_sum_squares(gram),
+                  norms2=gram.diagonal().clone(), diversity=mean_pairwise_distance(x, gram),
+                  radius=None if k is None else _kth_neighbour_radius(gram, k),
+                  halves=None if halves_seed is None else frechet_of_halves(gram, halves_seed))
+        del gram
+        return out
 
-    @property
-    def n_s(self) -> int:
-        return self.ss.shape[0]
 
-    @property
-    def n_r(self) -> int:
-        return self.rr.shape[0]
+@dataclass
+class PairFigures:
+    """Every distribution metric of a synthetic set ``s`` against a real set ``r`` (see
+    :func:`pair_figures`)."""
 
-    def frechet(self, *, release: bool = False) -> float:
-        """Frechet distance of the Gaussians fitted to the two sets (see :func:`frechet_distance`).
+    s: SetFigures
+    r: SetFigures
+    frechet: float
+    mean_gap: float  # ||mu_s - mu_r|| / sqrt(tr S_r)
+    covariance_gap: float  # ||S_s - S_r||_F / ||S_r||_F (unbiased covariances)
+    manifold: ManifoldMetrics | None
 
-        ``release``: the last figure asked of these Grams -- ``ss`` and ``rr`` (of which only the traces are
-        needed) are dropped before the singular values of ``sr`` are taken, so the decomposition's working
-        copy does not add to the three matrices' memory. Nothing else may be asked afterwards."""
-        n1, n2 = self.n_s, self.n_r
-        tr1, tr2 = float(self.ss.diagonal().sum()), float(self.rr.diagonal().sum())
-        if release:
-            del self.ss, self.rr
-        return _frechet_from_traces(tr1, tr2, n1, n2, self.sr, self.mean_diff2)
 
-    def mean_gap(self) -> float:
-        """``||mu_s - mu_r|| / sqrt(tr S_r)``."""
-        spread = float(self.rr.diagonal().sum()) / (self.n_r - 1)
-        return self.mean_diff2 ** 0.5 / spread ** 0.5 if spread > 0 else float("nan")
+def pair_figures(s: Tensor, r: Tensor, *, k: int | None = None, halves_seed: int | None = None) -> PairFigures:
+    """The distribution metrics of ``s [n_s, ...]`` against ``r [n_r, ...]`` from centred Gram matrices
+    (float64), **one at a time**: ``s``'s own (its figures taken, then released), ``r``'s, then the cross Gram
+    ``(s - mu_s)(r - mu_r)^T``, whose singular values give the Frechet distance last. Memory: the largest
+    ``n x n`` matrix and its decomposition's copy, whatever ``F``.
 
-    def covariance_gap(self) -> float:
-        """``||S_s - S_r||_F / ||S_r||_F`` (unbiased covariances)."""
-        ws, wr = 1.0 / (self.n_s - 1), 1.0 / (self.n_r - 1)
-        ref2 = _sum_squares(self.rr) * wr * wr
-        diff2 = _sum_squares(self.ss) * ws * ws + ref2 - 2 * _sum_squares(self.sr) * ws * wr
-        return max(diff2, 0.0) ** 0.5 / ref2 ** 0.5 if ref2 > 0 else float("nan")
+    ``k``: also the k-NN manifold metrics (reduced to ``min(k, n - 1)`` for small sets); ``halves_seed``: also
+    the Frechet distance between two random halves of ``r``. The cross Gram turns into distances between
+    raw rows with ``s_shift = (s - mu_s).(mu_s - mu_r)`` and ``r_shift = (r - mu_r).(mu_s - mu_r)``.
+    """
+    s, r = _flat(s), _flat(r)
+    if s.shape[0] < 2 or r.shape[0] < 2:
+        raise ValueError("need at least 2 samples per set")
+    if k is not None:
+        k = max(1, min(k, r.shape[0] - 1, s.shape[0] - 1))
+    fs = SetFigures.of(s, k=k)
+    fr = SetFigures.of(r, k=k, halves_seed=halves_seed)
+    diff = fs.mean - fr.mean
+    mean_diff2 = float(diff.square().sum())
+    s_shift = project(s, fs.mean, diff.unsqueeze(1)).squeeze(1)
+    r_shift = project(r, fr.mean, diff.unsqueeze(1)).squeeze(1)
+    cross = _gram(s, fs.mean, r, fr.mean)
+    manifold = None
+    if k is not None:
+        assert fs.radius is not None and fr.radius is not None
+        manifold = _manifold(cross, fs, fr, mean_diff2, s_shift, r_shift, k)
+    ws, wr = 1.0 / (fs.n - 1), 1.0 / (fr.n - 1)
+    ref2 = fr.sum_squares * wr * wr
+    diff2 = fs.sum_squares * ws * ws + ref2 - 2 * _sum_squares(cross) * ws * wr
+    spread = fr.trace / (fr.n - 1)
+    frechet = _frechet_from_traces(fs.trace, fr.trace, fs.n, fr.n, cross, mean_diff2)
+    return PairFigures(s=fs, r=fr, frechet=frechet,
+                       mean_gap=mean_diff2 ** 0.5 / spread ** 0.5 if spread > 0 else float("nan"),
+                       covariance_gap=max(diff2, 0.0) ** 0.5 / ref2 ** 0.5 if ref2 > 0 else float("nan"),
+                       manifold=manifold)
 
-    def cross_distances(self, rows: slice) -> Tensor:
-        """Euclidean distances ``[len(rows), n_r]`` from rows ``rows`` of ``s`` to every row of ``r``."""
-        d2 = (self.ss.diagonal()[rows].unsqueeze(1) + self.rr.diagonal().unsqueeze(0) + self.mean_diff2
-              - 2 * self.sr[rows] + 2 * self.s_shift[rows].unsqueeze(1) - 2 * self.r_shift.unsqueeze(0))
-        return d2.clamp_(min=0).sqrt_()
+
+def _cross_distances(cross: Tensor, fs: SetFigures, fr: SetFigures, mean_diff2: float, s_shift: Tensor,
+                     r_shift: Tensor, rows: slice) -> Tensor:
+    """Euclidean distances ``[len(rows), n_r]`` from rows ``rows`` of ``s`` to every row of ``r``."""
+    d2 = (fs.norms2[rows].unsqueeze(1) + fr.norms2.unsqueeze(0) + mean_diff2
+          - 2 * cross[rows] + 2 * s_shift[rows].unsqueeze(1) - 2 * r_shift.unsqueeze(0))
+    return d2.clamp_(min=0).sqrt_()
 
 
 def _self_distances(gram: Tensor, rows: slice) -> Tensor:
@@ -311,6 +339,16 @@ def frechet_of_subsets(gram: Tensor, first: Tensor, second: Tensor) -> float:
     return _frechet_from_traces(tr1, tr2, n1, n2, _recentre(g12), max(mean_diff2, 0.0))
 
 
+def frechet_of_halves(gram: Tensor, seed: int) -> float | None:
+    """Frechet distance between two seeded random halves of a set (its centred Gram): the sampling-noise
+    reference; None below 4 rows."""
+    if gram.shape[0] < 4:
+        return None
+    perm = torch.randperm(gram.shape[0], generator=torch.Generator().manual_seed(seed))
+    half = gram.shape[0] // 2
+    return frechet_of_subsets(gram, perm[:half], perm[half:2 * half])
+
+
 def trace_sqrt_product(a: Tensor, b: Tensor) -> float:
     """``tr sqrt(S1^(1/2) S2 S1^(1/2))`` for ``S1 = a^T a``, ``S2 = b^T b`` (``a [n1, F]``, ``b [n2, F]``).
 
@@ -333,7 +371,7 @@ def frechet_distance(x: Tensor, y: Tensor) -> float:
     ``||mu_x - mu_y||^2 + tr(S_x) + tr(S_y) - 2 tr sqrt(S_x^(1/2) S_y S_x^(1/2))`` (unbiased covariances),
     the trace term as the nuclear norm of the cross Gram matrix (:func:`trace_sqrt_product`).
     """
-    return PairGrams.of(x, y).frechet()
+    return pair_figures(x, y).frechet
 
 
 def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
@@ -348,13 +386,13 @@ def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Ten
 
 def mean_gap(x: Tensor, reference: Tensor) -> float:
     """``||mu_x - mu_ref|| / sqrt(tr S_ref)``: the mean difference in units of the reference's RMS spread."""
-    return PairGrams.of(x, reference).mean_gap()
+    return pair_figures(x, reference).mean_gap
 
 
 def covariance_gap(x: Tensor, reference: Tensor) -> float:
     """``||S_x - S_ref||_F / ||S_ref||_F``, from Gram matrices: ``||a^T a - b^T b||_F^2 =
     ||a a^T||_F^2 + ||b b^T||_F^2 - 2 ||a b^T||_F^2``."""
-    return PairGrams.of(x, reference).covariance_gap()
+    return pair_figures(x, reference).covariance_gap
 
 
 def mean_pairwise_distance(x: Tensor, gram: Tensor | None = None) -> float:
@@ -393,22 +431,27 @@ class ManifoldMetrics:
     k: int
 
 
-def manifold_metrics(synthetic: Tensor, real: Tensor, k: int = 5, grams: PairGrams | None = None) -> ManifoldMetrics:
+def manifold_metrics(synthetic: Tensor, real: Tensor, k: int = 5) -> ManifoldMetrics:
     """Precision, recall, density and coverage of ``synthetic`` against ``real`` with ``k`` neighbours
-    (reduced to ``min(k, n - 1)`` for small sets); distances a block of synthetic rows at a time."""
-    g = PairGrams.of(synthetic, real) if grams is None else grams
-    k = max(1, min(k, g.n_r - 1, g.n_s - 1))
-    real_radius = _kth_neighbour_radius(g.rr, k)  # [n_real]
-    synth_radius = _kth_neighbour_radius(g.ss, k)  # [n_synth]
+    (reduced to ``min(k, n - 1)`` for small sets)."""
+    manifold = pair_figures(synthetic, real, k=k).manifold
+    assert manifold is not None
+    return manifold
+
+
+def _manifold(cross: Tensor, fs: SetFigures, fr: SetFigures, mean_diff2: float, s_shift: Tensor,
+              r_shift: Tensor, k: int) -> ManifoldMetrics:
+    """The manifold metrics from the cross Gram and each set's k-NN radii, a block of synthetic rows at a time."""
+    assert fs.radius is not None and fr.radius is not None
     precise = density = 0.0
-    recalled = torch.zeros(g.n_r, dtype=torch.bool)
-    covered = torch.zeros(g.n_r, dtype=torch.bool)
-    for rows in _row_slices(g.n_s):
-        d = g.cross_distances(rows)  # [b, n_real]
-        inside_real = d <= real_radius.unsqueeze(0)
+    recalled = torch.zeros(fr.n, dtype=torch.bool)
+    covered = torch.zeros(fr.n, dtype=torch.bool)
+    for rows in _row_slices(fs.n):
+        d = _cross_distances(cross, fs, fr, mean_diff2, s_shift, r_shift, rows)  # [b, n_real]
+        inside_real = d <= fr.radius.unsqueeze(0)
         precise += float(inside_real.any(dim=1).sum())
         density += float(inside_real.sum())
         covered |= inside_real.any(dim=0)
-        recalled |= (d <= synth_radius[rows].unsqueeze(1)).any(dim=0)
-    return ManifoldMetrics(precision=precise / g.n_s, recall=float(recalled.double().mean()),
-                           density=density / (k * g.n_s), coverage=float(covered.double().mean()), k=k)
+        recalled |= (d <= fs.radius[rows].unsqueeze(1)).any(dim=0)
+    return ManifoldMetrics(precision=precise / fs.n, recall=float(recalled.double().mean()),
+                           density=density / (k * fs.n), coverage=float(covered.double().mean()), k=k)

@@ -10,11 +10,12 @@ Nothing real is allocated:
   dtype, and the temporaries live at the worst moment. With several generators (``per_class`` /
   ``per_group``) all of them keep weights, gradients and optimiser state while one trains. With
   ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32; past a quarter of the memory budget it is
-  on disk, and only the blocks on their way to it count),
-  the passes over full sequences (a read chunk, ``training.READ_CHUNK_BYTES``; or the held-out pass's chunk of a
-  block's held-out rows, its two reconstructions and one difference, whichever is larger), two read chunks
-  that the allocator keeps for reuse (:mod:`feda2v_toolkit.runtime.malloc`) and the buffers of the chunks read
-  ahead (:mod:`feda2v_toolkit.data.readahead`) are added;
+  on disk, and only the blocks on their way to it count) is added, and so are the passes over full sequences
+  (a read chunk, ``training.READ_CHUNK_BYTES``; or the held-out pass's chunk of a block's held-out rows, its
+  two reconstructions and one difference, whichever is larger), two read chunks that the allocator keeps for
+  reuse (:mod:`feda2v_toolkit.runtime.malloc`) and the buffers of the chunks read ahead
+  (:mod:`feda2v_toolkit.data.readahead`) -- or rather the larger of those passes and the training steps:
+  the passes end, their buffers freed and handed back, before any generator is built;
 * **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length
   (in pieces when a whole batch's working set exceeds half the memory budget:
   :func:`~feda2v_toolkit.model.generate.upsample_rows`), plus every generator's weights and the shard
@@ -71,7 +72,8 @@ class TrainMemory:
     generators: int
     other_generators: int  # weights + gradients + optimiser state of the generators not training
     components: int  # reducer and upsampler state
-    data: int  # reduced-data cache and read chunk (0 without --num-samples)
+    data: int  # the reduced-data cache (0 without --num-samples)
+    passes: int  # the passes over full-length sequences: read chunks and read-ahead buffers (0 without --num-samples)
     allowance: int  # ALLOCATOR_ALLOWANCE of the tensors
     runtime: int
     total: int
@@ -280,10 +282,12 @@ class Planner:
 
     def _train_total(self, length: int, component_elements: int, weights: int, grads: int, optimizer: int,
                      batch: int, activations: int | None, peak: int, method: str) -> TrainMemory:
-        """One generator's step (or fit) peak plus the other generators' state, the reducer/upsampler
-        state, the reduced-data cache and one read chunk, the allocator allowance and the runtime."""
+        """The reducer/upsampler state and the reduced-data cache, plus the larger of the two phases that do not
+        overlap -- the passes over full-length sequences (whose buffers are freed and handed back before any
+        generator is built) and one generator's step (or fit) peak with the other generators' state --, the
+        allocator allowance and the runtime."""
         others = (self.generators - 1) * (weights + grads + optimizer)
-        data = 0
+        data = passes = 0
         if self.num_samples:
             rows = min(self.num_samples, chunk_rows(self.full_length, self.dim))
             cache = self.num_samples * length * self.dim * 4
@@ -297,20 +301,24 @@ class Planner:
             # the passes over full-length sequences: the reduce pass holds a read chunk; the held-out pass a
             # chunk of a block's held-out rows, its reconstructions by the upsampler and by interpolation and one
             # difference; the freed chunk buffers the CLI's allocator keeps for reuse (runtime.malloc); and the
-            # buffers of the chunks read ahead (data.readahead: the data's stored bytes)
+            # buffers of the chunks read ahead (data.readahead: the data's stored bytes, no more buffers than
+            # the pass has chunks)
             row_bytes = self.full_length * self.dim * 4
             chunk = rows * row_bytes
             held = min(rows, math.ceil(float(self.cfg.get("generator_validation_split") or 0.0)
                                        * min(self.num_samples, BLOCK_ROWS)))
             kept = min(2 * STREAM_BUFFER_BYTES, 2 * chunk)
-            ahead = pass_buffer_bytes(rows, self.full_length * self.dim * self.stored_itemsize)
-            data = cache + max(chunk, 4 * held * row_bytes) + kept + ahead
+            ahead = pass_buffer_bytes(rows, self.full_length * self.dim * self.stored_itemsize,
+                                      chunks=-(-self.num_samples // rows))
+            data, passes = cache, max(chunk, 4 * held * row_bytes) + kept + ahead
         components = component_elements * 4
-        tensors = peak + others + components + data
+        tensors = max(peak + others, passes) + components + data
         allowance = int(ALLOCATOR_ALLOWANCE * tensors)
         total = tensors + allowance + self.runtime
-        return TrainMemory(weights, grads, optimizer, batch, activations, peak, self.generators, others, components,
-                           data, allowance, self.runtime, total, method)
+        return TrainMemory(weights=weights, gradients=grads, optimizer=optimizer, batch=batch,
+                           activations=activations, step_peak=peak, generators=self.generators,
+                           other_generators=others, components=components, data=data, passes=passes,
+                           allowance=allowance, runtime=self.runtime, total=total, method=method)
 
     def _fit_memory(self, length: int, component_elements: int) -> TrainMemory:
         """A closed-form generator (``fitted = True``): one ``fit`` on a generator's training sequences

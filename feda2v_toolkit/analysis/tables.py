@@ -76,7 +76,8 @@ def plan_text(result: Any) -> str:
     lines.append(table(headers, rows))
     out_len = r.output_length if r.output_length_set else "the training length"
     lines.append("* configured length. step peak: simulated tensors of one generator's training step. train total = "
-                 "step peak + other generators' weights/grads/optimizer + reducer/upsampler state + data cache, "
+                 "the larger of (step peak + other generators' weights/grads/optimizer) and the passes over "
+                 "full-length sequences (read chunks and buffers), + reducer/upsampler state + data cache, "
                  f"+15% allocator allowance, + runtime. generate = all generators' weights + one batch upsampled to "
                  f"the output length ({out_len}; {configured.generate.upsampled} at a time within half the memory "
                  "budget) + the shard writer's rows in flight, +15%, + runtime.")

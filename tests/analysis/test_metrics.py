@@ -213,19 +213,48 @@ def test_principal_directions_beyond_the_rank_are_zero_not_amplified_round_off()
     assert bool((basis[:, 2:] == 0).all())
 
 
-def test_a_released_pair_of_grams_gives_the_same_frechet_and_keeps_only_the_cross_gram():
-    from feda2v_toolkit.analysis.metrics import PairGrams, frechet_of_subsets
+def test_pair_figures_are_the_one_figure_functions_and_the_halves_reference():
+    from feda2v_toolkit.analysis.metrics import pair_figures
 
     g = torch.Generator().manual_seed(5)
     s, r = torch.randn(30, 12, generator=g) + 0.3, torch.randn(40, 12, generator=g)
-    kept = PairGrams.of(s, r)
-    released = PairGrams.of(s, r)
-    assert released.frechet(release=True) == kept.frechet() == pytest.approx(frechet_distance(s, r), rel=1e-9)
-    assert not hasattr(released, "ss") and not hasattr(released, "rr") and released.sr.shape == (30, 40)
-    # two halves of one set, from its Gram (recentred in place on copies): the Frechet distance of the halves
-    first, second = torch.arange(0, 20), torch.arange(20, 40)
-    assert frechet_of_subsets(kept.rr, first, second) == pytest.approx(frechet_distance(r[:20], r[20:]), rel=1e-9)
-    assert torch.equal(kept.rr, PairGrams.of(s, r).rr)  # the whole Gram is left as it was
+    both = pair_figures(s, r, k=3, halves_seed=0)
+    assert both.frechet == pytest.approx(frechet_distance(s, r), rel=1e-12)
+    assert both.mean_gap == pytest.approx(mean_gap(s, r), rel=1e-12)
+    assert both.covariance_gap == pytest.approx(covariance_gap(s, r), rel=1e-12)
+    assert both.manifold == manifold_metrics(s, r, k=3)
+    assert both.s.diversity == pytest.approx(mean_pairwise_distance(s), rel=1e-12)
+    assert both.r.diversity == pytest.approx(mean_pairwise_distance(r), rel=1e-12)
+    # two seeded halves of the real set: the Frechet distance of those halves' own rows
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    assert both.r.halves == pytest.approx(frechet_distance(r[perm[:20]], r[perm[20:]]), rel=1e-9)
+    assert both.s.halves is None and pair_figures(s, r).manifold is None
+
+
+def test_pair_figures_hold_one_gram_matrix_at_a_time(monkeypatch):
+    """Memory: the synthetic set's Gram, the real set's and the cross Gram are never held together (at 4,096
+    rows a side each is 134 MB), so evaluate's peak does not grow by three of them with the data."""
+    import weakref
+
+    from feda2v_toolkit.analysis import metrics
+
+    live: list[weakref.ref] = []
+    most = [0]
+    real_gram = metrics._gram
+
+    def counted(*args, **kwargs):
+        alive = sum(ref() is not None for ref in live)
+        most[0] = max(most[0], alive + 1)
+        out = real_gram(*args, **kwargs)
+        live.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(metrics, "_gram", counted)
+    g = torch.Generator().manual_seed(6)
+    figures = metrics.pair_figures(torch.randn(50, 3, 4, generator=g), torch.randn(60, 3, 4, generator=g), k=5,
+                                   halves_seed=1)
+    assert len(live) == 3 and most[0] == 1
+    assert figures.manifold is not None and figures.r.halves is not None
 
 
 def test_nearest_both_ways_are_the_two_nearest_distance_queries_from_one_pass(monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from feda2v_toolkit.analysis.plan import plan, resolve_config
-from feda2v_toolkit.data.readahead import ALIGN, READ_AHEAD_CHUNKS
+from feda2v_toolkit.data.readahead import ALIGN
 from feda2v_toolkit.errors import InputError, UsageError
 from feda2v_toolkit.plugins import get_registry
 from feda2v_toolkit.runtime.sizes import format_bytes, parse_size
@@ -120,12 +120,17 @@ def test_memory_parts_add_up_and_grow_with_length():
         assert t.gradients == t.weights
         assert 2 * t.weights <= t.optimizer <= 2 * t.weights + 100  # AdamW: two moments (+ step counters)
         assert t.step_peak >= t.weights + t.gradients + t.optimizer
-        # the cache, the larger of a read chunk (all 100 rows) and the held-out pass's four tensors of a block's
-        # 10 held-out rows (the default validation split, 0.1), two read chunks the allocator keeps for reuse, and
-        # the read-ahead buffers (stored rows, float32 unless told, each run padded to whole pages)
-        ahead = (READ_AHEAD_CHUNKS + 2) * (100 * 50 * 16 * 4 + 2 * 2 * ALIGN)  # two runs: a file boundary
-        assert t.data == 100 * row.length * 16 * 4 + max(100, 4 * 10) * 50 * 16 * 4 + 2 * 100 * 50 * 16 * 4 + ahead
-        assert t.total == t.step_peak + t.other_generators + t.components + t.data + t.allowance + t.runtime
+        # the cache; the passes: the larger of a read chunk (all 100 rows) and the held-out pass's four tensors of
+        # a block's 10 held-out rows (the default validation split, 0.1), two read chunks the allocator keeps
+        # for reuse, and the read-ahead buffers (stored rows, float32 unless told, each run padded to whole
+        # pages), one of them: the 100 rows are one chunk
+        ahead = 1 * (100 * 50 * 16 * 4 + 2 * 2 * ALIGN)  # two runs: a file boundary
+        assert t.data == 100 * row.length * 16 * 4
+        assert t.passes == max(100, 4 * 10) * 50 * 16 * 4 + 2 * 100 * 50 * 16 * 4 + ahead
+        # the passes end (their buffers freed) before a generator is built: the larger of the two phases counts
+        tensors = max(t.step_peak + t.other_generators, t.passes) + t.components + t.data
+        assert t.allowance == int(0.15 * tensors)
+        assert t.total == tensors + t.allowance + t.runtime
     assert [r.train.total for r in rows] == sorted(r.train.total for r in rows)
     assert "AdamW (2 state tensors per parameter)" in result.optimizers["vae"]
 

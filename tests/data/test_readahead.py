@@ -220,3 +220,18 @@ def test_a_header_garbled_after_opening_is_named(tmp_path, garbage):
     path.write_bytes(garbage)
     with pytest.raises(InputError, match=r"d\.safetensors: cannot read its header again"):
         list(ds.batches(4))
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_short_pass_makes_no_more_buffers_than_its_chunks_as_plan_counts(tmp_path, monkeypatch, count):
+    ds = _shards(tmp_path)
+    made = []
+    original = readahead.mmap.mmap
+    monkeypatch.setattr(readahead.mmap, "mmap", lambda *a, **k: made.append(a[1]) or original(*a, **k))
+    chunks = [torch.tensor([i, i + 1]) for i in range(0, 2 * count, 2)]
+    assert len(list(ReadAhead(ds, chunks))) == count
+    read = [size for size in made if size > readahead.ALIGN]
+    row_bytes = ds.seq_len * ds.dim * ds.storage_dtype.itemsize
+    assert sum(read) <= readahead.pass_buffer_bytes(2, row_bytes, chunks=count)
+    assert readahead.pass_buffer_bytes(2, row_bytes, chunks=count) \
+        < readahead.pass_buffer_bytes(2, row_bytes, chunks=readahead.READ_AHEAD_CHUNKS + 2)
