@@ -279,7 +279,6 @@ def pair_figures(s: Tensor, r: Tensor, *, k: int | None = None, halves_seed: int
     cross = _gram(s, fs.mean, r, fr.mean)
     manifold = None
     if k is not None:
-        assert fs.radius is not None and fr.radius is not None
         manifold = _manifold(cross, fs, fr, mean_diff2, s_shift, r_shift, k)
     ws, wr = 1.0 / (fs.n - 1), 1.0 / (fr.n - 1)
     ref2 = fr.sum_squares * wr * wr
