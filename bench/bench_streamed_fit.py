@@ -22,9 +22,9 @@ Against the whole-data fit (every row at once, exact): the held-out negative log
 460 training rows: a 512-row block less its held-out tenth; 14,400 rows: 16,000 clips), on synthetic rows with a
 decaying spectrum, for each way of cutting (the products' dtype, :data:`STREAM_DTYPE`, and how often,
 :data:`REFACTOR`; float64 at 1.0 is about stop 29's, which stacked ``4 x rank`` rows exactly before its first
-cut): seconds and their ratio to the first way's in the same run, the most memory the statistics added
-(resident, sampled), and the fit against the first way's (explained variance, shrinkage, overlap of the
-components).
+cut): seconds and their ratio to the first way's in the same run, the most memory the statistics added (the
+peak resident set, ``VmHWM``, reset before each way), and the fit against the first way's (explained
+variance, shrinkage, overlap of the components).
 
 ``--sites S``: the shrinkage (Ledoit-Wolf, which needs ``||S||_F^2``) when S sites each stream, cut and release
 their statistics and the releases are merged (``federate``), against one site with every row and the
@@ -96,9 +96,7 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
 def timing(rows: int, block: int, rank: int = 256, length: int = 16, dim: int = 768, classes: int = 4,
            repeats: int = 2) -> list[dict]:
     """The streamed statistics at ``train``'s shape for each (dtype, re-factor fraction); see the docstring."""
-    import threading
-
-    from _memory import status
+    from _memory import reset_peak, status
 
     import feda2v_toolkit.generators.gaussian as gaussian
     from feda2v_toolkit.training.stages import GeneratorStatisticsStage
@@ -125,26 +123,17 @@ def timing(rows: int, block: int, rank: int = 256, length: int = 16, dim: int = 
                                              conditioning="label")
             means = stage.means([stage.means_local(gen, xb, lb) for xb, lb in blocks])
             base = status("VmRSS") / 1e6
-            top, done = [base], threading.Event()
-
-            def watch(top: list[float] = top, done: threading.Event = done) -> None:
-                while not done.is_set():
-                    top[0] = max(top[0], status("VmRSS") / 1e6)
-                    done.wait(0.01)
-
-            watcher = threading.Thread(target=watch, daemon=True)
-            watcher.start()
+            reset_peak()  # VmHWM from here: the statistics' own peak
             t0 = time.perf_counter()
             acc = None
             for xb, lb in blocks:
                 acc = stage.accumulate(gen, acc, stage.local(gen, xb, lb, None, means=means))
             release = stage.compact(gen, acc)
             seconds = time.perf_counter() - t0
-            done.set()
-            watcher.join()
+            added = status("VmHWM") / 1e6 - base
             fit = stage.finish(gen, release)
             runs.append({"dtype": str(dtype).replace("torch.", ""), "refactor": fraction, "seconds": seconds,
-                         "added_mb": top[0] - base, "explained": fit["explained"], "shrinkage": fit["shrinkage"],
+                         "added_mb": added, "explained": fit["explained"], "shrinkage": fit["shrinkage"],
                          "components": gen.components.detach().clone()})
             del acc, release
     finally:

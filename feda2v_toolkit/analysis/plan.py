@@ -9,13 +9,13 @@ Nothing real is allocated:
   creates, the batch at ``generator_batch_size``, autocast copies and activations at the configured
   dtype, and the temporaries live at the worst moment. With several generators (``per_class`` /
   ``per_group``) all of them keep weights, gradients and optimiser state while one trains. With
-  ``--num-samples`` the trainer's reduced-data cache (``N * l * D`` float32; past a quarter of the memory budget it is
-  on disk, and only the blocks on their way to it count) is added, and so are the passes over full sequences
-  (a read chunk, ``training.READ_CHUNK_BYTES``; or the held-out pass's chunk of a block's held-out rows, its
-  two reconstructions and one difference, whichever is larger), two read chunks that the allocator keeps for
-  reuse (:mod:`feda2v_toolkit.runtime.malloc`) and the buffers of the chunks read ahead
-  (:mod:`feda2v_toolkit.data.readahead`) -- or rather the larger of those passes and the training steps:
-  the passes end, their buffers freed and handed back, before any generator is built;
+  ``--num-samples`` the trainer's reduced-data cache is added (``N * l * D`` float32; past a quarter of the memory
+  budget it is on disk, and only the blocks on their way to it count). So are the passes over full sequences,
+  but only where they exceed the training steps: they end, their buffers freed and handed back, before any
+  generator is built. A pass holds a read chunk (``training.READ_CHUNK_BYTES``; or the held-out pass's chunk
+  of a block's held-out rows, its two reconstructions and one difference, whichever is larger), two read
+  chunks that the allocator keeps for reuse (:mod:`feda2v_toolkit.runtime.malloc`) and the buffers of the
+  chunks read ahead (:mod:`feda2v_toolkit.data.readahead`);
 * **generation memory** is the simulated peak of sampling one batch and upsampling it to the output length
   (in pieces when a whole batch's working set exceeds half the memory budget:
   :func:`~feda2v_toolkit.model.generate.upsample_rows`), plus every generator's weights and the shard

@@ -67,13 +67,12 @@ def run_bytes(first: int, end: int) -> int:
     return -(-(first % ALIGN + end - first) // ALIGN) * ALIGN
 
 
-def pass_buffer_bytes(rows: int, row_bytes: int, runs: int = 2, chunks: int | None = None) -> int:
-    """What a pass in chunks of ``rows`` stored rows, each in at most ``runs`` contiguous runs (2: a chunk of
-    consecutive rows that crosses a file boundary), keeps in read-ahead buffers: the chunk being read, the ones
-    read ahead and the one in use -- no more buffers than the pass has ``chunks`` (each is made on first use;
-    ``plan`` counts this)."""
-    buffers = READ_AHEAD_CHUNKS + 2 if chunks is None else max(1, min(chunks, READ_AHEAD_CHUNKS + 2))
-    return buffers * (rows * row_bytes + runs * 2 * ALIGN)
+def pass_buffer_bytes(rows: int, row_bytes: int, chunks: int, runs: int = 2) -> int:
+    """What a pass of ``chunks`` chunks of ``rows`` stored rows, each in at most ``runs`` contiguous runs (2: a
+    chunk of consecutive rows that crosses a file boundary), keeps in read-ahead buffers: the chunk being read,
+    the ones read ahead and the one in use -- no more buffers than the pass has chunks (each is made on first
+    use; ``plan`` counts this)."""
+    return max(1, min(chunks, READ_AHEAD_CHUNKS + 2)) * (rows * row_bytes + runs * 2 * ALIGN)
 
 
 def row_spans(path: Path) -> dict[str, tuple[int, int, int]]:
