@@ -116,19 +116,18 @@ def add_parts(acc: Part | None, part: Part) -> Part:
 
 
 def _to_bytes(part: Part | None) -> Tensor:
-    from safetensors.torch import save
+    """A part as safetensors bytes in one ``uint8`` tensor (nothing for ``None``)."""
+    from feda2v_toolkit.runtime.tensorfile import pack_tensors
 
-    if part is None:
-        return torch.zeros(0, dtype=torch.uint8)
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in part.items()})
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return torch.zeros(0, dtype=torch.uint8) if part is None else pack_tensors(part)
 
 
 def _from_bytes(buf: Tensor) -> Part:
-    from safetensors.torch import load
+    """A part from :func:`_to_bytes`, its tensors views of ``buf`` (no copy), in name order."""
+    from feda2v_toolkit.runtime.tensorfile import unpack_tensors
 
-    part = load(bytes(buf.numpy().tobytes()))
-    return {k: part[k] for k in sorted(part)}  # safetensors' order varies from process to process
+    part = unpack_tensors(buf)
+    return {k: part[k] for k in sorted(part)}
 
 
 class TorchRanks(Ranks):
@@ -155,15 +154,27 @@ class TorchRanks(Ranks):
         return [o[:int(s)] for o, s in zip(out, sizes, strict=True)]
 
     def exchange(self, part: Part | None, blocks: list[int]) -> Iterator[Part]:
-        # the round's collective runs at once; each rank's part is then rebuilt only when it is merged and its
-        # bytes let go, so one part at a time is held beside the gathered bytes (not every rank's at once)
-        gathered: list[Tensor | None] = list(self._all_gather_bytes(_to_bytes(part)))
+        # This rank's part is packed into its bytes now (the part itself is let go when this returns); the sizes
+        # are gathered; then each rank's bytes are broadcast from it in block order as the parts are iterated,
+        # received in place and rebuilt as views of them. A rank holds its own bytes until its turn and one
+        # other part at a time: an all_gather held every rank's bytes at once, and gloo's a flat copy of them.
+        dist = self.dist
+        own: Tensor | None = _to_bytes(part)
         del part
+        size = torch.tensor([own.numel()], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(sizes, size)
 
         def parts() -> Iterator[Part]:
-            for i in range(len(blocks)):
-                buf, gathered[i] = gathered[i], None
+            nonlocal own
+            for src in range(len(blocks)):  # rank i computed the round's i-th block
+                if src == self.rank:
+                    buf, own = own, None
+                else:
+                    buf = torch.empty(int(sizes[src]), dtype=torch.uint8)
+                dist.broadcast(buf, src=src)
                 yield _from_bytes(buf)
+                del buf
 
         return parts()
 

@@ -138,3 +138,52 @@ def _write_streamed(path: Path, tensors: Mapping[str, StreamedTensor], metadata:
                     written += data.nbytes
             if written != t.nbytes:
                 raise ValueError(f"{name}: {written} bytes written, the shape {list(t.shape)} needs {t.nbytes}")
+
+
+_ST_NAMES = {name: dtype for dtype, name in _ST_DTYPES.items()}
+
+
+def pack_tensors(tensors: Mapping[str, Tensor]) -> Tensor:
+    """The safetensors bytes of ``tensors`` (the bytes :func:`write_tensor_file` writes), in one ``uint8`` tensor
+    written in place: no intermediate ``bytes`` object, so packing holds the tensors and their one copy."""
+    flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    if sys.byteorder != "little" or any(t.dtype not in _ST_DTYPES for t in flat.values()):  # pragma: no cover
+        from safetensors.torch import save
+
+        return torch.frombuffer(bytearray(save(flat)), dtype=torch.uint8)
+    head, spans = safetensors_header({name: (t.dtype, t.shape) for name, t in flat.items()})
+    out = torch.empty(max([len(head), *(b for _, b in spans.values())]), dtype=torch.uint8)
+    out[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    for name, t in flat.items():
+        a, b = spans[name]
+        if t.numel():
+            out[a:b] = t.reshape(-1).view(torch.uint8)
+    return out
+
+
+def unpack_tensors(buf: Tensor) -> dict[str, Tensor]:
+    """The tensors of safetensors bytes held in a ``uint8`` tensor (:func:`pack_tensors`), by name: views of
+    ``buf`` where the data are aligned (as :func:`pack_tensors` places them), no copy; they keep ``buf`` alive.
+    Offsets and sizes are checked against the buffer; nothing is unpickled."""
+    total = buf.numel()
+    if sys.byteorder != "little" or total < 8:  # pragma: no cover - big-endian hosts
+        from safetensors.torch import load
+
+        return load(bytes(buf.numpy().tobytes()))
+    (size,) = struct.unpack("<Q", bytes(buf[:8].numpy().tobytes()))
+    if 8 + size > total:
+        raise ValueError(f"a safetensors header of {size} bytes in {total} bytes")
+    header = json.loads(bytes(buf[8:8 + size].numpy().tobytes()))
+    start, out = 8 + size, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape = _ST_NAMES[info["dtype"]], [int(s) for s in info["shape"]]
+        lo, hi = (start + int(v) for v in info["data_offsets"])
+        width = torch.empty((), dtype=dtype).element_size()
+        if not start <= lo <= hi <= total or hi - lo != width * math.prod(shape):
+            raise ValueError(f"tensor {name!r}: bytes {lo}-{hi} of {total} for shape {shape} of {dtype}")
+        raw = buf[lo:hi]
+        aligned = raw.storage_offset() % width == 0 and raw.data_ptr() % width == 0
+        out[name] = (raw if aligned else raw.clone()).view(dtype).reshape(shape)
+    return out
