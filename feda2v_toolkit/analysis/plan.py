@@ -321,11 +321,13 @@ class Planner:
                            allowance=allowance, runtime=self.runtime, total=total, method=method)
 
     def _fit_memory(self, length: int, component_elements: int) -> TrainMemory:
-        """A closed-form generator (``fitted = True``): one ``fit`` on a generator's training sequences
-        (the data's size per generator, else 256 sequences), simulated with fake tensors."""
+        """A closed-form generator (``fitted = True``): one ``fit`` on a generator's training sequences (the data's
+        size per generator, else 256 sequences), simulated with fake tensors -- unless ``train`` fits the type from
+        block statistics (``fit_statistics``, whose steps depend on the data's values): then estimated."""
         n = max(2, -(-self.num_samples // self.generators) if self.num_samples else 256)
         streamed, copies = 0, 3
-        if has_statistics(self.gen_cls) and not self.condition_dim:  # embedding conditioning fits on all rows
+        from_blocks = has_statistics(self.gen_cls) and not self.condition_dim  # embedding conditioning: fit()
+        if from_blocks:
             # fitted block by block (training.site), float64: a block's rows and, about merged means, one pooled
             # factor: while nothing is cut, the rows stacked as they are (twice, while a block is stacked under
             # them); once cut (more rows than STREAM_KEEP x rank = k), in STREAM_DTYPE (float32: half a row).
@@ -348,6 +350,30 @@ class Planner:
                 held = min(per_mean, 2 * rank + -(-BLOCK_ROWS // means))  # factor rows kept per mean row
                 streamed = means * held * length * self.dim * 8
             n = min(n, BLOCK_ROWS)
+        simulated = None if from_blocks else self._simulated_fit(n, length)
+        if isinstance(simulated, tuple):
+            weights, batch, peak, activations = simulated
+            method = f"simulated fit on {n} sequences"
+        else:  # a type train fits from block statistics never calls fit(); else the simulation's failure
+            with torch.device("meta"):
+                gen = self._build(length)
+                weights = tensor_bytes([*gen.parameters(), *gen.buffers()])
+            batch = n * length * self.dim * 4
+            peak, activations = weights + batch + copies * n * length * self.dim * 8, None
+            why = ("train fits it from block statistics, never with fit()" if simulated is None
+                   else f"simulation failed: {simulated}")
+            method = f"analytic (float64 copies and scatter of {n} sequences): {why}"
+            note = (f"the closed-form fit is estimated analytically for {n} sequences per generator (weights, "
+                    f"the float32 sequences and {('two', 'three')[copies - 2]} float64 copies)")
+            if note not in self.notes:
+                self.notes.append(note)
+        if not self.optimizers:
+            self.optimizers = {"fit": "closed form (no optimiser)"}
+        return self._train_total(length, component_elements, weights, 0, 0, batch, activations, peak + streamed,
+                                 method)
+
+    def _simulated_fit(self, n: int, length: int) -> tuple[int, int, int, int] | Exception:
+        """``(weights, batch, peak, activations)`` of one ``fit`` on ``n`` fake sequences, or why it failed."""
         try:
             with fake_tensors() as tracker:
                 gen = self._build(length)
@@ -359,23 +385,9 @@ class Planner:
                         conditions=cond if gen.conditioning == "embedding" else None)
                 peak = tracker.peak - base + weights
                 batch = tensor_bytes([x, labels, cond])
-            activations: int | None = peak - weights - batch
-            method = f"simulated fit on {n} sequences"
         except Exception as exc:
-            with torch.device("meta"):
-                gen = self._build(length)
-                weights = tensor_bytes([*gen.parameters(), *gen.buffers()])
-            batch = n * length * self.dim * 4
-            peak, activations = weights + batch + copies * n * length * self.dim * 8, None
-            method = f"analytic (float64 copy and scatter of {n} sequences): simulation failed: {exc}"
-            note = (f"the closed-form fit is estimated analytically for {n} sequences per generator (weights, "
-                    f"the float32 sequences and {('two', 'three')[copies - 2]} float64 copies)")
-            if note not in self.notes:
-                self.notes.append(note)
-        if not self.optimizers:
-            self.optimizers = {"fit": "closed form (no optimiser)"}
-        return self._train_total(length, component_elements, weights, 0, 0, batch, activations, peak + streamed,
-                                 method)
+            return exc
+        return weights, batch, peak, peak - weights - batch
 
     def generate_memory(self, length: int, component_elements: int) -> GenerateMemory:
         n = self.sample_batch

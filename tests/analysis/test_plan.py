@@ -209,6 +209,13 @@ def test_a_closed_form_generator_counts_its_fitted_numbers_and_needs_no_optimise
     assert result.optimizers == {"fit": "closed form (no optimiser)"}
 
 
+def test_a_fit_train_takes_from_block_statistics_is_estimated_and_says_why_not_that_a_simulation_failed():
+    result = plan({"generator_latent_dim": 8}, lengths=[4], dim=16, full_length=50, num_samples=100,
+                  num_classes=4)
+    method = result.rows[0].train.method
+    assert method.startswith("analytic") and "block statistics" in method and "failed" not in method
+
+
 @pytest.mark.parametrize("cfg", [
     {"generator_training_sequence_length": 16},
     {"generator_training_sequence_length": 16, "generator_type": "vae", "generator_training_epochs": 1,
