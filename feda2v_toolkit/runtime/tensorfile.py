@@ -166,11 +166,11 @@ def unpack_tensors(buf: Tensor) -> dict[str, Tensor]:
     ``buf`` where the data are aligned (as :func:`pack_tensors` places them), no copy; they keep ``buf`` alive.
     Offsets and sizes are checked against the buffer; nothing is unpickled."""
     total = buf.numel()
-    if sys.byteorder != "little" or total < 8:  # pragma: no cover - big-endian hosts
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
         from safetensors.torch import load
 
         return load(bytes(buf.numpy().tobytes()))
-    (size,) = struct.unpack("<Q", bytes(buf[:8].numpy().tobytes()))
+    (size,) = struct.unpack("<Q", bytes(buf[:8].numpy().tobytes()).ljust(8, b"\xff"))
     if 8 + size > total:
         raise ValueError(f"a safetensors header of {size} bytes in {total} bytes")
     header = json.loads(bytes(buf[8:8 + size].numpy().tobytes()))
@@ -178,6 +178,8 @@ def unpack_tensors(buf: Tensor) -> dict[str, Tensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if info.get("dtype") not in _ST_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {info.get('dtype')!r} is not a safetensors dtype this reads")
         dtype, shape = _ST_NAMES[info["dtype"]], [int(s) for s in info["shape"]]
         lo, hi = (start + int(v) for v in info["data_offsets"])
         width = torch.empty((), dtype=dtype).element_size()

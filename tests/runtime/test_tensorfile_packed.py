@@ -46,10 +46,13 @@ def test_a_tensor_off_its_alignment_is_copied_not_misread():
     assert torch.equal(unpack_tensors(shifted)["x"], torch.arange(4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("damage", ["header length", "offsets"])
+@pytest.mark.parametrize("damage", ["header length", "offsets", "too short"])
 def test_damaged_bytes_are_refused_not_read_past_the_buffer(damage):
     packed = pack_tensors({"x": torch.ones(4)})
-    if damage == "header length":
+    if damage == "too short":
+        with pytest.raises(ValueError, match="header"):
+            unpack_tensors(packed[:5])
+    elif damage == "header length":
         packed[:8] = torch.tensor(list((10**6).to_bytes(8, "little")), dtype=torch.uint8)
         with pytest.raises(ValueError, match="header"):
             unpack_tensors(packed)
