@@ -123,11 +123,14 @@ def _to_bytes(part: Part | None) -> Tensor:
 
 
 def _from_bytes(buf: Tensor) -> Part:
-    """A part from :func:`_to_bytes`, its tensors views of ``buf`` (no copy), in name order."""
+    """A part from :func:`_to_bytes`, in name order. Its largest tensor -- most of the bytes -- is a view of
+    ``buf`` (no copy); the others are copied, so that none of them keeps the whole buffer alive (a merge may
+    keep a part's small tensors, such as its means, long after its large ones are merged)."""
     from feda2v_toolkit.runtime.tensorfile import unpack_tensors
 
     part = unpack_tensors(buf)
-    return {k: part[k] for k in sorted(part)}
+    largest = max(part, key=lambda k: part[k].numel() * part[k].element_size(), default=None)
+    return {k: part[k] if k == largest else part[k].clone() for k in sorted(part)}
 
 
 class TorchRanks(Ranks):

@@ -286,3 +286,16 @@ def test_a_rank_that_cannot_see_the_checkpoint_stops_the_resumed_run(three_block
     with pytest.raises(InputError, match="rank 1 does not see rank 0's checkpoint"):
         train(config, three_blocks, seed=3, checkpoint_dir=tmp_path / "ck", resume=True,
               ranks=RankOneSeesNoCheckpoint())
+
+
+def test_a_part_sent_between_ranks_comes_back_equal_and_only_its_largest_tensor_shares_the_received_bytes():
+    from feda2v_toolkit.runtime.ranks import _from_bytes, _to_bytes
+
+    part = {"factors": torch.randn(40, 12, dtype=torch.float64), "means": torch.randn(3, 12, dtype=torch.float64),
+            "counts": torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64), "block": torch.tensor([2, 1024])}
+    buf = _to_bytes(part)
+    back = _from_bytes(buf)
+    assert list(back) == sorted(part)  # merged in name order on every rank
+    assert all(torch.equal(back[k], part[k]) and back[k].dtype == part[k].dtype for k in part)
+    shares = {k for k, v in back.items() if v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()}
+    assert shares == {"factors"}  # kept means or counts do not hold the whole received buffer
