@@ -144,17 +144,20 @@ class TorchRanks(Ranks):
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
 
-    def _all_gather_bytes(self, buf: Tensor) -> list[Tensor]:
-        dist = self.dist
-        size = torch.tensor([buf.numel()], dtype=torch.int64)
+    def _all_sizes(self, size: int) -> list[int]:
+        """Every rank's ``size``, in rank order."""
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(sizes, size)
-        longest = max(int(s) for s in sizes)
+        self.dist.all_gather(sizes, torch.tensor([size], dtype=torch.int64))
+        return [int(s) for s in sizes]
+
+    def _all_gather_bytes(self, buf: Tensor) -> list[Tensor]:
+        sizes = self._all_sizes(buf.numel())
+        longest = max(sizes)
         padded = torch.zeros(longest, dtype=torch.uint8)
         padded[:buf.numel()] = buf
         out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
-        dist.all_gather(out, padded)
-        return [o[:int(s)] for o, s in zip(out, sizes, strict=True)]
+        self.dist.all_gather(out, padded)
+        return [o[:s] for o, s in zip(out, sizes, strict=True)]
 
     def exchange(self, part: Part | None, blocks: list[int]) -> Iterator[Part]:
         # This rank's part is packed into its bytes now (the part itself is let go when this returns); the sizes
@@ -164,9 +167,7 @@ class TorchRanks(Ranks):
         dist = self.dist
         own: Tensor | None = _to_bytes(part)
         del part
-        size = torch.tensor([own.numel()], dtype=torch.int64)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(sizes, size)
+        sizes = self._all_sizes(own.numel())
 
         def parts() -> Iterator[Part]:
             nonlocal own
@@ -174,7 +175,7 @@ class TorchRanks(Ranks):
                 if src == self.rank:
                     buf, own = own, None
                 else:
-                    buf = torch.empty(int(sizes[src]), dtype=torch.uint8)
+                    buf = torch.empty(sizes[src], dtype=torch.uint8)
                 dist.broadcast(buf, src=src)
                 yield _from_bytes(buf)
                 del buf
