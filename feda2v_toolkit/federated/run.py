@@ -48,7 +48,7 @@ def federate(config: Any, transport: Transport, *, out: str | os.PathLike[str] |
 
     spec = RunSpec.resolve(config, overrides=overrides, seed=seed, fallback_seed=checkpoint_seed)
     check_outputs(out, metrics_path, where(spec) if spec.save_checkpoints else None, inputs=list(inputs or []),
-                  overwrite=overwrite, resume=resume)
+                  overwrite=overwrite, resume=resume, config=config)
     if spec.seed_drawn:
         say(f"seed: {spec.seed} (drawn at random; pass --seed to reproduce)")
     merger = None

@@ -213,7 +213,7 @@ def check_inputs(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike
             except OSError:
                 same = False
         if same:
-            raise UsageError(f"{o}: is also an {role}; write to another path")
+            raise UsageError(f"{o}: is also {'an' if role[:1] in 'aeiou' else 'a'} {role}; write to another path")
         if _inside(real_p, real_o):
             raise UsageError(f"{o}: contains the {role} {pp}; write to another path")
         if _inside(real_o, real_p):

@@ -42,7 +42,7 @@ from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.privacy.spec import dp_requested
-from feda2v_toolkit.runtime.atomic import check_output, check_output_path, check_writable
+from feda2v_toolkit.runtime.atomic import check_inputs, check_output, check_output_path, check_writable
 from feda2v_toolkit.runtime.malloc import release_freed_memory
 from feda2v_toolkit.runtime.progress import Progress
 from feda2v_toolkit.runtime.ranks import Ranks, agree, init_from_environment
@@ -889,7 +889,7 @@ def train(config: Any, data: str | os.PathLike[str] | Dataset, *, out: str | os.
     spec = RunSpec.resolve(config, overrides=overrides, seed=seed, fallback_seed=checkpoint_seed)
     ckpt = checkpoint_path(spec, _checkpoint_dir(spec, out, checkpoint_dir))
     check_outputs(out, metrics_path, ckpt if spec.save_checkpoints else None, inputs=data_paths,
-                  overwrite=overwrite, resume=resume)
+                  overwrite=overwrite, resume=resume, config=config)
     site = Site(data, spec, 0, device=dev, ranks=ranks)
     if spec.seed_drawn:
         say(f"seed: {spec.seed} (drawn at random; " + ("the DP noise is secret: no seed reproduces a private run)"
@@ -926,7 +926,8 @@ def _train_ranks(ranks: Ranks, config: Any, data: Any, *, out: Any, overrides: A
 
     def check() -> str:  # rank 0's outputs; a problem stops every rank (none waits for a skipped collective)
         check_outputs(out, metrics_path, ckpt if spec.save_checkpoints else None,
-                      inputs=[] if isinstance(data, Dataset) else [data], overwrite=overwrite, resume=resuming)
+                      inputs=[] if isinstance(data, Dataset) else [data], overwrite=overwrite, resume=resuming,
+                      config=config)
         return look()
 
     digest = agree(ranks, check if ranks.rank == 0 else look)
@@ -1010,10 +1011,14 @@ def _check_private_ranks(spec: RunSpec) -> None:
 
 
 def check_outputs(out: Any, metrics_path: Any, checkpoint: Any, *, inputs: list[Any], overwrite: bool,
-                  resume: bool) -> None:
+                  resume: bool, config: Any = None) -> None:
     """The overwrite rule for a training run, before any work: the model file and the metrics file are replaced
     only with ``overwrite`` (a resumed run continues its own metrics file), none of them may be or hold an
-    input, and every place must be writable."""
+    input -- a dataset, or ``config`` when it is a file path -- and every place must be writable."""
+    configs = [config] if isinstance(config, (str, os.PathLike)) else []
+    for path in (out, metrics_path, checkpoint):
+        if path is not None:
+            check_inputs(path, configs, role="config file")
     if out is not None:
         check_output(out, inputs=inputs, overwrite=overwrite, role="input dataset")
     if metrics_path is not None:

@@ -171,3 +171,22 @@ def test_embed_never_deletes_the_audio_it_reads(tmp_path, capsys):
                             capsys)
     assert code == 2 and "contains the audio source" in err
     assert _tree(clips) == before
+
+
+@pytest.mark.parametrize("command", ["train", "federate"])
+@pytest.mark.parametrize("flag", ["-o", "--metrics"])
+def test_a_training_run_never_writes_over_the_config_file_it_reads(data_dir, tmp_path, capsys, command, flag):
+    """The config is an input like the data: the model or metrics file may not be it (nor hold it), even with
+    --overwrite; the refusal comes before any work and leaves the config as it was."""
+    config = tmp_path / "config.json"
+    config.write_text('{"feda2v": {"generator_type": "gaussian", "generator_training_sequence_length": 2}}')
+    before = config.read_bytes()
+    data = str(data_dir / "s.safetensors")
+    source = ["train", "-d", data] if command == "train" else ["federate", "--node", data]
+    outputs = {"-o": str(tmp_path / "m.safetensors"), "--metrics": str(tmp_path / "m.jsonl")}
+    outputs[flag] = str(config)
+    argv = [*source, "-c", str(config), "-o", outputs["-o"], "--metrics", outputs["--metrics"], "--seed", "0", "-q",
+            "--overwrite"]
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and "is also a config file" in err and len(err.strip().splitlines()) == 1, err
+    assert config.read_bytes() == before and not (tmp_path / "m.safetensors").exists()
