@@ -692,6 +692,10 @@ class GaussianGenerator(Generator):
     def _set(self, means: Tensor, counts: Tensor, comps: Tensor, lam: Tensor, keep: int, total: float, a: float,
              n: int) -> dict[str, float]:
         features = self.means.shape[1]
+        if not total > 0:  # zero (or NaN): nothing varies about the means
+            raise ValueError("the training sequences do not vary about their class means (one sequence per class, "
+                             "or identical sequences): the model would draw the means, copies of the training data; "
+                             "train on more, distinct clips per class")
         if keep:  # each component's sign fixed (largest entry positive): the same fit samples the same draws
             comps = comps[:keep]
             pivot = comps.abs().argmax(1, keepdim=True)
@@ -706,7 +710,7 @@ class GaussianGenerator(Generator):
         self.residual.fill_(rest)
         self.shrinkage.fill_(a)
         self.scale.fill_(m)
-        explained = float(lam.sum()) / total if total > 0 else float("nan")
+        explained = float(lam.sum()) / total
         return {"sequences": float(n), "rank": float(keep), "shrinkage": a, "explained": explained,
                 "variance_per_element": m}
 

@@ -31,11 +31,11 @@ class DivergedError(InputError):
     """A loss term became NaN or infinite."""
 
 
-def check_finite(terms: Mapping[str, float], where: str) -> None:
+def check_finite(terms: Mapping[str, float], where: str, hint: str = "lower generator_learning_rate") -> None:
+    """Raise :class:`DivergedError` naming ``where`` and the NaN/inf ``terms``, with ``hint`` (what to change)."""
     bad = [k for k, v in terms.items() if not math.isfinite(v)]
     if bad:
-        raise DivergedError(f"training diverged ({where}): {', '.join(bad)} became NaN/inf; "
-                            f"lower generator_learning_rate")
+        raise DivergedError(f"training diverged ({where}): {', '.join(bad)} became NaN/inf; {hint}")
 
 
 def run_steps(gen: Generator, optimizers: Mapping[str, torch.optim.Optimizer], batches: Iterable[Batch],

@@ -599,7 +599,8 @@ def _fit_generators(run: _Run, generators: dict[str, Any], gen_cls: Any, holders
             try:
                 fit[key] = stage.finish(generators[key], stage.merge(gen_cls, parts))
             except ValueError as e:
-                raise SiteError(f"generator {key!r}: {e}") from None
+                where = run.names[run.sites[0]] if len(run.sites) == 1 else "the sites' merged statistics"
+                raise SiteError(f"{where}: generator {key!r}: {e}") from None
         for n in run.sites:
             for key, info in replies[n][1].get("truncated", {}).items():
                 run.report.truncated.setdefault(key, {})[run.names[n]] = info
@@ -611,7 +612,8 @@ def _fit_generators(run: _Run, generators: dict[str, Any], gen_cls: Any, holders
                     run.say(f"{run.names[n]}: generator {key!r}: its within-class scatter has more directions than "
                             f"the rank; kept the top {info['directions']} ({cut})")
     for key, f in fit.items():
-        check_finite(f, f"fitting generator {key!r}")
+        check_finite(f, f"fitting generator {key!r}", "the closed-form fit has no learning rate: the data's "
+                     "statistics are degenerate (check the clips for extreme values, or set gaussian_shrinkage)")
         run.say(f"fitted generator {key!r} on {int(f.get('sequences', 0))} sequences")
     how = ""
     if len(run.sites) > 1:

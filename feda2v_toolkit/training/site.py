@@ -97,6 +97,11 @@ def restore_optimizers(optimizers: Mapping[str, torch.optim.Optimizer], tensors:
             opt.load_state_dict(unflatten_optimizer(name, tensors, docs[name]))
 
 
+#: the largest magnitude of a reduced value the float32 passes accept: its square summed over a million clips of
+#: 16 x 768 values stays far below float32's largest number (3.4e38)
+MAX_MAGNITUDE = 1e15
+
+
 class Site:
     """One site's data and training state (module docstring).
 
@@ -271,6 +276,7 @@ class Site:
             if held is not None:
                 part.update(pack("held.", held.state()))
             part.update(pack("norm.", NormalizationStage().local(values, is_train[lo:hi].nonzero().flatten())))
+            self._check_magnitude(values, part, lo, hi)
             part["block"] = torch.tensor([b, lo])
             part["digest"] = torch.frombuffer(bytearray(block_digest(values)), dtype=torch.uint8)
             part["values"] = values
@@ -294,6 +300,17 @@ class Site:
         part = unpack("norm.", sums) if self.spec.normalize and not self.private else {}
         return part, {"fingerprint": cache_fingerprint(self.ds.labels, digests), "seconds": seconds,
                       **self.split_counts()}
+
+    def _check_magnitude(self, values: Tensor, sums: Arrays, lo: int, hi: int) -> None:
+        """Refuse (:class:`InputError`, naming the data) clips whose values are finite but too large for the
+        float32 arithmetic of the pass (their squares overflow): a reduced value beyond :data:`MAX_MAGNITUDE`, or
+        a non-finite sum of the block. Audio embeddings are of order 1-100."""
+        largest = float(values.abs().max()) if values.numel() else 0.0
+        if largest <= MAX_MAGNITUDE and all(bool(torch.isfinite(v).all()) for v in sums.values()):
+            return
+        raise InputError(f"{self.ds.path}: samples {lo}..{hi - 1} hold values too large in magnitude for float32 "
+                         f"arithmetic (a reduced value of {largest:.3g}; at most {MAX_MAGNITUDE:.0e}): rescale the "
+                         "embeddings")
 
     def _raw(self) -> Any:
         assert self.cache is not None, "the site has not reduced its data"

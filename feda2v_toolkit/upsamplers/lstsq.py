@@ -116,7 +116,10 @@ class LeastSquaresUpsampler(Upsampler):
         crr = srr - sum_r @ sum_r.T / n
         lam = self.ridge * float(crr.trace()) / short
         eye = torch.eye(short, dtype=torch.float64)
-        u = torch.linalg.solve(crr + lam * eye, cxr.T).T  # [L, short]
+        # the minimum-norm solution where C_rr + lambda I is singular (reduced sequences that do not vary: lambda
+        # = 0, and the decoder is the mean sequence; or lstsq_ridge = 0 with fewer sequences than positions)
+        u = cxr @ torch.linalg.pinv(crr + lam * eye, hermitian=True) if lam == 0.0 else \
+            torch.linalg.solve(crr + lam * eye, cxr.T).T  # [L, short]
         b = (sum_x - u @ sum_r) / n  # [L, D]
         sst = sxx - float(sum_x.square().sum()) / n  # about the per-position mean sequence
         # training SSE from the centred sums (b is the mean residual): sum ||(x - mean) - U (r - mean)||^2; the

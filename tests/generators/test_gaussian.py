@@ -460,3 +460,12 @@ def test_releases_merge_their_numbers_with_the_cross_terms_of_their_factors():
     assert float(merged["scatter_norm2"]) == pytest.approx(float((d.T @ d).square().sum()), rel=1e-9)
     with pytest.raises(ValueError, match="release cannot be merged with a site's blocks"):
         GaussianGenerator.merge_statistics([releases[0], stage.local(gen, *sites[1], None, means=means)])
+
+
+def test_sequences_that_do_not_vary_about_their_class_means_are_refused():
+    """One sequence per class, or identical ones: the model would draw copies of them."""
+    gen = GaussianGenerator(seq_len=4, dim=3, rank=2, num_classes=2, conditioning="label")
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    for data, labels in ((x, torch.tensor([0, 1])), (x[:1].repeat(6, 1, 1), torch.tensor([0, 0, 0, 1, 1, 1]))):
+        with pytest.raises(ValueError, match="do not vary about their class means"):
+            gen.fit(data, labels=labels)

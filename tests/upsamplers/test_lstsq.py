@@ -145,3 +145,11 @@ def test_held_out_errors_from_sums_match_the_decoders_reconstructions_in_float64
     assert float(empty["count"]) == 0 and reconstruction_metrics(empty, 40, 16) == {}
     with pytest.raises(ValueError, match="expected pairs"):
         up.heldout_sums().add(red[:2], emb[:3])
+
+
+def test_reduced_sequences_that_do_not_vary_give_the_mean_sequence_not_a_singular_solve():
+    full = torch.full((12, 40, 16), 2.0)
+    full[:, 3] = 5.0  # a positional pattern, the same in every sequence
+    up = fit(pool(full, 8), full, ridge=1e-6)  # tr C_rr = 0: the ridge is 0 too
+    assert torch.equal(up.weight, torch.zeros(40, 8))
+    torch.testing.assert_close(up(pool(full, 8)[:2], 40), full[:2])
