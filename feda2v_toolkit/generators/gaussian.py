@@ -295,6 +295,17 @@ def _left_out_cross_terms(parts: Sequence[Mapping[str, Tensor]], factors: Sequen
     return total
 
 
+def _varied(total: float, comps: Tensor) -> Tensor:
+    """``comps``, once a fit of the data itself found variance about the means (``total``, ``tr S``, above zero);
+    else a ``ValueError``: the model would draw the means -- copies of the training data. (A private fit's noisy
+    total is not checked here: :meth:`GaussianGenerator.set_parameters`.)"""
+    if not total > 0:
+        raise ValueError("the training sequences do not vary about their class means (one sequence per class, or "
+                         "identical sequences): the model would draw the means, copies of the training data; train "
+                         "on more, distinct clips per class")
+    return comps
+
+
 def _norm2(x: Tensor) -> float:
     """``|x|^2`` over every entry (in float64), without a squared copy."""
     return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
@@ -467,7 +478,7 @@ class GaussianGenerator(Generator):
             a = ledoit_wolf(shrink_scatter, shrink_norms, features, shrink_n)
         else:
             a = float(self.shrinkage_setting)
-        return self._set(means, counts, comps, lam, keep, total, a, n)
+        return self._set(means, counts, _varied(total, comps), lam, keep, total, a, n)
 
     # -- mergeable sufficient statistics (federated fitting) -----------------------------------------
     def _rows_of(self, n: int, labels: Tensor | None) -> Tensor:
@@ -665,7 +676,7 @@ class GaussianGenerator(Generator):
             a = ledoit_wolf_from_sums(scatter_norm2, square, float(stats["quartic"].sum()), features, n)
         else:
             a = float(self.shrinkage_setting)
-        return self._set(means, counts, comps, lam, keep, total, a, n)
+        return self._set(means, counts, _varied(total, comps), lam, keep, total, a, n)
 
     @torch.no_grad()
     def set_parameters(self, means: Tensor, counts: Tensor, directions: Tensor, variances: Tensor, total: float,
@@ -692,10 +703,6 @@ class GaussianGenerator(Generator):
     def _set(self, means: Tensor, counts: Tensor, comps: Tensor, lam: Tensor, keep: int, total: float, a: float,
              n: int) -> dict[str, float]:
         features = self.means.shape[1]
-        if not total > 0:  # zero (or NaN): nothing varies about the means
-            raise ValueError("the training sequences do not vary about their class means (one sequence per class, "
-                             "or identical sequences): the model would draw the means, copies of the training data; "
-                             "train on more, distinct clips per class")
         if keep:  # each component's sign fixed (largest entry positive): the same fit samples the same draws
             comps = comps[:keep]
             pivot = comps.abs().argmax(1, keepdim=True)
@@ -710,7 +717,7 @@ class GaussianGenerator(Generator):
         self.residual.fill_(rest)
         self.shrinkage.fill_(a)
         self.scale.fill_(m)
-        explained = float(lam.sum()) / total
+        explained = float(lam.sum()) / total if total > 0 else float("nan")
         return {"sequences": float(n), "rank": float(keep), "shrinkage": a, "explained": explained,
                 "variance_per_element": m}
 
