@@ -365,6 +365,8 @@ def _read_done(path: Path) -> dict[str, Any] | None:
 def _prepare(source: ClipSource, clips: list[Clip], policy: ClipPolicy,
              emb: ASTEmbedder) -> tuple[Any, list[Clip], list[int], list[tuple[Clip, str]]]:
     """Read a batch's clips and compute their features (runs on the prefetch thread)."""
+    import numpy as np
+
     waves, good, frames, bad = [], [], [], []
     for clip in clips:
         try:
@@ -375,7 +377,16 @@ def _prepare(source: ClipSource, clips: list[Clip], policy: ClipPolicy,
         waves.append(wave)
         good.append(clip)
         frames.append(real_frames(real, emb.max_length))
-    return (emb.features(waves) if waves else None), good, frames, bad
+    feats = emb.features(waves) if waves else None
+    if feats is not None:  # a clip whose features overflow is unreadable too, never a NaN row in the output
+        finite = np.isfinite(feats.reshape(feats.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            bad += [(c, "its filterbank features are NaN or infinite") for c, ok in zip(good, finite, strict=True)
+                    if not ok]
+            good = [c for c, ok in zip(good, finite, strict=True) if ok]
+            frames = [f for f, ok in zip(frames, finite, strict=True) if ok]
+            feats = feats[finite] if good else None
+    return feats, good, frames, bad
 
 
 def _prefetch(batches: list[tuple[int, list[Clip]]], prepare: Any,

@@ -30,6 +30,10 @@ CROP_POLICIES = ("start", "center")
 #: the clip lengths a policy accepts (AST checkpoints see 10.24 s; an hour is far beyond any of them)
 MIN_CLIP_SECONDS = 0.03
 MAX_CLIP_SECONDS = 3600.0
+
+#: the largest sample magnitude a clip may hold: audio is within [-1, 1] (a float file may go a little beyond;
+#: one written at integer scale reaches 32,768); far larger values overflow the filterbank's float32 powers
+MAX_SAMPLE = 1e6
 _INSTALL = 'pip install "feda2v-tk[audio]"  (transformers, soundfile, soxr)'
 
 
@@ -359,6 +363,10 @@ def load_clip(what: Any, policy: ClipPolicy) -> tuple[Any, int]:
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(mono).all():
         raise AudioError("holds NaN or infinite samples")
+    peak = float(np.abs(mono).max())
+    if peak > MAX_SAMPLE:
+        raise AudioError(f"samples reach {peak:.3g} in magnitude (audio is within [-1, 1]; at most {MAX_SAMPLE:.0e} "
+                         "is read)")
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
     n = policy.samples

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from audio_fakes import TINY_TOKENS, make_class_folders, save_tiny_ast, tone, write_audio
@@ -158,16 +159,48 @@ def test_a_partial_run_with_other_settings_is_not_mixed_in(embedder, clips, tmp_
 def test_unreadable_and_empty_files_are_listed_or_stop_the_run(embedder, clips, tmp_path):
     (clips / "bird" / "broken.wav").write_bytes(b"RIFF not really a wave file")
     write_audio(clips / "engine" / "empty.wav", tone(100, 0.0, 16000), 16000)
+    import soundfile as sf
+
+    sf.write(clips / "engine" / "huge.wav", np.full(8000, 3e38, dtype=np.float32), 16000, subtype="FLOAT")
     report = embed(open_source(clips), tmp_path / "out", policy=POLICY, embedder=embedder, progress=False)
-    assert report.rows == 6
+    assert report.rows == 6 and bool(torch.isfinite(_all(tmp_path / "out")[1].embeddings).all())
     reasons = {item["id"]: item["reason"] for item in report.skipped}
-    assert set(reasons) == {"bird/broken.wav", "engine/empty.wav"}
+    assert set(reasons) == {"bird/broken.wav", "engine/empty.wav", "engine/huge.wav"}
     assert reasons["bird/broken.wav"].startswith("unreadable") and reasons["engine/empty.wav"].startswith("empty")
+    assert reasons["engine/huge.wav"].startswith("samples reach")
     assert all(item["path"].endswith(item["id"]) for item in report.skipped)
     with pytest.raises(InputError, match=r"broken\.wav: unreadable"):
         embed(open_source(clips), tmp_path / "strict", policy=POLICY, embedder=embedder, on_error="fail",
               progress=False)
     assert not (tmp_path / "strict").exists() and not partial_dir(tmp_path / "strict").exists()
+
+
+def test_a_clip_whose_features_overflow_is_skipped_not_written_as_nan(embedder, clips, tmp_path):
+    """The safety net behind the sample bound: a clip whose filterbank features are NaN or infinite is listed as
+    unreadable, and the other clips of its batch are embedded."""
+
+    class Overflowing:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def features(self, waves):
+            feats = self.inner.features(waves)
+            if self.calls == 0:
+                feats[0, 0, 0] = np.inf
+            self.calls += 1
+            return feats
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, features):
+            return self.inner(features)
+
+    report = embed(open_source(clips), tmp_path / "out", policy=POLICY, batch_size=3, embedder=Overflowing(embedder),
+                   progress=False)
+    assert report.rows == 5 and [item["reason"] for item in report.skipped] == \
+        ["its filterbank features are NaN or infinite"]
+    assert bool(torch.isfinite(_all(tmp_path / "out")[1].embeddings).all())
 
 
 def test_existing_output_needs_overwrite(embedder, clips, tmp_path):

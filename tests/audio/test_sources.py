@@ -60,6 +60,21 @@ def test_empty_and_unreadable_files_raise_audio_error(tmp_path):
         load_clip(tmp_path / "x.wav", ClipPolicy(1.0))
 
 
+def test_samples_far_beyond_the_audio_range_are_refused_before_the_filterbank(tmp_path):
+    """Finite float samples of 3e38 overflow the filterbank's powers: refused, not embedded as NaN rows; a float
+    file a little beyond [-1, 1], or at integer scale, is read."""
+    import soundfile as sf
+
+    for peak, refused in ((3e38, True), (1.5, False), (32767.0, False)):
+        path = tmp_path / f"f{peak:g}.wav"
+        sf.write(path, np.full(8000, peak, dtype=np.float32), 16000, subtype="FLOAT")
+        if refused:
+            with pytest.raises(AudioError, match="samples reach 3e\\+38 in magnitude"):
+                load_clip(path, ClipPolicy(1.0))
+        else:
+            assert float(np.abs(load_clip(path, ClipPolicy(1.0))[0]).max()) == pytest.approx(peak)
+
+
 def test_real_frames_follow_the_fbank_framing():
     assert real_frames(16000, 1024) == 98  # 1 + (16000 - 400) // 160
     assert real_frames(80000, 1024) == 498  # a 5 s clip fills about half of AST's 1024 frames
