@@ -124,6 +124,8 @@ def unpickling_refusal(exc: BaseException) -> str | None:
     text = plain(str(exc))
     if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
         return None
+    if re.search(r"Unsupported operand \d+", text):  # not an operation of pickled objects: random or damaged bytes
+        return "it is not a PyTorch file torch can read (damaged, or not written by torch.save)"
     found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     what = f" ({found.group(1)})" if found else ""
     return (f"it holds pickled Python objects{what}, which feda2v-tk never unpickles (torch.load with "

@@ -110,6 +110,13 @@ def test_legacy_pt_with_pickled_objects_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_random_bytes_named_pt_are_not_called_pickled_objects(tmp_path):
+    (tmp_path / "g.pt").write_bytes(bytes(range(256)) * 20)  # a zip-less, damaged "legacy" file
+    with pytest.raises(InputError, match="not a PyTorch file torch can read") as info:
+        open_dataset(tmp_path / "g.pt")
+    assert "pickled Python objects" not in str(info.value)
+
+
 @pytest.mark.parametrize(("tensors", "message"), [
     ({"labels": torch.zeros(2, dtype=torch.long)}, "missing tensor"),
     ({"embeddings": torch.zeros(2, 3), "labels": torch.zeros(2, dtype=torch.long)}, r"must be \[N, S, D\]"),
