@@ -27,6 +27,13 @@ class InputError(ToolkitError):
     exit_code = 1
 
 
+class ResourceError(InputError):
+    """A valid input too large for this machine (memory, the memory budget's limit): exit code 2, like a full
+    disk -- the input is not wrong, the machine is short. An :class:`InputError` for code that catches those."""
+
+    exit_code = 2
+
+
 class PluginError(ToolkitError):
     """A plugin failed to load or registered something invalid (fatal only in strict mode)."""
 
@@ -117,14 +124,18 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
-def unpickling_refusal(exc: BaseException) -> str | None:
+def unpickling_refusal(exc: BaseException, head: bytes | None = None) -> str | None:
     """For ``torch.load(weights_only=True)`` refusing a file that needs unpickling: one line saying so (with
     the Python object it would have created), instead of torch's multi-line advice to set
-    ``weights_only=False``; ``None`` for any other error."""
+    ``weights_only=False``; ``None`` for any other error. ``head``: the file's first bytes, if known -- a file
+    that is neither a zip archive nor a pickle stream is then "not a PyTorch file" (random or damaged bytes
+    also fail the unpickler, on an unknown operation)."""
     text = plain(str(exc))
     if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
         return None
-    if re.search(r"Unsupported operand \d+", text):  # not an operation of pickled objects: random or damaged bytes
+    pickle_or_zip = head is None or head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03",
+                                                                                               b"\x04", b"\x05"))
+    if not pickle_or_zip:
         return "it is not a PyTorch file torch can read (damaged, or not written by torch.save)"
     found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     what = f" ({found.group(1)})" if found else ""

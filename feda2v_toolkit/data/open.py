@@ -86,12 +86,21 @@ def _load_pt(path: Path) -> Any:
     except ToolkitError:
         raise
     except Exception as exc:  # torch raises many types for corrupt, pickled-object or unmappable files
-        refusal = unpickling_refusal(exc)
+        refusal = unpickling_refusal(exc, _head(path))
         handled = mmap_error(path, exc) if refusal is None else None
         if handled is None:
             handled = InputError(f"{path}: cannot read as a PyTorch tensor cache: {refusal or first_line(exc)}")
         raise handled from None
     return obj
+
+
+def _head(path: Path, size: int = 2) -> bytes | None:
+    """The first ``size`` bytes of ``path`` (``None`` if it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(size)
+    except OSError:
+        return None
 
 
 def _legacy_tensors(path: Path, obj: Any = None) -> dict[str, Any]:

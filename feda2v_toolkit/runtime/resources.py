@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.errors import ResourceError
 
 #: environment variable that overrides the memory limit (bytes), e.g. for tests or shared machines
 ENV_MEMORY_LIMIT = "FEDA2V_MEMORY_LIMIT"
@@ -37,10 +37,11 @@ def format_bytes(n: float) -> str:
 
 
 def require_memory(needed: float, what: str, hint: str = "") -> None:
-    """Raise :class:`InputError` if ``needed`` bytes exceed :func:`memory_limit`."""
+    """Raise :class:`~feda2v_toolkit.errors.ResourceError` (exit code 2) if ``needed`` bytes exceed
+    :func:`memory_limit`."""
     limit = memory_limit()
     if limit is not None and needed > limit:
-        raise InputError(f"{what} needs about {format_bytes(needed)} of memory, more than the "
+        raise ResourceError(f"{what} needs about {format_bytes(needed)} of memory, more than the "
                          f"{format_bytes(limit)} available{'; ' + hint if hint else ''}")
 
 
