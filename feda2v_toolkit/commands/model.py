@@ -125,12 +125,17 @@ def describe(meta: dict[str, Any]) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-q", "--quiet", is_flag=True, help="Only check that the file reads; print nothing.")
 def inspect_cmd(model_path: Path, as_json: bool, quiet: bool) -> None:
-    """Show a model file's metadata, parameter counts per component, shapes and training metrics."""
+    """Show a model file's metadata, parameter counts per component, shapes and training metrics.
+
+    The metadata is checked against the stored tensors' shapes first (no weight is read): an inconsistent
+    or tampered file is refused as `generate` would refuse it."""
     from feda2v_toolkit.errors import InputError
-    from feda2v_toolkit.model.file import check_document, read_model_metadata
+    from feda2v_toolkit.model.file import check_consistency, read_model_metadata
 
     meta = read_model_metadata(model_path)
-    check_document(meta.get("model"), model_path)
+    # the metadata against the stored shapes, components built on the meta device (nothing allocated); a
+    # component whose plugin is not installed here is shown unchecked
+    check_consistency(meta.get("model"), meta["tensor_shapes"], model_path, skip_unavailable=True)
     try:
         _show(model_path, describe(meta), as_json=as_json, quiet=quiet)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -28,8 +28,16 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from feda2v_toolkit import __version__
-from feda2v_toolkit.errors import InputError, NewerVersionError, ToolkitError, UsageError, short_list
+from feda2v_toolkit.errors import (
+    InputError,
+    NewerVersionError,
+    ToolkitError,
+    UsageError,
+    first_line,
+    short_list,
+)
 from feda2v_toolkit.model.bundle import GenerativeModel
+from feda2v_toolkit.runtime.resources import format_bytes, memory_budget
 from feda2v_toolkit.runtime.tensorfile import write_safetensors  # noqa: F401 - re-exported (checkpoints)
 
 MODEL_FORMAT = "model"
@@ -243,33 +251,91 @@ def check_document(doc: Any, path: Path) -> None:
             raise bad(f"{key!r} must be an object")
 
 
-def _build_checked(cls: type, init_args: Mapping[str, Any], state: Mapping[str, Tensor], what: str,
-                   path: Path) -> nn.Module:
-    """Construct ``cls(**init_args)`` only once its parameter shapes are known to match the stored tensors.
+def _probe(cls: type, init_args: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], what: str,
+           path: Path) -> nn.Module:
+    """``cls(**init_args)`` built on the meta device (nothing allocated), refused unless its state has exactly
+    the stored ``shapes`` and it holds no tensors beyond them that would not fit the memory budget.
 
-    The constructor first runs on the meta device (nothing allocated), so metadata claiming a huge
-    ``hidden_dim`` is refused by comparing shapes, not by trying to allocate it.
+    Any failure to build it there (an overflowing size, a plugin's own check) refuses the file: the real
+    build only ever runs with arguments whose every tensor was sized here first.
     """
     try:
         with torch.device("meta"):
             probe = cls(**init_args)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"{path}: {what}: bad constructor arguments in the metadata: {exc}") from None
-    except Exception:  # pragma: no cover - a component that cannot be built on meta: checked after building
-        probe = None
-    if probe is not None:
-        expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
-        stored = {k: tuple(v.shape) for k, v in state.items()}
-        if expected != stored:
-            missing = sorted(set(expected) - set(stored))
-            unexpected = sorted(set(stored) - set(expected))
-            wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
-            detail = (f"tensor {wrong[0]!r} is stored as {list(stored[wrong[0]])} but the metadata makes it "
-                      f"{list(expected[wrong[0]])}" if wrong else
-                      f"missing tensor(s) {short_list(missing)}" if missing else
-                      f"unexpected tensor(s) {short_list(unexpected)}")
-            raise InputError(f"{path}: {what}: metadata and weights disagree: {detail}")
-        del probe
+        raise InputError(f"{path}: {what}: bad constructor arguments in the metadata: {first_line(exc)}") from None
+    except Exception as exc:  # e.g. RuntimeError "Storage size calculation overflowed"
+        raise InputError(f"{path}: inconsistent model file: {what} cannot be built from its metadata "
+                         f"({type(exc).__name__}: {first_line(exc)})") from None
+    state = probe.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    stored = {k: tuple(v) for k, v in shapes.items()}
+    if expected != stored:
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+        detail = (f"tensor {wrong[0]!r} is stored as {list(stored[wrong[0]])} but the metadata makes it "
+                  f"{list(expected[wrong[0]])}" if wrong else
+                  f"missing tensor(s) {short_list(missing)}" if missing else
+                  f"unexpected tensor(s) {short_list(unexpected)}")
+        raise InputError(f"{path}: {what}: metadata and weights disagree: {detail}")
+    in_state = {id(t) for t in state.values()}
+    extra = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers())
+                if id(t) not in in_state)  # non-persistent buffers: sized by the metadata alone
+    if extra > memory_budget():
+        raise InputError(f"{path}: inconsistent model file: {what} would build {format_bytes(extra)} of tensors "
+                         f"the file does not hold (more than the memory budget, {format_bytes(memory_budget())})")
+    return probe
+
+
+def _component_entries(doc: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any], Mapping[str, Any], str, str]]:
+    """Each component of a (checked) document: ``(kind, reference, init_args, tensor prefix, what)``."""
+    entries = [("generator", doc["generator_type"], entry["init_args"], f"generators.{i}",
+                f"generator {entry['key']!r}") for i, entry in enumerate(doc["generators"])]
+    entries += [(kind, doc[kind], doc[kind]["init_args"], kind, kind) for kind in ("reducer", "upsampler")]
+    return entries
+
+
+def check_consistency(doc: Mapping[str, Any], shapes: Mapping[str, Any], path: Path, *,
+                      skip_unavailable: bool = False) -> None:
+    """One-line :class:`InputError` unless the metadata agrees with the stored tensors' ``shapes``: every
+    component built on the meta device (:func:`_probe`) has exactly the stored state, and the document's
+    training length and D are those of the generators and of the normalisation statistics. Nothing is
+    allocated, so a model is built for real only after this (and ``inspect`` runs it on the header alone).
+    ``skip_unavailable``: components whose plugin is not installed are not checked (else refused).
+    """
+    check_document(doc, path)
+    try:
+        for kind, ref, init_args, prefix, what in _component_entries(doc):
+            try:
+                cls = _load_component(kind, ref, path)
+            except InputError:
+                if skip_unavailable:
+                    continue
+                raise
+            probe = _probe(cls, init_args, {k: tuple(v) for k, v in unprefixed(shapes, prefix).items()}, what, path)
+            if kind == "generator":
+                for attr, key in (("dim", "dim"), ("seq_len", "training_length")):
+                    value = getattr(probe, attr, doc[key])
+                    if value != doc[key]:
+                        raise InputError(f"{path}: inconsistent model file: {what} has {attr} {value}, but the "
+                                         f"metadata says {key} {doc[key]}")
+            del probe
+        if doc.get("normalized"):
+            for k in ("mean", "std"):
+                shape = shapes.get(f"normalization.{k}")
+                if shape is None or list(shape) != [doc["training_length"], doc["dim"]]:
+                    raise InputError(f"{path}: normalization.{k} is {'missing' if shape is None else list(shape)}, "
+                                     f"but the metadata says training length {doc['training_length']} and dim "
+                                     f"{doc['dim']}")
+    except ToolkitError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{path}: inconsistent model file: {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def _build_checked(cls: type, init_args: Mapping[str, Any], state: Mapping[str, Tensor]) -> nn.Module:
+    """``cls(**init_args)`` with ``state`` loaded (strictly); only after :func:`check_consistency`."""
     module = cls(**init_args)
     module.load_state_dict(state, strict=True)
     return module
@@ -282,33 +348,15 @@ def _check_finite_tensors(tensors: Mapping[str, Tensor], path: Path) -> None:
 
 
 def build_model(tensors: Mapping[str, Tensor], doc: Mapping[str, Any], path: Path) -> GenerativeModel:
-    """Rebuild a :class:`GenerativeModel` from its tensors and metadata document."""
-    check_document(doc, path)
+    """Rebuild a :class:`GenerativeModel` from its tensors and metadata document (checked first:
+    :func:`check_consistency`, nothing allocated until the metadata agrees with the tensors)."""
+    check_consistency(doc, {k: tuple(v.shape) for k, v in tensors.items()}, path)
     _check_finite_tensors(tensors, path)
     try:
-        gen_cls = _load_component("generator", doc["generator_type"], path)
-        generators = {}
-        for i, entry in enumerate(doc["generators"]):
-            gen = _build_checked(gen_cls, entry["init_args"], unprefixed(tensors, f"generators.{i}"),
-                                 f"generator {entry['key']!r}", path)
-            generators[entry["key"]] = gen.eval()
-        red_cls = _load_component("reducer", doc["reducer"], path)
-        reducer = _build_checked(red_cls, doc["reducer"]["init_args"], unprefixed(tensors, "reducer"), "reducer",
-                                 path)
-        up_cls = _load_component("upsampler", doc["upsampler"], path)
-        upsampler = _build_checked(up_cls, doc["upsampler"]["init_args"], unprefixed(tensors, "upsampler"),
-                                   "upsampler", path)
-        if doc.get("normalized"):
-            for k in ("mean", "std"):
-                shape = list(tensors[f"normalization.{k}"].shape)
-                if shape != [doc["training_length"], doc["dim"]]:
-                    raise InputError(f"{path}: normalization.{k} is {shape}, but the metadata says training "
-                                     f"length {doc['training_length']} and dim {doc['dim']}")
-        for gen in generators.values():
-            probe_dim = getattr(gen, "dim", doc["dim"])
-            if probe_dim != doc["dim"]:
-                raise InputError(f"{path}: the generators produce D = {probe_dim}, but the metadata says "
-                                 f"dim {doc['dim']}")
+        *gens, reducer, upsampler = (_build_checked(_load_component(kind, ref, path), init_args,
+                                                    unprefixed(tensors, prefix))
+                                     for kind, ref, init_args, prefix, _what in _component_entries(doc))
+        generators = {entry["key"]: gen.eval() for entry, gen in zip(doc["generators"], gens, strict=True)}
         return GenerativeModel(
             generator_type=doc["generator_type"]["name"],
             generators=generators,

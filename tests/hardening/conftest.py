@@ -68,6 +68,10 @@ TAMPERED_MODELS: dict[str, tuple[Any, Any]] = {
     "class-names-string": (_set("class_names", "ab"), None),
     "hidden-dim-huge": (_set("generators.0.init_args.hidden_dim", 10**9), None),
     "hidden-dim-20000": (_set("generators.0.init_args.hidden_dim", 20000), None),
+    # hidden_dim * hidden_dim overflows even on the meta device (once fell back to a real 13 GB build)
+    "hidden-dim-overflows": (lambda doc: doc["generators"][0]["init_args"].update(
+        hidden_dim=1_600_000_000, seq_len=1, dim=1, latent_dim=1, cond_embed_dim=1), None),
+    "training-length-wrong": (_set("training_length", 5), None),
     "output-length-huge": (_set("output_length", 10**9), None),
     "dim-wrong": (_set("dim", 9), None),
     "generators-missing": (lambda doc: doc.pop("generators"), None),

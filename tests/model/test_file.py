@@ -135,3 +135,80 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         save_model(_model(), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def _tampered(folder, edit):
+    """A model file whose metadata document ``edit`` changed (the weights kept)."""
+    from tests.hardening.conftest import tamper
+
+    folder.mkdir(exist_ok=True)
+    return tamper(save_model(_model(), folder / "m.safetensors"), folder / "tampered.safetensors", edit)
+
+
+def _overflowing_hidden_dim(doc):
+    # hidden_dim * hidden_dim elements overflow the storage size even on the meta device
+    doc["generators"][0]["init_args"].update(hidden_dim=1_600_000_000, seq_len=1, dim=1, latent_dim=1,
+                                             cond_embed_dim=1)
+
+
+def test_a_component_that_cannot_be_built_on_the_meta_device_is_refused_and_never_built_for_real(tmp_path,
+                                                                                                 monkeypatch):
+    path = _tampered(tmp_path, _overflowing_hidden_dim)
+    devices = []
+    init = VAEGenerator.__init__
+
+    def meta_only(self, **kwargs):
+        devices.append(torch.empty(()).device.type)
+        if devices[-1] != "meta":  # the real build would allocate 2 x 6.4 GB
+            raise AssertionError("built for real from unchecked metadata")
+        init(self, **kwargs)
+
+    monkeypatch.setattr(VAEGenerator, "__init__", meta_only)
+    with pytest.raises(InputError) as info:
+        load_model(path)
+    assert str(info.value).startswith(f"{path}: inconsistent model file: generator 'a' cannot be built from its "
+                                      "metadata (RuntimeError: Storage size calculation overflowed")
+    assert "\n" not in str(info.value) and devices == ["meta"]
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("training_length", 5, "generator 'a' has seq_len 4, but the metadata says training_length 5"),
+    ("dim", 9, "generator 'a' has dim 8, but the metadata says dim 9"),
+])
+def test_the_documents_lengths_must_be_those_of_the_stored_generators(tmp_path, key, value, needle):
+    path = _tampered(tmp_path, lambda doc: doc.update({key: value}))
+    with pytest.raises(InputError, match=f"inconsistent model file: {needle}"):
+        load_model(path)
+
+
+def test_tensors_a_component_would_build_beyond_the_stored_ones_are_bounded_by_the_memory_budget(tmp_path):
+    from torch import nn
+
+    from feda2v_toolkit.model.file import _probe
+    from feda2v_toolkit.runtime.resources import set_memory_budget
+
+    class Scratch(nn.Module):  # a plugin component with a non-persistent buffer sized by its arguments
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            self.register_buffer("scratch", torch.zeros(size), persistent=False)
+
+    set_memory_budget(2**20)
+    assert _probe(Scratch, {"size": 1000}, {}, "upsampler", tmp_path / "m.safetensors") is not None
+    with pytest.raises(InputError, match=r"upsampler would build 4\.0 TiB of tensors the file does not hold"):
+        _probe(Scratch, {"size": 2**40}, {}, "upsampler", tmp_path / "m.safetensors")
+
+
+def test_inspect_checks_the_metadata_against_the_stored_shapes_without_reading_weights(tmp_path, monkeypatch,
+                                                                                      capsys):
+    from tests.hardening.conftest import run_main
+
+    good = save_model(_model(), tmp_path / "good.safetensors")
+    overflowing = _tampered(tmp_path / "a", _overflowing_hidden_dim)
+    wide = _tampered(tmp_path / "b", lambda doc: doc["generators"][1]["init_args"].update(hidden_dim=20000))
+    monkeypatch.setattr("safetensors.safe_open.get_tensor", None, raising=False)  # no weight is read
+    assert run_main(["inspect", str(good), "-q"], capsys)[0] == 0
+    code, _, err = run_main(["inspect", str(overflowing)], capsys)
+    assert code == 1 and err.startswith(f"feda2v-tk: error: {overflowing}: inconsistent model file: generator 'a'")
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run_main(["inspect", str(wide), "--json"], capsys)
+    assert code == 1 and "generator 'b': metadata and weights disagree" in err
