@@ -81,7 +81,7 @@ from feda2v_toolkit.analysis.metrics import nearest_both_ways, nearest_distances
 from feda2v_toolkit.data.dataset import Dataset
 from feda2v_toolkit.data.open import open_dataset
 from feda2v_toolkit.data.split import stratified_split
-from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.model.generate import DEFAULT_BATCH, is_class_agnostic, sample_class_reduced
 from feda2v_toolkit.model.split import model_split
@@ -434,6 +434,8 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
 
         model_path = str(model)
         model = load_model(model)
+    if not model.sampleable_classes:  # a model file like this is refused when it is read
+        raise UsageError("the model has no generator for any of its classes: it cannot be evaluated")
     ds = data if isinstance(data, Dataset) else open_dataset(data)
     if (ds.seq_len, ds.dim) != (model.full_length, model.dim):
         raise InputError(f"{ds.path}: sequences are [{ds.seq_len}, {ds.dim}], the model's are "
@@ -459,8 +461,9 @@ def evaluate(model: GenerativeModel | str | os.PathLike[str], data: str | os.Pat
     if missing:
         notes.append(f"real classes the model cannot sample were left out: {', '.join(missing)}")
     if not classes:
-        raise InputError(f"{ds.path}: none of its classes ({', '.join(present)}) can be sampled by the model "
-                         f"({', '.join(model.sampleable_classes)})")
+        named = "" if model_path == "(in memory)" else f" {model_path}"
+        raise InputError(f"{ds.path}: none of its classes ({short_list(present)}) can be sampled by the model"
+                         f"{named} (it samples {short_list(model.sampleable_classes)})")
     keep = torch.isin(labels_all, torch.tensor([ds.class_names.index(c) for c in classes]))
     idx, labels_all = idx[keep], labels_all[keep]
     small = [c for c in classes if int((labels_all == ds.class_names.index(c)).sum()) < 2]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +236,12 @@ def check_document(doc: Any, path: Path) -> None:
     keys = {g["key"] for g in gens}
     if not (isinstance(mapping, dict) and all(isinstance(v, str) and v in keys for v in mapping.values())):
         raise bad("'class_to_generator' must map class names to generator keys")
+    known = set(names)
+    unknown = [c for c in mapping if c not in known]
+    if unknown:
+        raise bad(f"'class_to_generator' maps class(es) {short_list(unknown)}, which 'class_names' does not list")
+    if not mapping:
+        raise bad("'class_to_generator' is empty: the model has no generator for any class")
     for key in ("full_length", "training_length", "dim"):
         value = doc.get(key)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -249,6 +255,31 @@ def check_document(doc: Any, path: Path) -> None:
     for key in ("class_counts", "config", "metrics"):
         if not isinstance(doc.get(key, {}), dict):
             raise bad(f"{key!r} must be an object")
+    counts = doc.get("class_counts", {})
+    wrong = [c for c, n in counts.items() if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0)]
+    if wrong:
+        raise bad(f"'class_counts' must hold a non-negative integer per class, found {counts[wrong[0]]!r} for "
+                  f"{wrong[0]!r}")
+    _check_config(doc.get("config", {}), bad)
+
+
+#: keys of a model's ``config`` that using the model reads (``generate``'s default sample count, the
+#: train/held-out split ``evaluate`` recomputes): checked against their schema when the file is read
+MODEL_CONFIG_KEYS = ("synthetic_samples_per_class", "generator_validation_split", "generator_classes")
+
+
+def _check_config(config: Mapping[str, Any], bad: Callable[[str], InputError]) -> None:
+    from feda2v_toolkit.config import get_catalog
+
+    catalog = get_catalog()
+    for key in MODEL_CONFIG_KEYS:
+        info = catalog.keys.get(key)
+        value = config.get(key)
+        if info is None or value is None:  # None: the schema default (GenerativeModel.setting)
+            continue
+        problems = catalog.check(info, value)
+        if problems:
+            raise bad(f"config {key!r}: {problems[0].message}")
 
 
 def _probe(cls: type, init_args: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], what: str,

@@ -180,6 +180,8 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
 
     say = log or (lambda _msg: None)
     names = list(classes) if classes else model.sampleable_classes
+    if not names:  # a model file like this is refused when it is read
+        raise UsageError("the model has no generator for any of its classes: nothing can be generated")
     if len(set(names)) != len(names):
         raise UsageError(f"classes named more than once: {short_list(sorted({c for c in names if names.count(c) > 1}))}")
     for c in names:

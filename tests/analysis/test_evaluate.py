@@ -126,6 +126,17 @@ def test_bad_input_gives_one_line_errors(capsys, trained, tmp_path, args, messag
     assert message in line
 
 
+def test_data_of_classes_the_model_cannot_sample_is_refused_naming_both_files(capsys, trained, tmp_path):
+    from feda2v_toolkit.data.writer import write_dataset
+
+    model, _ = trained
+    strangers = write_dataset(tmp_path / "s.safetensors", torch.randn(4, 50, 16), [0, 0, 1, 1],
+                              class_names=["cat", "owl"])
+    _, line = one_line_error(capsys, "evaluate", str(model), "--data", str(strangers))
+    assert line == (f"feda2v-tk: error: {strangers}: none of its classes (cat, owl) can be sampled by the model "
+                    f"{model} (it samples engine, drum, whistle, bird)")
+
+
 def copying(model, data):
     """Make ``model`` sample (normalised) training sequences of the asked class verbatim: a memoriser."""
     from feda2v_toolkit.data.open import open_dataset

@@ -72,6 +72,9 @@ TAMPERED_MODELS: dict[str, tuple[Any, Any]] = {
     "hidden-dim-overflows": (lambda doc: doc["generators"][0]["init_args"].update(
         hidden_dim=1_600_000_000, seq_len=1, dim=1, latent_dim=1, cond_embed_dim=1), None),
     "training-length-wrong": (_set("training_length", 5), None),
+    "class-to-generator-empty": (_set("class_to_generator", {}), None),
+    "class-counts-strings": (_set("class_counts", {"a": "x", "b": "x"}), None),
+    "samples-per-class-list": (_set("config.synthetic_samples_per_class", [1]), None),
     "output-length-huge": (_set("output_length", 10**9), None),
     "dim-wrong": (_set("dim", 9), None),
     "generators-missing": (lambda doc: doc.pop("generators"), None),

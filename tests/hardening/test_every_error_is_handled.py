@@ -20,7 +20,8 @@ def _assert_handled(argv, code, out, err, *, may_succeed=False):
     assert len(errors) <= 1 or argv[0] in ("validate", "migrate"), (argv, err)
 
 
-MALFORMED = {"class-names-string", "generators-missing", "init-args-not-object"}
+MALFORMED = {"class-names-string", "generators-missing", "init-args-not-object", "class-to-generator-empty",
+             "class-counts-strings", "samples-per-class-list"}
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERED_MODELS))

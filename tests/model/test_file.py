@@ -212,3 +212,52 @@ def test_inspect_checks_the_metadata_against_the_stored_shapes_without_reading_w
     assert len(err.strip().splitlines()) == 1
     code, _, err = run_main(["inspect", str(wide), "--json"], capsys)
     assert code == 1 and "generator 'b': metadata and weights disagree" in err
+
+
+def _set_config(key, value):
+    return lambda doc: doc["config"].update({key: value})
+
+
+TAMPERED_FIELDS = {
+    "no-class-mapped": (lambda doc: doc.update(class_to_generator={}),
+                        "'class_to_generator' is empty: the model has no generator for any class"),
+    "unknown-class-mapped": (lambda doc: doc["class_to_generator"].update(w="a"),
+                             "'class_to_generator' maps class(es) w, which 'class_names' does not list"),
+    "count-a-string": (lambda doc: doc["class_counts"].update(y="x"),
+                       "'class_counts' must hold a non-negative integer per class, found 'x' for 'y'"),
+    "samples-per-class-a-list": (_set_config("synthetic_samples_per_class", [1]),
+                                 "config 'synthetic_samples_per_class': expected integer >= 1 or \"auto\", "
+                                 "found [1] (array)"),
+    "validation-split-2": (_set_config("generator_validation_split", 2),
+                           "config 'generator_validation_split': expected number in [0, 1), found 2 (integer)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED_FIELDS))
+def test_fields_that_using_a_model_reads_are_checked_when_the_file_is_read(tmp_path, case):
+    edit, needle = TAMPERED_FIELDS[case]
+    path = _tampered(tmp_path, edit)
+    with pytest.raises(InputError) as info:
+        load_model(path)
+    assert str(info.value).startswith(f"{path}: malformed model metadata: {needle}")
+
+
+def test_every_command_refuses_such_a_file_in_one_line_naming_it(tmp_path, capsys):
+    from feda2v_toolkit.data.writer import write_dataset
+    from tests.hardening.conftest import run_main
+
+    data = write_dataset(tmp_path / "d.safetensors", torch.randn(6, 30, 8), [0, 1, 2] * 2, class_names=["x", "y", "z"])
+    for case, (edit, needle) in TAMPERED_FIELDS.items():
+        path = _tampered(tmp_path / case, edit)
+        for argv in (["generate", str(path), "-o", str(tmp_path / "out"), "-k", "auto"],
+                     ["generate", str(path), "-o", str(tmp_path / "out")],
+                     ["evaluate", str(path), "-d", str(data), "-q"], ["inspect", str(path)]):
+            code, _, err = run_main(argv, capsys)
+            assert code == 1 and err == f"feda2v-tk: error: {path}: malformed model metadata: {needle}\n", (argv, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_schema_defaults_still_apply_to_a_config_that_leaves_those_keys_out_or_null(tmp_path):
+    path = _tampered(tmp_path, lambda doc: doc["config"].update(synthetic_samples_per_class=None,
+                                                                  generator_validation_split=None))
+    assert load_model(path).setting("synthetic_samples_per_class") == 10

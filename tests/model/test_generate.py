@@ -86,6 +86,14 @@ def test_unknown_class_and_bad_counts_are_usage_errors(model, tmp_path):
         model.class_counts = counts
 
 
+def test_a_model_with_no_generator_for_any_class_generates_nothing_and_says_so(model, tmp_path):
+    import dataclasses
+
+    with pytest.raises(UsageError, match="no generator for any of its classes"):
+        generate(dataclasses.replace(model, class_to_generator={}), tmp_path / "x", samples=2)
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_unified_unconditioned_model_warns_that_labels_mean_nothing(tiny_data, tmp_path):
     cfg = {"generator_type": "vae", "generator_hidden_dim": 16, "generator_latent_dim": 4,
            "generator_training_epochs": 1, "use_conditioned_vae": False, "generator_checkpoint_dir": str(tmp_path / "ck")}
