@@ -38,6 +38,12 @@ def upsample_row_bytes(length: int, dim: int, itemsize: int) -> int:
     return length * dim * (8 + 2 * itemsize)
 
 
+def output_bytes(samples: int, length: int, dim: int, itemsize: int, condition_dim: int = 0) -> int:
+    """Bytes ``samples`` rows of ``[length, dim]`` take in dataset shards: embeddings at ``itemsize`` bytes a
+    value, an int64 label and ``condition_dim`` float32 conditions each (the small headers aside)."""
+    return samples * (length * dim * itemsize + 8 + 4 * condition_dim)
+
+
 def upsample_rows(batch_size: int, length: int, dim: int, itemsize: int, budget: int) -> int:
     """How many samples of a drawn batch are upsampled at a time: all ``batch_size`` if their working set
     (float32 samples ``[n, length, dim]`` and a working copy, the converted rows at ``itemsize`` bytes and the
@@ -192,7 +198,7 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     if out_len < 1:
         raise UsageError(f"output length must be >= 1, got {out_len}")
     out_dtype = _resolve_dtype(dtype) or _resolve_dtype(model.data_dtype) or torch.float32
-    from feda2v_toolkit.runtime.resources import format_bytes, require_memory
+    from feda2v_toolkit.runtime.resources import format_bytes, require_disk_space, require_memory
     from feda2v_toolkit.runtime.resources import memory_budget as default_budget
 
     budget = default_budget() if memory_budget is None else int(memory_budget)
@@ -200,6 +206,16 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
     # a piece upsampled (float32, plus a working copy) and converted, and the previous one on its way to disk
     require_memory(piece * upsample_row_bytes(out_len, model.dim, out_dtype.itemsize),
         f"generating samples of [{out_len}, {model.dim}]", hint=spelled("lower --output-length", "lower length"))
+    total = sum(counts.values())
+    # the counts may come from the model file (its training counts, its config): bounded before a byte is written
+    asked = model.setting("synthetic_samples_per_class") if samples is None else samples
+    source = (" (the model's training counts)" if asked == "auto" else
+              " (the model's synthetic_samples_per_class)" if samples is None else "")
+    cond_width = model.condition_dim if conditions is not None else 0
+    require_disk_space(output_bytes(total, out_len, model.dim, out_dtype.itemsize, cond_width), out,
+                       f"writing {total:,} samples{source} of [{out_len}, {model.dim}] "
+                       f"{str(out_dtype).removeprefix('torch.')}",
+                       hint=spelled("lower -k/--samples-per-class or --output-length", "lower samples or length"))
     largest = min(batch_size, max(counts.values()))  # the largest batch drawn
     if piece < largest:
         say(f"upsampling each drawn batch (up to {largest} samples) {piece} at a time (half the memory budget, "
@@ -222,7 +238,6 @@ def generate(model: GenerativeModel, out: str | os.PathLike[str], *, samples: in
         warnings.warn("this model is unified and unconditioned: its samples do not depend on the class, so the "
                       "per-class labels of the output carry no class information (train with "
                       "use_conditioned_vae or per_class granularity)", ClassAgnosticWarning, stacklevel=2)
-    total = sum(counts.values())
     bar = Progress(total, 0, progress, unit="sample", desc="generate")
     t0 = time.perf_counter()
     meta = {"source_model_seed": str(seed), "output_length": str(out_len), "batch_size": str(batch_size)}

@@ -1,14 +1,18 @@
-"""Refuse work that cannot fit in memory before allocating it (a clear message, not an OOM kill).
+"""Refuse work that cannot fit in memory or on disk before starting it (a clear message, not an OOM kill
+or a disk filled for hours).
 
 Sizes come from untrusted places (model metadata, command-line options), so commands estimate what
-they need and call :func:`require_memory` first.
+they need and call :func:`require_memory` / :func:`require_disk_space` first.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+from pathlib import Path
 
-from feda2v_toolkit.errors import ResourceError
+from feda2v_toolkit.errors import ResourceError, UsageError
 
 #: environment variable that overrides the memory limit (bytes), e.g. for tests or shared machines
 ENV_MEMORY_LIMIT = "FEDA2V_MEMORY_LIMIT"
@@ -43,6 +47,29 @@ def require_memory(needed: float, what: str, hint: str = "") -> None:
     if limit is not None and needed > limit:
         raise ResourceError(f"{what} needs about {format_bytes(needed)} of memory, more than the "
                          f"{format_bytes(limit)} available{'; ' + hint if hint else ''}")
+
+
+def free_disk_bytes(target: str | os.PathLike[str]) -> int | None:
+    """Free bytes of the file system ``target`` (which need not exist yet) would be written to: that of its
+    nearest existing folder; ``None`` when it cannot be told."""
+    path = Path(target).absolute()
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            try:
+                return int(shutil.disk_usage(folder).free)
+            except OSError:
+                return None
+    return None  # pragma: no cover - the root always exists
+
+
+def require_disk_space(needed: float, target: str | os.PathLike[str], what: str, hint: str = "") -> None:
+    """Raise :class:`UsageError` (a full disk: exit 2) naming ``target`` if writing ``needed`` bytes there
+    would not fit the free space of its file system."""
+    free = free_disk_bytes(target)
+    if free is not None and needed > free:
+        raise UsageError(f"{target}: not enough free disk space ({os.strerror(errno.ENOSPC)}): {what} needs about "
+                         f"{format_bytes(needed)}, its file system has {format_bytes(free)} free"
+                         f"{'; ' + hint if hint else ''}")
 
 
 #: environment variable: the memory budget of a command (a size: ``2GiB``, ``1.5GB``, ``512MiB``, bytes)

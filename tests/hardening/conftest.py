@@ -75,6 +75,7 @@ TAMPERED_MODELS: dict[str, tuple[Any, Any]] = {
     "class-to-generator-empty": (_set("class_to_generator", {}), None),
     "class-counts-strings": (_set("class_counts", {"a": "x", "b": "x"}), None),
     "samples-per-class-list": (_set("config.synthetic_samples_per_class", [1]), None),
+    "class-counts-negative": (_set("class_counts", {"a": -5, "b": 3}), None),
     "output-length-huge": (_set("output_length", 10**9), None),
     "dim-wrong": (_set("dim", 9), None),
     "generators-missing": (lambda doc: doc.pop("generators"), None),

@@ -21,7 +21,7 @@ def _assert_handled(argv, code, out, err, *, may_succeed=False):
 
 
 MALFORMED = {"class-names-string", "generators-missing", "init-args-not-object", "class-to-generator-empty",
-             "class-counts-strings", "samples-per-class-list"}
+             "class-counts-strings", "samples-per-class-list", "class-counts-negative"}
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERED_MODELS))

@@ -66,6 +66,19 @@ def test_generate_refuses_an_output_length_that_cannot_fit_in_memory(tampered, t
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.*"))
 
 
+@pytest.mark.parametrize("argv", [["-k", "auto"], ["-k", "1000000000000"]], ids=["auto", "given"])
+def test_generate_refuses_more_samples_than_the_disk_can_hold_before_writing(model_file, tmp_path, capsys, argv):
+    from tests.hardening.conftest import tamper
+
+    huge = tamper(model_file, tmp_path / "huge.safetensors",  # claims 10**15 training clips per class
+                  lambda doc: doc.update(class_counts={"a": 10**15, "b": 10**15}))
+    t0 = time.perf_counter()
+    code, _, err = run_main(["generate", str(huge), "-o", str(tmp_path / "s"), *argv], capsys)
+    assert code == 2 and err.startswith(f"feda2v-tk: error: {tmp_path / 's'}: not enough free disk space")
+    assert "needs about" in err and "free; lower -k/--samples-per-class" in err and len(err.strip().splitlines()) == 1
+    assert time.perf_counter() - t0 < 5 and [p.name for p in tmp_path.iterdir()] == ["huge.safetensors"]
+
+
 def test_train_refuses_a_hidden_size_that_cannot_fit_before_building_it(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(ENV_MEMORY_LIMIT, str(2**30))
     code, _, err = run_main(["train", "-d", str(tiny_data), "-o", str(tmp_path / "m.safetensors"),

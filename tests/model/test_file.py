@@ -225,6 +225,12 @@ TAMPERED_FIELDS = {
                              "'class_to_generator' maps class(es) w, which 'class_names' does not list"),
     "count-a-string": (lambda doc: doc["class_counts"].update(y="x"),
                        "'class_counts' must hold a non-negative integer per class, found 'x' for 'y'"),
+    "count-negative": (lambda doc: doc["class_counts"].update(x=-5),
+                       "'class_counts' must hold a non-negative integer per class, found -5 for 'x'"),
+    "count-a-float": (lambda doc: doc["class_counts"].update(z=2.7),
+                      "'class_counts' must hold a non-negative integer per class, found 2.7 for 'z'"),
+    "count-a-boolean": (lambda doc: doc["class_counts"].update(z=True),
+                        "'class_counts' must hold a non-negative integer per class, found True for 'z'"),
     "samples-per-class-a-list": (_set_config("synthetic_samples_per_class", [1]),
                                  "config 'synthetic_samples_per_class': expected integer >= 1 or \"auto\", "
                                  "found [1] (array)"),

@@ -221,3 +221,44 @@ def test_the_pieces_are_announced_only_when_a_drawn_batch_is_split(model, tmp_pa
     assert not any("at a time" in line for line in lines)  # batches of 2 fit: nothing is split
     generate(model, tmp_path / "split", samples=3, memory_budget=_piece_budget(2), log=lines.append)
     assert any("up to 3 samples) 2 at a time" in line for line in lines)
+
+
+def _free_space(monkeypatch, free: int) -> None:
+    import types
+
+    monkeypatch.setattr("feda2v_toolkit.runtime.resources.shutil.disk_usage", lambda _p: types.SimpleNamespace(free=free))
+
+
+def test_the_output_size_is_estimated_from_samples_length_dim_and_dtype_headers_aside(model, tmp_path):
+    from feda2v_toolkit.model.generate import output_bytes
+
+    report = generate(model, tmp_path / "o", samples=5, length=20, dtype="float16", seed=0)
+    estimate = output_bytes(20, 20, 16, 2)
+    assert estimate == 20 * (20 * 16 * 2 + 8)
+    assert estimate <= report.bytes_written <= estimate + 4096 * report.shards
+
+
+def test_more_samples_than_the_free_disk_space_holds_are_refused_before_anything_is_written(model, tmp_path,
+                                                                                            monkeypatch):
+    _free_space(monkeypatch, 10 * 2**20)
+    with pytest.raises(UsageError) as info:
+        generate(model, tmp_path / "out", samples=10_000, length=50, dtype="float32")
+    assert str(info.value) == (f"{tmp_path / 'out'}: not enough free disk space (No space left on device): writing "
+                               "40,000 samples of [50, 16] float32 needs about 122.4 MiB, its file system has 10.0 "
+                               "MiB free; lower samples or length")
+    assert list(tmp_path.iterdir()) == []
+    generate(model, tmp_path / "fits", samples=100, length=50, dtype="float32")  # 1.2 MiB
+
+
+def test_training_counts_from_the_model_file_are_bounded_by_the_free_disk_space(model, tmp_path, monkeypatch):
+    import dataclasses
+    import time
+
+    _free_space(monkeypatch, 2**40)
+    huge = dataclasses.replace(model, class_counts=dict.fromkeys(model.class_names, 10**15))
+    t0 = time.perf_counter()
+    with pytest.raises(UsageError, match=r"writing 4,000,000,000,000,000 samples \(the model's training counts\) "
+                                         r"of \[50, 16\] float16 needs about 5712\.8 PiB, its file system has "
+                                         r"1\.0 TiB free"):
+        generate(huge, tmp_path / "out", samples="auto")
+    assert time.perf_counter() - t0 < 5 and list(tmp_path.iterdir()) == []
