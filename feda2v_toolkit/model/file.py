@@ -37,7 +37,7 @@ from feda2v_toolkit.errors import (
     short_list,
 )
 from feda2v_toolkit.model.bundle import GenerativeModel
-from feda2v_toolkit.runtime.resources import format_bytes, memory_budget
+from feda2v_toolkit.runtime.resources import format_bytes, memory_limit
 from feda2v_toolkit.runtime.tensorfile import write_safetensors  # noqa: F401 - re-exported (checkpoints)
 
 MODEL_FORMAT = "model"
@@ -285,7 +285,7 @@ def _check_config(config: Mapping[str, Any], bad: Callable[[str], InputError]) -
 def _probe(cls: type, init_args: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], what: str,
            path: Path) -> nn.Module:
     """``cls(**init_args)`` built on the meta device (nothing allocated), refused unless its state has exactly
-    the stored ``shapes`` and it holds no tensors beyond them that would not fit the memory budget.
+    the stored ``shapes`` and the tensors it holds beyond them (non-persistent buffers) fit in memory.
 
     Any failure to build it there (an overflowing size, a plugin's own check) refuses the file: the real
     build only ever runs with arguments whose every tensor was sized here first.
@@ -310,12 +310,12 @@ def _probe(cls: type, init_args: Mapping[str, Any], shapes: Mapping[str, tuple[i
                   f"missing tensor(s) {short_list(missing)}" if missing else
                   f"unexpected tensor(s) {short_list(unexpected)}")
         raise InputError(f"{path}: {what}: metadata and weights disagree: {detail}")
-    in_state = {id(t) for t in state.values()}
-    extra = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers())
-                if id(t) not in in_state)  # non-persistent buffers: sized by the metadata alone
-    if extra > memory_budget():
+    extra = sum(t.numel() * t.element_size() for name, t in (*probe.named_parameters(), *probe.named_buffers())
+                if name not in state)  # non-persistent buffers: sized by the metadata alone
+    limit = memory_limit()
+    if limit is not None and extra > limit:
         raise InputError(f"{path}: inconsistent model file: {what} would build {format_bytes(extra)} of tensors "
-                         f"the file does not hold (more than the memory budget, {format_bytes(memory_budget())})")
+                         f"the file does not hold, more than the {format_bytes(limit)} of memory available")
     return probe
 
 

@@ -181,20 +181,24 @@ def test_the_documents_lengths_must_be_those_of_the_stored_generators(tmp_path, 
         load_model(path)
 
 
-def test_tensors_a_component_would_build_beyond_the_stored_ones_are_bounded_by_the_memory_budget(tmp_path):
+def test_tensors_a_component_would_build_beyond_the_stored_ones_must_fit_in_memory(tmp_path, monkeypatch):
     from torch import nn
 
     from feda2v_toolkit.model.file import _probe
-    from feda2v_toolkit.runtime.resources import set_memory_budget
+    from feda2v_toolkit.runtime.resources import ENV_MEMORY_LIMIT
 
     class Scratch(nn.Module):  # a plugin component with a non-persistent buffer sized by its arguments
         def __init__(self, size: int) -> None:
             super().__init__()
             self.register_buffer("scratch", torch.zeros(size), persistent=False)
 
-    set_memory_budget(2**20)
+    path = save_model(_model(), tmp_path / "m.safetensors")
+    monkeypatch.setenv(ENV_MEMORY_LIMIT, "64")
+    load_model(path)  # the stored tensors themselves are not counted
+    monkeypatch.setenv(ENV_MEMORY_LIMIT, str(2**20))
     assert _probe(Scratch, {"size": 1000}, {}, "upsampler", tmp_path / "m.safetensors") is not None
-    with pytest.raises(InputError, match=r"upsampler would build 4\.0 TiB of tensors the file does not hold"):
+    with pytest.raises(InputError, match=r"upsampler would build 4\.0 TiB of tensors the file does not hold, "
+                                         r"more than the 1\.0 MiB of memory available"):
         _probe(Scratch, {"size": 2**40}, {}, "upsampler", tmp_path / "m.safetensors")
 
 
