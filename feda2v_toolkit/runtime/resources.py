@@ -54,11 +54,11 @@ def free_disk_bytes(target: str | os.PathLike[str]) -> int | None:
     nearest existing folder; ``None`` when it cannot be told."""
     path = Path(target).absolute()
     for folder in (path, *path.parents):
-        if folder.is_dir():
-            try:
+        try:
+            if folder.is_dir():
                 return int(shutil.disk_usage(folder).free)
-            except OSError:
-                return None
+        except OSError:  # e.g. a folder that cannot be searched: the write itself will say
+            return None
     return None  # pragma: no cover - the root always exists
 
 
