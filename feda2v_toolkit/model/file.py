@@ -17,6 +17,7 @@ arguments and ``load_state_dict(strict=True)``: no pickle, no code from the file
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -55,7 +56,16 @@ def read_safetensors(path: str | os.PathLike[str], *, expect: str,
     if not p.is_file():
         if p.exists() and not p.is_dir():
             raise UsageError(f"{p}: not a regular file (a device, pipe or socket); a model is a .safetensors file")
-        raise UsageError(f"{p}: is a directory; give the model file" if p.is_dir() else f"{p}: no such file")
+        if p.is_dir():
+            raise UsageError(f"{p}: is a directory; give the model file")
+        try:
+            p.stat()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{p}: symbolic link loop") from None
+            if not isinstance(exc, FileNotFoundError | NotADirectoryError):
+                raise UsageError(f"{p}: cannot read: {exc.strerror or exc}") from None
+        raise UsageError(f"{p}: no such file")
     try:
         with safe_open(str(p), framework="pt") as fh:
             header = _decode_header(p, fh.metadata() or {}, expect)

@@ -271,3 +271,12 @@ def test_schema_defaults_still_apply_to_a_config_that_leaves_those_keys_out_or_n
     path = _tampered(tmp_path, lambda doc: doc["config"].update(synthetic_samples_per_class=None,
                                                                   generator_validation_split=None))
     assert load_model(path).setting("synthetic_samples_per_class") == 10
+
+
+def test_a_missing_path_and_a_symbolic_link_loop_are_told_apart(tmp_path):
+    (tmp_path / "a.safetensors").symlink_to(tmp_path / "b.safetensors")
+    (tmp_path / "b.safetensors").symlink_to(tmp_path / "a.safetensors")
+    with pytest.raises(UsageError, match="symbolic link loop"):
+        read_model_metadata(tmp_path / "a.safetensors")
+    with pytest.raises(UsageError, match="no such file"):
+        read_model_metadata(tmp_path / "nothere.safetensors")
