@@ -131,6 +131,8 @@ def _class_names_from_metadata(path: Path, meta: dict[str, str] | None) -> list[
         names = json.loads(meta["class_names"])
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: metadata 'class_names' is not JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{path}: metadata 'class_names' is not a JSON list of strings: nested too deeply") from None
     return _checked_class_names(path, names)
 
 

@@ -142,6 +142,15 @@ def test_labels_beyond_the_class_names_are_refused(tmp_path):
         open_dataset(path)
 
 
+def test_class_names_nested_too_deeply_are_refused_with_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "d.safetensors"
+    save_file({"embeddings": torch.zeros(2, 3, 4), "labels": torch.tensor([0, 1])}, str(path),
+              metadata={"class_names": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(InputError, match="'class_names'.*nested too deeply") as info:
+        open_dataset(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_truncated_file_is_refused(tmp_path):
     emb, labels = _rows()
     path = write_dataset(tmp_path / "d.safetensors", emb, labels)
