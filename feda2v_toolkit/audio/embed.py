@@ -331,7 +331,7 @@ def _prepare_partial(out: Path, fingerprint: str, overwrite: bool) -> Path:
     if work.exists():
         try:
             old = json.loads(state.read_text()).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             old = None
         if old == fingerprint:
             return work
@@ -357,7 +357,7 @@ def _prepare_partial(out: Path, fingerprint: str, overwrite: bool) -> Path:
 def _read_done(path: Path) -> dict[str, Any] | None:
     try:
         done = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return done if isinstance(done, dict) and isinstance(done.get("rows"), int) else None
 
@@ -470,6 +470,7 @@ def _drop_classes(work: Path, names: list[str], class_names: list[str], empty: l
     import torch
     from safetensors import safe_open
 
+    from feda2v_toolkit.data.dataset import _class_names_from_metadata
     from feda2v_toolkit.runtime.tensorfile import write_tensor_file
 
     kept = [c for c in class_names if c not in empty]
@@ -481,7 +482,7 @@ def _drop_classes(work: Path, names: list[str], class_names: list[str], empty: l
         path = work / name
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
-            if json.loads(meta.get("class_names", "[]")) == kept:
+            if (_class_names_from_metadata(path, meta) or []) == kept:
                 continue
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is not a dict
         tensors["labels"] = new_label[tensors["labels"]]

@@ -145,6 +145,22 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(embedder, clips, tm
     assert not work.exists()
 
 
+def test_deeply_nested_json_in_a_partial_run_counts_as_unreadable_not_as_a_crash(embedder, clips, tmp_path):
+    run = dict(policy=POLICY, batch_size=2, shard_bytes=2 * TINY_TOKENS * 64 * 2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        embed(open_source(clips), tmp_path / "out", embedder=_Interrupting(embedder, after=3), **run)
+    work = partial_dir(tmp_path / "out")
+    nested = "[" * 100_000 + "]" * 100_000
+    (work / "done-00001.json").write_text(nested)  # that part is embedded again
+    report = embed(open_source(clips), tmp_path / "out", embedder=embedder, **run)
+    assert (report.resumed, report.computed) == (2, 4)
+    with pytest.raises(KeyboardInterrupt):
+        embed(open_source(clips), tmp_path / "again", embedder=_Interrupting(embedder, after=3), **run)
+    (partial_dir(tmp_path / "again") / "embed-state.json").write_text(nested)
+    with pytest.raises(UsageError, match="not the work directory of an embed run"):
+        embed(open_source(clips), tmp_path / "again", embedder=embedder, **run)
+
+
 def test_a_partial_run_with_other_settings_is_not_mixed_in(embedder, clips, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         embed(open_source(clips), tmp_path / "out", policy=POLICY, batch_size=2, shard_bytes=1,
