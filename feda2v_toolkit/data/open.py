@@ -38,18 +38,25 @@ from feda2v_toolkit.errors import (
 )
 
 
-def _files_of(path: Path) -> list[Path]:
+def _stat_mode(path: Path) -> int:
+    """``path``'s mode, symbolic links followed; a missing path or a link loop is a one-line :class:`UsageError`."""
     try:
-        mode = path.stat().st_mode
+        return path.stat().st_mode
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UsageError(f"{path}: symbolic link loop") from None
         if isinstance(exc, FileNotFoundError | NotADirectoryError):
-            raise UsageError(f"{path}: no such file or directory") from None
+            dangling = " (a symbolic link to a missing file)" if path.is_symlink() else ""
+            raise UsageError(f"{path}: no such file or directory{dangling}") from None
         raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _files_of(path: Path) -> list[Path]:
+    mode = _stat_mode(path)
     if stat.S_ISDIR(mode):
         files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and not p.name.startswith("."))
-        files = [p for p in files if _is_regular(p)]
+        for p in files:  # skipping one would run on a subset of the data: refused instead
+            _check_shard(p)
         if not files:
             raise UsageError(f"{path}: directory holds no .safetensors shards")
         return files
@@ -59,11 +66,14 @@ def _files_of(path: Path) -> list[Path]:
     return [path]
 
 
-def _is_regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except OSError:
-        return False
+def _check_shard(path: Path) -> None:
+    """Refuse an entry ``*.safetensors`` of a shard directory that is not a regular file (a dangling symbolic
+    link, a link loop, a directory, a FIFO, a device or socket) with a one-line :class:`UsageError`."""
+    mode = _stat_mode(path)
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket"
+        raise UsageError(f"{path}: shard is not a regular file ({kind}); every *.safetensors entry of a shard "
+                         "directory is read: remove or rename it")
 
 
 def _load_pt(path: Path) -> Any:

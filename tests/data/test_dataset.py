@@ -195,6 +195,38 @@ def test_missing_path_and_empty_directory_are_usage_errors(tmp_path):
         open_dataset(tmp_path / "empty")
 
 
+def _dangling_link(path):
+    path.symlink_to(path.parent / "on-an-unmounted-disk.safetensors")
+
+
+def _link_loop(path):
+    other = path.with_name("loop.other")
+    path.symlink_to(other)
+    other.symlink_to(path)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (_dangling_link, "no such file or directory .a symbolic link to a missing file."),
+    (_link_loop, "symbolic link loop"),
+    (lambda path: path.mkdir(), r"shard is not a regular file \(a directory\)"),
+    (lambda path: __import__("os").mkfifo(path), r"shard is not a regular file \(a device, pipe or socket\)"),
+], ids=["dangling-link", "link-loop", "directory", "fifo"])
+def test_a_shard_entry_that_is_not_a_regular_file_is_refused_not_skipped(tmp_path, make, message):
+    (tmp_path / "s").mkdir()
+    write_dataset(tmp_path / "s" / "a.safetensors", torch.zeros(2, 5, 3), torch.zeros(2))
+    make(tmp_path / "s" / "b.safetensors")
+    with pytest.raises(UsageError, match=message) as info:
+        open_dataset(tmp_path / "s")
+    assert str(tmp_path / "s" / "b.safetensors") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_hidden_entries_of_a_shard_directory_are_still_ignored(tmp_path):
+    (tmp_path / "s").mkdir()
+    write_dataset(tmp_path / "s" / "a.safetensors", torch.zeros(2, 5, 3), torch.zeros(2))
+    (tmp_path / "s" / ".b.safetensors").symlink_to(tmp_path / "missing")
+    assert len(open_dataset(tmp_path / "s")) == 2
+
+
 def test_a_dataset_from_a_newer_format_version_is_refused(tmp_path):
     emb, labels = _rows()
     path = write_dataset(tmp_path / "d.safetensors", emb, labels, extra_metadata={"format_version": "99"})

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from feda2v_toolkit.config.document import MAX_CONFIG_BYTES
 from tests.hardening.conftest import run_main
@@ -32,6 +33,24 @@ def test_a_fifo_as_config_or_data_is_refused_without_blocking(fifo, tmp_path):
         assert result.returncode in (1, 2), (args, result.stderr)
         assert "not a regular file" in result.stdout + result.stderr, args
         assert "internal error" not in result.stderr
+
+
+def test_a_shard_directory_with_a_fifo_or_dangling_link_is_refused_with_exit_2_not_read_in_part(tmp_path):
+    from feda2v_toolkit.data.writer import write_dataset
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_dataset(shards / "a.safetensors", torch.zeros(4, 8, 3), torch.tensor([0, 1, 0, 1]))
+    (shards / "b.safetensors").symlink_to("/nonexistent/b.safetensors")
+    os.mkfifo(shards / "c.safetensors")
+    for args in (["train", "-d", str(shards), "-o", str(tmp_path / "m.safetensors")], ["plan", "--data", str(shards)],
+                 ["split", str(shards), "-o", str(tmp_path / "nodes"), "--nodes", "2"]):
+        result = run_cli(*args, timeout=60)  # a subprocess: a regression that reads the FIFO would hang
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.strip().splitlines() == [
+            f"feda2v-tk: error: {shards / 'b.safetensors'}: no such file or directory "
+            "(a symbolic link to a missing file)"], args
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "nodes").exists()
 
 
 def test_standard_input_is_read_bounded():
