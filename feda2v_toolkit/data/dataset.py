@@ -108,6 +108,14 @@ class _Source:
             raise mmap_error(self.path, exc) or InputError(f"{self.path}: cannot read {name!r}: {exc}") from None
 
 
+def check_sequence_shape(path: Path, shape: Sequence[int]) -> None:
+    """Refuse (:class:`InputError`, one line naming ``path``) embeddings ``[n, S, D]`` with ``S < 1`` or ``D < 1``:
+    such sequences hold no values, and every size derived from them divides by zero."""
+    if len(shape) == 3 and (shape[1] < 1 or shape[2] < 1):
+        raise InputError(f"{path}: 'embeddings' must be [N, S, D] with sequence length S >= 1 and width D >= 1, "
+                         f"found shape {list(shape)}")
+
+
 def contiguous_runs(rows: Sequence[int]) -> list[tuple[int, int]]:
     """Contiguous ``[lo, hi)`` runs of sorted row numbers."""
     runs: list[tuple[int, int]] = []

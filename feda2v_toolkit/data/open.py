@@ -25,6 +25,7 @@ from feda2v_toolkit.data.dataset import (
     _checked_class_names,
     _class_names_from_metadata,
     _Source,
+    check_sequence_shape,
     mmap_error,
 )
 from feda2v_toolkit.errors import (
@@ -203,6 +204,7 @@ def open_dataset(path: str | os.PathLike[str]) -> Dataset:
             names = _class_names_from_metadata(file, meta)
         if len(emb_shape) != 3:
             raise InputError(f"{file}: 'embeddings' must be [N, S, D], found shape {list(emb_shape)}")
+        check_sequence_shape(file, emb_shape)
         if emb_dtype not in FLOAT_DTYPES:
             raise InputError(f"{file}: 'embeddings' must be float32, float16 or bfloat16, found {emb_dtype}")
         if labels.dim() != 1 or labels.shape[0] != emb_shape[0]:

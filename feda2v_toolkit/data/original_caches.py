@@ -90,6 +90,8 @@ def _manifest(path: Path) -> dict[str, Any]:
 def _chunk(path: Path, expected_rows: Any) -> Tensor:
     import numpy as np
 
+    from feda2v_toolkit.data.dataset import check_sequence_shape
+
     try:
         regular = stat.S_ISREG(path.stat().st_mode)
     except OSError:
@@ -106,6 +108,7 @@ def _chunk(path: Path, expected_rows: Any) -> Tensor:
         raise InputError(f"{path}: cannot read as a .npy array: {first}") from None
     if arr.ndim != 3 or arr.dtype not in (np.float32, np.float16):
         raise InputError(f"{path}: expected a float32 [n, S, D] array, found {arr.dtype} {list(arr.shape)}")
+    check_sequence_shape(path, arr.shape)
     if isinstance(expected_rows, int) and expected_rows != arr.shape[0]:
         raise InputError(f"{path}: manifest says {expected_rows} samples, the chunk holds {arr.shape[0]}")
     return torch.from_numpy(arr)
@@ -184,10 +187,11 @@ def keyed_table(obj: Any) -> dict[str, Tensor] | None:
 def open_keyed(path: Path, table: dict[str, Tensor]) -> Any:
     """A :class:`~feda2v_toolkit.data.dataset.Dataset` over a ``{file_id: [S, D] tensor}`` table (memory-mapped
     tensors stay mapped: each entry is its own one-row source). Rows follow the keys' order."""
-    from feda2v_toolkit.data.dataset import FLOAT_DTYPES, Dataset, _Source
+    from feda2v_toolkit.data.dataset import FLOAT_DTYPES, Dataset, _Source, check_sequence_shape
 
     first = next(iter(table.values()))
     row_shape = tuple(first.shape[-2:])
+    check_sequence_shape(path, (1, *row_shape))
     classes = [k.rsplit(":", 1)[1] if ":" in k else "unlabelled" for k in table]
     names = sorted(set(classes))
     sources = []

@@ -53,8 +53,8 @@ def write_dataset(path: str | os.PathLike[str], embeddings: Any, labels: Any, *,
     """
     emb = torch.as_tensor(embeddings)
     lab = torch.as_tensor(labels).to(torch.long)
-    if emb.dim() != 3:
-        raise ValueError(f"embeddings must be [N, S, D], got {list(emb.shape)}")
+    if emb.dim() != 3 or emb.shape[1] < 1 or emb.shape[2] < 1:
+        raise ValueError(f"embeddings must be [N, S, D] with S, D >= 1, got {list(emb.shape)}")
     if lab.shape != (emb.shape[0],):
         raise ValueError(f"labels must be [N] = [{emb.shape[0]}], got {list(lab.shape)}")
     target = _resolve_dtype(dtype) or (emb.dtype if emb.dtype in FLOAT_DTYPES else torch.float32)
@@ -237,6 +237,8 @@ class DatasetWriter:
         n = int(emb.shape[0])
         if n == 0:
             return
+        if emb.shape[1] < 1 or emb.shape[2] < 1:
+            raise ValueError(f"embeddings must be [B, S, D] with S, D >= 1, got {list(emb.shape)}")
         row_shape, cond_dim = (int(emb.shape[1]), int(emb.shape[2])), int(cond.shape[1]) if cond is not None else None
         if self._row_shape is None:
             self._row_shape, self._cond_dim = row_shape, cond_dim

@@ -125,6 +125,8 @@ def test_random_bytes_named_pt_are_not_called_pickled_objects(tmp_path):
     ({"embeddings": torch.zeros(2, 3, 4, dtype=torch.int32), "labels": torch.zeros(2, dtype=torch.long)},
      "float32, float16 or bfloat16"),
     ({"embeddings": torch.zeros(2, 3, 4), "labels": torch.tensor([0, -1])}, "negative label"),
+    ({"embeddings": torch.zeros(2, 3, 0), "labels": torch.zeros(2, dtype=torch.long)}, r"width D >= 1.*\[2, 3, 0\]"),
+    ({"embeddings": torch.zeros(2, 0, 4), "labels": torch.zeros(2, dtype=torch.long)}, r"length S >= 1.*\[2, 0, 4\]"),
 ])
 def test_malformed_files_are_refused_with_one_line_naming_the_file(tmp_path, tensors, message):
     path = tmp_path / "bad.safetensors"
@@ -240,6 +242,15 @@ def test_shards_with_different_shapes_are_refused(tmp_path):
     write_dataset(tmp_path / "s" / "b.safetensors", torch.zeros(2, 6, 3), torch.zeros(2))
     with pytest.raises(InputError, match="sequences are"):
         open_dataset(tmp_path / "s")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0), (2, 0, 4)])
+def test_writers_refuse_sequences_without_positions_or_features(tmp_path, shape):
+    with pytest.raises(ValueError, match="S, D >= 1"):
+        write_dataset(tmp_path / "d.safetensors", torch.zeros(shape), torch.zeros(2))
+    with pytest.raises(ValueError, match="S, D >= 1"), DatasetWriter(tmp_path / "out", class_names=["a"]) as w:
+        w.add(torch.zeros(shape), torch.zeros(2))
+    assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "out").exists()
 
 
 def test_writer_copies_rows_so_callers_may_reuse_their_buffer(tmp_path):

@@ -68,6 +68,8 @@ def test_rows_the_manifest_no_longer_indexes_are_left_out(tmp_path):
     ("count", "manifest says 3 samples, the chunk holds 2"),
     ("path", "has no plain file name"),
     ("index", "points to chunk 7, but 1 chunk"),
+    ("width0", r"embeddings_000\.npy: 'embeddings' must be .* D >= 1, found shape \[3, 16, 0\]"),
+    ("length0", r"embeddings_000\.npy: 'embeddings' must be .* S >= 1 .*found shape \[3, 0, 8\]"),
 ])
 def test_broken_caches_are_one_line_errors(tmp_path, breakage, message):
     write_ast_cache(tmp_path / "cache", {"dog": [3]})
@@ -77,6 +79,8 @@ def test_broken_caches_are_one_line_errors(tmp_path, breakage, message):
         (d / "embeddings_000.npy").unlink()
     elif breakage == "pickled":
         np.save(d / "embeddings_000.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    elif breakage in ("width0", "length0"):
+        np.save(d / "embeddings_000.npy", np.zeros((3, 16, 0) if breakage == "width0" else (3, 0, D), np.float32))
     elif breakage == "count":
         np.save(d / "embeddings_000.npy", np.zeros((2, S, D), dtype=np.float32))
     elif breakage == "index":
@@ -97,6 +101,21 @@ def test_pt_dict_keyed_by_file_id_is_read(tmp_path, nested):
     ds = open_dataset(tmp_path / "cache.pt")
     assert ds.class_names == ["chainsaw", "dog"] and ds.labels.tolist() == [0, 1, 0, 1, 0]
     torch.testing.assert_close(ds.read([3]).embeddings[0], table["video_00003:dog"])
+
+
+@pytest.mark.parametrize("row", [(S, 0), (0, D)])
+def test_pt_dict_keyed_by_file_id_with_empty_sequences_is_refused(tmp_path, row):
+    torch.save({"video_00000:dog": torch.zeros(row), "video_00001:cat": torch.zeros(row)}, tmp_path / "cache.pt")
+    with pytest.raises(InputError, match=r"cache\.pt: 'embeddings' must be \[N, S, D\] with"):
+        open_dataset(tmp_path / "cache.pt")
+
+
+def test_convert_data_refuses_a_cache_of_empty_sequences_and_writes_nothing(tmp_path):
+    write_ast_cache(tmp_path / "cache", {"dog": [3]})
+    np.save(tmp_path / "cache" / "dog" / "embeddings_000.npy", np.zeros((3, 16, 0), np.float32))
+    with pytest.raises(InputError, match="D >= 1"):
+        convert_dataset(tmp_path / "cache", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_keys_without_a_class_go_to_one_class(tmp_path):

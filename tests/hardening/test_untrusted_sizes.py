@@ -92,3 +92,20 @@ def test_labels_that_cannot_fit_in_memory_are_refused_before_they_are_read(tmp_p
     monkeypatch.setenv(ENV_MEMORY_LIMIT, "512")
     with pytest.raises(InputError, match="reading its 64 labels needs about"):
         open_dataset(path)
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 0), (4, 0, 3)])
+def test_a_dataset_of_empty_sequences_is_one_line_in_every_command_that_reads_it(tmp_path, capsys, shape):
+    from safetensors.torch import save_file
+
+    data = tmp_path / "d0.safetensors"
+    save_file({"embeddings": torch.zeros(shape, dtype=torch.float16), "labels": torch.tensor([0, 0, 1, 1])},
+              str(data), metadata={"feda2v_format": "dataset", "format_version": "1"})
+    for argv in (["train", "-d", str(data), "-o", str(tmp_path / "m.safetensors"), "--training-length", "2"],
+                 ["plan", "--data", str(data)], ["split", str(data), "-o", str(tmp_path / "nodes"), "--nodes", "2"],
+                 ["convert-data", str(data), "-o", str(tmp_path / "cd")], ["analyze", "-d", str(data)]):
+        code, _, err = run_main([*argv, "-q"], capsys)
+        assert code == 1, argv
+        assert err.splitlines() == [f"feda2v-tk: error: {data}: 'embeddings' must be [N, S, D] with sequence length "
+                                    f"S >= 1 and width D >= 1, found shape {list(shape)}"], argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d0.safetensors"]
