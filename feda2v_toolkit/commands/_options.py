@@ -23,6 +23,24 @@ import click
 SEED = click.IntRange(0, 2**31 - 1)
 
 
+def schema_range(key: str, schema_file: str = "feda2v-generator.schema.json") -> click.IntRange:
+    """The range of an option that overrides the integer config key ``key``: the schema's minimum and maximum
+    (the schema is the one source of bounds, so the option is refused with its own name, not the key's)."""
+    from feda2v_toolkit.config import package_schema
+
+    prop = package_schema(schema_file)["properties"][key]
+    prop = next((s for s in prop.get("anyOf", ()) if s.get("type") == "integer"), prop)
+    return click.IntRange(prop.get("minimum"), prop.get("maximum"))
+
+
+#: the range of a sequence length (``--lengths``, ``--training-length``): the training length's in the schema
+LENGTH = schema_range("generator_training_sequence_length")
+#: the range of a full sequence length (``--full-length``): the output length's in the schema
+FULL_LENGTH = schema_range("generator_output_sequence_length")
+#: the range of an embedding or condition width (``--dim``): the widest a generator may be (``generator_hidden_dim``)
+WIDTH = schema_range("generator_hidden_dim")
+
+
 #: the choices of every ``--device`` option (default ``auto``: cuda when available)
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
 DEVICE_HELP = "Where the model runs: auto (cuda when available), cpu or cuda."

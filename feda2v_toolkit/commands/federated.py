@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from feda2v_toolkit.commands._options import SEED
+from feda2v_toolkit.commands._options import SEED, schema_range
 from feda2v_toolkit.commands._warnings import warnings_as_messages
 from feda2v_toolkit.commands.train import training_options
 from feda2v_toolkit.errors import UsageError
@@ -46,8 +46,10 @@ def require_flower() -> None:
               help="With --simulate: CPU cores Ray reserves for each running ClientApp.")
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (.safetensors), written only when the run completes.")
-@click.option("--rounds", type=click.IntRange(min=1), help="Overrides federated_rounds.")
-@click.option("--local-epochs", type=click.IntRange(min=1), help="Overrides federated_local_epochs.")
+@click.option("--rounds", type=schema_range("federated_rounds", "federated.schema.json"),
+              help="Overrides federated_rounds.")
+@click.option("--local-epochs", type=schema_range("federated_local_epochs", "federated.schema.json"),
+              help="Overrides federated_local_epochs.")
 @click.option("--dp-noise", type=click.FloatRange(min=0, max=1e6),
               help="Node-level DP (a whole site is the unit; weight updates only): overrides "
                    "federated_dp_noise_multiplier (0 = off). For a clip's privacy use --dp-epsilon.")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, MEMORY_BUDGET_OPTION, SEED
+from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, MEMORY_BUDGET_OPTION, SEED, schema_range
 from feda2v_toolkit.commands._warnings import warnings_as_messages
 
 #: CLI option -> generator-section key it overrides
@@ -58,14 +58,15 @@ def training_options(*, epochs: bool) -> Any:
         click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
                      help="Experiment config (JSON); without it, the schema defaults are used."),
         click.option("--generator-type", help="Overrides generator_type."),
-        *([click.option("--epochs", type=click.IntRange(min=1), help="Overrides generator_training_epochs.")]
-          if epochs else []),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Overrides generator_batch_size."),
+        *([click.option("--epochs", type=schema_range("generator_training_epochs"),
+                        help="Overrides generator_training_epochs.")] if epochs else []),
+        click.option("--batch-size", type=schema_range("generator_batch_size"), help="Overrides generator_batch_size."),
         click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
                      help="Overrides generator_learning_rate."),
-        click.option("--training-length", type=click.IntRange(min=1),
+        click.option("--training-length", type=schema_range("generator_training_sequence_length"),
                      help="Overrides generator_training_sequence_length."),
-        click.option("--output-length", type=click.IntRange(min=1), help="Overrides generator_output_sequence_length."),
+        click.option("--output-length", type=schema_range("generator_output_sequence_length"),
+                     help="Overrides generator_output_sequence_length."),
         click.option("--granularity", type=click.Choice(["unified", "per_class", "per_group"]),
                      help="Overrides generator_granularity."),
         click.option("--classes", metavar="A,B,...", callback=_class_list,
@@ -74,8 +75,8 @@ def training_options(*, epochs: bool) -> Any:
         click.option("--upsampler", help="Overrides generator_upsampler."),
         click.option("--learned-upsampling/--no-learned-upsampling", default=None,
                      help="Overrides use_learned_upsampling."),
-        click.option("--hidden-dim", type=click.IntRange(min=1), help="Overrides generator_hidden_dim."),
-        click.option("--latent-dim", type=click.IntRange(min=1), help="Overrides generator_latent_dim."),
+        click.option("--hidden-dim", type=schema_range("generator_hidden_dim"), help="Overrides generator_hidden_dim."),
+        click.option("--latent-dim", type=schema_range("generator_latent_dim"), help="Overrides generator_latent_dim."),
         click.option("--autocast", type=click.Choice(["float32", "bfloat16"]), help="Overrides generator_autocast."),
         click.option("--dp-epsilon", type=click.FloatRange(min=0, min_open=True),
                      help="Record-level differential privacy: the target epsilon for everything the run releases "

@@ -804,7 +804,11 @@ def _require_training_memory(gen_cls: type, spec: RunSpec, summary: DataSummary,
             probe = gen_cls.from_config(spec.config, seq_len=spec.training_length, dim=summary.dim,
                                         num_classes=len(summary.class_counts), condition_dim=summary.condition_dim)
         params = sum(p.numel() for p in probe.parameters())
-    except Exception:  # a generator that cannot be built on meta: no estimate
+    except Exception as exc:  # a generator that cannot be built on meta: no estimate, unless its sizes overflow
+        if isinstance(exc, OverflowError) or "overflow" in str(exc).lower():  # the real build would fail or worse
+            raise InputError(f"training {count} {spec.generator_type} generator(s): their sizes overflow 64-bit "
+                             "integers (far more memory than any machine has); lower generator_hidden_dim / "
+                             "--hidden-dim (see feda2v-tk plan)") from None
         return
     from feda2v_toolkit.runtime.resources import require_memory
 

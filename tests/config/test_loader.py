@@ -103,7 +103,8 @@ def test_a_current_config_loads_without_warnings():
 def test_overrides_are_applied_and_validated():
     config = load_config(MINIMAL, {"generator_training_sequence_length": 8, "generator_output_sequence_length": 1214})
     assert (config["generator_training_sequence_length"], config["generator_output_sequence_length"]) == (8, 1214)
-    with pytest.raises(InputError, match="generator_training_sequence_length: expected integer >= 1, found 0"):
+    with pytest.raises(InputError,
+                       match=r"generator_training_sequence_length: expected integer in \[1, 65536\], found 0"):
         load_config(MINIMAL, {"generator_training_sequence_length": 0})
     with pytest.raises(InputError, match="output-shorter-than-training"):
         load_config(MINIMAL, {"generator_output_sequence_length": 2})

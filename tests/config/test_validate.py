@@ -74,7 +74,7 @@ def test_misspelt_key_suggests_the_closest_known_key(catalog):
 
 def test_wrong_type_says_what_was_expected_and_found(catalog):
     [f] = findings('{"generator_training_sequence_length": "4"}', catalog)
-    assert (f.expected, f.found) == ("integer >= 1", '"4" (string)')
+    assert (f.expected, f.found) == ("integer in [1, 65536]", '"4" (string)')
     assert f.suggestion == "write it without quotes: 4"
 
 

@@ -82,7 +82,7 @@ def test_generate_refuses_more_samples_than_the_disk_can_hold_before_writing(mod
 def test_train_refuses_a_hidden_size_that_cannot_fit_before_building_it(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(ENV_MEMORY_LIMIT, str(2**30))
     code, _, err = run_main(["train", "-d", str(tiny_data), "-o", str(tmp_path / "m.safetensors"),
-                             "--generator-type", "vae", "--hidden-dim", "1000000000", "--training-length", "4",
+                             "--generator-type", "vae", "--hidden-dim", "65536", "--training-length", "4",
                              "--seed", "0", "-q"], capsys)
     assert code == 2 and "needs about" in err and "--hidden-dim" in err
 
@@ -102,10 +102,62 @@ def test_a_dataset_of_empty_sequences_is_one_line_in_every_command_that_reads_it
     save_file({"embeddings": torch.zeros(shape, dtype=torch.float16), "labels": torch.tensor([0, 0, 1, 1])},
               str(data), metadata={"feda2v_format": "dataset", "format_version": "1"})
     for argv in (["train", "-d", str(data), "-o", str(tmp_path / "m.safetensors"), "--training-length", "2"],
-                 ["plan", "--data", str(data)], ["split", str(data), "-o", str(tmp_path / "nodes"), "--nodes", "2"],
                  ["convert-data", str(data), "-o", str(tmp_path / "cd")], ["analyze", "-d", str(data)]):
         code, _, err = run_main([*argv, "-q"], capsys)
         assert code == 1, argv
         assert err.splitlines() == [f"feda2v-tk: error: {data}: 'embeddings' must be [N, S, D] with sequence length "
                                     f"S >= 1 and width D >= 1, found shape {list(shape)}"], argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d0.safetensors"]
+
+
+@pytest.mark.parametrize("hidden", [2**40, int(1e308)], ids=["2**40", "1e308"])
+def test_train_memory_check_refuses_sizes_that_overflow_instead_of_building_for_real(hidden):
+    """Sizes past 64-bit integers fail even on the meta device: refused, never a fall-through to a real build."""
+    from types import SimpleNamespace
+
+    from feda2v_toolkit.config import schema_defaults
+    from feda2v_toolkit.generators.vae import VAEGenerator
+    from feda2v_toolkit.training.pipeline import _require_training_memory
+    from feda2v_toolkit.training.stages import DataSummary
+
+    config = {**schema_defaults(), "generator_hidden_dim": hidden, "generator_latent_dim": hidden}
+    spec = SimpleNamespace(config=config, training_length=4, generator_type="vae")
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="sizes overflow 64-bit integers") as info:
+        _require_training_memory(VAEGenerator, spec, DataSummary({"a": 2}, seq_len=8, dim=16), 1)
+    assert time.perf_counter() - t0 < 5 and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("config", "key"), [
+    ({"generator_type": "vae", "generator_hidden_dim": 1e308}, "generator_hidden_dim"),
+    ({"generator_type": "vae", "generator_hidden_dim": 2**31, "generator_latent_dim": 2**31}, "generator_hidden_dim"),
+    ({"generator_training_sequence_length": 10**9}, "generator_training_sequence_length"),
+    ({"generator_batch_size": 2**40}, "generator_batch_size"),
+    ({"synthetic_samples_per_class": 10**15}, "synthetic_samples_per_class"),
+])
+def test_absurd_sizes_in_a_config_fail_validate_and_train_one_line_per_problem(tiny_data, tmp_path, capsys, config,
+                                                                              key):
+    import json
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"feda2v": config}))
+    code, out, _ = run_main(["validate", str(path), "-q"], capsys)
+    assert code == 1
+    code, _, err = run_main(["train", "-c", str(path), "-d", str(tiny_data), "-o", str(tmp_path / "m.safetensors"),
+                             "--epochs", "1", "--seed", "0", "-q"], capsys)
+    assert code == 1 and err.startswith(f"feda2v-tk: error: {path}: invalid generator config") and key in err
+    problems = len([k for k in config if k != "generator_type"])
+    assert len(err.splitlines()) == (1 if problems == 1 else 1 + problems), err  # one line per problem
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "-d", "DATA", "-o", "OUT", "--hidden-dim", "1000000000"],
+    ["train", "-d", "DATA", "-o", "OUT", "--epochs", "1000000000"],
+])
+def test_absurd_sizes_on_the_command_line_are_usage_errors_before_any_work(tiny_data, tmp_path, capsys, argv):
+    argv = [str(tiny_data) if a == "DATA" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    t0 = time.perf_counter()
+    code, _, err = run_main([*argv, "-q"], capsys)
+    assert code == 2 and "internal error" not in err and time.perf_counter() - t0 < 10, err
+    assert not (tmp_path / "out").exists()
