@@ -17,11 +17,22 @@ from feda2v_toolkit.commands._options import (
     DEVICE,
     DEVICE_HELP,
     FRACTION,
+    FULL_LENGTH,
+    LENGTH,
     MEMORY_BUDGET_OPTION,
     SAMPLES,
     SEED,
+    WIDTH,
+    schema_range,
 )
 from feda2v_toolkit.errors import UsageError
+
+#: ``plan --num-classes`` at most: the most classes a dataset without class names may have
+MAX_PLAN_CLASSES = 100_000
+#: ``--lengths`` lists at most this many lengths (each is a simulation or a measurement of its own)
+MAX_LENGTHS = 64
+#: ``plan --num-samples`` at most: a billion training sequences (far beyond any AST corpus; keeps plan's sizes finite)
+MAX_PLAN_SAMPLES = 10**9
 
 
 def _ints(option: str, value: str | None) -> list[int] | None:
@@ -33,9 +44,12 @@ def _ints(option: str, value: str | None) -> list[int] | None:
         raise UsageError(f"{option}: expected comma-separated integers, got {value!r}") from None
     if not out:
         raise UsageError(f"{option}: give at least one value")
-    bad = [v for v in out if v < 1]
+    if len(out) > MAX_LENGTHS:
+        raise UsageError(f"{option}: at most {MAX_LENGTHS} lengths, got {len(out)}")
+    bad = [v for v in out if not LENGTH.min <= v <= LENGTH.max]
     if bad:
-        raise UsageError(f"{option}: lengths must be >= 1, got {bad[0]}")
+        raise UsageError(f"{option}: lengths must be in [{LENGTH.min}, {LENGTH.max}] (those of "
+                         f"generator_training_sequence_length), got {bad[0]}")
     return out
 
 
@@ -110,15 +124,16 @@ def _say(quiet: bool) -> Callable[[str], None]:
                                       "GiB = 2^30): name the largest training length that fits.")
 @click.option("-d", "--data", "data_path", type=click.Path(path_type=Path),
               help="Take D, the full length, the classes, conditions and sample count from this dataset.")
-@click.option("--dim", type=click.IntRange(min=1), help="Embedding width D [default: 768].")
-@click.option("--full-length", type=click.IntRange(min=1), help="Full sequence length L [default: 1214].")
-@click.option("--num-classes", type=click.IntRange(min=0),
+@click.option("--dim", type=WIDTH, help="Embedding width D [default: 768].")
+@click.option("--full-length", type=FULL_LENGTH, help="Full sequence length L [default: 1214].")
+@click.option("--num-classes", type=click.IntRange(0, MAX_PLAN_CLASSES),
               help="Classes (per_class generators, label conditioning) [default: the data's; without --data, 10 "
                    "are assumed and the report says so].")
-@click.option("--condition-dim", type=click.IntRange(min=0), help="Width of per-sample condition embeddings [0].")
-@click.option("--num-samples", type=click.IntRange(min=0),
+@click.option("--condition-dim", type=click.IntRange(0, WIDTH.max),
+              help="Width of per-sample condition embeddings [0].")
+@click.option("--num-samples", type=click.IntRange(0, MAX_PLAN_SAMPLES),
               help="Training sequences: adds the trainer's reduced-data cache [default: 0, not counted].")
-@click.option("--sample-batch", type=click.IntRange(min=1),
+@click.option("--sample-batch", type=schema_range("synthetic_samples_per_class"),
               help="Samples generated at once [default: min(synthetic_samples_per_class, 64)].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-q", "--quiet", is_flag=True, help="No table; only the exit status (and errors).")

@@ -10,8 +10,11 @@ from typing import Any
 
 import torch
 
-from feda2v_toolkit.errors import InputError, UsageError
+from feda2v_toolkit.errors import InputError, UsageError, short_list, spelled
 
+#: the largest Dirichlet concentration: at 10^6 every node's share of a class is already within a fraction of a
+#: percent of 1 / nodes, and larger values overflow the float32 Gamma draws
+MAX_DIRICHLET_ALPHA = 1e6
 #: ``split`` copies a node's clips in reads of about this many bytes (float32): memory flat in N
 SPLIT_CHUNK_BYTES = 64 * 2**20
 
@@ -34,12 +37,24 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
 
 
+def check_partition(clips: int, nodes: int, *, how: str, alpha: float, option: str = "--nodes") -> None:
+    """Refuse (one-line :class:`UsageError`) more nodes than clips (every node needs one; this also bounds the work
+    per node before it starts) and a Dirichlet ``alpha`` outside ``(0, MAX_DIRICHLET_ALPHA]``; ``option`` is the
+    command-line option that gave ``nodes``."""
+    if not 1 <= nodes <= clips:
+        raise UsageError(f"{spelled(option, 'nodes')} must be between 1 and the {clips} clips of the data, "
+                         f"got {nodes}")
+    if how == "dirichlet" and not 0 < alpha <= MAX_DIRICHLET_ALPHA:
+        raise UsageError(f"{spelled('--alpha', 'alpha')} must be in (0, {MAX_DIRICHLET_ALPHA:g}], got {alpha:g}")
+
+
 def assign(labels: torch.Tensor, num_classes: int, nodes: int, *, how: str, alpha: float = 0.3,
-           seed: int = 0) -> torch.Tensor:
+           seed: int = 0, option: str = "--nodes") -> torch.Tensor:
     """Node index per sequence. ``class``: class ``c`` goes to node ``c mod nodes`` (every node gets a class
     when there are at least as many classes as nodes); ``dirichlet``: each class's sequences are dealt to
     nodes in Dirichlet(``alpha``) proportions, the whole deal drawn again (from the same generator) while a node
     would get no sequence at all -- as NIID-Bench does -- up to :data:`DIRICHLET_TRIES` times."""
+    check_partition(labels.numel(), nodes, how=how, alpha=alpha, option=option)
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(labels.numel(), dtype=torch.long)
     if how == "class":
@@ -108,14 +123,15 @@ def split_dataset(data: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     out = check_inputs(out_dir, [data], role="input dataset")
     if os.path.lexists(out) and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory; split writes node files into a directory")
+    ds = open_dataset(data)
+    check_partition(len(ds), nodes, how=how, alpha=alpha)
     paths = [out / f"node{i}.safetensors" for i in range(nodes)]
     for path in paths:
         check_output(path, overwrite=overwrite)
-    ds = open_dataset(data)
     node_of = assign(ds.labels, ds.num_classes, nodes, how=how, alpha=alpha, seed=seed)
     empty = [i for i in range(nodes) if not bool((node_of == i).any())]
     if empty:
-        raise InputError(f"{ds.path}: node(s) {', '.join(map(str, empty))} would get no clips "
+        raise InputError(f"{ds.path}: node(s) {short_list(empty, 10)} would get no clips "
                          f"({len(ds)} clips over {nodes} nodes); use fewer nodes or a larger alpha")
     result: dict[str, Any] = {"source": str(ds.path), "by": how, "seed": seed, "nodes": []}
     if how == "dirichlet":

@@ -31,7 +31,8 @@ def partition(data: str, sites: int, how: str, alpha: float, seed: int) -> tuple
         from feda2v_toolkit.data.split import assign
 
         ds = open_dataset(data)
-        _PARTITIONS[key] = (ds, assign(ds.labels, ds.num_classes, sites, how=how, alpha=alpha, seed=seed))
+        _PARTITIONS[key] = (ds, assign(ds.labels, ds.num_classes, sites, how=how, alpha=alpha, seed=seed,
+                                       option="--simulate"))
     return _PARTITIONS[key]
 
 
@@ -77,7 +78,7 @@ def federate_simulation(config: Any, data: str | os.PathLike[str], *, sites: int
 
     check_outputs(out, metrics_path, None, inputs=[data], overwrite=overwrite, resume=resume)  # before Ray starts
     ds = open_dataset(data)  # fail here, in one line, rather than in every virtual site
-    owner = assign(ds.labels, ds.num_classes, sites, how=how, alpha=alpha, seed=split_seed)
+    owner = assign(ds.labels, ds.num_classes, sites, how=how, alpha=alpha, seed=split_seed, option="--simulate")
     empty = [i for i in range(sites) if not bool((owner == i).any())]
     if empty:
         raise InputError(f"{data}: {len(empty)} of {sites} sites would get no clips ({len(ds)} clips); use fewer "

@@ -102,6 +102,7 @@ def test_a_dataset_of_empty_sequences_is_one_line_in_every_command_that_reads_it
     save_file({"embeddings": torch.zeros(shape, dtype=torch.float16), "labels": torch.tensor([0, 0, 1, 1])},
               str(data), metadata={"feda2v_format": "dataset", "format_version": "1"})
     for argv in (["train", "-d", str(data), "-o", str(tmp_path / "m.safetensors"), "--training-length", "2"],
+                 ["plan", "--data", str(data)], ["split", str(data), "-o", str(tmp_path / "nodes"), "--nodes", "2"],
                  ["convert-data", str(data), "-o", str(tmp_path / "cd")], ["analyze", "-d", str(data)]):
         code, _, err = run_main([*argv, "-q"], capsys)
         assert code == 1, argv
@@ -152,8 +153,15 @@ def test_absurd_sizes_in_a_config_fail_validate_and_train_one_line_per_problem(t
 
 
 @pytest.mark.parametrize("argv", [
+    ["plan", "--lengths", "1000000000", "--dim", "1000000000", "--full-length", "1000000000"],
+    ["plan", "--lengths", "1000000000"],
+    ["plan", "--lengths", ",".join(map(str, range(1, 10_001)))],
+    ["plan", "--num-samples", "1000000000000000", "--num-classes", "1000000000"],
+    ["plan", "--num-classes", "1000000000"],
     ["train", "-d", "DATA", "-o", "OUT", "--hidden-dim", "1000000000"],
     ["train", "-d", "DATA", "-o", "OUT", "--epochs", "1000000000"],
+    ["split", "DATA", "-o", "OUT", "--nodes", "1000000000"],
+    ["split", "DATA", "-o", "OUT", "--nodes", "2", "--by", "dirichlet", "--alpha", "1e308"],
 ])
 def test_absurd_sizes_on_the_command_line_are_usage_errors_before_any_work(tiny_data, tmp_path, capsys, argv):
     argv = [str(tiny_data) if a == "DATA" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
