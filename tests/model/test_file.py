@@ -236,7 +236,7 @@ TAMPERED_FIELDS = {
     "count-a-boolean": (lambda doc: doc["class_counts"].update(z=True),
                         "'class_counts' must hold a non-negative integer per class, found True for 'z'"),
     "samples-per-class-a-list": (_set_config("synthetic_samples_per_class", [1]),
-                                 "config 'synthetic_samples_per_class': expected integer >= 1 or \"auto\", "
+                                 "config 'synthetic_samples_per_class': expected integer in [1, 1000000] or \"auto\", "
                                  "found [1] (array)"),
     "validation-split-2": (_set_config("generator_validation_split", 2),
                            "config 'generator_validation_split': expected number in [0, 1), found 2 (integer)"),
