@@ -308,9 +308,9 @@ class Site:
         largest = float(values.abs().max()) if values.numel() else 0.0
         if largest <= MAX_MAGNITUDE and all(bool(torch.isfinite(v).all()) for v in sums.values()):
             return
+        found = f"a reduced value of {largest:.3g}" if math.isfinite(largest) else "their averages overflow"
         raise InputError(f"{self.ds.path}: samples {lo}..{hi - 1} hold values too large in magnitude for float32 "
-                         f"arithmetic (a reduced value of {largest:.3g}; at most {MAX_MAGNITUDE:.0e}): rescale the "
-                         "embeddings")
+                         f"arithmetic ({found}; at most {MAX_MAGNITUDE:.0e}): rescale the embeddings")
 
     def _raw(self) -> Any:
         assert self.cache is not None, "the site has not reduced its data"
