@@ -7,19 +7,21 @@ from pathlib import Path
 
 import click
 
+from feda2v_toolkit.commands._options import FULL_LENGTH, LENGTH, WIDTH
+
 
 @click.command("convert")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to write (.safetensors); an existing one only with --overwrite.")
-@click.option("--dim", type=click.IntRange(min=1),
+@click.option("--dim", type=WIDTH,
               help="Embedding width D, for files that store no sequence_length [default: 768]; checked "
                    "against the weights otherwise.")
-@click.option("--training-length", type=click.IntRange(min=1),
+@click.option("--training-length", type=LENGTH,
               help="Reduced length l the generators were trained at, for files that store no sequence_length.")
-@click.option("--full-length", default=1214, show_default=True, type=click.IntRange(min=1),
+@click.option("--full-length", default=1214, show_default=True, type=FULL_LENGTH,
               help="Full sequence length L of the embeddings (1214 for AST).")
-@click.option("--output-length", type=click.IntRange(min=1),
+@click.option("--output-length", type=FULL_LENGTH,
               help="Default length of generated samples [default: the training length, as the original].")
 @click.option("--classes", help="Comma-separated class names in label order (required for a unified "
                                 "checkpoint that lists no classes).")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from feda2v_toolkit.commands._options import SEED
+from feda2v_toolkit.commands._options import FULL_LENGTH, SEED, WIDTH
 from feda2v_toolkit.errors import UsageError
 
 #: the example config of the original FedA2V code, shipped inside the package (works after `pip install .`)
@@ -28,11 +28,11 @@ def legacy_config_bytes() -> bytes:
               help="Clips per class.")
 @click.option("--classes", "num_classes", default=4, show_default=True, type=click.IntRange(1, 4),
               help="Number of classes (engine, drum, whistle, bird: the first N).")
-@click.option("--full-length", "full_length", default=1214, show_default=True, type=click.IntRange(min=1),
+@click.option("--full-length", "full_length", default=1214, show_default=True, type=FULL_LENGTH,
               help="Tokens per clip, L (1214 for AST).")
-@click.option("--seq-len", "seq_len_alias", type=click.IntRange(min=1), hidden=True,
+@click.option("--seq-len", "seq_len_alias", type=FULL_LENGTH, hidden=True,
               help="Deprecated spelling of --full-length.")
-@click.option("--dim", default=768, show_default=True, type=click.IntRange(min=1), help="Embedding width D.")
+@click.option("--dim", default=768, show_default=True, type=WIDTH, help="Embedding width D.")
 @click.option("--seed", default=0, show_default=True, type=SEED,
               help="Fixes the dataset's structure and its clips (not drawn at random: the same seed writes the "
                    "same bytes).")

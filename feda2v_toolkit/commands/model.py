@@ -8,7 +8,14 @@ from typing import Any
 
 import click
 
-from feda2v_toolkit.commands._options import DEVICE, DEVICE_HELP, MEMORY_BUDGET_OPTION, SAMPLES, SEED
+from feda2v_toolkit.commands._options import (
+    DEVICE,
+    DEVICE_HELP,
+    FULL_LENGTH,
+    MEMORY_BUDGET_OPTION,
+    SAMPLES,
+    SEED,
+)
 from feda2v_toolkit.commands._warnings import warnings_as_messages
 
 
@@ -21,7 +28,7 @@ from feda2v_toolkit.commands._warnings import warnings_as_messages
               help="Samples per class, or 'auto' (as many as the class had training clips) [default: the "
                    "config's synthetic_samples_per_class].")
 @click.option("--classes", help="Comma-separated class names [default: all].")
-@click.option("--output-length", type=click.IntRange(min=1),
+@click.option("--output-length", type=FULL_LENGTH,
               help="Tokens per sample [default: the model's output length: generator_output_sequence_length, "
                    "else the training length; `inspect` shows it]. The training data's full length (1214 for "
                    "AST) gives full-length samples.")

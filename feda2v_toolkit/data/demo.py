@@ -169,6 +169,18 @@ def _clips(world: _World, labels: Tensor, seed: int, noise: float, first_clip: i
         yield torch.stack(rows)
 
 
+def _require_demo_memory(clips: int, seq_len: int, dim: int, itemsize: int) -> None:
+    """Refuse (:class:`~feda2v_toolkit.errors.ResourceError`) a demo dataset whose clips held at once (``clips``
+    of ``itemsize`` bytes per value), its structure (a few ``[L, D]`` float32 tensors) and one chunk of clips
+    being drawn (float32, twice) cannot fit in memory, before anything is allocated."""
+    from feda2v_toolkit.runtime.resources import require_memory
+
+    values = seq_len * dim
+    require_memory(values * (clips * itemsize + 8 * 4 + 2 * 16 * 4), f"a demo dataset of {clips or 'streamed'} "
+                   f"clips [{seq_len}, {dim}]", hint="lower --per-class, --full-length or --dim" +
+                   (", or write a directory of shards" if clips else ""))
+
+
 def make_demo_dataset(num_per_class: int = 24, *, seq_len: int = AST_SEQ_LEN, dim: int = AST_DIM,
                       num_classes: int = len(CLASS_NAMES), seed: int = 0, noise: float = 0.5,
                       dtype: torch.dtype = torch.float32, first_clip: int = 0) -> tuple[Tensor, Tensor, list[str]]:
@@ -180,6 +192,7 @@ def make_demo_dataset(num_per_class: int = 24, *, seq_len: int = AST_SEQ_LEN, di
     """
     if not 1 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES)}")
+    _require_demo_memory(num_per_class * num_classes, seq_len, dim, torch.empty((), dtype=dtype).element_size())
     world = _World(seq_len, dim, seed)
     labels = _labels_for(num_per_class, num_classes)
     out = torch.empty(labels.numel(), seq_len, dim, dtype=dtype)
@@ -201,11 +214,17 @@ def write_demo_dataset(path: str | os.PathLike[str], num_per_class: int = 24, *,
     from feda2v_toolkit.runtime.atomic import check_output
 
     out = check_output(path, overwrite=overwrite, directory=Path(path).suffix != ".safetensors")
+    from feda2v_toolkit.runtime.resources import require_disk_space
+
+    clips = num_per_class * min(max(num_classes, 1), len(CLASS_NAMES))
+    require_disk_space(clips * seq_len * dim * torch.empty((), dtype=dtype).element_size(), out,
+                       f"writing {clips:,} demo clips [{seq_len}, {dim}]", hint="lower --per-class, --full-length or --dim")
     meta = {"source": "feda2v-tk demo"}
     if out.suffix == ".safetensors":
         emb, labels, names = make_demo_dataset(num_per_class, seq_len=seq_len, dim=dim, num_classes=num_classes,
                                                seed=seed, noise=noise, dtype=dtype, first_clip=first_clip)
         return write_dataset(out, emb, labels, class_names=names, extra_metadata=meta)
+    _require_demo_memory(0, seq_len, dim, 0)  # streamed: the structure and a chunk of clips
     world = _World(seq_len, dim, seed)
     labels = _labels_for(num_per_class, num_classes)
     kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}

@@ -62,7 +62,7 @@ def test_generate_refuses_an_output_length_that_cannot_fit_in_memory(tampered, t
     assert code == 2 and "needs about" in err and "lower --output-length" in err  # the machine is short: 2
     code, _, err = run_main(["generate", str(tampered["output-length-huge"]), "-o", str(tmp_path / "s"),
                              "--output-length", "1000000000"], capsys)
-    assert code == 2 and "needs about" in err and "internal error" not in err
+    assert code == 2 and "--output-length" in err and "65536" in err and "internal error" not in err  # bounded
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.*"))
 
 
@@ -169,3 +169,21 @@ def test_absurd_sizes_on_the_command_line_are_usage_errors_before_any_work(tiny_
     code, _, err = run_main([*argv, "-q"], capsys)
     assert code == 2 and "internal error" not in err and time.perf_counter() - t0 < 10, err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_data_refuses_sizes_the_machine_cannot_hold_or_write_before_any_work(tmp_path, capsys, monkeypatch):
+    """Widths and lengths are bounded like every option that sizes a sequence; what still does not fit the
+    memory (a file written whole, or the structure and a chunk of a streamed directory) or the disk is refused
+    in one line, exit 2, with nothing written."""
+    code, _, err = run_main(["demo-data", str(tmp_path / "d.safetensors"), "--dim", "70000"], capsys)
+    assert code == 2 and "--dim" in err and "65536" in err
+    monkeypatch.setenv(ENV_MEMORY_LIMIT, str(10**8))
+    for out in ("d.safetensors", "shards"):
+        code, _, err = run_main(["demo-data", str(tmp_path / out), "--dim", "4096", "--full-length", "4096", "-q"],
+                                capsys)
+        assert code == 2 and "needs about" in err and "of memory" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.delenv(ENV_MEMORY_LIMIT)
+    code, _, err = run_main(["demo-data", str(tmp_path / "shards"), "--dim", "65536", "--full-length", "65536",
+                             "--per-class", "1000000", "-q"], capsys)
+    assert code == 2 and "not enough free disk space" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
