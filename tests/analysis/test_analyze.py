@@ -98,7 +98,7 @@ def test_restricting_reducers_and_upsamplers(tiny_data):
 @pytest.mark.parametrize(("args", "message"), [
     (("--data", "missing.safetensors"), "missing.safetensors: no such file"),
     (("--lengths", "4,51"), "length 51 is outside 1..50"),
-    (("--lengths", "0"), "--lengths: lengths must be >= 1"),
+    (("--lengths", "0"), "--lengths: lengths must be in [1, 65536]"),
     (("--reducers", "nope"), "no reducer named 'nope'"),
     (("--holdout", "1.5"), "--holdout must be between 0 and 1"),
 ])
