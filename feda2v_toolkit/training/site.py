@@ -305,7 +305,7 @@ class Site:
         """Refuse (:class:`InputError`, naming the data) clips whose values are finite but too large for the
         float32 arithmetic of the pass (their squares overflow): a reduced value beyond :data:`MAX_MAGNITUDE`, or
         a non-finite sum of the block. Audio embeddings are of order 1-100."""
-        largest = float(values.abs().max()) if values.numel() else 0.0
+        largest = max(float(values.max()), -float(values.min())) if values.numel() else 0.0  # no |values| copy
         if largest <= MAX_MAGNITUDE and all(bool(torch.isfinite(v).all()) for v in sums.values()):
             return
         found = f"a reduced value of {largest:.3g}" if math.isfinite(largest) else "their averages overflow"
