@@ -219,6 +219,10 @@ def _run(argv: list[str] | None) -> None:
         sys.exit(143)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # one line, like every other error: the problem, then where help is
+        where = exc.ctx.command_path if exc.ctx is not None else "feda2v-tk"
+        click.echo(f"feda2v-tk: error: {plain(exc.format_message()).rstrip('.')} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

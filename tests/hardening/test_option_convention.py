@@ -125,3 +125,18 @@ def test_the_old_spellings_of_lengths_and_fractions_still_work(tmp_path, capsys)
     import json
 
     assert json.loads(out)["heldout"] == 8
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["demo-data", "x", "--dim", "70000"], "Invalid value for '--dim'"),
+    (["train", "--no-such-option"], "No such option '--no-such-option'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+    (["train"], "Missing option '-d' / '--data'"),
+])
+def test_a_usage_error_is_one_line_naming_the_problem_and_where_help_is(argv, message, capsys):
+    from tests.hardening.conftest import run_main
+
+    code, out, err = run_main(argv, capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    where = "feda2v-tk" if argv[0] == "no-such-command" else f"feda2v-tk {argv[0]}"
+    assert err.startswith("feda2v-tk: error: ") and message in err and f"(see '{where} --help')" in err
