@@ -26,7 +26,8 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"  # feda2v_toolkit.audi
                    "VEGAS, 10 for VGGSound.")
 @click.option("--crop", default="start", show_default=True, type=click.Choice(["start", "center"]),
               help="Which part of a longer clip to keep.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="Clips per forward pass (their features and activations are held at once; at most 1024).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--read-workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Threads reading and featurising the next batches while the model runs (more for a GPU).")

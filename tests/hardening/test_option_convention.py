@@ -132,6 +132,7 @@ def test_the_old_spellings_of_lengths_and_fractions_still_work(tmp_path, capsys)
     (["train", "--no-such-option"], "No such option '--no-such-option'"),
     (["no-such-command"], "No such command 'no-such-command'"),
     (["train"], "Missing option '-d' / '--data'"),
+    (["embed", "clips", "-o", "out", "--batch-size", "100000"], "Invalid value for '--batch-size'"),
 ])
 def test_a_usage_error_is_one_line_naming_the_problem_and_where_help_is(argv, message, capsys):
     from tests.hardening.conftest import run_main
