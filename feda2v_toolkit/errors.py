@@ -150,6 +150,20 @@ def short_list(items: Iterable[object], limit: int = 5, *, sep: str = ", ") -> s
     return head + (f"{sep}... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+def stat_mode(path: os.PathLike[str] | str, missing: str = "no such file or directory") -> int:
+    """``path``'s mode, symbolic links followed; a missing path (said as ``missing``), a link loop or an unreadable
+    one is a one-line :class:`UsageError`."""
+    try:
+        return os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"{path}: symbolic link loop") from None
+        if isinstance(exc, FileNotFoundError | NotADirectoryError):
+            dangling = " (a symbolic link to a missing file)" if os.path.islink(path) else ""
+            raise UsageError(f"{path}: {missing}{dangling}") from None
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
 def environment_error(exc: BaseException) -> ToolkitError | None:
     """A one-line :class:`UsageError` for an OS error that the user's environment caused (unwritable
     directory, full disk, ...), also when safetensors wraps it; ``None`` for anything else."""

@@ -3,7 +3,6 @@ original code (:mod:`feda2v_toolkit.data.original_caches`), with every shape, dt
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from pathlib import Path
@@ -35,25 +34,13 @@ from feda2v_toolkit.errors import (
     UsageError,
     first_line,
     short_list,
+    stat_mode,
     unpickling_refusal,
 )
 
 
-def _stat_mode(path: Path) -> int:
-    """``path``'s mode, symbolic links followed; a missing path or a link loop is a one-line :class:`UsageError`."""
-    try:
-        return path.stat().st_mode
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UsageError(f"{path}: symbolic link loop") from None
-        if isinstance(exc, FileNotFoundError | NotADirectoryError):
-            dangling = " (a symbolic link to a missing file)" if path.is_symlink() else ""
-            raise UsageError(f"{path}: no such file or directory{dangling}") from None
-        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
 def _files_of(path: Path) -> list[Path]:
-    mode = _stat_mode(path)
+    mode = stat_mode(path)
     if stat.S_ISDIR(mode):
         files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and not p.name.startswith("."))
         for p in files:  # skipping one would run on a subset of the data: refused instead
@@ -70,7 +57,7 @@ def _files_of(path: Path) -> list[Path]:
 def _check_shard(path: Path) -> None:
     """Refuse an entry ``*.safetensors`` of a shard directory that is not a regular file (a dangling symbolic
     link, a link loop, a directory, a FIFO, a device or socket) with a one-line :class:`UsageError`."""
-    mode = _stat_mode(path)
+    mode = stat_mode(path)
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket"
         raise UsageError(f"{path}: shard is not a regular file ({kind}); every *.safetensors entry of a shard "

@@ -17,7 +17,6 @@ arguments and ``load_state_dict(strict=True)``: no pickle, no code from the file
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -36,6 +35,7 @@ from feda2v_toolkit.errors import (
     UsageError,
     first_line,
     short_list,
+    stat_mode,
 )
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.runtime.resources import format_bytes, memory_limit
@@ -58,13 +58,7 @@ def read_safetensors(path: str | os.PathLike[str], *, expect: str,
             raise UsageError(f"{p}: not a regular file (a device, pipe or socket); a model is a .safetensors file")
         if p.is_dir():
             raise UsageError(f"{p}: is a directory; give the model file")
-        try:
-            p.stat()
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UsageError(f"{p}: symbolic link loop") from None
-            if not isinstance(exc, FileNotFoundError | NotADirectoryError):
-                raise UsageError(f"{p}: cannot read: {exc.strerror or exc}") from None
+        stat_mode(p, missing="no such file")  # a link loop or an unreadable path says so
         raise UsageError(f"{p}: no such file")
     try:
         with safe_open(str(p), framework="pt") as fh:
