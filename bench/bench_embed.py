@@ -1,6 +1,7 @@
 """Clips/s of ``feda2v-tk embed`` with the full-size AST against the model's forward pass alone, same run.
 
     python bench/bench_embed.py [--clips 16] [--batch-size 8] [--clip-seconds 5] [--device cpu] [--read-workers 1] [--json OUT]
+    python bench/bench_embed.py --ranks 1,2,4 [--clips 8] [--batch-size 1] [--threads-per-rank 1] [--json OUT]
 
 Builds the full-size AST architecture from ``ASTConfig()`` defaults (max_length 1024: 1214 tokens of width
 768, ~87 M parameters) with random weights (seed 0), saves it and its feature extractor with
@@ -14,13 +15,23 @@ Builds the full-size AST architecture from ``ASTConfig()`` defaults (max_length 
 
 Prints clips/s of both, the pipeline's cost over the forward pass alone, the forward time inside ``embed``,
 peak resident memory of ``embed`` (``VmHWM``, reset before it; Linux) and the load average (other work on the machine slows a run down).
+
+``--ranks 1,2,4`` (data-parallel scaling, issue 18) instead runs the ``embed`` command on the same model and clips
+under ``torchrun --nproc-per-node K`` for each K, ``--threads-per-rank`` intra-op threads per rank (1: what torchrun
+sets; the one-rank run gets the same), shards of one batch (``--shard-size 1``: under torchrun each rank embeds
+whole shards), and prints each K's wall time (process start to exit: start-up and every rank's model load
+included), clips/s, speed-up over one rank and scaling efficiency (speed-up / K); every K must write the bytes of
+one rank (checked).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +50,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--read-workers", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap.add_argument("--ranks", help="data-parallel scaling instead: comma-separated rank counts, e.g. 1,2,4")
+    ap.add_argument("--threads-per-rank", type=int, default=1, help="intra-op threads per rank (with --ranks)")
     args = ap.parse_args()
 
     import warnings
@@ -65,6 +78,11 @@ def main() -> None:
             path = tmp / "clips" / ("dog" if i % 2 else "rain") / f"{i:03d}.wav"
             path.parent.mkdir(parents=True, exist_ok=True)
             sf.write(path, x.astype(np.float32), 44100, subtype="PCM_16")
+        if args.ranks:
+            result = scaling(args, tmp, params)
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
+            return
         source = open_source(tmp / "clips")
         policy = ClipPolicy(args.clip_seconds)
         embedder = ASTEmbedder(str(tmp / "ast"), device=args.device)
@@ -110,6 +128,53 @@ def main() -> None:
     print(f"peak RSS      : {result['peak_rss_mb']} MB; load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def digest(out: Path) -> dict[str, str]:
+    """sha256 of every file ``embed`` wrote, by name."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())}
+
+
+def scaling(args: argparse.Namespace, tmp: Path, params: int) -> dict:
+    """``embed`` under torchrun with each rank count of ``--ranks``; wall time, speed-up, same bytes."""
+    counts = [int(k) for k in args.ranks.split(",") if k.strip()]
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_rank),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    print(f"full-size AST: {params / 1e6:.1f} M parameters; {args.clips} clips, batch {args.batch_size}, shards of "
+          f"one batch, {args.device}, {args.threads_per_rank} intra-op thread(s) per rank; {os.cpu_count()} cores",
+          flush=True)
+    runs, reference = [], None
+    for k in counts:
+        out = tmp / f"out-{k}"
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(k), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", "localhost:0", "-m", "feda2v_toolkit", "embed", str(tmp / "clips"), "-o", str(out),
+                "--model", str(tmp / "ast"), "--device", args.device, "--batch-size", str(args.batch_size),
+                "--clip-seconds", str(args.clip_seconds), "--shard-size", "1", "--read-workers",
+                str(args.read_workers), "-q"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{k} ranks: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+        files = digest(out)
+        reference = reference or files
+        run = {"ranks": k, "wall_s": round(wall, 2), "clips_per_s": round(args.clips / wall, 3),
+               "same_bytes_as_first": files == reference, "load_average": os.getloadavg()}
+        runs.append(run)
+        print(f"{k} rank(s): {wall:6.1f} s, {run['clips_per_s']:.3f} clips/s, same bytes as {counts[0]} rank(s): "
+              f"{run['same_bytes_as_first']}", flush=True)
+    base = runs[0]
+    for run in runs:
+        run["speedup"] = round(base["wall_s"] / run["wall_s"] * base["ranks"], 3)
+        run["efficiency"] = round(run["speedup"] / run["ranks"], 3)
+    print("| ranks | wall (s) | clips/s | speed-up over one rank | efficiency | same bytes |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for run in runs:
+        print(f"| {run['ranks']} | {run['wall_s']:.1f} | {run['clips_per_s']:.3f} | {run['speedup']:.2f}x | "
+              f"{100 * run['efficiency']:.0f}% | {run['same_bytes_as_first']} |")
+    return {"clips": args.clips, "batch_size": args.batch_size, "device": args.device, "parameters": params,
+            "threads_per_rank": args.threads_per_rank, "cores": os.cpu_count(), "runs": runs}
 
 
 if __name__ == "__main__":

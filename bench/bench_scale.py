@@ -16,6 +16,8 @@ with ``posix_fadvise(DONTNEED)``), then runs each command in a fresh child proce
 * ``convert-data`` -- shards to shards
 * ``train-2ranks``, ``train-4ranks`` -- ``train`` data-parallel under ``torchrun --nproc-per-node 2`` (4): one
   intra-op thread per rank, as torchrun sets; the peak is the whole process tree's
+* ``train-1thread`` -- ``train`` in one process with one intra-op thread (``OMP_NUM_THREADS=1``): one rank, the
+  reference of the ranks' scaling (and the same model bytes as theirs)
 * ``train-dp``   -- ``train`` with record-level DP (``--dp-epsilon 8``)
 
 Before each command the data's pages are dropped from the page cache (``posix_fadvise(DONTNEED)``), so
@@ -31,9 +33,14 @@ Outputs are deleted after each command and the data after each size.
 
 Summary: per command, peak RSS at the largest N / at the smallest, time ratio vs N ratio, and train's
 throughput as a fraction of the disk's read rate; compared with the issue's targets (peak RSS at 16k within
-1.2x of 1k, < 2 GB for train; train >= 50% of disk read; 16k/1k time within 20x).
+1.2x of 1k, < 2 GB for train; train >= 50% of disk read; 16k/1k time within 20x). For the ``train`` variants,
+the stage times ``train`` prints (the reduce pass: read, reduce and the sums, shared out over the ranks; the
+closed-form fit: the generator's statistics over the blocks, shared out too, and the solve every rank repeats)
+and, with ``train-1thread`` among the commands, each variant's speed-up over it (one rank) and its scaling
+efficiency (speed-up / ranks). ``--warm`` runs every command with the data in the page cache (read once before
+it, not dropped), ``--warm train-1thread,train-4ranks`` those commands: the ranks' arithmetic, not the disk.
 
-Usage: python bench/bench_scale.py [--sizes 1k,4k,16k,64k] [--commands train,generate,...] [--link]
+Usage: python bench/bench_scale.py [--sizes 1k,4k,16k,64k] [--commands train,generate,...] [--link] [--warm [CMDS]]
        [--timeout 1200] [--rss-cap 16GB] [--workdir DIR] [--json OUT]
        python bench/bench_scale.py --summarize run1.json run2.json   (tables of earlier runs, merged by N)
 """
@@ -43,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,8 +66,28 @@ L, D = 1214, 768
 CLIP_BYTES = L * D * 2  # float16
 CLASSES = 4
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ("train", "generate", "evaluate", "analyze", "plan", "split", "convert-data", "train-2ranks",
-            "train-4ranks", "train-dp")
+COMMANDS = ("train", "generate", "evaluate", "analyze", "plan", "split", "convert-data", "train-1thread",
+            "train-2ranks", "train-4ranks", "train-dp")
+#: the stage times ``train`` prints (rank 0 under torchrun): the reduce pass and the closed-form fit
+STAGES = {"reduce_s": re.compile(r"reduced (?:\d+ sequences )?(?:the sequences )?to \d+ tokens in ([0-9.]+)s"),
+          "fit_s": re.compile(r"fitted \d+ generators? in closed form.* in ([0-9.]+)s")}
+
+
+def ranks_of(name: str) -> int:
+    """How many processes share ``name``'s work (``train-<k>ranks``: k; any other command: one)."""
+    if name.startswith("train-") and name.endswith("ranks"):
+        return int(name[len("train-"):-len("ranks")])
+    return 1
+
+
+def stage_times(text: str) -> dict[str, float]:
+    """The stage times in a ``train`` log (``{}`` for other commands)."""
+    found = {}
+    for key, pattern in STAGES.items():
+        m = pattern.search(text)
+        if m:
+            found[key] = float(m.group(1))
+    return found
 
 
 def launcher(name: str) -> list[str]:
@@ -120,6 +148,15 @@ def drop_cache(path: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def warm_cache(path: Path, block: int = 16 * 2**20) -> None:
+    """Read ``path``'s files once, so that the next command finds them in the page cache."""
+    buf = memoryview(bytearray(block))
+    for f in data_files(path):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
 
 
 def disk_read_rate(path: Path, limit: int, block: int = 16 * 2**20) -> dict:
@@ -267,6 +304,8 @@ def kill_session(pid: int) -> None:
 def run_command(argv: list[str], logdir: Path, name: str, timeout: float, cap: int) -> dict:
     """Run ``feda2v-tk ARGV`` in a fresh process; peak RSS, wall time, exit status, last error line."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if name == "train-1thread":  # one rank: one intra-op thread, as torchrun gives each rank
+        env["OMP_NUM_THREADS"] = "1"
     out, err = logdir / f"{name}.stdout", logdir / f"{name}.stderr"
     with open(out, "wb") as fo, open(err, "wb") as fe:
         t0 = time.perf_counter()
@@ -292,8 +331,9 @@ def run_command(argv: list[str], logdir: Path, name: str, timeout: float, cap: i
     # Not wait4's ru_maxrss: Linux carries the *parent's* peak into a child across fork/vfork + exec
     # (exec records the old address space's high-water mark), so a child of a big parent reads big.
     peak = max(watch.hwm, watch.peak)
-    lines = [x for x in err.read_text(errors="replace").splitlines() if x.strip()]
-    result = {"argv": argv, "returncode": code, "seconds": seconds, "peak_rss": peak,
+    log = err.read_text(errors="replace")
+    lines = [x for x in log.splitlines() if x.strip()]
+    result = {"argv": argv, "returncode": code, "seconds": seconds, "peak_rss": peak, "stages": stage_times(log),
               "maxrss_wait4_unreliable": usage.ru_maxrss * 1024, "hwm_sampled": watch.hwm,
               "tree_peak_sampled": watch.peak, "anon_peak_sampled": watch.anon_peak,
               "load1": load,
@@ -384,16 +424,21 @@ def bench_size(n: int, commands: list[str], root: Path, args, save=lambda r: Non
                 print(f"[{label(n)}] {name}: skipped: {why}", flush=True)
                 continue
             argv, outputs = command_argv(name, data, work)
-            drop_cache(data)
+            warm = args.warm == "all" or name in (args.warm or "").split(",")
+            if warm:
+                warm_cache(data)
+            else:
+                drop_cache(data)
             r = run_command(argv, work, name, args.timeout, args.rss_cap)
             r["clips_per_s"] = gen["clips"] / r["seconds"]
             r["MBps"] = gen["bytes"] / r["seconds"] / 1e6
             for out in outputs:
                 remove(out)
+            r["page_cache"] = "warm" if warm else "dropped"
             result["commands"][name] = r
             save(result)
             extra = f" -- {r['error']}" if r["status"] != "ok" else ""
-            print(f"[{label(n)}] {name}: {r['status']}, {r['seconds']:.1f}s, peak RSS {r['peak_rss'] / 1e9:.2f} GB "
+            print(f"[{label(n)}] {name} ({r['page_cache']} page cache): {r['status']}, {r['seconds']:.1f}s, peak RSS {r['peak_rss'] / 1e9:.2f} GB "
                   f"(anonymous {r['anon_peak_sampled'] / 1e9:.2f} GB), "
                   f"{r['clips_per_s']:.0f} clips/s = {r['MBps']:.0f} MB/s of input, load {r['load1']:.1f}{extra}",
                   flush=True)
@@ -452,6 +497,30 @@ def summary(results: list[dict], commands: list[str]) -> str:
                                                      if linked > 1 else "")
         lines.append(f"| {label(r['n'])} | {size} | {r['data']['seconds']:.0f} | {disk:.0f} | "
                      f"{tr} | {frac} |")
+    variants = [c for c in commands if c == "train" or c.startswith("train-") and c != "train-dp"]
+    if len(variants) >= 2:
+        lines += ["", "| command | N | processes x threads | page cache | wall (s) | reduce pass (s) | closed-form fit (s) | "
+                  "reduce + fit (s) | reduce + fit: speed-up over one rank | efficiency | wall: speed-up |",
+                  "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in done:
+            one = r["commands"].get("train-1thread")
+            one_stages = sum(one.get("stages", {}).values()) if one and one["status"] == "ok" else None
+            for name in variants:
+                c = r["commands"].get(name)
+                if not c or c["status"] != "ok":
+                    continue
+                st = c.get("stages", {})
+                both = sum(st.values()) if len(st) == len(STAGES) else None
+                k = ranks_of(name)
+                how = f"{k} x 1" if name != "train" else "1 x all cores"
+                speed = eff = wall = "—"
+                if one_stages and both:
+                    speed = f"{one_stages / both:.2f}x"
+                    eff = f"{100 * one_stages / both / k:.0f}%" if name != "train" else "—"
+                    wall = f"{one['seconds'] / c['seconds']:.2f}x"
+                fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+                lines.append(f"| `{name}` | {label(r['n'])} | {how} | {c.get('page_cache', 'dropped')} | {c['seconds']:.1f} | {fmt(st.get('reduce_s'))} | "
+                             f"{fmt(st.get('fit_s'))} | {fmt(both)} | {speed} | {eff} | {wall} |")
     if len(done) >= 2:
         lo, hi = done[0], done[-1]
         nr = hi["n"] / lo["n"]
@@ -490,6 +559,9 @@ def main() -> None:
                          "times (the commands see N clips in N/256 MiB files, read in name order as 2^k passes "
                          "over the N/2^k on disk; when those are larger than memory every pass reads the disk; "
                          "the read probe reads each file once)")
+    ap.add_argument("--warm", nargs="?", const="all", metavar="COMMANDS",
+                    help="run these commands (comma-separated; none named: every one) with the data in the page "
+                         "cache, not dropped first (the arithmetic, not the disk)")
     ap.add_argument("--workdir", type=Path, default=None, help="where data are written [default: a temp dir]")
     ap.add_argument("--json", type=Path, help="write every measurement as JSON here (after each command)")
     ap.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",

@@ -28,6 +28,9 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"  # feda2v_toolkit.audi
               help="Which part of a longer clip to keep.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024),
               help="Clips per forward pass (their features and activations are held at once; at most 1024).")
+@click.option("--shard-size", "shard_mb", default=256, show_default=True, type=click.IntRange(1, 65536),
+              help="Approximate shard size in MiB (a whole number of batches, at least one; under torchrun each "
+                   "rank embeds whole shards, so use at least as many shards as ranks).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE, help=DEVICE_HELP)
 @click.option("--read-workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Threads reading and featurising the next batches while the model runs (more for a GPU).")
@@ -51,7 +54,7 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"  # feda2v_toolkit.audi
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or status messages.")
 def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_seconds: float, crop: str,
-              batch_size: int, device: str, read_workers: int, dtype: str, on_error: str, path_column: str, label_column: str,
+              batch_size: int, shard_mb: int, device: str, read_workers: int, dtype: str, on_error: str, path_column: str, label_column: str,
               fold_column: str, audio_column: str, audio_root: Path | None, split: str | None, folds: str | None,
               overwrite: bool, progress: bool | None, as_json: bool, quiet: bool) -> None:
     """Embed the audio clips of SOURCE with an Audio Spectrogram Transformer into a dataset directory.
@@ -77,7 +80,7 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
                       folds=[f.strip() for f in folds.split(",") if f.strip()] if folds else None)
     try:
         report = embed(src, out, model=model, revision=revision, policy=policy,
-                       batch_size=batch_size, device=device, dtype=dtype, on_error=on_error, overwrite=overwrite,
+                       batch_size=batch_size, shard_bytes=shard_mb * 2**20, device=device, dtype=dtype, on_error=on_error, overwrite=overwrite,
                        read_workers=read_workers, progress=False if quiet and progress is None else progress)
     except KeyboardInterrupt:
         work = partial_dir(out)

@@ -87,3 +87,26 @@ def test_the_cli_default_model_is_the_library_default():
     from feda2v_toolkit.commands.embed import DEFAULT_MODEL as CLI_DEFAULT
 
     assert CLI_DEFAULT == DEFAULT_MODEL == "MIT/ast-finetuned-audioset-10-10-0.4593"
+
+
+def test_shard_size_sets_the_shards_each_rank_embeds_whole(tiny_ast, tmp_path, capsys, monkeypatch):
+    """--shard-size (MiB, like generate's) reaches embed(): under torchrun each rank embeds whole shards, so a few
+    clips need small shards to keep every rank busy."""
+    import feda2v_toolkit.audio.embed as embed_module
+    from feda2v_toolkit.errors import InputError
+
+    seen = {}
+
+    def fake_embed(source, out, **kwargs):
+        seen.update(kwargs)
+        raise InputError("stopped by the test")
+
+    monkeypatch.setattr(embed_module, "embed", fake_embed)
+    clips = make_class_folders(tmp_path / "clips")
+    base = ["embed", str(clips), "-o", str(tmp_path / "ds"), "--model", str(tiny_ast), "--device", "cpu"]
+    code, _, err = cli(capsys, *base, "--shard-size", "3")
+    assert code == 1 and "stopped by the test" in err and seen["shard_bytes"] == 3 * 2**20
+    code, _, _ = cli(capsys, *base)
+    assert code == 1 and seen["shard_bytes"] == 256 * 2**20  # the writer's default shard size
+    code, _, err = cli(capsys, *base, "--shard-size", "0")
+    assert code == 2 and "--shard-size" in err
