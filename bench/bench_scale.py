@@ -6,7 +6,8 @@ classes, streamed into 256 MiB shards by the package's own writer (``write_demo_
 ``DatasetWriter``) -- measures the disk's sequential read rate on those shards (page cache dropped first
 with ``posix_fadvise(DONTNEED)``), then runs each command in a fresh child process with that data:
 
-* ``train``      -- default generator (gaussian, closed form) at ``generator_training_sequence_length`` 16
+* ``train``      -- default generator (gaussian, closed form) at ``generator_training_sequence_length`` 16, on
+  the CPU (``--device``: every ``train`` variant's; ``auto`` takes a GPU where there is one)
 * ``generate``   -- the trained model, ``-k auto`` (as many samples as training clips per class) at the
   full length 1214, float16: about as many bytes as the input (its training clips)
 * ``evaluate``   -- the trained model against the same data (defaults: ``--split all``, ``-k auto``)
@@ -350,11 +351,11 @@ def run_command(argv: list[str], logdir: Path, name: str, timeout: float, cap: i
     return result
 
 
-def command_argv(name: str, data: Path, work: Path) -> tuple[list[str], list[Path]]:
-    """The command line for ``name`` and the outputs to delete afterwards."""
+def command_argv(name: str, data: Path, work: Path, device: str = "cpu") -> tuple[list[str], list[Path]]:
+    """The command line for ``name`` and the outputs to delete afterwards (``train``'s variants on ``device``)."""
     model = work / "model.safetensors"
     if name.startswith("train-"):  # data-parallel or private: its own model file, the same config
-        argv, outputs = command_argv("train", data, work)
+        argv, outputs = command_argv("train", data, work, device)
         extra = ["--dp-epsilon", "8"] if name == "train-dp" else []  # record-level DP at epsilon 8
         return [a if a != str(model) else str(work / f"{name}.safetensors") for a in argv] + extra, \
             [*outputs, work / f"{name}.safetensors", work / f"{name}.metrics.jsonl"]
@@ -362,7 +363,7 @@ def command_argv(name: str, data: Path, work: Path) -> tuple[list[str], list[Pat
         cfg = work / "train-config.json"
         cfg.write_text(json.dumps({"generator_training_sequence_length": 16}))
         return (["train", "-c", str(cfg), "-d", str(data), "-o", str(model), "--seed", "0", "--no-progress",
-                 "--overwrite", "--checkpoint-dir", str(work / "ck")], [work / "ck"])
+                 "--overwrite", "--checkpoint-dir", str(work / "ck"), "--device", device], [work / "ck"])
     if name == "generate":
         out = work / "generated"
         return (["generate", str(model), "-o", str(out), "-k", "auto", "--output-length", str(L), "--dtype",
@@ -423,7 +424,7 @@ def bench_size(n: int, commands: list[str], root: Path, args, save=lambda r: Non
                 result["commands"][name] = {"status": "skipped", "error": why, "seconds": None, "peak_rss": None}
                 print(f"[{label(n)}] {name}: skipped: {why}", flush=True)
                 continue
-            argv, outputs = command_argv(name, data, work)
+            argv, outputs = command_argv(name, data, work, args.device)
             warm = args.warm == "all" or name in (args.warm or "").split(",")
             if warm:
                 warm_cache(data)
@@ -559,6 +560,9 @@ def main() -> None:
                          "times (the commands see N clips in N/256 MiB files, read in name order as 2^k passes "
                          "over the N/2^k on disk; when those are larger than memory every pass reads the disk; "
                          "the read probe reads each file once)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "auto", "cuda"],
+                    help="train's --device for every train variant [cpu: the same arithmetic for one process and "
+                         "the ranks, also on a machine with a GPU]")
     ap.add_argument("--warm", nargs="?", const="all", metavar="COMMANDS",
                     help="run these commands (comma-separated; none named: every one) with the data in the page "
                          "cache, not dropped first (the arithmetic, not the disk)")

@@ -62,17 +62,14 @@ class ASTEmbedder:
 
     def __init__(self, model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto") -> None:
         require("transformers", "soundfile", "soxr")
-        import torch
         from transformers.utils import logging as hf_logging
 
         from feda2v_toolkit.audio.ast_model import load_ast
+        from feda2v_toolkit.runtime.launch import rank_device
 
         if device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"device must be auto, cpu or cuda, not {device!r}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"{spelled('--device cuda', 'device=cuda')}: no CUDA device is available")
+        device = rank_device(device)  # under torchrun: one GPU per rank, or the CPU for every rank
         level, bars = hf_logging.get_verbosity(), not hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # its load report (checked strictly by load_ast) and hub chatter
         hf_logging.disable_progress_bar()

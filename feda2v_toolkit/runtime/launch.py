@@ -37,3 +37,45 @@ def launched_world_size() -> int:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
         raise InputError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} is not a number of processes") from None
+
+
+def _local(name: str, default: int) -> int:
+    try:
+        return max(0, int(os.environ.get(name, "") or default))
+    except ValueError:
+        raise InputError(f"{name}={os.environ.get(name)!r} is not a number") from None
+
+
+def rank_device(device: str) -> str:
+    """``cpu`` or ``cuda`` for this process from ``auto``, ``cpu`` or ``cuda`` (``cuda:N`` kept as given).
+
+    One process: ``auto`` is ``cuda`` when a GPU is available. Under a launcher (``WORLD_SIZE`` > 1) each rank
+    takes the GPU of its local rank (NCCL runs one rank per GPU): ``auto`` is ``cuda`` only when every rank of
+    this machine (``LOCAL_WORLD_SIZE``) has a GPU of its own, else the CPU for all of them (never some ranks on
+    GPUs and others not); ``cuda`` with fewer GPUs than ranks on the machine is a usage error on every rank,
+    naming the counts."""
+    import torch
+
+    from feda2v_toolkit.errors import UsageError
+
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda or auto")
+    if device == "cpu":
+        return device
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    world = launched_world_size()
+    if world == 1:
+        if device == "auto":
+            return "cuda" if gpus else "cpu"
+        if not gpus:
+            raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        return device
+    local_world = _local("LOCAL_WORLD_SIZE", world)
+    if device == "auto":
+        return "cuda" if gpus >= local_world else "cpu"
+    if gpus < local_world:
+        have = f"{gpus} GPU" + ("" if gpus == 1 else "s") if gpus else "no GPU"
+        start = f"start at most {gpus} per machine (torchrun --nproc-per-node {gpus}), or" if gpus else "use"
+        raise UsageError(f"--device cuda: {local_world} ranks on this machine but {have} (NCCL runs one rank per "
+                         f"GPU): {start} --device cpu")
+    return device

@@ -28,6 +28,7 @@ from feda2v_toolkit.runtime.launch import (  # noqa: F401  (re-exported: where t
     collective_timeout,
     launched_rank,
     launched_world_size,
+    rank_device,
 )
 from feda2v_toolkit.runtime.seeds import derive_seed
 
@@ -256,7 +257,7 @@ def init_from_environment(device: torch.device | str = "cpu") -> Ranks:
                          "torchrun (e.g. torchrun --nproc-per-node 2 -m feda2v_toolkit train ...)")
     made = not dist.is_initialized()
     if made:
-        cuda = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
+        cuda = torch.device(rank_device(device) if isinstance(device, str) else device).type == "cuda"
         backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -43,6 +43,7 @@ from feda2v_toolkit.errors import InputError, UsageError, short_list
 from feda2v_toolkit.model.bundle import GenerativeModel
 from feda2v_toolkit.privacy.spec import dp_requested
 from feda2v_toolkit.runtime.atomic import check_inputs, check_output, check_output_path, check_writable
+from feda2v_toolkit.runtime.launch import rank_device
 from feda2v_toolkit.runtime.malloc import release_freed_memory
 from feda2v_toolkit.runtime.progress import Progress
 from feda2v_toolkit.runtime.ranks import Ranks, agree, init_from_environment
@@ -168,16 +169,11 @@ def nbytes(arrays: Mapping[str, Tensor]) -> int:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a usage error. Under torchrun, one GPU
+    per rank or the CPU for every rank (:func:`feda2v_toolkit.runtime.launch.rank_device`)."""
     if isinstance(device, torch.device):
         return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"unknown device {device!r}; use cpu, cuda or auto")
-    return torch.device(device)
+    return torch.device(rank_device(device))
 
 
 # -- checkpoints and resume ----------------------------------------------------------------------------
