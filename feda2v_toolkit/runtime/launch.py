@@ -1,5 +1,6 @@
 """What a launcher (``torchrun``) tells a process through its environment: its rank, the number of ranks, how
-long a collective may wait. No torch import: commands read these before deciding anything heavy."""
+long a collective may wait, which device it runs on. No torch import at import time: commands read these before
+deciding anything heavy (:func:`rank_device` imports torch when called)."""
 
 from __future__ import annotations
 
