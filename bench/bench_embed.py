@@ -161,7 +161,8 @@ def scaling(args: argparse.Namespace, tmp: Path, params: int) -> dict:
         files = digest(out)
         reference = reference or files
         report = json.loads(proc.stdout)  # rank 0's: its own loop over its shards, after start-up and model load
-        own = -(-args.clips // k)  # rank 0's clips: shards of one batch dealt out in turn
+        batches = [min(args.batch_size, args.clips - s) for s in range(0, args.clips, args.batch_size)]
+        own = sum(batches[0::k])  # rank 0's clips: shards of one batch dealt out in turn
         run = {"ranks": k, "wall_s": round(wall, 2), "clips_per_s": round(args.clips / wall, 3),
                "rank0_loop_s": report["seconds"], "rank0_clips": own,
                "startup_s": round(wall - report["seconds"], 2),

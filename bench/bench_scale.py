@@ -42,7 +42,7 @@ efficiency (speed-up / ranks). ``--warm`` runs every command with the data in th
 it, not dropped), ``--warm train-1thread,train-4ranks`` those commands: the ranks' arithmetic, not the disk.
 
 Usage: python bench/bench_scale.py [--sizes 1k,4k,16k,64k] [--commands train,generate,...] [--link] [--warm [CMDS]]
-       [--timeout 1200] [--rss-cap 16GB] [--workdir DIR] [--json OUT]
+       [--distinct 1000] [--device cpu|auto|cuda] [--timeout 1200] [--rss-cap 16GB] [--workdir DIR] [--json OUT]
        python bench/bench_scale.py --summarize run1.json run2.json   (tables of earlier runs, merged by N)
 """
 
@@ -71,7 +71,7 @@ COMMANDS = ("train", "generate", "evaluate", "analyze", "plan", "split", "conver
             "train-2ranks", "train-4ranks", "train-dp")
 #: the stage times ``train`` prints (rank 0 under torchrun): the reduce pass and the closed-form fit
 STAGES = {"reduce_s": re.compile(r"reduced (?:\d+ sequences )?(?:the sequences )?to \d+ tokens in ([0-9.]+)s"),
-          "fit_s": re.compile(r"fitted \d+ generators? in closed form.* in ([0-9.]+)s")}
+          "fit_s": re.compile(r"fitted \d+ generators? (?:in closed form|from noisy statistics).* in ([0-9.]+)s")}
 
 
 def ranks_of(name: str) -> int:
@@ -505,7 +505,8 @@ def summary(results: list[dict], commands: list[str]) -> str:
                   "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in done:
             one = r["commands"].get("train-1thread")
-            one_stages = sum(one.get("stages", {}).values()) if one and one["status"] == "ok" else None
+            one_stages = sum(one["stages"].values()) if one and one["status"] == "ok" and \
+                len(one.get("stages", {})) == len(STAGES) else None
             for name in variants:
                 c = r["commands"].get(name)
                 if not c or c["status"] != "ok":
@@ -583,7 +584,7 @@ def main() -> None:
         return
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     commands = [c.strip() for c in args.commands.split(",") if c.strip()]
-    unknown = set(commands) - set(COMMANDS)
+    unknown = (set(commands) | set((args.warm or "all").split(",")) - {"all"}) - set(COMMANDS)
     if unknown:
         ap.error(f"unknown commands: {', '.join(sorted(unknown))}")
     if "train" not in commands and NEEDS_MODEL & set(commands):

@@ -8,7 +8,9 @@ what it holds bounded by cutting the within-class scatter's factor to its top di
   (memory grows with the number of classes; the form before the two exchanges);
 * ``pooled xK``: two exchanges (the class means first); one pooled factor of at most ``2 x K x rank`` rows,
   re-factored to ``K x rank`` (memory independent of the number of classes; ``train`` streams with
-  :data:`~feda2v_toolkit.training.stages.STREAM_KEEP`).
+  :data:`~feda2v_toolkit.training.stages.STREAM_KEEP`), in one stream in block order (``train`` until stop 33);
+* ``x2, lanes``: ``train``'s way since stop 34 -- pooled x2, the blocks in
+  :data:`~feda2v_toolkit.runtime.ranks.LANES` fixed lanes merged in lane order (the ranks share the lanes out).
 
 Against the whole-data fit (every row at once, exact): the held-out negative log-likelihood per element
 (lower is better), the overlap of the components' subspace (mean squared cosine of the principal angles,
@@ -66,9 +68,12 @@ def reduced_corpus(per_class: int, length: int, keep_tokens: int) -> tuple[torch
     return torch.cat(out), ds.labels.clone()
 
 
-def streamed(gen, x, labels, block: int, keep: int | None) -> tuple[dict, int]:
-    """The statistics of ``x`` merged one block at a time as ``train`` does; ``keep`` None: the per-class form."""
+def streamed(gen, x, labels, block: int, keep: int | None, lanes: bool = False) -> tuple[dict, int]:
+    """The statistics of ``x`` merged one block at a time; ``keep`` None: the per-class form. ``lanes``: as
+    ``train`` merges them since stop 34, in :data:`~feda2v_toolkit.runtime.ranks.LANES` fixed lanes (block ``b``
+    in lane ``b mod LANES``, then the lanes in order: ``Ranks.combine_lanes``); else one stream in block order."""
     from feda2v_toolkit.generators.gaussian import GaussianGenerator
+    from feda2v_toolkit.runtime.ranks import Ranks
     from feda2v_toolkit.training.stages import GeneratorStatisticsStage
 
     stage = GeneratorStatisticsStage()
@@ -76,14 +81,20 @@ def streamed(gen, x, labels, block: int, keep: int | None) -> tuple[dict, int]:
     means = None
     if keep is not None:
         means = stage.means([stage.means_local(gen, xb, lb) for xb, lb in blocks])
-    acc, held = None, 0
-    for xb, lb in blocks:
-        extra = {} if means is None else {"means": means}
-        part = gen.fit_statistics(xb, labels=lb, max_rank=None, **extra)
-        rank = gen.rank * (keep or 1)
-        acc = part if acc is None else GaussianGenerator.merge_statistics([acc, part], max_rank=rank)
-        held = max(held, int(acc["factors"].shape[0]))
-    return GaussianGenerator.merge_statistics([acc], max_rank=gen.rank, compact=True), held
+    extra = {} if means is None else {"means": means}
+    held = [0]
+
+    def part(b: int) -> dict:
+        return dict(gen.fit_statistics(blocks[b][0], labels=blocks[b][1], max_rank=None, **extra))
+
+    def merge(acc: dict | None, p: dict) -> dict:
+        acc = p if acc is None else GaussianGenerator.merge_statistics([acc, p], max_rank=gen.rank * (keep or 1))
+        held[0] = max(held[0], int(acc["factors"].shape[0]))
+        return acc
+
+    combine = Ranks().combine_lanes if lanes else Ranks().combine
+    acc = combine(len(blocks), part, merge)
+    return GaussianGenerator.merge_statistics([acc], max_rank=gen.rank, compact=True), held[0]
 
 
 def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -264,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     ref_var = float(whole.components.double().square().sum())
     rows = [{"way": "whole data", "heldout_nll": ref_nll, "overlap": 1.0, "variance_kept": 1.0,
              "factor_rows_held": len(train), "seconds": None}]
-    for name, keep in (("per-class", None), ("pooled x1", 1), ("pooled x2", 2), ("pooled x4", 4)):
+    for name, keep, lanes in (("per-class", None, False), ("pooled x1", 1, False), ("pooled x2", 2, False),
+                              ("pooled x4", 4, False), ("x2, lanes", 2, True)):
         gen = model()
         t0 = time.perf_counter()
-        stats, most = streamed(gen, x[train], labels[train], args.block, keep)
+        stats, most = streamed(gen, x[train], labels[train], args.block, keep, lanes)
         gen.fit_from_statistics(stats)
         seconds = time.perf_counter() - t0
         rows.append({"way": name, "heldout_nll": gen.loss_terms(x[held], labels=labels[held], conditions=None,

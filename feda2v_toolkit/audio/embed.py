@@ -216,13 +216,15 @@ def embed(source: ClipSource | str | os.PathLike[str], out: str | os.PathLike[st
     emb = embedder or ASTEmbedder(model, revision=revision, device=device)
     from feda2v_toolkit.runtime.resources import require_memory
 
-    # the waveforms of the batches being prepared, and their filterbank features
-    require_memory((max(1, read_workers) + 1) * batch_size * (policy.samples * 4 * 3 + emb.max_length * 128 * 4),
-                   f"reading batches of {batch_size} clips of {policy.seconds:g} s",
-                   hint=spelled("lower --clip-seconds or --batch-size", "lower the clip seconds or batch_size"))
     row_bytes = emb.tokens * emb.dim * storage.itemsize
     batches_per_shard = max(1, (shard_bytes or DEFAULT_SHARD_BYTES) // row_bytes // batch_size)
     shard_clips = batches_per_shard * batch_size
+    # the waveforms of the batches being prepared, their filterbank features, and the shard gathered in place
+    require_memory((max(1, read_workers) + 1) * batch_size * (policy.samples * 4 * 3 + emb.max_length * 128 * 4)
+                   + min(shard_clips, len(source.clips)) * row_bytes,
+                   f"reading batches of {batch_size} clips of {policy.seconds:g} s into shards of {shard_clips} "
+                   "clips", hint=spelled("lower --clip-seconds, --batch-size or --shard-size",
+                                         "lower the clip seconds, batch_size or shard_bytes"))
     settings = {**emb.settings(), "clip_policy": policy.to_json(), "dtype": str(storage).removeprefix("torch."),
                 "batch_size": batch_size, "shard_clips": shard_clips, "source": source.description,
                 "embed_format_version": EMBED_FORMAT_VERSION}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.errors import InputError, UsageError, spelled
 
 #: environment variables torchrun (and other launchers) set
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -42,24 +42,26 @@ def launched_world_size() -> int:
 
 def _local(name: str, default: int) -> int:
     try:
-        return max(0, int(os.environ.get(name, "") or default))
+        return max(1, int(os.environ.get(name, "") or default))
     except ValueError:
         raise InputError(f"{name}={os.environ.get(name)!r} is not a number") from None
 
 
 def rank_device(device: str) -> str:
-    """``cpu`` or ``cuda`` for this process from ``auto``, ``cpu`` or ``cuda`` (``cuda:N`` kept as given).
+    """``cpu`` or ``cuda`` (or ``cuda:N`` in one process) for this process from ``auto``, ``cpu``, ``cuda`` or
+    ``cuda:N``.
 
     One process: ``auto`` is ``cuda`` when a GPU is available. Under a launcher (``WORLD_SIZE`` > 1) each rank
     takes the GPU of its local rank (NCCL runs one rank per GPU): ``auto`` is ``cuda`` only when every rank of
-    this machine (``LOCAL_WORLD_SIZE``) has a GPU of its own, else the CPU for all of them (never some ranks on
-    GPUs and others not); ``cuda`` with fewer GPUs than ranks on the machine is a usage error on every rank,
-    naming the counts."""
+    this machine (``LOCAL_WORLD_SIZE``) has a GPU of its own, else the CPU for all of them (never some ranks of
+    a machine on GPUs and others not; the machines of a multi-machine run must have alike GPUs); ``cuda`` with
+    fewer GPUs than ranks on the machine is a usage error on every rank, naming the counts, and so is ``cuda:N``
+    (the rank's GPU is its local rank's)."""
     import torch
 
-    from feda2v_toolkit.errors import UsageError
-
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+    flag, cpu = spelled("--device cuda", "device='cuda'"), spelled("--device cpu", "device='cpu'")
+    index = device.partition(":")[2]
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and index.isdigit()):
         raise UsageError(f"unknown device {device!r}; use cpu, cuda or auto")
     if device == "cpu":
         return device
@@ -69,14 +71,21 @@ def rank_device(device: str) -> str:
         if device == "auto":
             return "cuda" if gpus else "cpu"
         if not gpus:
-            raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+            raise UsageError(f"{flag}: no CUDA device is available (use {cpu} or auto)")
+        if index and int(index) >= gpus:
+            raise UsageError(f"device {device!r}: this machine has {gpus} GPU{'' if gpus == 1 else 's'} "
+                             f"(cuda:0{f' to cuda:{gpus - 1}' if gpus > 1 else ''})")
         return device
+    if index:
+        raise UsageError(f"device {device!r} under torchrun: each rank uses the GPU of its local rank; "
+                         "use cuda or auto")
     local_world = _local("LOCAL_WORLD_SIZE", world)
     if device == "auto":
         return "cuda" if gpus >= local_world else "cpu"
     if gpus < local_world:
         have = f"{gpus} GPU" + ("" if gpus == 1 else "s") if gpus else "no GPU"
-        start = f"start at most {gpus} per machine (torchrun --nproc-per-node {gpus}), or" if gpus else "use"
-        raise UsageError(f"--device cuda: {local_world} ranks on this machine but {have} (NCCL runs one rank per "
-                         f"GPU): {start} --device cpu")
+        start = (f"start at most {gpus} rank{'' if gpus == 1 else 's'} per machine (torchrun --nproc-per-node "
+                 f"{gpus}), or use {cpu}") if gpus else f"use {cpu}"
+        raise UsageError(f"{flag}: {local_world} ranks on this machine but {have} (NCCL runs one rank per GPU): "
+                         f"{start}")
     return device

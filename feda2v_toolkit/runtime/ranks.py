@@ -37,6 +37,10 @@ BLOCK_ROWS = 512
 
 Part = dict[str, Tensor]
 
+#: lanes a costly merge runs in (:meth:`Ranks.combine_lanes`): block ``b`` in lane ``b mod LANES``; fixed, so that
+#: the result does not depend on the number of ranks; up to this many ranks merge in parallel
+LANES = 8
+
 
 def block_count(rows: int) -> int:
     return (rows + BLOCK_ROWS - 1) // BLOCK_ROWS
@@ -86,6 +90,22 @@ class Ranks:
                 acc = merge(acc, p)
                 del p  # merged: not held beside the next part
         return acc
+
+    def combine_lanes(self, blocks: int, compute: Callable[[int], Part],
+                      merge: Callable[[Part | None, Part], Part], lanes: int = LANES) -> Part | None:
+        """Like :meth:`combine`, for a merge that costs more than computing the parts (a factor re-factored at
+        every merge): the blocks run in ``lanes`` fixed lanes -- lane ``l`` merges blocks ``l, l + lanes, ...`` in
+        order -- and the lanes' results are merged in lane order. The ranks share out whole lanes (rank ``r``:
+        lanes ``r, r + W, ...``) and merge the lanes' results alike, so the lanes' merges run in parallel and
+        every rank, for any number of ranks, returns what one process does (the same merges in the same order).
+        As many merges as :meth:`combine`; two results held at a time (a lane's and the lanes' so far)."""
+        def lane(first: int) -> Part:
+            acc: Part | None = None
+            for b in range(first, blocks, lanes):
+                acc = merge(acc, compute(b))
+            return acc or {}
+
+        return self.combine(min(lanes, blocks), lane, merge)
 
     def all_strings(self, value: str) -> list[str]:
         return [value]
@@ -257,7 +277,7 @@ def init_from_environment(device: torch.device | str = "cpu") -> Ranks:
                          "torchrun (e.g. torchrun --nproc-per-node 2 -m feda2v_toolkit train ...)")
     made = not dist.is_initialized()
     if made:
-        cuda = torch.device(rank_device(device) if isinstance(device, str) else device).type == "cuda"
+        cuda = torch.device(rank_device(str(device))).type == "cuda"
         backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -171,9 +171,7 @@ def nbytes(arrays: Mapping[str, Tensor]) -> int:
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a usage error. Under torchrun, one GPU
     per rank or the CPU for every rank (:func:`feda2v_toolkit.runtime.launch.rank_device`)."""
-    if isinstance(device, torch.device):
-        return device
-    return torch.device(rank_device(device))
+    return torch.device(rank_device(str(device)))
 
 
 # -- checkpoints and resume ----------------------------------------------------------------------------

@@ -56,6 +56,23 @@ def test_two_ranks_write_the_bytes_of_one_process(three_blocks, tmp_path):
         "one.metrics.jsonl", "one.safetensors", "two.metrics.jsonl", "two.safetensors"]  # rank 1 wrote nothing
 
 
+def test_two_ranks_write_the_bytes_of_one_process_when_each_lane_holds_several_blocks(tmp_path):
+    """Past LANES blocks the gaussian's merges run in parallel lanes: 19 blocks, lanes of two or three, of which
+    rank 0 merges lanes 0, 2, 4, 6 and rank 1 lanes 1, 3, 5, 7."""
+    from feda2v_toolkit.data.demo import write_demo_dataset
+    from feda2v_toolkit.runtime.ranks import LANES
+
+    data = tmp_path / "many.safetensors"
+    write_demo_dataset(data, 2400, seq_len=8, dim=8)
+    assert block_count(9600) == 19 > 2 * LANES
+    args = [*TRAIN, "-d", str(data)]
+    one = run([*args, "-o", "one.safetensors"], tmp_path, ranks=1)
+    assert one.returncode == 0, one.stderr
+    two = run([*args, "-o", "two.safetensors"], tmp_path, ranks=2)
+    assert two.returncode == 0, two.stderr
+    assert sha256(tmp_path / "one.safetensors") == sha256(tmp_path / "two.safetensors")
+
+
 def test_two_ranks_train_a_vae_with_averaged_gradients(three_blocks, tmp_path):
     from feda2v_toolkit.model.file import load_model
 
@@ -149,6 +166,43 @@ def test_one_process_combines_block_parts_in_block_order():
 
     out = Ranks().combine(5, parts.__getitem__, merge)
     assert order == [0, 1, 2, 3, 4] and float(out["x"]) == 10
+
+
+def concat(acc, part):
+    """A merge whose result shows the order it ran in."""
+    return part if acc is None else {"x": torch.cat([acc["x"], part["x"]])}
+
+
+def test_lanes_merge_their_blocks_in_order_then_the_lanes_in_order():
+    parts = {b: {"x": torch.tensor([float(b)])} for b in range(10)}
+    out = Ranks().combine_lanes(10, parts.__getitem__, concat, lanes=4)
+    assert out["x"].tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 3, 7]
+    assert Ranks().combine_lanes(3, parts.__getitem__, concat, lanes=4)["x"].tolist() == [0, 1, 2]  # one a lane
+
+
+def test_ranks_share_out_whole_lanes_and_every_rank_gets_the_result_of_one_process():
+    """The costly merges (the gaussian's re-factoring) run in parallel, in an order the ranks do not change."""
+    parts = {b: {"x": torch.tensor([float(b)])} for b in range(11)}
+    expected = Ranks().combine_lanes(11, parts.__getitem__, concat, lanes=4)["x"].tolist()
+
+    class Fake(Ranks):  # rank `rank` of `world`; the other ranks' lanes recomputed here (they are pure)
+        def __init__(self, rank: int, world: int) -> None:
+            self.rank, self.world, self.own = rank, world, []
+
+        def combine(self, blocks, compute, merge):
+            self.lane = compute
+            return super().combine(blocks, compute, merge)
+
+        def exchange(self, part, blocks):
+            mine = [b for b in blocks if b % self.world == self.rank]
+            self.own += mine
+            return [part if b in mine else self.lane(b) for b in blocks]
+
+    for world in (1, 2, 3, 4, 5):
+        for rank in range(world):
+            fake = Fake(rank, world)
+            assert fake.combine_lanes(11, parts.__getitem__, concat, lanes=4)["x"].tolist() == expected
+            assert fake.own == list(range(rank, 4, world))  # whole lanes: rank r computes lanes r, r + W, ...
 
 
 def test_in_block_picks_the_sorted_rows_of_a_block():
