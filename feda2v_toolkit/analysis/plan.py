@@ -49,7 +49,7 @@ from feda2v_toolkit.data.readahead import pass_buffer_bytes
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.model.generate import DEFAULT_BATCH, upsample_rows
 from feda2v_toolkit.runtime.malloc import STREAM_BUFFER_BYTES
-from feda2v_toolkit.runtime.ranks import BLOCK_ROWS
+from feda2v_toolkit.runtime.ranks import BLOCK_ROWS, LANES, block_count
 from feda2v_toolkit.runtime.resources import cache_in_memory
 from feda2v_toolkit.runtime.resources import memory_budget as default_budget
 from feda2v_toolkit.runtime.sizes import format_bytes
@@ -343,6 +343,8 @@ class Planner:
                 k = STREAM_KEEP * rank
                 # cut while streaming (plus the probes and their sums, a few copies), else stacked as they are
                 held = int(2 * k + 1.5 * BLOCK_ROWS) + 4 * SCATTER_PROBES if n > k else 2 * n
+                if n > k and self.num_samples and block_count(self.num_samples) > LANES:
+                    held += k  # past LANES blocks, the lanes merged so far wait while a lane streams (ranks.combine_lanes)
                 streamed = (held + 3 * means) * length * self.dim * 8
                 copies = 2  # a block's part: its float64 rows and their deviations (the factor, stacked as they are)
             else:
