@@ -91,12 +91,16 @@ def stage_times(text: str) -> dict[str, float]:
     return found
 
 
+def warm_commands(warm: str | None) -> set[str]:
+    """The commands ``--warm`` names (``"all"``: every one; none given: none)."""
+    return set(COMMANDS) if warm == "all" else {c.strip() for c in (warm or "").split(",") if c.strip()}
+
+
 def launcher(name: str) -> list[str]:
     """How a command starts: ``python -m feda2v_toolkit``, or under torchrun for ``train-<k>ranks``."""
-    if name.startswith("train-") and name.endswith("ranks"):
-        k = name[len("train-"):-len("ranks")]
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", k, "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", "localhost:0", "-m", "feda2v_toolkit"]
+    if ranks_of(name) > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks_of(name)),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m", "feda2v_toolkit"]
     return [sys.executable, "-m", "feda2v_toolkit"]
 NEEDS_MODEL = {"generate", "evaluate"}
 #: commands whose output is about as large as the input (disk needed: data + this)
@@ -425,7 +429,7 @@ def bench_size(n: int, commands: list[str], root: Path, args, save=lambda r: Non
                 print(f"[{label(n)}] {name}: skipped: {why}", flush=True)
                 continue
             argv, outputs = command_argv(name, data, work, args.device)
-            warm = args.warm == "all" or name in (args.warm or "").split(",")
+            warm = name in warm_commands(args.warm)
             if warm:
                 warm_cache(data)
             else:
@@ -584,7 +588,7 @@ def main() -> None:
         return
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     commands = [c.strip() for c in args.commands.split(",") if c.strip()]
-    unknown = (set(commands) | set((args.warm or "all").split(",")) - {"all"}) - set(COMMANDS)
+    unknown = (set(commands) | warm_commands(args.warm)) - set(COMMANDS)
     if unknown:
         ap.error(f"unknown commands: {', '.join(sorted(unknown))}")
     if "train" not in commands and NEEDS_MODEL & set(commands):

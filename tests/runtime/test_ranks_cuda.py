@@ -46,14 +46,19 @@ ONE_RANK_ON_NCCL = textwrap.dedent("""
 """)
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this checkout importable first (also where it is not installed)."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def test_the_collectives_of_cuda_training_run_on_nccl(tmp_path):
     """What a trained generator's ranks exchange on GPUs (gradients, DP-SGD's clipped sums) is CUDA tensors through
     NCCL; the loss terms and messages are CPU tensors through gloo. One rank: one GPU is enough."""
     script = tmp_path / "one_rank.py"
     script.write_text(ONE_RANK_ON_NCCL)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                              filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))})
+                          env=child_env())
     assert proc.returncode == 0, proc.stderr
     assert "nccl ok" in proc.stdout
 
@@ -68,11 +73,8 @@ def small_data(tmp_path_factory) -> Path:
 
 
 def feda2v(args: list[str], cwd: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
-                                                       os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([*(launcher or [sys.executable]), "-m", "feda2v_toolkit", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([*(launcher or [sys.executable]), "-m", "feda2v_toolkit", *args], cwd=cwd,
+                          env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
 
 
 VAE = ["train", "--seed", "3", "--training-length", "4", "--latent-dim", "8", "--generator-type", "vae",
