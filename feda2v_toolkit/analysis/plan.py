@@ -343,8 +343,12 @@ class Planner:
                 k = STREAM_KEEP * rank
                 # cut while streaming (plus the probes and their sums, a few copies), else stacked as they are
                 held = int(2 * k + 1.5 * BLOCK_ROWS) + 4 * SCATTER_PROBES if n > k else 2 * n
-                if n > k and self.num_samples and block_count(self.num_samples) > LANES:
-                    held += k  # past LANES blocks, the lanes merged so far wait while a lane streams (ranks.combine_lanes)
+                blocks = block_count(self.num_samples) if self.num_samples else 1
+                waiting = min(LANES, blocks).bit_length() - 1  # the merge tree's left halves (ranks.combine_lanes)
+                if n > k and waiting:
+                    # past LANES blocks they are lanes, cut to k rows, waiting while a lane streams; else single
+                    # blocks or their merges, of which one is the streamed factor counted above
+                    held += waiting * k if blocks > LANES else (waiting - 1) * max(k, BLOCK_ROWS)
                 streamed = (held + 3 * means) * length * self.dim * 8
                 copies = 2  # a block's part: its float64 rows and their deviations (the factor, stacked as they are)
             else:

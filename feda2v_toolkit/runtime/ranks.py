@@ -37,13 +37,26 @@ BLOCK_ROWS = 512
 
 Part = dict[str, Tensor]
 
-#: lanes a costly merge runs in (:meth:`Ranks.combine_lanes`): block ``b`` in lane ``b mod LANES``; fixed, so that
-#: the result does not depend on the number of ranks; up to this many ranks merge in parallel
+#: lanes a costly merge runs in (:meth:`Ranks.combine_lanes`): block ``b`` in lane ``b mod LANES``, the lanes merged
+#: up a fixed tree; fixed, so that the result does not depend on the number of ranks; up to this many ranks merge
+#: in parallel
 LANES = 8
 
 
 def block_count(rows: int) -> int:
     return (rows + BLOCK_ROWS - 1) // BLOCK_ROWS
+
+
+def lane_owners(lanes: int, world: int) -> list[int]:
+    """The rank of each lane: contiguous runs of lanes, as even as they come (``world`` > ``lanes``: the last
+    ranks hold none), so that the merge tree's lower nodes lie within one rank."""
+    return [next(r for r in range(world) if lane < (r + 1) * lanes // world) for lane in range(lanes)]
+
+
+def tree_split(a: int, z: int) -> int:
+    """Where the fixed merge tree over the lanes ``[a, z)`` (two or more) splits: the left half is the largest
+    power of two below ``z - a`` lanes -- the lanes merged pairwise, level by level, an odd one carried up."""
+    return a + (1 << ((z - a - 1).bit_length() - 1))
 
 
 def block_range(b: int, rows: int) -> tuple[int, int]:
@@ -95,17 +108,58 @@ class Ranks:
                       merge: Callable[[Part | None, Part], Part], lanes: int = LANES) -> Part | None:
         """Like :meth:`combine`, for a merge that costs more than computing the parts (a factor re-factored at
         every merge): the blocks run in ``lanes`` fixed lanes -- lane ``l`` merges blocks ``l, l + lanes, ...`` in
-        order -- and the lanes' results are merged in lane order. The ranks share out whole lanes (rank ``r``:
-        lanes ``r, r + W, ...``) and merge the lanes' results alike, so the lanes' merges run in parallel and
-        every rank, for any number of ranks, returns what one process does (the same merges in the same order).
-        As many merges as :meth:`combine`; two results held at a time (a lane's and the lanes' so far)."""
+        order -- and the lanes' results are merged pairwise up a fixed tree (:func:`tree_split`). The ranks share
+        out contiguous lanes (:func:`lane_owners`): each merges its lanes and the tree's nodes over them, a node
+        whose halves two ranks hold is merged by the left half's rank once the right half's rank sent it, and rank
+        0 sends the root to all. The same merges in the same order whatever the number of ranks, so every rank
+        returns what one process does; as many merges as :meth:`combine`, of which a rank runs only its share
+        (at 32 blocks: 31 in one process, 16 on each of two ranks, 9 on each of four). One process holds the
+        tree's pending left halves (up to ``log2(lanes)``) beside the lane it streams."""
+        n = min(lanes, blocks)
+        if n == 0:
+            return None
+        owner = lane_owners(n, self.world)
+
         def lane(first: int) -> Part:
             acc: Part | None = None
             for b in range(first, blocks, lanes):
                 acc = merge(acc, compute(b))
             return acc or {}
 
-        return self.combine(min(lanes, blocks), lane, merge)
+        def node(a: int, z: int) -> Part | None:
+            """Lanes ``[a, z)`` merged, on the rank of lane ``a``; ``None`` on the others. Every rank walks the
+            whole tree in the same order, so the ranks' sends and receives pair up."""
+            if z - a == 1:
+                return lane(a) if owner[a] == self.rank else None
+            m = tree_split(a, z)
+            left, right = node(a, m), node(m, z)
+            if owner[m] != owner[a]:  # the right half travels to the left half's rank
+                if self.rank == owner[m]:
+                    assert right is not None
+                    self.send_part(right, owner[a])
+                    right = None
+                elif self.rank == owner[a]:
+                    right = self.receive_part(owner[m])
+            if self.rank != owner[a]:
+                return None
+            assert left is not None and right is not None
+            return merge(left, right)
+
+        root = node(0, n)
+        return self.broadcast_part(root, owner[0]) if self.distributed else root
+
+    def send_part(self, part: Part, dst: int) -> None:
+        """Send ``part`` to rank ``dst`` alone (which calls :meth:`receive_part`)."""
+        raise RuntimeError("one process has no other rank to send to")
+
+    def receive_part(self, src: int) -> Part:
+        """The part rank ``src`` sends this rank (:meth:`send_part`)."""
+        raise RuntimeError("one process has no other rank to receive from")
+
+    def broadcast_part(self, part: Part | None, src: int) -> Part:
+        """Rank ``src``'s ``part`` on every rank (``part`` is ignored on the others)."""
+        assert part is not None
+        return part
 
     def all_strings(self, value: str) -> list[str]:
         return [value]
@@ -202,6 +256,27 @@ class TorchRanks(Ranks):
                 del buf
 
         return parts()
+
+    def send_part(self, part: Part, dst: int) -> None:
+        buf = _to_bytes(part)
+        self.dist.send(torch.tensor([buf.numel()], dtype=torch.int64), dst)
+        self.dist.send(buf, dst)
+
+    def receive_part(self, src: int) -> Part:
+        size = torch.zeros(1, dtype=torch.int64)
+        self.dist.recv(size, src)
+        buf = torch.empty(int(size), dtype=torch.uint8)
+        self.dist.recv(buf, src)
+        return _from_bytes(buf)
+
+    def broadcast_part(self, part: Part | None, src: int) -> Part:
+        buf = _to_bytes(part) if self.rank == src else None
+        size = torch.tensor([0 if buf is None else buf.numel()], dtype=torch.int64)
+        self.dist.broadcast(size, src=src)
+        if buf is None:
+            buf = torch.empty(int(size), dtype=torch.uint8)
+        self.dist.broadcast(buf, src=src)
+        return _from_bytes(buf)  # on every rank alike (names in order, as the other exchanges give them)
 
     def all_strings(self, value: str) -> list[str]:
         data = torch.frombuffer(bytearray(value.encode()), dtype=torch.uint8) if value else \

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from feda2v_toolkit.runtime.ranks import BLOCK_ROWS, Ranks, add_parts, block_count, in_block
+from feda2v_toolkit.runtime.ranks import (
+    BLOCK_ROWS,
+    Ranks,
+    add_parts,
+    block_count,
+    in_block,
+    lane_owners,
+    tree_split,
+)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]
@@ -58,7 +66,7 @@ def test_two_ranks_write_the_bytes_of_one_process(three_blocks, tmp_path):
 
 def test_two_ranks_write_the_bytes_of_one_process_when_each_lane_holds_several_blocks(tmp_path):
     """Past LANES blocks the gaussian's merges run in parallel lanes: 19 blocks, lanes of two or three, of which
-    rank 0 merges lanes 0, 2, 4, 6 and rank 1 lanes 1, 3, 5, 7."""
+    rank 0 merges lanes 0-3 and rank 1 lanes 4-7, which it sends to rank 0 merged."""
     from feda2v_toolkit.data.demo import write_demo_dataset
     from feda2v_toolkit.runtime.ranks import LANES
 
@@ -168,41 +176,110 @@ def test_one_process_combines_block_parts_in_block_order():
     assert order == [0, 1, 2, 3, 4] and float(out["x"]) == 10
 
 
-def concat(acc, part):
-    """A merge whose result shows the order it ran in."""
-    return part if acc is None else {"x": torch.cat([acc["x"], part["x"]])}
+def leaf(b: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.tensor(list(str(b).encode()), dtype=torch.uint8)}
 
 
-def test_lanes_merge_their_blocks_in_order_then_the_lanes_in_order():
-    parts = {b: {"x": torch.tensor([float(b)])} for b in range(10)}
-    out = Ranks().combine_lanes(10, parts.__getitem__, concat, lanes=4)
-    assert out["x"].tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 3, 7]
-    assert Ranks().combine_lanes(3, parts.__getitem__, concat, lanes=4)["x"].tolist() == [0, 1, 2]  # one a lane
+def shape(part) -> str:
+    return bytes(part["x"].tolist()).decode()
 
 
-def test_ranks_share_out_whole_lanes_and_every_rank_gets_the_result_of_one_process():
-    """The costly merges (the gaussian's re-factoring) run in parallel, in an order the ranks do not change."""
-    parts = {b: {"x": torch.tensor([float(b)])} for b in range(11)}
-    expected = Ranks().combine_lanes(11, parts.__getitem__, concat, lanes=4)["x"].tolist()
+class Shape:
+    """A merge whose result spells the merges it ran (``(a b)``), counting them."""
 
-    class Fake(Ranks):  # rank `rank` of `world`; the other ranks' lanes recomputed here (they are pure)
-        def __init__(self, rank: int, world: int) -> None:
-            self.rank, self.world, self.own = rank, world, []
+    def __init__(self) -> None:
+        self.merges = 0
 
-        def combine(self, blocks, compute, merge):
-            self.lane = compute
-            return super().combine(blocks, compute, merge)
+    def __call__(self, acc, part):
+        if acc is None:
+            return part
+        self.merges += 1
+        return {"x": torch.tensor(list(f"({shape(acc)} {shape(part)})".encode()), dtype=torch.uint8)}
 
-        def exchange(self, part, blocks):
-            mine = [b for b in blocks if b % self.world == self.rank]
-            self.own += mine
-            return [part if b in mine else self.lane(b) for b in blocks]
 
-    for world in (1, 2, 3, 4, 5):
-        for rank in range(world):
-            fake = Fake(rank, world)
-            assert fake.combine_lanes(11, parts.__getitem__, concat, lanes=4)["x"].tolist() == expected
-            assert fake.own == list(range(rank, 4, world))  # whole lanes: rank r computes lanes r, r + W, ...
+def test_lanes_merge_their_blocks_in_order_then_the_lanes_up_a_fixed_pairwise_tree():
+    assert shape(Ranks().combine_lanes(10, leaf, Shape(), lanes=4)) == "((((0 4) 8) ((1 5) 9)) ((2 6) (3 7)))"
+    assert shape(Ranks().combine_lanes(3, leaf, Shape(), lanes=4)) == "((0 1) 2)"  # one block a lane
+    assert shape(Ranks().combine_lanes(7, leaf, Shape(), lanes=8)) == "(((0 1) (2 3)) ((4 5) 6))"
+    assert shape(Ranks().combine_lanes(1, leaf, Shape(), lanes=8)) == "0"
+    assert Ranks().combine_lanes(0, leaf, Shape()) is None
+
+
+def test_the_tree_splits_off_the_largest_power_of_two_and_lanes_go_to_ranks_in_contiguous_runs():
+    assert [tree_split(0, n) for n in range(2, 10)] == [1, 2, 2, 4, 4, 4, 4, 8]
+    assert tree_split(4, 7) == 6
+    assert lane_owners(8, 1) == [0] * 8
+    assert lane_owners(8, 4) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert lane_owners(8, 3) == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert lane_owners(3, 5) == [1, 3, 4]  # more ranks than lanes: some hold none
+
+
+class ThreadRanks(Ranks):
+    """Rank ``rank`` of ``world`` ranks run as threads, parts passed through queues (as TorchRanks passes them)."""
+
+    def __init__(self, rank: int, world: int, boxes) -> None:
+        self.rank, self.world, self.boxes = rank, world, boxes
+
+    def send_part(self, part, dst):
+        self.boxes[self.rank, dst].put(part)
+
+    def receive_part(self, src):
+        return self.boxes[src, self.rank].get(timeout=10)
+
+    def broadcast_part(self, part, src):
+        if self.rank == src:
+            for r in range(self.world):
+                if r != src:
+                    self.boxes[src, r].put(part)
+            return part
+        return self.boxes[src, self.rank].get(timeout=10)
+
+
+def run_ranks(world: int, blocks: int, lanes: int = 8) -> list[tuple[str, int, list[int]]]:
+    """Every rank's result, merge count and computed blocks, the ranks running at once."""
+    import queue
+    import threading
+
+    boxes = {(a, b): queue.Queue() for a in range(world) for b in range(world)}
+    out: list = [None] * world
+
+    def one(rank: int) -> None:
+        merge, seen = Shape(), []
+
+        def compute(b):
+            seen.append(b)
+            return leaf(b)
+
+        result = ThreadRanks(rank, world, boxes).combine_lanes(blocks, compute, merge, lanes=lanes)
+        out[rank] = (shape(result), merge.merges, seen)
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert all(o is not None for o in out), "a rank did not finish"
+    return out
+
+
+@pytest.mark.parametrize("blocks", [3, 8, 11, 32])
+def test_any_number_of_ranks_gets_the_result_of_one_process_computing_each_block_once(blocks):
+    expected = shape(Ranks().combine_lanes(blocks, leaf, Shape()))
+    for world in (1, 2, 3, 4, 5, 8, 9):
+        out = run_ranks(world, blocks)
+        assert [o[0] for o in out] == [expected] * world
+        assert sorted(b for o in out for b in o[2]) == list(range(blocks))
+
+
+def test_the_ranks_share_out_the_merges_one_process_runs():
+    """32 blocks (~18,000 clips): 31 merges in one process; with W ranks each runs its lanes' merges and its share
+    of the tree's: 16 each on two ranks, 9 on rank 0 of four, 6 on rank 0 of eight (the critical path)."""
+    merges = {world: [o[1] for o in run_ranks(world, 32)] for world in (1, 2, 4, 8)}
+    assert merges[1] == [31]
+    assert merges[2] == [16, 15]
+    assert merges[4] == [9, 7, 8, 7]
+    assert merges[8] == [6, 3, 4, 3, 5, 3, 4, 3]
+    assert all(sum(m) == 31 for m in merges.values())
 
 
 def test_in_block_picks_the_sorted_rows_of_a_block():
