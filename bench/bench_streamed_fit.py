@@ -9,8 +9,8 @@ what it holds bounded by cutting the within-class scatter's factor to its top di
 * ``pooled xK``: two exchanges (the class means first); one pooled factor of at most ``2 x K x rank`` rows,
   re-factored to ``K x rank`` (memory independent of the number of classes; ``train`` streams with
   :data:`~feda2v_toolkit.training.stages.STREAM_KEEP`), in one stream in block order (``train`` until stop 33);
-* ``x2, lanes``: ``train``'s way since stop 34 -- pooled x2, the blocks in
-  :data:`~feda2v_toolkit.runtime.ranks.LANES` fixed lanes merged in lane order (the ranks share the lanes out).
+* ``x2, lanes``: ``train``'s way -- pooled x2, the blocks in :data:`~feda2v_toolkit.runtime.ranks.LANES` fixed
+  lanes, merged up a fixed pairwise tree (since stop 35; in lane order at stop 34); the ranks share them out.
 
 Against the whole-data fit (every row at once, exact): the held-out negative log-likelihood per element
 (lower is better), the overlap of the components' subspace (mean squared cosine of the principal angles,
@@ -70,8 +70,8 @@ def reduced_corpus(per_class: int, length: int, keep_tokens: int) -> tuple[torch
 
 def streamed(gen, x, labels, block: int, keep: int | None, lanes: bool = False) -> tuple[dict, int]:
     """The statistics of ``x`` merged one block at a time; ``keep`` None: the per-class form. ``lanes``: as
-    ``train`` merges them since stop 34, in :data:`~feda2v_toolkit.runtime.ranks.LANES` fixed lanes (block ``b``
-    in lane ``b mod LANES``, then the lanes in order: ``Ranks.combine_lanes``); else one stream in block order."""
+    ``train`` merges them, in :data:`~feda2v_toolkit.runtime.ranks.LANES` fixed lanes (block ``b`` in lane
+    ``b mod LANES``, then the lanes up a fixed tree: ``Ranks.combine_lanes``); else one stream in block order."""
     from feda2v_toolkit.generators.gaussian import GaussianGenerator
     from feda2v_toolkit.runtime.ranks import Ranks
     from feda2v_toolkit.training.stages import GeneratorStatisticsStage
