@@ -2,6 +2,7 @@
 
     python bench/bench_embed.py [--clips 16] [--batch-size 8] [--clip-seconds 5] [--device cpu] [--read-workers 1] [--json OUT]
     python bench/bench_embed.py --ranks 1,2,4 [--clips 8] [--batch-size 1] [--threads-per-rank 1] [--json OUT]
+    python bench/bench_embed.py --inputs 1,2,4 [--clips 64] [--batch-size 8] [--clip-seconds 10] [--json OUT]
 
 Builds the full-size AST architecture from ``ASTConfig()`` defaults (max_length 1024: 1214 tokens of width
 768, ~87 M parameters) with random weights (seed 0), saves it and its feature extractor with
@@ -23,6 +24,13 @@ whole shards), and prints each K's wall time (process start to exit: start-up an
 included), clips/s, speed-up over one rank and scaling efficiency (speed-up / K), and the same for the embedding
 loop alone (rank 0's report: its own clips over its loop's seconds, times K -- the rate that matters at
 VGGSound scale, where start-up is a constant); every K must write the bytes of one rank (checked).
+
+``--inputs 1,2,4`` measures what feeds the model -- what ``embed``'s read workers (threads) do for each batch: read,
+downmix, resample, pad and the filterbank features -- with 1, 2, 4 workers, once with the extractor's own numpy
+path (transformers' ``spectrogram``, a Python loop over frames) and once a clip's frames at once
+(``audio/fbank.py``, what ``embed`` uses): clips/s of each (to set against the forward pass's rate on a GPU) and
+whether the features are the same bytes (checked). With torchaudio installed the extractor computes them with
+torchaudio, which is measured alone.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     ap.add_argument("--ranks", help="data-parallel scaling instead: comma-separated rank counts, e.g. 1,2,4")
     ap.add_argument("--threads-per-rank", type=int, default=1, help="intra-op threads per rank (with --ranks)")
+    ap.add_argument("--inputs", help="the input side alone instead: comma-separated read worker counts, e.g. 1,2,4")
     args = ap.parse_args()
 
     import warnings
@@ -74,7 +83,7 @@ def main() -> None:
         del model
         rng = np.random.default_rng(0)
         for i in range(args.clips):
-            t = np.arange(int(5.0 * 44100)) / 44100
+            t = np.arange(int(max(5.0, args.clip_seconds) * 44100)) / 44100  # 5 s, or as long as kept
             x = 0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t) + 0.05 * rng.standard_normal(t.shape)
             path = tmp / "clips" / ("dog" if i % 2 else "rain") / f"{i:03d}.wav"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +96,11 @@ def main() -> None:
         source = open_source(tmp / "clips")
         policy = ClipPolicy(args.clip_seconds)
         embedder = ASTEmbedder(str(tmp / "ast"), device=args.device)
+        if args.inputs:
+            result = inputs(args, source, policy, embedder)
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
+            return
         print(f"full-size AST: {params / 1e6:.1f} M parameters, {embedder.tokens} tokens x {embedder.dim}; "
               f"{args.clips} clips, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads")
 
@@ -129,6 +143,38 @@ def main() -> None:
     print(f"peak RSS      : {result['peak_rss_mb']} MB; load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def inputs(args: argparse.Namespace, source, policy, embedder) -> dict:
+    """Clips/s of the read workers' work (``embed._prepare`` through ``embed._prefetch``) for each worker count,
+    with the extractor's filterbank and a clip's frames at once; the features of both compared."""
+    from transformers.utils import is_speech_available
+
+    from feda2v_toolkit.audio.embed import _prefetch, _prepare
+
+    featurizer = embedder.featurizer
+    applies = featurizer.fast  # the extractor's numpy path, reproduced (else: torchaudio's, measured alone)
+    own = "extractor (torchaudio)" if is_speech_available() else "extractor (numpy, a loop over frames)"
+    batches = [(0, source.clips[i:i + args.batch_size]) for i in range(0, len(source.clips), args.batch_size)]
+    print(f"input side of embed: {len(source.clips)} clips of {policy.seconds:g} s (44.1 kHz WAV), batches of "
+          f"{args.batch_size}; {os.cpu_count()} cores")
+    rows, features = [], {}
+    for path, fast in [(own, False)] + ([("a clip's frames at once", True)] if applies else []):
+        featurizer.fast = fast
+        for workers in [int(w) for w in args.inputs.split(",")]:
+            t0 = time.perf_counter()
+            out = [prepared[0] for _, _, prepared in _prefetch(batches, lambda b: _prepare(source, b[1], policy,
+                                                                                        embedder), workers)]
+            seconds = time.perf_counter() - t0
+            features[fast] = np.concatenate(out)
+            rows.append({"path": path, "workers": workers, "seconds": round(seconds, 3),
+                         "clips_per_s": round(len(source.clips) / seconds, 1)})
+            print(f"  {path:40s} {workers} worker(s): {rows[-1]['clips_per_s']:7.1f} clips/s ({seconds:.2f} s)")
+    featurizer.fast = applies
+    same = bool(np.array_equal(features[False], features[True])) if applies else None
+    print(f"  the same features (bytes): {same if applies else 'one path only'}; load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    return {"clips": len(source.clips), "clip_seconds": policy.seconds, "batch_size": args.batch_size,
+            "cores": os.cpu_count(), "rows": rows, "same_bytes": same, "load_average": os.getloadavg()}
 
 
 def digest(out: Path) -> dict[str, str]:

@@ -86,6 +86,11 @@ class ASTEmbedder:
             if not bars:
                 hf_logging.enable_progress_bar()
         self.model.eval().requires_grad_(False).to(device)
+        from feda2v_toolkit.audio.fbank import Featurizer
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*mel filter has all zero values.*")
+            self.featurizer = Featurizer(self.extractor)
         self.name, self.revision, self.device = model, revision, device
         cfg, fe = self.model.config, self.extractor
         if fe.sampling_rate != 16_000:
@@ -115,11 +120,12 @@ class ASTEmbedder:
                 "tokens": self.tokens, "dim": self.dim, "output": "last_hidden_state", "inference": "float32"}
 
     def features(self, waves: list[Any]) -> Any:
-        """Mel filterbank features ``[B, max_length, mel]`` (numpy float32) of 16 kHz mono waveforms."""
+        """Mel filterbank features ``[B, max_length, mel]`` (numpy float32) of 16 kHz mono waveforms: the
+        extractor's, a clip's frames at once where it computes them in numpy (:mod:`feda2v_toolkit.audio.fbank`:
+        the same bytes)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*mel filter has all zero values.*")
-            out = self.extractor(waves, sampling_rate=16_000, return_tensors="np")
-        return out["input_values"] if "input_values" in out else out["audio_values"]
+            return self.featurizer(waves)
 
     def __call__(self, features: Any) -> Any:
         """``last_hidden_state`` ``[B, tokens, dim]`` float32 on the CPU."""
