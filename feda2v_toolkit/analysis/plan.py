@@ -49,7 +49,7 @@ from feda2v_toolkit.data.readahead import pass_buffer_bytes
 from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.model.generate import DEFAULT_BATCH, upsample_rows
 from feda2v_toolkit.runtime.malloc import STREAM_BUFFER_BYTES
-from feda2v_toolkit.runtime.ranks import BLOCK_ROWS, LANES, block_count
+from feda2v_toolkit.runtime.ranks import BLOCK_ROWS, block_count, waiting_halves
 from feda2v_toolkit.runtime.resources import cache_in_memory
 from feda2v_toolkit.runtime.resources import memory_budget as default_budget
 from feda2v_toolkit.runtime.sizes import format_bytes
@@ -343,12 +343,10 @@ class Planner:
                 k = STREAM_KEEP * rank
                 # cut while streaming (plus the probes and their sums, a few copies), else stacked as they are
                 held = int(2 * k + 1.5 * BLOCK_ROWS) + 4 * SCATTER_PROBES if n > k else 2 * n
-                blocks = block_count(self.num_samples) if self.num_samples else 1
-                waiting = min(LANES, blocks).bit_length() - 1  # the merge tree's left halves (ranks.combine_lanes)
-                if n > k and waiting:
-                    # past LANES blocks they are lanes, cut to k rows, waiting while a lane streams; else single
-                    # blocks or their merges, of which one is the streamed factor counted above
-                    held += waiting * k if blocks > LANES else (waiting - 1) * max(k, BLOCK_ROWS)
+                if n > k and self.num_samples:
+                    # the merge tree's left halves waiting beside the merge above (ranks.combine_lanes): factors
+                    # cut to k rows, or single blocks
+                    held += waiting_halves(block_count(self.num_samples)) * max(k, BLOCK_ROWS)
                 streamed = (held + 3 * means) * length * self.dim * 8
                 copies = 2  # a block's part: its float64 rows and their deviations (the factor, stacked as they are)
             else:

@@ -48,9 +48,20 @@ def block_count(rows: int) -> int:
 
 
 def lane_owners(lanes: int, world: int) -> list[int]:
-    """The rank of each lane: contiguous runs of lanes, as even as they come (``world`` > ``lanes``: the last
-    ranks hold none), so that the merge tree's lower nodes lie within one rank."""
+    """The rank of each lane: contiguous runs of lanes, as even as they come, starting at rank 0 (ranks past the
+    number of lanes hold none), so that the merge tree's lower nodes lie within one rank."""
+    world = max(1, min(world, lanes))
     return [next(r for r in range(world) if lane < (r + 1) * lanes // world) for lane in range(lanes)]
+
+
+def waiting_halves(blocks: int, lanes: int = LANES) -> int:
+    """The most merged results one process holds waiting (:meth:`Ranks.combine_lanes`: the tree's left halves)
+    beside the two a merge takes -- a lane's factor so far and its next block, or two single-block lanes: the
+    tree's depth, less one while a lane holds a single block."""
+    n = min(lanes, blocks)
+    if n < 2:
+        return 0
+    return n.bit_length() - 1 - (1 if blocks < 2 * lanes else 0)
 
 
 def tree_split(a: int, z: int) -> int:
@@ -113,8 +124,8 @@ class Ranks:
         whose halves two ranks hold is merged by the left half's rank once the right half's rank sent it, and rank
         0 sends the root to all. The same merges in the same order whatever the number of ranks, so every rank
         returns what one process does; as many merges as :meth:`combine`, of which a rank runs only its share
-        (at 32 blocks: 31 in one process, 16 on each of two ranks, 9 on each of four). One process holds the
-        tree's pending left halves (up to ``log2(lanes)``) beside the lane it streams."""
+        (at 32 blocks: 31 in one process; rank 0, which runs the most, 16 of two ranks' and 9 of four's). One
+        process holds the tree's waiting left halves beside the merge it runs (:func:`waiting_halves`)."""
         n = min(lanes, blocks)
         if n == 0:
             return None

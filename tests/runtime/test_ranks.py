@@ -21,6 +21,7 @@ from feda2v_toolkit.runtime.ranks import (
     in_block,
     lane_owners,
     tree_split,
+    waiting_halves,
 )
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
@@ -211,7 +212,33 @@ def test_the_tree_splits_off_the_largest_power_of_two_and_lanes_go_to_ranks_in_c
     assert lane_owners(8, 1) == [0] * 8
     assert lane_owners(8, 4) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert lane_owners(8, 3) == [0, 0, 1, 1, 1, 2, 2, 2]
-    assert lane_owners(3, 5) == [1, 3, 4]  # more ranks than lanes: some hold none
+    assert lane_owners(3, 5) == [0, 1, 2]  # more ranks than lanes: the last hold none; rank 0 holds lane 0
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 33])
+def test_one_process_holds_as_many_waiting_halves_as_plan_counts(blocks):
+    """What ``plan`` adds for the tree (``waiting_halves``): the results alive beside the two a merge takes."""
+    import weakref
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    most = [0]
+
+    def compute(b):
+        x = torch.tensor([b])
+        alive.add(x)
+        return {"x": x}
+
+    def merge(acc, part):
+        if acc is None:
+            return part
+        most[0] = max(most[0], len(alive) - 2)  # the results held besides this merge's two
+        x = torch.cat([acc["x"], part["x"]])
+        alive.add(x)
+        return {"x": x}
+
+    Ranks().combine_lanes(blocks, compute, merge)
+    assert most[0] == waiting_halves(blocks)
+    assert waiting_halves(blocks) <= 3  # log2(LANES): bounded whatever the number of blocks
 
 
 class ThreadRanks(Ranks):
@@ -273,7 +300,7 @@ def test_any_number_of_ranks_gets_the_result_of_one_process_computing_each_block
 
 def test_the_ranks_share_out_the_merges_one_process_runs():
     """32 blocks (~18,000 clips): 31 merges in one process; with W ranks each runs its lanes' merges and its share
-    of the tree's: 16 each on two ranks, 9 on rank 0 of four, 6 on rank 0 of eight (the critical path)."""
+    of the tree's; rank 0 the most (the critical path): 16 of two ranks', 9 of four's, 6 of eight's."""
     merges = {world: [o[1] for o in run_ranks(world, 32)] for world in (1, 2, 4, 8)}
     assert merges[1] == [31]
     assert merges[2] == [16, 15]
