@@ -12,6 +12,7 @@ from feda2v_toolkit.commands._options import SEED, schema_range
 from feda2v_toolkit.commands._warnings import warnings_as_messages
 from feda2v_toolkit.commands.train import training_options
 from feda2v_toolkit.errors import UsageError
+from feda2v_toolkit.federated import CONNECT_WAIT
 
 FLOWER_MISSING = 'federated training needs Flower: pip install "feda2v-tk[federated]"'
 
@@ -33,6 +34,9 @@ def require_flower() -> None:
               help="With --superlink: wait for this many SuperNodes before starting.")
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0, min_open=True), default=86_400.0,
               show_default=True, help="With --superlink: give up (and stop the run) after this many seconds.")
+@click.option("--connect-wait", "connect_s", type=click.FloatRange(min=0), default=CONNECT_WAIT, show_default=True,
+              help="With --superlink: keep trying a SuperLink that does not answer yet (still starting) this "
+                   "many seconds.")
 @click.option("--simulate", "simulate", type=click.IntRange(min=1, max=10_000), metavar="N",
               help="Run N virtual sites on Flower's Simulation Engine (Ray), dealing the clips of --data over "
                    "them (--by, --alpha); no --node.")
@@ -59,7 +63,7 @@ def require_flower() -> None:
               help="Seconds to wait for the nodes in each stage (overrides federated_round_timeout).")
 @training_options(epochs=False)
 def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: str | None, min_nodes: int,
-                 wait_s: float, simulate: int | None, sim_data: Path | None, sim_by: str, sim_alpha: float,
+                 wait_s: float, connect_s: float, simulate: int | None, sim_data: Path | None, sim_by: str, sim_alpha: float,
                  split_seed: int, cpus_per_site: float, out_path: Path, rounds: int | None, local_epochs: int | None,
                  dp_noise: float | None, dp_clip: float | None, timeout: float | None, seed: int | None,
                  overwrite: bool, device: str, resume: bool, checkpoint_dir: Path | None, keep_checkpoints: bool,
@@ -112,7 +116,7 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
             raise UsageError("--superlink runs on the SuperNodes' own data: drop --node")
         check_output(out_path, overwrite=overwrite)
         _federate_deployed(superlink, config_path, out_path, min_nodes, wait_s, seed, timeout, quiet, as_json,
-                           overrides, resume, checkpoint_dir, metrics_path, overwrite, keep_checkpoints)
+                           overrides, resume, checkpoint_dir, metrics_path, overwrite, keep_checkpoints, connect_s)
         return
     if len(nodes) < 1:
         raise UsageError("give at least one --node (or --superlink)")
@@ -140,7 +144,8 @@ def federate_cmd(config_path: Path | None, nodes: tuple[Path, ...], superlink: s
 def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path, min_nodes: int, wait_s: float,
                        seed: int | None, timeout: float | None, quiet: bool, as_json: bool,
                        overrides: dict[str, Any], resume: bool, checkpoint_dir: Path | None,
-                       metrics_path: Path | None, overwrite: bool = False, keep_checkpoints: bool = False) -> None:
+                       metrics_path: Path | None, overwrite: bool = False, keep_checkpoints: bool = False,
+                       connect_s: float = CONNECT_WAIT) -> None:
     """``federate --superlink``: submit the app to a running SuperLink and wait for the run to finish."""
     from feda2v_toolkit.errors import InputError
     from feda2v_toolkit.federated.deploy import submit_and_wait
@@ -159,7 +164,7 @@ def _federate_deployed(superlink: str, config_path: Path | None, out_path: Path,
         "checkpoint-dir": str(checkpoint_dir.resolve()) if checkpoint_dir else "", "overwrite": overwrite,
         "keep-checkpoints": keep_checkpoints,
         "metrics": str((metrics_path or out_path.with_name(out_path.stem + ".metrics.jsonl")).resolve())}
-    result = submit_and_wait(superlink, run_config, wait=wait_s, log=say,
+    result = submit_and_wait(superlink, run_config, wait=wait_s, log=say, connect_wait=connect_s,
                              progress=lambda line: say(line[len("feda2v-tk: "):]))
     for line in result["log"]:
         say(line[len("feda2v-tk: "):])

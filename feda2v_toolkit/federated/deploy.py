@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from feda2v_toolkit.federated import CONNECT_WAIT
 from feda2v_toolkit.training.pipeline import SiteError as FederationError
 
 #: the run config keys of the ServerApp (``feda2v_toolkit.federated.app``) and their defaults
@@ -30,6 +31,10 @@ RUN_CONFIG = {"config": "", "out": "", "seed": "", "timeout": 0.0, "nodes": 1, "
               "checkpoint-dir": "", "metrics": ""}
 CONNECTION = "feda2v"
 LICENSE = "Apache-2.0"
+
+
+class SuperLinkUnavailable(FederationError):
+    """``flwr`` could not reach the SuperLink (not started yet, wrong address, network)."""
 
 
 def app_pyproject() -> str:
@@ -90,8 +95,29 @@ def _flwr(args: list[str], home: Path, timeout: float) -> dict[str, Any]:
     if proc.returncode != 0 or not doc.get("success", False):
         lines = [ln.strip() for ln in (str(doc.get("error-message") or "") or proc.stderr + proc.stdout).splitlines()]
         lines = [ln for ln in lines if ln]
-        raise FederationError(f"flwr {args[0]}: {lines[-1] if lines else 'failed'}")
+        message = f"flwr {args[0]}: {lines[-1] if lines else 'failed'}"
+        raise (SuperLinkUnavailable if "superlink is unavailable" in message.lower() else FederationError)(message)
     return doc
+
+
+def _submit(args: list[str], home: Path, superlink: str, connect_wait: float, say: Callable[[str], None]
+            ) -> dict[str, Any]:
+    """``flwr run``, tried again every second while the SuperLink does not answer, for up to ``connect_wait``
+    seconds (said once it has taken five)."""
+    start = time.monotonic()
+    said = False
+    while True:
+        try:
+            return _flwr(args, home, 60)
+        except SuperLinkUnavailable as e:
+            waited = time.monotonic() - start
+            if waited + 1.0 > connect_wait:
+                raise SuperLinkUnavailable(f"{e} (tried for {waited:.0f}s; --connect-wait)") from None
+            if waited >= 5.0 and not said:
+                say(f"the SuperLink at {superlink} does not answer yet; trying again for up to "
+                    f"{connect_wait:g}s (--connect-wait)")
+                said = True
+            time.sleep(1.0)
 
 
 def run_config_string(values: Mapping[str, Any]) -> str:
@@ -102,8 +128,9 @@ def run_config_string(values: Mapping[str, Any]) -> str:
 def submit_and_wait(superlink: str, run_config: Mapping[str, Any], *, wait: float, poll: float = 2.0,
                     log: Callable[[str], None] | None = None, insecure: bool = True,
                     root_certificates: str | None = None, progress: Callable[[str], None] | None = None,
-                    log_every: float = 10.0) -> dict[str, Any]:
-    """Submit the app to ``superlink`` with ``run_config``; poll until the run finished (at most ``wait``
+                    log_every: float = 10.0, connect_wait: float = CONNECT_WAIT) -> dict[str, Any]:
+    """Submit the app to ``superlink`` with ``run_config`` (trying again for up to ``connect_wait`` seconds while
+    the SuperLink does not answer: it may still be starting); poll until the run finished (at most ``wait``
     seconds). While it runs, every ``log_every`` seconds the ServerApp's new ``feda2v-tk:`` lines (a round's
     line as it ends) go to ``progress``. Returns the run's ``flwr ls`` record and its ``feda2v-tk:`` log lines
     not yet given to ``progress``; raises :class:`FederationError` when the SuperLink cannot be reached, the
@@ -114,7 +141,8 @@ def submit_and_wait(superlink: str, run_config: Mapping[str, Any], *, wait: floa
         raise ValueError(f"unknown run config keys: {sorted(unknown)}")
     with tempfile.TemporaryDirectory(prefix="feda2v-flwr-") as tmp:
         app, home = write_app(Path(tmp), superlink, insecure=insecure, root_certificates=root_certificates)
-        started = _flwr(["run", str(app), CONNECTION, "--run-config", run_config_string(run_config)], home, 60)
+        started = _submit(["run", str(app), CONNECTION, "--run-config", run_config_string(run_config)], home,
+                          superlink, min(connect_wait, wait), say)
         run_id = str(started["run-id"])
         say(f"submitted run {run_id} to the SuperLink at {superlink}")
         deadline = time.monotonic() + wait

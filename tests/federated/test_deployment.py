@@ -113,12 +113,78 @@ def test_the_documented_commands_train_over_two_supernodes(tiny_data, two_nodes,
 def test_an_unreachable_superlink_is_one_line_and_writes_nothing(tmp_path):
     (port,) = free_ports(1)
     out = tmp_path / "fed.safetensors"
-    proc = subprocess.run([str(BIN / "feda2v-tk"), "federate", "--superlink", f"127.0.0.1:{port}", "-o", str(out)],
-                          capture_output=True, text=True, env={**os.environ, "FLWR_HOME": str(tmp_path)}, timeout=120,
-                          check=False)
+    proc = subprocess.run([str(BIN / "feda2v-tk"), "federate", "--superlink", f"127.0.0.1:{port}", "-o", str(out),
+                           "--connect-wait", "2"], capture_output=True, text=True,
+                          env={**os.environ, "FLWR_HOME": str(tmp_path)}, timeout=120, check=False)
     assert proc.returncode == 1, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "flwr run" in proc.stderr
+    assert "SuperLink is unavailable" in proc.stderr and "--connect-wait)" in proc.stderr
     assert not out.exists()
+
+
+class Clock:
+    """time.monotonic / time.sleep for deploy, advancing only when slept on."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def fake_flwr(failures: int, message: str = "flwr run: Connection to the SuperLink is unavailable. Please check"):
+    """``_flwr`` whose ``run`` fails ``failures`` times (the SuperLink not up yet), then a run that finishes."""
+    from feda2v_toolkit.federated import deploy
+
+    calls = {"run": 0}
+
+    def flwr(args, home, timeout):
+        if args[0] == "run":
+            calls["run"] += 1
+            if calls["run"] <= failures:
+                kind = deploy.SuperLinkUnavailable if "unavailable" in message else deploy.FederationError
+                raise kind(message)
+            return {"success": True, "run-id": 3}
+        return {"success": True, "runs": [{"status": "finished:completed"}]}
+
+    return flwr, calls
+
+
+def test_a_superlink_still_starting_is_tried_again_within_the_connect_wait(monkeypatch):
+    from feda2v_toolkit.federated import deploy
+
+    clock = Clock()
+    monkeypatch.setattr(deploy.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(deploy.time, "sleep", clock.sleep)
+    monkeypatch.setattr(deploy, "_log_lines", lambda run_id, home: [])
+    flwr, calls = fake_flwr(8)
+    monkeypatch.setattr(deploy, "_flwr", flwr)
+    said: list[str] = []
+    result = deploy.submit_and_wait("127.0.0.1:1", {}, wait=600, log=said.append, connect_wait=60)
+    assert calls["run"] == 9 and result["run"]["status"] == "finished:completed"
+    assert said[0] == ("the SuperLink at 127.0.0.1:1 does not answer yet; trying again for up to 60s "
+                       "(--connect-wait)") and said[1] == "submitted run 3 to the SuperLink at 127.0.0.1:1"
+
+
+def test_a_superlink_that_never_answers_fails_after_the_connect_wait_and_other_errors_at_once(monkeypatch):
+    from feda2v_toolkit.federated import deploy
+
+    clock = Clock()
+    monkeypatch.setattr(deploy.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(deploy.time, "sleep", clock.sleep)
+    flwr, calls = fake_flwr(10**6)
+    monkeypatch.setattr(deploy, "_flwr", flwr)
+    with pytest.raises(deploy.SuperLinkUnavailable, match=r"unavailable.*\(tried for 10s; --connect-wait\)"):
+        deploy.submit_and_wait("127.0.0.1:1", {}, wait=600, connect_wait=10)
+    assert calls["run"] == 11  # at 0, 1, ..., 10 s
+    flwr, calls = fake_flwr(1, "flwr run: the app is not valid")
+    monkeypatch.setattr(deploy, "_flwr", flwr)
+    with pytest.raises(deploy.FederationError, match="not valid"):
+        deploy.submit_and_wait("127.0.0.1:1", {}, wait=600, connect_wait=10)
+    assert calls["run"] == 1  # only an unreachable SuperLink is tried again
 
 
 def test_the_serverapps_lines_are_printed_as_the_rounds_end_not_after_the_run(monkeypatch):
