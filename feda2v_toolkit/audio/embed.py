@@ -86,11 +86,6 @@ class ASTEmbedder:
             if not bars:
                 hf_logging.enable_progress_bar()
         self.model.eval().requires_grad_(False).to(device)
-        from feda2v_toolkit.audio.fbank import Featurizer
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*mel filter has all zero values.*")
-            self.featurizer = Featurizer(self.extractor)
         self.name, self.revision, self.device = model, revision, device
         cfg, fe = self.model.config, self.extractor
         if fe.sampling_rate != 16_000:
@@ -98,6 +93,9 @@ class ASTEmbedder:
         if fe.max_length != cfg.max_length or fe.num_mel_bins != cfg.num_mel_bins:
             raise InputError(f"{model}: feature extractor ({fe.num_mel_bins} mel x {fe.max_length} frames) does "
                              f"not match the model ({cfg.num_mel_bins} x {cfg.max_length})")
+        from feda2v_toolkit.audio.fbank import Featurizer
+
+        self.featurizer = Featurizer(fe)  # once the extractor is known to be AST's (16 kHz, the model's shape)
         self.max_length = int(cfg.max_length)
         self.tokens = ast_token_count(cfg.num_mel_bins, cfg.max_length, cfg.patch_size, cfg.frequency_stride,
                                       cfg.time_stride)
