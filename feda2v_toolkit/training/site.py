@@ -476,18 +476,18 @@ class Site:
 
     def _block_statistics(self, gen: Any, idx: Tensor, means: Tensor | None = None) -> Arrays:
         """``gen``'s statistics of the rows ``idx`` (about ``means`` if given), block by block in the ranks' fixed
-        lanes (:class:`GeneratorStatisticsStage`: exact per block, streamed, cut to the generator's rank at the
-        end; the re-factoring at each merge is most of the cost, so the ranks share the merges out too:
-        :meth:`~feda2v_toolkit.runtime.ranks.Ranks.combine_lanes`)."""
+        lanes, merged up their fixed tree (:class:`GeneratorStatisticsStage`: exact per block, streamed, cut to the
+        generator's rank at the end; the re-factoring at each merge is most of the cost, so the ranks share the
+        merges out too: :meth:`~feda2v_toolkit.runtime.ranks.Ranks.combine_lanes`)."""
         stage = GeneratorStatisticsStage()
         return stage.compact(gen, self._over_blocks(idx, lambda x, labels, conditions: stage.local(
             gen, x, labels, conditions, means=means), lambda acc, part: stage.accumulate(gen, acc, part),
-            lanes=True))
+            combine=self.ranks.combine_lanes))
 
-    def _over_blocks(self, idx: Tensor, local: Any, merge: Any, lanes: bool = False) -> Arrays:
-        """``local(x, labels, conditions)`` of the reduced cache's rows ``idx`` block by block, merged in block
-        order over the ranks (:mod:`feda2v_toolkit.runtime.ranks`), or in its fixed lanes (``lanes``: for a costly
-        merge); ``{}`` when there are none."""
+    def _over_blocks(self, idx: Tensor, local: Any, merge: Any, combine: Any = None) -> Arrays:
+        """``local(x, labels, conditions)`` of the reduced cache's rows ``idx`` block by block, merged by
+        ``combine`` (default: in block order over the ranks, :meth:`~feda2v_toolkit.runtime.ranks.Ranks.combine`;
+        ``Ranks.combine_lanes`` for a costly merge); ``{}`` when there are none."""
         assert self.cache is not None
         read, n = self.cache.reader(torch.device("cpu")), len(self.ds)
 
@@ -495,8 +495,7 @@ class Site:
             rows = in_block(idx, b, n)
             return local(*read(rows)) if rows.numel() else {}
 
-        combine = self.ranks.combine_lanes if lanes else self.ranks.combine
-        return combine(block_count(n), block, merge) or {}
+        return (combine or self.ranks.combine)(block_count(n), block, merge) or {}
 
     def generator_fit(self, keys: list[str], groups: Mapping[str, list[str]],
                       class_names: list[str]) -> tuple[Arrays, Meta]:
