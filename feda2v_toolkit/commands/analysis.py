@@ -213,6 +213,9 @@ def analyze_cmd(data_path: Path, lengths: str, reducers: str | None, upsamplers:
     R^2 and cosine of the reconstruction, downstream accuracy, and the linear optimum (position PCA)
     as the reference. See docs/choosing-sequence-length.md.
     """
+    from feda2v_toolkit.runtime.malloc import one_arena
+
+    one_arena()  # chunks stream through background threads: one heap for all of them
     wanted = _ints("--lengths", lengths)
     assert wanted is not None
     _check_plot(plot_path, [data_path, config_path], overwrite)
@@ -281,6 +284,9 @@ def evaluate_cmd(model_path: Path, data_path: Path, split: str, train_path: Path
     membership-inference audit (white-box and black-box attacks, AUC and TPR at low FPR) and copy detection
     (distance to the closest training record). See docs/evaluation.md.
     """
+    from feda2v_toolkit.runtime.malloc import one_arena
+
+    one_arena()  # chunks stream through background threads: one heap for all of them
     _check_plot(plot_path, [model_path, data_path, train_path], overwrite)
     from feda2v_toolkit.analysis.evaluate import evaluate
     from feda2v_toolkit.analysis.tables import evaluate_text

@@ -65,6 +65,9 @@ def embed_cmd(source: Path, out: Path, model: str, revision: str | None, clip_se
     [1214, 768] for the 10-10 AudioSet checkpoints. Needs: pip install "feda2v-tk[audio]". Data-parallel:
     torchrun --nproc-per-node N -m feda2v_toolkit embed ... (one rank per GPU or CPU worker; the same output).
     """
+    from feda2v_toolkit.runtime.malloc import one_arena
+
+    one_arena()  # chunks stream through background threads: one heap for all of them
     from feda2v_toolkit.audio.sources import ClipPolicy, open_source, require
     from feda2v_toolkit.runtime.launch import launched_rank
 
@@ -117,6 +120,9 @@ def convert_data_cmd(source: Path, out: Path, dtype: str | None, batch_size: int
                      progress: bool | None, as_json: bool, quiet: bool) -> None:
     """Write any dataset feda2v-tk reads (an AST cache directory or .pt cache of the original code, a legacy
     .pt, shards) to OUT in the safetensors shard format, streaming."""
+    from feda2v_toolkit.runtime.malloc import one_arena
+
+    one_arena()  # chunks stream through background threads: one heap for all of them
     from feda2v_toolkit.data.convert import convert_dataset
 
     result = convert_dataset(source, out, dtype=dtype, batch_size=batch_size, overwrite=overwrite,

@@ -61,15 +61,15 @@ def generate_cmd(model_path: Path, out_dir: Path, samples: int | str | None, cla
     straight back into train, analyze or evaluate.
     """
     from feda2v_toolkit.runtime.atomic import check_output
+    from feda2v_toolkit.runtime.malloc import reuse_freed_memory
 
+    reuse_freed_memory()  # first: glibc fixes its number of heaps when a second thread first allocates
     inputs = [model_path] + ([conditions_path] if conditions_path is not None else [])
     check_output(out_dir, inputs=inputs, overwrite=overwrite, directory=True)
     from feda2v_toolkit.model.file import load_model
     from feda2v_toolkit.model.generate import generate
-    from feda2v_toolkit.runtime.malloc import reuse_freed_memory
     from feda2v_toolkit.training.pipeline import resolve_device
 
-    reuse_freed_memory()
     model = load_model(model_path, device=resolve_device(device))
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     with warnings_as_messages():

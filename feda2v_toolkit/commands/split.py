@@ -29,6 +29,9 @@ from feda2v_toolkit.commands._options import SEED
 def split_cmd(data: Path, out_dir: Path, num_nodes: int, how: str, alpha: float, seed: int, overwrite: bool,
               as_json: bool, quiet: bool) -> None:
     """Partition dataset DATA into one dataset per node, for federated experiments."""
+    from feda2v_toolkit.runtime.malloc import one_arena
+
+    one_arena()  # chunks stream through background threads: one heap for all of them
     from feda2v_toolkit.data.split import split_dataset
 
     result = split_dataset(data, out_dir, num_nodes, how=how, alpha=alpha, seed=seed, overwrite=overwrite)

@@ -128,11 +128,12 @@ def train_cmd(config_path: Path | None, data_path: Path, out_path: Path, seed: i
     Training is the pipeline federate runs, over one site holding all of DATA. Data-parallel over processes:
     torchrun --nproc-per-node N -m feda2v_toolkit train ... (the same model; docs/performance.md).
     """
-    from feda2v_toolkit.runtime.launch import launched_rank
     from feda2v_toolkit.runtime.malloc import STREAM_BUFFER_BYTES, reuse_freed_memory
+
+    reuse_freed_memory(STREAM_BUFFER_BYTES)  # first: glibc fixes its number of heaps when a second thread allocates
+    from feda2v_toolkit.runtime.launch import launched_rank
     from feda2v_toolkit.training.pipeline import train
 
-    reuse_freed_memory(STREAM_BUFFER_BYTES)
     if launched_rank() > 0:  # torchrun: rank 0 speaks and writes for the run
         quiet, as_json, progress = True, False, False
 
