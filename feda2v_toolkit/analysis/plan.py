@@ -296,8 +296,10 @@ class Planner:
                 # ones waiting and the one being written
                 cache = (PENDING_WRITES + 1) * min(self.num_samples, BLOCK_ROWS) * length * self.dim * 4
                 if "cache on disk" not in " ".join(self.notes):
+                    on_disk = format_bytes(self.num_samples * length * self.dim * 4)
                     self.notes.append(f"the reduced-data cache is larger than a quarter of the memory budget "
-                                      f"({format_bytes(self.budget)}): training keeps it on disk (cache on disk)")
+                                      f"({format_bytes(self.budget)}): training keeps it on disk (cache on disk: "
+                                      f"{on_disk} in $TMPDIR at length {length})")
             # the passes over full-length sequences: the reduce pass holds a read chunk; the held-out pass a
             # chunk of a block's held-out rows, its reconstructions by the upsampler and by interpolation and one
             # difference; the freed chunk buffers the CLI's allocator keeps for reuse (runtime.malloc); and the
@@ -343,10 +345,11 @@ class Planner:
                 k = STREAM_KEEP * rank
                 # cut while streaming (plus the probes and their sums, a few copies), else stacked as they are
                 held = int(2 * k + 1.5 * BLOCK_ROWS) + 4 * SCATTER_PROBES if n > k else 2 * n
-                if n > k and self.num_samples:
-                    # the merge tree's left halves waiting beside the merge above (ranks.combine_lanes): factors
-                    # cut to k rows, or single blocks
-                    held += waiting_halves(block_count(self.num_samples)) * max(k, BLOCK_ROWS)
+                halves = waiting_halves(block_count(self.num_samples)) if n > k and self.num_samples else 0
+                if halves and "merge tree" not in " ".join(self.notes):  # in temporary files, not in memory
+                    self.notes.append(f"the gaussian's merge tree keeps up to {halves} merged factors waiting in "
+                                      f"$TMPDIR ({format_bytes(halves * (4 * max(k, BLOCK_ROWS) + 8 * SCATTER_PROBES) * length * self.dim)} "
+                                      f"at length {length}; ranks.combine_lanes)")
                 streamed = (held + 3 * means) * length * self.dim * 8
                 copies = 2  # a block's part: its float64 rows and their deviations (the factor, stacked as they are)
             else:

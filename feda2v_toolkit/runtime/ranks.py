@@ -55,13 +55,10 @@ def lane_owners(lanes: int, world: int) -> list[int]:
 
 
 def waiting_halves(blocks: int, lanes: int = LANES) -> int:
-    """The most merged results one process holds waiting (:meth:`Ranks.combine_lanes`: the tree's left halves)
-    beside the two a merge takes -- a lane's factor so far and its next block, or two single-block lanes: the
-    tree's depth, less one while a lane holds a single block."""
+    """The most results of :meth:`Ranks.combine_lanes` that wait at once in one process -- the tree's left halves,
+    in temporary files, while the right halves are computed: the tree's depth (at most 3 for 8 lanes)."""
     n = min(lanes, blocks)
-    if n < 2:
-        return 0
-    return n.bit_length() - 1 - (1 if blocks < 2 * lanes else 0)
+    return n.bit_length() - 1 if n >= 2 else 0
 
 
 def tree_split(a: int, z: int) -> int:
@@ -124,8 +121,9 @@ class Ranks:
         whose halves two ranks hold is merged by the left half's rank once the right half's rank sent it, and rank
         0 sends the root to all. The same merges in the same order whatever the number of ranks, so every rank
         returns what one process does; as many merges as :meth:`combine`, of which a rank runs only its share
-        (at 32 blocks: 31 in one process; rank 0, which runs the most, 16 of two ranks' and 9 of four's). One
-        process holds the tree's waiting left halves beside the merge it runs (:func:`waiting_halves`)."""
+        (at 32 blocks: 31 in one process; rank 0, which runs the most, 16 of two ranks' and 9 of four's). The
+        tree's left halves wait in temporary files while the right halves are computed (:func:`waiting_halves`
+        of them at most), so a rank holds no more than the merge it runs, however many blocks there are."""
         n = min(lanes, blocks)
         if n == 0:
             return None
@@ -139,11 +137,18 @@ class Ranks:
 
         def node(a: int, z: int) -> Part | None:
             """Lanes ``[a, z)`` merged, on the rank of lane ``a``; ``None`` on the others. Every rank walks the
-            whole tree in the same order, so the ranks' sends and receives pair up."""
+            whole tree in the same order, so the ranks' sends and receives pair up. A left half waits on disk
+            (:class:`SpilledPart`) while its rank computes the right half."""
             if z - a == 1:
                 return lane(a) if owner[a] == self.rank else None
             m = tree_split(a, z)
-            left, right = node(a, m), node(m, z)
+            left = node(a, m)
+            waiting = SpilledPart(left) if left is not None and owner[m] == self.rank else None
+            if waiting is not None:
+                left = None
+            right = node(m, z)
+            if waiting is not None:
+                left = waiting.load()
             if owner[m] != owner[a]:  # the right half travels to the left half's rank
                 if self.rank == owner[m]:
                     assert right is not None
@@ -217,6 +222,46 @@ def _from_bytes(buf: Tensor) -> Part:
     part = unpack_tensors(buf)
     largest = max(part, key=lambda k: part[k].numel() * part[k].element_size(), default=None)
     return {k: part[k] if k == largest else part[k].clone() for k in sorted(part)}
+
+
+class SpilledPart:
+    """A part waiting in an unlinked temporary file (in ``$TMPDIR``) until :meth:`load`: its safetensors bytes
+    (:func:`_to_bytes`, never pickled), read back as :func:`_from_bytes` rebuilds a part another rank sent --
+    the same values. The gaussian's merge tree keeps its left halves here while the right halves are computed
+    (up to three factors of ``2 x rank`` rows, ~50 MB each at length 16), so a process's memory stops growing
+    with the tree's depth. A write that fails for want of room is one line naming the directory."""
+
+    def __init__(self, part: Part) -> None:
+        import tempfile
+
+        from feda2v_toolkit.errors import write_error
+
+        buf = _to_bytes(part)
+        self.size = buf.numel()
+        self._file = tempfile.TemporaryFile(prefix="feda2v-part-")  # noqa: SIM115 (closed by load())
+        try:
+            data = memoryview(buf.numpy()).cast("B")
+            done = 0
+            while done < self.size:
+                done += os.pwrite(self._file.fileno(), data[done:], done)
+        except OSError as exc:
+            self._file.close()
+            raise (write_error(tempfile.gettempdir(), exc) or exc) from None
+
+    def load(self) -> Part:
+        """The part, once (the file is closed, and so removed)."""
+        try:
+            buf = torch.empty(self.size, dtype=torch.uint8)
+            view = memoryview(buf.numpy()).cast("B")
+            done = 0
+            while done < self.size:
+                got = os.preadv(self._file.fileno(), [view[done:]], done)
+                if got <= 0:
+                    raise OSError(f"a temporary file of the merge ended after {done} of {self.size} bytes")
+                done += got
+        finally:
+            self._file.close()
+        return _from_bytes(buf)
 
 
 class TorchRanks(Ranks):

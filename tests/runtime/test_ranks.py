@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from feda2v_toolkit.errors import UsageError
 from feda2v_toolkit.runtime.ranks import (
     BLOCK_ROWS,
     Ranks,
+    SpilledPart,
     add_parts,
     block_count,
     in_block,
@@ -216,12 +218,29 @@ def test_the_tree_splits_off_the_largest_power_of_two_and_lanes_go_to_ranks_in_c
 
 
 @pytest.mark.parametrize("blocks", [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 33])
-def test_one_process_holds_as_many_waiting_halves_as_plan_counts(blocks):
-    """What ``plan`` adds for the tree (``waiting_halves``): the results alive beside the two a merge takes."""
+def test_the_trees_waiting_halves_wait_on_disk_never_beside_a_merge(blocks, monkeypatch):
+    """A process holds no more than the two results a merge takes, however deep the tree: the left halves wait in
+    temporary files, at most ``waiting_halves`` of them at once, and come back with the same values."""
     import weakref
 
+    from feda2v_toolkit.runtime import ranks as ranks_module
+
     alive: weakref.WeakSet = weakref.WeakSet()
-    most = [0]
+    most_in_memory, on_disk, most_on_disk = [0], [0], [0]
+
+    class Counted(ranks_module.SpilledPart):
+        def __init__(self, part):
+            super().__init__(part)
+            on_disk[0] += 1
+            most_on_disk[0] = max(most_on_disk[0], on_disk[0])
+
+        def load(self):
+            on_disk[0] -= 1
+            part = super().load()
+            alive.add(part["x"])
+            return part
+
+    monkeypatch.setattr(ranks_module, "SpilledPart", Counted)
 
     def compute(b):
         x = torch.tensor([b])
@@ -231,14 +250,36 @@ def test_one_process_holds_as_many_waiting_halves_as_plan_counts(blocks):
     def merge(acc, part):
         if acc is None:
             return part
-        most[0] = max(most[0], len(alive) - 2)  # the results held besides this merge's two
+        most_in_memory[0] = max(most_in_memory[0], len(alive) - 2)  # results held besides this merge's two
         x = torch.cat([acc["x"], part["x"]])
         alive.add(x)
         return {"x": x}
 
-    Ranks().combine_lanes(blocks, compute, merge)
-    assert most[0] == waiting_halves(blocks)
+    merged = Ranks().combine_lanes(blocks, compute, merge)
+    assert sorted(merged["x"].tolist()) == list(range(blocks))  # every block once, through the files
+    assert most_in_memory[0] == 0 and on_disk[0] == 0
+    assert most_on_disk[0] == waiting_halves(blocks)
     assert waiting_halves(blocks) <= 3  # log2(LANES): bounded whatever the number of blocks
+
+
+def test_a_waiting_half_comes_back_with_its_values_and_dtypes():
+    part = {"factor": torch.randn(7, 5, dtype=torch.float64), "means": torch.randn(3).float(),
+            "count": torch.tensor(4, dtype=torch.int64)}
+    back = SpilledPart(part).load()
+    assert list(back) == sorted(part)
+    assert all(torch.equal(back[k], part[k]) and back[k].dtype == part[k].dtype for k in part)
+
+
+def test_a_full_temporary_directory_is_one_line_naming_it(monkeypatch):
+    import errno
+    import tempfile
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("feda2v_toolkit.runtime.ranks.os.pwrite", full)
+    with pytest.raises(UsageError, match=f"^{tempfile.gettempdir()}: cannot write: No space left on device"):
+        SpilledPart({"x": torch.zeros(10)})
 
 
 class ThreadRanks(Ranks):
