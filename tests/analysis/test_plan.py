@@ -216,6 +216,20 @@ def test_a_fit_train_takes_from_block_statistics_is_estimated_and_says_why_not_t
     assert method.startswith("analytic") and "block statistics" in method and "failed" not in method
 
 
+def test_the_merge_trees_waiting_factors_are_noted_as_temporary_disk_not_counted_as_memory():
+    from feda2v_toolkit.runtime.ranks import BLOCK_ROWS
+
+    def gaussian(blocks: int):
+        return plan({"generator_latent_dim": 8}, lengths=[4], dim=16, full_length=50,
+                    num_samples=blocks * BLOCK_ROWS, num_classes=4)
+
+    deep, shallow = gaussian(32), gaussian(1)
+    notes = [n for n in deep.notes if "merge tree" in n]
+    assert len(notes) == 1 and "up to 3 merged factors waiting in $TMPDIR" in notes[0]
+    assert not [n for n in shallow.notes if "merge tree" in n]  # one block: no tree
+    assert deep.rows[0].train.step_peak == shallow.rows[0].train.step_peak  # the fit's peak: not the depth
+
+
 @pytest.mark.parametrize("cfg", [
     {"generator_training_sequence_length": 16},
     {"generator_training_sequence_length": 16, "generator_type": "vae", "generator_training_epochs": 1,
