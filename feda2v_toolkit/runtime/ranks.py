@@ -30,6 +30,7 @@ from feda2v_toolkit.runtime.launch import (  # noqa: F401  (re-exported: where t
     launched_world_size,
     rank_device,
 )
+from feda2v_toolkit.runtime.scratch import read_at, write_at
 from feda2v_toolkit.runtime.seeds import derive_seed
 
 #: consecutive dataset rows per block (fixed: results do not depend on the number of ranks or the memory budget)
@@ -240,10 +241,7 @@ class SpilledPart:
         self.size = buf.numel()
         self._file = tempfile.TemporaryFile(prefix="feda2v-part-")  # noqa: SIM115 (closed by load())
         try:
-            data = memoryview(buf.numpy()).cast("B")
-            done = 0
-            while done < self.size:
-                done += os.pwrite(self._file.fileno(), data[done:], done)
+            write_at(self._file.fileno(), memoryview(buf.numpy()).cast("B"), 0)
         except OSError as exc:
             self._file.close()
             raise (write_error(tempfile.gettempdir(), exc) or exc) from None
@@ -252,13 +250,7 @@ class SpilledPart:
         """The part, once (the file is closed, and so removed)."""
         try:
             buf = torch.empty(self.size, dtype=torch.uint8)
-            view = memoryview(buf.numpy()).cast("B")
-            done = 0
-            while done < self.size:
-                got = os.preadv(self._file.fileno(), [view[done:]], done)
-                if got <= 0:
-                    raise OSError(f"a temporary file of the merge ended after {done} of {self.size} bytes")
-                done += got
+            read_at(self._file.fileno(), memoryview(buf.numpy()).cast("B"), 0, "a waiting half of the merge tree")
         finally:
             self._file.close()
         return _from_bytes(buf)

@@ -7,7 +7,6 @@ reduced once into a :class:`ReducedCache` (``[N, l, D]`` float32), which the gen
 from __future__ import annotations
 
 import hashlib
-import os
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from feda2v_toolkit.components import Reducer, Upsampler
 from feda2v_toolkit.data.dataset import Dataset
+from feda2v_toolkit.runtime.scratch import read_at, write_at
 from feda2v_toolkit.runtime.seeds import derive_seed
 from feda2v_toolkit.upsamplers.interpolate import interpolate_sequence
 
@@ -135,10 +135,7 @@ class ReducedCache:
         self._pending.append(self._writer.submit(self._pwrite, start * self.row_bytes, values))
 
     def _pwrite(self, offset: int, values: Tensor) -> None:
-        data = memoryview(values.numpy()).cast("B")
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self._file.fileno(), data[done:], offset + done)
+        write_at(self._file.fileno(), memoryview(values.numpy()).cast("B"), offset)
 
     def _wait_oldest(self) -> None:
         """Wait for the oldest pending write; its error is kept and raised by every later write or read."""
@@ -173,13 +170,8 @@ class ReducedCache:
             j = i
             while j + 1 < len(u) and u[j + 1] == u[j] + 1:
                 j += 1
-            want, offset, done = (j - i + 1) * self.row_bytes, u[i] * self.row_bytes, 0
-            while done < want:
-                n = os.preadv(self._file.fileno(), [buf[i * self.row_bytes + done:(j + 1) * self.row_bytes]],
-                              offset + done)
-                if n <= 0:
-                    raise OSError(f"short read from the reduced cache at row {u[i]}")
-                done += n
+            read_at(self._file.fileno(), buf[i * self.row_bytes:(j + 1) * self.row_bytes], u[i] * self.row_bytes,
+                    "the reduced cache")
             i = j + 1
         return got if unique.numel() == rows.numel() and torch.equal(unique, rows) else got[inverse]
 

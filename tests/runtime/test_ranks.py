@@ -277,7 +277,7 @@ def test_a_full_temporary_directory_is_one_line_naming_it(monkeypatch):
     def full(*_args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("feda2v_toolkit.runtime.ranks.os.pwrite", full)
+    monkeypatch.setattr("feda2v_toolkit.runtime.scratch.os.pwrite", full)
     with pytest.raises(UsageError, match=f"^{tempfile.gettempdir()}: cannot write: No space left on device"):
         SpilledPart({"x": torch.zeros(10)})
 

@@ -50,20 +50,20 @@ def test_a_cache_on_disk_is_written_in_the_background_and_read_after_its_writes(
     with the cache."""
     import threading
 
-    from feda2v_toolkit.training import streams
+    from feda2v_toolkit.runtime import scratch
 
     g = torch.Generator().manual_seed(1)
     values = torch.randn(40, 2, 3, generator=g)
     disk = ReducedCache(40, 2, 3, torch.zeros(40, dtype=torch.long), None, in_memory=False)
     gate, written = threading.Event(), []
-    real_pwrite = streams.os.pwrite
+    real_pwrite = scratch.os.pwrite
 
     def slow_pwrite(fd, data, offset):
         gate.wait(10)
         written.append(offset)
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(streams.os, "pwrite", slow_pwrite)
+    monkeypatch.setattr(scratch.os, "pwrite", slow_pwrite)
     disk.write(0, values[:10])
     disk.write(10, values[10:20])  # both accepted while the disk is stalled: the pass goes on
     assert written == []
@@ -79,12 +79,12 @@ def test_a_failed_background_write_is_raised_by_the_next_write_or_read(monkeypat
     import errno
     import os
 
-    from feda2v_toolkit.training import streams
+    from feda2v_toolkit.runtime import scratch
 
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(streams.os, "pwrite", full)
+    monkeypatch.setattr(scratch.os, "pwrite", full)
     disk = ReducedCache(8, 2, 3, torch.zeros(8, dtype=torch.long), None, in_memory=False)
     disk.write(0, torch.ones(4, 2, 3))
     with pytest.raises(OSError) as raised:
