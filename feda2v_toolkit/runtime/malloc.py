@@ -52,7 +52,7 @@ def one_arena() -> bool:
     call it first thing: with an arena per thread, chunk-sized blocks freed in one heap were not found again by
     the next chunk's allocation in another, and the peak rose in steps as a run went on -- measured on 8,000
     AST clips, ``generate`` 0.91 -> 1.14 GB of anonymous memory over the run, ``convert-data`` 0.49-0.59 GB from
-    moment to moment; flat at 1.03 and 0.49 GB with one arena (docs/performance.md, "Scale"). The threads allocate
+    moment to moment; flat at 0.78 and 0.49 GB with one arena (docs/performance.md, "Scale"). The threads allocate
     little besides the chunks, so they hardly ever wait for one another's allocations."""
     mallopt = getattr(libc(), "mallopt", None)
     return bool(mallopt(_M_ARENA_MAX, 1)) if mallopt is not None else False

@@ -229,7 +229,7 @@ class SpilledPart:
     """A part waiting in an unlinked temporary file (in ``$TMPDIR``) until :meth:`load`: its safetensors bytes
     (:func:`_to_bytes`, never pickled), read back as :func:`_from_bytes` rebuilds a part another rank sent --
     the same values. The gaussian's merge tree keeps its left halves here while the right halves are computed
-    (up to three factors of ``2 x rank`` rows, ~50 MB each at length 16), so a process's memory stops growing
+    (up to three factors of ``2 x rank`` rows and their probes, ~38 MB each at length 16), so a process's memory stops growing
     with the tree's depth. A write that fails for want of room is one line naming the directory."""
 
     def __init__(self, part: Part) -> None:
