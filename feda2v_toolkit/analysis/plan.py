@@ -347,9 +347,10 @@ class Planner:
                 held = int(2 * k + 1.5 * BLOCK_ROWS) + 4 * SCATTER_PROBES if n > k else 2 * n
                 halves = waiting_halves(block_count(self.num_samples)) if n > k and self.num_samples else 0
                 if halves and "merge tree" not in " ".join(self.notes):  # in temporary files, not in memory
+                    half = (4 * max(k, BLOCK_ROWS) + 8 * SCATTER_PROBES) * length * self.dim  # float32 rows, probes
                     self.notes.append(f"the gaussian's merge tree keeps up to {halves} merged factors waiting in "
-                                      f"$TMPDIR ({format_bytes(halves * (4 * max(k, BLOCK_ROWS) + 8 * SCATTER_PROBES) * length * self.dim)} "
-                                      f"at length {length}; ranks.combine_lanes)")
+                                      f"$TMPDIR ({format_bytes(halves * half)} at length {length}; "
+                                      "ranks.combine_lanes)")
                 streamed = (held + 3 * means) * length * self.dim * 8
                 copies = 2  # a block's part: its float64 rows and their deviations (the factor, stacked as they are)
             else:

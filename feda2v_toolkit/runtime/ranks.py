@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from feda2v_toolkit.errors import InputError
+from feda2v_toolkit.errors import InputError, write_error
 from feda2v_toolkit.runtime.launch import (  # noqa: F401  (re-exported: where the ranks' callers look)
     LAUNCH_VARIABLES,
     collective_timeout,
@@ -143,13 +144,12 @@ class Ranks:
             if z - a == 1:
                 return lane(a) if owner[a] == self.rank else None
             m = tree_split(a, z)
-            left = node(a, m)
-            waiting = SpilledPart(left) if left is not None and owner[m] == self.rank else None
-            if waiting is not None:
-                left = None
+            left: Part | SpilledPart | None = node(a, m)
+            if left is not None and owner[m] == self.rank:  # this rank computes the right half: the left waits
+                left = SpilledPart(left)
             right = node(m, z)
-            if waiting is not None:
-                left = waiting.load()
+            if isinstance(left, SpilledPart):
+                left = left.load()
             if owner[m] != owner[a]:  # the right half travels to the left half's rank
                 if self.rank == owner[m]:
                     assert right is not None
@@ -233,10 +233,6 @@ class SpilledPart:
     with the tree's depth. A write that fails for want of room is one line naming the directory."""
 
     def __init__(self, part: Part) -> None:
-        import tempfile
-
-        from feda2v_toolkit.errors import write_error
-
         buf = _to_bytes(part)
         self.size = buf.numel()
         self._file = tempfile.TemporaryFile(prefix="feda2v-part-")  # noqa: SIM115 (closed by load())
